@@ -1,0 +1,115 @@
+"""All configuration in one place: environment variables with the `CHURN_` prefix (or `.env`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from churn.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Every setting of every process. Built once per process by `load_settings()` and passed in."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHURN_", env_file=".env", extra="forbid", frozen=True, validate_default=True
+    )
+
+    # Where local services keep their data, pid files and logs (git-ignored).
+    state_dir: Path = Path(".state")
+
+    # Kafka
+    kafka_port: int = Field(default=9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_bootstrap: str = ""  # empty: 127.0.0.1:<kafka_port>
+    events_topic: str = "events"
+    dlq_topic: str = "events.dlq"
+    topic_partitions: int = Field(default=6, ge=1, le=1024)
+    scorer_group: str = "churn-scorer"
+    archiver_group: str = "churn-archiver"
+    max_event_bytes: int = Field(default=64 * 1024, ge=256)
+
+    # Redis and Feast
+    redis_port: int = Field(default=6379, ge=1, le=65535)
+    redis_url: str = ""  # empty: redis://127.0.0.1:<redis_port>/0
+    redis_cluster: bool = False
+    feast_repo: Path | None = None  # empty: <state_dir>/feast
+    feast_project: str = "churn"
+
+    # Prometheus
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)
+
+    # MLflow
+    mlflow_tracking_uri: str = ""  # empty: sqlite:///<state_dir>/mlflow.db
+    model_name: str = "churn-lightgbm"
+
+    # Processes
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_workers: int = Field(default=1, ge=1, le=64)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    scorer_metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+    # Model and features
+    horizon_days: int = Field(default=14, ge=1, le=365)
+    allowed_lateness_seconds: int = Field(default=3600, ge=0)
+    clock: Literal["event", "wall"] = "event"
+
+    @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            msg = "must not be blank"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Returns the Kafka bootstrap address, derived from the port unless set explicitly."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_address(self) -> str:
+        """Returns the Redis URL, derived from the port unless set explicitly."""
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def tracking_uri(self) -> str:
+        """Returns the MLflow tracking URI; a SQLite file in the state folder by default."""
+        return self.mlflow_tracking_uri or f"sqlite:///{self.state_dir.resolve() / 'mlflow.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Returns the MLflow artifact folder used with the default SQLite tracking store."""
+        return self.state_dir.resolve() / "mlartifacts"
+
+    @property
+    def feast_repo_dir(self) -> Path:
+        """Returns the folder of the generated Feast repo (feature_store.yaml and registry)."""
+        return (self.feast_repo or self.state_dir / "feast").resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        """Returns the folder for simulated logs, the archived event log and batch outputs."""
+        return self.state_dir.resolve() / "data"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Returns validated settings from the environment, `.env` and `overrides`.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the `CHURN_` variable.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CHURN_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
+            for err in exc.errors()
+        )
+        msg = f"invalid settings: {problems}"
+        raise ConfigError(msg) from exc

@@ -1,0 +1,141 @@
+"""The event contract (eventsim / Sparkify log format) and its fast validation.
+
+Parsing never raises: each message becomes an `Event`, a guest marker (empty `userId`,
+skipped and counted), or an `ErrorRecord` that keeps the original bytes, the reason and
+where the message came from, ready for the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+KNOWN_PAGES: Final = frozenset(
+    {
+        "NextSong", "Home", "Thumbs Up", "Thumbs Down", "Add to Playlist", "Add Friend",
+        "Roll Advert", "Logout", "Login", "Settings", "Save Settings", "Help", "About", "Error",
+        "Upgrade", "Submit Upgrade", "Downgrade", "Submit Downgrade", "Cancel",
+        "Cancellation Confirmation", "Register", "Submit Registration",
+    }
+)  # fmt: skip
+LEVELS: Final = frozenset({"free", "paid"})
+CHURN_PAGE: Final = "Cancellation Confirmation"
+
+# Plausible event-time range (2000-01-01 .. 2100-01-01, epoch ms): anything outside is a bug upstream.
+MIN_TS_MS: Final = 946_684_800_000
+MAX_TS_MS: Final = 4_102_444_800_000
+MAX_STRING_CHARS: Final = 2048
+MAX_SONG_SECONDS: Final = 24 * 3600.0
+
+Str = Annotated[str, msgspec.Meta(max_length=MAX_STRING_CHARS)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STRING_CHARS)]
+EpochMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Event(msgspec.Struct, rename="camel", gc=False):
+    """One valid, logged-in user event in the wire format. Times are epoch ms of event time.
+
+    `registration` is a float because some exports write it so (pandas); it is still epoch ms.
+    """
+
+    ts: EpochMs
+    user_id: Annotated[str, msgspec.Meta(max_length=64)]
+    session_id: Count
+    item_in_session: Count
+    page: Name
+    auth: Name
+    level: Literal["free", "paid"]
+    registration: Annotated[float, msgspec.Meta(ge=0, le=MAX_TS_MS)] | None = None
+    length: Annotated[float, msgspec.Meta(ge=0, le=MAX_SONG_SECONDS)] | None = None
+    status: Annotated[int, msgspec.Meta(ge=100, le=599)] | None = None
+    song: Str | None = None
+    artist: Str | None = None
+    method: Str | None = None
+    location: Str | None = None
+    user_agent: Str | None = None
+    gender: Str | None = None
+    first_name: Str | None = None
+    last_name: Str | None = None
+
+    def to_json(self) -> bytes:
+        """Returns the event as one JSON object in the wire format (camelCase keys)."""
+        return _ENCODER.encode(self)
+
+
+@dataclass(slots=True)
+class ErrorRecord:
+    """A message that failed validation, with everything needed to dead-letter it."""
+
+    raw: bytes
+    reason: str
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass(slots=True)
+class ParsedBatch:
+    """The outcome of parsing a batch.
+
+    `events[i]` came from Kafka position `positions[i]` = (partition, offset); guests (empty
+    `userId`) and unknown pages are counted; invalid messages are in `errors`.
+    """
+
+    events: list[Event] = field(default_factory=list)
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    guests: int = 0
+    unknown_pages: int = 0
+
+
+_DECODER: Final = msgspec.json.Decoder(Event)
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024) -> Event | ErrorRecord | None:
+    """Parses one message.
+
+    Returns the `Event`, `None` for a logged-out guest (empty `userId`), or an `ErrorRecord`
+    whose reason says what was wrong and where (e.g. "Expected `int`, got `str` - at `$.ts`").
+    Never raises.
+    """
+    if len(raw) > max_bytes:
+        return ErrorRecord(raw[:max_bytes], f"message of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    try:
+        event = _DECODER.decode(raw)
+    except msgspec.ValidationError as exc:
+        if raw.lstrip()[:1] != b"{":
+            return ErrorRecord(raw, f"expected a JSON object: {exc}")
+        return ErrorRecord(raw, f"invalid event: {exc}")
+    except msgspec.DecodeError as exc:
+        return ErrorRecord(raw, f"malformed JSON: {exc}")
+    except RecursionError:
+        return ErrorRecord(raw, "malformed JSON: nested too deeply")
+    if not event.user_id:
+        return None
+    return event
+
+
+def parse_batch(
+    messages: list[tuple[bytes, str, int, int]], *, max_bytes: int = 64 * 1024
+) -> ParsedBatch:
+    """Parses (value, topic, partition, offset) messages into events, errors and counts. Never raises."""
+    batch = ParsedBatch()
+    events, positions, errors = batch.events, batch.positions, batch.errors
+    for raw, topic, partition, offset in messages:
+        result = parse_event(raw, max_bytes=max_bytes)
+        if result is None:
+            batch.guests += 1
+        elif type(result) is Event:
+            if result.page not in KNOWN_PAGES:
+                batch.unknown_pages += 1
+            events.append(result)
+            positions.append((partition, offset))
+        else:
+            assert isinstance(result, ErrorRecord)  # noqa: S101 - narrows the type for mypy
+            result.topic, result.partition, result.offset = topic, partition, offset
+            errors.append(result)
+    return batch

@@ -1,0 +1,39 @@
+"""Integration fixtures: the real local services must answer, or every test here fails.
+
+They are started by `make test` (`churn infra up` with the test ports). A service that does
+not answer is a failure, never a skip, so CI cannot pass without really exercising them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from churn import infra
+from churn.settings import Settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_up(settings: Settings) -> None:
+    down = [f"{s.name} ({s.address}): {s.detail}" for s in infra.status(settings) if not s.ready]
+    if down:
+        pytest.fail("local services not ready (run `make test` or `churn infra up`): " + "; ".join(down))
+
+
+@pytest.fixture
+def topic(settings: Settings, unique: str) -> Iterator[str]:
+    """A fresh `events` topic with the configured partition count, deleted afterwards."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    name = f"test-events-{unique}"
+    admin.create_topics([NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)])[name].result(30)
+    yield name
+    admin.delete_topics([name])[name].result(30)
