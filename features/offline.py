@@ -1,0 +1,134 @@
+"""Offline (batch, point-in-time) feature engine on polars, generated from `features.spec`.
+
+For each (user_id, as_of) point it finds the user's latest event L at or before `as_of` and
+builds the row as of L, exactly like the online engine: per-user cumulative sums of every
+aggregate over event time, read at L and just below each window's lower tile edge (as-of
+joins), differences give the window sums. Nothing after `as_of` is ever read.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features import spec
+
+# Columns of the event log this engine reads (snake_case; see `events_frame`).
+EVENT_COLUMNS = ("user_id", "ts", "session_id", "item_in_session", "page", "level", "registration", "length")
+_WIRE_NAMES = {"userId": "user_id", "sessionId": "session_id", "itemInSession": "item_in_session"}
+
+
+def events_frame(raw: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """Returns the event log in the engine's columns and types (accepts wire camelCase names).
+
+    Guests (empty user_id) are dropped, as the stream drops them.
+    """
+    frame = raw.lazy()
+    frame = frame.rename({k: v for k, v in _WIRE_NAMES.items() if k in frame.collect_schema().names()})
+    return frame.select(
+        pl.col("user_id").cast(pl.String),
+        pl.col("ts").cast(pl.Int64),
+        pl.col("session_id").cast(pl.Int64),
+        pl.col("item_in_session").cast(pl.Int64),
+        pl.col("page").cast(pl.String),
+        pl.col("level").cast(pl.String),
+        pl.col("registration").cast(pl.Float64),
+        pl.col("length").cast(pl.Float64),
+    ).filter(pl.col("user_id") != "")
+
+
+def _aggregate_exprs() -> list[pl.Expr]:
+    exprs = []
+    for agg in spec.AGGREGATES:
+        if agg.measure == "events":
+            hit = pl.lit(True) if agg.pages is None else pl.col("page").is_in(sorted(agg.pages))
+            exprs.append(hit.cast(pl.Int64).alias(agg.name))
+        elif agg.measure == "listen_ms":
+            song = pl.col("page").is_in(sorted(agg.pages or ())) & pl.col("length").is_not_null()
+            exprs.append(
+                pl.when(song).then((pl.col("length") * 1000).round(0)).otherwise(0).cast(pl.Int64).alias(agg.name)
+            )
+    return exprs
+
+
+def _history(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Returns one row per (user_id, ts): cumulative sums of every aggregate up to ts, and the
+    latest event's state at ts (session, level, registration, events in its session)."""
+    session_aggs = [a.name for a in spec.AGGREGATES if a.measure == "session_starts"]
+    ordered = events.sort("user_id", "ts", "session_id", "item_in_session")
+    per_event = ordered.with_columns(
+        *_aggregate_exprs(),
+        pl.int_range(1, pl.len() + 1).over("user_id", "session_id").alias("session_events"),
+    )
+    # A session counts at its first event: one start row per (user, session) at its min ts.
+    starts = (
+        events.group_by("user_id", "session_id")
+        .agg(pl.col("ts").min())
+        .select("user_id", "ts", *[pl.lit(1, pl.Int64).alias(name) for name in session_aggs])
+    )
+    sums = [a.name for a in spec.AGGREGATES if a.measure != "session_starts"]
+    counted = pl.concat([per_event.select("user_id", "ts", *sums), starts], how="diagonal").fill_null(0)
+    all_aggs = [a.name for a in spec.AGGREGATES]
+    cumulative = (
+        counted.group_by("user_id", "ts")
+        .agg(pl.col(all_aggs).sum())
+        .sort("user_id", "ts")
+        .with_columns(pl.col(all_aggs).cum_sum().over("user_id"))
+    )
+    latest = per_event.group_by("user_id", "ts").agg(
+        pl.col("session_id").last().alias("last_session"),
+        (pl.col("level").last() == "paid").cast(pl.Int64).alias("level_paid"),
+        pl.col("registration").last(),
+        pl.col("session_events").last().alias("events_in_current_session"),
+    )
+    return cumulative.join(latest, on=["user_id", "ts"], how="left").sort("ts")
+
+
+def compute(events: pl.DataFrame | pl.LazyFrame, points: pl.DataFrame) -> pl.DataFrame:
+    """Returns the feature rows for (user_id, as_of) points (as_of in epoch ms).
+
+    Output: the points' columns (in the points' order), `last_event_ms` (null if the user
+    had no event at or before as_of; then every feature is null too), every
+    `spec.STORED_FEATURES` column and the request-time `seconds_since_last_event` with now = as_of.
+    """
+    history = _history(events_frame(events))
+    left = points.lazy().with_row_index("_row").with_columns(pl.col("as_of").cast(pl.Int64)).sort("as_of")
+    base = left.join_asof(
+        history, left_on="as_of", right_on="ts", by="user_id", strategy="backward", check_sortedness=False
+    ).rename({"ts": "last_event_ms"})
+    windows = sorted({(f.window.granularity_ms, f.window.tiles) for f in spec.WINDOW_FEATURES})
+    for g, n in windows:
+        aggs = sorted(
+            {f.aggregate for f in spec.WINDOW_FEATURES if f.window.granularity_ms == g and f.window.tiles == n}
+        )
+        edge = f"_edge_{g}_{n}"
+        lower = history.select("user_id", "ts", *[pl.col(a).alias(f"_lo_{g}_{n}_{a}") for a in aggs])
+        base = (
+            base.with_columns(((pl.col("last_event_ms") // g - n + 1) * g - 1).alias(edge))
+            .sort(edge)
+            .join_asof(lower, left_on=edge, right_on="ts", by="user_id", strategy="backward", check_sortedness=False)
+            .drop("ts", edge)
+        )
+    out = []
+    for f in spec.WINDOW_FEATURES:
+        g, n = f.window.granularity_ms, f.window.tiles
+        value = pl.col(f.aggregate) - pl.col(f"_lo_{g}_{n}_{f.aggregate}").fill_null(0)
+        out.append(value.alias(f.name) if f.dtype == "int" else (value * f.scale).alias(f.name))
+    base = base.with_columns(out)
+    derived = [(pl.col(r.numerator) / pl.max_horizontal(pl.col(r.denominator), 1)).alias(r.name) for r in spec.RATIOS]
+    for trend in spec.TRENDS:
+        recent_tiles, earlier_tiles = trend.tiles()
+        earlier = pl.col(trend.long) - pl.col(trend.recent)
+        derived.append(((pl.col(trend.recent) + 1) / (earlier * recent_tiles / earlier_tiles + 1)).alias(trend.name))
+    derived.append(
+        pl.when(pl.col("last_event_ms").is_not_null())
+        .then(((pl.col("last_event_ms") - pl.col("registration")) / spec.DAY_MS).fill_null(float("nan")))
+        .alias("days_since_registration")
+    )
+    derived.append(((pl.col("as_of") - pl.col("last_event_ms")) / 1000).alias("seconds_since_last_event"))
+    point_columns = [c for c in points.columns]
+    return (
+        base.with_columns(derived)
+        .sort("_row")
+        .select(*point_columns, "last_event_ms", *spec.STORED_FEATURES, "seconds_since_last_event")
+        .collect()
+    )
