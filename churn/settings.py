@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     redis_port: int = Field(default=6379, ge=1, le=65535)
     redis_url: str = ""  # empty: redis://127.0.0.1:<redis_port>/0
     redis_cluster: bool = False
+    redis_prefix: str = "churn:"  # key prefix of scorer state and risk rows
     feast_repo: Path | None = None  # empty: <state_dir>/feast
     feast_project: str = "churn"
 
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
     # MLflow
     mlflow_tracking_uri: str = ""  # empty: sqlite:///<state_dir>/mlflow.db
     model_name: str = "churn-lightgbm"
+    # Promotion gates for a new model (see training.registry): absolute floors on the test
+    # period, and how much ROC-AUC it may lose to the champion on the same test set.
+    gate_min_roc_auc: float = Field(default=0.70, ge=0.0, le=1.0)
+    gate_min_pr_auc: float = Field(default=0.10, ge=0.0, le=1.0)
+    gate_auc_tolerance: float = Field(default=0.005, ge=0.0, le=1.0)
 
     # Processes
     api_host: str = "127.0.0.1"
@@ -57,6 +63,9 @@ class Settings(BaseSettings):
     horizon_days: int = Field(default=14, ge=1, le=365)
     allowed_lateness_seconds: int = Field(default=3600, ge=0)
     clock: Literal["event", "wall"] = "event"
+    max_batch_events: int = Field(default=5000, ge=1, le=100_000)
+    max_batch_wait_ms: int = Field(default=100, ge=1, le=10_000)
+    model_poll_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
     @classmethod

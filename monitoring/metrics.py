@@ -1,0 +1,91 @@
+"""Every Prometheus metric of the system, defined once (names in base units, no user ids in labels).
+
+Metrics live in a `Metrics` object built per process (nothing registers at import time), on
+its own `CollectorRegistry`, so tests and several components in one process never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sub-millisecond to seconds: request, batch and store latencies.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Event-to-score freshness: tens of milliseconds to a minute.
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+SCORE_BUCKETS = tuple(round(x * 0.05, 2) for x in range(1, 20))
+
+
+class Metrics:
+    """The metric objects of one process; `registry` is what `/metrics` exposes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # Stream scorer
+        self.events_total = Counter(
+            "churn_events_consumed_total",
+            "Events consumed by outcome: ok, invalid (dead-lettered), guest (skipped), late (ignored), duplicate",
+            ["outcome"],
+            registry=r,
+        )
+        self.unknown_pages_total = Counter(
+            "churn_unknown_pages_total", "Valid events whose page is not a known page", registry=r
+        )
+        self.dlq_total = Counter("churn_dlq_messages_total", "Messages written to the dead-letter topic", registry=r)
+        self.batch_seconds = Histogram(
+            "churn_batch_duration_seconds", "Time to process one micro-batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_events = Histogram(
+            "churn_batch_events", "Messages per micro-batch", buckets=(1, 10, 100, 500, 1000, 5000, 20000), registry=r
+        )
+        self.freshness_seconds = Histogram(
+            "churn_event_to_score_seconds",
+            "Score written time minus the broker's append time of the user's latest event",
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "churn_consumer_lag_messages", "Messages behind the partition end", ["topic", "partition"], registry=r
+        )
+        self.users_scored_total = Counter("churn_users_scored_total", "Risk rows written", registry=r)
+        self.score = Histogram("churn_score", "Churn probabilities written", buckets=SCORE_BUCKETS, registry=r)
+        self.tier_total = Counter("churn_risk_tier_total", "Risk rows written by tier", ["tier"], registry=r)
+        self.scorer_ready = Gauge(
+            "churn_scorer_ready", "1 while the scorer can write to its stores, 0 during an outage", registry=r
+        )
+        self.state_bytes = Gauge(
+            "churn_state_bytes_per_user", "Mean serialised feature-state size per user in the last batch", registry=r
+        )
+        # Feature store
+        self.store_write_seconds = Histogram(
+            "churn_feature_store_write_seconds", "Feature rows write latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.store_read_seconds = Histogram(
+            "churn_feature_store_read_seconds", "Feature rows read latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        # API
+        self.request_seconds = Histogram(
+            "churn_api_request_duration_seconds",
+            "API request latency by route template and status code",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Model
+        self.model_info = Gauge(
+            "churn_model_info", "The loaded model (value 1)", ["component", "name", "version"], registry=r
+        )
+        self.model_loaded = Gauge("churn_model_loaded", "1 if a champion model is loaded", ["component"], registry=r)
+        # Drift
+        self.feature_psi = Gauge("churn_feature_psi", "PSI of a feature vs its reference", ["feature"], registry=r)
+        self.feature_ks = Gauge("churn_feature_ks_statistic", "Two-sample KS statistic", ["feature"], registry=r)
+        self.feature_ks_pvalue = Gauge("churn_feature_ks_pvalue", "Two-sample KS p-value", ["feature"], registry=r)
+        self.score_psi = Gauge("churn_score_psi", "PSI of the score vs its reference", registry=r)
+        self.drift_window_rows = Gauge("churn_drift_window_rows", "Rows in the drift window", registry=r)
+
+    def set_model(self, component: str, name: str, version: str | None) -> None:
+        """Records which model `component` (scorer or api) now serves; version None = no model."""
+        self.model_info.clear()
+        if version is not None:
+            self.model_info.labels(component, name, version).set(1)
+        self.model_loaded.labels(component).set(0 if version is None else 1)

@@ -1,0 +1,266 @@
+"""`churn consume`: the scoring consumer loop on Kafka (group `churn-scorer`, topic `events`).
+
+poll a micro-batch -> `BatchProcessor.process` -> dead letters to `events.dlq` -> commit.
+A store outage stops committing: the cached states are dropped, the partitions are rewound
+to the batch start and the batch is retried with backoff; per-user offsets in the saved
+states make the replay exactly-once in effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from churn.errors import ServiceUnavailableError
+from churn.settings import Settings
+from monitoring.metrics import Metrics
+from stream.events import ErrorRecord
+from stream.scorer import BatchProcessor, LoadedModel, Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Micro-batch bounds and housekeeping periods."""
+
+    max_batch: int = 5000
+    max_wait_s: float = 0.1
+    lag_every_s: float = 5.0
+    model_poll_every_s: float = 10.0
+    max_backoff_s: float = 5.0
+
+
+def dlq_headers(record: ErrorRecord) -> list[tuple[str, bytes]]:
+    """Returns the DLQ message headers that say why and where a message failed."""
+    return [
+        ("reason", record.reason.encode()[:1024]),
+        ("source_topic", record.topic.encode()),
+        ("source_partition", str(record.partition).encode()),
+        ("source_offset", str(record.offset).encode()),
+    ]
+
+
+class ModelHolder:
+    """Holds the current champion and swaps it between batches when the registry changes."""
+
+    def __init__(
+        self,
+        version_of_champion: Callable[[], str | None],
+        load: Callable[[], LoadedModel | None],
+        metrics: Metrics,
+        component: str,
+    ) -> None:
+        self._version_of_champion = version_of_champion
+        self._load = load
+        self._metrics = metrics
+        self._component = component
+        self.current: LoadedModel | None = None
+
+    def refresh(self) -> bool:
+        """Loads the champion if its version changed; returns True on a swap. Never raises."""
+        try:
+            version = self._version_of_champion()
+            if version is None or (self.current is not None and self.current.version == version):
+                return False
+            loaded = self._load()
+        except Exception:  # a registry hiccup must not stop scoring with the model we have
+            log.exception("could not refresh the champion model; keeping %s", self.current and self.current.version)
+            return False
+        if loaded is None:
+            return False
+        self.current = loaded
+        self._metrics.set_model(self._component, loaded.name, loaded.version)
+        log.info("now scoring with %s version %s", loaded.name, loaded.version)
+        return True
+
+
+class ScoringConsumer:
+    """The consume -> process -> dead-letter -> commit loop with rebalance and outage handling."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: BatchProcessor,
+        models: ModelHolder,
+        metrics: Metrics,
+        loop: LoopConfig | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.models = models
+        self.metrics = metrics
+        self.loop = loop or LoopConfig()
+        self.stopping = threading.Event()
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": settings.scorer_group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "fetch.min.bytes": 1,
+                "queued.max.messages.kbytes": 65536,
+                **(extra_config or {}),
+            }
+        )
+        self.dlq = Producer(
+            {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 5}
+        )
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Batches are committed synchronously before the next poll, so nothing is pending here;
+        # dropping the cache makes states reload from Redis on first sight after reassignment.
+        log.info("revoked %s", [p.partition for p in partitions])
+        self.processor.forget()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT finish the current batch, commit and leave the group."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+
+    def run(self, *, max_idle_s: float | None = None) -> None:
+        """Consumes until stopped (or until `max_idle_s` passes with no messages)."""
+        self.consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.models.refresh()
+        last_lag = last_model = last_message = time.monotonic()
+        backoff = 0.1
+        try:
+            while not self.stopping.is_set():
+                raw = self.consumer.consume(self.loop.max_batch, self.loop.max_wait_s)
+                now = time.monotonic()
+                messages = [self._message(m) for m in raw if m.error() is None]
+                for m in raw:
+                    if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", m.error())
+                if messages:
+                    last_message = now
+                    try:
+                        self._process(messages)
+                        backoff = 0.1
+                        self.metrics.scorer_ready.set(1)
+                    except ServiceUnavailableError as exc:
+                        self.metrics.scorer_ready.set(0)
+                        log.warning("store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
+                        self._rewind(messages)
+                        self.stopping.wait(backoff)
+                        backoff = min(backoff * 2, self.loop.max_backoff_s)
+                        continue
+                elif max_idle_s is not None and now - last_message > max_idle_s:
+                    break
+                if now - last_model > self.loop.model_poll_every_s:
+                    self.models.refresh()
+                    last_model = now
+                if now - last_lag > self.loop.lag_every_s:
+                    self.report_lag()
+                    last_lag = now
+        finally:
+            self.consumer.close()
+            self.dlq.flush(10)
+
+    def _message(self, m: Any) -> Message:
+        return Message(m.value() or b"", m.topic(), m.partition(), m.offset(), m.timestamp()[1])
+
+    def _process(self, messages: list[Message]) -> None:
+        with self.metrics.batch_seconds.time():
+            result = self.processor.process(messages)
+            for record in result.dead_letters:
+                self.dlq.produce(self.settings.dlq_topic, value=record.raw, headers=dlq_headers(record))
+            if result.dead_letters:
+                if self.dlq.flush(30) > 0:
+                    msg = "dead-letter topic did not acknowledge in 30 s"
+                    raise ServiceUnavailableError(msg)
+                self.metrics.dlq_total.inc(len(result.dead_letters))
+            self.metrics.batch_events.observe(len(messages))
+            # Commit the next offset to read per partition, only now that every write is done.
+            ends: dict[tuple[str, int], int] = {}
+            for m in messages:
+                ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset)
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=False
+            )
+
+    def _rewind(self, messages: list[Message]) -> None:
+        """Forgets cached states and seeks each partition back to the batch's first offset."""
+        self.processor.forget()
+        starts: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic, m.partition)
+            starts[key] = min(starts.get(key, m.offset), m.offset)
+        for (topic, partition), offset in starts.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except Exception:  # the partition may have been revoked meanwhile; its new owner re-reads it
+                log.info("could not rewind %s[%d]; it is no longer assigned", topic, partition)
+
+    def report_lag(self) -> None:
+        """Sets the lag gauge per assigned partition (high watermark minus position)."""
+        try:
+            assignment = self.consumer.assignment()
+            positions = self.consumer.position(assignment)
+        except Exception:  # lag is best-effort monitoring
+            return
+        for tp in positions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            except Exception:  # noqa: BLE001
+                continue
+            lag = high - tp.offset if tp.offset >= 0 else high
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+
+
+def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringConsumer:
+    """Wires one scorer process: Redis, Feast, the online engine, the champion model, Kafka.
+
+    Raises:
+        ConfigError: the Feast repo was not applied (`churn feast-apply`).
+        ServiceUnavailableError: Redis or Kafka cannot be reached.
+    """
+    import redis
+    from training.registry import champion_version, load_champion
+
+    from features.feast_repo import open_feature_store
+    from features.feast_store import FeastFeatureStore
+    from features.online import OnlineEngine
+    from stream.risk_store import RedisRiskStore
+    from stream.state_store import RedisStateStore
+    from stream.topics import ensure_topics
+
+    metrics = metrics or Metrics()
+    ensure_topics(settings)
+    client = redis.Redis.from_url(settings.redis_address, socket_timeout=5, socket_connect_timeout=2)
+
+    def load() -> LoadedModel | None:
+        found = load_champion(settings)
+        if found is None:
+            return None
+        model, version = found
+        return LoadedModel(model, settings.model_name, str(version))
+
+    models = ModelHolder(lambda: champion_version(settings), load, metrics, "scorer")
+    processor = BatchProcessor(
+        OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000),
+        RedisStateStore(client, settings.redis_prefix),
+        FeastFeatureStore(open_feature_store(settings)),
+        RedisRiskStore(client, settings.redis_prefix),
+        metrics,
+        lambda: models.current,
+        max_event_bytes=settings.max_event_bytes,
+    )
+    loop = LoopConfig(
+        max_batch=settings.max_batch_events,
+        max_wait_s=settings.max_batch_wait_ms / 1000,
+        model_poll_every_s=settings.model_poll_seconds,
+    )
+    return ScoringConsumer(settings, processor, models, metrics, loop)

@@ -1,0 +1,88 @@
+"""Each user's latest risk as written by the scorer, readable by the API and dashboards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import msgspec
+import redis
+
+from churn.errors import ServiceUnavailableError
+
+
+class RiskRow(msgspec.Struct, frozen=True):
+    """The scorer's latest answer for one user.
+
+    `event_time_ms` is the user's latest event (the score is as of it); `scored_at_ms` is the
+    wall-clock time the row was written (the only field that differs between replays).
+    """
+
+    user_id: str
+    churn_probability: float
+    risk_tier: str
+    model_version: str
+    event_time_ms: int
+    scored_at_ms: int
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(RiskRow)
+
+
+class RiskStore(Protocol):
+    """Writes and reads the latest risk per user."""
+
+    def write(self, rows: Sequence[RiskRow]) -> None:
+        """Upserts the rows; raises ServiceUnavailableError."""
+        ...
+
+    def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
+        """Returns one row per id (None if never scored); raises ServiceUnavailableError."""
+        ...
+
+
+class InMemoryRiskStore:
+    """A RiskStore in a dict, for unit tests."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, RiskRow] = {}
+
+    def write(self, rows: Sequence[RiskRow]) -> None:
+        """Upserts the rows."""
+        for row in rows:
+            self.rows[row.user_id] = row
+
+    def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
+        """Returns one row per id (None if never scored)."""
+        return [self.rows.get(u) for u in user_ids]
+
+
+class RedisRiskStore:
+    """Risk rows as JSON values under `<prefix>risk:<user_id>`."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "churn:") -> None:
+        self.client = client
+        self.prefix = f"{prefix}risk:"
+
+    def write(self, rows: Sequence[RiskRow]) -> None:
+        """Upserts the rows in one MSET; raises ServiceUnavailableError."""
+        if not rows:
+            return
+        try:
+            self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})  # type: ignore[arg-type]
+        except redis.RedisError as exc:
+            msg = f"Redis unavailable while writing risk rows: {exc}"
+            raise ServiceUnavailableError(msg) from exc
+
+    def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
+        """Returns one row per id (None if never scored); raises ServiceUnavailableError."""
+        ids = list(user_ids)
+        if not ids:
+            return []
+        try:
+            blobs = self.client.mget([self.prefix + u for u in ids])
+        except redis.RedisError as exc:
+            msg = f"Redis unavailable while reading risk rows: {exc}"
+            raise ServiceUnavailableError(msg) from exc
+        return [None if b is None else _DECODER.decode(b) for b in blobs]

@@ -1,0 +1,193 @@
+"""One micro-batch through the scorer: parse, update user state, write features, score, write risk.
+
+No Kafka here (see `stream.consumer` for the loop), so the whole effect of a batch can be
+unit-tested with in-memory stores. The order of writes is what makes replays harmless:
+features, then risk, then user states (which carry the applied offsets); the caller commits
+Kafka offsets only after `process` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from features import spec
+from features.online import APPLIED, DUPLICATE, LATE, OnlineEngine
+from features.store import FeatureRow, FeatureStore
+from monitoring.metrics import Metrics
+from stream.events import ErrorRecord, parse_batch
+from stream.risk_store import RiskRow, RiskStore
+from stream.state_store import StateStore
+
+
+class Model(Protocol):
+    """What the scorer needs of a champion model."""
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        """Returns churn probabilities for rows of `features.spec.MODEL_FEATURES`."""
+        ...
+
+    def tier(self, probability: float) -> str:
+        """Returns 'low', 'medium' or 'high'."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model together with its registry identity."""
+
+    model: Model
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """The parts of a Kafka message the scorer uses."""
+
+    value: bytes
+    topic: str
+    partition: int
+    offset: int
+    append_ms: int  # broker append (or create) timestamp
+
+
+@dataclass
+class BatchResult:
+    """What one batch did; `dead_letters` must reach the DLQ before offsets are committed."""
+
+    dead_letters: list[ErrorRecord] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+    late: int = 0
+    guests: int = 0
+    users_written: int = 0
+    users_scored: int = 0
+
+
+def feature_matrix(rows: Sequence[FeatureRow], now_ms: Sequence[int] | None = None) -> np.ndarray:
+    """Returns rows as a float64 matrix in `spec.MODEL_FEATURES` order.
+
+    The request-time `seconds_since_last_event` is `now - last event` (0 when `now_ms` is None,
+    i.e. scoring as of each user's latest event, as the stream does).
+    """
+    stored = spec.STORED_FEATURES
+    matrix = np.empty((len(rows), len(spec.MODEL_FEATURES)), dtype=np.float64)
+    for i, row in enumerate(rows):
+        values = row.values
+        matrix[i, : len(stored)] = [values[name] for name in stored]
+    if now_ms is None:
+        matrix[:, len(stored)] = 0.0
+    else:
+        last = np.fromiter((r.last_event_ms for r in rows), dtype=np.float64, count=len(rows))
+        matrix[:, len(stored)] = (np.asarray(now_ms, dtype=np.float64) - last) / 1000.0
+    return matrix
+
+
+class BatchProcessor:
+    """Applies micro-batches to the online engine and writes their effect to the stores."""
+
+    def __init__(
+        self,
+        engine: OnlineEngine,
+        states: StateStore,
+        features: FeatureStore,
+        risks: RiskStore,
+        metrics: Metrics,
+        current_model: Callable[[], LoadedModel | None],
+        *,
+        max_event_bytes: int = 64 * 1024,
+        max_cached_users: int = 200_000,
+        wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.engine = engine
+        self.states = states
+        self.features = features
+        self.risks = risks
+        self.metrics = metrics
+        self.current_model = current_model
+        self.max_event_bytes = max_event_bytes
+        self.max_cached_users = max_cached_users
+        self.wall_clock_ms = wall_clock_ms
+
+    def forget(self) -> None:
+        """Drops cached user states (after a rebalance they are reloaded on first sight)."""
+        self.engine.states.clear()
+
+    def process(self, messages: Sequence[Message]) -> BatchResult:
+        """Processes one batch; returns what it did.
+
+        Raises:
+            ServiceUnavailableError: a store is down; nothing of this batch may be committed
+                (a retry of the same messages is safe).
+        """
+        parsed = parse_batch(
+            [(m.value, m.topic, m.partition, m.offset) for m in messages], max_bytes=self.max_event_bytes
+        )
+        result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
+        engine = self.engine
+        if len(engine.states) > self.max_cached_users:
+            self.forget()
+        unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
+        engine.states.update(self.states.load(unseen))
+
+        appended = {(m.partition, m.offset): m.append_ms for m in messages}
+        changed: set[str] = set()
+        touched: dict[str, int] = {}  # user -> append time of their latest applied message
+        for event, (partition, offset) in zip(parsed.events, parsed.positions, strict=True):
+            outcome = engine.apply(event, partition, offset)
+            if outcome == APPLIED:
+                result.applied += 1
+                touched[event.user_id] = appended[(partition, offset)]
+                changed.add(event.user_id)
+            elif outcome == DUPLICATE:
+                result.duplicates += 1
+            elif outcome == LATE:
+                result.late += 1
+                changed.add(event.user_id)  # its offset advanced
+
+        users = list(touched)
+        rows = [engine.row(u) for u in users]
+        if rows:
+            started = time.perf_counter()
+            self.features.write_rows(rows)
+            self.metrics.store_write_seconds.observe(time.perf_counter() - started)
+        result.users_written = len(rows)
+        loaded = self.current_model()
+        if loaded is not None and rows:
+            self._score(rows, [touched[u] for u in users], loaded)
+            result.users_scored = len(rows)
+        written = self.states.save({u: engine.states[u] for u in changed})
+        if changed:
+            self.metrics.state_bytes.set(written / len(changed))
+        self._count(result, parsed.unknown_pages)
+        return result
+
+    def _score(self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel) -> None:
+        probabilities = loaded.model.predict(feature_matrix(rows))
+        now = self.wall_clock_ms()
+        risk_rows = [
+            RiskRow(row.user_id, float(p), loaded.model.tier(float(p)), loaded.version, row.last_event_ms, now)
+            for row, p in zip(rows, probabilities, strict=True)
+        ]
+        self.risks.write(risk_rows)
+        written = self.wall_clock_ms()
+        m = self.metrics
+        for risk, append_ms in zip(risk_rows, appended_ms, strict=True):
+            m.freshness_seconds.observe(max(written - append_ms, 0) / 1000)
+            m.score.observe(risk.churn_probability)
+            m.tier_total.labels(risk.risk_tier).inc()
+        m.users_scored_total.inc(len(risk_rows))
+
+    def _count(self, result: BatchResult, unknown_pages: int) -> None:
+        m = self.metrics
+        m.events_total.labels("ok").inc(result.applied)
+        m.events_total.labels("invalid").inc(len(result.dead_letters))
+        m.events_total.labels("guest").inc(result.guests)
+        m.events_total.labels("late").inc(result.late)
+        m.events_total.labels("duplicate").inc(result.duplicates)
+        m.unknown_pages_total.inc(unknown_pages)
