@@ -1,0 +1,122 @@
+"""`churn archive`: a second consumer group writing the event log as Parquet, by event date.
+
+Layout: `<root>/date=YYYY-MM-DD/p<partition>-<first offset>-<last offset>.parquet`, wire
+(camelCase) columns plus `kafkaPartition`/`kafkaOffset`. Exactly once after crashes: each
+file appears atomically (temp name, then rename) and offsets are committed after the files.
+A crash between the two leaves files whose offsets Kafka will deliver again; on assignment
+the archiver reads the offsets already archived at or after the committed position (file
+names tell which files can hold them) and skips those messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import polars as pl
+from confluent_kafka import Consumer, TopicPartition
+
+from churn.settings import Settings
+from stream.events import Event, parse_event
+
+log = logging.getLogger(__name__)
+_FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
+
+
+def archived_since(root: Path, partition: int, committed: int) -> set[int]:
+    """Returns the offsets >= `committed` of `partition` already archived under `root`."""
+    found: set[int] = set()
+    for path in root.glob(f"date=*/p{partition}-*.parquet"):
+        match = _FILE.search(path.name)
+        if match and int(match.group(3)) >= committed:
+            offsets = pl.read_parquet(path, columns=["kafkaOffset"])["kafkaOffset"]
+            found.update(o for o in offsets.to_list() if o >= committed)
+    return found
+
+
+def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> int:
+    """Writes (partition, offset, event) rows as one file per (date, partition); returns files written."""
+    groups: dict[tuple[str, int], list[tuple[int, Event]]] = defaultdict(list)
+    for partition, offset, event in rows:
+        day = datetime.fromtimestamp(event.ts / 1000, tz=UTC).strftime("%Y-%m-%d")
+        groups[(day, partition)].append((offset, event))
+    for (day, partition), items in groups.items():
+        folder = root / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        offsets = [o for o, _ in items]
+        frame = pl.DataFrame(
+            [{**msgspec.to_builtins(e), "kafkaPartition": partition, "kafkaOffset": o} for o, e in items],
+            schema_overrides={"registration": pl.Float64, "length": pl.Float64, "status": pl.Int64},
+            infer_schema_length=None,
+        )
+        final = folder / f"p{partition}-{min(offsets)}-{max(offsets)}.parquet"
+        temp = final.with_suffix(".tmp")
+        frame.write_parquet(temp)
+        temp.rename(final)
+    return len(groups)
+
+
+class Archiver:
+    """Consumes the events topic in its own group and appends valid events to the Parquet log."""
+
+    def __init__(self, settings: Settings, root: Path, extra_config: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.root = root
+        self.stopping = threading.Event()
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": settings.archiver_group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                **(extra_config or {}),
+            }
+        )
+        self.skipped = 0
+        self.already_archived: dict[int, set[int]] = {}
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in consumer.committed(partitions, timeout=30):
+            start = tp.offset if tp.offset >= 0 else 0
+            self.already_archived[tp.partition] = archived_since(self.root, tp.partition, start)
+
+    def run(self, *, max_batch: int = 20_000, max_idle_s: float | None = None) -> None:
+        """Archives until stopped (or `max_idle_s` without messages)."""
+        import time
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign)
+        last_message = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                messages = [m for m in self.consumer.consume(max_batch, 0.5) if m.error() is None]
+                if not messages:
+                    if max_idle_s is not None and time.monotonic() - last_message > max_idle_s:
+                        break
+                    continue
+                last_message = time.monotonic()
+                rows = []
+                for m in messages:
+                    if m.offset() in self.already_archived.get(m.partition(), ()):
+                        continue
+                    event = parse_event(m.value() or b"", max_bytes=self.settings.max_event_bytes)
+                    if isinstance(event, Event):
+                        rows.append((m.partition(), m.offset(), event))
+                    else:
+                        self.skipped += 1  # guests and invalid events: the scorer dead-letters the latter
+                write_batch(self.root, rows)
+                ends: dict[int, int] = {}
+                for m in messages:
+                    ends[m.partition()] = max(ends.get(m.partition(), -1), m.offset())
+                self.consumer.commit(
+                    offsets=[TopicPartition(self.settings.events_topic, p, o + 1) for p, o in ends.items()],
+                    asynchronous=False,
+                )
+        finally:
+            self.consumer.close()
