@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_workers: int = Field(default=1, ge=1, le=64)
     api_keys: list[SecretStr] = Field(default_factory=list)
+    open_health_and_metrics: bool = True  # health and /metrics answer without an API key
     scorer_metrics_port: int = Field(default=9108, ge=0, le=65535)
 
     # Model and features

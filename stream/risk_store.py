@@ -41,12 +41,21 @@ class RiskStore(Protocol):
         """Returns one row per id (None if never scored); raises ServiceUnavailableError."""
         ...
 
+    def advance_watermark(self, event_ms: int) -> None:
+        """Raises the stream's event-time watermark to `event_ms` (never lowers it)."""
+        ...
+
+    def watermark(self) -> int | None:
+        """Returns the largest event time the scorers have processed, None before any."""
+        ...
+
 
 class InMemoryRiskStore:
     """A RiskStore in a dict, for unit tests."""
 
     def __init__(self) -> None:
         self.rows: dict[str, RiskRow] = {}
+        self.latest_event_ms: int | None = None
 
     def write(self, rows: Sequence[RiskRow]) -> None:
         """Upserts the rows."""
@@ -57,13 +66,30 @@ class InMemoryRiskStore:
         """Returns one row per id (None if never scored)."""
         return [self.rows.get(u) for u in user_ids]
 
+    def advance_watermark(self, event_ms: int) -> None:
+        """Raises the watermark to `event_ms` (never lowers it)."""
+        self.latest_event_ms = max(self.latest_event_ms or event_ms, event_ms)
+
+    def watermark(self) -> int | None:
+        """Returns the largest event time processed, None before any."""
+        return self.latest_event_ms
+
+
+# Several scorers share one watermark: only ever raise it, atomically.
+_RAISE_TO = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
 
 class RedisRiskStore:
-    """Risk rows as JSON values under `<prefix>risk:<user_id>`."""
+    """Risk rows as JSON values under `<prefix>risk:<user_id>`; the watermark at `<prefix>watermark`."""
 
     def __init__(self, client: redis.Redis, prefix: str = "churn:") -> None:
         self.client = client
         self.prefix = f"{prefix}risk:"
+        self.watermark_key = f"{prefix}watermark"
+        self._raise_to = client.register_script(_RAISE_TO)
 
     def write(self, rows: Sequence[RiskRow]) -> None:
         """Upserts the rows in one MSET; raises ServiceUnavailableError."""
@@ -86,3 +112,20 @@ class RedisRiskStore:
             msg = f"Redis unavailable while reading risk rows: {exc}"
             raise ServiceUnavailableError(msg) from exc
         return [None if b is None else _DECODER.decode(b) for b in blobs]
+
+    def advance_watermark(self, event_ms: int) -> None:
+        """Raises the shared watermark to `event_ms`; raises ServiceUnavailableError."""
+        try:
+            self._raise_to(keys=[self.watermark_key], args=[event_ms])
+        except redis.RedisError as exc:
+            msg = f"Redis unavailable while advancing the watermark: {exc}"
+            raise ServiceUnavailableError(msg) from exc
+
+    def watermark(self) -> int | None:
+        """Returns the shared watermark, None before any batch; raises ServiceUnavailableError."""
+        try:
+            value = self.client.get(self.watermark_key)
+        except redis.RedisError as exc:
+            msg = f"Redis unavailable while reading the watermark: {exc}"
+            raise ServiceUnavailableError(msg) from exc
+        return None if value is None else int(value)

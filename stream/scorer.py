@@ -161,6 +161,8 @@ class BatchProcessor:
         if loaded is not None and rows:
             self._score(rows, [touched[u] for u in users], loaded)
             result.users_scored = len(rows)
+        if parsed.events:
+            self.risks.advance_watermark(max(e.ts for e in parsed.events))
         written = self.states.save({u: engine.states[u] for u in changed})
         if changed:
             self.metrics.state_bytes.set(written / len(changed))

@@ -1,0 +1,95 @@
+"""Benchmarks of the two feature engines (no I/O): online events/s and offline seconds."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import offline
+from features.online import STATE_ENCODER, OnlineEngine
+from stream.events import Event
+
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+PAGES = np.array(
+    ["NextSong"] * 14 + ["Home", "Thumbs Up", "Thumbs Down", "Add to Playlist", "Roll Advert", "Error", "Settings"]
+)
+
+
+def synthetic_log(events: int, users: int, days: int, seed: int = 0) -> pl.DataFrame:
+    """Returns a random event log (engine columns) of sessions: bursts of events 3-4 min apart."""
+    rng = np.random.default_rng(seed)
+    per_session = 20
+    sessions = events // per_session
+    user = rng.integers(0, users, sessions)
+    start = START_MS + rng.integers(0, days * 86_400_000, sessions)
+    step = np.tile(np.arange(per_session) * 210_000, sessions)
+    ts = np.repeat(start, per_session) + step
+    page = PAGES[rng.integers(0, len(PAGES), sessions * per_session)]
+    return pl.DataFrame(
+        {
+            "user_id": np.char.add("u", np.repeat(user, per_session).astype(str)),
+            "ts": ts,
+            "session_id": np.repeat(np.arange(sessions), per_session),
+            "item_in_session": np.tile(np.arange(per_session), sessions),
+            "page": page,
+            "level": np.where(np.repeat(user, per_session) % 3 == 0, "paid", "free"),
+            "registration": np.repeat((START_MS - user * 3_600_000).astype(np.float64), per_session),
+            "length": np.where(page == "NextSong", 200.0 + (ts % 100_000) / 1000, np.nan),
+        }
+    ).with_columns(pl.col("length").fill_nan(None))
+
+
+def bench_online(events: int = 1_000_000, users: int = 10_000, batch: int = 5_000) -> dict[str, Any]:
+    """Returns online-engine figures: events/s for state updates plus one row per touched user
+    per micro-batch, rows/s, and serialised state bytes per active user."""
+    log = synthetic_log(events, users, days=30).sort("ts")
+    stream = [
+        Event(
+            ts=r[1], user_id=r[0], session_id=r[2], item_in_session=r[3], page=r[4], auth="Logged In",
+            level=r[5], registration=r[6], length=r[7],
+        )
+        for r in log.iter_rows()
+    ]  # fmt: skip
+    engine = OnlineEngine()
+    rows = 0
+    started = time.perf_counter()
+    for first in range(0, len(stream), batch):
+        touched = set()
+        for offset, event in enumerate(stream[first : first + batch], start=first):
+            engine.apply(event, 0, offset)
+            touched.add(event.user_id)
+        for user in touched:
+            engine.row(user)
+        rows += len(touched)
+    elapsed = time.perf_counter() - started
+    sizes = [len(STATE_ENCODER.encode(s)) for s in engine.states.values()]
+    return {
+        "online_events": len(stream),
+        "online_events_per_s": round(len(stream) / elapsed),
+        "online_rows_built": rows,
+        "online_state_bytes_per_user": round(float(np.mean(sizes))),
+        "online_batch_events": batch,
+    }
+
+
+def bench_offline(points: int = 1_000_000, events: int = 10_000_000, users: int = 10_000) -> dict[str, Any]:
+    """Returns seconds for the offline engine to build `points` point-in-time rows over `events`."""
+    log = synthetic_log(events, users, days=60)
+    rng = np.random.default_rng(1)
+    grid = pl.DataFrame(
+        {
+            "user_id": np.char.add("u", rng.integers(0, users, points).astype(str)),
+            "as_of": START_MS + rng.integers(0, 60 * 86_400_000, points),
+        }
+    )
+    started = time.perf_counter()
+    table = offline.compute(log, grid)
+    elapsed = time.perf_counter() - started
+    return {
+        "offline_events": log.height,
+        "offline_points": table.height,
+        "offline_seconds": round(elapsed, 2),
+    }

@@ -1,0 +1,142 @@
+"""Answering "how likely is this user to churn, and why": online features + clock -> model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from churn.errors import ServiceUnavailableError
+from features import spec
+from features.store import FeatureRow, FeatureStore
+from monitoring.metrics import Metrics
+from serving.schemas import ModelRef, Reason, RiskAnswer, StoredRisk
+from stream.risk_store import RiskRow, RiskStore
+from stream.scorer import LoadedModel, feature_matrix
+
+DESCRIPTIONS = spec.describe()
+TOP_REASONS = 5
+
+
+def iso(ms: int) -> str:
+    """Returns epoch milliseconds as ISO 8601 UTC text."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RiskService:
+    """Reads features and stored risk, applies the clock, scores with the current champion.
+
+    `now_ms` is the injected clock: the stream's event-time watermark in replay/demo mode, the
+    wall clock live (see `build_clock`).
+    """
+
+    def __init__(
+        self,
+        features: FeatureStore,
+        risks: RiskStore,
+        current_model: Callable[[], LoadedModel | None],
+        now_ms: Callable[[], int | None],
+        metrics: Metrics,
+    ) -> None:
+        self.features = features
+        self.risks = risks
+        self.current_model = current_model
+        self.now_ms = now_ms
+        self.metrics = metrics
+
+    def answer(self, user_ids: Sequence[str], *, explain: bool) -> tuple[list[RiskAnswer], list[str]]:
+        """Returns the answers for the known users and the ids that are unknown.
+
+        Raises:
+            ServiceUnavailableError: no model is loaded, or a store is down.
+        """
+        loaded = self.current_model()  # one model for the whole request, even if a swap lands meanwhile
+        if loaded is None:
+            msg = "no champion model is loaded yet (train and promote one: `churn train`)"
+            raise ServiceUnavailableError(msg)
+        started = time.perf_counter()
+        rows = self.features.read_rows(user_ids)
+        self.metrics.store_read_seconds.observe(time.perf_counter() - started)
+        known = [row for row in rows if row is not None]
+        unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
+        if not known:
+            return [], unknown
+        stored = self.risks.read([row.user_id for row in known])
+        clock = self.now_ms()
+        # In event mode the watermark may trail a user's newest event by a batch: never go negative.
+        now = [max(clock or row.last_event_ms, row.last_event_ms) for row in known]
+        matrix = feature_matrix(known, now)
+        model: Any = loaded.model
+        probabilities = model.predict(matrix)
+        contributions = model.contributions(matrix) if explain else [None] * len(known)
+        answers = [
+            self._answer(row, float(p), loaded, model, now_ms, contrib, matrix[i], stored[i])
+            for i, (row, p, now_ms, contrib) in enumerate(zip(known, probabilities, now, contributions, strict=True))
+        ]
+        return answers, unknown
+
+    def _answer(
+        self,
+        row: FeatureRow,
+        probability: float,
+        loaded: LoadedModel,
+        model: Any,
+        now_ms: int,
+        contributions: dict[str, float] | None,
+        values: np.ndarray,
+        stored: RiskRow | None,
+    ) -> RiskAnswer:
+        reasons = None
+        if contributions is not None:
+            index = {name: i for i, name in enumerate(spec.MODEL_FEATURES)}
+            top = sorted(contributions.items(), key=lambda kv: abs(kv[1]), reverse=True)[:TOP_REASONS]
+            reasons = [
+                Reason(
+                    feature=name,
+                    description=DESCRIPTIONS.get(name, name),
+                    value=None if np.isnan(values[index[name]]) else float(values[index[name]]),
+                    impact=round(impact, 6),
+                )
+                for name, impact in top
+            ]
+        return RiskAnswer(
+            user_id=row.user_id,
+            churn_probability=probability,
+            risk_tier=model.tier(probability),
+            horizon_days=model.horizon_days,
+            model=ModelRef(name=loaded.name, version=loaded.version),
+            as_of=iso(now_ms),
+            features_updated_at=iso(row.last_event_ms),
+            reasons=reasons,
+            stored_risk=None
+            if stored is None
+            else StoredRisk(
+                churn_probability=stored.churn_probability,
+                risk_tier=stored.risk_tier,  # type: ignore[arg-type]
+                model_version=stored.model_version,
+                event_time=iso(stored.event_time_ms),
+                scored_at=iso(stored.scored_at_ms),
+            ),
+        )
+
+
+def build_clock(mode: str, risks: RiskStore, cache_s: float = 0.5) -> Callable[[], int | None]:
+    """Returns the API's clock: wall time ("wall") or the stream watermark ("event"), which is
+    re-read from Redis at most every `cache_s` seconds; None before the stream has run."""
+    if mode == "wall":
+        return lambda: time.time_ns() // 1_000_000
+    cached: list[Any] = [None, 0.0]
+
+    def watermark() -> int | None:
+        if time.monotonic() - cached[1] > cache_s:
+            try:
+                cached[0] = risks.watermark()
+            except ServiceUnavailableError:
+                pass  # keep the last known watermark; the feature read will report the outage
+            cached[1] = time.monotonic()
+        return cached[0]  # type: ignore[no-any-return]
+
+    return watermark

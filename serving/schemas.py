@@ -1,0 +1,77 @@
+"""Request and response bodies of the risk API (they are the OpenAPI document's schemas)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}$"
+UserId = Annotated[str, Field(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")]
+
+
+class Reason(BaseModel):
+    """One feature's part in the score: its value and signed impact on the log-odds."""
+
+    feature: str
+    description: str
+    value: float | None
+    impact: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class StoredRisk(BaseModel):
+    """The scorer's latest stored answer (as of the user's latest event)."""
+
+    churn_probability: float
+    risk_tier: Literal["low", "medium", "high"]
+    model_version: str
+    event_time: str
+    scored_at: str
+
+
+class RiskAnswer(BaseModel):
+    user_id: str
+    churn_probability: float = Field(ge=0, le=1)
+    risk_tier: Literal["low", "medium", "high"]
+    horizon_days: int
+    model: ModelRef
+    as_of: str = Field(description="The clock used: the stream watermark (event mode) or wall time (ISO 8601, UTC)")
+    features_updated_at: str = Field(description="Event time of the user's latest event in the online store")
+    reasons: list[Reason] | None = Field(default=None, description="Top 5 features by |impact|; null if explain=false")
+    stored_risk: StoredRisk | None = Field(default=None, description="What the stream scorer last wrote")
+
+
+class BatchRequest(BaseModel):
+    user_ids: list[UserId] = Field(min_length=1, max_length=1000)
+    explain: bool = False
+
+
+class BatchAnswer(BaseModel):
+    results: list[RiskAnswer]
+    unknown_user_ids: list[str]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    horizon_days: int
+    metrics: dict[str, float | None]
+    trained_window: dict[str, str | None]
+    spec_version: str
+    promoted_at: str | None = None
+
+
+class Problem(BaseModel):
+    """Every error answer: what went wrong, in one sentence."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]
