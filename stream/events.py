@@ -112,6 +112,9 @@ def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024) -> Event | ErrorRecor
         return ErrorRecord(raw, f"invalid event: {exc}")
     except msgspec.DecodeError as exc:
         return ErrorRecord(raw, f"malformed JSON: {exc}")
+    except UnicodeDecodeError as exc:
+        # msgspec raises the stdlib error (not a DecodeError) for invalid UTF-8 inside a string.
+        return ErrorRecord(raw, f"malformed JSON: invalid UTF-8 in a string ({exc.reason})")
     except RecursionError:
         return ErrorRecord(raw, "malformed JSON: nested too deeply")
     if not event.user_id:

@@ -1,0 +1,78 @@
+"""Topic admin: make sure the events topic and its dead-letter topic exist.
+
+Brokers run with `auto.create.topics.enable=false`, so every producer calls `ensure_topics`
+first; it is idempotent and safe to race with another process doing the same.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from churn.errors import ServiceUnavailableError
+from churn.settings import Settings
+
+
+def _admin(settings: Settings) -> AdminClient:
+    # log_level 0: connection failures surface as one ServiceUnavailableError, not log spam.
+    return AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+
+
+def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
+    """Creates `settings.events_topic` and `settings.dlq_topic` if they are missing.
+
+    Both get `settings.topic_partitions` partitions and the broker's default replication
+    factor. Existing topics are left as they are (their partition count is not changed).
+
+    Returns:
+        The names of the topics this call created (empty when both already existed).
+
+    Raises:
+        ServiceUnavailableError: the broker cannot be reached, or refused to create a topic.
+    """
+    admin = _admin(settings)
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {exc.args[0].str()}"
+        raise ServiceUnavailableError(msg) from exc
+    missing = [name for name in (settings.events_topic, settings.dlq_topic) if name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=settings.topic_partitions) for name in missing],
+        operation_timeout=timeout,
+        request_timeout=timeout,
+    )
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            # Another process created it between our metadata request and ours: that is success.
+            if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            msg = f"could not create topic {name!r} on {settings.bootstrap_servers}: {exc.args[0].str()}"
+            raise ServiceUnavailableError(msg) from exc
+        created.append(name)
+    return created
+
+
+def delete_topics(settings: Settings, names: list[str], *, timeout: float = 30.0) -> None:
+    """Deletes topics (benchmarks and tests clean up theirs); a topic already gone is fine.
+
+    Raises:
+        ServiceUnavailableError: the broker cannot be reached or refused the deletion.
+    """
+    if not names:
+        return
+    admin = _admin(settings)  # keep a reference: a collected client cancels its futures
+    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            msg = f"could not delete topic {name!r} on {settings.bootstrap_servers}: {exc.args[0].str()}"
+            raise ServiceUnavailableError(msg) from exc
