@@ -69,13 +69,21 @@ def redis_connection_string(settings: Settings) -> str:
         if value:
             value = unquote(value)
             if "," in value or "=" in value:
-                msg = f"CHURN_REDIS_URL: the {key} must not contain ',' or '=' (Feast splits its connection string on them)"
+                msg = f"CHURN_REDIS_URL: the {key} must not contain ',' or '=' (Feast splits its connection string)"
                 raise ConfigError(msg)
             parts.append(f"{key}={value}")
     if url.scheme == "rediss":
         parts.append("ssl=true")
     parts.append(f"socket_timeout={REDIS_SOCKET_TIMEOUT_SECONDS}")
     parts.append(f"socket_connect_timeout={REDIS_SOCKET_TIMEOUT_SECONDS}")
+    # Names the connections in CLIENT LIST, so an operator can tell who is connected.
+    parts.append(f"client_name=churn-{settings.feast_project}")
+    if not settings.redis_cluster:
+        # redis-py's default retries with backoff would hold a request for up to ~10 s
+        # while Redis is down; fail at once with a 503 instead. A pooled connection that
+        # Redis closed is still replaced on checkout. RedisCluster rejects a `retry`
+        # argument and keeps its own policy.
+        parts.append("retry=null")
     return ",".join(parts)
 
 
@@ -190,10 +198,10 @@ def apply_repo(settings: Settings) -> FeatureStore:
         ConfigError: the settings give an invalid Feast config.
         ServiceUnavailableError: Redis cannot be reached.
     """
-    from features.feast_store import redis_unavailable
+    from features.feast_store import translate_redis_errors
 
     write_feature_store_yaml(settings)
     store = open_feature_store(settings)
-    with redis_unavailable("applying the Feast repo"):
+    with translate_redis_errors("applying the Feast repo", redis_connection_string(settings).split(",", 1)[0]):
         store.apply(list(repo_objects(settings)))
     return store

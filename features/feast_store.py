@@ -1,0 +1,200 @@
+"""`FeastFeatureStore`: the production FeatureStore, Feast's Redis online store.
+
+Writes hand pre-built protos straight to the provider's `online_write_batch` (the call
+`FeatureStore.push` ends in) and skip push's DataFrame -> Arrow -> proto conversion; reads use
+`get_online_features`, the documented API. Both go through Feast's own Redis key and value
+encoding, so anything Feast reads (its feature server, `feast` CLI) sees the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from churn.errors import ConfigError, ServiceUnavailableError
+from features.feast_repo import (
+    FEATURE_VIEW_NAME,
+    JOIN_KEY,
+    PUSH_SOURCE_NAME,
+    SPEC_VERSION_TAG,
+    TIMESTAMP_FIELD,
+    is_int_feature,
+    view_feature_names,
+)
+from features.spec import LAST_EVENT_MS, STORED_FEATURES, spec_version
+from features.store import FeatureRow
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    # One row as Feast's `online_write_batch` takes it: key, values, event time, created time.
+    OnlineRow = tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Distinct small ints (counts) whose ValueProto is built once and shared.
+_INT_CACHE_SIZE = 100_000
+
+
+@contextmanager
+def translate_redis_errors(action: str, address: str) -> Iterator[None]:
+    """Turns an unreachable Redis into ServiceUnavailableError (HTTP 503) naming `action`.
+
+    Raises:
+        ServiceUnavailableError: Redis refused, timed out or the cluster is down.
+    """
+    from redis.exceptions import ClusterDownError, RedisClusterException
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException) as exc:
+        msg = f"Redis (Feast online store at {address}) is unavailable while {action}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+
+
+def event_time(last_event_ms: int) -> datetime:
+    """Returns the row's Feast event timestamp: its latest event time as an exact UTC datetime."""
+    return _EPOCH + timedelta(milliseconds=last_event_ms)
+
+
+def latest_per_user(rows: Sequence[FeatureRow]) -> list[FeatureRow]:
+    """Returns one row per user: the one with the largest `last_event_ms`, the later one on a tie."""
+    latest: dict[str, FeatureRow] = {}
+    for row in rows:
+        seen = latest.get(row.user_id)
+        if seen is None or row.last_event_ms >= seen.last_event_ms:
+            latest[row.user_id] = row
+    return list(latest.values())
+
+
+def rows_to_frame(rows: Sequence[FeatureRow]) -> pd.DataFrame:
+    """Returns the rows as the DataFrame `store.push("user_features_push", df)` expects
+    (`user_id`, `event_timestamp`, one typed column per view feature)."""
+    import pandas as pd
+
+    columns: dict[str, Any] = {
+        JOIN_KEY: [row.user_id for row in rows],
+        TIMESTAMP_FIELD: pd.to_datetime([row.last_event_ms for row in rows], unit="ms", utc=True),
+        LAST_EVENT_MS: pd.array([row.last_event_ms for row in rows], dtype="int64"),
+    }
+    for name in STORED_FEATURES:
+        values = [row.values[name] for row in rows]
+        columns[name] = pd.array(values, dtype="int64") if is_int_feature(name) else pd.array(values, dtype="float64")
+    return pd.DataFrame(columns)
+
+
+class FeastFeatureStore:
+    """The FeatureStore on Feast's Redis online store (view `user_features`).
+
+    Build it once per process with `FeastFeatureStore(open_feature_store(settings))`. The
+    registry is read once here; Feast caches it for good (`cache_ttl_seconds: 0`), so a
+    re-apply with a new spec needs a restart, which a spec change implies anyway.
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        """Resolves the view from the registry and checks it matches the spec.
+
+        Raises:
+            ConfigError: the repo was never applied, or was applied from another spec version.
+        """
+        from feast.errors import FeatureViewNotFoundException
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        self._store = store
+        self._config = store.config
+        self._provider = store.provider
+        self._address = store.config.online_store.connection_string.split(",", 1)[0]
+        try:
+            self._view = store.get_feature_view(FEATURE_VIEW_NAME)
+        except FeatureViewNotFoundException as exc:
+            msg = f"Feast project {store.project!r} has no view {FEATURE_VIEW_NAME!r}: run `churn feast-apply`"
+            raise ConfigError(msg) from exc
+        names = tuple(field.name for field in self._view.features)
+        registered = self._view.tags.get(SPEC_VERSION_TAG)
+        if names != view_feature_names() or registered != spec_version():
+            msg = (
+                f"Feast view {FEATURE_VIEW_NAME!r} was applied from spec {registered}, the code has spec "
+                f"{spec_version()}: run `churn feast-apply`"
+            )
+            raise ConfigError(msg)
+        self._feature_refs = [f"{FEATURE_VIEW_NAME}:{name}" for name in names]
+        self._int_flags = [(name, is_int_feature(name)) for name in STORED_FEATURES]
+        self._value_cls = Value
+        self._entity_key_cls = EntityKey
+        self._int_cache: dict[int, ValueProto] = {}
+
+    def write_rows(self, rows: Sequence[FeatureRow]) -> None:
+        """Upserts the rows (the latest per user if a user repeats) in one Redis pipeline.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+            KeyError: a row lacks one of `features.spec.STORED_FEATURES` (a bug upstream).
+        """
+        if not rows:
+            return
+        data: list[OnlineRow] = [self._to_protos(row) for row in latest_per_user(rows)]
+        with translate_redis_errors(f"writing {len(data)} feature rows", self._address):
+            self._provider.online_write_batch(self._config, self._view, data, None)
+
+    def push_rows(self, rows: Sequence[FeatureRow]) -> None:
+        """Writes the rows with Feast's documented `store.push` (slower; for comparisons).
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        if not rows:
+            return
+        frame = rows_to_frame(latest_per_user(rows))
+        with translate_redis_errors(f"pushing {len(frame)} feature rows", self._address):
+            self._store.push(PUSH_SOURCE_NAME, frame)
+
+    def read_rows(self, user_ids: Sequence[str]) -> list[FeatureRow | None]:
+        """Returns one row per id in order, `None` for users never written; one Redis pipeline.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached.
+        """
+        if not user_ids:
+            return []
+        ids = list(user_ids)
+        with translate_redis_errors(f"reading {len(ids)} feature rows", self._address):
+            response = self._store.get_online_features(features=self._feature_refs, entity_rows={JOIN_KEY: ids})
+        columns = response.to_dict()
+        last_event = columns[LAST_EVENT_MS]
+        out: list[FeatureRow | None] = []
+        for i, user_id in enumerate(ids):
+            if last_event[i] is None:  # never written: Feast answers NOT_FOUND with null values
+                out.append(None)
+                continue
+            values = {
+                name: int(columns[name][i]) if is_int else float(columns[name][i]) for name, is_int in self._int_flags
+            }
+            out.append(FeatureRow(user_id=user_id, last_event_ms=int(last_event[i]), values=values))
+        return out
+
+    def _to_protos(self, row: FeatureRow) -> OnlineRow:
+        # Building ~40 ValueProtos is most of this path's own cost, and most features are small
+        # counts: share one proto per int (Feast only serializes them, never mutates them).
+        value, int_value, raw = self._value_cls, self._int_value, row.values
+        values = {
+            name: int_value(int(raw[name])) if is_int else value(double_val=float(raw[name]))
+            for name, is_int in self._int_flags
+        }
+        values[LAST_EVENT_MS] = value(int64_val=row.last_event_ms)
+        key = self._entity_key_cls(join_keys=[JOIN_KEY], entity_values=[value(string_val=row.user_id)])
+        return key, values, event_time(row.last_event_ms), None
+
+    def _int_value(self, number: int) -> ValueProto:
+        cached = self._int_cache.get(number)
+        if cached is None:
+            cached = self._value_cls(int64_val=number)
+            if len(self._int_cache) < _INT_CACHE_SIZE:
+                self._int_cache[number] = cached
+        return cached
