@@ -7,7 +7,8 @@ them to library code; heavy modules are imported inside the command so `churn --
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -17,6 +18,8 @@ from churn.settings import Settings, load_settings
 app = typer.Typer(help="Real-time churn scorer: Kafka -> features (Feast/Redis) -> LightGBM -> API.", no_args_is_help=True)
 infra_app = typer.Typer(help="Local real services on 127.0.0.1: Kafka (KRaft), Redis, Prometheus.", no_args_is_help=True)
 app.add_typer(infra_app, name="infra")
+bench_app = typer.Typer(help="Benchmarks on the configured services; each prints JSON figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _settings() -> Settings:
@@ -61,6 +64,318 @@ def infra_status() -> None:
         typer.echo(f"{state.name:<11} {state.address:<16} {word:<9} {state.detail}")
     if not all(state.ready for state in states):
         raise typer.Exit(1)
+
+
+@app.command("consume")
+def consume(
+    idle_exit: float = typer.Option(0.0, help="Exit after this many seconds without messages (0: run until stopped)."),
+) -> None:
+    """Run the scoring consumer (group churn-scorer): events -> features -> scores -> Redis."""
+    import logging
+
+    from monitoring.server import start_metrics_server
+    from stream.consumer import build_scorer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = _settings()
+    try:
+        scorer = build_scorer(settings)
+    except ChurnError as exc:
+        _fail(exc)
+    start_metrics_server(scorer.metrics, settings.scorer_metrics_port)
+    scorer.install_signal_handlers()
+    scorer.run(max_idle_s=idle_exit or None)
+
+
+@app.command("produce")
+def produce(
+    replay: str = typer.Option(..., "--replay", help="JSON Lines file of events (.gz or plain) to publish."),
+    rate: float = typer.Option(0.0, min=0.0, help="At most this many events per second (0: no limit)."),
+    speedup: float = typer.Option(0.0, min=0.0, help="Replay event time this many times faster (0: ignore ts)."),
+) -> None:
+    """Publish events to the events topic keyed by userId; malformed lines are reported, not sent."""
+    from pathlib import Path
+
+    from stream.pacing import Pacing
+    from stream.producer import ProduceReport, replay_file
+
+    on_tty = sys.stderr.isatty()
+
+    def show_progress(report: ProduceReport) -> None:
+        line = (
+            f"{report.lines:>12,} lines  {report.sent:>12,} sent  {report.events_per_second:>9,.0f}/s  "
+            f"malformed {report.malformed:,}  failed {report.failed:,}"
+        )
+        # On a terminal one line redraws in place; in a log each update is its own line.
+        sys.stderr.write(f"\r{line}" if on_tty else f"{line}\n")
+        sys.stderr.flush()
+
+    try:
+        report = replay_file(
+            _settings(),
+            Path(replay),
+            pacing=Pacing(rate=rate or None, speedup=speedup or None),
+            progress=show_progress,
+        )
+    except ChurnError as exc:
+        _fail(exc)
+    if on_tty:
+        sys.stderr.write("\n")
+    typer.echo(
+        f"sent {report.sent:,} (guests without key {report.guests:,}), skipped {report.skipped:,} blank, "
+        f"failed {report.failed:,}, malformed {report.malformed:,} in {report.elapsed_seconds:.1f}s "
+        f"({report.events_per_second:,.0f} events/s)"
+    )
+    for reason, count in report.failure_reasons.most_common():
+        typer.echo(f"  failed: {count:,} x {reason}")
+    shown = 20
+    for line_no, reason in report.malformed_lines[:shown]:
+        typer.echo(f"  malformed line {line_no}: {reason}")
+    if report.malformed > shown:
+        typer.echo(f"  ... and {report.malformed - shown:,} more malformed lines")
+    if report.interrupted:
+        raise typer.Exit(130)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@bench_app.command("produce")
+def bench_produce(
+    events: int = typer.Option(1_000_000, min=1, help="How many pre-generated events to publish."),
+) -> None:
+    """Events/s published to the configured broker from one process (fresh topic, deleted after)."""
+    import json
+
+    from stream.bench import bench_produce as run
+
+    try:
+        figures = run(_settings(), events=events)
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(figures, indent=2))
+
+
+@app.command("archive")
+def archive(
+    out: Path | None = typer.Option(None, help="Event log folder (default: <state>/data/events)."),
+    idle_exit: float = typer.Option(0.0, help="Exit after this many seconds without messages (0: run until stopped)."),
+) -> None:
+    """Run the archiver (group churn-archiver): events -> Parquet log partitioned by event date."""
+    import logging
+    import signal
+
+    from stream.archiver import Archiver
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = _settings()
+    archiver = Archiver(settings, out or settings.data_dir / "events")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: archiver.stopping.set())
+    archiver.run(max_idle_s=idle_exit or None)
+
+
+@app.command("simulate")
+def simulate(
+    users: int = typer.Option(1000, min=1, help="Listeners in the population."),
+    days: int = typer.Option(60, min=1, help="Days of events."),
+    start: str = typer.Option("2026-01-01", help="First day, ISO date or datetime (UTC unless an offset is given)."),
+    seed: int = typer.Option(0, help="Random seed; the same options give identical output."),
+    churn_level: float = typer.Option(1.0, min=0.0, help="Multiplies every user's churn hazard."),
+    drift_at: str | None = typer.Option(None, help="ISO datetime after which behaviour drifts (stream/simulator.py)."),
+    drift_strength: float = typer.Option(1.0, min=0.0, help="How strongly behaviour drifts after --drift-at."),
+    out: str | None = typer.Option(None, help="Events as JSON Lines, gzip if the name ends with .gz."),
+    truth: str | None = typer.Option(None, help="Ground-truth Parquet (default: <out stem>.truth.parquet)."),
+    oracle: bool = typer.Option(False, "--oracle", help="Also report the oracle ROC-AUC on a daily grid (H: horizon)."),
+) -> None:
+    """Simulate listeners: events in ts order plus the hidden ground truth; prints a JSON summary."""
+    import json
+    import time
+
+    from stream.ground_truth import save_truth
+    from stream.oracle import oracle_report
+    from stream.simulator import SimConfig, parse_utc, simulate, truth_path_for
+
+    settings = _settings()
+    events_path = Path(out) if out else settings.data_dir / "simulated.jsonl.gz"
+    truth_path = Path(truth) if truth else truth_path_for(events_path)
+    try:
+        config = SimConfig(
+            users=users, days=days, start=parse_utc(start), seed=seed, churn_level=churn_level,
+            drift_at=parse_utc(drift_at) if drift_at else None, drift_strength=drift_strength,
+        )  # fmt: skip
+        began = time.perf_counter()
+        sim = simulate(config)
+        generated = time.perf_counter() - began
+    except ChurnError as exc:
+        _fail(exc)
+    sim.write_events(events_path)
+    save_truth(sim.truth, truth_path)
+    churned = sim.truth.churn_ms >= 0
+    summary: dict[str, object] = {
+        "events": sim.events.height,
+        "guest_events": int((sim.events["userId"] == "").sum()),
+        "users": users,
+        "days": days,
+        "churned_users": int(churned.sum()),
+        "churn_rate": round(float(churned.mean()), 4),
+        "generate_seconds": round(generated, 2),
+        "events_per_second": round(sim.events.height / generated),
+        "total_seconds": round(time.perf_counter() - began, 2),
+        "out": str(events_path),
+        "truth": str(truth_path),
+    }
+    if oracle:
+        summary["oracle"] = oracle_report(sim.truth, horizon_days=settings.horizon_days)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("feast-apply")
+def feast_apply() -> None:
+    """Write feature_store.yaml and register the Feast objects generated from the feature spec."""
+    from features.feast_repo import apply_repo
+
+    settings = _settings()
+    try:
+        store = apply_repo(settings)
+    except ChurnError as exc:
+        _fail(exc)
+    views = store.list_feature_views()
+    typer.echo(f"project   {store.project}  (repo {settings.feast_repo_dir})")
+    for view in views:
+        typer.echo(f"view      {view.name}: {len(view.features)} features, online={view.online}")
+
+
+_EVENT_LOG_HELP = "Event log: a date-partitioned Parquet folder, a .parquet or a .jsonl[.gz] file."
+
+
+@app.command("train")
+def train(
+    events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
+    horizon_days: Annotated[int | None, typer.Option(min=1, help="Horizon H in days (default: settings).")] = None,
+    grid_hours: Annotated[int, typer.Option(min=1, help="Hours between observation times (from UTC midnight).")] = 24,
+    truth: Annotated[Path | None, typer.Option(help="Simulator ground truth: also report the oracle ROC-AUC.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+) -> None:
+    """Train LightGBM on the log, evaluate on the latest period, log to MLflow, register and gate."""
+    import json
+
+    from training.pipeline import TrainOptions
+    from training.pipeline import train as run
+    from training.report import format_summary
+
+    options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, truth_path=truth)
+    try:
+        summary = run(_settings(), events, options, progress=lambda line: typer.echo(line, err=True))
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
+
+
+@app.command("score")
+def score(
+    events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
+    as_of: Annotated[str, typer.Option(help="ISO time to score at (UTC unless an offset is given).")],
+    out: Annotated[Path, typer.Option(help="Output file, .csv or .parquet.")],
+) -> None:
+    """Score every known user as of a time with the champion model."""
+    from datetime import UTC, datetime
+
+    from churn.errors import InvalidInputError, NotFoundError
+    from training.event_log import load_events
+    from training.registry import load_champion
+    from training.scoring import score_users, write_scores
+
+    settings = _settings()
+    try:
+        try:
+            moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
+        except ValueError as exc:
+            msg = f"--as-of {as_of!r} is not an ISO date or datetime"
+            raise InvalidInputError(msg) from exc
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        champion = load_champion(settings)
+        if champion is None:
+            msg = f"no champion version of {settings.model_name} at {settings.tracking_uri}; run `churn train` first"
+            raise NotFoundError(msg)
+        model, version = champion
+        scores = score_users(model, load_events(events), int(moment.timestamp() * 1000), version)
+        write_scores(scores, out)
+    except ChurnError as exc:
+        _fail(exc)
+    tiers = scores["risk_tier"].value_counts().sort("risk_tier")
+    counts = ", ".join(f"{row['risk_tier']} {row['count']}" for row in tiers.iter_rows(named=True))
+    typer.echo(f"scored {scores.height} users with {settings.model_name} v{version} -> {out} ({counts})")
+
+
+@bench_app.command("train")
+def bench_train(
+    users: Annotated[int, typer.Option(min=10, help="Simulated listeners.")] = 10_000,
+    days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 60,
+) -> None:
+    """Seconds to build the training set and to train, on a simulated date-partitioned log."""
+    import json
+
+    from training.bench import bench_train as run
+
+    try:
+        figures = run(_settings(), users, days)
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(figures, indent=2))
+
+
+@app.command("serve")
+def serve(
+    workers: int = typer.Option(0, help="uvicorn worker processes (0: CHURN_API_WORKERS)."),
+) -> None:
+    """Run the risk API (FastAPI under uvicorn) on CHURN_API_HOST:CHURN_API_PORT."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "serving.main:app_from_env",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=workers or settings.api_workers,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@app.command("demo")
+def demo(
+    users: int = typer.Option(2000, min=10, help="Simulated listeners."),
+    days: int = typer.Option(60, min=30, help="Days of history before live scoring."),
+    rate: int = typer.Option(200, min=1, help="Live events per second."),
+    duration: float = typer.Option(0.0, help="Seconds of live scoring before stopping (0: until Ctrl-C)."),
+) -> None:
+    """Run the whole system end to end on the local services (`make demo`)."""
+    from churn.demo import run_demo
+
+    try:
+        run_demo(_settings(), users=users, days=days, rate=rate, duration=duration or None, say=typer.echo)
+    except ChurnError as exc:
+        _fail(exc)
+
+
+@bench_app.command("features")
+def bench_features(
+    online_events: int = typer.Option(1_000_000, help="Events through the online engine."),
+    offline_points: int = typer.Option(1_000_000, help="(user, as_of) points for the offline engine."),
+    offline_events: int = typer.Option(10_000_000, help="Events in the offline log."),
+    feast_rows: int = typer.Option(20_000, help="Rows written to the real Redis through Feast."),
+) -> None:
+    """Online engine events/s, Feast write path vs store.push, offline engine seconds (JSON)."""
+    import json
+
+    from features.bench import bench_feast_write
+    from features.bench_engines import bench_offline, bench_online
+
+    settings = _settings()
+    figures = {**bench_online(online_events), **bench_feast_write(settings, rows=feast_rows)}
+    figures.update(bench_offline(offline_points, offline_events))
+    typer.echo(json.dumps(figures, indent=2))
 
 
 def main() -> None:

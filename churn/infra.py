@@ -60,9 +60,14 @@ def install(settings: Settings) -> None:
     Raises:
         ServiceUnavailableError: apt-get or Maven failed.
     """
+    # docker-compose is not a service: the unit tests validate docker-compose.yml with it.
     missing = [
         pkg
-        for pkg, binary in (("redis-server", "redis-server"), ("prometheus", "prometheus"))
+        for pkg, binary in (
+            ("redis-server", "redis-server"),
+            ("prometheus", "prometheus"),
+            ("docker-compose", "docker-compose"),
+        )
         if shutil.which(binary) is None
     ]
     if missing:

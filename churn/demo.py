@@ -1,0 +1,188 @@
+"""`churn demo`: the whole system end to end on the local real services.
+
+simulate history + a live tail -> produce history -> archiver and scorer consume it ->
+train and promote the first model from the archive -> API up -> live producer at a modest
+rate -> print where everything is and real risk answers -> run until Ctrl-C / --duration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from churn.settings import Settings
+
+Say = Callable[[str], None]
+
+
+def _churn(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "churn"), *args]
+
+
+class Processes:
+    """The background processes the demo started; stops them all on exit."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        self.running[name] = subprocess.Popen(
+            _churn(*args), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    def check(self) -> None:
+        for name, proc in self.running.items():
+            if proc.poll() not in (None, 0):
+                msg = f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}"
+                raise RuntimeError(msg)
+
+    def stop(self) -> None:
+        for proc in self.running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.running.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _lag(settings: Settings, group: str) -> int:
+    """Returns how many messages of the events topic `group` has not committed yet."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+    try:
+        meta = consumer.list_topics(settings.events_topic, timeout=10)
+        parts = [TopicPartition(settings.events_topic, p) for p in meta.topics[settings.events_topic].partitions]
+        total = 0
+        for tp in consumer.committed(parts, timeout=10):
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            total += high - (tp.offset if tp.offset >= 0 else 0)
+        return total
+    finally:
+        consumer.close()
+
+
+def _wait_for_groups(settings: Settings, say: Say, procs: Processes) -> None:
+    started = time.monotonic()
+    while True:
+        procs.check()
+        lags = {g: _lag(settings, g) for g in (settings.scorer_group, settings.archiver_group)}
+        say(f"  consuming history: scorer lag {lags[settings.scorer_group]:,}, archiver lag {lags[settings.archiver_group]:,}")
+        if all(v == 0 for v in lags.values()):
+            say(f"  history consumed in {time.monotonic() - started:.0f}s")
+            return
+        time.sleep(5)
+
+
+def _get(url: str, key: str | None) -> Any:
+    request = urllib.request.Request(url, headers={"X-API-Key": key} if key else {})  # noqa: S310 - loopback URL
+    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+        return json.load(response)
+
+
+def _show_answers(settings: Settings, say: Say) -> None:
+    import redis
+
+    from stream.risk_store import RedisRiskStore
+
+    client = redis.Redis.from_url(settings.redis_address)
+    keys = [k.decode()[len(settings.redis_prefix) + 5 :] for k in client.scan_iter(f"{settings.redis_prefix}risk:*", count=5000)]
+    rows = [r for r in RedisRiskStore(client, settings.redis_prefix).read(keys) if r is not None]
+    if not rows:
+        say("  no risk rows yet")
+        return
+    rows.sort(key=lambda r: r.churn_probability)
+    key = settings.api_keys[0].get_secret_value() if settings.api_keys else None
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    for label, row in (("highest", rows[-1]), ("second highest", rows[-2] if len(rows) > 1 else rows[-1]), ("lowest", rows[0])):
+        answer = _get(f"{base}/users/{row.user_id}/risk", key)
+        reasons = ", ".join(f"{r['feature']}={r['value']:.3g} ({r['impact']:+.2f})" for r in answer["reasons"][:3])
+        say(
+            f"  {label} risk: GET /users/{row.user_id}/risk -> p={answer['churn_probability']:.3f} "
+            f"tier={answer['risk_tier']} model v{answer['model']['version']} as_of={answer['as_of']}\n"
+            f"      top reasons: {reasons}"
+        )
+
+
+def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: float | None, say: Say) -> None:
+    """Runs the demo; returns when `duration` seconds of live scoring have passed or on Ctrl-C."""
+    from features.feast_repo import apply_repo
+    from stream.producer import publish_lines
+    from stream.simulator import SimConfig, simulate
+    from stream.topics import ensure_topics
+    from training.pipeline import TrainOptions, train
+
+    t0 = time.monotonic()
+    data = settings.data_dir / "demo"
+    data.mkdir(parents=True, exist_ok=True)
+    logs = settings.state_dir.resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = Processes(logs)
+    try:
+        say(f"[1/6] simulating {users:,} listeners x {days} days of history plus 2 live days")
+        start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days)
+        sim = simulate(SimConfig(users=users, days=days + 2, start=start, seed=int(time.time()) % 10_000))
+        cut = int((start + timedelta(days=days)).timestamp() * 1000)
+        history = sim.events.filter(sim.events["ts"] < cut)
+        live = sim.events.filter(sim.events["ts"] >= cut)
+        live_path = data / "live.jsonl"
+        live.write_ndjson(live_path)
+        say(f"  {history.height:,} history events, {live.height:,} live events")
+
+        say("[2/6] creating topics, applying the Feast repo, producing the history to Kafka")
+        ensure_topics(settings)
+        apply_repo(settings)
+        report = publish_lines(settings, (line.encode() for line in history.write_ndjson().splitlines()))
+        say(f"  sent {report.sent:,} events in {report.elapsed_seconds:.0f}s ({report.events_per_second:,.0f}/s)")
+
+        say("[3/6] scorer and archiver consume the history (features only until a model exists)")
+        archive = settings.data_dir / "events"
+        procs.start("scorer", "consume")
+        procs.start("archiver", "archive", "--out", str(archive))
+        _wait_for_groups(settings, say, procs)
+
+        say("[4/6] training the first model from the archived log and promoting it")
+        summary = train(settings, archive, TrainOptions(), progress=lambda line: say(f"  {line}"))
+        say(f"  {json.dumps({k: summary.get(k) for k in ('version', 'decision', 'test_roc_auc', 'test_pr_auc')}, default=str)}")
+
+        say("[5/6] starting the API and a live producer")
+        procs.start("api", "serve")
+        procs.start("producer", "produce", "--replay", str(live_path), "--rate", str(rate))
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        for _ in range(60):
+            try:
+                _get(f"{base}/health/ready", None)
+                break
+            except OSError:
+                time.sleep(1)
+        time.sleep(settings.model_poll_seconds + 2)  # let the scorer pick up the champion
+
+        say(f"[6/6] live scoring; the demo took {time.monotonic() - t0:.0f}s to get here")
+        say(f"  API docs:      {base}/docs")
+        say(f"  API metrics:   {base}/metrics")
+        say(f"  scorer metrics: http://127.0.0.1:{settings.scorer_metrics_port}/metrics")
+        say(f"  Prometheus:    http://127.0.0.1:{settings.prometheus_port}")
+        say(f"  MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}")
+        say(f"  logs:          {logs}")
+        _show_answers(settings, say)
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            procs.check()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        procs.stop()

@@ -1,0 +1,122 @@
+"""Probability calibration that serialises to plain JSON (no pickle).
+
+A calibrator maps the booster's raw probability to a calibrated one:
+- `none`: identity;
+- `platt`: sigmoid(a * logit(p) + b), two numbers;
+- `isotonic`: a non-decreasing step fit (pool adjacent violators), stored as breakpoints
+  `x` (raw probabilities, increasing) and `y` (calibrated), applied with linear interpolation
+  between breakpoints and clamped beyond them, so it stays monotone and ranks are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy import optimize, special
+
+from training import metrics
+
+_EPS = 1e-6
+
+
+def apply(calibration: dict[str, Any], raw: np.ndarray) -> np.ndarray:
+    """Returns calibrated probabilities for raw booster probabilities.
+
+    Raises:
+        ValueError: the calibration's method is unknown.
+    """
+    method = calibration.get("method", "none")
+    raw = np.asarray(raw, dtype=np.float64)
+    if method == "none":
+        return raw
+    if method == "platt":
+        logit = special.logit(np.clip(raw, _EPS, 1 - _EPS))
+        return np.asarray(special.expit(calibration["a"] * logit + calibration["b"]))
+    if method == "isotonic":
+        return np.interp(raw, np.asarray(calibration["x"]), np.asarray(calibration["y"]))
+    msg = f"unknown calibration method {method!r}; expected none, platt or isotonic"
+    raise ValueError(msg)
+
+
+def fit_platt(labels: np.ndarray, raw: np.ndarray) -> dict[str, Any]:
+    """Returns a Platt calibration {method, a, b} fitted by maximum likelihood."""
+    y = np.asarray(labels, dtype=np.float64)
+    logit = special.logit(np.clip(np.asarray(raw, dtype=np.float64), _EPS, 1 - _EPS))
+
+    def loss(params: np.ndarray) -> float:
+        z = params[0] * logit + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    result = optimize.minimize(loss, x0=np.array([1.0, 0.0]), method="L-BFGS-B")
+    return {"method": "platt", "a": float(result.x[0]), "b": float(result.x[1])}
+
+
+def fit_isotonic(labels: np.ndarray, raw: np.ndarray, max_points: int = 512) -> dict[str, Any]:
+    """Returns an isotonic calibration {method, x, y}: pool adjacent violators on the rows
+    sorted by raw probability, one breakpoint per pooled block (at its mean raw probability),
+    thinned to at most `max_points` breakpoints to keep the artifact small."""
+    order = np.argsort(raw, kind="mergesort")
+    x_sorted = np.asarray(raw, dtype=np.float64)[order]
+    y_sorted = np.asarray(labels, dtype=np.float64)[order]
+    # Blocks as (sum of y, sum of x, count); merge while a block's mean is not above the previous one.
+    sums: list[float] = []
+    xs: list[float] = []
+    counts: list[float] = []
+    for xv, yv in zip(x_sorted, y_sorted, strict=True):
+        sums.append(yv)
+        xs.append(xv)
+        counts.append(1.0)
+        while len(sums) > 1 and sums[-2] / counts[-2] >= sums[-1] / counts[-1]:
+            s, x, c = sums.pop(), xs.pop(), counts.pop()
+            sums[-1] += s
+            xs[-1] += x
+            counts[-1] += c
+    x_points = np.array(xs) / np.array(counts)
+    y_points = np.array(sums) / np.array(counts)
+    if len(x_points) > max_points:
+        keep = np.unique(np.linspace(0, len(x_points) - 1, max_points).round().astype(int))
+        x_points, y_points = x_points[keep], y_points[keep]
+    return {"method": "isotonic", "x": x_points.tolist(), "y": y_points.tolist()}
+
+
+_FITTERS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, Any]]] = {
+    "platt": fit_platt,
+    "isotonic": fit_isotonic,
+}
+
+
+def choose(labels: np.ndarray, raw: np.ndarray, groups: np.ndarray, folds: int = 2) -> dict[str, Any]:
+    """Returns the calibration to use, fitted on all of (labels, raw), with how it was chosen.
+
+    Each method is scored by its out-of-fold Brier score (folds by `groups`, e.g. user ids, so
+    one user's rows never sit on both sides); a method is used only if it beats the raw
+    probabilities' Brier score, else `none`. The returned dict carries `method`, its
+    parameters and `selection` (the out-of-fold Brier and log loss of every candidate).
+    """
+    y = np.asarray(labels, dtype=bool)
+    raw = np.asarray(raw, dtype=np.float64)
+    fold = np.asarray([hash_group(g) % folds for g in groups])
+    scores = {"none": {"brier": metrics.brier(y, raw), "log_loss": metrics.log_loss(y, raw)}}
+    for name, fit in _FITTERS.items():
+        out_of_fold = np.empty_like(raw)
+        for k in range(folds):
+            held = fold == k
+            if held.all() or not held.any() or not y[~held].any():
+                out_of_fold[held] = raw[held]
+                continue
+            out_of_fold[held] = apply(fit(y[~held], raw[~held]), raw[held])
+        scores[name] = {"brier": metrics.brier(y, out_of_fold), "log_loss": metrics.log_loss(y, out_of_fold)}
+    best = min(scores, key=lambda name: (scores[name]["brier"], name != "none"))
+    chosen = {"method": "none"} if best == "none" else _FITTERS[best](y, raw)
+    return {**chosen, "selection": scores}
+
+
+def hash_group(group: object) -> int:
+    """Returns a stable (process-independent) non-negative hash of a group key."""
+    text = str(group).encode()
+    value = 0
+    for byte in text:
+        value = (value * 131 + byte) % 2_147_483_647
+    return value

@@ -1,0 +1,100 @@
+"""Reading the archived event log for offline work.
+
+The archiver writes the log as Parquet partitioned by event date, hive style:
+`<root>/date=YYYY-MM-DD/<any>.parquet`, one row per event with the wire (camelCase) columns
+of `stream.events.Event`. For replays and fixtures the same events may come as JSON Lines
+(`.jsonl`, or gzipped `.jsonl.gz`), one wire-format object per line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import polars as pl
+
+from churn.errors import InvalidInputError
+from features.offline import events_frame
+
+# The wire columns the feature engine and the labels need, with the types they are read as.
+# userId is read as text: some exports write it as a number, and guests have "".
+_WIRE_SCHEMA = {
+    "ts": pl.Int64,
+    "userId": pl.String,
+    "sessionId": pl.Int64,
+    "itemInSession": pl.Int64,
+    "page": pl.String,
+    "level": pl.String,
+    "registration": pl.Float64,
+    "length": pl.Float64,
+}
+_REQUIRED = ("ts", "userId", "sessionId", "itemInSession", "page", "level")
+
+
+def load_events(path: Path | str) -> pl.LazyFrame:
+    """Returns the logged-in events at `path` in the offline engine's columns (see
+    `features.offline.events_frame`: user_id, ts, session_id, item_in_session, page, level,
+    registration, length), unsorted.
+
+    `path` is a directory of Parquet files (searched recursively, so a hive-partitioned
+    `date=YYYY-MM-DD/` layout works), one `.parquet` file, or a `.jsonl` / `.jsonl.gz` file.
+
+    Raises:
+        InvalidInputError: the path does not exist, has an unknown suffix, cannot be read,
+            lacks a required column, or holds no logged-in event.
+    """
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: no such file or directory; expected an event log (Parquet directory, .parquet or .jsonl[.gz])"
+        raise InvalidInputError(msg)
+    try:
+        raw = _scan(path)
+        names = raw.collect_schema().names()
+        missing = [c for c in _REQUIRED if c not in names]
+        if missing:
+            msg = f"{path}: the event log lacks the column(s) {missing}; expected the wire format (camelCase)"
+            raise InvalidInputError(msg)
+        # Optional columns may be absent from a log (e.g. no song was ever played in it).
+        raw = raw.with_columns(
+            pl.lit(None, dtype=kind).alias(name) for name, kind in _WIRE_SCHEMA.items() if name not in names
+        )
+        events = events_frame(raw)
+        empty = events.head(1).collect().is_empty()
+    except InvalidInputError:
+        raise
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        msg = f"{path}: cannot read the event log: {exc}"
+        raise InvalidInputError(msg) from exc
+    if empty:
+        msg = f"{path}: the event log holds no logged-in event"
+        raise InvalidInputError(msg)
+    return events
+
+
+def _scan(path: Path) -> pl.LazyFrame:
+    name = path.name.lower()
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            msg = f"{path}: the directory holds no .parquet file"
+            raise InvalidInputError(msg)
+        # Hive partitioning adds the `date` column from the folder names; it is not needed.
+        return pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert")
+    if name.endswith(".parquet"):
+        return pl.scan_parquet(path)
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return _read_json_lines(path.read_bytes())
+    if name.endswith((".jsonl.gz", ".ndjson.gz", ".json.gz")):
+        with gzip.open(path, "rb") as handle:
+            return _read_json_lines(handle.read())
+    msg = f"{path}: unknown event log format; expected a Parquet directory, .parquet, .jsonl or .jsonl.gz"
+    raise InvalidInputError(msg)
+
+
+def _read_json_lines(data: bytes) -> pl.LazyFrame:
+    if not data.strip():
+        msg = "the JSON Lines file is empty"
+        raise InvalidInputError(msg)
+    # A fixed schema: inference from the first rows would miss columns that appear later.
+    return pl.read_ndjson(io.BytesIO(data), schema=_WIRE_SCHEMA, ignore_errors=False).lazy()

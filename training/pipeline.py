@@ -1,0 +1,208 @@
+"""The offline retrain: event log -> point-in-time training set -> LightGBM -> evaluation ->
+artifact -> MLflow run, registry version and promotion decision."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from churn.settings import Settings
+from features import spec
+from training import dataset, evaluate, fit, reference, registry, split
+from training.artifact import ChurnModel, save_artifact, tier_cuts
+from training.event_log import load_events
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What to train on: the horizon (None: settings.horizon_days), the observation grid, the
+    split shares, the booster settings, and optionally the simulator's ground truth."""
+
+    horizon_days: int | None = None
+    grid_hours: int = 24
+    lookback_days: int = 28
+    valid_share: float = 0.2
+    test_share: float = 0.2
+    fit: fit.FitConfig = field(default_factory=fit.FitConfig)
+    truth_path: Path | None = None
+    register: bool = True
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def build_training_set(
+    events: pl.LazyFrame, options: TrainOptions, horizon_days: int
+) -> tuple[pl.DataFrame, dataset.DataWindow, split.TimeSplit]:
+    """Returns (labelled rows, data window, time split) for the events.
+
+    Raises:
+        InvalidInputError: the log is empty, has no churner, or is too short for the horizon.
+    """
+    grid = dataset.GridConfig(horizon_days, options.grid_hours, options.lookback_days)
+    frame, window = dataset.build(events, grid)
+    labelled = frame.filter(pl.col("label").is_not_null())
+    times = split.split_times(labelled["as_of"].to_numpy(), horizon_days, options.valid_share, options.test_share)
+    return labelled, window, times
+
+
+def train(
+    settings: Settings,
+    events_path: Path,
+    options: TrainOptions | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Trains, evaluates, logs and (if `options.register`) registers a model; returns the summary:
+    version, run_id, decision and reasons, test metrics, split sizes, data window, timings, and
+    the local artifact directory.
+
+    Raises:
+        InvalidInputError: the event log is unreadable, empty, has no churner, or is too short.
+        ServiceUnavailableError: MLflow cannot be reached.
+    """
+    options = options or TrainOptions()
+    horizon = options.horizon_days or settings.horizon_days
+    started = time.perf_counter()
+    progress(f"reading events from {events_path}")
+    events = load_events(events_path)
+    progress(f"building the training set (grid {options.grid_hours} h, horizon {horizon} d)")
+    labelled, window, times = build_training_set(events, options, horizon)
+    build_seconds = time.perf_counter() - started
+    parts = {name: split.take(labelled, getattr(times, name)) for name in ("train", "valid", "test")}
+    sizes = {name: {"rows": part.height, "positives": int(part["label"].sum())} for name, part in parts.items()}
+    progress(
+        f"training set built in {build_seconds:.1f} s: "
+        + ", ".join(f"{k} {v['rows']} rows / {v['positives']} churners" for k, v in sizes.items())
+    )
+
+    x = {name: dataset.feature_matrix(part) for name, part in parts.items()}
+    y = {name: part["label"].to_numpy().astype(bool) for name, part in parts.items()}
+    fit_started = time.perf_counter()
+    result = fit.fit(x["train"], y["train"], x["valid"], y["valid"], parts["valid"]["user_id"].to_numpy(), options.fit)
+    fit_seconds = time.perf_counter() - fit_started
+    progress(
+        f"trained in {fit_seconds:.1f} s: imbalance {result.imbalance}, {result.best_iteration} trees,"
+        f" calibration {result.calibration['method']}"
+    )
+
+    meta: dict[str, Any] = {
+        "model_name": settings.model_name,
+        "features": list(spec.MODEL_FEATURES),
+        "horizon_days": horizon,
+        "spec_version": spec.spec_version(),
+        "calibration": result.calibration,
+        "best_iteration": result.best_iteration,
+        "imbalance": result.imbalance,
+        "params": result.params,
+        "tiers": {"high": 1.0, "medium": 1.0},
+    }
+    model = ChurnModel(result.booster, meta)
+    valid_scores = model.predict(x["valid"])
+    meta["tiers"] = tier_cuts(valid_scores)
+    test_scores = model.predict(x["test"])
+    oracle = _oracle(options.truth_path, parts["test"], horizon) if options.truth_path else None
+    test_metrics = evaluate.evaluate(y["test"], test_scores, oracle)
+    meta["metrics"] = {"test": test_metrics, "candidates": result.candidates}
+    meta["data_window"] = {
+        "first_event": _iso(window.first_event_ms),
+        "last_event": _iso(window.last_event_ms),
+        **{f"{name}_points": [_iso(a), _iso(b)] for name, (a, b) in times.bounds().items()},
+        "grid_hours": options.grid_hours,
+        "lookback_days": options.lookback_days,
+        "sizes": sizes,
+    }
+    # The test period is the latest out-of-sample data: the closest picture of production.
+    meta["reference"] = reference.references(x["test"], spec.MODEL_FEATURES, test_scores, seed=options.fit.seed)
+
+    artifact_dir = Path(tempfile.mkdtemp(prefix="churn-model-", dir=_scratch(settings)))
+    save_artifact(artifact_dir, result.booster, meta)
+    importance = dict(zip(spec.MODEL_FEATURES, result.booster.feature_importance("gain").tolist(), strict=True))
+    evaluate.save_plots(artifact_dir / "plots", y["test"], test_scores, importance, oracle)
+    summary: dict[str, Any] = {
+        "artifact_dir": str(artifact_dir),
+        "horizon_days": horizon,
+        "spec_version": meta["spec_version"],
+        "imbalance": result.imbalance,
+        "calibration": result.calibration["method"],
+        "best_iteration": result.best_iteration,
+        "tiers": meta["tiers"],
+        "sizes": sizes,
+        "data_window": meta["data_window"],
+        "metrics": {k: v for k, v in test_metrics.items() if k != "calibration_curve"},
+        "seconds": {"build": build_seconds, "fit": fit_seconds},
+    }
+    if options.register:
+        summary.update(_register(settings, artifact_dir, options, summary, parts["test"], test_metrics, progress))
+    summary["seconds"]["total"] = time.perf_counter() - started
+    return summary
+
+
+def _register(
+    settings: Settings,
+    artifact_dir: Path,
+    options: TrainOptions,
+    summary: dict[str, Any],
+    test_frame: pl.DataFrame,
+    test_metrics: dict[str, Any],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    progress(f"logging to MLflow at {settings.tracking_uri}")
+    champion = registry.load_champion(settings)
+    decision = registry.decide(settings, test_metrics, test_frame, champion)
+    params = {
+        "horizon_days": summary["horizon_days"],
+        "grid_hours": options.grid_hours,
+        "lookback_days": options.lookback_days,
+        "imbalance": summary["imbalance"],
+        "calibration": summary["calibration"],
+        "best_iteration": summary["best_iteration"],
+        "spec_version": summary["spec_version"],
+        **{f"fit.{k}": v for k, v in asdict(options.fit).items()},
+        **{f"window.{k}": v for k, v in summary["data_window"].items() if k != "sizes"},
+    }
+    run_metrics = {f"test_{k}": float(v) for k, v in summary["metrics"].items() if isinstance(v, int | float)}
+    run_metrics.update({f"{k}_seconds": v for k, v in summary["seconds"].items()})
+    tags = {"spec_version": summary["spec_version"], "horizon_days": str(summary["horizon_days"])}
+    run_id, version = registry.log_run(settings, artifact_dir, params, run_metrics, tags)
+    registry.apply_decision(settings, run_id, version, decision)
+    progress(
+        f"registered {settings.model_name} v{version}: "
+        + ("promoted to champion" if decision.promote else "challenger only, not promoted")
+    )
+    return {
+        "run_id": run_id,
+        "version": version,
+        "promoted": decision.promote,
+        "reasons": decision.reasons,
+        "previous_champion": decision.champion_version,
+        "previous_champion_roc_auc": decision.champion_roc_auc,
+    }
+
+
+def _scratch(settings: Settings) -> Path:
+    path = settings.state_dir.resolve() / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _oracle(truth_path: Path, test: pl.DataFrame, horizon: int) -> np.ndarray:
+    """Returns the simulator oracle's probability for each test row (NaN for unknown users)."""
+    from stream.ground_truth import load_truth
+    from stream.oracle import oracle_at
+
+    truth = load_truth(truth_path)
+    row = {str(user): i for i, user in enumerate(truth.user_ids)}
+    index = np.array([row.get(user, -1) for user in test["user_id"].to_list()], dtype=np.int64)
+    out = np.full(test.height, np.nan)
+    known = index >= 0
+    out[known] = oracle_at(truth, index[known], test["as_of"].to_numpy()[known], horizon)
+    return out
