@@ -15,8 +15,12 @@ import typer
 from churn.errors import ChurnError
 from churn.settings import Settings, load_settings
 
-app = typer.Typer(help="Real-time churn scorer: Kafka -> features (Feast/Redis) -> LightGBM -> API.", no_args_is_help=True)
-infra_app = typer.Typer(help="Local real services on 127.0.0.1: Kafka (KRaft), Redis, Prometheus.", no_args_is_help=True)
+app = typer.Typer(
+    help="Real-time churn scorer: Kafka -> features (Feast/Redis) -> LightGBM -> API.", no_args_is_help=True
+)
+infra_app = typer.Typer(
+    help="Local real services on 127.0.0.1: Kafka (KRaft), Redis, Prometheus.", no_args_is_help=True
+)
 app.add_typer(infra_app, name="infra")
 bench_app = typer.Typer(help="Benchmarks on the configured services; each prints JSON figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")

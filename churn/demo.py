@@ -80,7 +80,8 @@ def _wait_for_groups(settings: Settings, say: Say, procs: Processes) -> None:
     while True:
         procs.check()
         lags = {g: _lag(settings, g) for g in (settings.scorer_group, settings.archiver_group)}
-        say(f"  consuming history: scorer lag {lags[settings.scorer_group]:,}, archiver lag {lags[settings.archiver_group]:,}")
+        scorer, archiver = lags[settings.scorer_group], lags[settings.archiver_group]
+        say(f"  consuming history: scorer lag {scorer:,}, archiver lag {archiver:,}")
         if all(v == 0 for v in lags.values()):
             say(f"  history consumed in {time.monotonic() - started:.0f}s")
             return
@@ -99,7 +100,10 @@ def _show_answers(settings: Settings, say: Say) -> None:
     from stream.risk_store import RedisRiskStore
 
     client = redis.Redis.from_url(settings.redis_address)
-    keys = [k.decode()[len(settings.redis_prefix) + 5 :] for k in client.scan_iter(f"{settings.redis_prefix}risk:*", count=5000)]
+    keys = [
+        k.decode()[len(settings.redis_prefix) + 5 :]
+        for k in client.scan_iter(f"{settings.redis_prefix}risk:*", count=5000)
+    ]
     rows = [r for r in RedisRiskStore(client, settings.redis_prefix).read(keys) if r is not None]
     if not rows:
         say("  no risk rows yet")
@@ -107,7 +111,11 @@ def _show_answers(settings: Settings, say: Say) -> None:
     rows.sort(key=lambda r: r.churn_probability)
     key = settings.api_keys[0].get_secret_value() if settings.api_keys else None
     base = f"http://{settings.api_host}:{settings.api_port}"
-    for label, row in (("highest", rows[-1]), ("second highest", rows[-2] if len(rows) > 1 else rows[-1]), ("lowest", rows[0])):
+    for label, row in (
+        ("highest", rows[-1]),
+        ("second highest", rows[-2] if len(rows) > 1 else rows[-1]),
+        ("lowest", rows[0]),
+    ):
         answer = _get(f"{base}/users/{row.user_id}/risk", key)
         reasons = ", ".join(f"{r['feature']}={r['value']:.3g} ({r['impact']:+.2f})" for r in answer["reasons"][:3])
         say(
@@ -156,7 +164,8 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
 
         say("[4/6] training the first model from the archived log and promoting it")
         summary = train(settings, archive, TrainOptions(), progress=lambda line: say(f"  {line}"))
-        say(f"  {json.dumps({k: summary.get(k) for k in ('version', 'decision', 'test_roc_auc', 'test_pr_auc')}, default=str)}")
+        shown = {k: summary.get(k) for k in ("version", "promoted", "reasons", "metrics")}
+        say(f"  {json.dumps(shown, default=str)[:600]}")
 
         say("[5/6] starting the API and a live producer")
         procs.start("api", "serve")

@@ -39,7 +39,7 @@ class ServiceState:
 
 
 def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
 
 
 def _apt_install(packages: list[str]) -> None:
@@ -154,9 +154,7 @@ def _start_kafka(settings: Settings) -> None:
     template = string.Template((INFRA_DIR / "kafka" / "server.properties.template").read_text())
     config = root / "server.properties"
     config.write_text(
-        template.substitute(
-            port=settings.kafka_port, controller_port=settings.kafka_controller_port, data_dir=data
-        )
+        template.substitute(port=settings.kafka_port, controller_port=settings.kafka_controller_port, data_dir=data)
     )
     if not (data / "meta.properties").exists():
         # Format once: the cluster id lives in meta.properties from then on.
@@ -248,7 +246,7 @@ def prometheus_ready(settings: Settings) -> tuple[bool, str]:
     """Returns (ready, detail) from Prometheus's own readiness endpoint."""
     url = f"http://127.0.0.1:{settings.prometheus_port}/-/ready"
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - fixed loopback URL
+        with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200, f"{url} -> {response.status}"
     except OSError as exc:
         return False, f"{url} failed: {exc}"

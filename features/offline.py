@@ -125,7 +125,7 @@ def compute(events: pl.DataFrame | pl.LazyFrame, points: pl.DataFrame) -> pl.Dat
         .alias("days_since_registration")
     )
     derived.append(((pl.col("as_of") - pl.col("last_event_ms")) / 1000).alias("seconds_since_last_event"))
-    point_columns = [c for c in points.columns]
+    point_columns = list(points.columns)
     return (
         base.with_columns(derived)
         .sort("_row")

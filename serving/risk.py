@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -132,11 +133,10 @@ def build_clock(mode: str, risks: RiskStore, cache_s: float = 0.5) -> Callable[[
 
     def watermark() -> int | None:
         if time.monotonic() - cached[1] > cache_s:
-            try:
+            # On an outage keep the last known watermark; the feature read reports the outage.
+            with contextlib.suppress(ServiceUnavailableError):
                 cached[0] = risks.watermark()
-            except ServiceUnavailableError:
-                pass  # keep the last known watermark; the feature read will report the outage
             cached[1] = time.monotonic()
-        return cached[0]  # type: ignore[no-any-return]
+        return cached[0]
 
     return watermark

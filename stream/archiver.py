@@ -103,17 +103,19 @@ class Archiver:
                 last_message = time.monotonic()
                 rows = []
                 for m in messages:
-                    if m.offset() in self.already_archived.get(m.partition(), ()):
+                    partition, offset = m.partition() or 0, m.offset() or 0
+                    if offset in self.already_archived.get(partition, ()):
                         continue
                     event = parse_event(m.value() or b"", max_bytes=self.settings.max_event_bytes)
                     if isinstance(event, Event):
-                        rows.append((m.partition(), m.offset(), event))
+                        rows.append((partition, offset, event))
                     else:
                         self.skipped += 1  # guests and invalid events: the scorer dead-letters the latter
                 write_batch(self.root, rows)
                 ends: dict[int, int] = {}
                 for m in messages:
-                    ends[m.partition()] = max(ends.get(m.partition(), -1), m.offset())
+                    partition, offset = m.partition() or 0, m.offset() or 0
+                    ends[partition] = max(ends.get(partition, -1), offset)
                 self.consumer.commit(
                     offsets=[TopicPartition(self.settings.events_topic, p, o + 1) for p, o in ends.items()],
                     asynchronous=False,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from churn.errors import ServiceUnavailableError
 from churn.settings import Settings
@@ -38,7 +38,7 @@ class LoopConfig:
     max_backoff_s: float = 5.0
 
 
-def dlq_headers(record: ErrorRecord) -> list[tuple[str, bytes]]:
+def dlq_headers(record: ErrorRecord) -> list[tuple[str, str | bytes | None]]:
     """Returns the DLQ message headers that say why and where a message failed."""
     return [
         ("reason", record.reason.encode()[:1024]),
@@ -142,8 +142,9 @@ class ScoringConsumer:
                 now = time.monotonic()
                 messages = [self._message(m) for m in raw if m.error() is None]
                 for m in raw:
-                    if m.error() is not None and m.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", m.error())
+                    error = m.error()
+                    if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", error)
                 if messages:
                     last_message = now
                     try:
@@ -201,7 +202,7 @@ class ScoringConsumer:
         for (topic, partition), offset in starts.items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-            except Exception:  # the partition may have been revoked meanwhile; its new owner re-reads it
+            except KafkaException:  # the partition may have been revoked meanwhile; its new owner re-reads it
                 log.info("could not rewind %s[%d]; it is no longer assigned", topic, partition)
 
     def report_lag(self) -> None:
@@ -209,12 +210,13 @@ class ScoringConsumer:
         try:
             assignment = self.consumer.assignment()
             positions = self.consumer.position(assignment)
-        except Exception:  # lag is best-effort monitoring
+        except KafkaException:  # lag is best-effort monitoring
             return
         for tp in positions:
             try:
                 _, high = self.consumer.get_watermark_offsets(tp, timeout=1, cached=False)
-            except Exception:  # noqa: BLE001
+            except KafkaException as exc:
+                log.debug("no watermark for %s[%d]: %s", tp.topic, tp.partition, exc)
                 continue
             lag = high - tp.offset if tp.offset >= 0 else high
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
@@ -228,7 +230,6 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         ServiceUnavailableError: Redis or Kafka cannot be reached.
     """
     import redis
-    from training.registry import champion_version, load_champion
 
     from features.feast_repo import open_feature_store
     from features.feast_store import FeastFeatureStore
@@ -236,6 +237,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     from stream.risk_store import RedisRiskStore
     from stream.state_store import RedisStateStore
     from stream.topics import ensure_topics
+    from training.registry import champion_version, load_champion
 
     metrics = metrics or Metrics()
     ensure_topics(settings)

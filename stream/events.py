@@ -122,9 +122,7 @@ def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024) -> Event | ErrorRecor
     return event
 
 
-def parse_batch(
-    messages: list[tuple[bytes, str, int, int]], *, max_bytes: int = 64 * 1024
-) -> ParsedBatch:
+def parse_batch(messages: list[tuple[bytes, str, int, int]], *, max_bytes: int = 64 * 1024) -> ParsedBatch:
     """Parses (value, topic, partition, offset) messages into events, errors and counts. Never raises."""
     batch = ParsedBatch()
     events, positions, errors = batch.events, batch.positions, batch.errors
@@ -138,7 +136,7 @@ def parse_batch(
             events.append(result)
             positions.append((partition, offset))
         else:
-            assert isinstance(result, ErrorRecord)  # noqa: S101 - narrows the type for mypy
+            assert isinstance(result, ErrorRecord)
             result.topic, result.partition, result.offset = topic, partition, offset
             errors.append(result)
     return batch

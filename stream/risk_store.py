@@ -96,7 +96,7 @@ class RedisRiskStore:
         if not rows:
             return
         try:
-            self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})  # type: ignore[arg-type]
+            self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})
         except redis.RedisError as exc:
             msg = f"Redis unavailable while writing risk rows: {exc}"
             raise ServiceUnavailableError(msg) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 from stream.events import Event
 
@@ -21,7 +22,7 @@ def random_events(seed: int, users: int, days: int, per_user: int = 200) -> list
     for u in range(users):
         user_id = f"u{u}"
         registration = float(START_MS - rng.randint(0, 90) * 86_400_000 + rng.randint(0, 10**6)) if u % 5 else None
-        level = "free"
+        level: Literal["free", "paid"] = "free"
         session_id = u * 10_000
         count = 0
         while count < per_user:

@@ -34,6 +34,8 @@ def topic(settings: Settings, unique: str) -> Iterator[str]:
 
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     name = f"test-events-{unique}"
-    admin.create_topics([NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)])[name].result(30)
+    admin.create_topics([NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)])[name].result(
+        30
+    )
     yield name
     admin.delete_topics([name])[name].result(30)

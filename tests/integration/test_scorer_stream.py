@@ -67,7 +67,7 @@ class Run:
             _, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err.decode()[-3000:]
 
-    def final_state(self, users: list[str]) -> tuple[str, dict[bytes, bytes]]:
+    def final_state(self, users: list[str]) -> tuple[str, dict[bytes, bytes | None]]:
         rows = FeastFeatureStore(apply_repo(self.settings)).read_rows(users)
         client = redis.Redis.from_url(self.settings.redis_address)
         prefix = self.settings.redis_prefix
@@ -109,12 +109,13 @@ def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes,
         {"bootstrap.servers": settings.bootstrap_servers, "group.id": f"dlq-{topic}", "auto.offset.reset": "earliest"}
     )
     consumer.subscribe([f"{topic}.dlq"])
-    out = []
+    out: list[tuple[bytes, dict[str, bytes]]] = []
     deadline = time.monotonic() + 30
     while len(out) < expected and time.monotonic() < deadline:
         msg = consumer.poll(1)
         if msg is not None and msg.error() is None:
-            out.append((msg.value(), dict(msg.headers() or [])))
+            headers = {str(k): v for k, v in msg.headers() or []}  # type: ignore[str-unpack]
+            out.append((msg.value() or b"", {k: v if isinstance(v, bytes) else b"" for k, v in headers.items()}))
     consumer.close()
     return out
 

@@ -40,7 +40,7 @@ def test_produce_and_consume_through_the_real_broker(settings: Settings, topic: 
             msg = consumer.poll(10)
             assert msg is not None, f"timed out after {len(received)} messages"
             assert msg.error() is None, msg.error()
-            received.append((msg.key(), msg.value()))
+            received.append((msg.key() or b"", msg.value() or b""))
     finally:
         consumer.close()
     assert sorted(received) == sorted(sent)

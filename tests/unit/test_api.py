@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -26,7 +26,11 @@ class StandInModel:
     """Probability rises with thumbs down and with days since the last event."""
 
     horizon_days = 14
-    meta: dict[str, Any] = {"metrics": {"roc_auc": 0.9}, "data_window": {"start": "a", "end": "b"}, "horizon_days": 14}
+    meta: ClassVar[dict[str, Any]] = {
+        "metrics": {"roc_auc": 0.9},
+        "data_window": {"start": "a", "end": "b"},
+        "horizon_days": 14,
+    }
 
     def _logit(self, matrix: np.ndarray) -> np.ndarray:
         td = matrix[:, spec.MODEL_FEATURES.index("thumbs_down_28d")]

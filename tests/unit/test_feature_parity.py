@@ -34,9 +34,8 @@ def assert_rows_equal(online: dict[str, float], offline_row: dict[str, object], 
         elif isinstance(a, float) and math.isnan(a):
             assert b is None or math.isnan(b), f"{context}: {name} online=nan offline={b}"  # type: ignore[arg-type]
         else:
-            assert b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0), (  # type: ignore[arg-type]
-                f"{context}: {name} online={a} offline={b}"
-            )
+            assert b is not None, f"{context}: {name} online={a} offline=None"
+            assert math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0), f"{context}: {name} online={a} offline={b}"  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", [1, 2])

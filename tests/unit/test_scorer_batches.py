@@ -30,7 +30,10 @@ def messages(n_users: int = 20) -> list[Message]:
         partition = hash(e.user_id) % 3
         out.append(Message(e.to_json(), "events", partition, i, e.ts))
     out.append(Message(b"{not json", "events", 0, len(out), 0))
-    guest = b'{"ts":1538352117000,"userId":"","sessionId":1,"itemInSession":0,"page":"Home","auth":"Logged Out","level":"free"}'
+    guest = (
+        b'{"ts":1538352117000,"userId":"","sessionId":1,"itemInSession":0,'
+        b'"page":"Home","auth":"Logged Out","level":"free"}'
+    )
     out.append(Message(guest, "events", 1, len(out), 0))
     return out
 
