@@ -164,8 +164,13 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
 
         say("[4/6] training the first model from the archived log and promoting it")
         summary = train(settings, archive, TrainOptions(), progress=lambda line: say(f"  {line}"))
-        shown = {k: summary.get(k) for k in ("version", "promoted", "reasons", "metrics")}
-        say(f"  {json.dumps(shown, default=str)[:600]}")
+        metrics = summary.get("metrics", {})
+        say(
+            f"  model v{summary.get('version')}: test ROC-AUC {metrics.get('roc_auc', float('nan')):.3f}, "
+            f"PR-AUC {metrics.get('pr_auc', float('nan')):.3f}; gates: {'; '.join(summary.get('reasons', []))}"
+        )
+        if not summary.get("promoted"):
+            say("  the gates refused this model: the API answers 503 and the scorer writes features only")
 
         say("[5/6] starting the API and a live producer")
         procs.start("api", "serve")

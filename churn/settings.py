@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # Promotion gates for a new model (see training.registry): absolute floors on the test
     # period, and how much ROC-AUC it may lose to the champion on the same test set.
     gate_min_roc_auc: float = Field(default=0.70, ge=0.0, le=1.0)
-    gate_min_pr_auc: float = Field(default=0.10, ge=0.0, le=1.0)
+    gate_min_pr_auc: float = Field(default=0.05, ge=0.0, le=1.0)
     gate_auc_tolerance: float = Field(default=0.005, ge=0.0, le=1.0)
 
     # Processes
