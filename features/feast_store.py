@@ -58,6 +58,10 @@ def translate_redis_errors(action: str, address: str) -> Iterator[None]:
         raise ServiceUnavailableError(msg) from exc
 
 
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def event_time(last_event_ms: int) -> datetime:
     """Returns the row's Feast event timestamp: its latest event time as an exact UTC datetime."""
     return _EPOCH + timedelta(milliseconds=last_event_ms)
@@ -173,8 +177,9 @@ class FeastFeatureStore:
             if last_event[i] is None:  # never written: Feast answers NOT_FOUND with null values
                 out.append(None)
                 continue
+            # A missing float (Feast's materialize stores NaN as null) is NaN for the model.
             values = {
-                name: int(columns[name][i]) if is_int else float(columns[name][i]) for name, is_int in self._int_flags
+                name: int(columns[name][i]) if is_int else _float(columns[name][i]) for name, is_int in self._int_flags
             }
             out.append(FeatureRow(user_id=user_id, last_event_ms=int(last_event[i]), values=values))
         return out

@@ -17,8 +17,9 @@ EVENT_COLUMNS = ("user_id", "ts", "session_id", "item_in_session", "page", "leve
 _WIRE_NAMES = {"userId": "user_id", "sessionId": "session_id", "itemInSession": "item_in_session"}
 
 
-def events_frame(raw: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
-    """Returns the event log in the engine's columns and types (accepts wire camelCase names).
+def events_frame(raw: pl.DataFrame | pl.LazyFrame, *, keep: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Returns the event log in the engine's columns and types (accepts wire camelCase names),
+    plus the `keep` columns as they are.
 
     Guests (empty user_id) are dropped, as the stream drops them.
     """
@@ -33,6 +34,7 @@ def events_frame(raw: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
         pl.col("level").cast(pl.String),
         pl.col("registration").cast(pl.Float64),
         pl.col("length").cast(pl.Float64),
+        *keep,
     ).filter(pl.col("user_id") != "")
 
 
@@ -118,13 +120,17 @@ def compute(events: pl.DataFrame | pl.LazyFrame, points: pl.DataFrame) -> pl.Dat
     for trend in spec.TRENDS:
         recent_tiles, earlier_tiles = trend.tiles()
         earlier = pl.col(trend.long) - pl.col(trend.recent)
-        derived.append(((pl.col(trend.recent) + 1) / (earlier * recent_tiles / earlier_tiles + 1)).alias(trend.name))
+        # Integer arithmetic up to one division, as in the online engine: identical rounding.
+        trend_value = (pl.col(trend.recent) + 1) * earlier_tiles / (earlier * recent_tiles + earlier_tiles)
+        derived.append(trend_value.alias(trend.name))
     derived.append(
         pl.when(pl.col("last_event_ms").is_not_null())
-        .then(((pl.col("last_event_ms") - pl.col("registration")) / spec.DAY_MS).fill_null(float("nan")))
+        .then(((pl.col("last_event_ms") - pl.col("registration")) * spec.DAYS_PER_MS).fill_null(float("nan")))
         .alias("days_since_registration")
     )
-    derived.append(((pl.col("as_of") - pl.col("last_event_ms")) / 1000).alias("seconds_since_last_event"))
+    derived.append(
+        ((pl.col("as_of") - pl.col("last_event_ms")) * spec.SECONDS_PER_MS).alias("seconds_since_last_event")
+    )
     point_columns = list(points.columns)
     return (
         base.with_columns(derived)

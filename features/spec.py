@@ -27,6 +27,10 @@ from typing import Final, Literal
 MINUTE_MS: Final = 60_000
 HOUR_MS: Final = 3_600_000
 DAY_MS: Final = 86_400_000
+# Unit conversions multiply by these constants in every engine: polars may turn a division
+# by a constant into a multiplication by its reciprocal, so dividing could differ by an ulp.
+DAYS_PER_MS: Final = 1 / DAY_MS
+SECONDS_PER_MS: Final = 0.001
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class Ratio:
 @dataclass(frozen=True)
 class Trend:
     """Recent rate vs earlier rate of one aggregate, smoothed:
-    (recent + 1) / (earlier * recent_tiles / earlier_tiles + 1), where earlier = long - recent
+    (recent + 1) * earlier_tiles / (earlier * recent_tiles + earlier_tiles), where earlier = long - recent
     counts the tiles of the long window before the recent one (e.g. 7d vs the 21d before)."""
 
     name: str
