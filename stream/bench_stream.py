@@ -1,0 +1,527 @@
+"""End-to-end stream benchmark: events/s through ONE real scorer process, a naive baseline,
+event-to-score freshness at a fixed produce rate, and memory per active user.
+
+Everything runs in a throwaway deployment on the configured broker and Redis: fresh topics,
+a consumer group, a Feast project (registry in a temp folder), a Redis key prefix and an MLflow
+store (SQLite in a temp folder) holding a small champion trained on simulated events. All of
+it is deleted afterwards. The scorer is the real `churn consume` in a subprocess, observed only
+from outside (its metrics endpoint and /proc), so the figures include parsing, the online
+engine, Feast writes to Redis, LightGBM scoring, risk rows, state saves and offset commits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+from churn.errors import ServiceUnavailableError
+from churn.settings import Settings
+
+GOAL_EVENTS_PER_SECOND: Final = 50_000
+GOAL_SPEEDUP: Final = 50.0
+GOAL_FRESHNESS_P99_SECONDS: Final = 1.0
+FRESHNESS_RATE: Final = 10_000
+_POLL_S: Final = 0.1  # how often the scorer's metrics are sampled
+_SAMPLE_RE: Final = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN|[+-]Inf)$")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One isolated scorer deployment: what the subprocess gets as env, and the same as Settings."""
+
+    settings: Settings
+    env: dict[str, str]
+    metrics_url: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _deployment(base: Settings, scratch: Path, topic: str, name: str, mlflow_uri: str) -> Deployment:
+    """Returns settings and env for a scorer on `topic` with its own group and state prefix;
+    the Feast project and MLflow store are shared by the bench's deployments."""
+    port = _free_port()
+    values: dict[str, object] = {
+        "events_topic": topic,
+        "dlq_topic": f"{topic}.dlq",
+        "scorer_group": f"bench-scorer-{name}",
+        "feast_project": f"bs_{scratch.name.split('-')[1]}",
+        "feast_repo": scratch / "feast",
+        "redis_prefix": f"bench:{name}:",
+        "mlflow_tracking_uri": mlflow_uri,
+        "scorer_metrics_port": port,
+        "state_dir": scratch,
+    }
+    env = {**os.environ, **{f"CHURN_{k.upper()}": str(v) for k, v in values.items()}}
+    # Everything else (ports, addresses, batch sizes) comes from the caller's settings.
+    for key in ("kafka_port", "kafka_bootstrap", "redis_port", "redis_url", "topic_partitions", "max_batch_events"):
+        env[f"CHURN_{key.upper()}"] = str(getattr(base, key))
+    return Deployment(base.model_copy(update=values), env, f"http://127.0.0.1:{port}/metrics")
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Returns every sample of a Prometheus text page as {'name{labels}': value}; {} if down."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own loopback endpoint
+            text = response.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE_RE.match(line)
+        if match:
+            out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return out
+
+
+def _consumed(samples: dict[str, float]) -> int:
+    """Returns how many messages the scorer has finished (every outcome, dead letters too)."""
+    return round(sum(v for k, v in samples.items() if k.startswith("churn_events_consumed_total{")))
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _Scorer:
+    """A `churn consume` subprocess and what we observe of it from outside."""
+
+    def __init__(self, deployment: Deployment, idle_exit_s: float) -> None:
+        self.deployment = deployment
+        churn = str(Path(sys.executable).parent / "churn")
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [churn, "consume", "--idle-exit", str(idle_exit_s)],
+            env=deployment.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def samples(self) -> dict[str, float]:
+        return _scrape(self.deployment.metrics_url)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> dict[str, float]:
+        """Waits until the metrics endpoint answers and the champion is loaded.
+
+        Raises:
+            ServiceUnavailableError: the scorer exited or never got ready.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._fail("exited before it was ready")
+            samples = self.samples()
+            if samples.get('churn_model_loaded{component="scorer"}') == 1.0:
+                return samples
+            time.sleep(0.2)
+        self._fail(f"not ready after {timeout_s:.0f} s")
+
+    def wait_consumed(
+        self, total: int, timeout_s: float, on_sample: Callable[[float, int, dict[str, float]], None] | None = None
+    ) -> dict[str, float]:
+        """Samples the metrics until `total` messages are consumed; returns the last sample.
+
+        Raises:
+            ServiceUnavailableError: the scorer exited early or did not finish in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            samples = self.samples()
+            done = _consumed(samples)
+            if on_sample is not None:
+                on_sample(time.perf_counter(), done, samples)
+            if done >= total:
+                return samples
+            if self.proc.poll() is not None:
+                self._fail(f"exited after {done} of {total} messages")
+            time.sleep(_POLL_S)
+        self._fail(f"consumed fewer than {total} messages in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Stops the scorer (SIGTERM: it finishes its batch and commits) and waits for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def _fail(self, what: str) -> NoReturn:
+        self._log.seek(0)
+        tail = self._log.read().decode(errors="replace")[-2000:]
+        self.stop()
+        msg = f"bench scorer {what}: {tail}"
+        raise ServiceUnavailableError(msg)
+
+
+def _train_champion(settings: Settings, scratch: Path) -> str:
+    """Trains a small model on simulated events into the scratch MLflow store and promotes it;
+    returns its version (the options of the unit tests' fast training)."""
+    from stream.simulator import SimConfig, simulate
+    from training import fit
+    from training.bench import write_partitioned
+    from training.pipeline import TrainOptions, train
+
+    sim = simulate(SimConfig(users=300, days=40, seed=3, churn_level=3.0))
+    write_partitioned(sim.events, scratch / "train-events")
+    # Floors below the defaults: a 300-user population cannot promise 0.70 reliably.
+    gated = settings.model_copy(update={"gate_min_roc_auc": 0.5, "gate_min_pr_auc": 0.0})
+    options = TrainOptions(horizon_days=7, fit=fit.FitConfig(imbalance=("none",), max_rounds=200))
+    summary = train(gated, scratch / "train-events", options)
+    if not summary["promoted"]:
+        msg = f"the bench model was not promoted: {summary['reasons']}"
+        raise ServiceUnavailableError(msg)
+    return str(summary["version"])
+
+
+def _throughput(scorer: _Scorer, total: int, timeout_s: float) -> dict[str, Any]:
+    """Returns events/s of `scorer` over `total` queued messages, from the first sample that
+    shows progress to the first that shows all done, plus its RSS before and after."""
+    pid = scorer.proc.pid
+    rss_before = _rss_bytes(pid)
+    first: list[tuple[float, int]] = []
+    peak_rss = [rss_before]
+
+    def on_sample(now: float, done: int, _: dict[str, float]) -> None:
+        if done > 0 and not first:
+            first.append((now, done))
+        peak_rss[0] = max(peak_rss[0], _rss_bytes(pid))
+
+    scorer.wait_consumed(total, timeout_s, on_sample)
+    ended = time.perf_counter()
+    started, done_at_start = first[0]
+    measured = total - done_at_start
+    seconds = max(ended - started, 1e-9)
+    return {
+        "events": total,
+        "measured_events": measured,
+        "seconds": round(seconds, 2),
+        "events_per_second": round(measured / seconds),
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": max(peak_rss[0], _rss_bytes(pid)),
+    }
+
+
+def _quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> float:
+    """Returns the q-quantile of a cumulative histogram [(le, count)], linear within a bucket
+    (as Prometheus' histogram_quantile does)."""
+    total = buckets[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_le
+            span = count - lower_count
+            return lower_le + (le - lower_le) * ((rank - lower_count) / span if span else 1.0)
+        lower_le, lower_count = le, count
+    return lower_le
+
+
+def _freshness_buckets(samples: dict[str, float]) -> list[tuple[float, float]]:
+    name = "churn_event_to_score_seconds_bucket"
+    out = []
+    for key, value in samples.items():
+        if key.startswith(name + "{"):
+            le = key[key.index('le="') + 4 :].split('"', 1)[0]
+            out.append((float(le), value))
+    return sorted(out)
+
+
+def _freshness(
+    deployment: Deployment, lines: list[bytes], warmup: list[bytes], rate: int, timeout_s: float
+) -> dict[str, Any]:
+    """Starts a scorer, publishes `warmup` then `lines` at `rate` events/s, and returns the
+    event-to-score freshness of the paced part from the scorer's histogram."""
+    from stream.pacing import Pacing
+    from stream.producer import publish_lines
+
+    scorer = _Scorer(deployment, idle_exit_s=60)
+    try:
+        scorer.wait_ready()
+        publish_lines(deployment.settings, warmup)
+        before = _freshness_buckets(scorer.wait_consumed(len(warmup), timeout_s))
+        report = publish_lines(deployment.settings, lines, pacing=Pacing(rate=rate))
+        after = _freshness_buckets(scorer.wait_consumed(len(warmup) + len(lines), timeout_s))
+    finally:
+        scorer.stop()
+    earlier = dict(before)
+    paced = [(le, count - earlier.get(le, 0.0)) for le, count in after]
+    within = dict(paced)
+    total = paced[-1][1] if paced else 0.0
+    return {
+        "produce_rate": rate,
+        "events": len(lines),
+        "achieved_produce_rate": round(report.events_per_second),
+        "scores_observed": round(total),
+        "p50_seconds": round(_quantile_from_buckets(paced, 0.50), 4),
+        "p99_seconds": round(_quantile_from_buckets(paced, 0.99), 4),
+        "share_within_1s": round(within.get(1.0, 0.0) / total, 5) if total else None,
+        "source": "scorer histogram churn_event_to_score_seconds (bucket-interpolated)",
+    }
+
+
+def _naive(deployment: Deployment, events: int, timeout_s: float) -> dict[str, Any]:
+    """Runs the naive consumer in this process; see `naive_consume`."""
+    import redis
+
+    from features.feast_repo import open_feature_store
+    from features.feast_store import FeastFeatureStore
+    from stream.risk_store import RedisRiskStore
+    from stream.state_store import RedisStateStore
+    from training.registry import load_champion
+
+    settings = deployment.settings
+    found = load_champion(settings)
+    if found is None:
+        msg = "no champion for the naive baseline"
+        raise ServiceUnavailableError(msg)
+    model, version = found
+    client = redis.Redis.from_url(settings.redis_address, socket_timeout=5)
+    store = FeastFeatureStore(open_feature_store(settings))
+    return naive_consume(
+        settings,
+        store,
+        RedisStateStore(client, settings.redis_prefix),
+        RedisRiskStore(client, settings.redis_prefix),
+        model,
+        version,
+        events=events,
+        timeout_s=timeout_s,
+    )
+
+
+def naive_consume(
+    settings: Settings,
+    store: Any,
+    states: Any,
+    risks: Any,
+    model: Any,
+    version: str,
+    *,
+    events: int,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """The baseline a straightforward consumer would be, with the same engine and stores:
+    for each message, one at a time: parse, read the user's row from Feast
+    (`get_online_features`), load the user's state, apply the event, build the row,
+    `store.push` that one row (Feast's documented write), predict that one row, write its
+    risk row, save the state, commit the offset. Returns events/s over `events` messages.
+
+    Raises:
+        ServiceUnavailableError: Kafka or Redis cannot be reached.
+    """
+    from confluent_kafka import Consumer
+
+    from features.online import APPLIED, OnlineEngine
+    from stream.events import Event, parse_event
+    from stream.risk_store import RiskRow
+    from stream.scorer import feature_matrix
+
+    engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": settings.scorer_group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([settings.events_topic])
+    done = 0
+    started: float | None = None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while done < events and time.monotonic() < deadline:
+            message = consumer.poll(1.0)
+            if message is None or message.error() is not None:
+                continue
+            if started is None:
+                started = time.perf_counter()
+            event = parse_event(message.value() or b"")
+            if type(event) is Event:
+                user = event.user_id
+                store.read_rows([user])
+                engine.states.clear()
+                engine.states.update(states.load([user]))
+                if engine.apply(event, message.partition() or 0, message.offset() or 0) == APPLIED:
+                    row = engine.row(user)
+                    store.push_rows([row])
+                    p = float(model.predict(feature_matrix([row]))[0])
+                    now = time.time_ns() // 1_000_000
+                    risks.write([RiskRow(user, p, model.tier(p), version, row.last_event_ms, now)])
+                states.save({user: engine.states[user]})
+            consumer.commit(message=message, asynchronous=False)
+            done += 1
+    finally:
+        consumer.close()
+    elapsed = time.perf_counter() - started if started is not None else 0.0
+    return {
+        "events": done,
+        "seconds": round(elapsed, 2),
+        "events_per_second": round(done / elapsed, 1) if elapsed else 0.0,
+        "per_event": "feast read, state load, apply, row, store.push, predict, risk write, state save, commit",
+    }
+
+
+def _state_bytes(settings: Settings, prefix: str, sample: int = 2000) -> float:
+    """Returns the mean size of the saved user states under `prefix` (a sample of keys)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_address)
+    keys = []
+    for key in client.scan_iter(f"{prefix}state:*", count=1000):
+        keys.append(key)
+        if len(keys) >= sample:
+            break
+    if not keys:
+        return 0.0
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.strlen(key)
+    sizes = pipe.execute()
+    return sum(sizes) / len(sizes)
+
+
+def _delete_prefix(settings: Settings, prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_address)
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(f"{prefix}*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            deleted += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+def bench_stream(
+    settings: Settings,
+    *,
+    events: int = 1_000_000,
+    users: int = 10_000,
+    naive_events: int = 2_000,
+    freshness_seconds: float = 20.0,
+    timeout_s: float = 900.0,
+) -> dict[str, Any]:
+    """Measures the scorer end to end on the configured broker and Redis (see the module doc).
+
+    1. `events` pre-generated events over `users` users go into a fresh topic; ONE `churn
+       consume` then drains it; events/s from its first to its last processed message.
+    2. The naive consumer (`naive_consume`) reads the same topic with its own group for
+       `naive_events` messages, in this process; the speed-up is the ratio of events/s.
+    3. A fresh scorer on a fresh topic gets `FRESHNESS_RATE` events/s for `freshness_seconds`;
+       p50/p99 of score-written time minus broker append time come from its histogram.
+    Memory per active user: the mean saved state size, and the scorer's RSS growth / users.
+
+    Returns:
+        JSON-ready figures with the goals and whether each is met.
+
+    Raises:
+        ServiceUnavailableError: Kafka, Redis or MLflow cannot be reached, or a scorer failed.
+    """
+    from features.feast_repo import apply_repo
+    from stream.bench import make_events
+    from stream.producer import publish_lines
+    from stream.topics import delete_topics
+
+    run = uuid.uuid4().hex[:10]
+    topic, fresh_topic = f"bench-stream-{run}", f"bench-fresh-{run}"
+    topics = [topic, f"{topic}.dlq", fresh_topic, f"{fresh_topic}.dlq"]
+    with tempfile.TemporaryDirectory(prefix=f"bs-{run}-", dir=settings.state_dir.resolve()) as folder:
+        scratch = Path(folder)
+        mlflow_uri = f"sqlite:///{scratch / 'mlflow.db'}"
+        main = _deployment(settings, scratch, topic, f"{run}-main", mlflow_uri)
+        naive = _deployment(settings, scratch, topic, f"{run}-naive", mlflow_uri)
+        fresh = _deployment(settings, scratch, fresh_topic, f"{run}-fresh", mlflow_uri)
+        feast = None
+        try:
+            began = time.perf_counter()
+            version = _train_champion(main.settings, scratch)
+            feast = apply_repo(main.settings)
+            setup_s = time.perf_counter() - began
+
+            lines = make_events(events, users=users, seed=11)
+            produced = publish_lines(main.settings, lines)
+            # Long enough for the group join; the scorer is stopped once everything is consumed.
+            scorer = _Scorer(main, idle_exit_s=30)
+            try:
+                scorer.wait_ready()
+                # Only now is the model loaded; consuming starts with the first poll.
+                throughput = _throughput(scorer, events, timeout_s)
+            finally:
+                scorer.stop()
+            state_bytes = _state_bytes(settings, main.settings.redis_prefix)
+            naive_figures = _naive(naive, naive_events, timeout_s)
+
+            per_second = FRESHNESS_RATE
+            paced = make_events(int(per_second * freshness_seconds), users=users, seed=13)
+            warmup = make_events(200, users=users, seed=17)
+            freshness = _freshness(fresh, paced, warmup, per_second, timeout_s)
+        finally:
+            if feast is not None:
+                feast.teardown()
+            delete_topics(settings, topics)
+            deleted = sum(_delete_prefix(settings, d.settings.redis_prefix) for d in (main, naive, fresh))
+
+    speedup = throughput["events_per_second"] / naive_figures["events_per_second"]
+    rss_delta = throughput["rss_after_bytes"] - throughput["rss_before_bytes"]
+    logged_in_users = min(users, events)
+    return {
+        "benchmark": "stream",
+        "events": events,
+        "users": users,
+        "partitions": settings.topic_partitions,
+        "max_batch_events": settings.max_batch_events,
+        "produced": produced.sent,
+        "model_version": version,
+        "setup_seconds": round(setup_s, 1),
+        "scorer": throughput,
+        "naive": naive_figures,
+        "speedup": round(speedup, 1),
+        "freshness": freshness,
+        "memory_per_active_user": {
+            "state_bytes": round(state_bytes),
+            "rss_delta_bytes": round(rss_delta / logged_in_users),
+        },
+        "goals": {
+            "events_per_second": GOAL_EVENTS_PER_SECOND,
+            "speedup": GOAL_SPEEDUP,
+            "freshness_p99_seconds": GOAL_FRESHNESS_P99_SECONDS,
+        },
+        "meets": {
+            "events_per_second": throughput["events_per_second"] >= GOAL_EVENTS_PER_SECOND,
+            "speedup": speedup >= GOAL_SPEEDUP,
+            "freshness_p99": freshness["p99_seconds"] <= GOAL_FRESHNESS_P99_SECONDS,
+        },
+        "redis_keys_deleted": deleted,
+        "cpu_count": os.cpu_count(),
+    }
