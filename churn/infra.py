@@ -217,7 +217,7 @@ def prometheus_targets_dir(settings: Settings) -> Path:
     return path
 
 
-def _start_prometheus(settings: Settings) -> None:
+def _write_prometheus_config(settings: Settings) -> Path:
     root = settings.state_dir.resolve() / "prometheus"
     targets = prometheus_targets_dir(settings)
     config = root / "prometheus.yml"
@@ -231,6 +231,12 @@ def _start_prometheus(settings: Settings) -> None:
         + "  - job_name: churn\n    file_sd_configs:\n"
         + f"      - files: ['{targets}/*.json']\n        refresh_interval: 1s\n"
     )
+    return config
+
+
+def _start_prometheus(settings: Settings) -> None:
+    root = settings.state_dir.resolve() / "prometheus"
+    config = _write_prometheus_config(settings)
     _spawn(
         settings,
         "prometheus",
@@ -240,6 +246,23 @@ def _start_prometheus(settings: Settings) -> None:
             "--storage.tsdb.retention.time=2d",
         ],
     )  # fmt: skip
+
+
+def reload_prometheus(settings: Settings) -> None:
+    """Rewrites the running local Prometheus's config (e.g. alert rules added since it started)
+    and reloads it in place, without a restart.
+
+    Raises:
+        ServiceUnavailableError: Prometheus refused or did not answer the reload.
+    """
+    _write_prometheus_config(settings)
+    url = f"http://127.0.0.1:{settings.prometheus_port}/-/reload"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10) as response:
+            response.read()
+    except OSError as exc:
+        msg = f"Prometheus reload at {url} failed: {exc}"
+        raise ServiceUnavailableError(msg) from exc
 
 
 def prometheus_ready(settings: Settings) -> tuple[bool, str]:
@@ -285,6 +308,8 @@ def up(settings: Settings, timeout: float = 90.0) -> list[ServiceState]:
     install(settings)
     for name, (start, ready_check) in SERVICES.items():
         if ready_check(settings)[0]:
+            if name == "prometheus":  # already running: pick up rule files added since it started
+                reload_prometheus(settings)
             continue
         if _running_pid(settings, name) is None:
             start(settings)

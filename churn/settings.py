@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from churn.errors import ConfigError
@@ -59,20 +59,39 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list)
     open_health_and_metrics: bool = True  # health and /metrics answer without an API key
     scorer_metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # bind address of the scorer's metrics server (0.0.0.0 in compose)
 
     # Model and features
     horizon_days: int = Field(default=14, ge=1, le=365)
     allowed_lateness_seconds: int = Field(default=3600, ge=0)
     clock: Literal["event", "wall"] = "event"
-    max_batch_events: int = Field(default=5000, ge=1, le=100_000)
+    max_batch_events: int = Field(default=20_000, ge=1, le=100_000)
     max_batch_wait_ms: int = Field(default=100, ge=1, le=10_000)
     model_poll_seconds: float = Field(default=10.0, gt=0)
+
+    # Drift monitoring (monitoring/drift.py): the scorer compares the latest rows of the last
+    # `drift_window_rows` distinct users with the champion's reference every `drift_every_seconds`.
+    drift_window_rows: int = Field(default=5000, ge=10, le=1_000_000)
+    drift_every_seconds: float = Field(default=15.0, gt=0)
+    drift_psi_warn: float = Field(default=0.1, gt=0)
+    drift_psi_alert: float = Field(default=0.25, gt=0)
+    # `churn retrain --if-drift` retrains once a PSI has been at alert level this long (as the alert rules).
+    drift_sustained_minutes: float = Field(default=30.0, ge=0)
 
     @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             msg = "must not be blank"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("drift_psi_alert")
+    @classmethod
+    def _alert_above_warn(cls, value: float, info: ValidationInfo) -> float:
+        warn = info.data.get("drift_psi_warn")
+        if warn is not None and value <= warn:
+            msg = f"must be above CHURN_DRIFT_PSI_WARN ({warn})"
             raise ValueError(msg)
         return value
 

@@ -7,7 +7,11 @@ from prometheus_client import start_http_server
 from monitoring.metrics import Metrics
 
 
-def start_metrics_server(metrics: Metrics, port: int) -> None:
-    """Starts a background HTTP server for `metrics` on 127.0.0.1:`port` (0 = do not serve)."""
+def start_metrics_server(metrics: Metrics, port: int, host: str = "127.0.0.1") -> None:
+    """Starts a background HTTP server for `metrics` on `host`:`port` (0 = do not serve).
+
+    Loopback by default; a container sets settings `metrics_host` 0.0.0.0 so Prometheus in
+    another container can scrape it.
+    """
     if port:
-        start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(port, addr=host, registry=metrics.registry)

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from churn.errors import ServiceUnavailableError
 from churn.settings import Settings
+from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
 from stream.events import ErrorRecord
 from stream.scorer import BatchProcessor, LoadedModel, Message
@@ -36,6 +37,7 @@ class LoopConfig:
     lag_every_s: float = 5.0
     model_poll_every_s: float = 10.0
     max_backoff_s: float = 5.0
+    drift_every_s: float = 15.0
 
 
 def dlq_headers(record: ErrorRecord) -> list[tuple[str, str | bytes | None]]:
@@ -93,12 +95,14 @@ class ScoringConsumer:
         metrics: Metrics,
         loop: LoopConfig | None = None,
         extra_config: dict[str, Any] | None = None,
+        drift: DriftPublisher | None = None,
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.models = models
         self.metrics = metrics
         self.loop = loop or LoopConfig()
+        self.drift = drift
         self.stopping = threading.Event()
         self.consumer = Consumer(
             {
@@ -134,7 +138,9 @@ class ScoringConsumer:
         """Consumes until stopped (or until `max_idle_s` passes with no messages)."""
         self.consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self.models.refresh()
-        last_lag = last_model = last_message = time.monotonic()
+        # Wired and subscribed: ready until a batch finds a store down (see ChurnScorerNotReady).
+        self.metrics.scorer_ready.set(1)
+        last_lag = last_model = last_message = last_drift = time.monotonic()
         backoff = 0.1
         try:
             while not self.stopping.is_set():
@@ -166,7 +172,11 @@ class ScoringConsumer:
                 if now - last_lag > self.loop.lag_every_s:
                     self.report_lag()
                     last_lag = now
+                if now - last_drift > self.loop.drift_every_s:
+                    self.report_drift()
+                    last_drift = now
         finally:
+            self.report_drift()  # a short run (e.g. --idle-exit) still leaves its report
             self.consumer.close()
             self.dlq.flush(10)
 
@@ -188,9 +198,16 @@ class ScoringConsumer:
             ends: dict[tuple[str, int], int] = {}
             for m in messages:
                 ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset)
-            self.consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=False
-            )
+            try:
+                self.consumer.commit(
+                    offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=False
+                )
+            except KafkaException as exc:
+                # A rebalance moved partitions while this batch was in flight (e.g. ILLEGAL_GENERATION).
+                # Every write is done and each user's state carries its applied offsets, so the new
+                # owner re-reads from the last commit and skips what this batch applied.
+                log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
+                self.processor.forget()
 
     def _rewind(self, messages: list[Message]) -> None:
         """Forgets cached states and seeks each partition back to the batch's first offset."""
@@ -204,6 +221,12 @@ class ScoringConsumer:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException:  # the partition may have been revoked meanwhile; its new owner re-reads it
                 log.info("could not rewind %s[%d]; it is no longer assigned", topic, partition)
+
+    def report_drift(self) -> None:
+        """Publishes the drift of the recent rows against the champion's reference (never raises)."""
+        loaded = self.models.current
+        if self.drift is not None and loaded is not None:
+            self.drift.publish(loaded.model, loaded.name, loaded.version)
 
     def report_lag(self) -> None:
         """Sets the lag gauge per assigned partition (high watermark minus position)."""
@@ -231,9 +254,11 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     """
     import redis
 
+    from features import spec
     from features.feast_repo import open_feature_store
     from features.feast_store import FeastFeatureStore
     from features.online import OnlineEngine
+    from monitoring.drift import DriftWindow, Thresholds, seconds_since
     from stream.risk_store import RedisRiskStore
     from stream.state_store import RedisStateStore
     from stream.topics import ensure_topics
@@ -251,6 +276,9 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         return LoadedModel(model, settings.model_name, str(version))
 
     models = ModelHolder(lambda: champion_version(settings), load, metrics, "scorer")
+    window = DriftWindow(
+        spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
+    )
     processor = BatchProcessor(
         OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000),
         RedisStateStore(client, settings.redis_prefix),
@@ -259,10 +287,14 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         metrics,
         lambda: models.current,
         max_event_bytes=settings.max_event_bytes,
+        drift=window,
     )
     loop = LoopConfig(
         max_batch=settings.max_batch_events,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         model_poll_every_s=settings.model_poll_seconds,
+        drift_every_s=settings.drift_every_seconds,
     )
-    return ScoringConsumer(settings, processor, models, metrics, loop)
+    thresholds = Thresholds(settings.drift_psi_warn, settings.drift_psi_alert)
+    drift = DriftPublisher(window, thresholds, metrics, client, settings.redis_prefix)
+    return ScoringConsumer(settings, processor, models, metrics, loop, drift=drift)

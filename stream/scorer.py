@@ -18,8 +18,9 @@ import numpy as np
 from features import spec
 from features.online import APPLIED, DUPLICATE, LATE, OnlineEngine
 from features.store import FeatureRow, FeatureStore
+from monitoring.drift import DriftWindow
 from monitoring.metrics import Metrics
-from stream.events import ErrorRecord, parse_batch
+from stream.events import CHURN_PAGE, ErrorRecord, parse_batch
 from stream.risk_store import RiskRow, RiskStore
 from stream.state_store import StateStore
 
@@ -84,7 +85,7 @@ def feature_matrix(rows: Sequence[FeatureRow], now_ms: Sequence[int] | None = No
         matrix[:, len(stored)] = 0.0
     else:
         last = np.fromiter((r.last_event_ms for r in rows), dtype=np.float64, count=len(rows))
-        matrix[:, len(stored)] = (np.asarray(now_ms, dtype=np.float64) - last) / 1000.0
+        matrix[:, len(stored)] = (np.asarray(now_ms, dtype=np.float64) - last) * spec.SECONDS_PER_MS
     return matrix
 
 
@@ -103,6 +104,7 @@ class BatchProcessor:
         max_event_bytes: int = 64 * 1024,
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        drift: DriftWindow | None = None,
     ) -> None:
         self.engine = engine
         self.states = states
@@ -113,6 +115,7 @@ class BatchProcessor:
         self.max_event_bytes = max_event_bytes
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
+        self.drift = drift  # fed with what `_score` computes anyway; the consumer loop reports it
 
     def forget(self) -> None:
         """Drops cached user states (after a rebalance they are reloaded on first sight)."""
@@ -163,6 +166,8 @@ class BatchProcessor:
             result.users_scored = len(rows)
         if parsed.events:
             self.risks.advance_watermark(max(e.ts for e in parsed.events))
+        if self.drift is not None:  # churned users leave the drift population, as they leave training's
+            self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
         written = self.states.save({u: engine.states[u] for u in changed})
         if changed:
             self.metrics.state_bytes.set(written / len(changed))
@@ -170,7 +175,10 @@ class BatchProcessor:
         return result
 
     def _score(self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel) -> None:
-        probabilities = loaded.model.predict(feature_matrix(rows))
+        matrix = feature_matrix(rows)
+        probabilities = loaded.model.predict(matrix)
+        if self.drift is not None:
+            self.drift.add([r.user_id for r in rows], matrix, probabilities, [r.last_event_ms for r in rows])
         now = self.wall_clock_ms()
         risk_rows = [
             RiskRow(row.user_id, float(p), loaded.model.tier(float(p)), loaded.version, row.last_event_ms, now)
