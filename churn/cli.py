@@ -86,7 +86,7 @@ def consume(
         scorer = build_scorer(settings)
     except ChurnError as exc:
         _fail(exc)
-    start_metrics_server(scorer.metrics, settings.scorer_metrics_port)
+    start_metrics_server(scorer.metrics, settings.scorer_metrics_port, settings.metrics_host)
     scorer.install_signal_handlers()
     scorer.run(max_idle_s=idle_exit or None)
 
@@ -275,6 +275,48 @@ def train(
     typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
 
 
+@app.command("retrain")
+def retrain(
+    events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
+    if_drift: Annotated[
+        bool, typer.Option("--if-drift", help="Only if a feature or the score drifted (scorer's state in Redis).")
+    ] = False,
+    sustained_minutes: Annotated[
+        float | None, typer.Option(min=0, help="Minutes at alert level first (default: CHURN_DRIFT_SUSTAINED_MINUTES).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the training summary as one JSON object.")] = False,
+) -> None:
+    """Retrain (as `churn train`), always or only after drift held at alert level long enough."""
+    import json
+    import time
+
+    settings = _settings()
+    if if_drift:
+        import redis
+
+        from churn.errors import ServiceUnavailableError
+        from monitoring.drift_state import read_drift, retrain_decision
+
+        minutes = settings.drift_sustained_minutes if sustained_minutes is None else sustained_minutes
+        client = redis.Redis.from_url(settings.redis_address, socket_timeout=5, socket_connect_timeout=2)
+        try:
+            state = read_drift(client, settings.redis_prefix)
+        except redis.RedisError as exc:
+            _fail(ServiceUnavailableError(f"cannot read the drift state from Redis: {exc}"))
+        go, why = retrain_decision(state, minutes, time.time())
+        typer.echo(f"{'retraining' if go else 'not retraining'}: {why}")
+        if not go:
+            return
+    from training.pipeline import train as run  # heavy: only once the decision is to train
+    from training.report import format_summary
+
+    try:
+        summary = run(settings, events, progress=lambda line: typer.echo(line, err=True))
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
+
+
 @app.command("score")
 def score(
     events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
@@ -363,6 +405,27 @@ def demo(
         _fail(exc)
 
 
+@bench_app.command("stream")
+def bench_stream(
+    events: int = typer.Option(1_000_000, min=1, help="Events drained by one scorer process."),
+    users: int = typer.Option(10_000, min=1, help="Distinct users in the events."),
+    naive_events: int = typer.Option(2_000, min=1, help="Events through the naive one-at-a-time baseline."),
+    freshness_seconds: float = typer.Option(20.0, min=1.0, help="Seconds of paced events at 10,000/s."),
+) -> None:
+    """Scorer events/s end to end, vs a naive consumer, freshness at 10k/s, memory per user (JSON)."""
+    import json
+
+    from stream.bench_stream import bench_stream as run
+
+    try:
+        figures = run(
+            _settings(), events=events, users=users, naive_events=naive_events, freshness_seconds=freshness_seconds
+        )
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(figures, indent=2))
+
+
 @bench_app.command("features")
 def bench_features(
     online_events: int = typer.Option(1_000_000, help="Events through the online engine."),
@@ -380,6 +443,53 @@ def bench_features(
     figures = {**bench_online(online_events), **bench_feast_write(settings, rows=feast_rows)}
     figures.update(bench_offline(offline_points, offline_events))
     typer.echo(json.dumps(figures, indent=2))
+
+
+@bench_app.command("api")
+def bench_api(
+    users: Annotated[int, typer.Option(min=1, help="Feature rows loaded into the online store.")] = 100_000,
+    rate: Annotated[float, typer.Option(min=1, help="Requests per second, fixed (open loop).")] = 1000.0,
+    seconds: Annotated[float, typer.Option(min=1, help="Measured seconds per run (after a 2 s warm-up).")] = 15.0,
+    connections: Annotated[int, typer.Option(min=1, help="Keep-alive connections of the load generator.")] = 32,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn workers of the `churn serve` under test.")] = 2,
+) -> None:
+    """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
+    import json
+
+    from serving.bench import bench_api as run
+
+    try:
+        figures = run(_settings(), users=users, rate=rate, seconds=seconds, connections=connections, workers=workers)
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(figures, indent=2))
+
+
+@app.command("materialize")
+def materialize(
+    events: Path = typer.Option(..., help="Event log: Parquet folder (archiver output), .parquet or .jsonl[.gz]."),
+    as_of: str = typer.Option("", help="ISO time of the backfill (default: the last event in the log)."),
+) -> None:
+    """Cold start: load the online store through Feast, and the scorer states, from an event log."""
+    import json
+    from datetime import UTC, datetime
+
+    from churn.errors import InvalidInputError
+    from features.backfill import materialize as run
+
+    try:
+        moment = None
+        if as_of:
+            try:
+                moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
+            except ValueError as exc:
+                msg = f"--as-of {as_of!r} is not an ISO date or datetime"
+                raise InvalidInputError(msg) from exc
+            moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        summary = run(_settings(), events, moment, progress=lambda line: typer.echo(line, err=True))
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary))
 
 
 def main() -> None:

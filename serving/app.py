@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -19,6 +18,7 @@ from churn.errors import ChurnError, NotFoundError, ServiceUnavailableError
 from churn.settings import Settings
 from monitoring.metrics import Metrics
 from serving.auth import ApiKeys
+from serving.model_info import model_info
 from serving.risk import RiskService
 from serving.schemas import (
     USER_ID_PATTERN,
@@ -29,6 +29,7 @@ from serving.schemas import (
     Problem,
     RiskAnswer,
 )
+from serving.timing import RequestTimer
 from stream.consumer import ModelHolder
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Deps:
     ready_checks: dict[str, Callable[[], None]] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
     model_meta: Callable[[], dict[str, Any] | None] = lambda: None
+    drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
 
 
 def build_deps(settings: Settings) -> Deps:
@@ -73,7 +75,10 @@ def build_deps(settings: Settings) -> Deps:
 
     def load() -> LoadedModel | None:
         found = load_champion(settings)
-        return None if found is None else LoadedModel(found[0], settings.model_name, str(found[1]))
+        if found is None:
+            return None
+        # One OpenMP thread per predict: each request scores one row (see ChurnModel.threads).
+        return LoadedModel(replace(found[0], threads=1), settings.model_name, str(found[1]))
 
     models = ModelHolder(lambda: champion_version(settings), load, metrics, "api")
     service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
@@ -88,7 +93,20 @@ def build_deps(settings: Settings) -> Deps:
         ready_checks={"redis": lambda: _ping(client), "feature_view": feature_view},
         close=client.close,
         model_meta=lambda: getattr(models.current.model, "meta", None) if models.current else None,
+        drift_state=lambda: _read_drift(client, settings.redis_prefix),
     )
+
+
+def _read_drift(client: Any, prefix: str) -> dict[str, Any] | None:
+    import redis
+
+    from monitoring.drift_state import read_drift
+
+    try:
+        return read_drift(client, prefix)
+    except redis.RedisError as exc:
+        msg = f"Redis unreachable: {exc}"
+        raise ServiceUnavailableError(msg) from exc
 
 
 def _ping(client: Any) -> None:
@@ -133,23 +151,14 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    def current() -> Deps:
+    async def current() -> Deps:
+        # Async so FastAPI calls it on the event loop instead of hopping to a worker thread.
         return state["deps"]
 
     auth = [Depends(keys)]
     open_or_auth = [] if settings.open_health_and_metrics else auth
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if "deps" in state:
-            state["deps"].metrics.request_seconds.labels(path, request.method, str(response.status_code)).observe(
-                time.perf_counter() - started
-            )
-        return response
+    app.add_middleware(RequestTimer, metrics=lambda: state["deps"].metrics if "deps" in state else None)
 
     @app.exception_handler(ChurnError)
     async def churn_error(request: Request, exc: ChurnError) -> JSONResponse:
@@ -177,20 +186,28 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")],
         explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
         d: Deps = Depends(current),
-    ) -> RiskAnswer:
+    ) -> Response:
         """Churn probability within the horizon for one user, with tier and reasons."""
         answers, _ = d.service.answer([user_id], explain=explain)
         if not answers:
             msg = f"unknown user {user_id!r}: no features in the online store"
             raise NotFoundError(msg)
-        return answers[0]
+        # The answer was validated when it was built: serialise it once, without FastAPI's
+        # second validation pass through `response_model` (which stays for the document).
+        return Response(answers[0].model_dump_json(), media_type="application/json")
 
-    @app.post("/users/risk", response_model=BatchAnswer, responses=ERRORS, dependencies=auth)
-    def users_risk(body: BatchRequest, d: Deps = Depends(current)) -> BatchAnswer:
+    @app.post(
+        "/users/risk",
+        response_model=BatchAnswer,
+        responses={**ERRORS, 400: {"model": Problem, "description": "The body cannot be parsed"}},
+        dependencies=auth,
+    )
+    def users_risk(body: BatchRequest, d: Deps = Depends(current)) -> Response:
         """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed."""
         ids = list(dict.fromkeys(body.user_ids))
         answers, unknown = d.service.answer(ids, explain=body.explain)
-        return BatchAnswer(results=answers, unknown_user_ids=unknown)
+        batch = BatchAnswer(results=answers, unknown_user_ids=unknown)
+        return Response(batch.model_dump_json(), media_type="application/json")
 
     @app.get("/models/current", response_model=ModelInfo, responses=ERRORS, dependencies=auth)
     def model_current(d: Deps = Depends(current)) -> ModelInfo:
@@ -200,17 +217,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         if loaded is None or meta is None:
             msg = "no champion model is loaded yet"
             raise ServiceUnavailableError(msg)
-        metrics = {k: (float(v) if isinstance(v, int | float) else None) for k, v in meta.get("metrics", {}).items()}
-        window = {k: (None if v is None else str(v)) for k, v in meta.get("data_window", {}).items()}
-        return ModelInfo(
-            name=loaded.name,
-            version=loaded.version,
-            horizon_days=int(meta.get("horizon_days", settings.horizon_days)),
-            metrics=metrics,
-            trained_window=window,
-            spec_version=str(meta.get("spec_version", "")),
-            promoted_at=meta.get("promoted_at"),
-        )
+        return model_info(loaded, meta, settings.horizon_days)
 
     @app.get("/health/live", response_model=Health, dependencies=open_or_auth)
     def live() -> Health:
@@ -236,6 +243,22 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         ok = all(v == "ok" for k, v in checks.items() if k != "model") and d.models.current is not None
         body = Health(status="ok" if ok else "unavailable", checks=checks)
         return body if ok else JSONResponse(body.model_dump(), status_code=503)
+
+    @app.get(
+        "/monitoring/drift",
+        responses={**ERRORS, 503: {"model": Problem, "description": "No drift report yet, or Redis is down"}},
+        dependencies=auth,
+    )
+    def drift(d: Deps = Depends(current)) -> dict[str, Any]:
+        """The scorer's latest drift report: PSI/KS per feature and for the score, status, alert_since."""
+        state = d.drift_state()
+        if state is None:
+            msg = (
+                "no drift report yet: the scorer publishes one every"
+                f" {settings.drift_every_seconds:g} s once it has scored users with a champion model"
+            )
+            raise ServiceUnavailableError(msg)
+        return state
 
     @app.get("/metrics", dependencies=open_or_auth, response_class=Response)
     def metrics(d: Deps = Depends(current)) -> Response:

@@ -18,8 +18,12 @@ class ApiKeys:
         """Returns True if requests must carry a key."""
         return bool(self._keys)
 
-    def __call__(self, request: Request) -> None:
-        """FastAPI dependency: raises 401 when keys are configured and none of them matches."""
+    async def __call__(self, request: Request) -> None:
+        """FastAPI dependency: raises 401 when keys are configured and none of them matches.
+
+        Async although it never awaits: FastAPI runs a sync dependency in its thread pool, and
+        a thread hop per request costs more than this whole check.
+        """
         if not self._keys:
             return
         given = request.headers.get("x-api-key")

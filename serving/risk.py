@@ -20,6 +20,7 @@ from stream.scorer import LoadedModel, feature_matrix
 
 DESCRIPTIONS = spec.describe()
 TOP_REASONS = 5
+_COLUMN = {name: i for i, name in enumerate(spec.MODEL_FEATURES)}
 
 
 def iso(ms: int) -> str:
@@ -92,7 +93,7 @@ class RiskService:
     ) -> RiskAnswer:
         reasons = None
         if contributions is not None:
-            index = {name: i for i, name in enumerate(spec.MODEL_FEATURES)}
+            index = _COLUMN
             top = sorted(contributions.items(), key=lambda kv: abs(kv[1]), reverse=True)[:TOP_REASONS]
             reasons = [
                 Reason(

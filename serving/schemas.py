@@ -48,7 +48,8 @@ class RiskAnswer(BaseModel):
 
 class BatchRequest(BaseModel):
     user_ids: list[UserId] = Field(min_length=1, max_length=1000)
-    explain: bool = False
+    # Strict: JSON has booleans, so 0 or "yes" is a client bug to report, not to guess at.
+    explain: bool = Field(default=False, strict=True)
 
 
 class BatchAnswer(BaseModel):

@@ -1,0 +1,213 @@
+"""`churn bench api`: the risk API under a fixed request rate, as a separate `churn serve` process.
+
+Everything runs in a throwaway deployment (own Feast project, Redis prefix, MLflow store and
+state folder, all deleted afterwards) on the configured Redis: a small model is trained on a
+simulated log and promoted, `users` feature rows are written through `FeastFeatureStore`,
+`churn serve` starts as a child process, and `serving.loadgen` (another process) sends
+GET /users/{id}/risk over loopback at a fixed rate, with and without reasons. The anchor is
+the p99 of one bare Feast read (`FeastFeatureStore.read_rows([id])`) from this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from churn.errors import ServiceUnavailableError
+from churn.settings import Settings
+from features.store import FeatureRow
+from serving.loadgen import percentiles_ms
+
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+DAY_MS = 86_400_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _train_champion(scratch: Settings, folder: Path) -> str:
+    """Trains a small model on a simulated log into the scratch MLflow store; returns its version."""
+    from stream.simulator import SimConfig, simulate
+    from training import fit, registry
+    from training.bench import write_partitioned
+    from training.pipeline import TrainOptions, train
+
+    sim = simulate(SimConfig(users=300, days=40, seed=3, churn_level=3.0))
+    write_partitioned(sim.events, folder / "events")
+    options = TrainOptions(horizon_days=7, fit=fit.FitConfig(imbalance=("none",), max_rounds=200))
+    summary = train(scratch, folder / "events", options)
+    if not summary["promoted"]:  # the bench needs a champion, whatever the gates said
+        registry.apply_decision(scratch, summary["run_id"], summary["version"], registry.Decision(True))
+    return str(summary["version"])
+
+
+def _rows(users: int, seed: int = 0) -> list[FeatureRow]:
+    """Returns one row per user `bench-<i>`, latest events spread over 30 days."""
+    from features.bench import synthetic_rows
+
+    rng = random.Random(seed)  # noqa: S311 - benchmark data, not secrets
+    return [
+        FeatureRow(row.user_id, START_MS + rng.randrange(30 * DAY_MS), row.values)
+        for row in synthetic_rows(users, seed=seed)
+    ]
+
+
+def _wait_ready(port: int, server: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            msg = f"`churn serve` exited with code {server.returncode} before it was ready: {log.read_text()[-2000:]}"
+            raise ServiceUnavailableError(msg)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    msg = f"`churn serve` did not become ready on port {port} within {timeout_s:.0f} s"
+    raise ServiceUnavailableError(msg)
+
+
+def _load(port: int, users: int, explain: bool, rate: float, seconds: float, connections: int) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "serving.loadgen", "--port", str(port), "--ids", str(users),
+        "--path", f"/users/{{id}}/risk?explain={'true' if explain else 'false'}",
+        "--rate", str(rate), "--seconds", str(seconds), "--connections", str(connections),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, check=False, timeout=seconds + 120)
+    if done.returncode != 0:
+        msg = f"load generator failed: {done.stderr.decode()[-2000:]}"
+        raise ServiceUnavailableError(msg)
+    figures: dict[str, Any] = json.loads(done.stdout)
+    return figures
+
+
+def bench_api(
+    settings: Settings,
+    users: int = 100_000,
+    rate: float = 1000.0,
+    seconds: float = 15.0,
+    connections: int = 32,
+    workers: int = 2,
+    anchor_reads: int = 3000,
+) -> dict[str, Any]:
+    """Returns the API's figures at `rate` requests/s for `seconds` (after a 2 s warm-up), with
+    explain=false and explain=true: achieved rate, latency percentiles from each request's
+    scheduled time, status counts; plus the bare Feast read anchor and the setup timings.
+
+    Raises:
+        ServiceUnavailableError: Redis cannot be reached, or `churn serve` did not start.
+        ConfigError: the settings give an invalid Feast config.
+    """
+    import redis
+
+    from features.feast_repo import apply_repo
+    from features.feast_store import FeastFeatureStore
+    from stream.risk_store import RedisRiskStore
+
+    name = uuid.uuid4().hex[:10]
+    folder = Path(tempfile.mkdtemp(prefix="churn-api-bench-", dir=settings.state_dir.resolve()))
+    port = _free_port()
+    scratch = settings.model_copy(
+        update={
+            "state_dir": folder / "state",
+            "mlflow_tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+            "feast_project": f"bench_api_{name}",
+            "feast_repo": folder / "feast",
+            "redis_prefix": f"bench:api{name}:",
+            "api_port": port,
+        }
+    )
+    client = redis.Redis.from_url(scratch.redis_address)
+    feast = None
+    server: subprocess.Popen[bytes] | None = None
+    timings: dict[str, float] = {}
+    try:
+        began = time.perf_counter()
+        version = _train_champion(scratch, folder)
+        timings["train_seconds"] = round(time.perf_counter() - began, 1)
+
+        began = time.perf_counter()
+        feast = apply_repo(scratch)
+        store = FeastFeatureStore(feast)
+        rows = _rows(users)
+        for first in range(0, len(rows), 5000):
+            store.write_rows(rows[first : first + 5000])
+        RedisRiskStore(client, scratch.redis_prefix).advance_watermark(START_MS + 31 * DAY_MS)
+        timings["load_rows_seconds"] = round(time.perf_counter() - began, 1)
+
+        env = {
+            **os.environ,
+            "CHURN_STATE_DIR": str(scratch.state_dir),
+            "CHURN_MLFLOW_TRACKING_URI": scratch.tracking_uri,
+            "CHURN_FEAST_PROJECT": scratch.feast_project,
+            "CHURN_FEAST_REPO": str(scratch.feast_repo_dir),
+            "CHURN_REDIS_URL": scratch.redis_address,
+            "CHURN_REDIS_PREFIX": scratch.redis_prefix,
+            "CHURN_API_HOST": "127.0.0.1",
+            "CHURN_API_PORT": str(port),
+            "CHURN_API_KEYS": "[]",
+            "CHURN_CLOCK": "event",
+        }
+        began = time.perf_counter()
+        churn = str(Path(sys.executable).parent / "churn")
+        log = folder / "serve.log"
+        with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe while the load runs
+            server = subprocess.Popen([churn, "serve", "--workers", str(workers)], env=env, stdout=out, stderr=out)
+        _wait_ready(port, server, log)
+        timings["serve_start_seconds"] = round(time.perf_counter() - began, 1)
+
+        # The anchor: one user per Feast read, from this process, while the server is idle.
+        ids = [row.user_id for row in rows]
+        rng = random.Random(1)  # noqa: S311 - which user to read, not a secret
+        store.read_rows(ids[:1])
+        reads = []
+        for _ in range(anchor_reads):
+            started = time.perf_counter()
+            store.read_rows([rng.choice(ids)])
+            reads.append(time.perf_counter() - started)
+
+        runs = {
+            f"explain_{str(explain).lower()}": _load(port, users, explain, rate, seconds, connections)
+            for explain in (False, True)
+        }
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+        if feast is not None:
+            feast.teardown()
+        keys = list(client.scan_iter(f"{scratch.redis_prefix}*", count=10_000))
+        for first in range(0, len(keys), 10_000):
+            client.delete(*keys[first : first + 10_000])
+        client.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "users": users,
+        "model_version": version,
+        "workers": workers,
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        **timings,
+        "feast_read_one_user": percentiles_ms(reads),
+        **runs,
+    }

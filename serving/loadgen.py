@@ -1,0 +1,139 @@
+"""An open-loop HTTP load generator, run as its own process by `serving.bench`.
+
+`python -m serving.loadgen --port P --path '/users/{id}/risk?explain=false' --ids 100000 --rate 1000
+--seconds 10` sends GETs for random ids `bench-<n>` at a fixed rate over keep-alive HTTP/1.1
+connections and prints one JSON object. Open loop: each request has a scheduled send time and
+its latency is measured from that time, so a stalled server is charged for the requests that
+queue behind it (no coordinated omission). Raw asyncio streams, not an HTTP client library, so
+the generator costs little of the CPU it shares with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import time
+from typing import Any
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
+    """Returns p50, p90, p99, p99.9 and max of `seconds`, in milliseconds (None if empty)."""
+    if not seconds:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+    ordered = sorted(seconds)
+
+    def at(q: float) -> float:
+        return round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * q))], 3)
+
+    return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": at(1.0)}
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Reads one HTTP/1.1 response with a Content-Length body; returns its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def run(
+    host: str, port: int, path: str, ids: int, rate: float, seconds: float, connections: int, warmup: float
+) -> dict[str, Any]:
+    """Returns the figures of one run: achieved rate, latency percentiles (from the scheduled
+    time, and from the actual send), status counts, and errors."""
+    rng = random.Random(0)  # noqa: S311 - which user to ask for, not a secret
+    due: asyncio.Queue[float | None] = asyncio.Queue()
+    latencies: list[float] = []
+    service: list[float] = []
+    statuses: dict[str, int] = {}
+    errors: list[str] = []
+    measure_from = time.perf_counter() + warmup
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while (scheduled := await due.get()) is not None:
+                target = path.replace("{id}", f"bench-{rng.randrange(ids)}")
+                sent = time.perf_counter()
+                writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                try:
+                    status = await _read_response(reader)
+                except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                    errors.append(repr(exc))
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                done = time.perf_counter()
+                if scheduled >= measure_from:
+                    latencies.append(done - scheduled)
+                    service.append(done - sent)
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
+        finally:
+            writer.close()
+
+    workers = [asyncio.create_task(connection()) for _ in range(connections)]
+    start = time.perf_counter()
+    end = measure_from + seconds
+    sent_count = 0
+    # Enqueue every request whose scheduled time has come; the 1 ms tick bounds the jitter.
+    while (now := time.perf_counter()) < end:
+        target_count = int((now - start) * rate)
+        for i in range(sent_count, target_count):
+            due.put_nowait(start + i / rate)
+        sent_count = max(sent_count, target_count)
+        await asyncio.sleep(0.001)
+    for _ in workers:
+        due.put_nowait(None)
+    drained = time.perf_counter()
+    await asyncio.gather(*workers, return_exceptions=True)
+    elapsed = time.perf_counter() - measure_from
+    return {
+        "target_rate": rate,
+        "achieved_rate": round(len(latencies) / elapsed, 1),
+        "requests": len(latencies),
+        "connections": connections,
+        "seconds": round(elapsed, 2),
+        "drain_seconds": round(time.perf_counter() - drained, 2),
+        "statuses": statuses,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "latency": percentiles_ms(latencies),
+        "service_latency": percentiles_ms(service),
+    }
+
+
+def main() -> None:
+    """Parses the arguments, runs the load and prints the figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", required=True, help="with {id} where the user id goes")
+    parser.add_argument("--ids", type=int, required=True, help="ids are bench-0 .. bench-<ids - 1>")
+    parser.add_argument("--rate", type=float, default=1000.0, help="requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load not measured")
+    args = parser.parse_args()
+    runner: Any = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    figures = runner(
+        run(args.host, args.port, args.path, args.ids, args.rate, args.seconds, args.connections, args.warmup)
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
