@@ -12,10 +12,14 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from churn.settings import Settings
 from features.spec import INT_FEATURES, STORED_FEATURES
 from features.store import FeatureRow
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 
 def synthetic_rows(count: int, seed: int = 0, start_ms: int = 1_767_225_600_000) -> list[FeatureRow]:
@@ -59,15 +63,33 @@ def _single_row_latencies(write: Callable[[Sequence[FeatureRow]], None], rows: S
     return out
 
 
+def _stock_store(settings: Settings) -> FeatureStore:
+    """Returns a Feast store on the same project and registry, but with Feast's stock `redis`
+    online store: `FeastFeatureStore` on it takes the ValueProto path (the write before
+    `features.redis_store`)."""
+    from feast import FeatureStore, RepoConfig
+
+    from features.feast_repo import repo_config_dict
+
+    config = repo_config_dict(settings)
+    config["online_store"] = {**config["online_store"], "type": "redis"}
+    return FeatureStore(
+        repo_path=str(settings.feast_repo_dir), config=RepoConfig(repo_path=settings.feast_repo_dir, **config)
+    )
+
+
 def bench_feast_write(
     settings: Settings, rows: int = 20_000, batch: int = 1_000, singles: int = 300
 ) -> dict[str, object]:
     """Returns write and read figures of the Feast online store on the configured Redis.
 
-    `rows` rows go in `batch`-row batches through both `FeastFeatureStore.write_rows` (protos
-    straight to `online_write_batch`) and `store.push`, batch by batch alternately so load
-    on the machine hits both alike; then `singles` one-row writes each and `singles * 3`
-    one-user `get_online_features` reads.
+    `rows` rows go in `batch`-row batches through `FeastFeatureStore.write_rows` (serialized
+    values to `ChurnRedisOnlineStore.online_write_batch`), through the same on Feast's stock
+    `RedisOnlineStore` (ValueProtos; the write path before `features.redis_store`) and through
+    `store.push` on both stores, batch by batch in turn so load on the machine hits all alike;
+    then `singles` one-row writes each (push: ours only) and `singles * 3` one-user
+    `get_online_features` reads. `speedup*` figures are push time / write time;
+    `stock_store_speedup` has both on the stock store (the figure before `features.redis_store`).
 
     Raises:
         ServiceUnavailableError: Redis cannot be reached.
@@ -83,21 +105,31 @@ def bench_feast_write(
         feast = apply_repo(scratch)
         try:
             store = FeastFeatureStore(feast)
+            stock = FeastFeatureStore(_stock_store(scratch))
             data = synthetic_rows(rows)
-            # Warm both paths (connection, registry, lazy imports) outside the timings.
+            # Warm all paths (connection, registry, lazy imports) outside the timings.
             store.write_rows(data[:1])
+            stock.write_rows(data[:1])
             store.push_rows(data[:1])
-            fast_s = push_s = 0.0
+            stock.push_rows(data[:1])
+            fast_s = stock_s = push_s = stock_push_s = 0.0
             for i in range(0, rows, batch):
                 chunk: Sequence[FeatureRow] = data[i : i + batch]
                 began = time.perf_counter()
                 store.write_rows(chunk)
                 fast_s += time.perf_counter() - began
                 began = time.perf_counter()
+                stock.write_rows(chunk)
+                stock_s += time.perf_counter() - began
+                began = time.perf_counter()
                 store.push_rows(chunk)
                 push_s += time.perf_counter() - began
+                began = time.perf_counter()
+                stock.push_rows(chunk)
+                stock_push_s += time.perf_counter() - began
             one = data[:singles]
             fast_single = _single_row_latencies(store.write_rows, one)
+            stock_single = _single_row_latencies(stock.write_rows, one)
             push_single = _single_row_latencies(store.push_rows, one)
             ids = [row.user_id for row in data]
             rng = random.Random(1)  # noqa: S311 - which user to read, not a secret
@@ -109,9 +141,14 @@ def bench_feast_write(
         "batch": batch,
         "features_per_row": len(STORED_FEATURES) + 1,
         "write_rows_per_second": round(rows / fast_s),
+        "stock_store_write_rows_per_second": round(rows / stock_s),
         "push_rows_per_second": round(rows / push_s),
+        "stock_store_push_rows_per_second": round(rows / stock_push_s),
         "speedup": round(push_s / fast_s, 2),
+        "stock_store_speedup": round(stock_push_s / stock_s, 2),
+        "speedup_vs_stock_store_push": round(stock_push_s / fast_s, 2),
         "write_single_row": _percentiles_ms(fast_single),
+        "stock_store_write_single_row": _percentiles_ms(stock_single),
         "push_single_row": _percentiles_ms(push_single),
         "get_online_features_one_user": _percentiles_ms(reads),
     }

@@ -1,14 +1,17 @@
 """`FeastFeatureStore`: the production FeatureStore, Feast's Redis online store.
 
-Writes hand pre-built protos straight to the provider's `online_write_batch` (the call
-`FeatureStore.push` ends in) and skip push's DataFrame -> Arrow -> proto conversion; reads use
-`get_online_features`, the documented API. Both go through Feast's own Redis key and value
-encoding, so anything Feast reads (its feature server, `feast` CLI) sees the same rows.
+Writes hand rows straight to the provider's `online_write_batch` (the call `FeatureStore.push`
+ends in) and skip push's DataFrame -> Arrow -> proto conversion; reads use
+`get_online_features`, the documented API. The configured online store is
+`features.redis_store.ChurnRedisOnlineStore`, Feast's Redis store with a leaner write that stores
+the same keys and bytes; to it the rows go with their values already serialized (no ValueProto
+per value). Anything Feast reads (its feature server, `feast` CLI, `materialize`) sees the same
+rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -32,8 +35,9 @@ if TYPE_CHECKING:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-    # One row as Feast's `online_write_batch` takes it: key, values, event time, created time.
-    OnlineRow = tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]
+    # One row as `online_write_batch` takes it: key, values, event time, created time. Values are
+    # ValueProtos, or their serialized bytes for `ChurnRedisOnlineStore`.
+    OnlineRow = tuple[EntityKeyProto, Mapping[str, ValueProto | bytes], datetime, datetime | None]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Distinct small ints (counts) whose ValueProto is built once and shared.
@@ -130,6 +134,13 @@ class FeastFeatureStore:
             raise ConfigError(msg)
         self._feature_refs = [f"{FEATURE_VIEW_NAME}:{name}" for name in names]
         self._int_flags = [(name, is_int_feature(name)) for name in STORED_FEATURES]
+        self._int_names = [name for name in STORED_FEATURES if is_int_feature(name)]
+        self._float_names = [name for name in STORED_FEATURES if not is_int_feature(name)]
+        # The serialized-values path needs our store; another configured store gets ValueProtos.
+        from features.redis_store import ChurnRedisOnlineStore, cached_int64, encode_doubles, encode_int64
+
+        self._encode_int64, self._encode_doubles, self._int_bytes = encode_int64, encode_doubles, cached_int64
+        self._serialized = isinstance(getattr(self._provider, "online_store", None), ChurnRedisOnlineStore)
         self._value_cls = Value
         self._entity_key_cls = EntityKey
         self._int_cache: dict[int, ValueProto] = {}
@@ -143,9 +154,11 @@ class FeastFeatureStore:
         """
         if not rows:
             return
-        data: list[OnlineRow] = [self._to_protos(row) for row in latest_per_user(rows)]
+        to_row = self._to_serialized if self._serialized else self._to_protos
+        data: list[OnlineRow] = [to_row(row) for row in latest_per_user(rows)]
         with translate_redis_errors(f"writing {len(data)} feature rows", self._address):
-            self._provider.online_write_batch(self._config, self._view, data, None)
+            # Feast types the values as ValueProtos; our store also takes their bytes.
+            self._provider.online_write_batch(self._config, self._view, data, None)  # type: ignore[arg-type]
 
     def push_rows(self, rows: Sequence[FeatureRow]) -> None:
         """Writes the rows with Feast's documented `store.push` (slower; for comparisons).
@@ -183,6 +196,23 @@ class FeastFeatureStore:
             }
             out.append(FeatureRow(user_id=user_id, last_event_ms=int(last_event[i]), values=values))
         return out
+
+    def _to_serialized(self, row: FeatureRow) -> OnlineRow:
+        # The bytes `ValueProto.SerializeToString()` would give, without building the protos;
+        # map/zip keep the per-value loop in C.
+        raw = row.values.__getitem__
+        # A cached count is found by any equal number (3.0 finds 3); the rest go through int().
+        ints: list[Any] = list(map(self._int_bytes, map(raw, self._int_names)))
+        if None in ints:  # numbers the encoder has not cached yet, or not whole
+            ints = [self._encode_int64(int(raw(name))) for name in self._int_names]
+        values: dict[str, ValueProto | bytes] = dict(zip(self._int_names, ints, strict=True))
+        values.update(
+            zip(self._float_names, self._encode_doubles(map(float, map(raw, self._float_names))), strict=True)
+        )
+        values[LAST_EVENT_MS] = self._encode_int64(row.last_event_ms)
+        value = self._value_cls
+        key = self._entity_key_cls(join_keys=[JOIN_KEY], entity_values=[value(string_val=row.user_id)])
+        return key, values, event_time(row.last_event_ms), None
 
     def _to_protos(self, row: FeatureRow) -> OnlineRow:
         # Building ~40 ValueProtos is most of this path's own cost, and most features are small

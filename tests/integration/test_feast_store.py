@@ -153,3 +153,84 @@ def test_cli_feast_apply(scratch: Settings, monkeypatch: pytest.MonkeyPatch) -> 
     assert f"{FEATURE_VIEW_NAME}: {len(STORED_FEATURES) + 1} features" in result.output
     assert (scratch.feast_repo_dir / "feature_store.yaml").exists()
     FeastFeatureStore(open_feature_store(scratch))  # applied from the current spec
+
+
+def test_our_online_store_writes_the_parents_exact_bytes(
+    store: FeastFeatureStore, feast: Any, scratch: Settings
+) -> None:
+    """The fast write (serialized values) and Feast's own RedisOnlineStore leave identical hashes."""
+    import redis
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    from features.redis_store import ChurnRedisOnlineStore
+
+    assert isinstance(feast.provider.online_store, ChurnRedisOnlineStore)
+    admin = redis.Redis(port=scratch.redis_port)
+    rows = [_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(30)]
+    rows.append(FeatureRow("neg", -1_234, {name: -3 if name in INT_FEATURES else -0.0 for name in STORED_FEATURES}))
+    store.write_rows(rows)
+    ours = [(key, admin.hgetall(key)) for key in sorted(admin.keys(f"*{scratch.feast_project}".encode()))]
+    assert len(ours) == len(rows)
+    admin.delete(*(key for key, _ in ours))
+    # The same rows as ValueProtos through Feast's own store class.
+    protos: list[Any] = [store._to_protos(row) for row in rows]
+    RedisOnlineStore().online_write_batch(feast.config, store._view, protos, None)
+    parents = [(key, admin.hgetall(key)) for key in sorted(admin.keys(f"*{scratch.feast_project}".encode()))]
+    assert ours == parents
+    # ValueProtos through our store give the same bytes too.
+    admin.delete(*(key for key, _ in parents))
+    feast.provider.online_write_batch(feast.config, store._view, protos, None)
+    assert [(key, admin.hgetall(key)) for key in sorted(admin.keys(f"*{scratch.feast_project}".encode()))] == parents
+    assert store.read_rows([row.user_id for row in rows]) == rows
+
+
+def test_dedup_and_ttl_options_keep_the_parents_behaviour(
+    feast: Any, store: FeastFeatureStore, scratch: Settings
+) -> None:
+    import redis
+
+    from features.feast_repo import open_feature_store
+
+    online = feast.config.online_store
+    dedup = FeastFeatureStore(open_feature_store(scratch))
+    dedup._config.online_store.skip_dedup = False
+    dedup._config.online_store.key_ttl_seconds = 600
+    assert online.skip_dedup is True  # a separate config object
+    newer, older = _row("u", T0 + 10, seed=1), _row("u", T0, seed=2)
+    dedup.write_rows([newer])
+    dedup.write_rows([older])  # Feast's dedup drops a row older than the stored one
+    assert dedup.read_rows(["u"]) == [newer]
+    admin = redis.Redis(port=scratch.redis_port)
+    (key,) = admin.keys(f"*{scratch.feast_project}".encode())
+    assert 0 < admin.ttl(key) <= 600
+    store.write_rows([older])  # skip_dedup (our config): the write lands
+    assert store.read_rows(["u"]) == [older]
+
+
+def test_int_features_given_as_floats_or_big_numbers(store: FeastFeatureStore) -> None:
+    row = _row("u", T0)
+    ints = [name for name in STORED_FEATURES if name in INT_FEATURES]
+    given = {**row.values, ints[0]: 5.0, ints[1]: 10**12, ints[2]: 7.9}
+    store.write_rows([FeatureRow("u", T0, given)])
+    expected = {**row.values, ints[0]: 5, ints[1]: 10**12, ints[2]: 7}  # int(), as before
+    assert store.read_rows(["u"]) == [FeatureRow("u", T0, expected)]
+
+
+def test_a_refused_command_raises_and_the_connection_stays_usable(
+    store: FeastFeatureStore, feast: Any, scratch: Settings
+) -> None:
+    import redis
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    key = _redis_key(scratch.feast_project, EntityKey(join_keys=["user_id"], entity_values=[Value(string_val="bad")]))
+    admin = redis.Redis(port=scratch.redis_port)
+    admin.set(key, b"not a hash")
+    good = [_row("a", T0), _row("b", T0 + 1)]
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        store.write_rows([good[0], _row("bad", T0), good[1]])
+    assert store.read_rows(["a", "b"]) == good  # the other rows of the batch landed
+    admin.delete(key)
+    store.write_rows([_row("bad", T0)])
+    assert store.read_rows(["bad"]) == [_row("bad", T0)]

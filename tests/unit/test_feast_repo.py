@@ -11,6 +11,7 @@ from churn.errors import ConfigError
 from churn.settings import Settings, load_settings
 from features.feast_repo import (
     FEATURE_VIEW_NAME,
+    ONLINE_STORE_TYPE,
     PUSH_SOURCE_NAME,
     batch_source_path,
     redis_connection_string,
@@ -67,7 +68,7 @@ def test_config_from_settings(tmp_path: Path) -> None:
     assert config["project"] == "unit_test"
     assert config["provider"] == "local"
     assert config["registry"]["path"] == str(tmp_path.resolve() / "feast" / "registry.db")
-    assert config["online_store"]["type"] == "redis"
+    assert config["online_store"]["type"] == ONLINE_STORE_TYPE
     assert config["online_store"]["redis_type"] == "redis"
     assert config["online_store"]["connection_string"].startswith("127.0.0.1:16379,db=0,")
     assert "retry=null" in config["online_store"]["connection_string"]
@@ -85,6 +86,7 @@ def test_cluster_flag(tmp_path: Path) -> None:
     assert "db=" not in online["connection_string"]
     assert "retry=" not in online["connection_string"]
     assert repo_config(settings).online_store.redis_type == "redis_cluster"
+    assert repo_config(settings).online_store.type == ONLINE_STORE_TYPE
 
 
 @pytest.mark.parametrize(
@@ -122,5 +124,6 @@ def test_yaml_is_what_feast_loads(tmp_path: Path) -> None:
     assert loaded.project == "unit_test"
     assert loaded.online_store.redis_type == "redis_cluster"
     assert loaded.online_store.skip_dedup is True
+    assert loaded.online_store.type == ONLINE_STORE_TYPE
     assert loaded.registry.cache_ttl_seconds == 0
     assert loaded.entity_key_serialization_version == repo_config_dict(settings)["entity_key_serialization_version"]
