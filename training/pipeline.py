@@ -90,8 +90,8 @@ def train(
     result = fit.fit(x["train"], y["train"], x["valid"], y["valid"], parts["valid"]["user_id"].to_numpy(), options.fit)
     fit_seconds = time.perf_counter() - fit_started
     progress(
-        f"trained in {fit_seconds:.1f} s: imbalance {result.imbalance}, {result.best_iteration} trees,"
-        f" calibration {result.calibration['method']}"
+        f"trained in {fit_seconds:.1f} s: imbalance {result.imbalance}, {result.best_iteration} trees"
+        f"{' (refit on train + valid)' if result.refit else ''}, calibration {result.calibration['method']}"
     )
 
     meta: dict[str, Any] = {
@@ -101,13 +101,14 @@ def train(
         "spec_version": spec.spec_version(),
         "calibration": result.calibration,
         "best_iteration": result.best_iteration,
+        "refit": result.refit,
         "imbalance": result.imbalance,
         "params": result.params,
         "tiers": {"high": 1.0, "medium": 1.0},
     }
     model = ChurnModel(result.booster, meta)
-    valid_scores = model.predict(x["valid"])
-    meta["tiers"] = tier_cuts(valid_scores)
+    # Out-of-sample validation scores (a refit booster has seen the validation rows).
+    meta["tiers"] = tier_cuts(result.valid_scores)
     test_scores = model.predict(x["test"])
     oracle = _oracle(options.truth_path, parts["test"], horizon) if options.truth_path else None
     test_metrics = evaluate.evaluate(y["test"], test_scores, oracle)
@@ -134,6 +135,7 @@ def train(
         "imbalance": result.imbalance,
         "calibration": result.calibration["method"],
         "best_iteration": result.best_iteration,
+        "refit": result.refit,
         "tiers": meta["tiers"],
         "sizes": sizes,
         "data_window": meta["data_window"],

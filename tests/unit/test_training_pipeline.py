@@ -3,6 +3,7 @@ promotion gates, and the model's behaviour."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def test_worse_model_is_not_promoted(first: dict[str, Any], log: Path, state: Se
         dataset.feature_matrix(parts["valid"]),
         parts["valid"]["label"].to_numpy().astype(bool),
         parts["valid"]["user_id"].to_numpy(),
-        OPTIONS.fit,
+        replace(OPTIONS.fit, refit=False),  # a refit would learn the real validation labels
     )
     scores = np.asarray(result.booster.predict(dataset.feature_matrix(test)))
     worse = evaluate.evaluate(test["label"].to_numpy(), scores)
@@ -113,3 +114,27 @@ def test_model_contributions_and_tiers(first: dict[str, Any]) -> None:
     assert model.tier(cuts["high"]) == "high"
     assert model.tier(cuts["medium"]) == "medium"
     assert model.tier(0.0) == "low"
+
+
+def test_refit_uses_train_and_valid_with_the_early_stopped_tree_count() -> None:
+    rng = np.random.default_rng(4)
+    features = ("a", "b", "c")
+    x = rng.normal(size=(4000, 3))
+    y = rng.random(4000) < 1 / (1 + np.exp(3 - 1.5 * x[:, 0]))
+    groups = np.arange(1000).astype(str)
+    config = fit.FitConfig(imbalance=("none",), max_rounds=300)
+    plain = fit.fit(x[:3000], y[:3000], x[3000:], y[3000:], groups, replace(config, refit=False), features)
+    refit = fit.fit(x[:3000], y[:3000], x[3000:], y[3000:], groups, config, features)
+    assert refit.refit
+    assert not plain.refit
+    assert refit.best_iteration == plain.best_iteration
+    assert refit.booster.num_trees() == refit.best_iteration
+    assert refit.calibration == plain.calibration
+    # Tier cuts come from the early-stopped booster's out-of-sample validation scores.
+    assert np.allclose(refit.valid_scores, plain.valid_scores)
+    early = plain.booster.predict(x[3000:], num_iteration=plain.best_iteration)
+    assert not np.allclose(refit.booster.predict(x[3000:]), early)
+    # The leaf size shrinks with small training sets (2% of rows, at least 20).
+    assert refit.params["min_data_in_leaf"] == 60
+    assert fit.min_data_in_leaf(config, 10**6) == config.min_data_in_leaf
+    assert fit.min_data_in_leaf(config, 100) == 20
