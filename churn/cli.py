@@ -72,7 +72,9 @@ def infra_status() -> None:
 
 @app.command("consume")
 def consume(
-    idle_exit: float = typer.Option(0.0, help="Exit after this many seconds without messages (0: run until stopped)."),
+    idle_exit: float = typer.Option(
+        0.0, help="Exit after this many seconds without messages while partitions are assigned (0: run until stopped)."
+    ),
 ) -> None:
     """Run the scoring consumer (group churn-scorer): events -> features -> scores -> Redis."""
     import logging
@@ -162,7 +164,9 @@ def bench_produce(
 @app.command("archive")
 def archive(
     out: Path | None = typer.Option(None, help="Event log folder (default: <state>/data/events)."),
-    idle_exit: float = typer.Option(0.0, help="Exit after this many seconds without messages (0: run until stopped)."),
+    idle_exit: float = typer.Option(
+        0.0, help="Exit after this many seconds without messages while partitions are assigned (0: run until stopped)."
+    ),
 ) -> None:
     """Run the archiver (group churn-archiver): events -> Parquet log partitioned by event date."""
     import logging

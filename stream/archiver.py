@@ -75,6 +75,8 @@ class Archiver:
                 "group.id": settings.archiver_group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                # A crashed member's partitions move to the others after this long (broker minimum 6 s).
+                "session.timeout.ms": 10_000,
                 **(extra_config or {}),
             }
         )
@@ -97,7 +99,9 @@ class Archiver:
             while not self.stopping.is_set():
                 messages = [m for m in self.consumer.consume(max_batch, 0.5) if m.error() is None]
                 if not messages:
-                    if max_idle_s is not None and time.monotonic() - last_message > max_idle_s:
+                    if max_idle_s is not None and not self.consumer.assignment():
+                        last_message = time.monotonic()  # the idle clock runs only while partitions are assigned
+                    elif max_idle_s is not None and time.monotonic() - last_message > max_idle_s:
                         break
                     continue
                 last_message = time.monotonic()

@@ -110,6 +110,8 @@ class ScoringConsumer:
                 "group.id": settings.scorer_group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                # A crashed member's partitions move to the others after this long (broker minimum 6 s).
+                "session.timeout.ms": 10_000,
                 "partition.assignment.strategy": "cooperative-sticky",
                 "fetch.min.bytes": 1,
                 "queued.max.messages.kbytes": 65536,
@@ -164,8 +166,11 @@ class ScoringConsumer:
                         self.stopping.wait(backoff)
                         backoff = min(backoff * 2, self.loop.max_backoff_s)
                         continue
-                elif max_idle_s is not None and now - last_message > max_idle_s:
-                    break
+                elif max_idle_s is not None:
+                    if not self.consumer.assignment():
+                        last_message = now  # the idle clock runs only while partitions are assigned
+                    elif now - last_message > max_idle_s:
+                        break
                 if now - last_model > self.loop.model_poll_every_s:
                     self.models.refresh()
                     last_model = now
