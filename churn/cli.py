@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -265,15 +265,22 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Train LightGBM on the log, evaluate on the latest period, log to MLflow, register and gate."""
-    import json
 
     from training.pipeline import TrainOptions
-    from training.pipeline import train as run
-    from training.report import format_summary
 
     options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, truth_path=truth)
+    _train_and_report(_settings(), events, options, as_json=as_json)
+
+
+def _train_and_report(settings: Settings, events: Path, options: Any, *, as_json: bool) -> None:
+    """Runs the training pipeline with progress on stderr; prints the summary (table or JSON)."""
+    import json
+
+    from training.pipeline import train as run  # heavy: imported only when training
+    from training.report import format_summary
+
     try:
-        summary = run(_settings(), events, options, progress=lambda line: typer.echo(line, err=True))
+        summary = run(settings, events, options, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
@@ -291,7 +298,6 @@ def retrain(
     as_json: Annotated[bool, typer.Option("--json", help="Print the training summary as one JSON object.")] = False,
 ) -> None:
     """Retrain (as `churn train`), always or only after drift held at alert level long enough."""
-    import json
     import time
 
     settings = _settings()
@@ -311,14 +317,7 @@ def retrain(
         typer.echo(f"{'retraining' if go else 'not retraining'}: {why}")
         if not go:
             return
-    from training.pipeline import train as run  # heavy: only once the decision is to train
-    from training.report import format_summary
-
-    try:
-        summary = run(settings, events, progress=lambda line: typer.echo(line, err=True))
-    except ChurnError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
+    _train_and_report(settings, events, None, as_json=as_json)
 
 
 @app.command("score")
