@@ -280,7 +280,7 @@ def _train_and_report(settings: Settings, events: Path, options: Any, *, as_json
     from training.report import format_summary
 
     try:
-        summary = run(settings, events, options, progress=lambda line: typer.echo(line, err=True))
+        summary = run(settings, events, options=options, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
