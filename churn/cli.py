@@ -7,6 +7,7 @@ them to library code; heavy modules are imported inside the command so `churn --
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -28,6 +29,17 @@ app.add_typer(bench_app, name="bench")
 
 def _settings() -> Settings:
     return load_settings()
+
+
+def _print_figures(measure: Callable[[], dict[str, Any]]) -> None:
+    """Runs a benchmark and prints its figures as JSON; a ChurnError becomes a one-line error."""
+    import json
+
+    try:
+        figures = measure()
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(figures, indent=2))
 
 
 def _fail(exc: ChurnError) -> NoReturn:
@@ -150,15 +162,9 @@ def bench_produce(
     events: int = typer.Option(1_000_000, min=1, help="How many pre-generated events to publish."),
 ) -> None:
     """Events/s published to the configured broker from one process (fresh topic, deleted after)."""
-    import json
-
     from stream.bench import bench_produce as run
 
-    try:
-        figures = run(_settings(), events=events)
-    except ChurnError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(figures, indent=2))
+    _print_figures(lambda: run(_settings(), events=events))
 
 
 @app.command("archive")
@@ -362,15 +368,9 @@ def bench_train(
     days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 60,
 ) -> None:
     """Seconds to build the training set and to train, on a simulated date-partitioned log."""
-    import json
-
     from training.bench import bench_train as run
 
-    try:
-        figures = run(_settings(), users, days)
-    except ChurnError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(figures, indent=2))
+    _print_figures(lambda: run(_settings(), users, days))
 
 
 @app.command("serve")
@@ -416,17 +416,13 @@ def bench_stream(
     freshness_seconds: float = typer.Option(20.0, min=1.0, help="Seconds of paced events at 10,000/s."),
 ) -> None:
     """Scorer events/s end to end, vs a naive consumer, freshness at 10k/s, memory per user (JSON)."""
-    import json
-
     from stream.bench_stream import bench_stream as run
 
-    try:
-        figures = run(
+    _print_figures(
+        lambda: run(
             _settings(), events=events, users=users, naive_events=naive_events, freshness_seconds=freshness_seconds
         )
-    except ChurnError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(figures, indent=2))
+    )
 
 
 @bench_app.command("features")
@@ -437,15 +433,17 @@ def bench_features(
     feast_rows: int = typer.Option(20_000, help="Rows written to the real Redis through Feast."),
 ) -> None:
     """Online engine events/s, Feast write path vs store.push, offline engine seconds (JSON)."""
-    import json
-
     from features.bench import bench_feast_write
     from features.bench_engines import bench_offline, bench_online
 
     settings = _settings()
-    figures = {**bench_online(online_events), **bench_feast_write(settings, rows=feast_rows)}
-    figures.update(bench_offline(offline_points, offline_events))
-    typer.echo(json.dumps(figures, indent=2))
+    _print_figures(
+        lambda: {
+            **bench_online(online_events),
+            **bench_feast_write(settings, rows=feast_rows),
+            **bench_offline(offline_points, offline_events),
+        }
+    )
 
 
 @bench_app.command("api")
@@ -457,15 +455,11 @@ def bench_api(
     workers: Annotated[int, typer.Option(min=1, help="uvicorn workers of the `churn serve` under test.")] = 2,
 ) -> None:
     """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
-    import json
-
     from serving.bench import bench_api as run
 
-    try:
-        figures = run(_settings(), users=users, rate=rate, seconds=seconds, connections=connections, workers=workers)
-    except ChurnError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(figures, indent=2))
+    _print_figures(
+        lambda: run(_settings(), users=users, rate=rate, seconds=seconds, connections=connections, workers=workers)
+    )
 
 
 @app.command("materialize")
