@@ -76,3 +76,6 @@ def delete_topics(settings: Settings, names: list[str], *, timeout: float = 30.0
                 continue
             msg = f"could not delete topic {name!r} on {settings.bootstrap_servers}: {exc.args[0].str()}"
             raise ServiceUnavailableError(msg) from exc
+        except TimeoutError as exc:  # concurrent.futures' timeout: the broker never answered
+            msg = f"could not delete topic {name!r}: {settings.bootstrap_servers} did not answer in {timeout:.0f}s"
+            raise ServiceUnavailableError(msg) from exc
