@@ -130,8 +130,8 @@ class OnlineEngine:
             page: tuple(_counted(g, page) for g in grans) for page in pages
         }
         self._other_page_slots = tuple(_counted(g, None) for g in grans)
-        # Per granularity: its index, tile size, slot count and window lengths (ascending).
-        self._row_plan = tuple((gi, g.ms, len(g.slots), g.window_tiles) for gi, g in enumerate(grans))
+        # Per granularity: its index, tile size, its slots' zero sums and window lengths (ascending).
+        self._row_plan = tuple((gi, g.ms, [0] * len(g.slots), g.window_tiles) for gi, g in enumerate(grans))
         # Where each window feature sits in `row`'s flat list of sums (granularities in order,
         # windows ascending, slots in order), picked in C by one itemgetter.
         flat_base: dict[tuple[int, int], int] = {}
@@ -245,23 +245,26 @@ class OnlineEngine:
         # `flat` is every window's slot sums, one after the other.
         flat: list[int] = []
         all_tiles = state.tiles
-        for gi, ms, width, windows in self._row_plan:
+        for gi, ms, zeros, windows in self._row_plan:
             current = last // ms
             items = all_tiles[gi].items()
-            running = [0] * width
-            newest = current  # no tile is newer than the latest event's
-            for n in windows:
-                oldest_out = current - n
+            # The smallest window needs no upper bound: no tile is newer than the latest event's.
+            oldest_out = current - windows[0]
+            bucket = [tile for index, tile in items if index > oldest_out]
+            running = list(map(sum, zip(*bucket, strict=True))) if bucket else zeros
+            flat += running
+            for n in windows[1:]:
+                newest, oldest_out = oldest_out, current - n
                 bucket = [tile for index, tile in items if oldest_out < index <= newest]
                 if bucket:
                     running = list(map(sum, zip(running, *bucket, strict=True)))
-                flat.extend(running)
-                newest = oldest_out
+                flat += running
         values: dict[str, float] = dict(zip(self._window_names, self._pick_windows(flat), strict=True))
         for name, scale in self._scaled:
             values[name] *= scale
         for name, numerator, denominator in _RATIOS:
-            values[name] = values[numerator] / max(values[denominator], 1)
+            denominator_value = values[denominator]  # max(d, 1) without a call
+            values[name] = values[numerator] / (denominator_value if denominator_value > 1 else 1)
         for name, recent_name, long_name, recent_tiles, earlier_tiles in _TRENDS:
             recent = values[recent_name]
             earlier = values[long_name] - recent

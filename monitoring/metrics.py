@@ -6,7 +6,14 @@ its own `CollectorRegistry`, so tests and several components in one process neve
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Sub-millisecond to seconds: request, batch and store latencies.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -38,17 +45,17 @@ class Metrics:
         self.batch_events = Histogram(
             "churn_batch_events", "Messages per micro-batch", buckets=(1, 10, 100, 500, 1000, 5000, 20000), registry=r
         )
-        self.freshness_seconds = Histogram(
+        self.freshness_seconds = BulkHistogram(
             "churn_event_to_score_seconds",
             "Score written time minus the broker's append time of the user's latest event",
-            buckets=FRESHNESS_BUCKETS,
-            registry=r,
+            FRESHNESS_BUCKETS,
+            r,
         )
         self.consumer_lag = Gauge(
             "churn_consumer_lag_messages", "Messages behind the partition end", ["topic", "partition"], registry=r
         )
         self.users_scored_total = Counter("churn_users_scored_total", "Risk rows written", registry=r)
-        self.score = Histogram("churn_score", "Churn probabilities written", buckets=SCORE_BUCKETS, registry=r)
+        self.score = BulkHistogram("churn_score", "Churn probabilities written", SCORE_BUCKETS, r)
         self.tier_total = Counter("churn_risk_tier_total", "Risk rows written by tier", ["tier"], registry=r)
         self.scorer_ready = Gauge(
             "churn_scorer_ready", "1 while the scorer can write to its stores, 0 during an outage", registry=r
@@ -89,3 +96,44 @@ class Metrics:
         if version is not None:
             self.model_info.labels(component, name, version).set(1)
         self.model_loaded.labels(component).set(0 if version is None else 1)
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram fed a whole batch of values at once.
+
+    The scorer observes two values per scored user; `Histogram.observe` per value cost about a
+    tenth of a batch's time. Here a batch is bucketed by one numpy call. Exposed exactly like a
+    `Histogram` of the same name (`_bucket{le=...}`, `_sum`, `_count`).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = np.array([*buckets, float("inf")])
+        self._labels = [floatToGoString(b) for b in self._bounds]
+        self._counts = np.zeros(len(self._bounds), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the metrics server thread reads while the loop writes
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Counts each value in the first bucket whose upper bound is >= it (Prometheus' `le`)."""
+        if len(values) == 0:
+            return
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
+        total = float(np.sum(values))
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """Yields the histogram family: cumulative buckets, sum and count."""
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        yield HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=list(zip(self._labels, cumulative, strict=True)),
+            sum_value=total,
+        )

@@ -19,6 +19,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from churn.errors import ServiceUnavailableError
+from churn.gc_policy import freeze_survivors, release_frozen
 from churn.settings import Settings
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
@@ -79,6 +80,7 @@ class ModelHolder:
         if loaded is None:
             return False
         self.current = loaded
+        release_frozen()  # the old model's objects may sit in frozen reference cycles
         self._metrics.set_model(self._component, loaded.name, loaded.version)
         log.info("now scoring with %s version %s", loaded.name, loaded.version)
         return True
@@ -142,8 +144,10 @@ class ScoringConsumer:
         self.models.refresh()
         # Wired and subscribed: ready until a batch finds a store down (see ChurnScorerNotReady).
         self.metrics.scorer_ready.set(1)
+        freeze_survivors()  # start-up's imports and clients: never walked by the collector again
         last_lag = last_model = last_message = last_drift = time.monotonic()
         backoff = 0.1
+        outage_since: float | None = None  # first failed attempt of the batch being retried
         try:
             while not self.stopping.is_set():
                 raw = self.consumer.consume(self.loop.max_batch, self.loop.max_wait_s)
@@ -157,10 +161,15 @@ class ScoringConsumer:
                     last_message = now
                     try:
                         self._process(messages)
+                        freeze_survivors()  # the batch's survivors (user states mostly)
                         backoff = 0.1
                         self.metrics.scorer_ready.set(1)
+                        if outage_since is not None:
+                            log.info("stores are back: batch applied after %.1fs", time.monotonic() - outage_since)
+                            outage_since = None
                     except ServiceUnavailableError as exc:
                         self.metrics.scorer_ready.set(0)
+                        outage_since = now if outage_since is None else outage_since
                         log.warning("store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
                         self._rewind(messages)
                         self.stopping.wait(backoff)

@@ -9,6 +9,7 @@ Kafka offsets only after `process` returns.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -187,10 +188,10 @@ class BatchProcessor:
         self.risks.write(risk_rows)
         written = self.wall_clock_ms()
         m = self.metrics
-        for risk, append_ms in zip(risk_rows, appended_ms, strict=True):
-            m.freshness_seconds.observe(max(written - append_ms, 0) / 1000)
-            m.score.observe(risk.churn_probability)
-            m.tier_total.labels(risk.risk_tier).inc()
+        m.freshness_seconds.observe_many(np.maximum(written - np.asarray(appended_ms), 0) * 0.001)
+        m.score.observe_many(probabilities)
+        for tier, count in Counter(risk.risk_tier for risk in risk_rows).items():
+            m.tier_total.labels(tier).inc(count)
         m.users_scored_total.inc(len(risk_rows))
 
     def _count(self, result: BatchResult, unknown_pages: int) -> None:
