@@ -14,7 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from churn.errors import ChurnError
-from churn.settings import Settings, load_settings
+from churn.settings import Settings, load_settings, mask_url
 
 app = typer.Typer(
     help="Real-time churn scorer: Kafka -> features (Feast/Redis) -> LightGBM -> API.", no_args_is_help=True
@@ -350,7 +350,8 @@ def score(
         moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
         champion = load_champion(settings)
         if champion is None:
-            msg = f"no champion version of {settings.model_name} at {settings.tracking_uri}; run `churn train` first"
+            where = mask_url(settings.tracking_uri)
+            msg = f"no champion version of {settings.model_name} at {where}; run `churn train` first"
             raise NotFoundError(msg)
         model, version = champion
         scores = score_users(model, load_events(events), int(moment.timestamp() * 1000), version)

@@ -8,6 +8,7 @@ them and `status` reports each one honestly. Every step is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -182,13 +183,16 @@ def kafka_ready(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
 def _start_redis(settings: Settings) -> None:
     data = settings.state_dir.resolve() / "redis"
     data.mkdir(parents=True, exist_ok=True)
+    # No periodic snapshots, but one on SIGTERM (`stop_service`, `down`), loaded at the next start:
+    # Kafka keeps the committed offsets across a restart, so Redis must keep the user states and
+    # feature rows they refer to, or a restarted Redis would silently lose every applied event.
     _spawn(
         settings,
         "redis",
         [
             "redis-server", "--bind", "127.0.0.1", "--port", str(settings.redis_port),
-            "--dir", str(data), "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--protected-mode", "yes",
+            "--dir", str(data), "--save", "", "--appendonly", "no", "--shutdown-on-sigterm", "save",
+            "--daemonize", "no", "--protected-mode", "yes",
         ],
     )  # fmt: skip
 
@@ -346,13 +350,22 @@ def down(settings: Settings, timeout: float = 30.0) -> None:
         _pid_file(settings, name).unlink(missing_ok=True)
 
 
-def stop_service(settings: Settings, name: str) -> None:
-    """Stops one service (fault tests use it to take Redis or Kafka away for a while)."""
+def stop_service(settings: Settings, name: str, timeout: float = 30.0) -> None:
+    """Stops one service: SIGTERM (a clean shutdown: Redis saves, Kafka closes its logs), then
+    SIGKILL if it is still running after `timeout` seconds. Fault tests use it to take Redis or
+    Kafka away for a while; `start_service` brings it back with its data."""
     pid = _running_pid(settings, name)
-    if pid is not None:
-        os.killpg(pid, signal.SIGTERM)
-        while _running_pid(settings, name) is not None:
-            time.sleep(0.1)
+    if pid is None:
+        return
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running_pid(settings, name) is not None:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+                os.killpg(pid, signal.SIGKILL)
+            deadline = float("inf")  # SIGKILL cannot be ignored: wait for the exit
+        time.sleep(0.1)
+    _pid_file(settings, name).unlink(missing_ok=True)
 
 
 def start_service(settings: Settings, name: str, timeout: float = 60.0) -> None:

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from churn.errors import ConfigError
+
+# Settings whose value may carry a password (`scheme://user:password@host`): printed masked.
+URL_SETTINGS = frozenset({"kafka_bootstrap", "redis_url", "mlflow_tracking_uri"})
+# Settings that are secrets as a whole: never echoed, not even in a validation error.
+SECRET_SETTINGS = frozenset({"api_keys"})
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
+def mask_url(url: str) -> str:
+    """Returns `url` with the password of a `user:password@` part replaced by `***`
+    (for logs and messages; connect with the unmasked value)."""
+    return _URL_PASSWORD.sub(r"\1:***@", url)
 
 
 class Settings(BaseSettings):
@@ -57,6 +71,8 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_workers: int = Field(default=1, ge=1, le=64)
     api_keys: list[SecretStr] = Field(default_factory=list)
+    # Larger request bodies are refused with 413 before they are read (1,000 ids of 64 characters fit).
+    api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
     open_health_and_metrics: bool = True  # health and /metrics answer without an API key
     scorer_metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # bind address of the scorer's metrics server (0.0.0.0 in compose)
@@ -94,6 +110,11 @@ class Settings(BaseSettings):
             msg = f"must be above CHURN_DRIFT_PSI_WARN ({warn})"
             raise ValueError(msg)
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What repr() and str() show: API keys as `SecretStr` stars, URL passwords as `***`."""
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name in URL_SETTINGS and isinstance(value, str) else value
 
     @property
     def bootstrap_servers(self) -> str:
@@ -136,9 +157,25 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"CHURN_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            + (f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
-            for err in exc.errors()
+            f"CHURN_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}{_echo(err)}" for err in exc.errors()
         )
         msg = f"invalid settings: {problems}"
+        if any(err["loc"] and err["loc"][0] in SECRET_SETTINGS | URL_SETTINGS for err in exc.errors()):
+            raise ConfigError(msg) from None  # pydantic's own message, printed as the cause, shows the value
         raise ConfigError(msg) from exc
+    except SettingsError as exc:  # a list setting that is not JSON; its text is not repeated (it may be a key)
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"CHURN_{field.group(1).upper()}" if field else "a setting"
+        msg = f"invalid settings: {name} must be JSON (e.g. CHURN_API_KEYS='[\"key1\"]')"
+        raise ConfigError(msg) from exc
+
+
+def _echo(err: Any) -> str:
+    """Returns " (got <input>)" for a validation error, with secrets left out and URL passwords masked."""
+    name = str(err["loc"][0]) if err["loc"] else ""
+    value = err.get("input")
+    if "input" not in err or isinstance(value, dict) or name in SECRET_SETTINGS:
+        return ""
+    if name in URL_SETTINGS and isinstance(value, str):
+        value = mask_url(value)
+    return f" (got {value!r})"

@@ -28,11 +28,14 @@ MIN_TS_MS: Final = 946_684_800_000
 MAX_TS_MS: Final = 4_102_444_800_000
 MAX_STRING_CHARS: Final = 2048
 MAX_SONG_SECONDS: Final = 24 * 3600.0
+# Counts (sessionId, itemInSession) end up in the msgpack user state and Feast's Int64 columns: a
+# larger integer is valid JSON but would fail the state write for good (a poison message).
+MAX_INT64: Final = 2**63 - 1
 
 Str = Annotated[str, msgspec.Meta(max_length=MAX_STRING_CHARS)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STRING_CHARS)]
 EpochMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
 
 
 class Event(msgspec.Struct, rename="camel", gc=False):

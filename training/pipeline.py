@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from churn.settings import Settings
+from churn.settings import Settings, mask_url
 from features import spec
 from training import dataset, evaluate, fit, reference, registry, split
 from training.artifact import ChurnModel, save_artifact, tier_cuts
@@ -157,7 +157,7 @@ def _register(
     test_metrics: dict[str, Any],
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    progress(f"logging to MLflow at {settings.tracking_uri}")
+    progress(f"logging to MLflow at {mask_url(settings.tracking_uri)}")
     champion = registry.load_champion(settings)
     decision = registry.decide(settings, test_metrics, test_frame, champion)
     params = {

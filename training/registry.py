@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from churn.errors import ServiceUnavailableError
-from churn.settings import Settings
+from churn.settings import Settings, mask_url
 from training import metrics
 from training.artifact import ChurnModel, load_artifact
 from training.dataset import feature_matrix
@@ -92,7 +92,7 @@ def log_run(
         ).version
         client.set_registered_model_alias(settings.model_name, CHALLENGER, str(version))
     except MlflowException as exc:
-        msg = f"MLflow at {settings.tracking_uri}: {exc}"
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
     return run_id, str(version)
 
@@ -155,7 +155,7 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         if decision.promote:
             client.set_registered_model_alias(settings.model_name, CHAMPION, version)
     except MlflowException as exc:
-        msg = f"MLflow at {settings.tracking_uri}: {exc}"
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
 
 
@@ -173,7 +173,7 @@ def champion_version(settings: Settings) -> str | None:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
-        msg = f"MLflow at {settings.tracking_uri}: {exc}"
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
 
 
@@ -203,7 +203,7 @@ def load_version(settings: Settings, version: str) -> ChurnModel:
             Path(local).rename(cache)
             shutil.rmtree(staging, ignore_errors=True)
         except MlflowException as exc:
-            msg = f"MLflow at {settings.tracking_uri}: cannot fetch {settings.model_name} v{version}: {exc}"
+            msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot fetch {settings.model_name} v{version}: {exc}"
             raise ServiceUnavailableError(msg) from exc
     return load_artifact(cache)
 

@@ -92,6 +92,8 @@ BROKEN: list[tuple[str, dict[str, Any], str]] = [
     ("ts before 2000", {"ts": 1}, f"Expected `int` >= {MIN_TS_MS} - at `$.ts`"),
     ("negative length", {"length": -1.5}, "Expected `float` >= 0.0 - at `$.length`"),
     ("negative sessionId", {"sessionId": -1}, "Expected `int` >= 0 - at `$.sessionId`"),
+    # Valid JSON, but no int64 holds it: it would fail every write of the user's state.
+    ("sessionId beyond int64", {"sessionId": 10**30}, "Expected `int` <= 9223372036854775807 - at `$.sessionId`"),
     ("unknown level", {"level": "gold"}, "Invalid enum value 'gold' - at `$.level`"),
     ("empty page", {"page": ""}, "Expected `str` of length >= 1 - at `$.page`"),
     ("status out of range", {"status": 99}, "Expected `int` >= 100 - at `$.status`"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from churn.errors import ConfigError
-from churn.settings import load_settings
+from churn.settings import load_settings, mask_url
 
 
 def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,3 +27,27 @@ def test_secrets_are_masked() -> None:
     settings = load_settings(api_keys=["s3cret"])
     assert "s3cret" not in repr(settings)
     assert settings.api_keys[0].get_secret_value() == "s3cret"
+
+
+def test_url_passwords_are_masked_but_used() -> None:
+    settings = load_settings(
+        redis_url="redis://app:hunter2@cache:6379/0", mlflow_tracking_uri="postgresql://ml:pw9@db/ml"
+    )
+    printed = repr(settings) + str(settings)
+    assert "hunter2" not in printed
+    assert "pw9" not in printed
+    assert "redis://app:***@cache:6379/0" in printed
+    assert settings.redis_address == "redis://app:hunter2@cache:6379/0"
+    assert mask_url("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_an_invalid_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHURN_API_KEYS", "not-json-but-secret")
+    with pytest.raises(ConfigError, match="CHURN_API_KEYS") as raised:
+        load_settings()
+    assert "not-json-but-secret" not in str(raised.value)
+    monkeypatch.delenv("CHURN_API_KEYS")
+    with pytest.raises(ConfigError, match="CHURN_API_KEYS") as raised:
+        load_settings(api_keys="secret-as-a-string")
+    assert "secret-as-a-string" not in str(raised.value)
+    assert raised.value.__cause__ is None  # a traceback would print pydantic's error, input included

@@ -1,0 +1,77 @@
+"""The API's request limits and key checks, without services: body size (413) and key digests."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterator
+
+import pytest
+from fastapi import Depends, FastAPI, Request
+from fastapi.testclient import TestClient
+
+from serving.auth import ApiKeys
+from serving.limits import BodySizeLimit
+
+LIMIT = 4096
+
+
+@pytest.fixture
+def client() -> Iterator[tuple[TestClient, list[int]]]:
+    """An app that echoes how many body bytes its route read, behind a 4 KiB limit."""
+    app = FastAPI()
+    app.add_middleware(BodySizeLimit, max_bytes=LIMIT)
+    read: list[int] = []
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        body = await request.body()
+        read.append(len(body))
+        return {"bytes": len(body)}
+
+    with TestClient(app) as test_client:
+        yield test_client, read
+
+
+def test_a_body_within_the_limit_passes(client: tuple[TestClient, list[int]]) -> None:
+    http, read = client
+    assert http.post("/echo", content=b"x" * LIMIT).json() == {"bytes": LIMIT}
+    assert read == [LIMIT]
+
+
+def test_a_declared_oversized_body_is_refused_unread(client: tuple[TestClient, list[int]]) -> None:
+    http, read = client
+    answer = http.post("/echo", content=b"x" * (LIMIT + 1))
+    assert answer.status_code == 413
+    assert answer.json() == {"detail": f"request body of {LIMIT + 1} bytes exceeds the limit of {LIMIT} bytes"}
+    assert read == []  # the route never ran
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(client: tuple[TestClient, list[int]]) -> None:
+    http, read = client
+    answer = http.post("/echo", content=(b"x" * 1000 for _ in range(100)))  # no Content-Length
+    assert answer.status_code == 413
+    assert "exceeds the limit" in json.loads(answer.text)["detail"]
+    assert read == []
+
+
+def test_keys_are_compared_as_equal_length_digests(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    app = FastAPI()
+
+    @app.get("/data", dependencies=[Depends(ApiKeys(["short", "a-much-longer-key-than-the-first"]))])
+    async def data() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    with TestClient(app) as http:
+        assert http.get("/data", headers={"X-API-Key": "short"}).status_code == 200
+        assert http.get("/data", headers={"X-API-Key": "x" * 10_000}).status_code == 401
+    # Both keys compared each time (no early exit on a match), always as two 32-byte digests.
+    assert compared == [(32, 32)] * 4
