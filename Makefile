@@ -44,7 +44,11 @@ format: $(VENV)/.installed ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff format .
 
 bench: setup ## benchmarks, each printing JSON figures
-	$(CHURN) bench all
+	$(CHURN) bench produce
+	$(CHURN) bench features
+	$(CHURN) bench train
+	$(CHURN) bench stream
+	$(CHURN) bench api
 
 infra-up: $(VENV)/.installed ## start local Kafka, Redis, Prometheus (demo ports)
 	$(CHURN) infra up

@@ -105,6 +105,16 @@ def consume(
     scorer.run(max_idle_s=idle_exit or None)
 
 
+def _stop_like_ctrl_c_on_sigterm() -> None:
+    """Makes SIGTERM (docker stop, kill) end the command as Ctrl-C does: flush, summary, exit."""
+    import signal
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @app.command("produce")
 def produce(
     replay: str = typer.Option(..., "--replay", help="JSON Lines file of events (.gz or plain) to publish."),
@@ -118,6 +128,7 @@ def produce(
     from stream.producer import ProduceReport, replay_file
 
     on_tty = sys.stderr.isatty()
+    _stop_like_ctrl_c_on_sigterm()
 
     def show_progress(report: ProduceReport) -> None:
         line = (

@@ -10,9 +10,11 @@ through `load_champion`, never a pickle.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from training.dataset import feature_matrix
 EXPERIMENT = "churn"
 ARTIFACT_PATH = "model"
 CHAMPION, CHALLENGER = "champion", "challenger"
+PROMOTED_AT_TAG = "promoted_at"  # model-version tag: when the version became champion (UTC ISO 8601)
 
 
 @dataclass
@@ -154,6 +157,8 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         client.set_tag(run_id, "registry.version", version)
         if decision.promote:
             client.set_registered_model_alias(settings.model_name, CHAMPION, version)
+            promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
+            client.set_model_version_tag(settings.model_name, version, PROMOTED_AT_TAG, promoted_at)
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
@@ -179,7 +184,7 @@ def champion_version(settings: Settings) -> str | None:
 
 def load_version(settings: Settings, version: str) -> ChurnModel:
     """Returns the model of registry `version`, downloaded once into the local cache
-    (<state_dir>/model_cache/<model_name>/<version>/).
+    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>/).
 
     Raises:
         ServiceUnavailableError: the registry or artifact store cannot be reached.
@@ -188,7 +193,9 @@ def load_version(settings: Settings, version: str) -> ChurnModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    cache = settings.state_dir.resolve() / "model_cache" / settings.model_name / version
+    # Keyed by registry too: two registries sharing a state folder each number from 1.
+    registry = hashlib.sha256(settings.tracking_uri.encode()).hexdigest()[:12]
+    cache = settings.state_dir.resolve() / "model_cache" / registry / settings.model_name / version
     if not (cache / "meta.json").exists():
         try:
             source = _client(settings).get_model_version(settings.model_name, version).source
@@ -215,7 +222,17 @@ def load_champion(settings: Settings) -> tuple[ChurnModel, str] | None:
         ServiceUnavailableError: the registry or artifact store cannot be reached.
         InvalidInputError: the champion's files are not a model artifact.
     """
+    from mlflow.exceptions import MlflowException
+
     version = champion_version(settings)
     if version is None:
         return None
-    return load_version(settings, version), version
+    model = load_version(settings, version)
+    try:
+        tags = _client(settings).get_model_version(settings.model_name, version).tags
+    except MlflowException as exc:
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot read {settings.model_name} v{version}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+    # The artifact is written before the decision; the promotion time lives on the version.
+    model.meta["promoted_at"] = tags.get(PROMOTED_AT_TAG)
+    return model, version

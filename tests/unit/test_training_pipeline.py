@@ -4,6 +4,7 @@ promotion gates, and the model's behaviour."""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def test_first_model_is_registered_and_promoted(first: dict[str, Any], state: Se
     assert loaded is not None
     model, version = loaded
     assert version == first["version"]
+    assert datetime.fromisoformat(model.meta["promoted_at"]).tzinfo is not None  # shown by /models/current
     local = load_artifact(first["artifact_dir"])
     x = np.random.default_rng(0).random((50, len(model.features))) * 10
     assert np.array_equal(model.predict(x), local.predict(x))
