@@ -1,12 +1,13 @@
 """`FeastFeatureStore`: the production FeatureStore, Feast's Redis online store.
 
 Writes hand rows straight to the provider's `online_write_batch` (the call `FeatureStore.push`
-ends in) and skip push's DataFrame -> Arrow -> proto conversion; reads use
-`get_online_features`, the documented API. The configured online store is
+ends in) and skip push's DataFrame -> Arrow -> proto conversion. The configured online store is
 `features.redis_store.ChurnRedisOnlineStore`, Feast's Redis store with a leaner write that stores
 the same keys and bytes; to it the rows go with their values already serialized (no ValueProto
-per value). Anything Feast reads (its feature server, `feast` CLI, `materialize`) sees the same
-rows.
+per value), and from it they are read back as those bytes (`read_values`, the HMGET Feast's
+`online_read` sends), decoded here. Another configured store is read with
+`get_online_features`, the documented API. Anything Feast reads (its feature server, `feast`
+CLI, `materialize`) sees the same rows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     OnlineRow = tuple[EntityKeyProto, Mapping[str, ValueProto | bytes], datetime, datetime | None]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAN = float("nan")
 # Distinct small ints (counts) whose ValueProto is built once and shared.
 _INT_CACHE_SIZE = 100_000
 
@@ -137,10 +139,21 @@ class FeastFeatureStore:
         self._int_names = [name for name in STORED_FEATURES if is_int_feature(name)]
         self._float_names = [name for name in STORED_FEATURES if not is_int_feature(name)]
         # The serialized-values path needs our store; another configured store gets ValueProtos.
-        from features.redis_store import ChurnRedisOnlineStore, cached_int64, encode_doubles, encode_int64
+        from features.redis_store import (
+            ChurnRedisOnlineStore,
+            cached_int64,
+            decode_value,
+            encode_doubles,
+            encode_int64,
+        )
 
         self._encode_int64, self._encode_doubles, self._int_bytes = encode_int64, encode_doubles, cached_int64
-        self._serialized = isinstance(getattr(self._provider, "online_store", None), ChurnRedisOnlineStore)
+        self._decode_value = decode_value
+        online_store = getattr(self._provider, "online_store", None)
+        self._serialized = isinstance(online_store, ChurnRedisOnlineStore)
+        self._online_store = online_store if self._serialized else None
+        # What `read_rows` asks our store for: the stored features, then the latest event time.
+        self._read_names = (*STORED_FEATURES, LAST_EVENT_MS)
         self._value_cls = Value
         self._entity_key_cls = EntityKey
         self._int_cache: dict[int, ValueProto] = {}
@@ -173,14 +186,18 @@ class FeastFeatureStore:
             self._store.push(PUSH_SOURCE_NAME, frame)
 
     def read_rows(self, user_ids: Sequence[str]) -> list[FeatureRow | None]:
-        """Returns one row per id in order, `None` for users never written; one Redis pipeline.
+        """Returns one row per id in order, `None` for users never written; one HMGET per user
+        (in one pipeline for several users).
 
         Raises:
             ServiceUnavailableError: Redis cannot be reached.
+            ValueError: a stored value is not a number (the view was written by something else).
         """
         if not user_ids:
             return []
         ids = list(user_ids)
+        if self._online_store is not None:
+            return self._read_values(ids)
         with translate_redis_errors(f"reading {len(ids)} feature rows", self._address):
             response = self._store.get_online_features(features=self._feature_refs, entity_rows={JOIN_KEY: ids})
         columns = response.to_dict()
@@ -195,6 +212,28 @@ class FeastFeatureStore:
                 name: int(columns[name][i]) if is_int else _float(columns[name][i]) for name, is_int in self._int_flags
             }
             out.append(FeatureRow(user_id=user_id, last_event_ms=int(last_event[i]), values=values))
+        return out
+
+    def _read_values(self, ids: list[str]) -> list[FeatureRow | None]:
+        # Our store hands back the stored bytes; decoding them here is the whole conversion.
+        value, entity_key, decode_value = self._value_cls, self._entity_key_cls, self._decode_value
+        keys = [entity_key(join_keys=[JOIN_KEY], entity_values=[value(string_val=user_id)]) for user_id in ids]
+        assert self._online_store is not None
+        with translate_redis_errors(f"reading {len(ids)} feature rows", self._address):
+            stored = self._online_store.read_values(self._config, self._view, keys, self._read_names)
+        out: list[FeatureRow | None] = []
+        for user_id, raw in zip(ids, stored, strict=True):
+            numbers = list(map(decode_value, raw))
+            last_event = numbers.pop()
+            if last_event is None:  # never written
+                out.append(None)
+                continue
+            # A missing value (Feast's materialize stores a NaN float as null) is NaN for the model.
+            values = {
+                name: _NAN if number is None else int(number) if is_int else float(number)
+                for (name, is_int), number in zip(self._int_flags, numbers, strict=True)
+            }
+            out.append(FeatureRow(user_id=user_id, last_event_ms=int(last_event), values=values))
         return out
 
     def _to_serialized(self, row: FeatureRow) -> OnlineRow:

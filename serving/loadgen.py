@@ -31,6 +31,12 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
     return {"p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": at(1.0)}
 
 
+def due_count(elapsed: float, rate: float) -> int:
+    """Returns how many requests are due `elapsed` seconds after the start at `rate` per second:
+    request i is scheduled at i / rate, so the first one at once."""
+    return int(elapsed * rate) + 1 if elapsed >= 0 else 0
+
+
 async def _read_response(reader: asyncio.StreamReader) -> int:
     """Reads one HTTP/1.1 response with a Content-Length body; returns its status code."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -87,7 +93,7 @@ async def run(
     sent_count = 0
     # Enqueue every request whose scheduled time has come; the 1 ms tick bounds the jitter.
     while (now := time.perf_counter()) < end:
-        target_count = int((now - start) * rate)
+        target_count = due_count(now - start, rate)
         for i in range(sent_count, target_count):
             due.put_nowait(start + i / rate)
         sent_count = max(sent_count, target_count)

@@ -105,6 +105,9 @@ def test_auth(client: Any) -> None:
     assert http.get("/users/u1/risk").status_code == 401
     assert http.get("/users/u1/risk", headers={"X-API-Key": "nope"}).status_code == 401
     assert http.get("/users/u1/risk", headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert http.get("/users/u1/risk", headers={"Authorization": "Basic k1"}).status_code == 401
+    # X-API-Key, when sent, is the key that counts.
+    assert http.get("/users/u1/risk", headers={"X-API-Key": "nope", "Authorization": "Bearer k1"}).status_code == 401
     assert http.get("/health/live").status_code == 200
     assert http.get("/metrics").status_code == 200
 
@@ -132,3 +135,28 @@ def test_model_swap_is_picked_up(client: Any) -> None:
     models._load = lambda: LoadedModel(StandInModel(), "churn-lightgbm", "2")
     assert models.refresh()
     assert http.get("/users/u1/risk", headers=KEY).json()["model"]["version"] == "2"
+
+
+def test_api_keys_are_declared_security_schemes(client: Any) -> None:
+    http, _, _ = client
+    document = http.get("/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "One of CHURN_API_KEYS",
+    }
+    assert schemes["Bearer"]["type"] == "http"
+    assert schemes["Bearer"]["scheme"] == "bearer"
+    # A list of requirements: any one of them will do.
+    either: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
+    assert document["paths"]["/users/{user_id}/risk"]["get"]["security"] == either
+    assert document["paths"]["/users/risk"]["post"]["security"] == either
+    assert "security" not in document["paths"]["/health/live"]["get"]  # open by default
+
+
+def test_an_open_api_declares_no_security() -> None:
+    document = create_app(load_settings(api_keys=[])).openapi()
+    assert "securitySchemes" not in document.get("components", {})
+    assert "security" not in document["paths"]["/users/{user_id}/risk"]["get"]

@@ -72,6 +72,45 @@ def test_nan_decodes_as_nan() -> None:
     assert math.isnan(Value.FromString(encode_double(math.nan)).double_val)
 
 
+@pytest.mark.parametrize(
+    ("kind", "number"),
+    [("int64_val", n) for n in INTS]
+    + [("double_val", x) for x in DOUBLES]
+    + [("int32_val", -7), ("int32_val", 0), ("float_val", 0.5)],
+)
+def test_decoded_values_are_the_protos(kind: str, number: float) -> None:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from features.redis_store import decode_value
+
+    value = Value()
+    setattr(value, kind, number)
+    got = decode_value(value.SerializeToString())
+    assert got == number
+    assert type(got) is type(number)
+    assert math.copysign(1, got) == math.copysign(1, number)  # -0.0 stays -0.0
+
+
+def test_nothing_stored_or_null_decodes_as_none_and_nan_as_nan() -> None:
+    from feast.protos.feast.types.Value_pb2 import Null, Value
+
+    from features.redis_store import decode_value, encode_double
+
+    assert decode_value(None) is None  # the field was never written
+    assert decode_value(Value().SerializeToString()) is None  # b"": no value set
+    assert decode_value(Value(null_val=Null.NULL).SerializeToString()) is None
+    assert math.isnan(decode_value(encode_double(math.nan)) or 0.0)
+
+
+def test_a_value_that_is_not_a_number_is_refused() -> None:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from features.redis_store import decode_value
+
+    with pytest.raises(ValueError, match="string_val"):
+        decode_value(Value(string_val="x").SerializeToString())
+
+
 TIMES = [
     datetime(1970, 1, 1, tzinfo=UTC),
     datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
