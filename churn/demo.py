@@ -19,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 from churn.settings import Settings
 
 Say = Callable[[str], None]
@@ -75,11 +77,26 @@ def _lag(settings: Settings, group: str) -> int:
         consumer.close()
 
 
+# Answers of a broker whose group coordinator is still starting: ask again later.
+_COORDINATOR_WAITS = frozenset(
+    (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE)
+)
+
+
 def _wait_for_groups(settings: Settings, say: Say, procs: Processes) -> None:
     started = time.monotonic()
     while True:
         procs.check()
-        lags = {g: _lag(settings, g) for g in (settings.scorer_group, settings.archiver_group)}
+        try:
+            lags = {g: _lag(settings, g) for g in (settings.scorer_group, settings.archiver_group)}
+        except KafkaException as exc:
+            # A broker that just started has no group coordinator yet (NOT_COORDINATOR & co.).
+            error = exc.args[0]
+            if not (error.retriable() or error.code() in _COORDINATOR_WAITS):
+                raise
+            say(f"  waiting for Kafka's group coordinator: {error.str()}")
+            time.sleep(5)
+            continue
         scorer, archiver = lags[settings.scorer_group], lags[settings.archiver_group]
         say(f"  consuming history: scorer lag {scorer:,}, archiver lag {archiver:,}")
         if all(v == 0 for v in lags.values()):
