@@ -414,6 +414,7 @@ def demo(
     """Run the whole system end to end on the local services (`make demo`)."""
     from churn.demo import run_demo
 
+    _stop_like_ctrl_c_on_sigterm()  # so `kill` also stops the scorer, API and producer it started
     try:
         run_demo(_settings(), users=users, days=days, rate=rate, duration=duration or None, say=typer.echo)
     except ChurnError as exc:
