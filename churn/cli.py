@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from churn.errors import ChurnError
+from churn.errors import ChurnError, InvalidInputError
 from churn.settings import Settings, load_settings, mask_url
 
 app = typer.Typer(
@@ -103,6 +104,20 @@ def consume(
     start_metrics_server(scorer.metrics, settings.scorer_metrics_port, settings.metrics_host)
     scorer.install_signal_handlers()
     scorer.run(max_idle_s=idle_exit or None)
+
+
+def _parse_as_of(text: str) -> datetime:
+    """Returns the `--as-of` option as an aware datetime (a naive one is UTC).
+
+    Raises:
+        InvalidInputError: `text` is not an ISO 8601 date or datetime.
+    """
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        msg = f"--as-of {text!r} is not an ISO date or datetime"
+        raise InvalidInputError(msg) from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _stop_like_ctrl_c_on_sigterm() -> None:
@@ -344,21 +359,15 @@ def score(
     out: Annotated[Path, typer.Option(help="Output file, .csv or .parquet.")],
 ) -> None:
     """Score every known user as of a time with the champion model."""
-    from datetime import UTC, datetime
 
-    from churn.errors import InvalidInputError, NotFoundError
+    from churn.errors import NotFoundError
     from training.event_log import load_events
     from training.registry import load_champion
     from training.scoring import score_users, write_scores
 
     settings = _settings()
     try:
-        try:
-            moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
-        except ValueError as exc:
-            msg = f"--as-of {as_of!r} is not an ISO date or datetime"
-            raise InvalidInputError(msg) from exc
-        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment = _parse_as_of(as_of)
         champion = load_champion(settings)
         if champion is None:
             where = mask_url(settings.tracking_uri)
@@ -482,20 +491,11 @@ def materialize(
 ) -> None:
     """Cold start: load the online store through Feast, and the scorer states, from an event log."""
     import json
-    from datetime import UTC, datetime
 
-    from churn.errors import InvalidInputError
     from features.backfill import materialize as run
 
     try:
-        moment = None
-        if as_of:
-            try:
-                moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
-            except ValueError as exc:
-                msg = f"--as-of {as_of!r} is not an ISO date or datetime"
-                raise InvalidInputError(msg) from exc
-            moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment = _parse_as_of(as_of) if as_of else None
         summary = run(_settings(), events, moment, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
         _fail(exc)
