@@ -475,12 +475,21 @@ def bench_api(
     seconds: Annotated[float, typer.Option(min=1, help="Measured seconds per run (after a 2 s warm-up).")] = 15.0,
     connections: Annotated[int, typer.Option(min=1, help="Keep-alive connections of the load generator.")] = 32,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn workers of the `churn serve` under test.")] = 2,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per mode; the headline is their median.")] = 3,
 ) -> None:
     """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
     from serving.bench import bench_api as run
 
     _print_figures(
-        lambda: run(_settings(), users=users, rate=rate, seconds=seconds, connections=connections, workers=workers)
+        lambda: run(
+            _settings(),
+            users=users,
+            rate=rate,
+            seconds=seconds,
+            connections=connections,
+            workers=workers,
+            repeats=repeats,
+        )
     )
 
 

@@ -156,10 +156,6 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    async def current() -> Deps:
-        # Async so FastAPI calls it on the event loop instead of hopping to a worker thread.
-        return state["deps"]
-
     # Without keys the routes declare no security scheme: the document describes this deployment.
     auth = [Depends(keys)] if keys.enabled else []
     open_or_auth = [] if settings.open_health_and_metrics else auth
@@ -193,9 +189,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
     async def user_risk(
         user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")],
         explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
-        d: Deps = Depends(current),
     ) -> Response:
         """Churn probability within the horizon for one user, with tier and reasons."""
+        d = state["deps"]
         # On the event loop, blocking: one user is two loopback Redis round trips and ~0.1 ms of
         # Python, less than the hop to a worker thread (and its GIL hand-offs) a sync route pays.
         answers, _ = d.service.answer([user_id], explain=explain)
@@ -216,16 +212,18 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         },
         dependencies=auth,
     )
-    def users_risk(body: BatchRequest, d: Deps = Depends(current)) -> Response:
+    def users_risk(body: BatchRequest) -> Response:
         """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed."""
+        d = state["deps"]
         ids = list(dict.fromkeys(body.user_ids))
         answers, unknown = d.service.answer(ids, explain=body.explain)
         batch = BatchAnswer(results=answers, unknown_user_ids=unknown)
         return Response(batch.model_dump_json(), media_type="application/json")
 
     @app.get("/models/current", response_model=ModelInfo, responses=ERRORS, dependencies=auth)
-    def model_current(d: Deps = Depends(current)) -> ModelInfo:
+    def model_current() -> ModelInfo:
         """The champion in use: version, metrics, training window."""
+        d = state["deps"]
         loaded = d.models.current
         meta = d.model_meta()
         if loaded is None or meta is None:
@@ -244,8 +242,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         responses={503: {"model": Health, "description": "Not ready"}},
         dependencies=open_or_auth,
     )
-    def ready(d: Deps = Depends(current)) -> Any:
+    def ready() -> Any:
         """Redis reachable, feature view present, model loaded."""
+        d = state["deps"]
         checks: dict[str, str] = {}
         for name, check in d.ready_checks.items():
             try:
@@ -263,20 +262,22 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         responses={**ERRORS, 503: {"model": Problem, "description": "No drift report yet, or Redis is down"}},
         dependencies=auth,
     )
-    def drift(d: Deps = Depends(current)) -> dict[str, Any]:
+    def drift() -> dict[str, Any]:
         """The scorer's latest drift report: PSI/KS per feature and for the score, status, alert_since."""
-        state = d.drift_state()
-        if state is None:
+        d = state["deps"]
+        report = d.drift_state()
+        if report is None:
             msg = (
                 "no drift report yet: the scorer publishes one every"
                 f" {settings.drift_every_seconds:g} s once it has scored users with a champion model"
             )
             raise ServiceUnavailableError(msg)
-        return state
+        return report
 
     @app.get("/metrics", dependencies=open_or_auth, response_class=Response)
-    def metrics(d: Deps = Depends(current)) -> Response:
+    def metrics() -> Response:
         """Prometheus metrics of this process."""
+        d = state["deps"]
         return Response(generate_latest(d.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -34,7 +34,7 @@ def test_latency_is_measured_from_the_scheduled_time() -> None:
     figures = asyncio.run(scenario())
     assert figures["errors"] == 0
     assert figures["statuses"] == {"200": figures["requests"]}
-    # A server that answers at once is charged the scheduler's tick (about 1 ms), not the 20 ms
+    # A server that answers at once is charged about its own time, not the 20 ms
     # between two requests at 50/s.
     latency = figures["latency"]
     assert isinstance(latency, dict)
