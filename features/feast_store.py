@@ -1,18 +1,20 @@
 """`FeastFeatureStore`: the production FeatureStore, Feast's Redis online store.
 
-Writes hand rows straight to the provider's `online_write_batch` (the call `FeatureStore.push`
-ends in) and skip push's DataFrame -> Arrow -> proto conversion. The configured online store is
+Writes skip push's DataFrame -> Arrow -> proto conversion. The configured online store is
 `features.redis_store.ChurnRedisOnlineStore`, Feast's Redis store with a leaner write that stores
-the same keys and bytes; to it the rows go with their values already serialized (no ValueProto
-per value), and from it they are read back as those bytes (`read_values`, the HMGET Feast's
-`online_read` sends), decoded here. Another configured store is read with
+the same keys and bytes: on one Redis server its `HashWriter` takes the rows as plain numbers and
+sends the HSETs it builds; otherwise (a cluster, Feast's dedup turned on) the rows go to the
+provider's `online_write_batch` (the call `FeatureStore.push` ends in) with their values already
+serialized. Rows are read back as the stored bytes (`read_values`, the HMGET Feast's
+`online_read` sends), decoded here. Another configured store gets ValueProtos and is read with
 `get_online_features`, the documented API. Anything Feast reads (its feature server, `feast`
 CLI, `materialize`) sees the same rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -99,6 +101,16 @@ def rows_to_frame(rows: Sequence[FeatureRow]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def _values_getter(names: Sequence[str]) -> Callable[[Mapping[str, float]], Sequence[float]]:
+    """Returns a function giving the values of `names` of a mapping, in order, as a sequence."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda values: (values[name],)
+    if not names:
+        return lambda values: ()
+    return operator.itemgetter(*names)
+
+
 class FeastFeatureStore:
     """The FeatureStore on Feast's Redis online store (view `user_features`).
 
@@ -138,6 +150,9 @@ class FeastFeatureStore:
         self._int_flags = [(name, is_int_feature(name)) for name in STORED_FEATURES]
         self._int_names = [name for name in STORED_FEATURES if is_int_feature(name)]
         self._float_names = [name for name in STORED_FEATURES if not is_int_feature(name)]
+        # A row's int and float values in view order, picked in C (one name: a 1-tuple).
+        self._int_getter = _values_getter(self._int_names)
+        self._float_getter = _values_getter(self._float_names)
         # The serialized-values path needs our store; another configured store gets ValueProtos.
         from features.redis_store import (
             ChurnRedisOnlineStore,
@@ -167,8 +182,19 @@ class FeastFeatureStore:
         """
         if not rows:
             return
+        latest = latest_per_user(rows)
+        writer = None
+        if self._online_store is not None:
+            writer = self._online_store.hash_writer(
+                self._config, self._view, JOIN_KEY, self._int_names, self._float_names, LAST_EVENT_MS
+            )
+        if writer is not None:  # our store, one Redis server: rows go as numbers, encoded once
+            ints, floats = self._int_getter, self._float_getter
+            with translate_redis_errors(f"writing {len(latest)} feature rows", self._address):
+                writer.write((row.user_id, row.last_event_ms, ints(row.values), floats(row.values)) for row in latest)
+            return
         to_row = self._to_serialized if self._serialized else self._to_protos
-        data: list[OnlineRow] = [to_row(row) for row in latest_per_user(rows)]
+        data: list[OnlineRow] = [to_row(row) for row in latest]
         with translate_redis_errors(f"writing {len(data)} feature rows", self._address):
             # Feast types the values as ValueProtos; our store also takes their bytes.
             self._provider.online_write_batch(self._config, self._view, data, None)  # type: ignore[arg-type]

@@ -3,8 +3,9 @@
 Configured as `online_store: {type: features.redis_store.ChurnRedisOnlineStore, ...}`; Feast
 imports this module and its `ChurnRedisOnlineStoreConfig` from that name. Everything except
 the write is Feast's `RedisOnlineStore` unchanged: `online_read`, `materialize`, `teardown`,
-cluster. One method is added, `read_values`: the HMGET of `online_read` on the same keys and
-fields, handing back the stored bytes instead of a `ValueProto` per value (see below).
+cluster. Two methods are added: `read_values`, the HMGET of `online_read` on the same keys and
+fields, handing back the stored bytes instead of a `ValueProto` per value (see below), and
+`hash_writer`, the write of `online_write_batch` for rows given as plain numbers (`HashWriter`).
 
 The write stores byte for byte what the parent stores (see `RedisOnlineStore.online_write_batch`
 with `skip_dedup`): one hash per entity at `serialize_entity_key(key) + project`, one field per
@@ -64,6 +65,9 @@ _STRING_TYPE = _U32.pack(ValueType.STRING)
 _INT_CACHE_SIZE = 100_000
 _int_cache: dict[float, bytes] = {}  # int keys; any equal number finds them
 _cached_numbers: dict[bytes, int] = {}  # the reverse of _int_cache, for decoding
+_framed_ints: dict[float, bytes] = {}  # the same numbers as RESP bulk strings (see `HashWriter`)
+# A double value as a RESP bulk string: "$9\r\n", the ValueProto's 9 bytes, "\r\n".
+_FRAMED_DOUBLE = struct.Struct("<4sBd2s")
 _NUMBER_KINDS = frozenset(("int64_val", "int32_val", "double_val", "float_val"))
 _LIST_CACHE_SIZE = 64
 _BYTES_ONLY = frozenset((bytes,))
@@ -93,7 +97,14 @@ def encode_int64(number: int) -> bytes:
         if len(_int_cache) < _INT_CACHE_SIZE:
             _int_cache[number] = encoded
             _cached_numbers[encoded] = number
+            _framed_ints[number] = frame(encoded)
     return encoded
+
+
+def frame(argument: bytes) -> bytes:
+    """Returns `argument` as a RESP bulk string (`$<length>\r\n<bytes>\r\n`), the way
+    `hiredis.pack_command` writes each argument of a command."""
+    return b"$%d\r\n%b\r\n" % (len(argument), argument)
 
 
 def encode_double(number: float) -> bytes:
@@ -150,6 +161,13 @@ def encode_timestamp(when: datetime) -> bytes:
     return out + _NANOS_TAG + _varint(nanos) if nanos else out
 
 
+def encode_timestamp_ms(epoch_ms: int) -> bytes:
+    """Returns `encode_timestamp` of the UTC time `epoch_ms` milliseconds after the epoch."""
+    seconds, millis = divmod(epoch_ms, 1000)  # floor, as a datetime before 1970 has it
+    out = _SECONDS_TAG + _varint(seconds) if seconds else b""
+    return out + _NANOS_TAG + _varint(millis * 1_000_000) if millis else out
+
+
 for _number in range(4_096):  # counts: the common case
     encode_int64(_number)
 
@@ -199,16 +217,20 @@ class _ViewLayout:
         if self.key_version == 3 and len(join_keys) == 1:
             value = entity_key.entity_values[0]
             if value.WhichOneof("val") == "string_val":
-                join_key = join_keys[0]
-                prefix = self.prefixes.get(join_key)
-                if prefix is None:
-                    encoded = join_key.encode("utf8")
-                    prefix = self.prefixes[join_key] = b"".join(
-                        (_U32.pack(1), _STRING_TYPE, _U32.pack(len(encoded)), encoded, _STRING_TYPE)
-                    )
-                raw = value.string_val.encode("utf8")
-                return b"".join((prefix, _U32.pack(len(raw)), raw, self.project))
+                return self.string_key(join_keys[0], value.string_val)
         return serialize_entity_key(entity_key, entity_key_serialization_version=self.key_version) + self.project
+
+    def string_key(self, join_key: str, value: str) -> bytes:
+        """Returns the parent's key of the entity `join_key = value` (one string join key, entity
+        key serialization version 3)."""
+        prefix = self.prefixes.get(join_key)
+        if prefix is None:
+            encoded = join_key.encode("utf8")
+            prefix = self.prefixes[join_key] = b"".join(
+                (_U32.pack(1), _STRING_TYPE, _U32.pack(len(encoded)), encoded, _STRING_TYPE)
+            )
+        raw = value.encode("utf8")
+        return b"".join((prefix, _U32.pack(len(raw)), raw, self.project))
 
 
 def _as_proto(value: ValueProto | bytes) -> ValueProto:
@@ -221,6 +243,7 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
     def __init__(self) -> None:
         super().__init__()
         self._layouts: dict[tuple[str, str, int], _ViewLayout] = {}
+        self._writers: dict[tuple[Any, ...], HashWriter] = {}
 
     def layout(self, config: RepoConfig, table: FeatureView) -> _ViewLayout:
         """Returns the (cached) key and field layout of `table` in `config.project`."""
@@ -258,6 +281,37 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         replies: list[list[Any]] = self._read_hash_fields(config, [(key, list(fields)) for key in keys])
         return replies
 
+    def hash_writer(
+        self,
+        config: RepoConfig,
+        table: FeatureView,
+        join_key: str,
+        int_names: Sequence[str],
+        float_names: Sequence[str],
+        event_ms_name: str,
+    ) -> HashWriter | None:
+        """Returns a writer of rows with these int and double features in this order, and the
+        event time in ms as the int feature `event_ms_name` (see `HashWriter`); or None where
+        `online_write_batch` must do the write: Feast's dedup is on, the store is a cluster, or
+        entity keys are not serialized with version 3.
+        """
+        online_config = config.online_store
+        assert isinstance(online_config, RedisOnlineStoreConfig)
+        if not online_config.skip_dedup or config.entity_key_serialization_version != 3:
+            return None
+        client = self._get_client(online_config)
+        if not isinstance(client, Redis):
+            return None
+        layout = self.layout(config, table)
+        ttl = online_config.key_ttl_seconds
+        cache_key = (id(layout), join_key, tuple(int_names), tuple(float_names), event_ms_name, ttl)
+        writer = self._writers.get(cache_key)
+        if writer is None:
+            writer = HashWriter(layout, join_key, (int_names, float_names, event_ms_name), ttl)
+            self._writers[cache_key] = writer
+        writer.client = client
+        return writer
+
     def online_write_batch(
         self,
         config: RepoConfig,
@@ -282,7 +336,7 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         commands = self._commands(self.layout(config, table), data, ttl)
         client = self._get_client(online_config)
         if isinstance(client, Redis):  # one server (also Sentinel's master): stream the commands
-            results = _send_and_check(client, commands)
+            results = _send_and_check(client, map(pack_command, commands))
         else:  # RedisCluster: its pipeline routes each key to its node
             with client.pipeline(transaction=False) as pipe:
                 for command in commands:
@@ -316,9 +370,71 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
                 yield (b"EXPIRE", key, ttl)
 
 
-def _send_and_check(client: Redis, commands: Iterable[tuple[Any, ...]]) -> int:
-    """Sends the commands on one pooled connection, in chunks while they are built (Redis works
-    on one chunk while the next is packed), then reads every reply; returns how many.
+class HashWriter:
+    """Writes rows of one view as `online_write_batch` with `skip_dedup` does (same keys, same
+    fields, same bytes, same EXPIRE), given as plain numbers in a fixed feature order.
+
+    The HSET of a row is built as the bytes Redis receives: the field names framed as RESP bulk
+    strings once, the values framed as they are encoded (counts from a cache, doubles by one
+    struct pack). Going through ValueProto bytes, a command tuple and `hiredis.pack_command`
+    per row cost ~26 us of CPU a row; this costs about a quarter of that.
+    """
+
+    def __init__(
+        self,
+        layout: _ViewLayout,
+        join_key: str,
+        names: tuple[Sequence[str], Sequence[str], str],  # int features, double features, event ms
+        ttl: int | None,
+    ) -> None:
+        self.client: Redis | None = None  # set by `ChurnRedisOnlineStore.hash_writer`
+        self._layout = layout
+        self._join_key = join_key
+        int_names, float_names, event_ms_name = names
+        self._fields = [frame(layout.field(name)) for name in (*int_names, event_ms_name, *float_names)]
+        self._head = b"*%d\r\n$4\r\nHSET\r\n" % (4 + 2 * len(self._fields))
+        self._ts_field = frame(layout.ts_field)
+        self._expire = b"" if not ttl else b"*3\r\n$6\r\nEXPIRE\r\n%%b%b" % frame(str(ttl).encode())
+
+    def write(self, rows: Iterable[tuple[str, int, Sequence[float], Sequence[float]]]) -> int:
+        """Upserts rows of (entity value, event time in epoch ms, int features, double features);
+        ints given as floats are truncated with `int()`. Returns the number of commands sent.
+
+        Raises:
+            redis.exceptions.ConnectionError, TimeoutError: Redis is unreachable.
+            redis.exceptions.ResponseError: Redis refused a command (the other rows landed).
+            ValueError: an int feature does not fit an int64.
+        """
+        assert self.client is not None
+        return _send_and_check(self.client, self._commands(rows))
+
+    def _commands(self, rows: Iterable[tuple[str, int, Sequence[float], Sequence[float]]]) -> Iterator[bytes]:
+        string_key, join_key, fields, head, ts_field = (
+            self._layout.string_key,
+            self._join_key,
+            self._fields,
+            self._head,
+            self._ts_field,
+        )
+        framed_ints, width, expire = _framed_ints.get, 2 * len(fields), self._expire
+        for value, event_ms, ints, doubles in rows:
+            key = frame(string_key(join_key, value))
+            values: list[bytes | None] = list(map(framed_ints, ints))
+            if None in values:  # numbers not cached, or not whole
+                values = [frame(encode_int64(int(number))) for number in ints]
+            values.append(frame(_INT64_TAG + _varint(event_ms)))  # not cached: nearly every one differs
+            values += map(_FRAMED_DOUBLE.pack, repeat(b"$9\r\n"), repeat(_DOUBLE_TAG), doubles, repeat(b"\r\n"))
+            parts: list[Any] = [None] * width
+            parts[::2] = fields
+            parts[1::2] = values
+            yield b"".join((head, key, ts_field, frame(encode_timestamp_ms(event_ms)), *parts))
+            if expire:
+                yield expire % key
+
+
+def _send_and_check(client: Redis, commands: Iterable[bytes]) -> int:
+    """Sends the packed commands on one pooled connection, in chunks while they are built (Redis
+    works on one chunk while the next is packed), then reads every reply; returns how many.
 
     The same wire traffic as a non-transactional pipeline, without its per-command bookkeeping.
 
@@ -334,7 +450,7 @@ def _send_and_check(client: Redis, commands: Iterable[tuple[Any, ...]]) -> int:
         sent = 0
         chunk: list[bytes] = []
         for command in commands:
-            chunk.append(pack_command(command))
+            chunk.append(command)
             if len(chunk) == _CHUNK_COMMANDS:
                 connection.send_packed_command([b"".join(chunk)], check_health=False)
                 sent += len(chunk)

@@ -234,6 +234,29 @@ def test_dedup_and_ttl_options_keep_the_parents_behaviour(
     assert store.read_rows(["u"]) == [older]
 
 
+def test_a_key_ttl_is_set_by_the_fast_write_as_by_the_parent(
+    feast: Any, store: FeastFeatureStore, scratch: Settings
+) -> None:
+    import redis
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    from features.feast_repo import open_feature_store
+
+    expiring = FeastFeatureStore(open_feature_store(scratch))
+    expiring._config.online_store.key_ttl_seconds = 600
+    row = _row("u", T0)
+    expiring.write_rows([row])
+    admin = redis.Redis(port=scratch.redis_port)
+    (key,) = admin.keys(f"*{scratch.feast_project}".encode())
+    assert 0 < admin.ttl(key) <= 600
+    ours = admin.hgetall(key)
+    admin.delete(key)
+    RedisOnlineStore().online_write_batch(expiring._config, store._view, [store._to_protos(row)], None)
+    assert admin.hgetall(key) == ours
+    assert 0 < admin.ttl(key) <= 600
+    assert expiring.read_rows(["u"]) == [row]
+
+
 def test_int_features_given_as_floats_or_big_numbers(store: FeastFeatureStore) -> None:
     row = _row("u", T0)
     ints = [name for name in STORED_FEATURES if name in INT_FEATURES]

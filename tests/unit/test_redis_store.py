@@ -136,6 +136,23 @@ def test_timestamp_bytes_are_the_parents(when: datetime) -> None:
     assert encode_timestamp(when) == ts.SerializeToString()
 
 
+@pytest.mark.parametrize("epoch_ms", [0, 1, 999, 1_000, 1_767_225_600_123, -1, -1_001, -62_135_596_800_000])
+def test_timestamp_from_epoch_ms_is_the_datetimes(epoch_ms: int) -> None:
+    from features.feast_store import event_time
+    from features.redis_store import encode_timestamp, encode_timestamp_ms
+
+    assert encode_timestamp_ms(epoch_ms) == encode_timestamp(event_time(epoch_ms))
+
+
+def test_framing_is_hiredis_framing() -> None:
+    from hiredis import pack_command
+
+    from features.redis_store import frame
+
+    for argument in (b"", b"x", b"\r\n$3", bytes(range(256))):
+        assert pack_command((b"GET", argument)) == b"*2\r\n$3\r\nGET\r\n" + frame(argument)
+
+
 def test_pandas_timestamp_takes_the_protobuf_route() -> None:
     import pandas as pd
     from google.protobuf.timestamp_pb2 import Timestamp
