@@ -152,11 +152,7 @@ class ScoringConsumer:
             while not self.stopping.is_set():
                 raw = self.consumer.consume(self.loop.max_batch, self.loop.max_wait_s)
                 now = time.monotonic()
-                messages = [self._message(m) for m in raw if m.error() is None]
-                for m in raw:
-                    error = m.error()
-                    if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", error)
+                messages = self._messages(raw)
                 if messages:
                     last_message = now
                     try:
@@ -194,8 +190,17 @@ class ScoringConsumer:
             self.consumer.close()
             self.dlq.flush(10)
 
-    def _message(self, m: Any) -> Message:
-        return Message(m.value() or b"", m.topic(), m.partition(), m.offset(), m.timestamp()[1])
+    @staticmethod
+    def _messages(raw: list[Any]) -> list[Message]:
+        """Returns the consumed messages that are not errors; logs the errors (but end of partition)."""
+        messages = []
+        for m in raw:
+            error = m.error()
+            if error is None:
+                messages.append(Message(m.value() or b"", m.topic(), m.partition(), m.offset(), m.timestamp()[1]))
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", error)
+        return messages
 
     def _process(self, messages: list[Message]) -> None:
         with self.metrics.batch_seconds.time():
@@ -209,9 +214,8 @@ class ScoringConsumer:
                 self.metrics.dlq_total.inc(len(result.dead_letters))
             self.metrics.batch_events.observe(len(messages))
             # Commit the next offset to read per partition, only now that every write is done.
-            ends: dict[tuple[str, int], int] = {}
-            for m in messages:
-                ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), -1), m.offset)
+            # A partition's messages arrive in offset order, so its last one in the batch is its end.
+            ends = {(m.topic, m.partition): m.offset for m in messages}
             try:
                 self.consumer.commit(
                     offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=False

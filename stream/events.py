@@ -7,8 +7,9 @@ where the message came from, ready for the dead-letter topic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -83,12 +84,12 @@ class ErrorRecord:
 class ParsedBatch:
     """The outcome of parsing a batch.
 
-    `events[i]` came from Kafka position `positions[i]` = (partition, offset); guests (empty
+    `events[i]` came from the message at index `sources[i]` of the batch; guests (empty
     `userId`) and unknown pages are counted; invalid messages are in `errors`.
     """
 
     events: list[Event] = field(default_factory=list)
-    positions: list[tuple[int, int]] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
     guests: int = 0
     unknown_pages: int = 0
@@ -125,21 +126,22 @@ def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024) -> Event | ErrorRecor
     return event
 
 
-def parse_batch(messages: list[tuple[bytes, str, int, int]], *, max_bytes: int = 64 * 1024) -> ParsedBatch:
-    """Parses (value, topic, partition, offset) messages into events, errors and counts. Never raises."""
+def parse_batch(messages: Sequence[tuple[Any, ...]], *, max_bytes: int = 64 * 1024) -> ParsedBatch:
+    """Parses messages that start with (value, topic, partition, offset) into events, errors and
+    counts; `sources` says which message each event came from. Never raises."""
     batch = ParsedBatch()
-    events, positions, errors = batch.events, batch.positions, batch.errors
-    for raw, topic, partition, offset in messages:
-        result = parse_event(raw, max_bytes=max_bytes)
+    events, sources, errors = batch.events, batch.sources, batch.errors
+    for index, message in enumerate(messages):
+        result = parse_event(message[0], max_bytes=max_bytes)
         if result is None:
             batch.guests += 1
         elif type(result) is Event:
             if result.page not in KNOWN_PAGES:
                 batch.unknown_pages += 1
             events.append(result)
-            positions.append((partition, offset))
+            sources.append(index)
         else:
             assert isinstance(result, ErrorRecord)
-            result.topic, result.partition, result.offset = topic, partition, offset
+            result.topic, result.partition, result.offset = message[1], message[2], message[3]
             errors.append(result)
     return batch

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -47,9 +47,8 @@ class LoadedModel:
     version: str
 
 
-@dataclass(frozen=True)
-class Message:
-    """The parts of a Kafka message the scorer uses."""
+class Message(NamedTuple):
+    """The parts of a Kafka message the scorer uses (a tuple: one is built per event)."""
 
     value: bytes
     topic: str
@@ -129,9 +128,7 @@ class BatchProcessor:
             ServiceUnavailableError: a store is down; nothing of this batch may be committed
                 (a retry of the same messages is safe).
         """
-        parsed = parse_batch(
-            [(m.value, m.topic, m.partition, m.offset) for m in messages], max_bytes=self.max_event_bytes
-        )
+        parsed = parse_batch(messages, max_bytes=self.max_event_bytes)
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
@@ -139,14 +136,14 @@ class BatchProcessor:
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
 
-        appended = {(m.partition, m.offset): m.append_ms for m in messages}
         changed: set[str] = set()
         touched: dict[str, int] = {}  # user -> append time of their latest applied message
-        for event, (partition, offset) in zip(parsed.events, parsed.positions, strict=True):
+        for event, source in zip(parsed.events, parsed.sources, strict=True):
+            _, _, partition, offset, append_ms = messages[source]
             outcome = engine.apply(event, partition, offset)
             if outcome == APPLIED:
                 result.applied += 1
-                touched[event.user_id] = appended[(partition, offset)]
+                touched[event.user_id] = append_ms
                 changed.add(event.user_id)
             elif outcome == DUPLICATE:
                 result.duplicates += 1

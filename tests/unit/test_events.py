@@ -209,8 +209,9 @@ def test_batch_keeps_positions_and_counts(sparkify_lines: list[bytes], valid_row
     messages = [(raw, "events", 3, offset) for offset, raw in enumerate([*sparkify_lines, b"oops", unknown_page])]
     batch = parse_batch(messages)
     assert (len(batch.events), batch.guests, batch.unknown_pages) == (95, 6, 1)
-    assert len(batch.positions) == len(batch.events)
-    assert batch.positions[0] == (3, 0)
+    assert len(batch.sources) == len(batch.events)
+    assert messages[batch.sources[0]][2:] == (3, 0)
+    assert all(parse_event(messages[j][0]) == event for event, j in zip(batch.events, batch.sources, strict=True))
     (error,) = batch.errors
     assert (error.raw, error.topic, error.partition, error.offset) == (b"oops", "events", 3, 100)
 
