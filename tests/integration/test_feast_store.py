@@ -251,7 +251,8 @@ def test_a_key_ttl_is_set_by_the_fast_write_as_by_the_parent(
     assert 0 < admin.ttl(key) <= 600
     ours = admin.hgetall(key)
     admin.delete(key)
-    RedisOnlineStore().online_write_batch(expiring._config, store._view, [store._to_protos(row)], None)
+    protos: list[Any] = [store._to_protos(row)]
+    RedisOnlineStore().online_write_batch(expiring._config, store._view, protos, None)
     assert admin.hgetall(key) == ours
     assert 0 < admin.ttl(key) <= 600
     assert expiring.read_rows(["u"]) == [row]

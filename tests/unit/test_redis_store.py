@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,7 +151,8 @@ def test_framing_is_hiredis_framing() -> None:
     from features.redis_store import frame
 
     for argument in (b"", b"x", b"\r\n$3", bytes(range(256))):
-        assert pack_command((b"GET", argument)) == b"*2\r\n$3\r\nGET\r\n" + frame(argument)
+        command: Any = (b"GET", argument)  # hiredis' stub types a 1-tuple
+        assert pack_command(command) == b"*2\r\n$3\r\nGET\r\n" + frame(argument)
 
 
 def test_pandas_timestamp_takes_the_protobuf_route() -> None:
