@@ -36,6 +36,7 @@ from stream.events import Event
 from stream.pacing import Pacing
 from stream.producer import ProduceReport, build_producer, publish
 from stream.risk_store import RedisRiskStore
+from training.artifact import ChurnModel
 
 CHURN = str(Path(sys.executable).parent / "churn")
 
@@ -58,20 +59,17 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: fl
     return time.monotonic() - began
 
 
-def register_champion(folder: Path, base: Settings) -> str:
-    """Registers a small LightGBM model (random rows, the real artifact format) as `champion`
-    in a fresh MLflow SQLite store in `folder`; returns the store's URI. Seconds, not a training run."""
-    from training import registry
-    from training.artifact import save_artifact
-
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
+def small_model(*, missing_share: float = 0.0, rounds: int = 20, **meta: Any) -> ChurnModel:
+    """A LightGBM booster on random rows (with `missing_share` of the values NaN), with the
+    artifact's meta (identity calibration) updated by `meta`. Seconds, not a training run."""
     rng = np.random.default_rng(0)
     x = rng.random((2000, len(spec.MODEL_FEATURES))) * 10
-    y = x[:, 0] + rng.random(2000) * 10 > 10
+    if missing_share:
+        x[rng.random(x.shape) < missing_share] = np.nan
+    y = np.nan_to_num(x[:, 0]) + rng.random(2000) * 10 > 10
     data = lgb.Dataset(x, y, feature_name=list(spec.MODEL_FEATURES))
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 15}, data, num_boost_round=20)
-    meta = {
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 15}, data, num_boost_round=rounds)
+    base_meta = {
         "features": list(spec.MODEL_FEATURES),
         "horizon_days": 14,
         "spec_version": spec.spec_version(),
@@ -79,7 +77,19 @@ def register_champion(folder: Path, base: Settings) -> str:
         "tiers": {"high": 0.6, "medium": 0.3},
         "metrics": {},
     }
-    artifact = save_artifact(folder / "artifact", booster, meta)
+    return ChurnModel(booster, base_meta | meta)
+
+
+def register_champion(folder: Path, base: Settings) -> str:
+    """Registers `small_model()` (the real artifact format) as `champion` in a fresh MLflow
+    SQLite store in `folder`; returns the store's URI."""
+    from training import registry
+    from training.artifact import save_artifact
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
+    model = small_model()
+    artifact = save_artifact(folder / "artifact", model.booster, model.meta)
     run_id, version = registry.log_run(scratch, artifact, {}, {}, {})
     registry.apply_decision(scratch, run_id, version, registry.Decision(True))
     return uri

@@ -12,8 +12,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import lightgbm as lgb
-import numpy as np
 import pytest
 import redis
 import schemathesis
@@ -33,29 +31,20 @@ from serving.risk import RiskService, build_clock
 from stream.consumer import ModelHolder
 from stream.risk_store import RedisRiskStore, RiskRow
 from stream.scorer import LoadedModel
+from tests.integration.deployment import small_model
 from training.artifact import ChurnModel
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
-def small_model() -> ChurnModel:
-    """A LightGBM booster on random rows, with the artifact's meta (identity calibration)."""
-    rng = np.random.default_rng(0)
-    x = rng.random((2000, len(spec.MODEL_FEATURES))) * 10
-    x[rng.random(x.shape) < 0.05] = np.nan
-    y = np.nan_to_num(x[:, 0]) + rng.random(2000) * 10 > 10
-    data = lgb.Dataset(x, y, feature_name=list(spec.MODEL_FEATURES))
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 15}, data, num_boost_round=30)
-    meta = {
-        "features": list(spec.MODEL_FEATURES),
-        "horizon_days": 14,
-        "spec_version": spec.spec_version(),
-        "calibration": {"method": "none"},
-        "tiers": {"high": 0.6, "medium": 0.3},
-        "metrics": {"test": {"roc_auc": 0.8, "pr_auc": 0.3, "calibration_curve": {"count": [1.0]}}},
-        "data_window": {"first_event": "2026-01-01T00:00:00Z", "test_points": ["a", "b"], "sizes": {"test": {}}},
-    }
-    return ChurnModel(booster, meta)
+def fuzz_model() -> ChurnModel:
+    """The small model with missing values, and the meta `/models/current` reports."""
+    return small_model(
+        missing_share=0.05,
+        rounds=30,
+        metrics={"test": {"roc_auc": 0.8, "pr_auc": 0.3, "calibration_curve": {"count": [1.0]}}},
+        data_window={"first_event": "2026-01-01T00:00:00Z", "test_points": ["a", "b"], "sizes": {"test": {}}},
+    )
 
 
 def feature_rows(count: int) -> list[FeatureRow]:
@@ -97,7 +86,7 @@ def app(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         risks.write([RiskRow(r.user_id, 0.4, "medium", "1", r.last_event_ms, T0) for r in rows[::3]])
         risks.advance_watermark(max(r.last_event_ms for r in rows))
         metrics = Metrics()
-        model = small_model()
+        model = fuzz_model()
         models = ModelHolder(lambda: "1", lambda: LoadedModel(model, scratch.model_name, "1"), metrics, "api")
         service = RiskService(features, risks, lambda: models.current, build_clock("event", risks), metrics)
         deps = Deps(
