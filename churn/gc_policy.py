@@ -2,8 +2,8 @@
 
 CPython's cyclic collector now and then runs a full collection that walks every tracked
 container of the process. Ours hold many long-lived ones: the imported Feast, MLflow, pandas
-and protobuf modules (hundreds of thousands of objects) and the scorer's user states (tile
-lists and dicts, about thirty containers per user). Measured in the scorer at 10,000 events/s:
+and protobuf modules (hundreds of thousands of objects) and the scorer's user states (a few
+lists and dicts per user). Measured in the scorer at 10,000 events/s:
 12 full collections in a minute, up to 0.58 s each, every one a stall of the whole loop and
 the cause of most of the freshness p99. Objects that live for the process's lifetime never
 become cyclic garbage we care about, so walking them is wasted work.

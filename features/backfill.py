@@ -112,7 +112,7 @@ def materialize(
     started = time.perf_counter()
     engine = rebuild_states(log, as_of_ms, settings.allowed_lateness_seconds * 1000)
     client = redis.Redis.from_url(settings.redis_address)
-    written = RedisStateStore(client, settings.redis_prefix).save(engine.states)
+    written = RedisStateStore(client, settings.redis_prefix, engine.state_layout).save(engine.states)
     progress(
         f"scorer states: {len(engine.states)} users, {written / max(len(engine.states), 1):.0f} bytes each, "
         f"{time.perf_counter() - started:.1f}s"

@@ -291,6 +291,7 @@ def _naive(deployment: Deployment, events: int, timeout_s: float) -> dict[str, A
 
     from features.feast_repo import open_feature_store
     from features.feast_store import FeastFeatureStore
+    from features.online import state_layout
     from stream.risk_store import RedisRiskStore
     from stream.state_store import RedisStateStore
     from training.registry import load_champion
@@ -306,7 +307,7 @@ def _naive(deployment: Deployment, events: int, timeout_s: float) -> dict[str, A
     return naive_consume(
         settings,
         store,
-        RedisStateStore(client, settings.redis_prefix),
+        RedisStateStore(client, settings.redis_prefix, state_layout(settings.allowed_lateness_seconds * 1000)),
         RedisRiskStore(client, settings.redis_prefix),
         model,
         version,

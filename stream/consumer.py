@@ -297,9 +297,10 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     window = DriftWindow(
         spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
     )
+    engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     processor = BatchProcessor(
-        OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000),
-        RedisStateStore(client, settings.redis_prefix),
+        engine,
+        RedisStateStore(client, settings.redis_prefix, engine.state_layout),
         FeastFeatureStore(open_feature_store(settings)),
         RedisRiskStore(client, settings.redis_prefix),
         metrics,

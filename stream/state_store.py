@@ -48,11 +48,12 @@ class InMemoryStateStore:
 
 
 class RedisStateStore:
-    """States as `<prefix>state:<user_id>` msgpack values, read with MGET and written in one pipeline."""
+    """States as `<prefix>state:<layout>:<user_id>` msgpack values, read with MGET and written
+    with MSET; `layout` is the engine's `state_layout` (states of another layout are not read)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "churn:") -> None:
+    def __init__(self, client: redis.Redis, prefix: str, layout: str) -> None:
         self.client = client
-        self.prefix = f"{prefix}state:"
+        self.prefix = f"{prefix}state:{layout}:"
 
     def load(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         """Returns the saved states of the users that have one; raises ServiceUnavailableError."""

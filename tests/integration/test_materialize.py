@@ -40,5 +40,7 @@ def test_materialize_matches_the_engines(settings: Settings, unique: str, tmp_pa
 
     assert [canonical(r) for r in read] == [canonical(engine.row(u)) for u in users]
 
-    saved = RedisStateStore(redis.Redis.from_url(local.redis_address), local.redis_prefix).load(users)
+    saved = RedisStateStore(redis.Redis.from_url(local.redis_address), local.redis_prefix, engine.state_layout).load(
+        users
+    )
     assert set(saved) == set(users)
