@@ -45,7 +45,7 @@ def synthetic_log(events: int, users: int, days: int, seed: int = 0) -> pl.DataF
 
 
 def bench_online(
-    events: int = 1_000_000, users: int = 10_000, batches: tuple[int, ...] = (20_000, 1_000)
+    events: int = 1_000_000, users: int = 10_000, batches: tuple[int, ...] = (50_000, 20_000, 1_000)
 ) -> dict[str, Any]:
     """Returns online-engine figures: events/s for state updates plus one row per touched user per
     micro-batch, for each micro-batch size in `batches` (the first is the headline: the scorer's
