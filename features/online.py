@@ -261,8 +261,7 @@ class OnlineEngine:
         """
         state = self.states[user_id]
         last = state.last_ts
-        # Window sums grow from the smallest window outwards: each window adds only the tiles
-        # between it and the previous one, so every tile is added once, in C (`map(sum, zip)`).
+        # Each window sums its own tiles, in C (`map(sum, zip)` over the picked records).
         # `flat` is every window's slot sums, one after the other.
         flat: list[int] = []
         all_tiles = state.tiles
