@@ -21,7 +21,7 @@ import polars as pl
 from churn.errors import InvalidInputError
 from churn.settings import Settings
 from features import offline, spec
-from features.online import OnlineEngine
+from features.online import STATE_ENCODER, OnlineEngine
 from stream.events import Event
 
 
@@ -112,7 +112,8 @@ def materialize(
     started = time.perf_counter()
     engine = rebuild_states(log, as_of_ms, settings.allowed_lateness_seconds * 1000)
     client = redis.Redis.from_url(settings.redis_address)
-    written = RedisStateStore(client, settings.redis_prefix, engine.state_layout).save(engine.states)
+    blobs = {user: STATE_ENCODER.encode(state) for user, state in engine.states.items()}
+    written = RedisStateStore(client, settings.redis_prefix, engine.state_layout).save(blobs)
     progress(
         f"scorer states: {len(engine.states)} users, {written / max(len(engine.states), 1):.0f} bytes each, "
         f"{time.perf_counter() - started:.1f}s"

@@ -274,7 +274,10 @@ class OnlineEngine:
                 # event's, so one comparison per record picks them, in C.
                 in_window = compress(record_sums, map((current - n).__lt__, held))
                 bucket = list(map(ring.__getitem__, in_window))
-                flat += map(sum, zip(*bucket, strict=True)) if bucket else zeros
+                if len(bucket) == 1:  # common for long windows of occasional users: no sums
+                    flat += bucket[0]
+                else:
+                    flat += map(sum, zip(*bucket, strict=True)) if bucket else zeros
         values: dict[str, float] = dict(zip(self._window_names, self._pick_windows(flat), strict=True))
         for name, scale in self._scaled:
             values[name] *= scale

@@ -338,7 +338,7 @@ def naive_consume(
     """
     from confluent_kafka import Consumer
 
-    from features.online import APPLIED, OnlineEngine
+    from features.online import APPLIED, STATE_ENCODER, OnlineEngine
     from stream.events import Event, parse_event
     from stream.risk_store import RiskRow
     from stream.scorer import feature_matrix
@@ -375,7 +375,7 @@ def naive_consume(
                     p = float(model.predict(feature_matrix([row]))[0])
                     now = time.time_ns() // 1_000_000
                     risks.write([RiskRow(user, p, model.tier(p), version, row.last_event_ms, now)])
-                states.save({user: engine.states[user]})
+                states.save({user: STATE_ENCODER.encode(engine.states[user])})
             consumer.commit(message=message, asynchronous=False)
             done += 1
     finally:

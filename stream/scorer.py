@@ -17,11 +17,11 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from features import spec
-from features.online import APPLIED, DUPLICATE, LATE, OnlineEngine
+from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngine
 from features.store import FeatureRow, FeatureStore
 from monitoring.drift import DriftWindow
 from monitoring.metrics import Metrics
-from stream.events import CHURN_PAGE, ErrorRecord, parse_batch
+from stream.events import CHURN_PAGE, ErrorRecord, Event, parse_batch
 from stream.risk_store import RiskRow, RiskStore
 from stream.state_store import StateStore
 
@@ -136,23 +136,34 @@ class BatchProcessor:
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
 
-        changed: set[str] = set()
-        touched: dict[str, int] = {}  # user -> append time of their latest applied message
-        for event, source in zip(parsed.events, parsed.sources, strict=True):
-            _, _, partition, offset, append_ms = messages[source]
-            outcome = engine.apply(event, partition, offset)
-            if outcome == APPLIED:
-                result.applied += 1
-                touched[event.user_id] = append_ms
-                changed.add(event.user_id)
-            elif outcome == DUPLICATE:
-                result.duplicates += 1
-            elif outcome == LATE:
-                result.late += 1
-                changed.add(event.user_id)  # its offset advanced
+        # User by user (each user's events in batch order; users are independent), the row and
+        # the saved state are built right after the user's events, while the state is still
+        # in the CPU cache (measured at live batch sizes: ~10% of the engine's time).
+        rows: list[FeatureRow] = []
+        appended_ms: list[int] = []  # per row: append time of the user's latest applied message
+        blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
+        encode = STATE_ENCODER.encode
+        for user, indexes in _by_user(parsed.events).items():
+            latest_applied: int | None = None  # append time (-1 when the broker gave none)
+            changed = False
+            for i in indexes:
+                _, _, partition, offset, append_ms = messages[parsed.sources[i]]
+                outcome = engine.apply(parsed.events[i], partition, offset)
+                if outcome == APPLIED:
+                    result.applied += 1
+                    latest_applied = append_ms
+                    changed = True
+                elif outcome == DUPLICATE:
+                    result.duplicates += 1
+                elif outcome == LATE:
+                    result.late += 1
+                    changed = True
+            if latest_applied is not None:
+                rows.append(engine.row(user))
+                appended_ms.append(latest_applied)
+            if changed:
+                blobs[user] = encode(engine.states[user])
 
-        users = list(touched)
-        rows = [engine.row(u) for u in users]
         if rows:
             started = time.perf_counter()
             self.features.write_rows(rows)
@@ -160,15 +171,15 @@ class BatchProcessor:
         result.users_written = len(rows)
         loaded = self.current_model()
         if loaded is not None and rows:
-            self._score(rows, [touched[u] for u in users], loaded)
+            self._score(rows, appended_ms, loaded)
             result.users_scored = len(rows)
         if parsed.events:
             self.risks.advance_watermark(max(e.ts for e in parsed.events))
         if self.drift is not None:  # churned users leave the drift population, as they leave training's
             self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
-        written = self.states.save({u: engine.states[u] for u in changed})
-        if changed:
-            self.metrics.state_bytes.set(written / len(changed))
+        written = self.states.save(blobs)
+        if blobs:
+            self.metrics.state_bytes.set(written / len(blobs))
         self._count(result, parsed.unknown_pages)
         return result
 
@@ -199,3 +210,15 @@ class BatchProcessor:
         m.events_total.labels("late").inc(result.late)
         m.events_total.labels("duplicate").inc(result.duplicates)
         m.unknown_pages_total.inc(unknown_pages)
+
+
+def _by_user(events: Sequence[Event]) -> dict[str, list[int]]:
+    """Returns each user's event positions, in batch order (users in order of first event)."""
+    groups: dict[str, list[int]] = {}
+    for i, event in enumerate(events):
+        group = groups.get(event.user_id)
+        if group is None:
+            groups[event.user_id] = [i]
+        else:
+            group.append(i)
+    return groups

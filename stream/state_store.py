@@ -12,7 +12,7 @@ from typing import Protocol
 import redis
 
 from churn.errors import ServiceUnavailableError
-from features.online import STATE_DECODER, STATE_ENCODER, UserState
+from features.online import STATE_DECODER, UserState
 
 
 class StateStore(Protocol):
@@ -22,8 +22,10 @@ class StateStore(Protocol):
         """Returns the saved states of the users that have one; raises ServiceUnavailableError."""
         ...
 
-    def save(self, states: Mapping[str, UserState]) -> int:
-        """Saves the states; returns the bytes written; raises ServiceUnavailableError."""
+    def save(self, blobs: Mapping[str, bytes]) -> int:
+        """Saves states encoded with `STATE_ENCODER` (the caller encodes: the scorer does it
+        right after each user's update); returns the bytes written; raises
+        ServiceUnavailableError."""
         ...
 
 
@@ -37,14 +39,10 @@ class InMemoryStateStore:
         """Returns the saved states of the users that have one."""
         return {u: STATE_DECODER.decode(self.blobs[u]) for u in user_ids if u in self.blobs}
 
-    def save(self, states: Mapping[str, UserState]) -> int:
-        """Saves the states; returns the bytes written."""
-        written = 0
-        for user_id, state in states.items():
-            blob = STATE_ENCODER.encode(state)
-            self.blobs[user_id] = blob
-            written += len(blob)
-        return written
+    def save(self, blobs: Mapping[str, bytes]) -> int:
+        """Saves encoded states; returns the bytes written."""
+        self.blobs.update(blobs)
+        return sum(map(len, blobs.values()))
 
 
 class RedisStateStore:
@@ -67,14 +65,13 @@ class RedisStateStore:
             raise ServiceUnavailableError(msg) from exc
         return {u: STATE_DECODER.decode(b) for u, b in zip(ids, blobs, strict=True) if b is not None}
 
-    def save(self, states: Mapping[str, UserState]) -> int:
-        """Saves the states in one MSET; returns the bytes written; raises ServiceUnavailableError."""
-        if not states:
+    def save(self, blobs: Mapping[str, bytes]) -> int:
+        """Saves encoded states in one MSET; returns the bytes written; raises ServiceUnavailableError."""
+        if not blobs:
             return 0
-        blobs = {self.prefix + u: STATE_ENCODER.encode(s) for u, s in states.items()}
         try:
-            self.client.mset(blobs)  # type: ignore[arg-type]
+            self.client.mset({self.prefix + u: b for u, b in blobs.items()})
         except redis.RedisError as exc:
             msg = f"Redis unavailable while saving user states: {exc}"
             raise ServiceUnavailableError(msg) from exc
-        return sum(len(b) for b in blobs.values())
+        return sum(map(len, blobs.values()))
