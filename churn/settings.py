@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     # of their events (stream bench, 10k users: 43.3k ev/s at 20,000, 58.9k at 50,000), at the
     # price of up to ~1 s per batch and as many events replayed after a crash.
     max_batch_events: int = Field(default=50_000, ge=1, le=100_000)
+    # How long an idle scorer waits for events to make a batch (a busy one never waits).
     max_batch_wait_ms: int = Field(default=100, ge=1, le=10_000)
     model_poll_seconds: float = Field(default=10.0, gt=0)
 
