@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from features.online import OnlineEngine
+from features.online import STATE_ENCODER, OnlineEngine
 from features.store import InMemoryFeatureStore
 from monitoring.metrics import Metrics
+from stream.events import Event, parse_event
 from stream.risk_store import InMemoryRiskStore
 from stream.scorer import BatchProcessor, LoadedModel, Message
 from stream.state_store import InMemoryStateStore
@@ -79,3 +80,19 @@ def test_guest_and_invalid_are_counted_not_applied() -> None:
     assert "malformed JSON" in result.dead_letters[0].reason
     assert result.applied == len(msgs) - 2
     assert set(features.rows) == set(risks.rows) == {"u0", "u1", "u2"}
+
+
+def test_one_batch_of_interleaved_users_equals_the_events_applied_in_order() -> None:
+    msgs = messages(5)[:-2]  # valid, logged-in events only
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    processor(states, features, risks).process(msgs)
+
+    engine = OnlineEngine()
+    for m in msgs:
+        event = parse_event(m.value)
+        assert isinstance(event, Event)
+        engine.apply(event, m.partition, m.offset)
+    assert set(features.rows) == set(engine.states)
+    for user, state in engine.states.items():
+        assert repr(features.rows[user]) == repr(engine.row(user))  # repr: NaN equals NaN
+        assert states.blobs[user] == STATE_ENCODER.encode(state)
