@@ -81,10 +81,10 @@ class Settings(BaseSettings):
     horizon_days: int = Field(default=14, ge=1, le=365)
     allowed_lateness_seconds: int = Field(default=3600, ge=0)
     clock: Literal["event", "wall"] = "event"
-    # Bounds a catch-up batch (live traffic polls smaller ones every max_batch_wait_ms): a user's
-    # row, score and state are written once per batch, so bigger batches share that among more
-    # of their events (stream bench, 10k users: 43.3k ev/s at 20,000, 58.9k at 50,000), at the
-    # price of up to ~1 s per batch and as many events replayed after a crash.
+    # Bounds a batch (each batch is what is already fetched, so only a scorer catching up reaches
+    # it): a user's row, score and state are written once per batch, so bigger batches share that
+    # among more of their events (stream bench, 10k users: 43.3k ev/s at 20,000, 58.9k at 50,000),
+    # at the price of up to ~1 s per batch and as many events replayed after a crash.
     max_batch_events: int = Field(default=50_000, ge=1, le=100_000)
     # How long an idle scorer waits for events to make a batch (a busy one never waits).
     max_batch_wait_ms: int = Field(default=100, ge=1, le=10_000)

@@ -49,8 +49,8 @@ def bench_online(
 ) -> dict[str, Any]:
     """Returns online-engine figures: events/s for state updates plus one row per touched user per
     micro-batch, for each micro-batch size in `batches` (the first is the headline: the scorer's
-    default `max_batch_events`, what it takes per poll when catching up; 1,000 is a live 10k/s
-    stream polled every 100 ms, where nearly every event touches a distinct user), and
+    default `max_batch_events`, what it takes per poll when catching up; 1,000 is live-sized:
+    a 10k/s stream arrives in batches of about that or less, nearly one user per event), and
     serialised state bytes per active user. The loop runs under the scorer's collector policy
     (`freeze_survivors` after each batch, its time counted): without it, CPython's full
     collections walk every state of the run again and again, which the scorer never does."""
