@@ -1,21 +1,51 @@
 """The `churn` console entry point: one Typer app, one subcommand per job.
 
 Each command builds its settings and clients here (the process's wiring point) and hands
-them to library code; heavy modules are imported inside the command so `churn --help` is fast.
+them to library code. This is the top layer: nothing imports it. Feast and MLflow load on
+first use inside the library code, so `churn --help` stays quick.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
 import sys
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
-from churn.errors import ChurnError, InvalidInputError
-from churn.settings import Settings, load_settings, mask_url
+from bench import api as api_bench
+from bench import produce as produce_bench
+from bench import stream as stream_bench
+from bench import train as train_bench
+from bench.engines import bench_offline, bench_online
+from bench.feast_write import bench_feast_write
+from churn.demo import run_demo
+from core.errors import ChurnError, NotFoundError
+from core.redis import redis_client, redis_errors
+from core.settings import Settings, load_settings, mask_url
+from core.timeutil import parse_utc, to_ms
+from events.log import load_events
+from features import backfill
+from features.feast_repo import apply_repo
+from infra import local as infra
+from models.registry import load_champion
+from monitoring.drift_state import read_drift, retrain_decision
+from monitoring.server import start_metrics_server
+from sim import simulator
+from sim.ground_truth import save_truth
+from sim.oracle import oracle_for, oracle_report
+from stream.archiver import Archiver
+from stream.consumer import build_scorer
+from stream.pacing import Pacing
+from stream.producer import ProduceReport, replay_file
+from training import pipeline, report
+from training.pipeline import TrainOptions
+from training.scoring import score_users, write_scores
 
 app = typer.Typer(
     help="Real-time churn scorer: Kafka -> features (Feast/Redis) -> LightGBM -> API.", no_args_is_help=True
@@ -34,7 +64,6 @@ def _settings() -> Settings:
 
 def _print_figures(measure: Callable[[], dict[str, Any]]) -> None:
     """Runs a benchmark and prints its figures as JSON; a ChurnError becomes a one-line error."""
-    import json
 
     try:
         figures = measure()
@@ -51,7 +80,6 @@ def _fail(exc: ChurnError) -> NoReturn:
 @infra_app.command("up")
 def infra_up() -> None:
     """Install what is missing, start Kafka, Redis and Prometheus, wait until each answers."""
-    from churn import infra
 
     try:
         states = infra.up(_settings())
@@ -64,7 +92,6 @@ def infra_up() -> None:
 @infra_app.command("down")
 def infra_down() -> None:
     """Stop the services started from this state folder."""
-    from churn import infra
 
     infra.down(_settings())
     typer.echo("stopped")
@@ -73,7 +100,6 @@ def infra_down() -> None:
 @infra_app.command("status")
 def infra_status() -> None:
     """Report each service: process running, and whether it answers a real request."""
-    from churn import infra
 
     states = infra.status(_settings())
     for state in states:
@@ -90,11 +116,6 @@ def consume(
     ),
 ) -> None:
     """Run the scoring consumer (group churn-scorer): events -> features -> scores -> Redis."""
-    import logging
-
-    from monitoring.server import start_metrics_server
-    from stream.consumer import build_scorer
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
     try:
@@ -106,23 +127,8 @@ def consume(
     scorer.run(max_idle_s=idle_exit or None)
 
 
-def _parse_as_of(text: str) -> datetime:
-    """Returns the `--as-of` option as an aware datetime (a naive one is UTC).
-
-    Raises:
-        InvalidInputError: `text` is not an ISO 8601 date or datetime.
-    """
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        msg = f"--as-of {text!r} is not an ISO date or datetime"
-        raise InvalidInputError(msg) from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _stop_like_ctrl_c_on_sigterm() -> None:
     """Makes SIGTERM (docker stop, kill) end the command as Ctrl-C does: flush, summary, exit."""
-    import signal
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -137,11 +143,6 @@ def produce(
     speedup: float = typer.Option(0.0, min=0.0, help="Replay event time this many times faster (0: ignore ts)."),
 ) -> None:
     """Publish events to the events topic keyed by userId; malformed lines are reported, not sent."""
-    from pathlib import Path
-
-    from stream.pacing import Pacing
-    from stream.producer import ProduceReport, replay_file
-
     on_tty = sys.stderr.isatty()
     _stop_like_ctrl_c_on_sigterm()
 
@@ -188,9 +189,8 @@ def bench_produce(
     events: int = typer.Option(1_000_000, min=1, help="How many pre-generated events to publish."),
 ) -> None:
     """Events/s published to the configured broker from one process (fresh topic, deleted after)."""
-    from stream.bench import bench_produce as run
 
-    _print_figures(lambda: run(_settings(), events=events))
+    _print_figures(lambda: produce_bench.bench_produce(_settings(), events=events))
 
 
 @app.command("archive")
@@ -201,11 +201,6 @@ def archive(
     ),
 ) -> None:
     """Run the archiver (group churn-archiver): events -> Parquet log partitioned by event date."""
-    import logging
-    import signal
-
-    from stream.archiver import Archiver
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
     archiver = Archiver(settings, out or settings.data_dir / "events")
@@ -221,30 +216,23 @@ def simulate(
     start: str = typer.Option("2026-01-01", help="First day, ISO date or datetime (UTC unless an offset is given)."),
     seed: int = typer.Option(0, help="Random seed; the same options give identical output."),
     churn_level: float = typer.Option(1.0, min=0.0, help="Multiplies every user's churn hazard."),
-    drift_at: str | None = typer.Option(None, help="ISO datetime after which behaviour drifts (stream/simulator.py)."),
+    drift_at: str | None = typer.Option(None, help="ISO datetime after which behaviour drifts (sim/simulator.py)."),
     drift_strength: float = typer.Option(1.0, min=0.0, help="How strongly behaviour drifts after --drift-at."),
     out: str | None = typer.Option(None, help="Events as JSON Lines, gzip if the name ends with .gz."),
     truth: str | None = typer.Option(None, help="Ground-truth Parquet (default: <out stem>.truth.parquet)."),
     oracle: bool = typer.Option(False, "--oracle", help="Also report the oracle ROC-AUC on a daily grid (H: horizon)."),
 ) -> None:
     """Simulate listeners: events in ts order plus the hidden ground truth; prints a JSON summary."""
-    import json
-    import time
-
-    from stream.ground_truth import save_truth
-    from stream.oracle import oracle_report
-    from stream.simulator import SimConfig, parse_utc, simulate, truth_path_for
-
     settings = _settings()
     events_path = Path(out) if out else settings.data_dir / "simulated.jsonl.gz"
-    truth_path = Path(truth) if truth else truth_path_for(events_path)
+    truth_path = Path(truth) if truth else simulator.truth_path_for(events_path)
     try:
-        config = SimConfig(
-            users=users, days=days, start=parse_utc(start), seed=seed, churn_level=churn_level,
-            drift_at=parse_utc(drift_at) if drift_at else None, drift_strength=drift_strength,
+        config = simulator.SimConfig(
+            users=users, days=days, start=parse_utc(start, "--start"), seed=seed, churn_level=churn_level,
+            drift_at=parse_utc(drift_at, "--drift-at") if drift_at else None, drift_strength=drift_strength,
         )  # fmt: skip
         began = time.perf_counter()
-        sim = simulate(config)
+        sim = simulator.simulate(config)
         generated = time.perf_counter() - began
     except ChurnError as exc:
         _fail(exc)
@@ -272,7 +260,6 @@ def simulate(
 @app.command("feast-apply")
 def feast_apply() -> None:
     """Write feature_store.yaml and register the Feast objects generated from the feature spec."""
-    from features.feast_repo import apply_repo
 
     settings = _settings()
     try:
@@ -297,25 +284,18 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Train LightGBM on the log, evaluate on the latest period, log to MLflow, register and gate."""
-
-    from training.pipeline import TrainOptions
-
-    options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, truth_path=truth)
+    oracle = oracle_for(truth) if truth else None
+    options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, oracle=oracle)
     _train_and_report(_settings(), events, options, as_json=as_json)
 
 
 def _train_and_report(settings: Settings, events: Path, options: Any, *, as_json: bool) -> None:
     """Runs the training pipeline with progress on stderr; prints the summary (table or JSON)."""
-    import json
-
-    from training.pipeline import train as run  # heavy: imported only when training
-    from training.report import format_summary
-
     try:
-        summary = run(settings, events, options=options, progress=lambda line: typer.echo(line, err=True))
+        summary = pipeline.train(settings, events, options=options, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
         _fail(exc)
-    typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
+    typer.echo(json.dumps(summary, default=str) if as_json else report.format_summary(summary))
 
 
 @app.command("retrain")
@@ -330,21 +310,15 @@ def retrain(
     as_json: Annotated[bool, typer.Option("--json", help="Print the training summary as one JSON object.")] = False,
 ) -> None:
     """Retrain (as `churn train`), always or only after drift held at alert level long enough."""
-    import time
 
     settings = _settings()
     if if_drift:
-        import redis
-
-        from churn.errors import ServiceUnavailableError
-        from monitoring.drift_state import read_drift, retrain_decision
-
         minutes = settings.drift_sustained_minutes if sustained_minutes is None else sustained_minutes
-        client = redis.Redis.from_url(settings.redis_address, socket_timeout=5, socket_connect_timeout=2)
         try:
-            state = read_drift(client, settings.redis_prefix)
-        except redis.RedisError as exc:
-            _fail(ServiceUnavailableError(f"cannot read the drift state from Redis: {exc}"))
+            with redis_errors("reading the drift state"):
+                state = read_drift(redis_client(settings), settings.redis_prefix)
+        except ChurnError as exc:
+            _fail(exc)
         go, why = retrain_decision(state, minutes, time.time())
         typer.echo(f"{'retraining' if go else 'not retraining'}: {why}")
         if not go:
@@ -359,22 +333,16 @@ def score(
     out: Annotated[Path, typer.Option(help="Output file, .csv or .parquet.")],
 ) -> None:
     """Score every known user as of a time with the champion model."""
-
-    from churn.errors import NotFoundError
-    from training.event_log import load_events
-    from training.registry import load_champion
-    from training.scoring import score_users, write_scores
-
     settings = _settings()
     try:
-        moment = _parse_as_of(as_of)
+        moment = parse_utc(as_of, "--as-of")
         champion = load_champion(settings)
         if champion is None:
             where = mask_url(settings.tracking_uri)
             msg = f"no champion version of {settings.model_name} at {where}; run `churn train` first"
             raise NotFoundError(msg)
         model, version = champion
-        scores = score_users(model, load_events(events), int(moment.timestamp() * 1000), version)
+        scores = score_users(model, load_events(events), to_ms(moment), version)
         write_scores(scores, out)
     except ChurnError as exc:
         _fail(exc)
@@ -389,9 +357,8 @@ def bench_train(
     days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 60,
 ) -> None:
     """Seconds to build the training set and to train, on a simulated date-partitioned log."""
-    from training.bench import bench_train as run
 
-    _print_figures(lambda: run(_settings(), users, days))
+    _print_figures(lambda: train_bench.bench_train(_settings(), users, days))
 
 
 @app.command("serve")
@@ -421,7 +388,6 @@ def demo(
     duration: float = typer.Option(0.0, help="Seconds of live scoring before stopping (0: until Ctrl-C)."),
 ) -> None:
     """Run the whole system end to end on the local services (`make demo`)."""
-    from churn.demo import run_demo
 
     _stop_like_ctrl_c_on_sigterm()  # so `kill` also stops the scorer, API and producer it started
     try:
@@ -438,10 +404,9 @@ def bench_stream(
     freshness_seconds: float = typer.Option(20.0, min=1.0, help="Seconds of paced events at 10,000/s."),
 ) -> None:
     """Scorer events/s end to end, vs a naive consumer, freshness at 10k/s, memory per user (JSON)."""
-    from stream.bench_stream import bench_stream as run
 
     _print_figures(
-        lambda: run(
+        lambda: stream_bench.bench_stream(
             _settings(), events=events, users=users, naive_events=naive_events, freshness_seconds=freshness_seconds
         )
     )
@@ -455,8 +420,6 @@ def bench_features(
     feast_rows: int = typer.Option(20_000, help="Rows written to the real Redis through Feast."),
 ) -> None:
     """Online engine events/s, Feast write path vs store.push, offline engine seconds (JSON)."""
-    from features.bench import bench_feast_write
-    from features.bench_engines import bench_offline, bench_online
 
     settings = _settings()
     _print_figures(
@@ -478,10 +441,9 @@ def bench_api(
     repeats: Annotated[int, typer.Option(min=1, help="Runs per mode; the headline is their median.")] = 3,
 ) -> None:
     """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
-    from serving.bench import bench_api as run
 
     _print_figures(
-        lambda: run(
+        lambda: api_bench.bench_api(
             _settings(),
             users=users,
             rate=rate,
@@ -499,13 +461,9 @@ def materialize(
     as_of: str = typer.Option("", help="ISO time of the backfill (default: the last event in the log)."),
 ) -> None:
     """Cold start: load the online store through Feast, and the scorer states, from an event log."""
-    import json
-
-    from features.backfill import materialize as run
-
     try:
-        moment = _parse_as_of(as_of) if as_of else None
-        summary = run(_settings(), events, moment, progress=lambda line: typer.echo(line, err=True))
+        moment = parse_utc(as_of, "--as-of") if as_of else None
+        summary = backfill.materialize(_settings(), events, moment, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary))

@@ -21,7 +21,13 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from churn.settings import Settings
+from core.settings import Settings
+from features.feast_repo import apply_repo
+from sim.simulator import SimConfig, simulate
+from stream.producer import publish_lines
+from stream.risk_store import RedisRiskStore
+from stream.topics import ensure_topics
+from training.pipeline import TrainOptions, train
 
 Say = Callable[[str], None]
 
@@ -114,8 +120,6 @@ def _get(url: str, key: str | None) -> Any:
 def _show_answers(settings: Settings, say: Say) -> None:
     import redis
 
-    from stream.risk_store import RedisRiskStore
-
     client = redis.Redis.from_url(settings.redis_address)
     keys = [
         k.decode()[len(settings.redis_prefix) + 5 :]
@@ -147,11 +151,6 @@ DEMO_MIN_ROC_AUC = 0.6  # the demo's test ROC-AUC floor (see run_demo, step 4)
 
 def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: float | None, say: Say) -> None:
     """Runs the demo; returns when `duration` seconds of live scoring have passed or on Ctrl-C."""
-    from features.feast_repo import apply_repo
-    from stream.producer import publish_lines
-    from stream.simulator import SimConfig, simulate
-    from stream.topics import ensure_topics
-    from training.pipeline import TrainOptions, train
 
     t0 = time.monotonic()
     data = settings.data_dir / "demo"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,11 +19,16 @@ from typing import Any
 
 import polars as pl
 
-from churn.errors import InvalidInputError
-from churn.settings import Settings
+from core.errors import InvalidInputError
+from core.redis import redis_client
+from core.settings import Settings
+from core.timeutil import to_ms
+from events.log import events_frame, load_events
+from events.schema import Event
 from features import offline, spec
+from features.feast_repo import batch_source_path, open_feature_store
 from features.online import STATE_ENCODER, OnlineEngine
-from stream.events import Event
+from features.state_store import RedisStateStore
 
 
 def _log_with_positions(path: Path) -> pl.LazyFrame:
@@ -31,7 +37,6 @@ def _log_with_positions(path: Path) -> pl.LazyFrame:
     Raises:
         InvalidInputError: the log cannot be read or is empty.
     """
-    from training.event_log import load_events
 
     events = load_events(path)  # validates the log and gives the engine columns
     if path.is_dir():
@@ -41,7 +46,7 @@ def _log_with_positions(path: Path) -> pl.LazyFrame:
                 pl.col("kafkaPartition").cast(pl.Int64).alias("partition"),
                 pl.col("kafkaOffset").cast(pl.Int64).alias("offset"),
             )
-            return offline.events_frame(raw, keep=("partition", "offset"))
+            return events_frame(raw, keep=("partition", "offset"))
     return events.with_columns(pl.lit(-1, pl.Int64).alias("partition"), pl.lit(-1, pl.Int64).alias("offset"))
 
 
@@ -82,16 +87,10 @@ def materialize(
 
     Returns counts and timings. Raises InvalidInputError (bad log) or ServiceUnavailableError.
     """
-    import time
-
-    import redis
-
-    from features.feast_repo import batch_source_path, open_feature_store
-    from stream.state_store import RedisStateStore
 
     log = _log_with_positions(path)
     last_ms = log.select(pl.col("ts").max()).collect().item()
-    as_of_ms = int(as_of.timestamp() * 1000) if as_of else int(last_ms)
+    as_of_ms = to_ms(as_of) if as_of else int(last_ms)
     started = time.perf_counter()
     rows = offline_rows(log, as_of_ms)
     if rows.is_empty():
@@ -111,7 +110,7 @@ def materialize(
 
     started = time.perf_counter()
     engine = rebuild_states(log, as_of_ms, settings.allowed_lateness_seconds * 1000)
-    client = redis.Redis.from_url(settings.redis_address)
+    client = redis_client(settings)
     blobs = {user: STATE_ENCODER.encode(state) for user, state in engine.states.items()}
     written = RedisStateStore(client, settings.redis_prefix, engine.state_layout).save(blobs)
     progress(

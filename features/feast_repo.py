@@ -7,17 +7,19 @@ reads no settings and opens no connection.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from churn.errors import ConfigError
+from core.errors import ConfigError
+from core.redis import UNREACHABLE, redis_errors
+from core.settings import Settings
 from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES, spec_version
 
 if TYPE_CHECKING:
     from feast import Entity, FeatureStore, FeatureView, FileSource, PushSource, RepoConfig
 
-    from churn.settings import Settings
 
 ENTITY_NAME = "user"
 JOIN_KEY = "user_id"
@@ -203,10 +205,14 @@ def apply_repo(settings: Settings) -> FeatureStore:
         ConfigError: the settings give an invalid Feast config.
         ServiceUnavailableError: Redis cannot be reached.
     """
-    from features.feast_store import translate_redis_errors
-
     write_feature_store_yaml(settings)
     store = open_feature_store(settings)
     with translate_redis_errors("applying the Feast repo", redis_connection_string(settings).split(",", 1)[0]):
         store.apply(list(repo_objects(settings)))
     return store
+
+
+def translate_redis_errors(action: str, address: str) -> AbstractContextManager[None]:
+    """Returns a context that turns an unreachable Redis into ServiceUnavailableError (HTTP 503)
+    naming `action` (a command Redis refused passes through as it is)."""
+    return redis_errors(action, f"Redis (Feast online store at {address})", catch=UNREACHABLE)

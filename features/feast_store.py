@@ -14,12 +14,11 @@ CLI, `materialize`) sees the same rows.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from churn.errors import ConfigError, ServiceUnavailableError
+from core.errors import ConfigError
 from features.feast_repo import (
     FEATURE_VIEW_NAME,
     JOIN_KEY,
@@ -27,6 +26,7 @@ from features.feast_repo import (
     SPEC_VERSION_TAG,
     TIMESTAMP_FIELD,
     is_int_feature,
+    translate_redis_errors,
     view_feature_names,
 )
 from features.spec import LAST_EVENT_MS, STORED_FEATURES, spec_version
@@ -46,24 +46,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAN = float("nan")
 # Distinct small ints (counts) whose ValueProto is built once and shared.
 _INT_CACHE_SIZE = 100_000
-
-
-@contextmanager
-def translate_redis_errors(action: str, address: str) -> Iterator[None]:
-    """Turns an unreachable Redis into ServiceUnavailableError (HTTP 503) naming `action`.
-
-    Raises:
-        ServiceUnavailableError: Redis refused, timed out or the cluster is down.
-    """
-    from redis.exceptions import ClusterDownError, RedisClusterException
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException) as exc:
-        msg = f"Redis (Feast online store at {address}) is unavailable while {action}: {exc}"
-        raise ServiceUnavailableError(msg) from exc
 
 
 def _float(value: Any) -> float:
@@ -154,7 +136,7 @@ class FeastFeatureStore:
         self._int_getter = _values_getter(self._int_names)
         self._float_getter = _values_getter(self._float_names)
         # The serialized-values path needs our store; another configured store gets ValueProtos.
-        from features.redis_store import (
+        from features.redis_store import (  # heavy: subclasses Feast's store, so importing it loads Feast
             ChurnRedisOnlineStore,
             cached_int64,
             decode_value,

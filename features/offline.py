@@ -10,32 +10,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from events.log import events_frame
 from features import spec
-
-# Columns of the event log this engine reads (snake_case; see `events_frame`).
-EVENT_COLUMNS = ("user_id", "ts", "session_id", "item_in_session", "page", "level", "registration", "length")
-_WIRE_NAMES = {"userId": "user_id", "sessionId": "session_id", "itemInSession": "item_in_session"}
-
-
-def events_frame(raw: pl.DataFrame | pl.LazyFrame, *, keep: tuple[str, ...] = ()) -> pl.LazyFrame:
-    """Returns the event log in the engine's columns and types (accepts wire camelCase names),
-    plus the `keep` columns as they are.
-
-    Guests (empty user_id) are dropped, as the stream drops them.
-    """
-    frame = raw.lazy()
-    frame = frame.rename({k: v for k, v in _WIRE_NAMES.items() if k in frame.collect_schema().names()})
-    return frame.select(
-        pl.col("user_id").cast(pl.String),
-        pl.col("ts").cast(pl.Int64),
-        pl.col("session_id").cast(pl.Int64),
-        pl.col("item_in_session").cast(pl.Int64),
-        pl.col("page").cast(pl.String),
-        pl.col("level").cast(pl.String),
-        pl.col("registration").cast(pl.Float64),
-        pl.col("length").cast(pl.Float64),
-        *keep,
-    ).filter(pl.col("user_id") != "")
 
 
 def _aggregate_exprs() -> list[pl.Expr]:

@@ -22,9 +22,9 @@ from typing import Final
 
 import msgspec
 
+from events.schema import Event
 from features import spec
 from features.store import FeatureRow
-from stream.events import Event
 
 DUPLICATE: Final = 0
 APPLIED: Final = 1

@@ -7,13 +7,15 @@ its own `CollectorRegistry`, so tests and several components in one process neve
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from models.runtime import LoadedModel
 
 # Sub-millisecond to seconds: request, batch and store latencies.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -96,6 +98,11 @@ class Metrics:
         if version is not None:
             self.model_info.labels(component, name, version).set(1)
         self.model_loaded.labels(component).set(0 if version is None else 1)
+
+    def model_swapped(self, component: str) -> Callable[[LoadedModel], None]:
+        """Returns the callback a `models.holder.ModelHolder` calls with each model it loads:
+        it records the model's name and version for `component`."""
+        return lambda loaded: self.set_model(component, loaded.name, loaded.version)
 
 
 class BulkHistogram(Collector):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from churn.settings import load_settings
+from core.settings import load_settings
 from serving.app import create_app
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.runtime import LoadedModel
 from serving.schemas import ModelInfo
-from stream.scorer import LoadedModel
 
 
 def model_info(loaded: LoadedModel, meta: dict[str, Any], default_horizon_days: int) -> ModelInfo:

@@ -5,27 +5,22 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from churn.errors import ServiceUnavailableError
+from core.errors import ServiceUnavailableError
+from core.timeutil import ms_to_iso
 from features import spec
 from features.store import FeatureRow, FeatureStore
+from models.runtime import LoadedModel, Model, feature_matrix
 from monitoring.metrics import Metrics
 from serving.schemas import ModelRef, Reason, RiskAnswer, StoredRisk
 from stream.risk_store import RiskRow, RiskStore
-from stream.scorer import LoadedModel, feature_matrix
 
 DESCRIPTIONS = spec.describe()
 TOP_REASONS = 5
 _COLUMN = {name: i for i, name in enumerate(spec.MODEL_FEATURES)}
-
-
-def iso(ms: int) -> str:
-    """Returns epoch milliseconds as ISO 8601 UTC text."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class RiskService:
@@ -71,7 +66,7 @@ class RiskService:
         # In event mode the watermark may trail a user's newest event by a batch: never go negative.
         now = [max(clock or row.last_event_ms, row.last_event_ms) for row in known]
         matrix = feature_matrix(known, now)
-        model: Any = loaded.model
+        model = loaded.model
         probabilities = model.predict(matrix)
         contributions = model.contributions(matrix) if explain else [None] * len(known)
         answers = [
@@ -85,7 +80,7 @@ class RiskService:
         row: FeatureRow,
         probability: float,
         loaded: LoadedModel,
-        model: Any,
+        model: Model,
         now_ms: int,
         contributions: dict[str, float] | None,
         values: np.ndarray,
@@ -110,8 +105,8 @@ class RiskService:
             risk_tier=model.tier(probability),
             horizon_days=model.horizon_days,
             model=ModelRef(name=loaded.name, version=loaded.version),
-            as_of=iso(now_ms),
-            features_updated_at=iso(row.last_event_ms),
+            as_of=ms_to_iso(now_ms),
+            features_updated_at=ms_to_iso(row.last_event_ms),
             reasons=reasons,
             stored_risk=None
             if stored is None
@@ -119,8 +114,8 @@ class RiskService:
                 churn_probability=stored.churn_probability,
                 risk_tier=stored.risk_tier,  # type: ignore[arg-type]
                 model_version=stored.model_version,
-                event_time=iso(stored.event_time_ms),
-                scored_at=iso(stored.scored_at_ms),
+                event_time=ms_to_iso(stored.event_time_ms),
+                scored_at=ms_to_iso(stored.scored_at_ms),
             ),
         )
 

@@ -22,8 +22,8 @@ import msgspec
 import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 
-from churn.settings import Settings
-from stream.events import Event, parse_event
+from core.settings import Settings
+from events.schema import Event, parse_event
 
 log = logging.getLogger(__name__)
 _FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")

@@ -12,19 +12,29 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from churn.errors import ServiceUnavailableError
-from churn.gc_policy import freeze_survivors, release_frozen
-from churn.settings import Settings
+from core.errors import ServiceUnavailableError
+from core.gc_policy import freeze_survivors
+from core.redis import redis_client
+from core.settings import Settings
+from events.schema import ErrorRecord
+from features import spec
+from features.feast_repo import open_feature_store
+from features.feast_store import FeastFeatureStore
+from features.online import OnlineEngine
+from features.state_store import RedisStateStore
+from models.holder import ModelHolder
+from models.registry import champion_loader
+from monitoring.drift import DriftWindow, Thresholds, seconds_since
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
-from stream.events import ErrorRecord
-from stream.scorer import BatchProcessor, LoadedModel, Message
+from stream.processor import BatchProcessor, Message
+from stream.risk_store import RedisRiskStore
+from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -49,41 +59,6 @@ def dlq_headers(record: ErrorRecord) -> list[tuple[str, str | bytes | None]]:
         ("source_partition", str(record.partition).encode()),
         ("source_offset", str(record.offset).encode()),
     ]
-
-
-class ModelHolder:
-    """Holds the current champion and swaps it between batches when the registry changes."""
-
-    def __init__(
-        self,
-        version_of_champion: Callable[[], str | None],
-        load: Callable[[], LoadedModel | None],
-        metrics: Metrics,
-        component: str,
-    ) -> None:
-        self._version_of_champion = version_of_champion
-        self._load = load
-        self._metrics = metrics
-        self._component = component
-        self.current: LoadedModel | None = None
-
-    def refresh(self) -> bool:
-        """Loads the champion if its version changed; returns True on a swap. Never raises."""
-        try:
-            version = self._version_of_champion()
-            if version is None or (self.current is not None and self.current.version == version):
-                return False
-            loaded = self._load()
-        except Exception:  # a registry hiccup must not stop scoring with the model we have
-            log.exception("could not refresh the champion model; keeping %s", self.current and self.current.version)
-            return False
-        if loaded is None:
-            return False
-        self.current = loaded
-        release_frozen()  # the old model's objects may sit in frozen reference cycles
-        self._metrics.set_model(self._component, loaded.name, loaded.version)
-        log.info("now scoring with %s version %s", loaded.name, loaded.version)
-        return True
 
 
 class ScoringConsumer:
@@ -278,30 +253,11 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         ConfigError: the Feast repo was not applied (`churn feast-apply`).
         ServiceUnavailableError: Redis or Kafka cannot be reached.
     """
-    import redis
-
-    from features import spec
-    from features.feast_repo import open_feature_store
-    from features.feast_store import FeastFeatureStore
-    from features.online import OnlineEngine
-    from monitoring.drift import DriftWindow, Thresholds, seconds_since
-    from stream.risk_store import RedisRiskStore
-    from stream.state_store import RedisStateStore
-    from stream.topics import ensure_topics
-    from training.registry import champion_version, load_champion
 
     metrics = metrics or Metrics()
     ensure_topics(settings)
-    client = redis.Redis.from_url(settings.redis_address, socket_timeout=5, socket_connect_timeout=2)
-
-    def load() -> LoadedModel | None:
-        found = load_champion(settings)
-        if found is None:
-            return None
-        model, version = found
-        return LoadedModel(model, settings.model_name, str(version))
-
-    models = ModelHolder(lambda: champion_version(settings), load, metrics, "scorer")
+    client = redis_client(settings)
+    models = ModelHolder(*champion_loader(settings), on_swap=metrics.model_swapped("scorer"))
     window = DriftWindow(
         spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
     )

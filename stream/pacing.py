@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stream.events import MAX_TS_MS, MIN_TS_MS
+from events.schema import MAX_TS_MS, MIN_TS_MS
 
 
 @dataclass(frozen=True)

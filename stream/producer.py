@@ -27,8 +27,8 @@ from typing import Final
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from churn.errors import InvalidInputError, ServiceUnavailableError
-from churn.settings import Settings
+from core.errors import InvalidInputError, ServiceUnavailableError
+from core.settings import Settings
 from stream.pacing import Pacer, Pacing
 from stream.topics import ensure_topics
 

@@ -8,7 +8,7 @@ from typing import Protocol
 import msgspec
 import redis
 
-from churn.errors import ServiceUnavailableError
+from core.redis import redis_errors
 
 
 class RiskRow(msgspec.Struct, frozen=True):
@@ -95,37 +95,25 @@ class RedisRiskStore:
         """Upserts the rows in one MSET; raises ServiceUnavailableError."""
         if not rows:
             return
-        try:
+        with redis_errors("writing risk rows"):
             self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})
-        except redis.RedisError as exc:
-            msg = f"Redis unavailable while writing risk rows: {exc}"
-            raise ServiceUnavailableError(msg) from exc
 
     def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
         """Returns one row per id (None if never scored); raises ServiceUnavailableError."""
         ids = list(user_ids)
         if not ids:
             return []
-        try:
+        with redis_errors("reading risk rows"):
             blobs = self.client.mget([self.prefix + u for u in ids])
-        except redis.RedisError as exc:
-            msg = f"Redis unavailable while reading risk rows: {exc}"
-            raise ServiceUnavailableError(msg) from exc
         return [None if b is None else _DECODER.decode(b) for b in blobs]
 
     def advance_watermark(self, event_ms: int) -> None:
         """Raises the shared watermark to `event_ms`; raises ServiceUnavailableError."""
-        try:
+        with redis_errors("advancing the watermark"):
             self._raise_to(keys=[self.watermark_key], args=[event_ms])
-        except redis.RedisError as exc:
-            msg = f"Redis unavailable while advancing the watermark: {exc}"
-            raise ServiceUnavailableError(msg) from exc
 
     def watermark(self) -> int | None:
         """Returns the shared watermark, None before any batch; raises ServiceUnavailableError."""
-        try:
+        with redis_errors("reading the watermark"):
             value = self.client.get(self.watermark_key)
-        except redis.RedisError as exc:
-            msg = f"Redis unavailable while reading the watermark: {exc}"
-            raise ServiceUnavailableError(msg) from exc
         return None if value is None else int(value)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from churn.errors import ServiceUnavailableError
-from churn.settings import Settings
+from core.errors import ServiceUnavailableError
+from core.settings import Settings
 
 
 def _admin(settings: Settings) -> AdminClient:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from churn.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 

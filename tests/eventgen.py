@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from stream.events import Event
+from events.schema import Event
 
 PAGES = [
     "NextSong", "NextSong", "NextSong", "NextSong", "NextSong", "Home", "Thumbs Up", "Thumbs Down",

@@ -1,4 +1,4 @@
-"""Probability calibration that serialises to plain JSON (no pickle).
+"""Fitting a probability calibration that serialises to plain JSON (applied by `models.calibration`).
 
 A calibrator maps the booster's raw probability to a calibrated one:
 - `none`: identity;
@@ -16,34 +16,14 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special
 
+from models.calibration import EPS, apply
 from training import metrics
-
-_EPS = 1e-6
-
-
-def apply(calibration: dict[str, Any], raw: np.ndarray) -> np.ndarray:
-    """Returns calibrated probabilities for raw booster probabilities.
-
-    Raises:
-        ValueError: the calibration's method is unknown.
-    """
-    method = calibration.get("method", "none")
-    raw = np.asarray(raw, dtype=np.float64)
-    if method == "none":
-        return raw
-    if method == "platt":
-        logit = special.logit(np.clip(raw, _EPS, 1 - _EPS))
-        return np.asarray(special.expit(calibration["a"] * logit + calibration["b"]))
-    if method == "isotonic":
-        return np.interp(raw, np.asarray(calibration["x"]), np.asarray(calibration["y"]))
-    msg = f"unknown calibration method {method!r}; expected none, platt or isotonic"
-    raise ValueError(msg)
 
 
 def fit_platt(labels: np.ndarray, raw: np.ndarray) -> dict[str, Any]:
     """Returns a Platt calibration {method, a, b} fitted by maximum likelihood."""
     y = np.asarray(labels, dtype=np.float64)
-    logit = special.logit(np.clip(np.asarray(raw, dtype=np.float64), _EPS, 1 - _EPS))
+    logit = special.logit(np.clip(np.asarray(raw, dtype=np.float64), EPS, 1 - EPS))
 
     def loss(params: np.ndarray) -> float:
         z = params[0] * logit + params[1]

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from churn.errors import InvalidInputError
+from core.errors import InvalidInputError
+from events.schema import CHURN_PAGE
 from features import offline, spec
-from stream.events import CHURN_PAGE
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import lightgbm as lgb
 import numpy as np
 
 from features import spec
+from models.calibration import apply as apply_calibration
 from training import calibration, metrics
 
 # Directions we are confident of for an otherwise identical user, on any service: a larger share
@@ -167,6 +168,6 @@ def fit(
         best_iteration=rounds,
         calibration=chosen,
         candidates=candidates,
-        valid_scores=calibration.apply(chosen, raw),
+        valid_scores=apply_calibration(chosen, raw),
         refit=config.refit,
     )

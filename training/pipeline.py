@@ -7,24 +7,27 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from churn.settings import Settings, mask_url
+from core.settings import Settings, mask_url
+from core.timeutil import ms_to_iso
+from events.log import load_events
 from features import spec
+from models import registry as model_registry
+from models.artifact import ChurnModel, save_artifact, tier_cuts
 from training import dataset, evaluate, fit, reference, registry, split
-from training.artifact import ChurnModel, save_artifact, tier_cuts
-from training.event_log import load_events
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """What to train on: the horizon (None: settings.horizon_days), the observation grid, the
-    split shares, the booster settings, and optionally the simulator's ground truth."""
+    split shares, the booster settings, and optionally an oracle: a function giving the true
+    churn probability of each test row (rows with user_id, as_of; the horizon in days), which
+    a simulator can supply (`sim.oracle.oracle_for`) to report the model's ratio to it."""
 
     horizon_days: int | None = None
     grid_hours: int = 24
@@ -32,12 +35,8 @@ class TrainOptions:
     valid_share: float = 0.2
     test_share: float = 0.2
     fit: fit.FitConfig = field(default_factory=fit.FitConfig)
-    truth_path: Path | None = None
+    oracle: Callable[[pl.DataFrame, int], np.ndarray] | None = None
     register: bool = True
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def build_training_set(
@@ -110,13 +109,13 @@ def train(
     # Out-of-sample validation scores (a refit booster has seen the validation rows).
     meta["tiers"] = tier_cuts(result.valid_scores)
     test_scores = model.predict(x["test"])
-    oracle = _oracle(options.truth_path, parts["test"], horizon) if options.truth_path else None
+    oracle = options.oracle(parts["test"], horizon) if options.oracle else None
     test_metrics = evaluate.evaluate(y["test"], test_scores, oracle)
     meta["metrics"] = {"test": test_metrics, "candidates": result.candidates}
     meta["data_window"] = {
-        "first_event": _iso(window.first_event_ms),
-        "last_event": _iso(window.last_event_ms),
-        **{f"{name}_points": [_iso(a), _iso(b)] for name, (a, b) in times.bounds().items()},
+        "first_event": ms_to_iso(window.first_event_ms),
+        "last_event": ms_to_iso(window.last_event_ms),
+        **{f"{name}_points": [ms_to_iso(a), ms_to_iso(b)] for name, (a, b) in times.bounds().items()},
         "grid_hours": options.grid_hours,
         "lookback_days": options.lookback_days,
         "sizes": sizes,
@@ -158,7 +157,7 @@ def _register(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     progress(f"logging to MLflow at {mask_url(settings.tracking_uri)}")
-    champion = registry.load_champion(settings)
+    champion = model_registry.load_champion(settings)
     decision = registry.decide(settings, test_metrics, test_frame, champion)
     params = {
         "horizon_days": summary["horizon_days"],
@@ -194,17 +193,3 @@ def _scratch(settings: Settings) -> Path:
     path = settings.state_dir.resolve() / "tmp"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _oracle(truth_path: Path, test: pl.DataFrame, horizon: int) -> np.ndarray:
-    """Returns the simulator oracle's probability for each test row (NaN for unknown users)."""
-    from stream.ground_truth import load_truth
-    from stream.oracle import oracle_at
-
-    truth = load_truth(truth_path)
-    row = {str(user): i for i, user in enumerate(truth.user_ids)}
-    index = np.array([row.get(user, -1) for user in test["user_id"].to_list()], dtype=np.int64)
-    out = np.full(test.height, np.nan)
-    known = index >= 0
-    out[known] = oracle_at(truth, index[known], test["as_of"].to_numpy()[known], horizon)
-    return out

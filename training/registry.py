@@ -1,18 +1,15 @@
-"""MLflow: one run per training, the model registry, promotion gates and champion loading.
+"""MLflow, write side: one run per training, new registry versions, promotion gates.
 
 The tracking store is `settings.tracking_uri` (SQLite in the state folder by default); with
 it, the experiment's artifacts go to `settings.artifacts_dir`, never to ./mlruns. The model
 artifact directory (model.txt + meta.json) is logged under the run's `model/` path and
 registered as `settings.model_name`. A new version gets the alias `challenger`; it also gets
-`champion` when it passes the gates (see `decide`). Serving loads model.txt + meta.json
-through `load_champion`, never a pickle.
+`champion` when it passes the gates (see `decide`). Loading the champion is
+`models.registry`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,16 +18,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from churn.errors import ServiceUnavailableError
-from churn.settings import Settings, mask_url
+from core.errors import ServiceUnavailableError
+from core.settings import Settings, mask_url
+from models.artifact import ChurnModel
+from models.registry import CHALLENGER, CHAMPION, PROMOTED_AT_TAG, registry_client
 from training import metrics
-from training.artifact import ChurnModel, load_artifact
 from training.dataset import feature_matrix
 
 EXPERIMENT = "churn"
 ARTIFACT_PATH = "model"
-CHAMPION, CHALLENGER = "champion", "challenger"
-PROMOTED_AT_TAG = "promoted_at"  # model-version tag: when the version became champion (UTC ISO 8601)
 
 
 @dataclass
@@ -41,12 +37,6 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     champion_version: str | None = None
     champion_roc_auc: float | None = None
-
-
-def _client(settings: Settings) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
 def _experiment_id(client: Any, settings: Settings) -> str:
@@ -75,10 +65,10 @@ def log_run(
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached.
     """
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
 
     try:
-        client = _client(settings)
+        client = registry_client(settings)
         run = client.create_run(_experiment_id(client, settings), tags=tags, run_name="train")
         run_id = run.info.run_id
         for key, value in params.items():
@@ -147,10 +137,10 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached.
     """
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
 
     try:
-        client = _client(settings)
+        client = registry_client(settings)
         client.set_tag(run_id, "promotion.decision", "promoted" if decision.promote else "rejected")
         client.set_tag(run_id, "promotion.reasons", "; ".join(decision.reasons)[:5000])
         client.set_tag(run_id, "promotion.previous_champion", decision.champion_version or "")
@@ -162,77 +152,3 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
-
-
-def champion_version(settings: Settings) -> str | None:
-    """Returns the version number the `champion` alias points at, or None if there is none.
-    One registry lookup: cheap enough to poll for hot reload.
-
-    Raises:
-        ServiceUnavailableError: the tracking store cannot be reached.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(_client(settings).get_model_version_by_alias(settings.model_name, CHAMPION).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
-        raise ServiceUnavailableError(msg) from exc
-
-
-def load_version(settings: Settings, version: str) -> ChurnModel:
-    """Returns the model of registry `version`, downloaded once into the local cache
-    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>/).
-
-    Raises:
-        ServiceUnavailableError: the registry or artifact store cannot be reached.
-        InvalidInputError: the downloaded files are not a model artifact.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    # Keyed by registry too: two registries sharing a state folder each number from 1.
-    registry = hashlib.sha256(settings.tracking_uri.encode()).hexdigest()[:12]
-    cache = settings.state_dir.resolve() / "model_cache" / registry / settings.model_name / version
-    if not (cache / "meta.json").exists():
-        try:
-            source = _client(settings).get_model_version(settings.model_name, version).source
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            # Download beside the cache and rename: a reader never sees a half-written folder.
-            staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{version}-"))
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=str(staging), tracking_uri=settings.tracking_uri
-            )
-            if cache.exists():
-                shutil.rmtree(cache)
-            Path(local).rename(cache)
-            shutil.rmtree(staging, ignore_errors=True)
-        except MlflowException as exc:
-            msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot fetch {settings.model_name} v{version}: {exc}"
-            raise ServiceUnavailableError(msg) from exc
-    return load_artifact(cache)
-
-
-def load_champion(settings: Settings) -> tuple[ChurnModel, str] | None:
-    """Returns (model, version) of the current `champion`, or None if no version is champion.
-
-    Raises:
-        ServiceUnavailableError: the registry or artifact store cannot be reached.
-        InvalidInputError: the champion's files are not a model artifact.
-    """
-    from mlflow.exceptions import MlflowException
-
-    version = champion_version(settings)
-    if version is None:
-        return None
-    model = load_version(settings, version)
-    try:
-        tags = _client(settings).get_model_version(settings.model_name, version).tags
-    except MlflowException as exc:
-        msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot read {settings.model_name} v{version}: {exc}"
-        raise ServiceUnavailableError(msg) from exc
-    # The artifact is written before the decision; the promotion time lives on the version.
-    model.meta["promoted_at"] = tags.get(PROMOTED_AT_TAG)
-    return model, version

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import polars as pl
 
-from churn.errors import InvalidInputError
+from core.errors import InvalidInputError
 from features import offline
-from training.artifact import ChurnModel
+from models.artifact import ChurnModel
 from training.dataset import churn_times, feature_matrix
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from churn.errors import InvalidInputError
+from core.errors import InvalidInputError
 from features import spec
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from churn import infra
-from churn.settings import Settings
+from core.settings import Settings
+from infra import local as infra
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

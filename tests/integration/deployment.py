@@ -27,16 +27,18 @@ import numpy as np
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from churn.settings import Settings
+from core.settings import Settings
+from events.schema import Event
 from features import spec
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
+from models.artifact import ChurnModel, save_artifact
 from monitoring.metrics import Metrics
-from stream.events import Event
+from stream.consumer import build_scorer
 from stream.pacing import Pacing
 from stream.producer import ProduceReport, build_producer, publish
 from stream.risk_store import RedisRiskStore
-from training.artifact import ChurnModel
+from training import registry
 
 CHURN = str(Path(sys.executable).parent / "churn")
 
@@ -83,8 +85,6 @@ def small_model(*, missing_share: float = 0.0, rounds: int = 20, **meta: Any) ->
 def register_champion(folder: Path, base: Settings) -> str:
     """Registers `small_model()` (the real artifact format) as `champion` in a fresh MLflow
     SQLite store in `folder`; returns the store's URI."""
-    from training import registry
-    from training.artifact import save_artifact
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
@@ -140,7 +140,6 @@ class Deployment:
     def run_uninterrupted(self, idle_s: float = 2.0) -> Metrics:
         """Runs the scorer's own wiring (`build_scorer`) here, without faults, until the topic is
         drained; returns its metrics."""
-        from stream.consumer import build_scorer
 
         metrics = Metrics()
         build_scorer(self.settings, metrics).run(max_idle_s=idle_s)

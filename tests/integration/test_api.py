@@ -24,18 +24,18 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from churn.settings import Settings
+from core.settings import Settings
+from events.log import load_events, write_partitioned
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
 from features.store import FeatureRow
+from models import registry as model_registry
+from models.runtime import feature_matrix
 from serving.app import create_app
+from sim.simulator import SimConfig, simulate
 from stream.risk_store import RedisRiskStore
-from stream.scorer import feature_matrix
-from stream.simulator import SimConfig, simulate
 from training import fit, registry
-from training.bench import write_partitioned
-from training.event_log import load_events
 from training.pipeline import TrainOptions, train
 from training.scoring import score_users
 
@@ -113,7 +113,7 @@ def api(world: World) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def offline(world: World) -> pl.DataFrame:
     """What `churn score` gives every user as of the watermark, with the champion."""
-    found = registry.load_champion(world.settings)
+    found = model_registry.load_champion(world.settings)
     assert found is not None
     model, version = found
     assert version == world.version
@@ -133,7 +133,7 @@ def test_answer_for_a_user_built_by_the_online_engine(api: TestClient, world: Wo
     assert body["features_updated_at"] == _iso(row.last_event_ms)
     assert body["stored_risk"] is None  # no scorer ran in this deployment
 
-    found = registry.load_champion(world.settings)
+    found = model_registry.load_champion(world.settings)
     assert found is not None
     matrix = feature_matrix([row], [world.watermark_ms])
     contributions = found[0].contributions(matrix)[0]

@@ -20,19 +20,20 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from schemathesis.python import asgi
 
-from churn.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 from features import spec
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.store import FeatureRow
+from models.artifact import ChurnModel
+from models.holder import ModelHolder
+from models.runtime import LoadedModel
 from monitoring.metrics import Metrics
-from serving.app import Deps, create_app
+from serving.app import create_app
+from serving.deps import Deps
 from serving.risk import RiskService, build_clock
-from stream.consumer import ModelHolder
 from stream.risk_store import RedisRiskStore, RiskRow
-from stream.scorer import LoadedModel
 from tests.integration.deployment import small_model
-from training.artifact import ChurnModel
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -87,14 +88,15 @@ def app(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         risks.advance_watermark(max(r.last_event_ms for r in rows))
         metrics = Metrics()
         model = fuzz_model()
-        models = ModelHolder(lambda: "1", lambda: LoadedModel(model, scratch.model_name, "1"), metrics, "api")
+        models = ModelHolder(
+            lambda: "1", lambda: LoadedModel(model, scratch.model_name, "1"), on_swap=metrics.model_swapped("api")
+        )
         service = RiskService(features, risks, lambda: models.current, build_clock("event", risks), metrics)
         deps = Deps(
             service=service,
             models=models,
             metrics=metrics,
             ready_checks={"redis": lambda: None, "feature_view": lambda: None},
-            model_meta=lambda: model.meta,
             # A healthy deployment has a drift report; "none yet" is a documented 503.
             drift_state=lambda: {"status": "ok", "computed_at": T0 / 1000, "features": {}, "score": None},
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 from confluent_kafka import Producer
 
-from churn.settings import Settings
+from core.settings import Settings
 from tests.eventgen import random_events
 
 CHURN = str(Path(sys.executable).parent / "churn")

@@ -31,10 +31,16 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from churn import infra
-from churn.settings import Settings
+import serving.auth
+from bench.api import START_MS, _rows, _wait_ready
+from core.errors import InvalidInputError
+from core.settings import Settings
 from features.feast_store import FeastFeatureStore
-from serving.app import build_deps, create_app
+from infra import local as infra
+from models import registry as model_registry
+from models.artifact import MODEL_FILE
+from serving.app import create_app
+from serving.deps import build_deps
 from stream.risk_store import RedisRiskStore
 from stream.topics import delete_topics
 from tests.eventgen import random_events
@@ -47,6 +53,7 @@ from tests.integration.deployment import (
     register_champion,
     wait_for,
 )
+from training import registry
 
 OUTAGE_SECONDS = 12.0  # how long Redis stays down (the issue asks for 10-30 s)
 RATE = 500.0  # events/s while a fault happens: the stream is still flowing when it starts and ends
@@ -429,7 +436,7 @@ def test_poison_is_dead_lettered_with_bounded_memory_and_no_crash(
 
 def _load(port: int, users: int, rate: float, seconds: float, connections: int, warmup: float = 1.0) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "serving.loadgen", "--port", str(port), "--ids", str(users),
+        sys.executable, "-m", "bench.loadgen", "--port", str(port), "--ids", str(users),
         "--path", "/users/{id}/risk?explain=false", "--rate", str(rate), "--seconds", str(seconds),
         "--connections", str(connections), "--warmup", str(warmup),
     ]  # fmt: skip
@@ -442,7 +449,6 @@ def _load(port: int, users: int, rate: float, seconds: float, connections: int, 
 def test_api_under_three_times_its_capacity_keeps_answering(
     settings: Settings, topic: str, deploy: Callable[..., Deployment]
 ) -> None:
-    from serving.bench import START_MS, _rows, _wait_ready
 
     users = 2000
     deployment = deploy("load", topic, api_port=free_port(), clock="event", api_keys=[])
@@ -529,7 +535,6 @@ def test_api_keys_ids_and_bodies_are_checked_and_keys_never_logged(
     keys = ["key-0123456789abcdef", "another-secret-key-that-is-long"]
     deployment = deploy("sec", topic, api_keys=[SecretStr(k) for k in keys])
     user = "sec-user"
-    from serving.bench import _rows
 
     FeastFeatureStore(deployment.feast).write_rows([dataclasses.replace(_rows(1)[0], user_id=user)])
     deps = build_deps(deployment.settings)
@@ -537,7 +542,6 @@ def test_api_keys_ids_and_bodies_are_checked_and_keys_never_logged(
     deps.service.features = _Spy(deps.service.features, reads)
     deps.service.risks = _Spy(deps.service.risks, reads)
     compared: list[tuple[int, int]] = []
-    import serving.auth
 
     real_compare = serving.auth.hmac.compare_digest
 
@@ -607,9 +611,6 @@ def test_models_load_only_as_text_from_the_registry(settings: Settings, tmp_path
             offenders += [f"{path.name}: {call}" for call in PICKLE_CALLS if call in source]
     assert offenders == []
 
-    from training import registry
-    from training.artifact import MODEL_FILE
-
     marker = tmp_path / "unpickled"
     artifact = tmp_path / "artifact"
     artifact.mkdir()
@@ -621,8 +622,7 @@ def test_models_load_only_as_text_from_the_registry(settings: Settings, tmp_path
     )
     run_id, version = registry.log_run(scratch, artifact, {}, {}, {})
     registry.apply_decision(scratch, run_id, version, registry.Decision(True))
-    from churn.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="not a churn model artifact"):
-        registry.load_champion(scratch)
+        model_registry.load_champion(scratch)
     assert not marker.exists()

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from churn.errors import ConfigError, ServiceUnavailableError
-from churn.settings import Settings
+from churn.cli import app
+from core.errors import ConfigError, ServiceUnavailableError
+from core.settings import Settings
 from features.feast_repo import FEATURE_VIEW_NAME, apply_repo, open_feature_store, repo_objects
 from features.feast_store import FeastFeatureStore
+from features.redis_store import ChurnRedisOnlineStore
 from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES
 from features.store import FeatureRow
 
@@ -170,8 +172,6 @@ def test_never_applied_or_stale_registry_is_a_config_error(feast: Any, scratch: 
 def test_cli_feast_apply(scratch: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from churn.cli import app
-
     monkeypatch.setenv("CHURN_FEAST_PROJECT", scratch.feast_project)
     monkeypatch.setenv("CHURN_FEAST_REPO", str(scratch.feast_repo_dir))
     result = CliRunner().invoke(app, ["feast-apply"])
@@ -188,8 +188,6 @@ def test_our_online_store_writes_the_parents_exact_bytes(
     """The fast write (serialized values) and Feast's own RedisOnlineStore leave identical hashes."""
     import redis
     from feast.infra.online_stores.redis import RedisOnlineStore
-
-    from features.redis_store import ChurnRedisOnlineStore
 
     assert isinstance(feast.provider.online_store, ChurnRedisOnlineStore)
     admin = redis.Redis(port=scratch.redis_port)
@@ -216,8 +214,6 @@ def test_dedup_and_ttl_options_keep_the_parents_behaviour(
 ) -> None:
     import redis
 
-    from features.feast_repo import open_feature_store
-
     online = feast.config.online_store
     dedup = FeastFeatureStore(open_feature_store(scratch))
     dedup._config.online_store.skip_dedup = False
@@ -239,8 +235,6 @@ def test_a_key_ttl_is_set_by_the_fast_write_as_by_the_parent(
 ) -> None:
     import redis
     from feast.infra.online_stores.redis import RedisOnlineStore
-
-    from features.feast_repo import open_feature_store
 
     expiring = FeastFeatureStore(open_feature_store(scratch))
     expiring._config.online_store.key_ttl_seconds = 600

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import redis
 
-from churn.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 from features.backfill import materialize
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
+from features.state_store import RedisStateStore
 from features.store import FeatureRow
-from stream.state_store import RedisStateStore
 from tests.eventgen import random_events
 from tests.unit.test_feature_parity import events_frame
 

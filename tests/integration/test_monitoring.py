@@ -33,15 +33,15 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 
-from churn import infra
-from churn.settings import Settings, load_settings
+from core.settings import Settings, load_settings
+from events.log import load_events, write_partitioned
 from features import spec
+from features.feast_repo import apply_repo
+from infra import local as infra
+from models.artifact import ChurnModel, load_artifact
 from monitoring.drift import DriftReport, DriftWindow, Thresholds, seconds_since
-from stream.simulator import SimConfig, simulate
+from sim.simulator import SimConfig, simulate
 from training import dataset, fit
-from training.artifact import ChurnModel, load_artifact
-from training.bench import write_partitioned
-from training.event_log import load_events
 from training.pipeline import TrainOptions, train
 
 CHURN = str(Path(sys.executable).parent / "churn")
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"))
 START = datetime(2026, 1, 1, tzinfo=UTC)
 DRIFT_AT = datetime(2026, 2, 1, tzinfo=UTC)  # day 31 of 40: after the 28-day windows have filled
-DRIFT_STRENGTH = 2.0  # 1 / 2 the actions per session, adverts x 3, errors x 5 (stream/simulator.py)
+DRIFT_STRENGTH = 2.0  # 1 / 2 the actions per session, adverts x 3, errors x 5 (sim/simulator.py)
 # What the simulator's drift shifts (fewer actions per session, more adverts) and crosses "alert"
 # within 9 days, and what it leaves alone (the session timeline, registration, level). Errors
 # shift too but are rare: the mostly-zero error features have few reference bins and move less.
@@ -140,7 +140,6 @@ def deployment(
 ) -> Iterator[dict[str, Any]]:
     """A scorer and an API on their own topic, group, Feast project and Redis prefix, scraped by
     the local Prometheus through a file_sd target file (removed afterwards)."""
-    from features.feast_repo import apply_repo
 
     scorer_port, api_port = free_port(), free_port()
     env = {

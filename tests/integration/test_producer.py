@@ -14,8 +14,8 @@ from confluent_kafka import Consumer
 from typer.testing import CliRunner
 
 from churn.cli import app
-from churn.errors import ServiceUnavailableError
-from churn.settings import Settings, load_settings
+from core.errors import ServiceUnavailableError
+from core.settings import Settings, load_settings
 from stream.producer import publish_lines, replay_file
 from stream.topics import delete_topics, ensure_topics
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
-from churn.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from tests.eventgen import random_events

@@ -8,8 +8,8 @@ import urllib.request
 import redis
 from confluent_kafka import Consumer, Producer
 
-from churn import infra
-from churn.settings import Settings
+from core.settings import Settings
+from infra import local as infra
 
 
 def test_status_reports_every_service_ready(settings: Settings) -> None:

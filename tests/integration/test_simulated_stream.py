@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer
 
-from churn.settings import Settings
-from stream.events import Event, parse_event
+from core.settings import Settings
+from events.schema import Event, parse_event
+from sim.simulator import SimConfig, simulate
 from stream.producer import publish_lines
-from stream.simulator import SimConfig, simulate
 
 
 def test_simulated_events_round_trip_in_per_user_order(settings: Settings, topic: str, unique: str) -> None:

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from churn.settings import load_settings
+from core.settings import load_settings
 from features import spec
 from features.online import OnlineEngine
 from features.store import InMemoryFeatureStore
+from models.holder import ModelHolder
+from models.runtime import LoadedModel
 from monitoring.metrics import Metrics
-from serving.app import Deps, create_app
+from serving.app import create_app
+from serving.deps import Deps
 from serving.risk import RiskService
-from stream.consumer import ModelHolder
 from stream.risk_store import InMemoryRiskStore, RiskRow
-from stream.scorer import LoadedModel
 from tests.eventgen import random_events
 
 
@@ -64,11 +65,13 @@ def client() -> Iterator[tuple[TestClient, ModelHolder, InMemoryRiskStore]]:
     metrics = Metrics()
     version = ["1"]
     models = ModelHolder(
-        lambda: version[0], lambda: LoadedModel(StandInModel(), "churn-lightgbm", version[0]), metrics, "api"
+        lambda: version[0],
+        lambda: LoadedModel(StandInModel(), "churn-lightgbm", version[0]),
+        on_swap=metrics.model_swapped("api"),
     )
     now = max(row.last_event_ms for row in features.rows.values()) + 3 * 86_400_000
     service = RiskService(features, risks, lambda: models.current, lambda: now, metrics)
-    deps = Deps(service=service, models=models, metrics=metrics, model_meta=lambda: StandInModel.meta)
+    deps = Deps(service=service, models=models, metrics=metrics)
     settings = load_settings(api_keys=["k1", "k2"])
     with TestClient(create_app(settings, deps)) as test_client:
         yield test_client, models, risks

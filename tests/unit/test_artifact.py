@@ -1,4 +1,4 @@
-"""`training.artifact.ChurnModel`: one-row predictions (LightGBM's fast path) equal the batch ones."""
+"""`models.artifact.ChurnModel`: one-row predictions (LightGBM's fast path) equal the batch ones."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from churn.errors import InvalidInputError
-from training.artifact import ChurnModel, load_artifact, save_artifact
+from core.errors import InvalidInputError
+from models.artifact import ChurnModel, load_artifact, save_artifact
 
 FEATURES = [f"f{i}" for i in range(12)]
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from churn.settings import Settings
+from core.settings import Settings
 from monitoring.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]

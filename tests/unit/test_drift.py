@@ -9,9 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from churn.settings import load_settings
+import training.pipeline
+import training.report
+from churn.cli import app
+from core.settings import load_settings
+from features import spec
 from features.online import OnlineEngine
+from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
+from models.runtime import LoadedModel
 from monitoring.drift import (
     DriftWindow,
     Thresholds,
@@ -31,9 +37,8 @@ from monitoring.drift_state import (
     with_alert_history,
 )
 from monitoring.metrics import Metrics
+from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
-from stream.scorer import BatchProcessor, LoadedModel, Message
-from stream.state_store import InMemoryStateStore
 from tests.eventgen import random_events
 from training.reference import distribution
 
@@ -274,7 +279,6 @@ class FirstFeatureModel:
 
 
 def test_batch_processor_feeds_the_window_with_what_it_scores() -> None:
-    from features import spec
 
     events = random_events(3, users=15, days=5, per_user=40)
     msgs = [Message(e.to_json(), "events", 0, i, e.ts) for i, e in enumerate(events)]
@@ -298,10 +302,6 @@ def test_retrain_command_trains_only_after_sustained_drift(monkeypatch: pytest.M
 
     import redis
     from typer.testing import CliRunner
-
-    import training.pipeline
-    import training.report
-    from churn.cli import app
 
     client = DictRedis()
     monkeypatch.setattr(redis.Redis, "from_url", staticmethod(lambda *a, **k: client))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from events.schema import (
     KNOWN_PAGES,
     MAX_SONG_SECONDS,
     MAX_TS_MS,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from churn.errors import ConfigError
-from churn.settings import Settings, load_settings
+from core.errors import ConfigError
+from core.settings import Settings, load_settings
 from features.feast_repo import (
     FEATURE_VIEW_NAME,
     ONLINE_STORE_TYPE,

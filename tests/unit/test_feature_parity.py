@@ -7,9 +7,9 @@ import math
 import polars as pl
 import pytest
 
+from events.schema import Event
 from features import offline, spec
 from features.online import LATE, OnlineEngine
-from stream.events import Event
 from tests.eventgen import random_events, shuffle_within
 
 LATENESS_MS = 3_600_000

@@ -1,11 +1,11 @@
-"""`serving.loadgen`: the open-loop schedule, and the latency it reports against a local server."""
+"""`bench.loadgen`: the open-loop schedule, and the latency it reports against a local server."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from serving.loadgen import due_count, run
+from bench.loadgen import due_count, run
 
 
 def test_a_request_is_due_at_its_scheduled_time_not_one_interval_later() -> None:

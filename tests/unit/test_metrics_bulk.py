@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from churn.gc_policy import freeze_survivors, release_frozen
+from core.gc_policy import freeze_survivors, release_frozen
 from monitoring.metrics import FRESHNESS_BUCKETS, BulkHistogram
 
 

@@ -3,9 +3,9 @@ a state never grows, and saved states are keyed by their layout."""
 
 from __future__ import annotations
 
+from events.schema import Event
 from features import spec
 from features.online import STATE_ENCODER, OnlineEngine, state_layout
-from stream.events import Event
 from tests.eventgen import START_MS
 
 FIVE_MIN = 5 * spec.MINUTE_MS

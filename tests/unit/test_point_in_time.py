@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from events.schema import Event
 from features import offline, spec
 from features.online import OnlineEngine
-from stream.events import Event
 from tests.eventgen import START_MS
 from tests.unit.test_feature_parity import events_frame
 

@@ -9,15 +9,24 @@ from typing import Any
 
 import pytest
 
-from churn.settings import load_settings
-from features.feast_repo import ONLINE_STORE_TYPE, repo_config
+from core.settings import load_settings
+from features.feast_repo import ONLINE_STORE_TYPE, repo_config, repo_objects
+from features.feast_store import event_time
+from features.redis_store import (
+    ChurnRedisOnlineStore,
+    ChurnRedisOnlineStoreConfig,
+    decode_value,
+    encode_double,
+    encode_int64,
+    encode_timestamp,
+    encode_timestamp_ms,
+    frame,
+)
 
 
 def test_config_type_resolves_to_our_store(tmp_path: Path) -> None:
     from feast.infra.online_stores.helpers import get_online_store_from_config
     from feast.infra.online_stores.redis import RedisOnlineStoreConfig
-
-    from features.redis_store import ChurnRedisOnlineStore, ChurnRedisOnlineStoreConfig
 
     for cluster in (False, True):
         config = repo_config(load_settings(state_dir=tmp_path, redis_port=16379, redis_cluster=cluster))
@@ -34,15 +43,12 @@ INTS = [0, 1, 2, 127, 128, 300, 16_383, 16_384, 99_999, 100_000, 1_767_225_600_1
 def test_int64_bytes_are_the_protos(number: int) -> None:
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from features.redis_store import encode_int64
-
     assert encode_int64(number) == Value(int64_val=number).SerializeToString()
     assert encode_int64(number) == Value(int64_val=number).SerializeToString()  # from the cache
     assert Value.FromString(encode_int64(number)).int64_val == number
 
 
 def test_int64_out_of_range_is_refused() -> None:
-    from features.redis_store import encode_int64
 
     for number in (2**63, -(2**63) - 1):
         with pytest.raises(ValueError, match="int64"):
@@ -56,8 +62,6 @@ DOUBLES = [0.0, -0.0, 1.0, 1 / 3, -2.5, 1e-300, 1e300, math.inf, -math.inf, 5e-3
 def test_double_bytes_are_the_protos(number: float) -> None:
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from features.redis_store import encode_double
-
     assert encode_double(number) == Value(double_val=number).SerializeToString()
     decoded = Value.FromString(encode_double(number))
     assert decoded.WhichOneof("val") == "double_val"
@@ -67,8 +71,6 @@ def test_double_bytes_are_the_protos(number: float) -> None:
 
 def test_nan_decodes_as_nan() -> None:
     from feast.protos.feast.types.Value_pb2 import Value
-
-    from features.redis_store import encode_double
 
     assert math.isnan(Value.FromString(encode_double(math.nan)).double_val)
 
@@ -82,8 +84,6 @@ def test_nan_decodes_as_nan() -> None:
 def test_decoded_values_are_the_protos(kind: str, number: float) -> None:
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from features.redis_store import decode_value
-
     value = Value()
     setattr(value, kind, number)
     got = decode_value(value.SerializeToString())
@@ -95,8 +95,6 @@ def test_decoded_values_are_the_protos(kind: str, number: float) -> None:
 def test_nothing_stored_or_null_decodes_as_none_and_nan_as_nan() -> None:
     from feast.protos.feast.types.Value_pb2 import Null, Value
 
-    from features.redis_store import decode_value, encode_double
-
     assert decode_value(None) is None  # the field was never written
     assert decode_value(Value().SerializeToString()) is None  # b"": no value set
     assert decode_value(Value(null_val=Null.NULL).SerializeToString()) is None
@@ -105,8 +103,6 @@ def test_nothing_stored_or_null_decodes_as_none_and_nan_as_nan() -> None:
 
 def test_a_value_that_is_not_a_number_is_refused() -> None:
     from feast.protos.feast.types.Value_pb2 import Value
-
-    from features.redis_store import decode_value
 
     with pytest.raises(ValueError, match="string_val"):
         decode_value(Value(string_val="x").SerializeToString())
@@ -130,8 +126,6 @@ def test_timestamp_bytes_are_the_parents(when: datetime) -> None:
     from feast.utils import make_tzaware
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    from features.redis_store import encode_timestamp
-
     ts = Timestamp()
     ts.FromDatetime(make_tzaware(when))
     assert encode_timestamp(when) == ts.SerializeToString()
@@ -139,16 +133,12 @@ def test_timestamp_bytes_are_the_parents(when: datetime) -> None:
 
 @pytest.mark.parametrize("epoch_ms", [0, 1, 999, 1_000, 1_767_225_600_123, -1, -1_001, -62_135_596_800_000])
 def test_timestamp_from_epoch_ms_is_the_datetimes(epoch_ms: int) -> None:
-    from features.feast_store import event_time
-    from features.redis_store import encode_timestamp, encode_timestamp_ms
 
     assert encode_timestamp_ms(epoch_ms) == encode_timestamp(event_time(epoch_ms))
 
 
 def test_framing_is_hiredis_framing() -> None:
     from hiredis import pack_command
-
-    from features.redis_store import frame
 
     for argument in (b"", b"x", b"\r\n$3", bytes(range(256))):
         command: Any = (b"GET", argument)  # hiredis' stub types a 1-tuple
@@ -158,8 +148,6 @@ def test_framing_is_hiredis_framing() -> None:
 def test_pandas_timestamp_takes_the_protobuf_route() -> None:
     import pandas as pd
     from google.protobuf.timestamp_pb2 import Timestamp
-
-    from features.redis_store import encode_timestamp
 
     when = pd.Timestamp("2026-01-01T00:00:00.123456789Z")
     ts = Timestamp()
@@ -171,9 +159,6 @@ def test_keys_and_fields_are_the_parents(tmp_path: Path) -> None:
     from feast.infra.online_stores.helpers import _mmh3, _redis_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
-
-    from features.feast_repo import repo_objects
-    from features.redis_store import ChurnRedisOnlineStore
 
     settings = load_settings(state_dir=tmp_path, redis_port=16379, feast_project="unit_test")
     *_, view = repo_objects(settings)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from events.schema import Event, parse_event
 from features.online import STATE_ENCODER, OnlineEngine
+from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
+from models.runtime import LoadedModel
 from monitoring.metrics import Metrics
-from stream.events import Event, parse_event
+from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
-from stream.scorer import BatchProcessor, LoadedModel, Message
-from stream.state_store import InMemoryStateStore
 from tests.eventgen import random_events
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from churn.errors import ConfigError
-from churn.settings import load_settings, mask_url
+from core.errors import ConfigError
+from core.settings import load_settings, mask_url
 
 
 def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from churn.errors import InvalidInputError
-from stream.events import CHURN_PAGE, KNOWN_PAGES, ErrorRecord, Event, parse_event
-from stream.ground_truth import DAY_MS, GroundTruth, load_truth, save_truth
-from stream.oracle import daily_points, oracle_at, oracle_probability, oracle_report, roc_auc
-from stream.simulator import SimConfig, Simulation, simulate, truth_path_for
+from core.errors import InvalidInputError
+from events.schema import CHURN_PAGE, KNOWN_PAGES, ErrorRecord, Event, parse_event
+from sim.ground_truth import DAY_MS, GroundTruth, load_truth, save_truth
+from sim.oracle import daily_points, oracle_at, oracle_probability, oracle_report, roc_auc
+from sim.simulator import SimConfig, Simulation, simulate, truth_path_for
 
 SMALL = SimConfig(users=150, days=30, seed=7, start=datetime(2026, 1, 1, tzinfo=UTC))
 

@@ -10,18 +10,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from churn.errors import InvalidInputError
+from core.errors import InvalidInputError
+from events.log import events_frame, load_events
+from events.schema import CHURN_PAGE, Event
 from features import spec
-from stream.events import CHURN_PAGE, Event
 from tests.eventgen import START_MS, random_events
 from training import dataset, split
-from training.event_log import load_events
 
 DAY = spec.DAY_MS
 
 
 def _frame(events: list[Event]) -> pl.LazyFrame:
-    return dataset.offline.events_frame(pl.DataFrame([msgspec.to_builtins(e) for e in events]))
+    return events_frame(pl.DataFrame([msgspec.to_builtins(e) for e in events]))
 
 
 def _cancel(user: str, ts: int) -> Event:

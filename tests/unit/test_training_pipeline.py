@@ -12,12 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from churn.settings import Settings, load_settings
-from stream.simulator import SimConfig, simulate
+from core.settings import Settings, load_settings
+from events.log import load_events, write_partitioned
+from models import registry as model_registry
+from models.artifact import load_artifact
+from sim.simulator import SimConfig, simulate
 from training import dataset, evaluate, fit, registry
-from training.artifact import load_artifact
-from training.bench import write_partitioned
-from training.event_log import load_events
 from training.pipeline import TrainOptions, build_training_set, train
 
 # Small and fast: a population churning more often than usual, so there are enough positives.
@@ -45,8 +45,8 @@ def first(log: Path, state: Settings) -> dict[str, Any]:
 
 def test_first_model_is_registered_and_promoted(first: dict[str, Any], state: Settings) -> None:
     assert first["promoted"], first["reasons"]
-    assert registry.champion_version(state) == first["version"]
-    loaded = registry.load_champion(state)
+    assert model_registry.champion_version(state) == first["version"]
+    loaded = model_registry.load_champion(state)
     assert loaded is not None
     model, version = loaded
     assert version == first["version"]
@@ -82,7 +82,7 @@ def test_worse_model_is_not_promoted(first: dict[str, Any], log: Path, state: Se
     )
     scores = np.asarray(result.booster.predict(dataset.feature_matrix(test)))
     worse = evaluate.evaluate(test["label"].to_numpy(), scores)
-    decision = registry.decide(state, worse, test, registry.load_champion(state))
+    decision = registry.decide(state, worse, test, model_registry.load_champion(state))
     assert not decision.promote
     assert any(reason.startswith("fail: test ROC-AUC") and "champion" in reason for reason in decision.reasons)
     strict = load_settings(state_dir=state.state_dir, gate_min_roc_auc=0.99)

@@ -25,8 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from churn.errors import ServiceUnavailableError
-from churn.settings import Settings
+from bench.produce import make_events
+from core.errors import ServiceUnavailableError
+from core.settings import Settings
+from events.log import write_partitioned
+from events.schema import Event, parse_event
+from features.feast_repo import apply_repo, open_feature_store
+from features.feast_store import FeastFeatureStore
+from features.online import APPLIED, STATE_ENCODER, OnlineEngine, state_layout
+from features.state_store import RedisStateStore
+from models.registry import load_champion
+from models.runtime import feature_matrix
+from sim.simulator import SimConfig, simulate
+from stream.pacing import Pacing
+from stream.producer import publish_lines
+from stream.risk_store import RedisRiskStore, RiskRow
+from stream.topics import delete_topics
+from training import fit
+from training.pipeline import TrainOptions, train
 
 GOAL_EVENTS_PER_SECOND: Final = 50_000
 GOAL_SPEEDUP: Final = 50.0
@@ -179,10 +195,6 @@ class _Scorer:
 def _train_champion(settings: Settings, scratch: Path) -> str:
     """Trains a small model on simulated events into the scratch MLflow store and promotes it;
     returns its version (the options of the unit tests' fast training)."""
-    from stream.simulator import SimConfig, simulate
-    from training import fit
-    from training.bench import write_partitioned
-    from training.pipeline import TrainOptions, train
 
     sim = simulate(SimConfig(users=300, days=40, seed=3, churn_level=3.0))
     write_partitioned(sim.events, scratch / "train-events")
@@ -257,8 +269,6 @@ def _freshness(
 ) -> dict[str, Any]:
     """Starts a scorer, publishes `warmup` then `lines` at `rate` events/s, and returns the
     event-to-score freshness of the paced part from the scorer's histogram."""
-    from stream.pacing import Pacing
-    from stream.producer import publish_lines
 
     scorer = _Scorer(deployment, idle_exit_s=60)
     try:
@@ -288,13 +298,6 @@ def _freshness(
 def _naive(deployment: Deployment, events: int, timeout_s: float) -> dict[str, Any]:
     """Runs the naive consumer in this process; see `naive_consume`."""
     import redis
-
-    from features.feast_repo import open_feature_store
-    from features.feast_store import FeastFeatureStore
-    from features.online import state_layout
-    from stream.risk_store import RedisRiskStore
-    from stream.state_store import RedisStateStore
-    from training.registry import load_champion
 
     settings = deployment.settings
     found = load_champion(settings)
@@ -337,11 +340,6 @@ def naive_consume(
         ServiceUnavailableError: Kafka or Redis cannot be reached.
     """
     from confluent_kafka import Consumer
-
-    from features.online import APPLIED, STATE_ENCODER, OnlineEngine
-    from stream.events import Event, parse_event
-    from stream.risk_store import RiskRow
-    from stream.scorer import feature_matrix
 
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     consumer = Consumer(
@@ -449,10 +447,6 @@ def bench_stream(
     Raises:
         ServiceUnavailableError: Kafka, Redis or MLflow cannot be reached, or a scorer failed.
     """
-    from features.feast_repo import apply_repo
-    from stream.bench import make_events
-    from stream.producer import publish_lines
-    from stream.topics import delete_topics
 
     run = uuid.uuid4().hex[:10]
     topic, fresh_topic = f"bench-stream-{run}", f"bench-fresh-{run}"

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream.ground_truth import DAY_MS
-from stream.sim_catalog import FIRST_NAMES_F, FIRST_NAMES_M, LAST_NAMES, LOCATIONS, USER_AGENTS
+from core.timeutil import DAY_MS
+from sim.catalog import FIRST_NAMES_F, FIRST_NAMES_M, LAST_NAMES, LOCATIONS, USER_AGENTS
 
 FIRST_NAMES = FIRST_NAMES_F + FIRST_NAMES_M
 PAID_SHARE_EXISTING, PAID_SHARE_NEW = 0.55, 0.05  # newcomers start on the free tier

@@ -13,7 +13,7 @@ from typing import Final
 
 import numpy as np
 
-from stream.sim_catalog import Catalogue
+from sim.catalog import Catalogue
 
 # Every page the simulator emits, with its HTTP method and status as Sparkify logs them.
 PAGES: Final = (

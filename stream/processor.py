@@ -1,4 +1,4 @@
-"""One micro-batch through the scorer: parse, update user state, write features, score, write risk.
+"""One micro-batch through the batch processor: parse, update user state, write features, score, write risk.
 
 No Kafka here (see `stream.consumer` for the loop), so the whole effect of a batch can be
 unit-tested with in-memory stores. The order of writes is what makes replays harmless:
@@ -12,39 +12,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
 
-from features import spec
+from events.schema import CHURN_PAGE, ErrorRecord, Event, parse_batch
 from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngine
+from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
+from models.runtime import LoadedModel, feature_matrix
 from monitoring.drift import DriftWindow
 from monitoring.metrics import Metrics
-from stream.events import CHURN_PAGE, ErrorRecord, Event, parse_batch
 from stream.risk_store import RiskRow, RiskStore
-from stream.state_store import StateStore
-
-
-class Model(Protocol):
-    """What the scorer needs of a champion model."""
-
-    def predict(self, matrix: np.ndarray) -> np.ndarray:
-        """Returns churn probabilities for rows of `features.spec.MODEL_FEATURES`."""
-        ...
-
-    def tier(self, probability: float) -> str:
-        """Returns 'low', 'medium' or 'high'."""
-        ...
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model together with its registry identity."""
-
-    model: Model
-    name: str
-    version: str
 
 
 class Message(NamedTuple):
@@ -68,25 +47,6 @@ class BatchResult:
     guests: int = 0
     users_written: int = 0
     users_scored: int = 0
-
-
-def feature_matrix(rows: Sequence[FeatureRow], now_ms: Sequence[int] | None = None) -> np.ndarray:
-    """Returns rows as a float64 matrix in `spec.MODEL_FEATURES` order.
-
-    The request-time `seconds_since_last_event` is `now - last event` (0 when `now_ms` is None,
-    i.e. scoring as of each user's latest event, as the stream does).
-    """
-    stored = spec.STORED_FEATURES
-    matrix = np.empty((len(rows), len(spec.MODEL_FEATURES)), dtype=np.float64)
-    for i, row in enumerate(rows):
-        values = row.values
-        matrix[i, : len(stored)] = [values[name] for name in stored]
-    if now_ms is None:
-        matrix[:, len(stored)] = 0.0
-    else:
-        last = np.fromiter((r.last_event_ms for r in rows), dtype=np.float64, count=len(rows))
-        matrix[:, len(stored)] = (np.asarray(now_ms, dtype=np.float64) - last) * spec.SECONDS_PER_MS
-    return matrix
 
 
 class BatchProcessor:

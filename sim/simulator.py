@@ -3,11 +3,11 @@
 `simulate(SimConfig(...))` returns a `Simulation`: the events (wire-format columns, sorted by ts) and
 the `GroundTruth` (hidden states, churn times). Same config and seed -> identical output.
 
-How the hidden dissatisfaction `d` (see `stream.ground_truth`) shows before churn, always mixed
+How the hidden dissatisfaction `d` (see `sim.ground_truth`) shows before churn, always mixed
 with per-user tastes and sampling noise, never in one field:
 - sessions come less often (median gap x exp(0.45 d)) and are shorter (actions x exp(-0.3 d));
 - page mix: more Thumbs Down, Help, Settings, Error and Downgrade visits, fewer Thumbs Up,
-  Add to Playlist and Add Friend (`stream.sim_pages.action_weights`);
+  Add to Playlist and Add Friend (`sim.pages.action_weights`);
 - free users quit after an advert more readily; upgrades get rarer, downgrades likelier.
 Churn itself depends on `d` only: at the churn time the user emits Cancel and Cancellation
 Confirmation (inside the session under way, or in a short session of its own), then nothing.
@@ -29,13 +29,14 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from churn.errors import InvalidInputError
-from stream.events import Event
-from stream.ground_truth import DAY_MS, Dynamics, GroundTruth
-from stream.sim_catalog import build_catalogue
-from stream.sim_frame import event_frame
-from stream.sim_pages import PAGE_CODE, EventRows, SessionPlan, session_events
-from stream.sim_population import Population, build_population
+from core.errors import InvalidInputError
+from core.timeutil import DAY_MS
+from events.schema import Event
+from sim.catalog import build_catalogue
+from sim.frame import event_frame
+from sim.ground_truth import Dynamics, GroundTruth
+from sim.pages import PAGE_CODE, EventRows, SessionPlan, session_events
+from sim.population import Population, build_population
 
 NEW_USER_SHIFT = 0.5  # newcomers start more dissatisfied: early-tenure churn is higher in real services
 ACTION_MS = 200_000  # planning estimate of one action's duration, to space the next session
@@ -285,20 +286,6 @@ def simulate(config: SimConfig) -> Simulation:
         rows.ts, user, session_id[rows.session], rows.item, rows.page, rows.guest, rows.paid, rows.song, pop, catalogue
     )
     return Simulation(frame, truth)
-
-
-def parse_utc(text: str) -> datetime:
-    """Returns the ISO date or datetime `text` as an aware datetime (UTC unless it carries an offset).
-
-    Raises:
-        InvalidInputError: `text` is not an ISO date or datetime.
-    """
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        msg = f"expected an ISO date or datetime such as 2026-01-01 or 2026-02-01T12:00:00+00:00, got {text!r}"
-        raise InvalidInputError(msg) from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def truth_path_for(events_path: Path) -> Path:

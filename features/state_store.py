@@ -11,7 +11,7 @@ from typing import Protocol
 
 import redis
 
-from churn.errors import ServiceUnavailableError
+from core.redis import redis_errors
 from features.online import STATE_DECODER, UserState
 
 
@@ -58,20 +58,14 @@ class RedisStateStore:
         ids = list(user_ids)
         if not ids:
             return {}
-        try:
+        with redis_errors("loading user states"):
             blobs = self.client.mget([self.prefix + u for u in ids])
-        except redis.RedisError as exc:
-            msg = f"Redis unavailable while loading user states: {exc}"
-            raise ServiceUnavailableError(msg) from exc
         return {u: STATE_DECODER.decode(b) for u, b in zip(ids, blobs, strict=True) if b is not None}
 
     def save(self, blobs: Mapping[str, bytes]) -> int:
         """Saves encoded states in one MSET; returns the bytes written; raises ServiceUnavailableError."""
         if not blobs:
             return 0
-        try:
+        with redis_errors("saving user states"):
             self.client.mset({self.prefix + u: b for u, b in blobs.items()})
-        except redis.RedisError as exc:
-            msg = f"Redis unavailable while saving user states: {exc}"
-            raise ServiceUnavailableError(msg) from exc
         return sum(map(len, blobs.values()))

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from churn.errors import ConfigError
+from core.errors import ConfigError
 
 # Settings whose value may carry a password (`scheme://user:password@host`): printed masked.
 URL_SETTINGS = frozenset({"kafka_bootstrap", "redis_url", "mlflow_tracking_uri"})

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from churn.errors import InvalidInputError
+from core.errors import InvalidInputError
+from core.timeutil import DAY_MS
 
-DAY_MS = 86_400_000
 _META_KEY = b"churn.simulation"
 
 

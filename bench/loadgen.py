@@ -1,6 +1,6 @@
-"""An open-loop HTTP load generator, run as its own process by `serving.bench`.
+"""An open-loop HTTP load generator, run as its own process by `bench.api`.
 
-`python -m serving.loadgen --port P --path '/users/{id}/risk?explain=false' --ids 100000 --rate 1000
+`python -m bench.loadgen --port P --path '/users/{id}/risk?explain=false' --ids 100000 --rate 1000
 --seconds 10` sends GETs for random ids `bench-<n>` at a fixed rate over keep-alive HTTP/1.1
 connections and prints one JSON object. Open loop: each request has a scheduled send time and
 its latency is measured from that time, so a stalled server is charged for the requests that

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from churn.gc_policy import freeze_survivors
+from core.gc_policy import freeze_survivors
+from events.schema import Event
 from features import offline
 from features.online import STATE_ENCODER, OnlineEngine
-from stream.events import Event
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 PAGES = np.array(

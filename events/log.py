@@ -2,7 +2,7 @@
 
 The archiver writes the log as Parquet partitioned by event date, hive style:
 `<root>/date=YYYY-MM-DD/<any>.parquet`, one row per event with the wire (camelCase) columns
-of `stream.events.Event`. For replays and fixtures the same events may come as JSON Lines
+of `events.schema.Event`. For replays and fixtures the same events may come as JSON Lines
 (`.jsonl`, or gzipped `.jsonl.gz`), one wire-format object per line.
 """
 
@@ -14,8 +14,33 @@ from pathlib import Path
 
 import polars as pl
 
-from churn.errors import InvalidInputError
-from features.offline import events_frame
+from core.errors import InvalidInputError
+
+# Columns of the event log the feature engines read (snake_case; see `events_frame`).
+EVENT_COLUMNS = ("user_id", "ts", "session_id", "item_in_session", "page", "level", "registration", "length")
+_WIRE_NAMES = {"userId": "user_id", "sessionId": "session_id", "itemInSession": "item_in_session"}
+
+
+def events_frame(raw: pl.DataFrame | pl.LazyFrame, *, keep: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Returns the event log in the engine's columns and types (accepts wire camelCase names),
+    plus the `keep` columns as they are.
+
+    Guests (empty user_id) are dropped, as the stream drops them.
+    """
+    frame = raw.lazy()
+    frame = frame.rename({k: v for k, v in _WIRE_NAMES.items() if k in frame.collect_schema().names()})
+    return frame.select(
+        pl.col("user_id").cast(pl.String),
+        pl.col("ts").cast(pl.Int64),
+        pl.col("session_id").cast(pl.Int64),
+        pl.col("item_in_session").cast(pl.Int64),
+        pl.col("page").cast(pl.String),
+        pl.col("level").cast(pl.String),
+        pl.col("registration").cast(pl.Float64),
+        pl.col("length").cast(pl.Float64),
+        *keep,
+    ).filter(pl.col("user_id") != "")
+
 
 # The wire columns the feature engine and the labels need, with the types they are read as.
 # userId is read as text: some exports write it as a number, and guests have "".
@@ -34,7 +59,7 @@ _REQUIRED = ("ts", "userId", "sessionId", "itemInSession", "page", "level")
 
 def load_events(path: Path | str) -> pl.LazyFrame:
     """Returns the logged-in events at `path` in the offline engine's columns (see
-    `features.offline.events_frame`: user_id, ts, session_id, item_in_session, page, level,
+    `events_frame`: user_id, ts, session_id, item_in_session, page, level,
     registration, length), unsorted.
 
     `path` is a directory of Parquet files (searched recursively, so a hive-partitioned
@@ -98,3 +123,13 @@ def _read_json_lines(data: bytes) -> pl.LazyFrame:
         raise InvalidInputError(msg)
     # A fixed schema: inference from the first rows would miss columns that appear later.
     return pl.read_ndjson(io.BytesIO(data), schema=_WIRE_SCHEMA, ignore_errors=False).lazy()
+
+
+def write_partitioned(events: pl.DataFrame, root: Path) -> None:
+    """Writes wire-format events as the archiver does: root/date=YYYY-MM-DD/part-0.parquet."""
+    frame = events.with_columns(pl.col(pl.Categorical).cast(pl.String))
+    frame = frame.with_columns(pl.from_epoch("ts", time_unit="ms").dt.date().cast(pl.String).alias("date"))
+    for (day,), part in frame.partition_by("date", as_dict=True).items():
+        folder = root / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        part.drop("date").write_parquet(folder / "part-0.parquet")

@@ -1,4 +1,4 @@
-"""Turns simulated event rows (integer codes) into wire-format columns, the keys of `stream.events.Event`."""
+"""Turns simulated event rows (integer codes) into wire-format columns, the keys of `events.schema.Event`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from stream.sim_catalog import LAST_NAMES, LOCATIONS, USER_AGENTS, Catalogue
-from stream.sim_pages import METHOD_IS_PUT, PAGE_NAMES, STATUS
-from stream.sim_population import FIRST_NAMES, Population
+from sim.catalog import LAST_NAMES, LOCATIONS, USER_AGENTS, Catalogue
+from sim.pages import METHOD_IS_PUT, PAGE_NAMES, STATUS
+from sim.population import FIRST_NAMES, Population
 
 
 def _take(values: Sequence[str | None], codes: np.ndarray, missing: str | None = None) -> pl.Series:

@@ -21,8 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from churn.errors import ServiceUnavailableError
-from churn.settings import Settings
+from core.errors import ServiceUnavailableError
+from core.settings import Settings
 
 INFRA_DIR = Path(__file__).resolve().parent.parent / "infra"
 PROMETHEUS_CONFIG = Path(__file__).resolve().parent.parent / "monitoring" / "prometheus"

@@ -21,8 +21,8 @@ import lightgbm as lgb
 import numpy as np
 from lightgbm.basic import _LIB, _safe_call
 
-from churn.errors import InvalidInputError
-from training import calibration
+from core.errors import InvalidInputError
+from models import calibration
 
 MODEL_FILE = "model.txt"
 META_FILE = "meta.json"

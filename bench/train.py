@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
-from churn.settings import Settings
+from core.settings import Settings
+from events.log import write_partitioned
+from sim.ground_truth import save_truth
+from sim.oracle import oracle_for
+from sim.simulator import SimConfig, simulate
 from training.pipeline import TrainOptions, train
 
 
@@ -21,8 +23,6 @@ def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
     Raises:
         InvalidInputError: the population is too small or short to train on.
     """
-    from stream.ground_truth import save_truth
-    from stream.simulator import SimConfig, simulate
 
     began = time.perf_counter()
     sim = simulate(SimConfig(users=users, days=days, seed=0))
@@ -31,7 +31,9 @@ def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
         root = Path(folder)
         write_partitioned(sim.events, root / "events")
         save_truth(sim.truth, root / "truth.parquet")
-        summary = train(settings, root / "events", TrainOptions(truth_path=root / "truth.parquet", register=False))
+        summary = train(
+            settings, root / "events", TrainOptions(oracle=oracle_for(root / "truth.parquet"), register=False)
+        )
     return {
         "users": users,
         "days": days,
@@ -42,13 +44,3 @@ def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
         "test_roc_auc": summary["metrics"]["roc_auc"],
         "oracle_roc_auc": summary["metrics"].get("oracle_roc_auc"),
     }
-
-
-def write_partitioned(events: pl.DataFrame, root: Path) -> None:
-    """Writes wire-format events as the archiver does: root/date=YYYY-MM-DD/part-0.parquet."""
-    frame = events.with_columns(pl.col(pl.Categorical).cast(pl.String))
-    frame = frame.with_columns(pl.from_epoch("ts", time_unit="ms").dt.date().cast(pl.String).alias("date"))
-    for (day,), part in frame.partition_by("date", as_dict=True).items():
-        folder = root / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
-        part.drop("date").write_parquet(folder / "part-0.parquet")

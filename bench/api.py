@@ -3,7 +3,7 @@
 Everything runs in a throwaway deployment (own Feast project, Redis prefix, MLflow store and
 state folder, all deleted afterwards) on the configured Redis: a small model is trained on a
 simulated log and promoted, `users` feature rows are written through `FeastFeatureStore`,
-`churn serve` starts as a child process, and `serving.loadgen` (another process) sends
+`churn serve` starts as a child process, and `bench.loadgen` (another process) sends
 GET /users/{id}/risk over loopback at a fixed rate, with and without reasons. The anchor is
 one user read with Feast's documented `get_online_features` (`feast_read_one_user`), next to
 the same read as the API does it (`FeastFeatureStore.read_rows([id])`, `feature_read_one_user`),
@@ -28,10 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from churn.errors import ServiceUnavailableError
-from churn.settings import Settings
+from bench.feast_write import synthetic_rows
+from bench.loadgen import percentiles_ms
+from core.errors import ServiceUnavailableError
+from core.settings import Settings
+from events.log import write_partitioned
+from features.feast_repo import FEATURE_VIEW_NAME, JOIN_KEY, apply_repo, view_feature_names
+from features.feast_store import FeastFeatureStore
 from features.store import FeatureRow
-from serving.loadgen import percentiles_ms
+from sim.simulator import SimConfig, simulate
+from stream.risk_store import RedisRiskStore
+from training import fit, registry
+from training.pipeline import TrainOptions, train
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 DAY_MS = 86_400_000
@@ -45,10 +53,6 @@ def _free_port() -> int:
 
 def _train_champion(scratch: Settings, folder: Path) -> str:
     """Trains a small model on a simulated log into the scratch MLflow store; returns its version."""
-    from stream.simulator import SimConfig, simulate
-    from training import fit, registry
-    from training.bench import write_partitioned
-    from training.pipeline import TrainOptions, train
 
     sim = simulate(SimConfig(users=300, days=40, seed=3, churn_level=3.0))
     write_partitioned(sim.events, folder / "events")
@@ -61,7 +65,6 @@ def _train_champion(scratch: Settings, folder: Path) -> str:
 
 def _rows(users: int, seed: int = 0) -> list[FeatureRow]:
     """Returns one row per user `bench-<i>`, latest events spread over 30 days."""
-    from features.bench import synthetic_rows
 
     rng = random.Random(seed)  # noqa: S311 - benchmark data, not secrets
     return [
@@ -89,7 +92,7 @@ def _wait_ready(port: int, server: subprocess.Popen[bytes], log: Path, timeout_s
 
 def _load(port: int, users: int, explain: bool, rate: float, seconds: float, connections: int) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "serving.loadgen", "--port", str(port), "--ids", str(users),
+        sys.executable, "-m", "bench.loadgen", "--port", str(port), "--ids", str(users),
         "--path", f"/users/{{id}}/risk?explain={'true' if explain else 'false'}",
         "--rate", str(rate), "--seconds", str(seconds), "--connections", str(connections),
     ]  # fmt: skip
@@ -136,10 +139,6 @@ def bench_api(
         ConfigError: the settings give an invalid Feast config.
     """
     import redis
-
-    from features.feast_repo import FEATURE_VIEW_NAME, JOIN_KEY, apply_repo, view_feature_names
-    from features.feast_store import FeastFeatureStore
-    from stream.risk_store import RedisRiskStore
 
     name = uuid.uuid4().hex[:10]
     folder = Path(tempfile.mkdtemp(prefix="churn-api-bench-", dir=settings.state_dir.resolve()))

@@ -9,7 +9,7 @@ from typing import Final
 
 import orjson
 
-from churn.settings import Settings
+from core.settings import Settings
 from stream.producer import PRODUCER_TUNING, publish_lines
 from stream.topics import delete_topics
 

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from churn.settings import Settings
+from core.settings import Settings
+from features.feast_repo import apply_repo, repo_config_dict
+from features.feast_store import FeastFeatureStore
 from features.spec import INT_FEATURES, STORED_FEATURES
 from features.store import FeatureRow
 
@@ -69,8 +71,6 @@ def _stock_store(settings: Settings) -> FeatureStore:
     `features.redis_store`)."""
     from feast import FeatureStore, RepoConfig
 
-    from features.feast_repo import repo_config_dict
-
     config = repo_config_dict(settings)
     config["online_store"] = {**config["online_store"], "type": "redis"}
     return FeatureStore(
@@ -95,8 +95,6 @@ def bench_feast_write(
         ServiceUnavailableError: Redis cannot be reached.
         ConfigError: the settings give an invalid Feast config.
     """
-    from features.feast_repo import apply_repo
-    from features.feast_store import FeastFeatureStore
 
     with tempfile.TemporaryDirectory(prefix="churn-feast-bench-") as folder:
         scratch = settings.model_copy(

@@ -8,13 +8,17 @@ through the kernel. The realised future path is never used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 from scipy import stats
 
-from stream.ground_truth import DAY_MS, Dynamics, GroundTruth
+from core.timeutil import DAY_MS
+from sim.ground_truth import Dynamics, GroundTruth, load_truth
+from training.metrics import roc_auc
 
 _GRID_STEP = 0.02
 _GRID_LO, _GRID_HI = -5.0, 8.0  # hazards beyond 8 exceed 30/day: survival is ~0 either way
@@ -106,16 +110,6 @@ def oracle_probability(truth: GroundTruth, points: Sequence[tuple[str, int]], ho
     return oracle_at(truth, user_index, ts_ms, horizon_days)
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Returns the ROC-AUC (Mann-Whitney, ties count half); NaN when one class is missing."""
-    labels = np.asarray(labels, dtype=bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    ranks = stats.rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def daily_points(truth: GroundTruth, horizon_days: int = 14, active_days: int = 28) -> dict[str, np.ndarray]:
     """Returns the daily observation grid: user rows, ts (each UTC midnight) and churn labels.
 
@@ -151,3 +145,24 @@ def oracle_report(truth: GroundTruth, horizon_days: int = 14, active_days: int =
         "mean_oracle_probability": float(np.mean(probability)) if len(probability) else float("nan"),
         "oracle_auc": roc_auc(points["label"], probability),
     }
+
+
+def oracle_for(truth_path: Path) -> Callable[[pl.DataFrame, int], np.ndarray]:
+    """Returns the oracle of the simulation whose ground truth is at `truth_path`, as
+    `training.pipeline.TrainOptions.oracle` takes it: rows (user_id, as_of ms) and the horizon
+    in days -> the true P(churn) of each row (NaN for users the simulation does not know).
+
+    Raises:
+        InvalidInputError: the file is not a simulator ground truth.
+    """
+    truth = load_truth(truth_path)
+    row = {str(user): i for i, user in enumerate(truth.user_ids)}
+
+    def probabilities(points: pl.DataFrame, horizon_days: int) -> np.ndarray:
+        index = np.array([row.get(user, -1) for user in points["user_id"].to_list()], dtype=np.int64)
+        out = np.full(points.height, np.nan)
+        known = index >= 0
+        out[known] = oracle_at(truth, index[known], points["as_of"].to_numpy()[known], horizon_days)
+        return out
+
+    return probabilities

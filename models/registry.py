@@ -1,0 +1,119 @@
+"""The model registry, read side: which version is `champion`, and loading it.
+
+Models load from the configured MLflow registry as model.txt + meta.json (see
+`models.artifact`), never a pickle; each version is downloaded once into a local cache.
+The write side (runs, new versions, gates, promotion) is `training.registry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from core.errors import ServiceUnavailableError
+from core.settings import Settings, mask_url
+from models.artifact import ChurnModel, load_artifact
+from models.runtime import LoadedModel
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PROMOTED_AT_TAG = "promoted_at"  # model-version tag: when the version became champion (UTC ISO 8601)
+
+
+def registry_client(settings: Settings) -> Any:
+    """Returns an MLflow client on the settings' tracking store and registry."""
+    from mlflow.tracking import MlflowClient  # heavy (seconds): imported on first use, not by every command
+
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def champion_version(settings: Settings) -> str | None:
+    """Returns the version number the `champion` alias points at, or None if there is none.
+    One registry lookup: cheap enough to poll for hot reload.
+
+    Raises:
+        ServiceUnavailableError: the tracking store cannot be reached.
+    """
+    from mlflow.exceptions import MlflowException  # heavy: imported on first use
+
+    try:
+        return str(registry_client(settings).get_model_version_by_alias(settings.model_name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+
+
+def load_version(settings: Settings, version: str) -> ChurnModel:
+    """Returns the model of registry `version`, downloaded once into the local cache
+    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>/).
+
+    Raises:
+        ServiceUnavailableError: the registry or artifact store cannot be reached.
+        InvalidInputError: the downloaded files are not a model artifact.
+    """
+    import mlflow  # heavy (seconds): imported on first use
+    from mlflow.exceptions import MlflowException  # heavy: imported on first use
+
+    # Keyed by registry too: two registries sharing a state folder each number from 1.
+    registry = hashlib.sha256(settings.tracking_uri.encode()).hexdigest()[:12]
+    cache = settings.state_dir.resolve() / "model_cache" / registry / settings.model_name / version
+    if not (cache / "meta.json").exists():
+        try:
+            source = registry_client(settings).get_model_version(settings.model_name, version).source
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            # Download beside the cache and rename: a reader never sees a half-written folder.
+            staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{version}-"))
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(staging), tracking_uri=settings.tracking_uri
+            )
+            if cache.exists():
+                shutil.rmtree(cache)
+            Path(local).rename(cache)
+            shutil.rmtree(staging, ignore_errors=True)
+        except MlflowException as exc:
+            msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot fetch {settings.model_name} v{version}: {exc}"
+            raise ServiceUnavailableError(msg) from exc
+    return load_artifact(cache)
+
+
+def load_champion(settings: Settings) -> tuple[ChurnModel, str] | None:
+    """Returns (model, version) of the current `champion`, or None if no version is champion.
+
+    Raises:
+        ServiceUnavailableError: the registry or artifact store cannot be reached.
+        InvalidInputError: the champion's files are not a model artifact.
+    """
+    from mlflow.exceptions import MlflowException  # heavy: imported on first use
+
+    version = champion_version(settings)
+    if version is None:
+        return None
+    model = load_version(settings, version)
+    try:
+        tags = registry_client(settings).get_model_version(settings.model_name, version).tags
+    except MlflowException as exc:
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot read {settings.model_name} v{version}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+    # The artifact is written before the decision; the promotion time lives on the version.
+    model.meta["promoted_at"] = tags.get(PROMOTED_AT_TAG)
+    return model, version
+
+
+def champion_loader(settings: Settings, threads: int = 0) -> tuple[Any, Any]:
+    """Returns (version_of_champion, load) for a `models.holder.ModelHolder`: the registry
+    lookup to poll and the loader of the champion as a `LoadedModel` (with `threads` OpenMP
+    threads per predict; 0 = LightGBM's default)."""
+
+    def load() -> LoadedModel | None:
+        found = load_champion(settings)
+        if found is None:
+            return None
+        model, version = found
+        return LoadedModel(replace(model, threads=threads) if threads else model, settings.model_name, str(version))
+
+    return (lambda: champion_version(settings)), load

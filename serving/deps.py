@@ -1,0 +1,86 @@
+"""What the API's routes need, built once per process and kept on `app.state`, and the typed
+dependencies (`DepsDep`, `SettingsDep`) through which routes receive it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from core.redis import redis_client, redis_errors
+from core.settings import Settings
+from features.feast_repo import open_feature_store
+from features.feast_store import FeastFeatureStore
+from models.holder import ModelHolder
+from models.registry import champion_loader
+from monitoring.drift_state import read_drift
+from monitoring.metrics import Metrics
+from serving.risk import RiskService, build_clock
+from stream.risk_store import RedisRiskStore
+
+
+@dataclass
+class Deps:
+    """What the API needs; built from settings by `build_deps`, or injected by tests."""
+
+    service: RiskService
+    models: ModelHolder
+    metrics: Metrics
+    ready_checks: dict[str, Callable[[], None]] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+    drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
+
+    def model_meta(self) -> dict[str, Any] | None:
+        """Returns the current champion's meta.json, or None while no model is loaded."""
+        loaded = self.models.current
+        return loaded.model.meta if loaded is not None else None
+
+
+def build_deps(settings: Settings) -> Deps:
+    """Opens Redis and Feast and prepares the model holder (loaded in the lifespan).
+
+    Raises:
+        ConfigError: the Feast repo was not applied.
+    """
+    metrics = Metrics()
+    client = redis_client(settings, "request")
+    risks = RedisRiskStore(client, settings.redis_prefix)
+    features = FeastFeatureStore(open_feature_store(settings))
+    # One OpenMP thread per predict: each request scores a few rows (see ChurnModel.threads).
+    models = ModelHolder(*champion_loader(settings, threads=1), on_swap=metrics.model_swapped("api"))
+    service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
+
+    def ping() -> None:
+        with redis_errors("pinging"):
+            client.ping()
+
+    def drift_state() -> dict[str, Any] | None:
+        with redis_errors("reading the drift report"):
+            return read_drift(client, settings.redis_prefix)
+
+    return Deps(
+        service=service,
+        models=models,
+        metrics=metrics,
+        ready_checks={"redis": ping, "feature_view": lambda: features.read_rows([])},
+        close=client.close,
+        drift_state=drift_state,
+    )
+
+
+def get_deps(request: Request) -> Deps:
+    """Returns the process's Deps (set on `app.state` by the lifespan)."""
+    deps: Deps = request.app.state.deps
+    return deps
+
+
+def get_settings(request: Request) -> Settings:
+    """Returns the settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+DepsDep = Annotated[Deps, Depends(get_deps)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
