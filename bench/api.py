@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,38 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.feast_write import synthetic_rows
+from bench.harness import CHURN, delete_prefix, free_port, train_small_champion
 from bench.loadgen import percentiles_ms
 from core.errors import ServiceUnavailableError
+from core.redis import redis_client
 from core.settings import Settings
-from events.log import write_partitioned
+from core.timeutil import DAY_MS
 from features.feast_repo import FEATURE_VIEW_NAME, JOIN_KEY, apply_repo, view_feature_names
 from features.feast_store import FeastFeatureStore
 from features.store import FeatureRow
-from sim.simulator import SimConfig, simulate
 from stream.risk_store import RedisRiskStore
-from training import fit, registry
-from training.pipeline import TrainOptions, train
+from training import registry
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-DAY_MS = 86_400_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _train_champion(scratch: Settings, folder: Path) -> str:
-    """Trains a small model on a simulated log into the scratch MLflow store; returns its version."""
-
-    sim = simulate(SimConfig(users=300, days=40, seed=3, churn_level=3.0))
-    write_partitioned(sim.events, folder / "events")
-    options = TrainOptions(horizon_days=7, fit=fit.FitConfig(imbalance=("none",), max_rounds=200))
-    summary = train(scratch, folder / "events", options)
-    if not summary["promoted"]:  # the bench needs a champion, whatever the gates said
-        registry.apply_decision(scratch, summary["run_id"], summary["version"], registry.Decision(True))
-    return str(summary["version"])
 
 
 def _rows(users: int, seed: int = 0) -> list[FeatureRow]:
@@ -138,11 +118,9 @@ def bench_api(
         ServiceUnavailableError: Redis cannot be reached, or `churn serve` did not start.
         ConfigError: the settings give an invalid Feast config.
     """
-    import redis
-
     name = uuid.uuid4().hex[:10]
     folder = Path(tempfile.mkdtemp(prefix="churn-api-bench-", dir=settings.state_dir.resolve()))
-    port = _free_port()
+    port = free_port()
     scratch = settings.model_copy(
         update={
             "state_dir": folder / "state",
@@ -153,13 +131,15 @@ def bench_api(
             "api_port": port,
         }
     )
-    client = redis.Redis.from_url(scratch.redis_address)
     feast = None
     server: subprocess.Popen[bytes] | None = None
     timings: dict[str, float] = {}
     try:
         began = time.perf_counter()
-        version = _train_champion(scratch, folder)
+        trained = train_small_champion(scratch, folder)
+        if not trained.promoted:  # the bench needs a champion, whatever the gates said
+            registry.apply_decision(scratch, str(trained.run_id), str(trained.version), registry.Decision(True))
+        version = str(trained.version)
         timings["train_seconds"] = round(time.perf_counter() - began, 1)
 
         began = time.perf_counter()
@@ -168,7 +148,7 @@ def bench_api(
         rows = _rows(users)
         for first in range(0, len(rows), 5000):
             store.write_rows(rows[first : first + 5000])
-        RedisRiskStore(client, scratch.redis_prefix).advance_watermark(START_MS + 31 * DAY_MS)
+        RedisRiskStore(redis_client(scratch), scratch.redis_prefix).advance_watermark(START_MS + 31 * DAY_MS)
         timings["load_rows_seconds"] = round(time.perf_counter() - began, 1)
 
         env = {
@@ -185,10 +165,9 @@ def bench_api(
             "CHURN_CLOCK": "event",
         }
         began = time.perf_counter()
-        churn = str(Path(sys.executable).parent / "churn")
         log = folder / "serve.log"
         with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe while the load runs
-            server = subprocess.Popen([churn, "serve", "--workers", str(workers)], env=env, stdout=out, stderr=out)
+            server = subprocess.Popen([CHURN, "serve", "--workers", str(workers)], env=env, stdout=out, stderr=out)
         _wait_ready(port, server, log)
         timings["serve_start_seconds"] = round(time.perf_counter() - began, 1)
 
@@ -218,10 +197,7 @@ def bench_api(
                 server.wait(10)
         if feast is not None:
             feast.teardown()
-        keys = list(client.scan_iter(f"{scratch.redis_prefix}*", count=10_000))
-        for first in range(0, len(keys), 10_000):
-            client.delete(*keys[first : first + 10_000])
-        client.close()
+        delete_prefix(scratch, scratch.redis_prefix)
         shutil.rmtree(folder, ignore_errors=True)
     return {
         "users": users,

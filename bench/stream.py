@@ -12,23 +12,28 @@ engine, Feast writes to Redis, LightGBM scoring, risk rows, state saves and offs
 from __future__ import annotations
 
 import os
-import re
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
+from confluent_kafka import Consumer
+
+from bench.harness import (
+    Samples,
+    ScorerProcess,
+    delete_prefix,
+    free_port,
+    histogram_buckets,
+    scratch_settings,
+    train_small_champion,
+)
 from bench.produce import make_events
 from core.errors import ServiceUnavailableError
+from core.redis import redis_client
 from core.settings import Settings
-from events.log import write_partitioned
 from events.schema import Event, parse_event
 from features.feast_repo import apply_repo, open_feature_store
 from features.feast_store import FeastFeatureStore
@@ -36,20 +41,16 @@ from features.online import APPLIED, STATE_ENCODER, OnlineEngine, state_layout
 from features.state_store import RedisStateStore
 from models.registry import load_champion
 from models.runtime import feature_matrix
-from sim.simulator import SimConfig, simulate
 from stream.pacing import Pacing
 from stream.producer import publish_lines
 from stream.risk_store import RedisRiskStore, RiskRow
 from stream.topics import delete_topics
-from training import fit
-from training.pipeline import TrainOptions, train
 
 GOAL_EVENTS_PER_SECOND: Final = 50_000
 GOAL_SPEEDUP: Final = 50.0
 GOAL_FRESHNESS_P99_SECONDS: Final = 1.0
 FRESHNESS_RATE: Final = 10_000
-_POLL_S: Final = 0.1  # how often the scorer's metrics are sampled
-_SAMPLE_RE: Final = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN|[+-]Inf)$")
+FRESHNESS: Final = "churn_event_to_score_seconds"
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,18 @@ class Deployment:
 
     settings: Settings
     env: dict[str, str]
-    metrics_url: str
+    folder: Path
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    def start_scorer(self, idle_exit_s: float) -> ScorerProcess:
+        """Starts `churn consume` for this deployment (exiting after `idle_exit_s` idle seconds)."""
+        log = self.folder / f"scorer-{self.settings.scorer_group}.log"
+        return ScorerProcess(self.env, self.settings.scorer_metrics_port, log, "--idle-exit", str(idle_exit_s))
 
 
 def _deployment(base: Settings, scratch: Path, topic: str, name: str, mlflow_uri: str) -> Deployment:
     """Returns settings and env for a scorer on `topic` with its own group and state prefix;
     the Feast project and MLflow store are shared by the bench's deployments."""
-    port = _free_port()
+    port = free_port()
     values: dict[str, object] = {
         "events_topic": topic,
         "dlq_topic": f"{topic}.dlq",
@@ -82,144 +82,24 @@ def _deployment(base: Settings, scratch: Path, topic: str, name: str, mlflow_uri
         "scorer_metrics_port": port,
         "state_dir": scratch,
     }
-    env = {**os.environ, **{f"CHURN_{k.upper()}": str(v) for k, v in values.items()}}
     # Everything else (ports, addresses, batch sizes) comes from the caller's settings.
     for key in ("kafka_port", "kafka_bootstrap", "redis_port", "redis_url", "topic_partitions", "max_batch_events"):
-        env[f"CHURN_{key.upper()}"] = str(getattr(base, key))
-    return Deployment(base.model_copy(update=values), env, f"http://127.0.0.1:{port}/metrics")
+        values[key] = getattr(base, key)
+    settings, env = scratch_settings(base, **values)
+    return Deployment(settings, env, scratch)
 
 
-def _scrape(url: str) -> dict[str, float]:
-    """Returns every sample of a Prometheus text page as {'name{labels}': value}; {} if down."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own loopback endpoint
-            text = response.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE_RE.match(line)
-        if match:
-            out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    return out
-
-
-def _consumed(samples: dict[str, float]) -> int:
-    """Returns how many messages the scorer has finished (every outcome, dead letters too)."""
-    return round(sum(v for k, v in samples.items() if k.startswith("churn_events_consumed_total{")))
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class _Scorer:
-    """A `churn consume` subprocess and what we observe of it from outside."""
-
-    def __init__(self, deployment: Deployment, idle_exit_s: float) -> None:
-        self.deployment = deployment
-        churn = str(Path(sys.executable).parent / "churn")
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [churn, "consume", "--idle-exit", str(idle_exit_s)],
-            env=deployment.env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-
-    def samples(self) -> dict[str, float]:
-        return _scrape(self.deployment.metrics_url)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> dict[str, float]:
-        """Waits until the metrics endpoint answers and the champion is loaded.
-
-        Raises:
-            ServiceUnavailableError: the scorer exited or never got ready.
-        """
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._fail("exited before it was ready")
-            samples = self.samples()
-            if samples.get('churn_model_loaded{component="scorer"}') == 1.0:
-                return samples
-            time.sleep(0.2)
-        self._fail(f"not ready after {timeout_s:.0f} s")
-
-    def wait_consumed(
-        self, total: int, timeout_s: float, on_sample: Callable[[float, int, dict[str, float]], None] | None = None
-    ) -> dict[str, float]:
-        """Samples the metrics until `total` messages are consumed; returns the last sample.
-
-        Raises:
-            ServiceUnavailableError: the scorer exited early or did not finish in time.
-        """
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            samples = self.samples()
-            done = _consumed(samples)
-            if on_sample is not None:
-                on_sample(time.perf_counter(), done, samples)
-            if done >= total:
-                return samples
-            if self.proc.poll() is not None:
-                self._fail(f"exited after {done} of {total} messages")
-            time.sleep(_POLL_S)
-        self._fail(f"consumed fewer than {total} messages in {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        """Stops the scorer (SIGTERM: it finishes its batch and commits) and waits for it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def _fail(self, what: str) -> NoReturn:
-        self._log.seek(0)
-        tail = self._log.read().decode(errors="replace")[-2000:]
-        self.stop()
-        msg = f"bench scorer {what}: {tail}"
-        raise ServiceUnavailableError(msg)
-
-
-def _train_champion(settings: Settings, scratch: Path) -> str:
-    """Trains a small model on simulated events into the scratch MLflow store and promotes it;
-    returns its version (the options of the unit tests' fast training)."""
-
-    sim = simulate(SimConfig(users=300, days=40, seed=3, churn_level=3.0))
-    write_partitioned(sim.events, scratch / "train-events")
-    # Floors below the defaults: a 300-user population cannot promise 0.70 reliably.
-    gated = settings.model_copy(update={"gate_min_roc_auc": 0.5, "gate_min_pr_auc": 0.0})
-    options = TrainOptions(horizon_days=7, fit=fit.FitConfig(imbalance=("none",), max_rounds=200))
-    summary = train(gated, scratch / "train-events", options)
-    if not summary["promoted"]:
-        msg = f"the bench model was not promoted: {summary['reasons']}"
-        raise ServiceUnavailableError(msg)
-    return str(summary["version"])
-
-
-def _throughput(scorer: _Scorer, total: int, timeout_s: float) -> dict[str, Any]:
+def _throughput(scorer: ScorerProcess, total: int, timeout_s: float) -> dict[str, Any]:
     """Returns events/s of `scorer` over `total` queued messages, from the first sample that
     shows progress to the first that shows all done, plus its RSS before and after."""
-    pid = scorer.proc.pid
-    rss_before = _rss_bytes(pid)
+    rss_before = scorer.rss_bytes()
     first: list[tuple[float, int]] = []
     peak_rss = [rss_before]
 
-    def on_sample(now: float, done: int, _: dict[str, float]) -> None:
+    def on_sample(now: float, done: int, _: Samples) -> None:
         if done > 0 and not first:
             first.append((now, done))
-        peak_rss[0] = max(peak_rss[0], _rss_bytes(pid))
+        peak_rss[0] = max(peak_rss[0], scorer.rss_bytes())
 
     scorer.wait_consumed(total, timeout_s, on_sample)
     ended = time.perf_counter()
@@ -232,7 +112,7 @@ def _throughput(scorer: _Scorer, total: int, timeout_s: float) -> dict[str, Any]
         "seconds": round(seconds, 2),
         "events_per_second": round(measured / seconds),
         "rss_before_bytes": rss_before,
-        "rss_after_bytes": max(peak_rss[0], _rss_bytes(pid)),
+        "rss_after_bytes": max(peak_rss[0], scorer.rss_bytes()),
     }
 
 
@@ -254,29 +134,19 @@ def _quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> floa
     return lower_le
 
 
-def _freshness_buckets(samples: dict[str, float]) -> list[tuple[float, float]]:
-    name = "churn_event_to_score_seconds_bucket"
-    out = []
-    for key, value in samples.items():
-        if key.startswith(name + "{"):
-            le = key[key.index('le="') + 4 :].split('"', 1)[0]
-            out.append((float(le), value))
-    return sorted(out)
-
-
 def _freshness(
     deployment: Deployment, lines: list[bytes], warmup: list[bytes], rate: int, timeout_s: float
 ) -> dict[str, Any]:
     """Starts a scorer, publishes `warmup` then `lines` at `rate` events/s, and returns the
     event-to-score freshness of the paced part from the scorer's histogram."""
 
-    scorer = _Scorer(deployment, idle_exit_s=60)
+    scorer = deployment.start_scorer(idle_exit_s=60)
     try:
         scorer.wait_ready()
         publish_lines(deployment.settings, warmup)
-        before = _freshness_buckets(scorer.wait_consumed(len(warmup), timeout_s))
+        before = histogram_buckets(scorer.wait_consumed(len(warmup), timeout_s), FRESHNESS)
         report = publish_lines(deployment.settings, lines, pacing=Pacing(rate=rate))
-        after = _freshness_buckets(scorer.wait_consumed(len(warmup) + len(lines), timeout_s))
+        after = histogram_buckets(scorer.wait_consumed(len(warmup) + len(lines), timeout_s), FRESHNESS)
     finally:
         scorer.stop()
     earlier = dict(before)
@@ -297,15 +167,13 @@ def _freshness(
 
 def _naive(deployment: Deployment, events: int, timeout_s: float) -> dict[str, Any]:
     """Runs the naive consumer in this process; see `naive_consume`."""
-    import redis
-
     settings = deployment.settings
     found = load_champion(settings)
     if found is None:
         msg = "no champion for the naive baseline"
         raise ServiceUnavailableError(msg)
     model, version = found
-    client = redis.Redis.from_url(settings.redis_address, socket_timeout=5)
+    client = redis_client(settings)
     store = FeastFeatureStore(open_feature_store(settings))
     return naive_consume(
         settings,
@@ -339,8 +207,6 @@ def naive_consume(
     Raises:
         ServiceUnavailableError: Kafka or Redis cannot be reached.
     """
-    from confluent_kafka import Consumer
-
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     consumer = Consumer(
         {
@@ -389,9 +255,7 @@ def naive_consume(
 
 def _state_bytes(settings: Settings, prefix: str, sample: int = 2000) -> float:
     """Returns the mean size of the saved user states under `prefix` (a sample of keys)."""
-    import redis
-
-    client = redis.Redis.from_url(settings.redis_address)
+    client = redis_client(settings)
     keys = []
     for key in client.scan_iter(f"{prefix}state:*", count=1000):
         keys.append(key)
@@ -404,22 +268,6 @@ def _state_bytes(settings: Settings, prefix: str, sample: int = 2000) -> float:
         pipe.strlen(key)
     sizes = pipe.execute()
     return sum(sizes) / len(sizes)
-
-
-def _delete_prefix(settings: Settings, prefix: str) -> int:
-    import redis
-
-    client = redis.Redis.from_url(settings.redis_address)
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(f"{prefix}*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            deleted += int(client.unlink(*batch))
-            batch = []
-    if batch:
-        deleted += int(client.unlink(*batch))
-    return deleted
 
 
 def bench_stream(
@@ -460,14 +308,18 @@ def bench_stream(
         feast = None
         try:
             began = time.perf_counter()
-            version = _train_champion(main.settings, scratch)
+            trained = train_small_champion(main.settings, scratch)
+            if not trained.promoted:
+                msg = f"the bench model was not promoted: {trained.reasons}"
+                raise ServiceUnavailableError(msg)
+            version = str(trained.version)
             feast = apply_repo(main.settings)
             setup_s = time.perf_counter() - began
 
             lines = make_events(events, users=users, seed=11)
             produced = publish_lines(main.settings, lines)
             # Long enough for the group join; the scorer is stopped once everything is consumed.
-            scorer = _Scorer(main, idle_exit_s=30)
+            scorer = main.start_scorer(idle_exit_s=30)
             try:
                 scorer.wait_ready()
                 # Only now is the model loaded; consuming starts with the first poll.
@@ -485,7 +337,7 @@ def bench_stream(
             if feast is not None:
                 feast.teardown()
             delete_topics(settings, topics)
-            deleted = sum(_delete_prefix(settings, d.settings.redis_prefix) for d in (main, naive, fresh))
+            deleted = sum(delete_prefix(settings, d.settings.redis_prefix) for d in (main, naive, fresh))
 
     speedup = throughput["events_per_second"] / naive_figures["events_per_second"]
     rss_delta = throughput["rss_after_bytes"] - throughput["rss_before_bytes"]

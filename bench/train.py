@@ -39,8 +39,8 @@ def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
         "days": days,
         "events": sim.events.height,
         "simulate_seconds": round(simulated, 2),
-        "build_seconds": round(summary["seconds"]["build"], 2),
-        "fit_seconds": round(summary["seconds"]["fit"], 2),
-        "test_roc_auc": summary["metrics"]["roc_auc"],
-        "oracle_roc_auc": summary["metrics"].get("oracle_roc_auc"),
+        "build_seconds": round(summary.seconds["build"], 2),
+        "fit_seconds": round(summary.seconds["fit"], 2),
+        "test_roc_auc": summary.metrics["roc_auc"],
+        "oracle_roc_auc": summary.metrics.get("oracle_roc_auc"),
     }

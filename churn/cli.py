@@ -295,7 +295,7 @@ def _train_and_report(settings: Settings, events: Path, options: Any, *, as_json
         summary = pipeline.train(settings, events, options=options, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
         _fail(exc)
-    typer.echo(json.dumps(summary, default=str) if as_json else report.format_summary(summary))
+    typer.echo(json.dumps(summary.to_dict(), default=str) if as_json else report.format_summary(summary))
 
 
 @app.command("retrain")

@@ -189,12 +189,12 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
             say(f"  demo gate: test ROC-AUC >= {floor:.2f} (CHURN_GATE_MIN_ROC_AUC is {settings.gate_min_roc_auc:.2f})")
         gated = settings.model_copy(update={"gate_min_roc_auc": floor})
         summary = train(gated, archive, TrainOptions(), progress=lambda line: say(f"  {line}"))
-        metrics = summary.get("metrics", {})
+        metrics = summary.metrics
         say(
-            f"  model v{summary.get('version')}: test ROC-AUC {metrics.get('roc_auc', float('nan')):.3f}, "
-            f"PR-AUC {metrics.get('pr_auc', float('nan')):.3f}; gates: {'; '.join(summary.get('reasons', []))}"
+            f"  model v{summary.version}: test ROC-AUC {metrics.get('roc_auc', float('nan')):.3f}, "
+            f"PR-AUC {metrics.get('pr_auc', float('nan')):.3f}; gates: {'; '.join(summary.reasons)}"
         )
-        if not summary.get("promoted"):
+        if not summary.promoted:
             say("  the gates refused this model: the API answers 503 and the scorer writes features only")
 
         say("[5/6] starting the API and a live producer")

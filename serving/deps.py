@@ -52,6 +52,9 @@ def build_deps(settings: Settings) -> Deps:
     models = ModelHolder(*champion_loader(settings, threads=1), on_swap=metrics.model_swapped("api"))
     service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
 
+    def feature_view() -> None:
+        features.read_rows([])
+
     def ping() -> None:
         with redis_errors("pinging"):
             client.ping()
@@ -64,7 +67,7 @@ def build_deps(settings: Settings) -> Deps:
         service=service,
         models=models,
         metrics=metrics,
-        ready_checks={"redis": ping, "feature_view": lambda: features.read_rows([])},
+        ready_checks={"redis": ping, "feature_view": feature_view},
         close=client.close,
         drift_state=drift_state,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from features import spec
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, Model, feature_matrix
 from monitoring.metrics import Metrics
-from serving.schemas import ModelRef, Reason, RiskAnswer, StoredRisk
+from serving.schemas import ModelRef, Reason, RiskAnswer, StoredRisk, Tier
 from stream.risk_store import RiskRow, RiskStore
 
 DESCRIPTIONS = spec.describe()
@@ -102,7 +102,7 @@ class RiskService:
         return RiskAnswer(
             user_id=row.user_id,
             churn_probability=probability,
-            risk_tier=model.tier(probability),
+            risk_tier=cast(Tier, model.tier(probability)),
             horizon_days=model.horizon_days,
             model=ModelRef(name=loaded.name, version=loaded.version),
             as_of=ms_to_iso(now_ms),

@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 USER_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}$"
 UserId = Annotated[str, Field(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")]
 
+Tier = Literal["low", "medium", "high"]
+
 
 class Reason(BaseModel):
     """One feature's part in the score: its value and signed impact on the log-odds."""
@@ -28,7 +30,7 @@ class StoredRisk(BaseModel):
     """The scorer's latest stored answer (as of the user's latest event)."""
 
     churn_probability: float
-    risk_tier: Literal["low", "medium", "high"]
+    risk_tier: Tier
     model_version: str
     event_time: str
     scored_at: str
@@ -37,7 +39,7 @@ class StoredRisk(BaseModel):
 class RiskAnswer(BaseModel):
     user_id: str
     churn_probability: float = Field(ge=0, le=1)
-    risk_tier: Literal["low", "medium", "high"]
+    risk_tier: Tier
     horizon_days: int
     model: ModelRef
     as_of: str = Field(description="The clock used: the stream watermark (event mode) or wall time (ISO 8601, UTC)")

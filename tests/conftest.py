@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 
 from core.settings import Settings, load_settings
-
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+from tests.support import FIXTURES
 
 
 @pytest.fixture(scope="session")

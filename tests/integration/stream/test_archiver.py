@@ -1,0 +1,47 @@
+"""The archiver writes every produced event exactly once, even when killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+from confluent_kafka import Producer
+
+from core.settings import Settings
+from tests.support import random_events
+
+CHURN = str(Path(sys.executable).parent / "churn")
+
+
+def test_archive_is_exactly_once_after_a_crash(settings: Settings, topic: str, unique: str, tmp_path: Path) -> None:
+    events = random_events(21, users=50, days=10, per_user=400)
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 20})
+    for event in events:
+        producer.produce(topic, value=event.to_json(), key=event.user_id.encode())
+    producer.produce(topic, value=b"{broken", key=b"x")
+    assert producer.flush(30) == 0
+
+    root = tmp_path / "events"
+    env = {**os.environ, "CHURN_EVENTS_TOPIC": topic, "CHURN_ARCHIVER_GROUP": f"arch-{unique}"}
+    cmd = [CHURN, "archive", "--out", str(root), "--idle-exit", "3"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    log = pl.read_parquet(root / "**" / "*.parquet", hive_partitioning=True)
+    assert log.height == len(events)
+    assert log.select("kafkaPartition", "kafkaOffset").n_unique() == len(events)
+    produced = sorted((e.user_id, e.ts, e.session_id, e.item_in_session, e.page) for e in events)
+    archived = sorted(log.select("userId", "ts", "sessionId", "itemInSession", "page").iter_rows())
+    assert archived == produced
+    days = {p.name for p in root.iterdir()}
+    assert all(d.startswith("date=") for d in days)
+    assert len(days) >= 10

@@ -1,0 +1,166 @@
+"""The scorer on the real broker, Redis and Feast: crashes, scale-out and bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer
+
+from core.settings import Settings, load_settings
+from features.feast_repo import apply_repo
+from features.feast_store import FeastFeatureStore
+from tests.support import random_events
+
+CHURN = str(Path(sys.executable).parent / "churn")
+USERS = 60
+
+
+class Run:
+    """One isolated scorer deployment: its own group, Feast project, Redis prefix and DLQ."""
+
+    def __init__(self, base: Settings, topic: str, name: str, tmp: Path) -> None:
+        self.env = {
+            **os.environ,
+            "CHURN_EVENTS_TOPIC": topic,
+            "CHURN_DLQ_TOPIC": f"{topic}.dlq",
+            "CHURN_SCORER_GROUP": f"scorer-{name}",
+            "CHURN_FEAST_PROJECT": f"t{name}",
+            "CHURN_FEAST_REPO": str(tmp / f"feast-{name}"),
+            "CHURN_REDIS_PREFIX": f"test:{name}:",
+            "CHURN_SCORER_METRICS_PORT": "0",
+            "CHURN_MAX_BATCH_EVENTS": "300",
+            "CHURN_MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        }
+        self.settings = load_settings(
+            events_topic=topic,
+            dlq_topic=f"{topic}.dlq",
+            scorer_group=f"scorer-{name}",
+            feast_project=f"t{name}",
+            feast_repo=tmp / f"feast-{name}",
+            redis_prefix=f"test:{name}:",
+            mlflow_tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+            kafka_port=base.kafka_port,
+            redis_port=base.redis_port,
+            state_dir=base.state_dir,
+        )
+        apply_repo(self.settings)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [CHURN, "consume", "--idle-exit", "4"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def run_to_end(self, processes: int = 1) -> None:
+        procs = [self.start() for _ in range(processes)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err.decode()[-3000:]
+
+    def final_state(self, users: list[str]) -> tuple[str, dict[bytes, bytes | None]]:
+        rows = FeastFeatureStore(apply_repo(self.settings)).read_rows(users)
+        client = redis.Redis.from_url(self.settings.redis_address)
+        prefix = self.settings.redis_prefix
+        keys = sorted(client.scan_iter(f"{prefix}state:*", count=1000))
+        blobs = dict(zip([k[len(prefix) :] for k in keys], client.mget(keys), strict=True))
+        return repr(rows), blobs  # repr: NaN compares equal to itself
+
+
+def produce(settings: Settings, topic: str, bad: list[bytes]) -> list[str]:
+    events = random_events(11, users=USERS, days=20, per_user=250)
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 20})
+    for i, event in enumerate(events):
+        producer.produce(topic, value=event.to_json(), key=event.user_id.encode())
+        if i % 1000 == 0 and bad:
+            producer.produce(topic, value=bad[(i // 1000) % len(bad)], key=b"bad")
+    assert producer.flush(30) == 0
+    return sorted({e.user_id for e in events})
+
+
+BAD = [
+    b"{not json",
+    b'{"ts":"yesterday","userId":"7","sessionId":1,"itemInSession":0,"page":"Home","auth":"Logged In","level":"free"}',
+    b'{"ts":1767225600000,"sessionId":1,"itemInSession":0,"page":"Home","auth":"Logged In","level":"free"}',
+    b'{"ts":1767225600000,"userId":"7","song":"' + b"x" * 70_000 + b'"}',
+]
+
+
+@pytest.fixture
+def stream_topic(settings: Settings, topic: str) -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin.create_topics([NewTopic(f"{topic}.dlq", num_partitions=1, replication_factor=1)])[f"{topic}.dlq"].result(30)
+    return topic
+
+
+def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    consumer = Consumer(
+        {"bootstrap.servers": settings.bootstrap_servers, "group.id": f"dlq-{topic}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([f"{topic}.dlq"])
+    out: list[tuple[bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + 30
+    while len(out) < expected and time.monotonic() < deadline:
+        msg = consumer.poll(1)
+        if msg is not None and msg.error() is None:
+            headers = {str(k): v for k, v in msg.headers() or []}  # type: ignore[str-unpack]
+            out.append((msg.value() or b"", {k: v if isinstance(v, bytes) else b"" for k, v in headers.items()}))
+    consumer.close()
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_leaves_the_clean_state(
+    settings: Settings, stream_topic: str, unique: str, tmp_path: Path
+) -> None:
+    users = produce(settings, stream_topic, BAD)
+    clean = Run(settings, stream_topic, f"clean{unique}", tmp_path)
+    clean.run_to_end()
+
+    crashed = Run(settings, stream_topic, f"crash{unique}", tmp_path)
+    rng = random.Random(5)
+    for _ in range(5):
+        proc = crashed.start()
+        time.sleep(rng.uniform(3.0, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    crashed.run_to_end()
+
+    clean_rows, clean_states = clean.final_state(users)
+    crashed_rows, crashed_states = crashed.final_state(users)
+    assert "None" not in clean_rows  # every user has a row
+    assert clean_rows == crashed_rows
+    assert len(clean_states) == USERS
+    assert clean_states == crashed_states
+
+    # Every bad message is in the DLQ with its reason and source position (crashes may repeat some).
+    dead = read_dlq(settings, stream_topic, expected=len(BAD))
+    reasons = {h["reason"].decode() for _, h in dead}
+    assert any("malformed JSON" in r for r in reasons)
+    assert any("$.ts" in r for r in reasons)
+    assert any("userId" in r for r in reasons)
+    assert any("exceeds the limit" in r for r in reasons)
+    assert all({"source_topic", "source_partition", "source_offset"} <= set(h) for _, h in dead)
+
+
+@pytest.mark.slow
+def test_three_processes_give_the_same_state_as_one(
+    settings: Settings, stream_topic: str, unique: str, tmp_path: Path
+) -> None:
+    users = produce(settings, stream_topic, [])
+    single = Run(settings, stream_topic, f"one{unique}", tmp_path)
+    single.run_to_end(processes=1)
+    scaled = Run(settings, stream_topic, f"three{unique}", tmp_path)
+    scaled.run_to_end(processes=3)
+    assert single.final_state(users) == scaled.final_state(users)

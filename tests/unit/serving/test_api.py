@@ -1,0 +1,164 @@
+"""The API's contract with in-memory stores and a transparent stand-in model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from core.settings import load_settings
+from features import spec
+from features.online import OnlineEngine
+from features.store import InMemoryFeatureStore
+from models.holder import ModelHolder
+from models.runtime import LoadedModel
+from monitoring.metrics import Metrics
+from serving.app import create_app
+from serving.deps import Deps
+from serving.risk import RiskService
+from stream.risk_store import InMemoryRiskStore, RiskRow
+from tests.support import StandInModel, random_events
+
+
+class IdleModel(StandInModel):
+    """Probability rises with thumbs down and with days since the last event."""
+
+    meta: ClassVar[dict[str, Any]] = {
+        "metrics": {"roc_auc": 0.9},
+        "data_window": {"start": "a", "end": "b"},
+        "horizon_days": 14,
+    }
+
+    def _logit(self, matrix: np.ndarray) -> np.ndarray:
+        td = matrix[:, spec.MODEL_FEATURES.index("thumbs_down_28d")]
+        idle = matrix[:, spec.MODEL_FEATURES.index("seconds_since_last_event")] / 86_400
+        return 0.2 * td + 0.3 * idle - 3
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-self._logit(matrix)))
+
+    def contributions(self, matrix: np.ndarray) -> list[dict[str, float]]:
+        out = []
+        for row in matrix:
+            c = dict.fromkeys(spec.MODEL_FEATURES, 0.0)
+            c["thumbs_down_28d"] = 0.2 * row[spec.MODEL_FEATURES.index("thumbs_down_28d")]
+            c["seconds_since_last_event"] = 0.3 * row[spec.MODEL_FEATURES.index("seconds_since_last_event")] / 86_400
+            out.append(c)
+        return out
+
+    def tier(self, probability: float) -> str:
+        return "high" if probability > 0.5 else "medium" if probability > 0.2 else "low"
+
+
+@pytest.fixture
+def client() -> Iterator[tuple[TestClient, ModelHolder, InMemoryRiskStore]]:
+    engine = OnlineEngine()
+    engine.apply_all(random_events(3, users=5, days=30, per_user=100))
+    features = InMemoryFeatureStore()
+    features.write_rows([engine.row(u) for u in engine.states])
+    risks = InMemoryRiskStore()
+    risks.write([RiskRow("u1", 0.3, "medium", "1", engine.row("u1").last_event_ms, 0)])
+    metrics = Metrics()
+    version = ["1"]
+    models = ModelHolder(
+        lambda: version[0],
+        lambda: LoadedModel(IdleModel(), "churn-lightgbm", version[0]),
+        on_swap=metrics.model_swapped("api"),
+    )
+    now = max(row.last_event_ms for row in features.rows.values()) + 3 * 86_400_000
+    service = RiskService(features, risks, lambda: models.current, lambda: now, metrics)
+    deps = Deps(service=service, models=models, metrics=metrics)
+    settings = load_settings(api_keys=["k1", "k2"])
+    with TestClient(create_app(settings, deps)) as test_client:
+        yield test_client, models, risks
+
+
+KEY = {"X-API-Key": "k2"}
+
+
+def test_risk_answer_has_every_field(client: Any) -> None:
+    http, _, _ = client
+    body = http.get("/users/u1/risk", headers=KEY).json()
+    assert set(body) >= {"user_id", "churn_probability", "risk_tier", "horizon_days", "model", "as_of"}
+    assert body["model"] == {"name": "churn-lightgbm", "version": "1"}
+    assert len(body["reasons"]) == 5
+    assert body["reasons"][0]["feature"] in {"thumbs_down_28d", "seconds_since_last_event"}
+    assert body["stored_risk"]["risk_tier"] == "medium"
+    assert http.get("/users/u1/risk?explain=false", headers=KEY).json()["reasons"] is None
+
+
+def test_errors_are_clear_4xx(client: Any) -> None:
+    http, _, _ = client
+    assert http.get("/users/nobody/risk", headers=KEY).status_code == 404
+    assert "unknown user" in http.get("/users/nobody/risk", headers=KEY).json()["detail"]
+    bad = http.get("/users/bad%20id!/risk", headers=KEY)
+    assert bad.status_code == 422
+    assert "user_id" in bad.json()["detail"]
+    assert http.get("/users/" + "x" * 65 + "/risk", headers=KEY).status_code == 422
+    assert http.post("/users/risk", json={"user_ids": []}, headers=KEY).status_code == 422
+    assert http.post("/users/risk", json={"user_ids": ["u"] * 1001}, headers=KEY).status_code == 422
+
+
+def test_auth(client: Any) -> None:
+    http, _, _ = client
+    assert http.get("/users/u1/risk").status_code == 401
+    assert http.get("/users/u1/risk", headers={"X-API-Key": "nope"}).status_code == 401
+    assert http.get("/users/u1/risk", headers={"Authorization": "Bearer k1"}).status_code == 200
+    assert http.get("/users/u1/risk", headers={"Authorization": "Basic k1"}).status_code == 401
+    # X-API-Key, when sent, is the key that counts.
+    assert http.get("/users/u1/risk", headers={"X-API-Key": "nope", "Authorization": "Bearer k1"}).status_code == 401
+    assert http.get("/health/live").status_code == 200
+    assert http.get("/metrics").status_code == 200
+
+
+def test_batch_lists_unknown_ids(client: Any) -> None:
+    http, _, _ = client
+    body = http.post("/users/risk", json={"user_ids": ["u0", "ghost", "u2"]}, headers=KEY).json()
+    assert [r["user_id"] for r in body["results"]] == ["u0", "u2"]
+    assert body["unknown_user_ids"] == ["ghost"]
+
+
+def test_no_model_is_503(client: Any) -> None:
+    http, models, _ = client
+    models.current = None
+    answer = http.get("/users/u1/risk", headers=KEY)
+    assert answer.status_code == 503
+    assert "no champion" in answer.json()["detail"]
+    assert http.get("/health/ready").status_code == 503
+
+
+def test_model_swap_is_picked_up(client: Any) -> None:
+    http, models, _ = client
+    assert http.get("/models/current", headers=KEY).json()["version"] == "1"
+    models._version_of_champion = lambda: "2"
+    models._load = lambda: LoadedModel(IdleModel(), "churn-lightgbm", "2")
+    assert models.refresh()
+    assert http.get("/users/u1/risk", headers=KEY).json()["model"]["version"] == "2"
+
+
+def test_api_keys_are_declared_security_schemes(client: Any) -> None:
+    http, _, _ = client
+    document = http.get("/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "One of CHURN_API_KEYS",
+    }
+    assert schemes["Bearer"]["type"] == "http"
+    assert schemes["Bearer"]["scheme"] == "bearer"
+    # A list of requirements: any one of them will do.
+    either: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
+    assert document["paths"]["/users/{user_id}/risk"]["get"]["security"] == either
+    assert document["paths"]["/users/risk"]["post"]["security"] == either
+    assert "security" not in document["paths"]["/health/live"]["get"]  # open by default
+
+
+def test_an_open_api_declares_no_security() -> None:
+    document = create_app(load_settings(api_keys=[])).openapi()
+    assert "securitySchemes" not in document.get("components", {})
+    assert "security" not in document["paths"]["/users/{user_id}/risk"]["get"]
