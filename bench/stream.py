@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from confluent_kafka import Consumer
-
 from bench.harness import (
     Samples,
     ScorerProcess,
@@ -41,6 +39,7 @@ from features.online import APPLIED, STATE_ENCODER, OnlineEngine, state_layout
 from features.state_store import RedisStateStore
 from models.registry import load_champion
 from models.runtime import feature_matrix
+from stream.kafka import committing_consumer
 from stream.pacing import Pacing
 from stream.producer import publish_lines
 from stream.risk_store import RedisRiskStore, RiskRow
@@ -208,14 +207,7 @@ def naive_consume(
         ServiceUnavailableError: Kafka or Redis cannot be reached.
     """
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": settings.scorer_group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    consumer = committing_consumer(settings, settings.scorer_group)
     consumer.subscribe([settings.events_topic])
     done = 0
     started: float | None = None

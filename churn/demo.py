@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
+from core.kafka import kafka_config
 from core.settings import Settings
 from features.feast_repo import apply_repo
 from sim.simulator import SimConfig, simulate
@@ -70,7 +71,7 @@ def _lag(settings: Settings, group: str) -> int:
     """Returns how many messages of the events topic `group` has not committed yet."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group})
+    consumer = Consumer(kafka_config(settings, **{"group.id": group}))
     try:
         meta = consumer.list_topics(settings.events_topic, timeout=10)
         parts = [TopicPartition(settings.events_topic, p) for p in meta.topics[settings.events_topic].partitions]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ServiceUnavailableError
+from core.kafka import kafka_config
 from core.settings import Settings
 
 INFRA_DIR = Path(__file__).resolve().parent.parent / "infra"
@@ -170,7 +171,7 @@ def kafka_ready(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
     if not _port_open(settings.kafka_port):
         return False, "port closed"
     try:
-        admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+        admin = AdminClient(kafka_config(settings, log_level=0))
         meta = admin.list_topics(timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - any client failure means "not ready"
         return False, f"metadata request failed: {exc}"

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,24 +70,17 @@ def sustained_alerts(state: dict[str, Any], minutes: float, now: float) -> dict[
     return out
 
 
+@dataclass
 class DriftPublisher:
-    """Computes the window's report, sets the drift gauges and writes the state to Redis."""
+    """Computes the window's report, sets the drift gauges and writes the state to Redis
+    (`client`, under `prefix`); `clock` gives epoch seconds."""
 
-    def __init__(
-        self,
-        window: DriftWindow,
-        thresholds: Thresholds,
-        metrics: Metrics,
-        client: Any,
-        prefix: str,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.window = window
-        self.thresholds = thresholds
-        self.metrics = metrics
-        self.client = client
-        self.prefix = prefix
-        self.clock = clock
+    window: DriftWindow
+    thresholds: Thresholds
+    metrics: Metrics
+    client: Any
+    prefix: str
+    clock: Callable[[], float] = time.time
 
     def publish(self, model: Any, name: str = "", version: str = "") -> dict[str, Any] | None:
         """Reports drift against `model`'s reference (its `meta["reference"]`); returns the state

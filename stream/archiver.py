@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import Settings
 from events.schema import Event, parse_event
+from stream.kafka import committing_consumer
 
 log = logging.getLogger(__name__)
 _FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
@@ -69,17 +70,7 @@ class Archiver:
         self.settings = settings
         self.root = root
         self.stopping = threading.Event()
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": settings.archiver_group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                # A crashed member's partitions move to the others after this long (broker minimum 6 s).
-                "session.timeout.ms": 10_000,
-                **(extra_config or {}),
-            }
-        )
+        self.consumer = committing_consumer(settings, settings.archiver_group, extra_config)
         self.skipped = 0
         self.already_archived: dict[int, set[int]] = {}
 

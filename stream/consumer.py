@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from core.errors import ServiceUnavailableError
 from core.gc_policy import freeze_survivors
+from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
 from events.schema import ErrorRecord
@@ -32,6 +33,7 @@ from models.registry import champion_loader
 from monitoring.drift import DriftWindow, Thresholds, seconds_since
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
+from stream.kafka import committing_consumer
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import RedisRiskStore
 from stream.topics import ensure_topics
@@ -81,23 +83,13 @@ class ScoringConsumer:
         self.loop = loop or LoopConfig()
         self.drift = drift
         self.stopping = threading.Event()
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": settings.scorer_group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                # A crashed member's partitions move to the others after this long (broker minimum 6 s).
-                "session.timeout.ms": 10_000,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "fetch.min.bytes": 1,
-                "queued.max.messages.kbytes": 65536,
-                **(extra_config or {}),
-            }
-        )
-        self.dlq = Producer(
-            {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 5}
-        )
+        tuning = {
+            "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.min.bytes": 1,
+            "queued.max.messages.kbytes": 65536,
+        }
+        self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
+        self.dlq = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])

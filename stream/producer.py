@@ -28,6 +28,7 @@ import msgspec
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from core.errors import InvalidInputError, ServiceUnavailableError
+from core.kafka import kafka_config
 from core.settings import Settings
 from stream.pacing import Pacer, Pacing
 from stream.topics import ensure_topics
@@ -133,7 +134,7 @@ def build_producer(settings: Settings, failures: Counter[str]) -> Producer:
         if err is not None:
             failures[err.name()] += 1
 
-    return Producer({"bootstrap.servers": settings.bootstrap_servers, **PRODUCER_TUNING, "on_delivery": on_delivery})
+    return Producer(kafka_config(settings, **PRODUCER_TUNING, on_delivery=on_delivery))
 
 
 def publish(

@@ -6,16 +6,19 @@ first; it is idempotent and safe to race with another process doing the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.errors import ServiceUnavailableError
+from core.kafka import kafka_config
 from core.settings import Settings
 
 
 def _admin(settings: Settings) -> AdminClient:
     # log_level 0: connection failures surface as one ServiceUnavailableError, not log spam.
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+    return AdminClient(kafka_config(settings, log_level=0))
 
 
 def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
@@ -44,18 +47,7 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
         operation_timeout=timeout,
         request_timeout=timeout,
     )
-    created = []
-    for name, future in futures.items():
-        try:
-            future.result(timeout)
-        except KafkaException as exc:
-            # Another process created it between our metadata request and ours: that is success.
-            if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                continue
-            msg = f"could not create topic {name!r} on {settings.bootstrap_servers}: {exc.args[0].str()}"
-            raise ServiceUnavailableError(msg) from exc
-        created.append(name)
-    return created
+    return _await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout)
 
 
 def delete_topics(settings: Settings, names: list[str], *, timeout: float = 30.0) -> None:
@@ -68,14 +60,27 @@ def delete_topics(settings: Settings, names: list[str], *, timeout: float = 30.0
         return
     admin = _admin(settings)  # keep a reference: a collected client cancels its futures
     futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    _await(settings, futures, "delete", KafkaError.UNKNOWN_TOPIC_OR_PART, timeout)
+
+
+def _await(settings: Settings, futures: dict[str, Any], verb: str, done_already: int, timeout: float) -> list[str]:
+    """Waits for each topic operation; returns the topics it changed. An error `done_already`
+    means another process did it first (created, or deleted), which is success.
+
+    Raises:
+        ServiceUnavailableError: the broker refused the operation or never answered.
+    """
+    changed = []
     for name, future in futures.items():
         try:
             future.result(timeout)
         except KafkaException as exc:
-            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            if exc.args[0].code() == done_already:
                 continue
-            msg = f"could not delete topic {name!r} on {settings.bootstrap_servers}: {exc.args[0].str()}"
+            msg = f"could not {verb} topic {name!r} on {settings.bootstrap_servers}: {exc.args[0].str()}"
             raise ServiceUnavailableError(msg) from exc
         except TimeoutError as exc:  # concurrent.futures' timeout: the broker never answered
-            msg = f"could not delete topic {name!r}: {settings.bootstrap_servers} did not answer in {timeout:.0f}s"
+            msg = f"could not {verb} topic {name!r}: {settings.bootstrap_servers} did not answer in {timeout:.0f}s"
             raise ServiceUnavailableError(msg) from exc
+        changed.append(name)
+    return changed

@@ -12,6 +12,7 @@ unlabelled (label null), e.g. for scoring.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -31,8 +32,7 @@ class GridConfig:
     lookback_days: int = 28
 
 
-@dataclass(frozen=True)
-class DataWindow:
+class DataWindow(NamedTuple):
     """The span of the event log (epoch ms) and of the labelled observation times."""
 
     first_event_ms: int

@@ -42,26 +42,27 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
 
 
-def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (precision, recall) at every distinct score threshold, from the highest down."""
+def _thresholds(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Returns, at every distinct score threshold from the highest down, the true positives and
+    the rows flagged (score >= threshold), and the counts of positives and negatives."""
     y, s = _arrays(labels, scores)
     order = np.argsort(-s, kind="mergesort")
     y, s = y[order], s[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    true_pos = np.cumsum(y)[last_of_tie]
-    flagged = last_of_tie + 1
-    return true_pos / flagged, true_pos / max(int(y.sum()), 1)
+    positives = int(y.sum())
+    return np.cumsum(y)[last_of_tie], last_of_tie + 1, positives, len(y) - positives
+
+
+def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (precision, recall) at every distinct score threshold, from the highest down."""
+    true_pos, flagged, positives, _ = _thresholds(labels, scores)
+    return true_pos / flagged, true_pos / max(positives, 1)
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (false positive rate, true positive rate) at every distinct threshold, from (0, 0)."""
-    y, s = _arrays(labels, scores)
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    tp = np.cumsum(y)[last_of_tie]
-    fp = last_of_tie + 1 - tp
-    return np.r_[0.0, fp / max(int((~y).sum()), 1)], np.r_[0.0, tp / max(int(y.sum()), 1)]
+    true_pos, flagged, positives, negatives = _thresholds(labels, scores)
+    return np.r_[0.0, (flagged - true_pos) / max(negatives, 1)], np.r_[0.0, true_pos / max(positives, 1)]
 
 
 def top_fraction(labels: np.ndarray, scores: np.ndarray, fraction: float = 0.1) -> dict[str, float]:

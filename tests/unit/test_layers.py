@@ -131,3 +131,9 @@ def test_the_checks_catch_an_upward_import(tmp_path: Path) -> None:
         ("bench", 4, False),
         ("bench", 5, True),
     ]
+
+
+def test_the_image_copies_every_package() -> None:
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+)/ \1/$", dockerfile, re.MULTILINE))
+    assert copied == set(layer_order())
