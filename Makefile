@@ -5,10 +5,15 @@ UV := .tools/bin/uv
 CHURN := $(VENV)/bin/churn
 PYTEST := $(VENV)/bin/pytest
 # Tests run their own services on other ports and another state folder, so a demo can keep running.
-TEST_ENV := CHURN_STATE_DIR=.state/test CHURN_KAFKA_PORT=19092 CHURN_KAFKA_CONTROLLER_PORT=19093 \
-	CHURN_REDIS_PORT=16379 CHURN_PROMETHEUS_PORT=19090 CHURN_API_PORT=18000 CHURN_SCORER_METRICS_PORT=19108
+# TEST_PORT_OFFSET moves every test port at once (two checkouts testing side by side: 1000, 2000...).
+TEST_PORT_OFFSET ?= 0
+test_port = $(shell echo $$(( $(1) + $(TEST_PORT_OFFSET) )))
+TEST_ENV := CHURN_STATE_DIR=.state/test CHURN_KAFKA_PORT=$(call test_port,19092) \
+	CHURN_KAFKA_CONTROLLER_PORT=$(call test_port,19093) CHURN_REDIS_PORT=$(call test_port,16379) \
+	CHURN_PROMETHEUS_PORT=$(call test_port,19090) CHURN_API_PORT=$(call test_port,18000) \
+	CHURN_SCORER_METRICS_PORT=$(call test_port,19108)
 
-.PHONY: help setup demo test unit integration lint format bench infra-up infra-down infra-status clean
+.PHONY: help setup demo test test-env unit integration lint format bench infra-up infra-down infra-status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,6 +35,9 @@ demo: setup ## run the whole system end to end on local real services
 test: $(VENV)/.installed ## unit + integration tests against real Kafka, Redis and Prometheus
 	$(TEST_ENV) $(CHURN) infra up
 	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) tests
+
+test-env: ## print the test services' environment (prefix a command with it: `env $$(make -s test-env) ...`)
+	@echo $(TEST_ENV)
 
 unit: $(VENV)/.installed ## unit tests only (no services)
 	$(PYTEST) tests/unit

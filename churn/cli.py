@@ -1,8 +1,10 @@
 """The `churn` console entry point: one Typer app, one subcommand per job.
 
 Each command builds its settings and clients here (the process's wiring point) and hands
-them to library code. This is the top layer: nothing imports it. Feast and MLflow load on
-first use inside the library code, so `churn --help` stays quick.
+them to library code. This is the top layer: nothing imports it. Each command imports the
+packages it runs inside its function (marked `# heavy`): together they load LightGBM,
+scikit-learn, polars, Feast and MLflow, several seconds that `churn --help` or `churn infra
+status` should not wait for. The layer test reads these imports too.
 """
 
 from __future__ import annotations
@@ -18,34 +20,11 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from bench import api as api_bench
-from bench import produce as produce_bench
-from bench import stream as stream_bench
-from bench import train as train_bench
-from bench.engines import bench_offline, bench_online
-from bench.feast_write import bench_feast_write
-from churn.demo import run_demo
 from core.errors import ChurnError, NotFoundError
 from core.redis import redis_client, redis_errors
 from core.settings import Settings, load_settings, mask_url
 from core.timeutil import parse_utc, to_ms
-from events.log import load_events
-from features import backfill
-from features.feast_repo import apply_repo
 from infra import local as infra
-from models.registry import load_champion
-from monitoring.drift_state import read_drift, retrain_decision
-from monitoring.server import start_metrics_server
-from sim import simulator
-from sim.ground_truth import save_truth
-from sim.oracle import oracle_for, oracle_report
-from stream.archiver import Archiver
-from stream.consumer import build_scorer
-from stream.pacing import Pacing
-from stream.producer import ProduceReport, replay_file
-from training import pipeline, report
-from training.pipeline import TrainOptions
-from training.scoring import score_users, write_scores
 
 app = typer.Typer(
     help="Real-time churn scorer: Kafka -> features (Feast/Redis) -> LightGBM -> API.", no_args_is_help=True
@@ -116,6 +95,9 @@ def consume(
     ),
 ) -> None:
     """Run the scoring consumer (group churn-scorer): events -> features -> scores -> Redis."""
+    from monitoring.server import start_metrics_server  # heavy: see the module docstring
+    from stream.consumer import build_scorer  # heavy: see the module docstring
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
     try:
@@ -143,6 +125,9 @@ def produce(
     speedup: float = typer.Option(0.0, min=0.0, help="Replay event time this many times faster (0: ignore ts)."),
 ) -> None:
     """Publish events to the events topic keyed by userId; malformed lines are reported, not sent."""
+    from stream.pacing import Pacing  # heavy: see the module docstring
+    from stream.producer import ProduceReport, replay_file  # heavy: see the module docstring
+
     on_tty = sys.stderr.isatty()
     _stop_like_ctrl_c_on_sigterm()
 
@@ -189,6 +174,7 @@ def bench_produce(
     events: int = typer.Option(1_000_000, min=1, help="How many pre-generated events to publish."),
 ) -> None:
     """Events/s published to the configured broker from one process (fresh topic, deleted after)."""
+    from bench import produce as produce_bench  # heavy: see the module docstring
 
     _print_figures(lambda: produce_bench.bench_produce(_settings(), events=events))
 
@@ -201,6 +187,8 @@ def archive(
     ),
 ) -> None:
     """Run the archiver (group churn-archiver): events -> Parquet log partitioned by event date."""
+    from stream.archiver import Archiver  # heavy: see the module docstring
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
     archiver = Archiver(settings, out or settings.data_dir / "events")
@@ -223,6 +211,10 @@ def simulate(
     oracle: bool = typer.Option(False, "--oracle", help="Also report the oracle ROC-AUC on a daily grid (H: horizon)."),
 ) -> None:
     """Simulate listeners: events in ts order plus the hidden ground truth; prints a JSON summary."""
+    from sim import simulator  # heavy: see the module docstring
+    from sim.ground_truth import save_truth  # heavy: see the module docstring
+    from sim.oracle import oracle_report  # heavy: see the module docstring
+
     settings = _settings()
     events_path = Path(out) if out else settings.data_dir / "simulated.jsonl.gz"
     truth_path = Path(truth) if truth else simulator.truth_path_for(events_path)
@@ -260,6 +252,7 @@ def simulate(
 @app.command("feast-apply")
 def feast_apply() -> None:
     """Write feature_store.yaml and register the Feast objects generated from the feature spec."""
+    from features.feast_repo import apply_repo  # heavy: see the module docstring
 
     settings = _settings()
     try:
@@ -284,6 +277,9 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
     """Train LightGBM on the log, evaluate on the latest period, log to MLflow, register and gate."""
+    from sim.oracle import oracle_for  # heavy: see the module docstring
+    from training.pipeline import TrainOptions  # heavy: see the module docstring
+
     oracle = oracle_for(truth) if truth else None
     options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, oracle=oracle)
     _train_and_report(_settings(), events, options, as_json=as_json)
@@ -291,6 +287,8 @@ def train(
 
 def _train_and_report(settings: Settings, events: Path, options: Any, *, as_json: bool) -> None:
     """Runs the training pipeline with progress on stderr; prints the summary (table or JSON)."""
+    from training import pipeline, report  # heavy: see the module docstring
+
     try:
         summary = pipeline.train(settings, events, options=options, progress=lambda line: typer.echo(line, err=True))
     except ChurnError as exc:
@@ -310,6 +308,7 @@ def retrain(
     as_json: Annotated[bool, typer.Option("--json", help="Print the training summary as one JSON object.")] = False,
 ) -> None:
     """Retrain (as `churn train`), always or only after drift held at alert level long enough."""
+    from monitoring.drift_state import read_drift, retrain_decision  # heavy: see the module docstring
 
     settings = _settings()
     if if_drift:
@@ -333,6 +332,10 @@ def score(
     out: Annotated[Path, typer.Option(help="Output file, .csv or .parquet.")],
 ) -> None:
     """Score every known user as of a time with the champion model."""
+    from events.log import load_events  # heavy: see the module docstring
+    from models.registry import load_champion  # heavy: see the module docstring
+    from training.scoring import score_users, write_scores  # heavy: see the module docstring
+
     settings = _settings()
     try:
         moment = parse_utc(as_of, "--as-of")
@@ -357,6 +360,7 @@ def bench_train(
     days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 60,
 ) -> None:
     """Seconds to build the training set and to train, on a simulated date-partitioned log."""
+    from bench import train as train_bench  # heavy: see the module docstring
 
     _print_figures(lambda: train_bench.bench_train(_settings(), users, days))
 
@@ -388,6 +392,7 @@ def demo(
     duration: float = typer.Option(0.0, help="Seconds of live scoring before stopping (0: until Ctrl-C)."),
 ) -> None:
     """Run the whole system end to end on the local services (`make demo`)."""
+    from churn.demo import run_demo  # heavy: see the module docstring
 
     _stop_like_ctrl_c_on_sigterm()  # so `kill` also stops the scorer, API and producer it started
     try:
@@ -404,6 +409,7 @@ def bench_stream(
     freshness_seconds: float = typer.Option(20.0, min=1.0, help="Seconds of paced events at 10,000/s."),
 ) -> None:
     """Scorer events/s end to end, vs a naive consumer, freshness at 10k/s, memory per user (JSON)."""
+    from bench import stream as stream_bench  # heavy: see the module docstring
 
     _print_figures(
         lambda: stream_bench.bench_stream(
@@ -420,6 +426,8 @@ def bench_features(
     feast_rows: int = typer.Option(20_000, help="Rows written to the real Redis through Feast."),
 ) -> None:
     """Online engine events/s, Feast write path vs store.push, offline engine seconds (JSON)."""
+    from bench.engines import bench_offline, bench_online  # heavy: see the module docstring
+    from bench.feast_write import bench_feast_write  # heavy: see the module docstring
 
     settings = _settings()
     _print_figures(
@@ -441,6 +449,7 @@ def bench_api(
     repeats: Annotated[int, typer.Option(min=1, help="Runs per mode; the headline is their median.")] = 3,
 ) -> None:
     """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
+    from bench import api as api_bench  # heavy: see the module docstring
 
     _print_figures(
         lambda: api_bench.bench_api(
@@ -461,6 +470,8 @@ def materialize(
     as_of: str = typer.Option("", help="ISO time of the backfill (default: the last event in the log)."),
 ) -> None:
     """Cold start: load the online store through Feast, and the scorer states, from an event log."""
+    from features import backfill  # heavy: see the module docstring
+
     try:
         moment = parse_utc(as_of, "--as-of") if as_of else None
         summary = backfill.materialize(_settings(), events, moment, progress=lambda line: typer.echo(line, err=True))
