@@ -451,17 +451,8 @@ def bench_api(
     """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
     from bench import api as api_bench  # heavy: see the module docstring
 
-    _print_figures(
-        lambda: api_bench.bench_api(
-            _settings(),
-            users=users,
-            rate=rate,
-            seconds=seconds,
-            connections=connections,
-            workers=workers,
-            repeats=repeats,
-        )
-    )
+    settings = _settings()
+    _print_figures(lambda: api_bench.bench_api(settings, users, rate, seconds, connections, workers, repeats=repeats))
 
 
 @app.command("materialize")
