@@ -36,7 +36,7 @@ test: $(VENV)/.installed ## unit + integration tests against real Kafka, Redis a
 	$(TEST_ENV) $(CHURN) infra up
 	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) tests
 
-test-env: ## print the test services' environment (prefix a command with it: `env $$(make -s test-env) ...`)
+test-env: ## print the test services' environment variables (to run one test file against them)
 	@echo $(TEST_ENV)
 
 unit: $(VENV)/.installed ## unit tests only (no services)
