@@ -231,7 +231,7 @@ def naive_consume(
                     p = float(model.predict(feature_matrix([row]))[0])
                     now = time.time_ns() // 1_000_000
                     risks.write([RiskRow(user, p, model.tier(p), version, row.last_event_ms, now)])
-                states.save({user: STATE_ENCODER.encode(engine.states[user])})
+                states.save({user: STATE_ENCODER.encode(engine.states[user])}, {}, {})
             consumer.commit(message=message, asynchronous=False)
             done += 1
     finally:

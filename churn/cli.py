@@ -24,6 +24,8 @@ from core.errors import ChurnError, NotFoundError
 from core.redis import redis_client, redis_errors
 from core.settings import Settings, load_settings, mask_url
 from core.timeutil import parse_utc, to_ms
+from features.online import state_layout
+from features.state_store import remove_old_layouts
 from infra import local as infra
 
 app = typer.Typer(
@@ -469,6 +471,19 @@ def materialize(
     except ChurnError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary))
+
+
+@app.command("cleanup")
+def cleanup() -> None:
+    """Deletes the scorer states and applied offsets of older state layouts (a changed spec or
+    lateness leaves them behind, never read again); prints how many keys went."""
+    settings = _settings()
+    layout = state_layout(settings.allowed_lateness_seconds * 1000)
+    try:
+        removed = remove_old_layouts(redis_client(settings), settings.redis_prefix, layout)
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"layout": layout, "removed_keys": removed}))
 
 
 def main() -> None:

@@ -19,6 +19,16 @@ class ServiceUnavailableError(ChurnError):
     http_status = 503
 
 
+class StoreRefusedError(ServiceUnavailableError):
+    """Redis answered but refused the command for a reason that lasts until someone acts: out
+    of memory (OOM), a read-only replica (READONLY), a failed save (MISCONF), wrong or missing
+    credentials (NOAUTH, WRONGPASS, NOPERM). `reason` is Redis' error code."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class InvalidInputError(ChurnError):
     """Input (a file, a request, an argument) is malformed; the message says where and why."""
 

@@ -13,11 +13,22 @@ from contextlib import contextmanager
 from typing import Literal
 
 import redis
-from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.errors import ServiceUnavailableError
+from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
 
 Purpose = Literal["batch", "request", "probe"]
@@ -40,18 +51,57 @@ def redis_client(settings: Settings, purpose: Purpose = "batch") -> redis.Redis:
     )
 
 
+# Errors that pass by themselves: Redis is starting (LOADING), busy with a script (BUSY), a
+# cluster is moving slots or electing (TRYAGAIN, MASTERDOWN). Retried quietly with backoff.
+TRANSIENT: tuple[type[Exception], ...] = (*UNREACHABLE, BusyLoadingError, TryAgainError, MasterDownError)
+# Reply prefixes of transient refusals redis-py has no class for.
+_TRANSIENT_CODES = frozenset({"BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"})
+
+
+def classify(exc: Exception) -> str | None:
+    """Returns None for an error that passes by itself (unreachable, timeout, LOADING, BUSY,
+    TRYAGAIN), else the error code of a refusal that lasts until someone acts: `OOM`, `READONLY`,
+    `MISCONF`, `AUTH` (NOAUTH / WRONGPASS), `NOPERM`, or the first word of any other refusal."""
+    # redis-py strips the code from the message of the errors it has a class for: map them back.
+    # Checked first: its authentication errors are ConnectionErrors.
+    for kind, code in _REFUSALS:
+        if isinstance(exc, kind):
+            return code
+    words = str(exc).split(maxsplit=1)
+    code = words[0].upper() if words else ""
+    if isinstance(exc, TRANSIENT) or code in _TRANSIENT_CODES:
+        return None
+    if isinstance(exc, ResponseError):
+        return code if code.isalpha() and code.isupper() else "ERR"
+    return type(exc).__name__
+
+
+_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+    (redis.exceptions.OutOfMemoryError, "OOM"),  # type: ignore[attr-defined]  # in redis-py, not in its stubs
+    (ReadOnlyError, "READONLY"),
+    (AuthenticationError, "AUTH"),
+    (AuthorizationError, "AUTH"),
+    (NoPermissionError, "NOPERM"),
+)
+
+
 @contextmanager
-def redis_errors(
-    action: str, where: str = "Redis", catch: tuple[type[Exception], ...] = (redis.RedisError,)
-) -> Iterator[None]:
-    """Turns the Redis errors in `catch` raised inside the block into ServiceUnavailableError
-    (HTTP 503) saying `where` failed while doing `action`.
+def redis_errors(action: str, where: str = "Redis") -> Iterator[None]:
+    """Turns Redis errors raised inside the block into the project's errors, classified once
+    here for every caller (scorer, API, commands), each saying `where` failed doing `action`.
 
     Raises:
-        ServiceUnavailableError: the block raised one of `catch`.
+        ServiceUnavailableError: Redis is unreachable or briefly unable (timeout, LOADING, BUSY):
+            retry with backoff (HTTP 503).
+        StoreRefusedError: Redis refused the command for a lasting reason (OOM, READONLY,
+            MISCONF, NOAUTH/WRONGPASS: `AUTH`, ...): an operator must act; `reason` holds the code (HTTP 503).
     """
     try:
         yield
-    except catch as exc:
-        msg = f"{where} unavailable while {action}: {exc}"
-        raise ServiceUnavailableError(msg) from exc
+    except redis.RedisError as exc:
+        reason = classify(exc)
+        if reason is None:
+            msg = f"{where} unavailable while {action}: {exc}"
+            raise ServiceUnavailableError(msg) from exc
+        msg = f"{where} refused {action} ({reason}): {exc}"
+        raise StoreRefusedError(msg, reason) from exc

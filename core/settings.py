@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     redis_prefix: str = "churn:"  # key prefix of scorer state and risk rows
     feast_repo: Path | None = None  # empty: <state_dir>/feast
     feast_project: str = "churn"
+    # User states, feature rows and risk rows expire after this many seconds without a write
+    # (bounded memory: users who left stop costing). Unset: the longest feature window plus the
+    # allowed lateness, after which no event can change the user's row any more; 0: never expire.
+    redis_key_ttl_seconds: int | None = Field(default=None, ge=0)
 
     # Prometheus
     prometheus_port: int = Field(default=9090, ge=1, le=65535)

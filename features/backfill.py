@@ -26,9 +26,9 @@ from core.timeutil import to_ms
 from events.log import events_frame, load_events
 from events.schema import Event
 from features import offline, spec
-from features.feast_repo import batch_source_path, open_feature_store
+from features.feast_repo import batch_source_path, key_ttl_seconds, open_feature_store
 from features.online import STATE_ENCODER, OnlineEngine
-from features.state_store import RedisStateStore
+from features.state_store import RedisStateStore, remove_old_layouts
 
 
 def _log_with_positions(path: Path) -> pl.LazyFrame:
@@ -112,7 +112,12 @@ def materialize(
     engine = rebuild_states(log, as_of_ms, settings.allowed_lateness_seconds * 1000)
     client = redis_client(settings)
     blobs = {user: STATE_ENCODER.encode(state) for user, state in engine.states.items()}
-    written = RedisStateStore(client, settings.redis_prefix, engine.state_layout).save(blobs)
+    states = RedisStateStore(client, settings.redis_prefix, engine.state_layout, key_ttl_seconds(settings))
+    # No applied offsets: a scorer starting on these states reads its partitions from the earliest
+    # retained offset, and the per-user offsets saved here skip what the log already held.
+    written = states.save(blobs, {}, {})
+    removed = remove_old_layouts(client, settings.redis_prefix, engine.state_layout)
+    progress(f"removed {removed} keys of older state layouts")
     progress(
         f"scorer states: {len(engine.states)} users, {written / max(len(engine.states), 1):.0f} bytes each, "
         f"{time.perf_counter() - started:.1f}s"

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from core.errors import ConfigError
-from core.redis import UNREACHABLE, redis_errors
+from core.redis import redis_errors
 from core.settings import Settings
-from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES, spec_version
+from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES, WINDOWS, spec_version
 
 if TYPE_CHECKING:
     from feast import Entity, FeatureStore, FeatureView, FileSource, PushSource, RepoConfig
@@ -92,6 +92,15 @@ def redis_connection_string(settings: Settings) -> str:
     return ",".join(parts)
 
 
+def key_ttl_seconds(settings: Settings) -> int:
+    """Returns how long user keys (states, feature rows, risk rows) live without a write:
+    `redis_key_ttl_seconds`, or by default the longest window plus the allowed lateness (a user
+    idle that long has every window empty); 0 means never expire."""
+    if settings.redis_key_ttl_seconds is not None:
+        return settings.redis_key_ttl_seconds
+    return max(w.size_ms for w in WINDOWS) // 1000 + settings.allowed_lateness_seconds
+
+
 def repo_config_dict(settings: Settings) -> dict[str, Any]:
     """Returns the `feature_store.yaml` content for these settings, as a dict."""
     return {
@@ -115,6 +124,8 @@ def repo_config_dict(settings: Settings) -> dict[str, Any]:
             # the row but not its timestamp, and Feast's dedup would drop that update. Each
             # user has one writer (its Kafka partition's scorer), so no race is opened.
             "skip_dedup": True,
+            # Rows of users idle for the lookback expire (EXPIRE with every write); None: never.
+            "key_ttl_seconds": key_ttl_seconds(settings) or None,
         },
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": ENTITY_KEY_SERIALIZATION_VERSION,
@@ -213,6 +224,6 @@ def apply_repo(settings: Settings) -> FeatureStore:
 
 
 def translate_redis_errors(action: str, address: str) -> AbstractContextManager[None]:
-    """Returns a context that turns an unreachable Redis into ServiceUnavailableError (HTTP 503)
-    naming `action` (a command Redis refused passes through as it is)."""
-    return redis_errors(action, f"Redis (Feast online store at {address})", catch=UNREACHABLE)
+    """Returns a context that turns Redis errors into ServiceUnavailableError / StoreRefusedError
+    (HTTP 503, classified by `core.redis.redis_errors`) naming `action`."""
+    return redis_errors(action, f"Redis (Feast online store at {address})")

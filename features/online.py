@@ -29,6 +29,12 @@ from features.store import FeatureRow
 DUPLICATE: Final = 0
 APPLIED: Final = 1
 LATE: Final = 2
+# At most this many sessions are remembered per user (bounded state and Redis memory, whatever a
+# client sends). Sessions are forgotten by age first (older than the longest window + lateness);
+# past the cap, the earliest-started ones go. A real user has far fewer in 29 days (the simulated
+# heavy users ~150); only a forgotten session that gets another event would be counted as a new
+# start, where the offline engine (which keeps every session) counts it once.
+MAX_SESSIONS: Final = 256
 
 
 class UserState(msgspec.Struct, gc=False, array_like=True):
@@ -244,9 +250,16 @@ class OnlineEngine:
         return APPLIED
 
     def _prune_sessions(self, state: UserState) -> None:
+        """Forgets sessions that started before the longest window + lateness; past
+        `MAX_SESSIONS`, also the earliest-started ones (never the latest), down to 3/4 of the cap."""
+        sessions = state.sessions
         horizon = state.last_ts - self._session_keep_ms
-        for session_id in [s for s, (start, _) in state.sessions.items() if start < horizon]:
-            del state.sessions[session_id]
+        for session_id in [s for s, (start, _) in sessions.items() if start < horizon]:
+            del sessions[session_id]
+        if len(sessions) >= MAX_SESSIONS:
+            by_start = sorted((start, s) for s, (start, _) in sessions.items() if s != state.last_session)
+            for _, session_id in by_start[: len(sessions) - MAX_SESSIONS * 3 // 4]:
+                del sessions[session_id]
 
     def apply_all(self, events: Iterable[Event]) -> None:
         """Applies events without Kafka positions (files, tests)."""

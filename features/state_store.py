@@ -2,6 +2,13 @@
 
 Redis in production (one msgpack value per user), a dict in unit tests. Saving the state
 after the features are written is what makes replays after a crash recognisable.
+
+Besides the states, the store keeps the scorer's applied offsets: per Kafka partition
+(`"<topic>:<partition>"`), the next offset to read once the saved states hold every event
+before it. They are written with the states in one atomic step that first checks Redis still
+holds what this process last wrote: a Redis restarted from older files (its append-only file
+loses up to the last second) is refused with `StateRolledBackError`, and the scorer replays
+from the offsets Redis does hold.
 """
 
 from __future__ import annotations
@@ -14,18 +21,42 @@ import redis
 from core.redis import redis_errors
 from features.online import STATE_DECODER, UserState
 
+# No applied offset stored for a partition.
+NOTHING_APPLIED = -1
+
+
+class StateRolledBackError(Exception):
+    """The store holds older applied offsets than expected: it went back in time (a Redis that
+    restarted from older files, or lost them). `behind` maps each such partition to the offset
+    the store does hold (`NOTHING_APPLIED` if none); nothing of the refused save was written."""
+
+    def __init__(self, behind: Mapping[str, int]) -> None:
+        super().__init__(f"applied offsets went back in time: {dict(behind)}")
+        self.behind = dict(behind)
+
 
 class StateStore(Protocol):
-    """Loads and saves per-user engine states."""
+    """Loads and saves per-user engine states and the applied offsets they account for."""
 
     def load(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         """Returns the saved states of the users that have one; raises ServiceUnavailableError."""
         ...
 
-    def save(self, blobs: Mapping[str, bytes]) -> int:
+    def save(self, blobs: Mapping[str, bytes], applied: Mapping[str, int], expected: Mapping[str, int]) -> int:
         """Saves states encoded with `STATE_ENCODER` (the caller encodes: the scorer does it
-        right after each user's update); returns the bytes written; raises
-        ServiceUnavailableError."""
+        right after each user's update) and then the `applied` offsets, all or nothing, if the
+        stored applied offset of every partition in `expected` is at least the expected one.
+        Returns the bytes written.
+
+        Raises:
+            StateRolledBackError: a stored applied offset is below its expected value.
+            ServiceUnavailableError: the store is down or refused the write.
+        """
+        ...
+
+    def applied(self, partitions: Iterable[str]) -> dict[str, int]:
+        """Returns the stored applied offset of each partition (`NOTHING_APPLIED` if none);
+        raises ServiceUnavailableError."""
         ...
 
 
@@ -34,24 +65,71 @@ class InMemoryStateStore:
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
+        self.offsets: dict[str, int] = {}
 
     def load(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         """Returns the saved states of the users that have one."""
         return {u: STATE_DECODER.decode(self.blobs[u]) for u in user_ids if u in self.blobs}
 
-    def save(self, blobs: Mapping[str, bytes]) -> int:
-        """Saves encoded states; returns the bytes written."""
+    def save(self, blobs: Mapping[str, bytes], applied: Mapping[str, int], expected: Mapping[str, int]) -> int:
+        """Saves encoded states and applied offsets; returns the bytes written.
+
+        Raises:
+            StateRolledBackError: a stored applied offset is below its expected value.
+        """
+        behind = {p: self.offsets.get(p, NOTHING_APPLIED) for p, want in expected.items()}
+        behind = {p: have for p, have in behind.items() if have < expected[p]}
+        if behind:
+            raise StateRolledBackError(behind)
         self.blobs.update(blobs)
+        self.offsets.update(applied)
         return sum(map(len, blobs.values()))
+
+    def applied(self, partitions: Iterable[str]) -> dict[str, int]:
+        """Returns the stored applied offset of each partition (`NOTHING_APPLIED` if none)."""
+        return {p: self.offsets.get(p, NOTHING_APPLIED) for p in partitions}
+
+
+# KEYS: the applied-offsets hash, then the state keys. ARGV: TTL in ms (0: none), n partitions,
+# their n fields, n expected offsets, n new offsets, then one blob per state key. With a
+# shebang, Redis refuses the whole script up front when it is out of memory (no partial write).
+_SAVE = """#!lua
+local n = tonumber(ARGV[2])
+local behind = {}
+for i = 1, n do
+  local have = tonumber(redis.call('HGET', KEYS[1], ARGV[2 + i]) or '-1')
+  if have < tonumber(ARGV[2 + n + i]) then
+    behind[#behind + 1] = ARGV[2 + i]
+    behind[#behind + 1] = tostring(have)
+  end
+end
+if #behind > 0 then return behind end
+local ttl = tonumber(ARGV[1])
+local base = 2 + 3 * n - 1
+for j = 2, #KEYS do
+  if ttl > 0 then
+    redis.call('SET', KEYS[j], ARGV[base + j], 'PX', ttl)
+  else
+    redis.call('SET', KEYS[j], ARGV[base + j])
+  end
+end
+for i = 1, n do redis.call('HSET', KEYS[1], ARGV[2 + i], ARGV[2 + 2 * n + i]) end
+return behind
+"""
 
 
 class RedisStateStore:
-    """States as `<prefix>state:<layout>:<user_id>` msgpack values, read with MGET and written
-    with MSET; `layout` is the engine's `state_layout` (states of another layout are not read)."""
+    """States as `<prefix>state:<layout>:<user_id>` msgpack values, read with MGET; applied
+    offsets in the hash `<prefix>applied:<layout>`; both written by one script (atomic, and one
+    unit in the append-only file). `layout` is the engine's `state_layout` (states of another
+    layout are not read). States expire after `ttl_seconds` without a write (0: never)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, layout: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, layout: str, ttl_seconds: int = 0) -> None:
         self.client = client
         self.prefix = f"{prefix}state:{layout}:"
+        self.applied_key = f"{prefix}applied:{layout}"
+        self.ttl_ms = ttl_seconds * 1000
+        self._save = client.register_script(_SAVE)
 
     def load(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         """Returns the saved states of the users that have one; raises ServiceUnavailableError."""
@@ -62,10 +140,56 @@ class RedisStateStore:
             blobs = self.client.mget([self.prefix + u for u in ids])
         return {u: STATE_DECODER.decode(b) for u, b in zip(ids, blobs, strict=True) if b is not None}
 
-    def save(self, blobs: Mapping[str, bytes]) -> int:
-        """Saves encoded states in one MSET; returns the bytes written; raises ServiceUnavailableError."""
-        if not blobs:
+    def save(self, blobs: Mapping[str, bytes], applied: Mapping[str, int], expected: Mapping[str, int]) -> int:
+        """Saves the states, then the applied offsets, in one atomic script that first checks the
+        expected offsets; returns the bytes written.
+
+        Raises:
+            StateRolledBackError: a stored applied offset is below its expected value.
+            ServiceUnavailableError: Redis is unreachable; StoreRefusedError: it refused (OOM...).
+        """
+        if not blobs and not applied:
             return 0
+        fields = list(applied)
+        args: list[bytes | str | int] = [self.ttl_ms, len(fields), *fields]
+        args += [expected.get(p, NOTHING_APPLIED) for p in fields]
+        args += [applied[p] for p in fields]
+        args += blobs.values()
         with redis_errors("saving user states"):
-            self.client.mset({self.prefix + u: b for u, b in blobs.items()})
+            behind = self._save(keys=[self.applied_key, *(self.prefix + u for u in blobs)], args=args)
+        if behind:
+            raise StateRolledBackError({behind[i].decode(): int(behind[i + 1]) for i in range(0, len(behind), 2)})
         return sum(map(len, blobs.values()))
+
+    def applied(self, partitions: Iterable[str]) -> dict[str, int]:
+        """Returns the stored applied offset of each partition (`NOTHING_APPLIED` if none);
+        raises ServiceUnavailableError."""
+        fields = list(partitions)
+        if not fields:
+            return {}
+        with redis_errors("reading the applied offsets"):
+            values = self.client.hmget(self.applied_key, fields)
+        return {p: NOTHING_APPLIED if v is None else int(v) for p, v in zip(fields, values, strict=True)}
+
+
+def remove_old_layouts(client: redis.Redis, prefix: str, layout: str, batch: int = 5000) -> int:
+    """Deletes the states and applied offsets under `prefix` of every state layout but `layout`
+    (left by an older spec or lateness: never read again); returns how many keys were deleted.
+
+    Raises:
+        ServiceUnavailableError: Redis is unreachable or refused.
+    """
+    keep = (f"{prefix}state:{layout}:".encode(), f"{prefix}applied:{layout}".encode())
+    deleted = 0
+    doomed: list[bytes] = []
+    with redis_errors("removing old state layouts"):
+        for pattern in (f"{prefix}state:*", f"{prefix}applied:*"):
+            for key in client.scan_iter(pattern, count=batch):
+                if not key.startswith(keep[0]) and key != keep[1]:
+                    doomed.append(key)
+                if len(doomed) >= batch:
+                    deleted += int(client.unlink(*doomed))
+                    doomed.clear()
+        if doomed:
+            deleted += int(client.unlink(*doomed))
+    return deleted

@@ -184,15 +184,19 @@ def kafka_ready(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
 def _start_redis(settings: Settings) -> None:
     data = settings.state_dir.resolve() / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    # No periodic snapshots, but one on SIGTERM (`stop_service`, `down`), loaded at the next start:
-    # Kafka keeps the committed offsets across a restart, so Redis must keep the user states and
-    # feature rows they refer to, or a restarted Redis would silently lose every applied event.
+    # Every write goes to the append-only file, fsynced once a second, and a restart (after
+    # SIGTERM or a crash) loads it: at most the last second is lost, and the scorer sees that
+    # Redis went back in time from the applied offsets kept with the states and replays it from
+    # Kafka (`stream.consumer`). No RDB snapshots: the AOF is rewritten compactly on its own.
+    # `noeviction`: a full Redis refuses writes (OOM, an alert) instead of silently evicting
+    # the states and offsets that make replays exact; idle keys expire by their TTL instead.
     _spawn(
         settings,
         "redis",
         [
             "redis-server", "--bind", "127.0.0.1", "--port", str(settings.redis_port),
-            "--dir", str(data), "--save", "", "--appendonly", "no", "--shutdown-on-sigterm", "save",
+            "--dir", str(data), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction", "--shutdown-on-sigterm", "save",
             "--daemonize", "no", "--protected-mode", "yes",
         ],
     )  # fmt: skip
@@ -366,6 +370,20 @@ def stop_service(settings: Settings, name: str, timeout: float = 30.0) -> None:
                 os.killpg(pid, signal.SIGKILL)
             deadline = float("inf")  # SIGKILL cannot be ignored: wait for the exit
         time.sleep(0.1)
+    _pid_file(settings, name).unlink(missing_ok=True)
+
+
+def kill_service(settings: Settings, name: str) -> None:
+    """SIGKILLs one service (no shutdown work: Redis saves nothing, Kafka closes nothing) and
+    waits for its exit, as a crash or the OOM killer would; `start_service` brings it back
+    from whatever its files hold."""
+    pid = _running_pid(settings, name)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    while _running_pid(settings, name) is not None:
+        time.sleep(0.05)
     _pid_file(settings, name).unlink(missing_ok=True)
 
 

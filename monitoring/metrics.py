@@ -65,6 +65,23 @@ class Metrics:
         self.state_bytes = Gauge(
             "churn_state_bytes_per_user", "Mean serialised feature-state size per user in the last batch", registry=r
         )
+        # Redis faults (issue #18): every failed attempt is classified by `core.redis.classify`.
+        self.store_failures = Gauge(
+            "churn_scorer_store_failures",
+            "Consecutive failed attempts of the current batch (0 once a batch is written)",
+            registry=r,
+        )
+        self.redis_refusing = Gauge(
+            "churn_scorer_redis_refusing",
+            "1 while Redis refuses the scorer's commands with this error code (OOM, READONLY, MISCONF, AUTH...)",
+            ["reason"],
+            registry=r,
+        )
+        self.redis_rollbacks_total = Counter(
+            "churn_scorer_redis_rollbacks_total",
+            "Partitions found behind in Redis (it restarted from older data) and replayed from Kafka",
+            registry=r,
+        )
         # Feature store
         self.store_write_seconds = Histogram(
             "churn_feature_store_write_seconds", "Feature rows write latency", buckets=LATENCY_BUCKETS, registry=r

@@ -3,7 +3,16 @@
 poll a micro-batch -> `BatchProcessor.process` -> dead letters to `events.dlq` -> commit.
 A store outage stops committing: the cached states are dropped, the partitions are rewound
 to the batch start and the batch is retried with backoff; per-user offsets in the saved
-states make the replay exactly-once in effect.
+states make the replay exactly-once in effect. Redis errors arrive classified
+(`core.redis.classify`): an unreachable or loading Redis is retried quietly; one that refuses
+(OOM, READONLY, MISCONF, AUTH) is retried as well, but logged as an error and exported as
+`churn_scorer_redis_refusing{reason}` for the alert, never a crash loop.
+
+Redis going back in time (restarted from an append-only file that missed the last second)
+is caught by the applied offsets saved with the states: before each batch, every second while
+idle, and atomically in the save itself, Redis must hold at least the applied offset this
+process last wrote (or, for a partition first seen, the offset Kafka's commit started it at).
+Where it holds less, the partition is replayed from the offset Redis holds.
 """
 
 from __future__ import annotations
@@ -15,26 +24,26 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from core.errors import ServiceUnavailableError
+from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.gc_policy import freeze_survivors
 from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
 from events.schema import ErrorRecord
 from features import spec
-from features.feast_repo import open_feature_store
+from features.feast_repo import key_ttl_seconds, open_feature_store
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
-from features.state_store import RedisStateStore
+from features.state_store import NOTHING_APPLIED, RedisStateStore, StateRolledBackError
 from models.holder import ModelHolder
 from models.registry import champion_loader
 from monitoring.drift import DriftWindow, Thresholds, seconds_since
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
 from stream.kafka import committing_consumer
-from stream.processor import BatchProcessor, Message
+from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.topics import ensure_topics
 
@@ -51,6 +60,7 @@ class LoopConfig:
     model_poll_every_s: float = 10.0
     max_backoff_s: float = 5.0
     drift_every_s: float = 15.0
+    applied_check_every_s: float = 1.0  # while idle: has Redis gone back in time?
 
 
 def dlq_headers(record: ErrorRecord) -> list[tuple[str, str | bytes | None]]:
@@ -90,6 +100,9 @@ class ScoringConsumer:
         }
         self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
         self.dlq = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
+        # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
+        # this process last saved, or what it found there. Less means Redis went back in time.
+        self.expected: dict[str, int] = {}
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
@@ -99,6 +112,8 @@ class ScoringConsumer:
         # dropping the cache makes states reload from Redis on first sight after reassignment.
         log.info("revoked %s", [p.partition for p in partitions])
         self.processor.forget()
+        for p in partitions:
+            self.expected.pop(partition_key(p.topic, p.partition), None)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit and leave the group."""
@@ -112,37 +127,73 @@ class ScoringConsumer:
         # Wired and subscribed: ready until a batch finds a store down (see ChurnScorerNotReady).
         self.metrics.scorer_ready.set(1)
         freeze_survivors()  # start-up's imports and clients: never walked by the collector again
-        last_lag = last_model = last_message = last_drift = time.monotonic()
+        last_lag = last_model = last_message = last_drift = last_check = time.monotonic()
         backoff = 0.1
         outage_since: float | None = None  # first failed attempt of the batch being retried
+        failures = 0  # consecutive failed attempts
+        refusing: str | None = None  # the error code while Redis refuses
         try:
             while not self.stopping.is_set():
                 raw = self._next_batch()
                 now = time.monotonic()
                 messages = self._messages(raw)
                 if messages:
-                    last_message = now
+                    last_message = last_check = now
                     try:
+                        if not self._check_applied(messages):
+                            continue  # rewound to what Redis holds: the replay comes in the next batches
                         self._process(messages)
                         freeze_survivors()  # the batch's survivors (user states mostly)
                         backoff = 0.1
                         self.metrics.scorer_ready.set(1)
+                        if failures:
+                            failures = 0
+                            self.metrics.store_failures.set(0)
+                        if refusing is not None:
+                            self.metrics.redis_refusing.labels(refusing).set(0)
+                            refusing = None
                         if outage_since is not None:
                             log.info("stores are back: batch applied after %.1fs", time.monotonic() - outage_since)
                             outage_since = None
+                    except StateRolledBackError as exc:  # Redis restarted from older files while the batch ran
+                        self._replay(exc.behind, messages)
+                        continue
                     except ServiceUnavailableError as exc:
                         self.metrics.scorer_ready.set(0)
+                        failures += 1
+                        self.metrics.store_failures.set(failures)
                         outage_since = now if outage_since is None else outage_since
-                        log.warning("store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
+                        if isinstance(exc, StoreRefusedError):
+                            if refusing != exc.reason:
+                                if refusing is not None:
+                                    self.metrics.redis_refusing.labels(refusing).set(0)
+                                refusing = exc.reason
+                                self.metrics.redis_refusing.labels(refusing).set(1)
+                            log.error(
+                                "Redis refuses the scorer's writes (%s): nothing is applied or committed until "
+                                "an operator fixes Redis; retrying the batch in %.1fs: %s",
+                                exc.reason,
+                                backoff,
+                                exc,
+                            )
+                        else:
+                            log.warning("store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
                         self._rewind(messages)
                         self.stopping.wait(backoff)
                         backoff = min(backoff * 2, self.loop.max_backoff_s)
                         continue
-                elif max_idle_s is not None:
-                    if not self.consumer.assignment():
-                        last_message = now  # the idle clock runs only while partitions are assigned
-                    elif now - last_message > max_idle_s:
-                        break
+                else:
+                    if self.expected and now - last_check > self.loop.applied_check_every_s:
+                        last_check = now
+                        try:
+                            self._check_applied([])
+                        except ServiceUnavailableError as exc:  # the next batch meets it, with backoff
+                            log.info("could not check the applied offsets while idle: %s", exc)
+                    if max_idle_s is not None:
+                        if not self.consumer.assignment():
+                            last_message = now  # the idle clock runs only while partitions are assigned
+                        elif now - last_message > max_idle_s:
+                            break
                 if now - last_model > self.loop.model_poll_every_s:
                     self.models.refresh()
                     last_model = now
@@ -179,7 +230,8 @@ class ScoringConsumer:
 
     def _process(self, messages: list[Message]) -> None:
         with self.metrics.batch_seconds.time():
-            result = self.processor.process(messages)
+            result = self.processor.process(messages, self.expected)
+            self.expected.update(applied_offsets(messages))  # Redis holds them now
             for record in result.dead_letters:
                 self.dlq.produce(self.settings.dlq_topic, value=record.raw, headers=dlq_headers(record))
             if result.dead_letters:
@@ -201,6 +253,57 @@ class ScoringConsumer:
                 # owner re-reads from the last commit and skips what this batch applied.
                 log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
                 self.processor.forget()
+
+    def _check_applied(self, messages: list[Message]) -> bool:
+        """Compares the applied offsets Redis holds with what it must hold: this process's last
+        save, or for a partition first seen in `messages` its first offset there (where Kafka's
+        commit started it). Returns True if Redis is not behind; else replays (`_replay`) the
+        partitions from what Redis holds and returns False (the batch must be dropped).
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be read.
+        """
+        firsts: dict[str, int] = {}
+        for m in messages:
+            firsts.setdefault(partition_key(m.topic, m.partition), m.offset)
+        stored = self.processor.states.applied(sorted(set(self.expected) | set(firsts)))
+        behind = {p: have for p, have in stored.items() if have < self.expected.get(p, firsts.get(p, -1))}
+        if behind:
+            self._replay(behind, messages, firsts)
+            return False
+        self.expected.update(stored)
+        return True
+
+    def _replay(self, behind: dict[str, int], messages: list[Message], firsts: dict[str, int] | None = None) -> None:
+        """Drops the batch and its cached states and seeks each partition in `behind` back to the
+        applied offset Redis holds (the earliest retained offset if it holds none)."""
+        self._rewind(messages)
+        for key, have in behind.items():
+            topic, _, partition = key.rpartition(":")
+            known = self.expected.get(key)
+            if known is None and have == NOTHING_APPLIED:
+                log.info(
+                    "Redis holds no applied offset for %s (a new deployment or state layout, or Redis lost its "
+                    "data): reading it from the earliest retained offset; per-user offsets skip what states hold",
+                    key,
+                )
+            else:
+                self.metrics.redis_rollbacks_total.inc()
+                log.warning(
+                    "Redis went back in time on %s: it holds applied offset %d, this scorer expected %d; "
+                    "replaying the partition from Kafka",
+                    key,
+                    have,
+                    known if known is not None else (firsts or {}).get(key, -1),
+                )
+            target = have if have != NOTHING_APPLIED else OFFSET_BEGINNING
+            try:
+                self.consumer.seek(TopicPartition(topic, int(partition), target))
+            except KafkaException:  # revoked meanwhile: its new owner checks it itself
+                log.info("could not rewind %s; it is no longer assigned", key)
+                self.expected.pop(key, None)
+                continue
+            self.expected[key] = have
 
     def _rewind(self, messages: list[Message]) -> None:
         """Forgets cached states and seeks each partition back to the batch's first offset."""
@@ -254,11 +357,12 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
     )
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
+    ttl = key_ttl_seconds(settings)
     processor = BatchProcessor(
         engine,
-        RedisStateStore(client, settings.redis_prefix, engine.state_layout),
+        RedisStateStore(client, settings.redis_prefix, engine.state_layout, ttl),
         FeastFeatureStore(open_feature_store(settings)),
-        RedisRiskStore(client, settings.redis_prefix),
+        RedisRiskStore(client, settings.redis_prefix, ttl),
         metrics,
         lambda: models.current,
         max_event_bytes=settings.max_event_bytes,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -81,12 +81,16 @@ class BatchProcessor:
         """Drops cached user states (after a rebalance they are reloaded on first sight)."""
         self.engine.states.clear()
 
-    def process(self, messages: Sequence[Message]) -> BatchResult:
-        """Processes one batch; returns what it did.
+    def process(self, messages: Sequence[Message], expected: Mapping[str, int] | None = None) -> BatchResult:
+        """Processes one batch; returns what it did. The states are saved with the batch's applied
+        offsets (`applied_offsets`) if the store still holds the `expected` applied offset of
+        each partition (see `StateStore.save`).
 
         Raises:
             ServiceUnavailableError: a store is down; nothing of this batch may be committed
                 (a retry of the same messages is safe).
+            StateRolledBackError: the store went back in time; nothing of this batch may be
+                committed, the partitions must be replayed from the offsets the store holds.
         """
         parsed = parse_batch(messages, max_bytes=self.max_event_bytes)
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
@@ -137,7 +141,7 @@ class BatchProcessor:
             self.risks.advance_watermark(max(e.ts for e in parsed.events))
         if self.drift is not None:  # churned users leave the drift population, as they leave training's
             self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
-        written = self.states.save(blobs)
+        written = self.states.save(blobs, applied_offsets(messages), expected or {})
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
         self._count(result, parsed.unknown_pages)
@@ -170,6 +174,17 @@ class BatchProcessor:
         m.events_total.labels("late").inc(result.late)
         m.events_total.labels("duplicate").inc(result.duplicates)
         m.unknown_pages_total.inc(unknown_pages)
+
+
+def partition_key(topic: str, partition: int) -> str:
+    """Returns how a partition is named in the applied offsets: `<topic>:<partition>`."""
+    return f"{topic}:{partition}"
+
+
+def applied_offsets(messages: Sequence[Message]) -> dict[str, int]:
+    """Returns, per partition of the batch, the next offset to read once the batch is applied
+    (a partition's messages arrive in offset order: its last one is its end)."""
+    return {partition_key(m.topic, m.partition): m.offset + 1 for m in messages}
 
 
 def _by_user(events: Sequence[Event]) -> dict[str, list[int]]:

@@ -82,21 +82,36 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
 """
 
 
-class RedisRiskStore:
-    """Risk rows as JSON values under `<prefix>risk:<user_id>`; the watermark at `<prefix>watermark`."""
+# Every row with its expiry in one command: KEYS are the rows' keys, ARGV the TTL in ms, then the rows.
+_SET_WITH_TTL = """#!lua
+local ttl = ARGV[1]
+for j = 1, #KEYS do redis.call('SET', KEYS[j], ARGV[j + 1], 'PX', ttl) end
+"""
 
-    def __init__(self, client: redis.Redis, prefix: str = "churn:") -> None:
+
+class RedisRiskStore:
+    """Risk rows as JSON values under `<prefix>risk:<user_id>`, expiring after `ttl_seconds`
+    without a write (0: never); the watermark at `<prefix>watermark`."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "churn:", ttl_seconds: int = 0) -> None:
         self.client = client
         self.prefix = f"{prefix}risk:"
         self.watermark_key = f"{prefix}watermark"
+        self.ttl_ms = ttl_seconds * 1000
         self._raise_to = client.register_script(_RAISE_TO)
+        self._set_with_ttl = client.register_script(_SET_WITH_TTL)
 
     def write(self, rows: Sequence[RiskRow]) -> None:
-        """Upserts the rows in one MSET; raises ServiceUnavailableError."""
+        """Upserts the rows in one command (MSET, or a script setting each row with its TTL);
+        raises ServiceUnavailableError (StoreRefusedError when Redis refuses)."""
         if not rows:
             return
         with redis_errors("writing risk rows"):
-            self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})
+            if self.ttl_ms:
+                keys = [self.prefix + r.user_id for r in rows]
+                self._set_with_ttl(keys=keys, args=[self.ttl_ms, *map(_ENCODER.encode, rows)])
+            else:
+                self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})
 
     def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
         """Returns one row per id (None if never scored); raises ServiceUnavailableError."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -17,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import lightgbm as lgb
 import numpy as np
 import polars as pl
+from confluent_kafka import Consumer, TopicPartition
 
 from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
 from core.redis import redis_client
@@ -25,6 +28,7 @@ from events.schema import Event
 from features import spec
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
+from features.online import state_layout
 from models.artifact import ChurnModel, save_artifact
 from monitoring.metrics import Metrics
 from stream.consumer import build_scorer
@@ -258,3 +262,52 @@ def record_figures(settings: Settings, fault: str, figures: dict[str, Any]) -> N
     known = json.loads(path.read_text()) if path.exists() else {}
     known[fault] = figures
     path.write_text(json.dumps(known, indent=2, sort_keys=True))
+
+
+# --- killing a scorer inside a batch -----------------------------------------------------------
+
+
+def applied_in_redis(settings: Settings) -> dict[str, int]:
+    """Returns the scorer's applied offsets saved in Redis (`topic:partition` -> next offset)."""
+    key = f"{settings.redis_prefix}applied:{state_layout(settings.allowed_lateness_seconds * 1000)}"
+    client = redis_client(settings)
+    try:
+        return {k.decode(): int(v) for k, v in client.hgetall(key).items()}
+    finally:
+        client.close()
+
+
+def kill_mid_batch(
+    proc: subprocess.Popen[bytes], settings: Settings, timeout: float = 40.0, also: Callable[[], None] | None = None
+) -> bool:
+    """SIGKILLs the scorer `proc` inside a batch: freezes it (SIGSTOP) at random moments until
+    Redis holds applied offsets of this process that Kafka has not committed yet (its states are
+    saved, the commit is pending), runs `also` (e.g. killing Redis with it) and SIGKILLs it there.
+    Returns True if the kill landed inside a batch; False if no frozen moment found one within
+    `timeout` or the process exited (it is killed, if running, anyway)."""
+    rng = random.Random(proc.pid)
+    before = applied_in_redis(settings)  # what earlier processes left: not this one's batches
+    topic = settings.events_topic
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.scorer_group})
+    partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+    deadline = time.monotonic() + timeout
+    in_batch = False
+    try:
+        while not in_batch and time.monotonic() < deadline and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            applied = applied_in_redis(settings)
+            committed = {f"{tp.topic}:{tp.partition}": tp.offset for tp in consumer.committed(partitions, timeout=10)}
+            in_batch = any(
+                offset != before.get(key) and offset > committed.get(key, -1) for key, offset in applied.items()
+            )
+            if not in_batch:
+                proc.send_signal(signal.SIGCONT)
+                time.sleep(rng.uniform(0.005, 0.05))
+        if also is not None:
+            also()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        consumer.close()
+    return in_batch

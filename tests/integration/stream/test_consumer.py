@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
-import random
-import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
+from bench.harness import free_port, scrape, wait_for
 from core.settings import Settings, load_settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
-from tests.support import random_events
+from tests.support import kill_mid_batch, random_events
 
 CHURN = str(Path(sys.executable).parent / "churn")
 USERS = 60
@@ -53,10 +53,10 @@ class Run:
         )
         apply_repo(self.settings)
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, metrics_port: int = 0, idle_exit: float = 4) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [CHURN, "consume", "--idle-exit", "4"],
-            env=self.env,
+            [CHURN, "consume", "--idle-exit", str(idle_exit)],
+            env={**self.env, "CHURN_SCORER_METRICS_PORT": str(metrics_port)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -76,8 +76,8 @@ class Run:
         return repr(rows), blobs  # repr: NaN compares equal to itself
 
 
-def produce(settings: Settings, topic: str, bad: list[bytes]) -> list[str]:
-    events = random_events(11, users=USERS, days=20, per_user=250)
+def produce(settings: Settings, topic: str, bad: list[bytes], per_user: int = 250) -> list[str]:
+    events = random_events(11, users=USERS, days=20, per_user=per_user)
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 20})
     for i, event in enumerate(events):
         producer.produce(topic, value=event.to_json(), key=event.user_id.encode())
@@ -121,21 +121,20 @@ def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes,
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_leaves_the_clean_state(
+@pytest.mark.timeout(600)  # four scorer starts: on a busy machine each loads the model for tens of seconds
+def test_sigkill_inside_batches_leaves_the_clean_state(
     settings: Settings, stream_topic: str, unique: str, tmp_path: Path
 ) -> None:
-    users = produce(settings, stream_topic, BAD)
+    # A backlog that outlasts the five kills (each restart loads the model and rejoins first).
+    users = produce(settings, stream_topic, BAD, per_user=600)
     clean = Run(settings, stream_topic, f"clean{unique}", tmp_path)
     clean.run_to_end()
 
     crashed = Run(settings, stream_topic, f"crash{unique}", tmp_path)
-    rng = random.Random(5)
-    for _ in range(5):
-        proc = crashed.start()
-        time.sleep(rng.uniform(3.0, 6.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # Each kill lands inside a batch: its states saved in Redis, its Kafka commit not made yet.
+    landed = [kill_mid_batch(crashed.start(), crashed.settings) for _ in range(3)]
     crashed.run_to_end()
+    assert landed == [True] * 3
 
     clean_rows, clean_states = clean.final_state(users)
     crashed_rows, crashed_states = crashed.final_state(users)
@@ -158,9 +157,32 @@ def test_sigkill_at_random_points_leaves_the_clean_state(
 def test_three_processes_give_the_same_state_as_one(
     settings: Settings, stream_topic: str, unique: str, tmp_path: Path
 ) -> None:
+    scaled = Run(settings, stream_topic, f"three{unique}", tmp_path)
+    # The three join the group first (each reports the lag of its partitions), then the events come:
+    # a process that joined after the others drained the topic would prove nothing.
+    ports = [free_port() for _ in range(3)]
+    procs = [scaled.start(metrics_port=port, idle_exit=12) for port in ports]
+    for port, proc in zip(ports, procs, strict=True):
+        wait_for(partial(_has_partitions, port), 60, f"scorer on :{port} to be assigned partitions")
+        assert proc.poll() is None
     users = produce(settings, stream_topic, [])
+    consumed = [0, 0, 0]
+    while any(proc.poll() is None for proc in procs):
+        for i, port in enumerate(ports):
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+            counted = sum(v for (name, _), v in samples.items() if name == "churn_events_consumed_total")
+            consumed[i] = max(consumed[i], int(counted))
+        time.sleep(0.2)
+    for proc in procs:
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err.decode()[-3000:]
     single = Run(settings, stream_topic, f"one{unique}", tmp_path)
     single.run_to_end(processes=1)
-    scaled = Run(settings, stream_topic, f"three{unique}", tmp_path)
-    scaled.run_to_end(processes=3)
+    assert all(count > 0 for count in consumed), consumed  # every process did part of the work
+    assert sum(consumed) >= USERS * 250
     assert single.final_state(users) == scaled.final_state(users)
+
+
+def _has_partitions(port: int) -> bool:
+    """Returns whether the scorer on `port` reports the lag of at least one assigned partition."""
+    return any(name == "churn_consumer_lag_messages" for name, _ in scrape(f"http://127.0.0.1:{port}/metrics"))

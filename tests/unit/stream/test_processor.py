@@ -85,3 +85,12 @@ def test_one_batch_of_interleaved_users_equals_the_events_applied_in_order() -> 
     for user, state in engine.states.items():
         assert repr(features.rows[user]) == repr(engine.row(user))  # repr: NaN equals NaN
         assert states.blobs[user] == STATE_ENCODER.encode(state)
+
+
+def test_states_are_saved_with_the_batch_applied_offsets() -> None:
+    msgs = messages()
+    states = InMemoryStateStore()
+    p = processor(states, InMemoryFeatureStore(), InMemoryRiskStore())
+    p.process(msgs[:100])
+    ends = {f"events:{m.partition}": m.offset + 1 for m in msgs[:100]}
+    assert states.offsets == ends  # every partition of the batch, dead letters and guests included
