@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # Model and features
     horizon_days: int = Field(default=14, ge=1, le=365)
     allowed_lateness_seconds: int = Field(default=3600, ge=0)
+    # An event dated more than this after its Kafka append time (the broker's clock: the events
+    # topic uses LogAppendTime) is dead-lettered: one bad device clock must not move event time.
+    # Below the allowed lateness, so an accepted early event never makes a user's real ones late.
+    max_future_skew_seconds: int = Field(default=300, ge=0, le=86_400)
     clock: Literal["event", "wall"] = "event"
     # Bounds a batch (each batch is what is already fetched, so only a scorer catching up reaches
     # it): a user's row, score and state are written once per batch, so bigger batches share that

@@ -262,6 +262,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         metrics,
         lambda: models.current,
         max_event_bytes=settings.max_event_bytes,
+        max_future_skew_ms=settings.max_future_skew_seconds * 1000,
         drift=window,
     )
     loop = LoopConfig(

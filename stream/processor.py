@@ -62,6 +62,7 @@ class BatchProcessor:
         current_model: Callable[[], LoadedModel | None],
         *,
         max_event_bytes: int = 64 * 1024,
+        max_future_skew_ms: int = 300_000,
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         drift: DriftWindow | None = None,
@@ -73,6 +74,7 @@ class BatchProcessor:
         self.metrics = metrics
         self.current_model = current_model
         self.max_event_bytes = max_event_bytes
+        self.max_future_skew_ms = max_future_skew_ms
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
         self.drift = drift  # fed with what `_score` computes anyway; the consumer loop reports it
@@ -88,7 +90,7 @@ class BatchProcessor:
             ServiceUnavailableError: a store is down; nothing of this batch may be committed
                 (a retry of the same messages is safe).
         """
-        parsed = parse_batch(messages, max_bytes=self.max_event_bytes)
+        parsed = parse_batch(messages, max_bytes=self.max_event_bytes, max_future_skew_ms=self.max_future_skew_ms)
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
@@ -133,8 +135,9 @@ class BatchProcessor:
         if loaded is not None and rows:
             self._score(rows, appended_ms, loaded)
             result.users_scored = len(rows)
-        if parsed.events:
-            self.risks.advance_watermark(max(e.ts for e in parsed.events))
+        watermark = batch_watermark(parsed.events, [messages[i].append_ms for i in parsed.sources])
+        if watermark is not None:
+            self.risks.advance_watermark(watermark)
         if self.drift is not None:  # churned users leave the drift population, as they leave training's
             self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
         written = self.states.save(blobs)
@@ -170,6 +173,18 @@ class BatchProcessor:
         m.events_total.labels("late").inc(result.late)
         m.events_total.labels("duplicate").inc(result.duplicates)
         m.unknown_pages_total.inc(unknown_pages)
+
+
+def batch_watermark(events: Sequence[Event], append_ms: Sequence[int]) -> int | None:
+    """Returns how far a batch may raise the stream watermark: its latest event time, but never
+    past the latest Kafka append time (the broker's clock) of the batch, so an event dated
+    ahead of the broker (accepted within the allowed skew) cannot push "now" into the future.
+    None for a batch without events. Append times < 0 (none given) do not cap."""
+    if not events:
+        return None
+    latest = max(e.ts for e in events)
+    broker = max(append_ms, default=-1)
+    return min(latest, broker) if broker >= 0 else latest
 
 
 def _by_user(events: Sequence[Event]) -> dict[str, list[int]]:

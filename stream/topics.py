@@ -42,8 +42,11 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     missing = [name for name in (settings.events_topic, settings.dlq_topic) if name not in existing]
     if not missing:
         return []
+    # The events topic stamps each message with the broker's clock (LogAppendTime): the
+    # consumer's future-event guard compares event times with it, and a producer cannot forge it.
+    configs = {settings.events_topic: {"message.timestamp.type": "LogAppendTime"}}
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=settings.topic_partitions) for name in missing],
+        [NewTopic(name, num_partitions=settings.topic_partitions, config=configs.get(name, {})) for name in missing],
         operation_timeout=timeout,
         request_timeout=timeout,
     )

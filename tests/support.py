@@ -17,8 +17,10 @@ from typing import Any, ClassVar, Literal
 import lightgbm as lgb
 import numpy as np
 import polars as pl
+from confluent_kafka import Consumer
 
 from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
+from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
 from events.schema import Event
@@ -249,6 +251,24 @@ def produce_paced(
         progress=note,
         progress_interval=0.2,
     )
+
+
+def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    """Returns up to `expected` messages of `<topic>.dlq` (value, headers), read from the start
+    by a fresh group within 30 s."""
+    consumer = Consumer(
+        kafka_config(settings, **{"group.id": f"dlq-{topic}-{time.time_ns()}", "auto.offset.reset": "earliest"})
+    )
+    consumer.subscribe([f"{topic}.dlq"])
+    out: list[tuple[bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + 30
+    while len(out) < expected and time.monotonic() < deadline:
+        msg = consumer.poll(1)
+        if msg is not None and msg.error() is None:
+            headers = {str(k): v for k, v in msg.headers() or []}  # type: ignore[str-unpack]
+            out.append((msg.value() or b"", {k: v if isinstance(v, bytes) else b"" for k, v in headers.items()}))
+    consumer.close()
+    return out
 
 
 def record_figures(settings: Settings, fault: str, figures: dict[str, Any]) -> None:

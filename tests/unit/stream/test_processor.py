@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from events.schema import Event, parse_event
 from features.online import STATE_ENCODER, OnlineEngine
 from features.state_store import InMemoryStateStore
@@ -85,3 +87,36 @@ def test_one_batch_of_interleaved_users_equals_the_events_applied_in_order() -> 
     for user, state in engine.states.items():
         assert repr(features.rows[user]) == repr(engine.row(user))  # repr: NaN equals NaN
         assert states.blobs[user] == STATE_ENCODER.encode(state)
+
+
+def test_an_event_far_ahead_of_its_append_time_is_dead_lettered_and_moves_nothing() -> None:
+    msgs = messages(4)[:-2]
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = processor(states, features, risks)
+    p.process(msgs)
+    before = (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows), risks.watermark())
+
+    event = parse_event(msgs[-1].value)
+    assert isinstance(event, Event)
+    future = msgspec.structs.replace(event, ts=4_070_908_800_000)  # 2099
+    append_ms = msgs[-1].append_ms
+    result = p.process([Message(future.to_json(), "events", 0, len(msgs), append_ms)])
+
+    assert result.applied == 0
+    assert [d.offset for d in result.dead_letters] == [len(msgs)]
+    assert "ahead of its Kafka append time" in result.dead_letters[0].reason
+    assert (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows), risks.watermark()) == before
+
+
+def test_an_event_ahead_of_the_broker_within_the_skew_does_not_move_the_watermark_past_the_broker() -> None:
+    msgs = messages(2)[:-2]
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = processor(states, features, risks)
+    p.process(msgs)
+    latest = max(m.append_ms for m in msgs)
+    event = parse_event(msgs[-1].value)
+    assert isinstance(event, Event)
+    early = msgspec.structs.replace(event, ts=latest + 200_000)  # within the 300 s default skew
+    result = p.process([Message(early.to_json(), "events", 0, len(msgs), latest + 1000)])
+    assert result.applied == 1
+    assert risks.watermark() == latest + 1000  # the broker's clock, not the device's
