@@ -49,7 +49,11 @@ def build_deps(settings: Settings) -> Deps:
     risks = RedisRiskStore(client, settings.redis_prefix)
     features = FeastFeatureStore(open_feature_store(settings))
     # One OpenMP thread per predict: each request scores a few rows (see ChurnModel.threads).
-    models = ModelHolder(*champion_loader(settings, threads=1), on_swap=metrics.model_swapped("api"))
+    models = ModelHolder(
+        *champion_loader(settings, threads=1),
+        on_swap=metrics.model_swapped("api"),
+        on_refuse=metrics.model_refused("api"),
+    )
     service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
 
     def feature_view() -> None:

@@ -249,7 +249,9 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     metrics = metrics or Metrics()
     ensure_topics(settings)
     client = redis_client(settings)
-    models = ModelHolder(*champion_loader(settings), on_swap=metrics.model_swapped("scorer"))
+    models = ModelHolder(
+        *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
+    )
     window = DriftWindow(
         spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
     )
