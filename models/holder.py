@@ -44,7 +44,7 @@ class ModelHolder:
         except ModelRefusedError as exc:
             self.refused = version
             log.error("%s; keeping %s", exc, self.current and self.current.version)
-            self._on_refuse(version, str(exc))
+            self._on_refuse(str(version), str(exc))
             return False
         except Exception:  # a registry hiccup must not stop scoring with the model we have
             log.exception("could not refresh the champion model; keeping %s", self.current and self.current.version)

@@ -47,6 +47,7 @@ class BatchResult:
     guests: int = 0
     users_written: int = 0
     users_scored: int = 0
+    users_cancelled: int = 0  # touched users who have cancelled: marked, not scored
 
 
 class BatchProcessor:
@@ -131,6 +132,17 @@ class BatchProcessor:
             self.features.write_rows(rows)
             self.metrics.store_write_seconds.observe(time.perf_counter() - started)
         result.users_written = len(rows)
+        # A user who has cancelled is answered as cancelled, never scored again.
+        states = engine.states
+        cancelled = [row for row in rows if states[row.user_id].cancelled_ms >= 0]
+        if cancelled:
+            now = self.wall_clock_ms()
+            self.risks.write(
+                [RiskRow.cancelled(r.user_id, states[r.user_id].cancelled_ms, r.last_event_ms, now) for r in cancelled]
+            )
+            result.users_cancelled = len(cancelled)
+            kept = [i for i, row in enumerate(rows) if states[row.user_id].cancelled_ms < 0]
+            rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
         loaded = self.current_model()
         if loaded is not None and rows:
             self._score(rows, appended_ms, loaded)

@@ -171,7 +171,7 @@ class FinalState:
 
     feature_rows: str  # repr: NaN compares equal to itself
     states: dict[bytes, bytes | None]
-    risks: list[tuple[str, float, str, str, int] | None]
+    risks: list[tuple[str, float | None, str | None, str, int] | None]
 
 
 class Deployment:

@@ -10,14 +10,14 @@ from fastapi.responses import Response
 from core.errors import NotFoundError
 from serving.deps import DepsDep
 from serving.routes.errors import ERRORS
-from serving.schemas import USER_ID_PATTERN, BatchAnswer, BatchRequest, Problem, RiskAnswer
+from serving.schemas import USER_ID_PATTERN, BatchAnswer, BatchRequest, Problem, UserAnswer
 
 router = APIRouter(tags=["risk"])
 
 
 @router.get(
     "/users/{user_id}/risk",
-    response_model=RiskAnswer,
+    response_model=UserAnswer,
     responses={**ERRORS, 404: {"model": Problem, "description": "Unknown user"}},
 )
 async def user_risk(
@@ -25,7 +25,8 @@ async def user_risk(
     user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")],
     explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
 ) -> Response:
-    """Churn probability within the horizon for one user, with tier and reasons."""
+    """Churn probability within the horizon for one user, with tier and reasons; a user who has
+    cancelled is answered with `status: "cancelled"` and the cancellation time, no probability."""
     # On the event loop, blocking: one user is two loopback Redis round trips and ~0.1 ms of
     # Python, less than the hop to a worker thread (and its GIL hand-offs) a sync route pays.
     answers, _ = deps.service.answer([user_id], explain=explain)
@@ -47,7 +48,8 @@ async def user_risk(
     },
 )
 def users_risk(deps: DepsDep, body: BatchRequest) -> Response:
-    """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed."""
+    """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed;
+    cancelled users are answered as in the single-user route."""
     ids = list(dict.fromkeys(body.user_ids))
     answers, unknown = deps.service.answer(ids, explain=body.explain)
     batch = BatchAnswer(results=answers, unknown_user_ids=unknown)
