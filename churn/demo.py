@@ -204,7 +204,8 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
             say("  the gates refused this model: the API answers 503 and the scorer writes features only")
 
         say("[5/6] starting the API and a live producer")
-        procs.start("api", "serve")
+        # A local demo on loopback: without configured keys it opens the API explicitly.
+        procs.start("api", "serve", env=None if settings.api_keys else {"CHURN_API_OPEN": "true"})
         procs.start("producer", "produce", "--replay", str(live_path), "--rate", str(rate))
         base = f"http://{settings.api_host}:{settings.api_port}"
         for _ in range(60):

@@ -20,6 +20,9 @@ from monitoring.metrics import Metrics
 from serving.risk import RiskService, build_clock
 from stream.risk_store import RedisRiskStore
 
+# The user id `/health/ready` reads (any valid id works; it need not exist).
+READY_PROBE_USER = "health-probe"
+
 
 @dataclass
 class Deps:
@@ -57,7 +60,9 @@ def build_deps(settings: Settings) -> Deps:
     service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
 
     def feature_view() -> None:
-        features.read_rows([])
+        # A real read (an HMGET through Feast's online store) of a row that need not exist:
+        # fails when Redis, its password or the view cannot serve a request.
+        features.read_rows([READY_PROBE_USER])
 
     def ping() -> None:
         with redis_errors("pinging"):

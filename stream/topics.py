@@ -37,7 +37,14 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {exc.args[0].str()}"
+        error = exc.args[0]
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            msg = (
+                f"Kafka at {settings.bootstrap_servers} refused the credentials of CHURN_KAFKA_SASL_USERNAME="
+                f"{settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism}): {error.str()}"
+            )
+        else:
+            msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {error.str()}"
         raise ServiceUnavailableError(msg) from exc
     missing = [name for name in (settings.events_topic, settings.dlq_topic) if name not in existing]
     if not missing:
