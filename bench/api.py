@@ -162,6 +162,7 @@ def bench_api(
             "CHURN_API_HOST": "127.0.0.1",
             "CHURN_API_PORT": str(port),
             "CHURN_API_KEYS": "[]",
+            "CHURN_API_OPEN": "true",
             "CHURN_CLOCK": "event",
         }
         began = time.perf_counter()

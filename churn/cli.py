@@ -464,10 +464,20 @@ def materialize(
 ) -> None:
     """Cold start: load the online store through Feast, and the scorer states, from an event log."""
     from features import backfill  # heavy: see the module docstring
+    from stream.risk_store import RedisRiskStore, RiskRow  # heavy: see the module docstring
+
+    settings = _settings()
+
+    def mark_cancelled(users: list[tuple[str, int, int]]) -> None:
+        now = time.time_ns() // 1_000_000
+        risks = RedisRiskStore(redis_client(settings), settings.redis_prefix)
+        risks.write([RiskRow.cancelled(user, cancelled_ms, last_ms, now) for user, cancelled_ms, last_ms in users])
 
     try:
         moment = parse_utc(as_of, "--as-of") if as_of else None
-        summary = backfill.materialize(_settings(), events, moment, progress=lambda line: typer.echo(line, err=True))
+        summary = backfill.materialize(
+            settings, events, moment, progress=lambda line: typer.echo(line, err=True), mark_cancelled=mark_cancelled
+        )
     except ChurnError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary))

@@ -126,11 +126,16 @@ def _show_answers(settings: Settings, say: Say) -> None:
         k.decode()[len(settings.redis_prefix) + 5 :]
         for k in client.scan_iter(f"{settings.redis_prefix}risk:*", count=5000)
     ]
-    rows = [r for r in RedisRiskStore(client, settings.redis_prefix).read(keys) if r is not None]
+    # Cancelled users' rows carry no probability: they are no longer scored.
+    rows = [
+        r
+        for r in RedisRiskStore(client, settings.redis_prefix).read(keys)
+        if r is not None and r.churn_probability is not None
+    ]
     if not rows:
         say("  no risk rows yet")
         return
-    rows.sort(key=lambda r: r.churn_probability)
+    rows.sort(key=lambda r: r.churn_probability or 0.0)
     key = settings.api_keys[0].get_secret_value() if settings.api_keys else None
     base = f"http://{settings.api_host}:{settings.api_port}"
     for label, row in (
@@ -199,7 +204,8 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
             say("  the gates refused this model: the API answers 503 and the scorer writes features only")
 
         say("[5/6] starting the API and a live producer")
-        procs.start("api", "serve")
+        # A local demo on loopback: without configured keys it opens the API explicitly.
+        procs.start("api", "serve", env=None if settings.api_keys else {"CHURN_API_OPEN": "true"})
         procs.start("producer", "produce", "--replay", str(live_path), "--rate", str(rate))
         base = f"http://{settings.api_host}:{settings.api_port}"
         for _ in range(60):

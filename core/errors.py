@@ -39,3 +39,10 @@ class NotFoundError(ChurnError):
     """The thing asked for does not exist."""
 
     http_status = 404
+
+
+class ModelRefusedError(ChurnError):
+    """A registered model does not fit the running code (its feature list or spec version
+    differs from the feature spec), so it must not serve."""
+
+    http_status = 503

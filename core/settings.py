@@ -15,7 +15,7 @@ from core.errors import ConfigError
 # Settings whose value may carry a password (`scheme://user:password@host`): printed masked.
 URL_SETTINGS = frozenset({"kafka_bootstrap", "redis_url", "mlflow_tracking_uri"})
 # Settings that are secrets as a whole: never echoed, not even in a validation error.
-SECRET_SETTINGS = frozenset({"api_keys"})
+SECRET_SETTINGS = frozenset({"api_keys", "kafka_sasl_password"})
 _URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
 
 
@@ -103,6 +103,22 @@ class Settings(BaseSettings):
     # `churn retrain --if-drift` retrains once a PSI has been at alert level this long (as the alert rules).
     drift_sustained_minutes: float = Field(default=30.0, ge=0)
 
+    # Hostile input and credentials (issue 18).
+    # An event dated more than this after its Kafka append time (the broker's clock: the events
+    # topic uses LogAppendTime) is dead-lettered: one bad device clock must not move event time.
+    # Below the allowed lateness, so an accepted early event never makes a user's real ones late.
+    max_future_skew_seconds: int = Field(default=300, ge=0, le=86_400)
+    # `churn serve` refuses to start without API keys unless this is set: open is a decision.
+    api_open: bool = False
+    # Kafka client security, passed to every client by `core.kafka.kafka_config`.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_ca_location: Path | None = None  # CA bundle for SSL / SASL_SSL (empty: system CAs)
+    # Port of the local broker's SASL/SCRAM listener (`churn infra up`; 0: the Kafka port + 2).
+    kafka_sasl_port: int = Field(default=0, ge=0, le=65535)
+
     @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
     @classmethod
     def _not_blank(cls, value: str) -> str:
@@ -129,6 +145,11 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         """Returns the Kafka bootstrap address, derived from the port unless set explicitly."""
         return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def kafka_sasl_listener_port(self) -> int:
+        """Returns the port of the local broker's SASL/SCRAM listener."""
+        return self.kafka_sasl_port or self.kafka_port + 2
 
     @property
     def redis_address(self) -> str:

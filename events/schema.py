@@ -126,13 +126,33 @@ def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024) -> Event | ErrorRecor
     return event
 
 
-def parse_batch(messages: Sequence[tuple[Any, ...]], *, max_bytes: int = 64 * 1024) -> ParsedBatch:
-    """Parses messages that start with (value, topic, partition, offset) into events, errors and
-    counts; `sources` says which message each event came from. Never raises."""
+def future_skew_reason(event: Event, append_ms: int, max_future_skew_ms: int) -> str | None:
+    """Returns why `event` is refused for being dated too far ahead of `append_ms` (its Kafka
+    append time), or None if it is not (or the broker gave no time: `append_ms` < 0)."""
+    if append_ms < 0 or event.ts <= append_ms + max_future_skew_ms:
+        return None
+    ahead_s = (event.ts - append_ms) / 1000
+    return (
+        f"event time ts={event.ts} is {ahead_s:.0f} s ahead of its Kafka append time {append_ms} "
+        f"(more than CHURN_MAX_FUTURE_SKEW_SECONDS={max_future_skew_ms // 1000})"
+    )
+
+
+def parse_batch(
+    messages: Sequence[tuple[Any, ...]], *, max_bytes: int = 64 * 1024, max_future_skew_ms: int | None = None
+) -> ParsedBatch:
+    """Parses messages that start with (value, topic, partition, offset[, append_ms]) into events,
+    errors and counts; `sources` says which message each event came from. With
+    `max_future_skew_ms`, an event dated more than that after its message's `append_ms` is an
+    error (one bad clock must not move event time for everyone). Never raises."""
     batch = ParsedBatch()
     events, sources, errors = batch.events, batch.sources, batch.errors
     for index, message in enumerate(messages):
         result = parse_event(message[0], max_bytes=max_bytes)
+        if max_future_skew_ms is not None and type(result) is Event and len(message) > 4:
+            reason = future_skew_reason(result, message[4], max_future_skew_ms)
+            if reason is not None:
+                result = ErrorRecord(message[0], reason)
         if result is None:
             batch.guests += 1
         elif type(result) is Event:

@@ -1,12 +1,14 @@
 """`churn materialize`: cold start of the online side from the archived event log.
 
-1. The offline engine computes every user's row as of `as_of` (their latest event at or
-   before it); the rows become the Feast view's Parquet batch source and Feast's own
-   `materialize` loads them into the Redis online store.
-2. The online engine replays the same events to rebuild each user's scorer state (tiles,
-   sessions and, when the log came from the archiver, the last applied Kafka offset per
-   partition), so the first live event after the cold start extends the right history and
-   events Kafka still holds are recognised as already applied.
+1. The online engine replays the events, in Kafka offset order per partition where the log
+   has offsets (as the stream applied them), to rebuild each user's scorer state (tiles,
+   sessions, cancellation and the last applied Kafka offset per partition), so the first live
+   event after the cold start extends the right history and events Kafka still holds are
+   recognised as already applied.
+2. The offline engine computes every user's row as of `as_of` from the events the replay
+   applied (late ones beyond the allowed lateness are left out, as the stream leaves them);
+   the rows become the Feast view's Parquet batch source and Feast's own `materialize`
+   loads them into the Redis online store.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from events.log import events_frame, load_events
 from events.schema import Event
 from features import offline, spec
 from features.feast_repo import batch_source_path, key_ttl_seconds, open_feature_store
-from features.online import STATE_ENCODER, OnlineEngine
+from features.online import APPLIED, STATE_ENCODER, OnlineEngine
 from features.state_store import RedisStateStore, remove_old_layouts
 
 
@@ -64,11 +66,19 @@ def offline_rows(log: pl.LazyFrame, as_of_ms: int) -> pl.DataFrame:
     )
 
 
-def rebuild_states(log: pl.LazyFrame, as_of_ms: int, lateness_ms: int) -> OnlineEngine:
-    """Returns an online engine holding every user's state after replaying the log up to `as_of_ms`."""
+def rebuild_states(log: pl.LazyFrame, as_of_ms: int, lateness_ms: int) -> tuple[OnlineEngine, pl.DataFrame]:
+    """Replays the log up to `as_of_ms` into an online engine as the stream would have applied
+    it: in offset order per partition where offsets exist (a late event, lower ts but higher
+    offset, comes after the events Kafka had before it), by event time where they do not.
+
+    Returns the engine holding every user's state, and the events it applied (late and
+    duplicate ones left out), from which the offline rows are computed so that both agree.
+    """
     engine = OnlineEngine(lateness_ms=lateness_ms)
-    ordered = log.filter(pl.col("ts") <= as_of_ms).sort("ts", "partition", "offset").collect()
+    # Events without offsets have partition and offset -1: they sort together, by ts.
+    ordered = log.filter(pl.col("ts") <= as_of_ms).sort("partition", "offset", "ts", maintain_order=True).collect()
     columns = ("user_id", "ts", "session_id", "item_in_session", "page", "level", "registration", "length")
+    applied: list[bool] = []
     for user_id, ts, session, item, page, level, registration, length, partition, offset in ordered.select(
         *columns, "partition", "offset"
     ).iter_rows():
@@ -76,14 +86,20 @@ def rebuild_states(log: pl.LazyFrame, as_of_ms: int, lateness_ms: int) -> Online
             ts=ts, user_id=user_id, session_id=session, item_in_session=item, page=page,
             auth="Logged In", level=level, registration=registration, length=length,
         )  # fmt: skip
-        engine.apply(event, partition, offset)
-    return engine
+        applied.append(engine.apply(event, partition, offset) == APPLIED)
+    return engine, ordered.filter(pl.Series(applied, dtype=pl.Boolean))
 
 
 def materialize(
-    settings: Settings, path: Path, as_of: datetime | None = None, progress: Callable[[str], None] = lambda _: None
+    settings: Settings,
+    path: Path,
+    as_of: datetime | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+    mark_cancelled: Callable[[list[tuple[str, int, int]]], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Loads the online store (through Feast) and the scorer states from the event log at `path`.
+    """Loads the online store (through Feast) and the scorer states from the event log at `path`
+    (applied as the stream applies it: see `rebuild_states`); `mark_cancelled` gets
+    (user, cancellation ms, latest event ms) of every user who has cancelled.
 
     Returns counts and timings. Raises InvalidInputError (bad log) or ServiceUnavailableError.
     """
@@ -92,7 +108,10 @@ def materialize(
     last_ms = log.select(pl.col("ts").max()).collect().item()
     as_of_ms = to_ms(as_of) if as_of else int(last_ms)
     started = time.perf_counter()
-    rows = offline_rows(log, as_of_ms)
+    engine, applied = rebuild_states(log, as_of_ms, settings.allowed_lateness_seconds * 1000)
+    progress(f"replayed {applied.height} events in offset order: {time.perf_counter() - started:.1f}s")
+    started = time.perf_counter()
+    rows = offline_rows(applied.lazy(), as_of_ms)
     if rows.is_empty():
         msg = f"{path}: no user has an event at or before {as_of_ms}"
         raise InvalidInputError(msg)
@@ -109,7 +128,6 @@ def materialize(
     progress(f"Feast materialize into Redis: {time.perf_counter() - started:.1f}s")
 
     started = time.perf_counter()
-    engine = rebuild_states(log, as_of_ms, settings.allowed_lateness_seconds * 1000)
     client = redis_client(settings)
     blobs = {user: STATE_ENCODER.encode(state) for user, state in engine.states.items()}
     states = RedisStateStore(client, settings.redis_prefix, engine.state_layout, key_ttl_seconds(settings))
@@ -118,6 +136,9 @@ def materialize(
     written = states.save(blobs, {}, {})
     removed = remove_old_layouts(client, settings.redis_prefix, engine.state_layout)
     progress(f"removed {removed} keys of older state layouts")
+    # Cancelled users must be answered as cancelled, as the scorer marks them (in `stream`,
+    # above this layer: the caller passes the marker).
+    mark_cancelled([(u, s.cancelled_ms, s.last_ts) for u, s in engine.states.items() if s.cancelled_ms >= 0])
     progress(
         f"scorer states: {len(engine.states)} users, {written / max(len(engine.states), 1):.0f} bytes each, "
         f"{time.perf_counter() - started:.1f}s"

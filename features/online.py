@@ -22,7 +22,7 @@ from typing import Final
 
 import msgspec
 
-from events.schema import Event
+from events.schema import CHURN_PAGE, Event
 from features import spec
 from features.store import FeatureRow
 
@@ -44,7 +44,9 @@ class UserState(msgspec.Struct, gc=False, array_like=True):
     tile index the record holds (-1: none yet), then the sums of the granularity's slots. Tile
     i lives in record `i % keep_tiles`;
     `sessions` maps a session id to [first event ts, events seen]; `offsets` maps a Kafka
-    partition to the last offset applied for this user (replays at or below it are skipped).
+    partition to the last offset applied for this user (replays at or below it are skipped);
+    `cancelled_ms` is the event time of the user's (earliest applied) `Cancellation
+    Confirmation`, -1 while they have not cancelled (a cancelled user is no longer scored).
     """
 
     last_ts: int = -1
@@ -55,6 +57,7 @@ class UserState(msgspec.Struct, gc=False, array_like=True):
     tiles: list[list[int]] = msgspec.field(default_factory=list)
     sessions: dict[int, list[int]] = msgspec.field(default_factory=dict)
     offsets: dict[int, int] = msgspec.field(default_factory=dict)
+    cancelled_ms: int = -1  # last, with a default: states saved before it decode unchanged
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ class OnlineEngine:
                 session_started = True
 
         page = event.page
+        if page == CHURN_PAGE and (state.cancelled_ms < 0 or ts < state.cancelled_ms):
+            state.cancelled_ms = ts
         count_slots = self._count_slots.get(page, self._other_page_slots)
         length = event.length
         listen_ms = round(length * 1000) if (length is not None and page == "NextSong") else 0

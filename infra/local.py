@@ -156,12 +156,45 @@ def _start_kafka(settings: Settings) -> None:
     template = string.Template((INFRA_DIR / "kafka" / "server.properties.template").read_text())
     config = root / "server.properties"
     config.write_text(
-        template.substitute(port=settings.kafka_port, controller_port=settings.kafka_controller_port, data_dir=data)
+        template.substitute(
+            port=settings.kafka_port,
+            controller_port=settings.kafka_controller_port,
+            sasl_port=settings.kafka_sasl_listener_port,
+            data_dir=data,
+        )
     )
     if not (data / "meta.properties").exists():
         # Format once: the cluster id lives in meta.properties from then on.
         _run(_kafka_java(settings, "kafka.tools.StorageTool", "format", "-t", str(uuid.uuid4()), "-c", str(config)))
     _spawn(settings, "kafka", _kafka_java(settings, "kafka.Kafka", str(config)))
+
+
+def local_plaintext(settings: Settings) -> Settings:
+    """Returns `settings` pointed at the local broker's PLAINTEXT listener (how `churn infra`
+    checks the broker and creates SCRAM users, whatever the clients are configured with)."""
+    return settings.model_copy(update={"kafka_security_protocol": "PLAINTEXT", "kafka_bootstrap": ""})
+
+
+def ensure_scram_user(settings: Settings, username: str, password: str, mechanism: str = "SCRAM-SHA-512") -> None:
+    """Creates (or updates) the SCRAM credential of `username` on the local broker, through the
+    admin API on its PLAINTEXT listener.
+
+    Raises:
+        ServiceUnavailableError: the broker refused or did not answer.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+    plain = local_plaintext(settings)
+    admin = AdminClient(kafka_config(plain, log_level=0))
+    info = ScramCredentialInfo(getattr(ScramMechanism, mechanism.replace("-", "_")), 8192)
+    futures = admin.alter_user_scram_credentials([UserScramCredentialUpsertion(username, info, password.encode())])
+    try:
+        for future in futures.values():
+            future.result(30)
+    except KafkaException as exc:
+        msg = f"could not create the SCRAM user {username!r} on {plain.bootstrap_servers}: {exc.args[0].str()}"
+        raise ServiceUnavailableError(msg) from exc
 
 
 def kafka_ready(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
@@ -171,7 +204,7 @@ def kafka_ready(settings: Settings, timeout: float = 2.0) -> tuple[bool, str]:
     if not _port_open(settings.kafka_port):
         return False, "port closed"
     try:
-        admin = AdminClient(kafka_config(settings, log_level=0))
+        admin = AdminClient(kafka_config(local_plaintext(settings), log_level=0))
         meta = admin.list_topics(timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - any client failure means "not ready"
         return False, f"metadata request failed: {exc}"
@@ -337,6 +370,10 @@ def up(settings: Settings, timeout: float = 90.0) -> list[ServiceState]:
                 msg = f"{name} not ready after {timeout:.0f}s: {detail}"
                 raise ServiceUnavailableError(msg)
             time.sleep(0.3)
+    password = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_sasl_username and password and settings.kafka_sasl_mechanism.startswith("SCRAM"):
+        # The clients' SCRAM user on the SASL listener.
+        ensure_scram_user(settings, settings.kafka_sasl_username, password, settings.kafka_sasl_mechanism)
     return status(settings)
 
 

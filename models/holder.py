@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from core.errors import ModelRefusedError
 from core.gc_policy import release_frozen
 from models.runtime import LoadedModel
 
@@ -20,19 +21,31 @@ class ModelHolder:
         version_of_champion: Callable[[], str | None],
         load: Callable[[], LoadedModel | None],
         on_swap: Callable[[LoadedModel], None] = lambda _: None,
+        on_refuse: Callable[[str, str], None] = lambda _version, _reason: None,
     ) -> None:
         self._version_of_champion = version_of_champion
         self._load = load
         self._on_swap = on_swap  # e.g. the model-version gauge of the process
+        self._on_refuse = on_refuse  # (version, reason), e.g. the refused-models counter
         self.current: LoadedModel | None = None
+        self.refused: str | None = None  # the champion version refused last (not loaded again)
 
     def refresh(self) -> bool:
-        """Loads the champion if its version changed; returns True on a swap. Never raises."""
+        """Loads the champion if its version changed; returns True on a swap. A champion that
+        does not fit the running spec is refused once (logged, `on_refuse`) and the current
+        model keeps serving. Never raises."""
         try:
             version = self._version_of_champion()
             if version is None or (self.current is not None and self.current.version == version):
                 return False
+            if version == self.refused:
+                return False
             loaded = self._load()
+        except ModelRefusedError as exc:
+            self.refused = version
+            log.error("%s; keeping %s", exc, self.current and self.current.version)
+            self._on_refuse(str(version), str(exc))
+            return False
         except Exception:  # a registry hiccup must not stop scoring with the model we have
             log.exception("could not refresh the champion model; keeping %s", self.current and self.current.version)
             return False

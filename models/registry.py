@@ -14,8 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import ServiceUnavailableError
+from core.errors import ModelRefusedError, ServiceUnavailableError
 from core.settings import Settings, mask_url
+from features.spec import MODEL_FEATURES, spec_version
 from models.artifact import ChurnModel, load_artifact
 from models.runtime import LoadedModel
 
@@ -104,16 +105,42 @@ def load_champion(settings: Settings) -> tuple[ChurnModel, str] | None:
     return model, version
 
 
+def check_against_spec(model: ChurnModel, version: str) -> None:
+    """Checks that `model` reads exactly the running spec's features, in order, and was trained
+    on the same spec version: a model that only has the same column count would score
+    misaligned columns silently.
+
+    Raises:
+        ModelRefusedError: the feature list or the spec version differs (the message says how).
+    """
+    expected, got = list(MODEL_FEATURES), list(model.features)
+    if got != expected:
+        if sorted(got) == sorted(expected):
+            first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+            how = f"same features in another order (column {first} is {got[first]!r}, the spec has {expected[first]!r})"
+        else:
+            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            how = f"{len(got)} features, the spec has {len(expected)} (missing {missing[:5]}, unknown {extra[:5]})"
+        msg = f"model version {version} refused: {how}"
+        raise ModelRefusedError(msg)
+    if model.spec_version != spec_version():
+        running = spec_version()
+        msg = f"model version {version} refused: trained on spec {model.spec_version}, the code runs spec {running}"
+        raise ModelRefusedError(msg)
+
+
 def champion_loader(settings: Settings, threads: int = 0) -> tuple[Any, Any]:
     """Returns (version_of_champion, load) for a `models.holder.ModelHolder`: the registry
     lookup to poll and the loader of the champion as a `LoadedModel` (with `threads` OpenMP
-    threads per predict; 0 = LightGBM's default)."""
+    threads per predict; 0 = LightGBM's default). The loader raises ModelRefusedError for a
+    champion that does not fit the running spec (see `check_against_spec`)."""
 
     def load() -> LoadedModel | None:
         found = load_champion(settings)
         if found is None:
             return None
         model, version = found
+        check_against_spec(model, version)
         return LoadedModel(replace(model, threads=threads) if threads else model, settings.model_name, str(version))
 
     return (lambda: champion_version(settings)), load

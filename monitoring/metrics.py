@@ -102,6 +102,12 @@ class Metrics:
             "churn_model_info", "The loaded model (value 1)", ["component", "name", "version"], registry=r
         )
         self.model_loaded = Gauge("churn_model_loaded", "1 if a champion model is loaded", ["component"], registry=r)
+        self.model_refused_total = Counter(
+            "churn_model_refused_total",
+            "Champion versions refused because their features or spec version differ from the running spec",
+            ["component"],
+            registry=r,
+        )
         # Drift
         self.feature_psi = Gauge("churn_feature_psi", "PSI of a feature vs its reference", ["feature"], registry=r)
         self.feature_ks = Gauge("churn_feature_ks_statistic", "Two-sample KS statistic", ["feature"], registry=r)
@@ -120,6 +126,11 @@ class Metrics:
         """Returns the callback a `models.holder.ModelHolder` calls with each model it loads:
         it records the model's name and version for `component`."""
         return lambda loaded: self.set_model(component, loaded.name, loaded.version)
+
+    def model_refused(self, component: str) -> Callable[[str, str], None]:
+        """Returns the callback a `models.holder.ModelHolder` calls with each champion version
+        it refuses (version, reason): it counts them for `component`."""
+        return lambda _version, _reason: self.model_refused_total.labels(component).inc()
 
 
 class BulkHistogram(Collector):

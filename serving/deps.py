@@ -20,6 +20,9 @@ from monitoring.metrics import Metrics
 from serving.risk import RiskService, build_clock
 from stream.risk_store import RedisRiskStore
 
+# The user id `/health/ready` reads (any valid id works; it need not exist).
+READY_PROBE_USER = "health-probe"
+
 
 @dataclass
 class Deps:
@@ -49,11 +52,17 @@ def build_deps(settings: Settings) -> Deps:
     risks = RedisRiskStore(client, settings.redis_prefix)
     features = FeastFeatureStore(open_feature_store(settings))
     # One OpenMP thread per predict: each request scores a few rows (see ChurnModel.threads).
-    models = ModelHolder(*champion_loader(settings, threads=1), on_swap=metrics.model_swapped("api"))
+    models = ModelHolder(
+        *champion_loader(settings, threads=1),
+        on_swap=metrics.model_swapped("api"),
+        on_refuse=metrics.model_refused("api"),
+    )
     service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
 
     def feature_view() -> None:
-        features.read_rows([])
+        # A real read (an HMGET through Feast's online store) of a row that need not exist:
+        # fails when Redis, its password or the view cannot serve a request.
+        features.read_rows([READY_PROBE_USER])
 
     def ping() -> None:
         with redis_errors("pinging"):

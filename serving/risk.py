@@ -15,7 +15,7 @@ from features import spec
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, Model, feature_matrix
 from monitoring.metrics import Metrics
-from serving.schemas import ModelRef, Reason, RiskAnswer, StoredRisk, Tier
+from serving.schemas import CancelledAnswer, ModelRef, Reason, RiskAnswer, StoredRisk, Tier
 from stream.risk_store import RiskRow, RiskStore
 
 DESCRIPTIONS = spec.describe()
@@ -44,24 +44,44 @@ class RiskService:
         self.now_ms = now_ms
         self.metrics = metrics
 
-    def answer(self, user_ids: Sequence[str], *, explain: bool) -> tuple[list[RiskAnswer], list[str]]:
-        """Returns the answers for the known users and the ids that are unknown.
+    def answer(self, user_ids: Sequence[str], *, explain: bool) -> tuple[list[RiskAnswer | CancelledAnswer], list[str]]:
+        """Returns the answers for the known users (in the order asked; a cancelled user as a
+        `CancelledAnswer`, without scoring) and the ids that are unknown.
 
         Raises:
-            ServiceUnavailableError: no model is loaded, or a store is down.
+            ServiceUnavailableError: no model is loaded (and a user needs scoring), or a store is down.
         """
         loaded = self.current_model()  # one model for the whole request, even if a swap lands meanwhile
-        if loaded is None:
-            msg = "no champion model is loaded yet (train and promote one: `churn train`)"
-            raise ServiceUnavailableError(msg)
         started = time.perf_counter()
         rows = self.features.read_rows(user_ids)
         self.metrics.store_read_seconds.observe(time.perf_counter() - started)
-        known = [row for row in rows if row is not None]
+        found = [row for row in rows if row is not None]
         unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
-        if not known:
+        if not found:
             return [], unknown
-        stored = self.risks.read([row.user_id for row in known])
+        found_stored = self.risks.read([row.user_id for row in found])
+        answers: dict[str, RiskAnswer | CancelledAnswer] = {
+            row.user_id: CancelledAnswer(
+                user_id=row.user_id,
+                status="cancelled",
+                cancelled_at=ms_to_iso(risk.cancelled_ms),
+                features_updated_at=ms_to_iso(row.last_event_ms),
+            )
+            for row, risk in zip(found, found_stored, strict=True)
+            if risk is not None and risk.cancelled_ms is not None
+        }
+        pairs = [(row, risk) for row, risk in zip(found, found_stored, strict=True) if row.user_id not in answers]
+        if pairs:
+            if loaded is None:
+                msg = "no champion model is loaded yet (train and promote one: `churn train`)"
+                raise ServiceUnavailableError(msg)
+            for answer in self._score([row for row, _ in pairs], [risk for _, risk in pairs], loaded, explain):
+                answers[answer.user_id] = answer
+        return [answers[row.user_id] for row in found], unknown
+
+    def _score(
+        self, known: list[FeatureRow], stored: list[RiskRow | None], loaded: LoadedModel, explain: bool
+    ) -> list[RiskAnswer]:
         clock = self.now_ms()
         # In event mode the watermark may trail a user's newest event by a batch: never go negative.
         now = [max(clock or row.last_event_ms, row.last_event_ms) for row in known]
@@ -69,11 +89,10 @@ class RiskService:
         model = loaded.model
         probabilities = model.predict(matrix)
         contributions = model.contributions(matrix) if explain else [None] * len(known)
-        answers = [
+        return [
             self._answer(row, float(p), loaded, model, now_ms, contrib, matrix[i], stored[i])
             for i, (row, p, now_ms, contrib) in enumerate(zip(known, probabilities, now, contributions, strict=True))
         ]
-        return answers, unknown
 
     def _answer(
         self,
@@ -109,7 +128,7 @@ class RiskService:
             features_updated_at=ms_to_iso(row.last_event_ms),
             reasons=reasons,
             stored_risk=None
-            if stored is None
+            if stored is None or stored.churn_probability is None
             else StoredRisk(
                 churn_probability=stored.churn_probability,
                 risk_tier=stored.risk_tier,  # type: ignore[arg-type]

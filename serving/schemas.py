@@ -38,6 +38,7 @@ class StoredRisk(BaseModel):
 
 class RiskAnswer(BaseModel):
     user_id: str
+    status: Literal["scored"] = Field(default="scored", description="A scored user (see `CancelledAnswer`)")
     churn_probability: float = Field(ge=0, le=1)
     risk_tier: Tier
     horizon_days: int
@@ -48,6 +49,20 @@ class RiskAnswer(BaseModel):
     stored_risk: StoredRisk | None = Field(default=None, description="What the stream scorer last wrote")
 
 
+class CancelledAnswer(BaseModel):
+    """A user who has cancelled (their `Cancellation Confirmation` was seen): no longer scored,
+    so no probability, tier or reasons."""
+
+    user_id: str
+    status: Literal["cancelled"]
+    cancelled_at: str = Field(description="Event time of the user's cancellation (ISO 8601, UTC)")
+    features_updated_at: str = Field(description="Event time of the user's latest event in the online store")
+
+
+# What the risk routes answer per user, told apart by `status`.
+UserAnswer = Annotated[RiskAnswer | CancelledAnswer, Field(discriminator="status")]
+
+
 class BatchRequest(BaseModel):
     user_ids: list[UserId] = Field(min_length=1, max_length=1000)
     # Strict: JSON has booleans, so 0 or "yes" is a client bug to report, not to guess at.
@@ -55,7 +70,7 @@ class BatchRequest(BaseModel):
 
 
 class BatchAnswer(BaseModel):
-    results: list[RiskAnswer]
+    results: list[UserAnswer]
     unknown_user_ids: list[str]
 
 

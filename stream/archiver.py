@@ -11,6 +11,7 @@ names tell which files can hold them) and skips those messages.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections import defaultdict
@@ -41,15 +42,28 @@ def archived_since(root: Path, partition: int, committed: int) -> set[int]:
     return found
 
 
+def fsync_path(path: Path) -> None:
+    """Flushes `path` (a file, or a folder's entries) to disk; raises OSError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> int:
-    """Writes (partition, offset, event) rows as one file per (date, partition); returns files written."""
+    """Writes (partition, offset, event) rows as one file per (date, partition), each fsynced
+    and renamed into place with its folder fsynced (and a new folder's parent), so a power loss
+    after the caller commits the offsets cannot lose or truncate a file; returns files written."""
     groups: dict[tuple[str, int], list[tuple[int, Event]]] = defaultdict(list)
     for partition, offset, event in rows:
         day = datetime.fromtimestamp(event.ts / 1000, tz=UTC).strftime("%Y-%m-%d")
         groups[(day, partition)].append((offset, event))
     for (day, partition), items in groups.items():
         folder = root / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_path(root)  # the new folder's entry
         offsets = [o for o, _ in items]
         frame = pl.DataFrame(
             [{**msgspec.to_builtins(e), "kafkaPartition": partition, "kafkaOffset": o} for o, e in items],
@@ -59,7 +73,9 @@ def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> int:
         final = folder / f"p{partition}-{min(offsets)}-{max(offsets)}.parquet"
         temp = final.with_suffix(".tmp")
         frame.write_parquet(temp)
+        fsync_path(temp)  # the data, before the name points at it
         temp.rename(final)
+        fsync_path(folder)  # the rename
     return len(groups)
 
 

@@ -352,7 +352,9 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     metrics = metrics or Metrics()
     ensure_topics(settings)
     client = redis_client(settings)
-    models = ModelHolder(*champion_loader(settings), on_swap=metrics.model_swapped("scorer"))
+    models = ModelHolder(
+        *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
+    )
     window = DriftWindow(
         spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
     )
@@ -366,6 +368,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         metrics,
         lambda: models.current,
         max_event_bytes=settings.max_event_bytes,
+        max_future_skew_ms=settings.max_future_skew_seconds * 1000,
         drift=window,
     )
     loop = LoopConfig(

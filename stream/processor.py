@@ -47,6 +47,7 @@ class BatchResult:
     guests: int = 0
     users_written: int = 0
     users_scored: int = 0
+    users_cancelled: int = 0  # touched users who have cancelled: marked, not scored
 
 
 class BatchProcessor:
@@ -62,6 +63,7 @@ class BatchProcessor:
         current_model: Callable[[], LoadedModel | None],
         *,
         max_event_bytes: int = 64 * 1024,
+        max_future_skew_ms: int = 300_000,
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         drift: DriftWindow | None = None,
@@ -73,6 +75,7 @@ class BatchProcessor:
         self.metrics = metrics
         self.current_model = current_model
         self.max_event_bytes = max_event_bytes
+        self.max_future_skew_ms = max_future_skew_ms
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
         self.drift = drift  # fed with what `_score` computes anyway; the consumer loop reports it
@@ -92,7 +95,7 @@ class BatchProcessor:
             StateRolledBackError: the store went back in time; nothing of this batch may be
                 committed, the partitions must be replayed from the offsets the store holds.
         """
-        parsed = parse_batch(messages, max_bytes=self.max_event_bytes)
+        parsed = parse_batch(messages, max_bytes=self.max_event_bytes, max_future_skew_ms=self.max_future_skew_ms)
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
@@ -133,12 +136,24 @@ class BatchProcessor:
             self.features.write_rows(rows)
             self.metrics.store_write_seconds.observe(time.perf_counter() - started)
         result.users_written = len(rows)
+        # A user who has cancelled is answered as cancelled, never scored again.
+        states = engine.states
+        cancelled = [row for row in rows if states[row.user_id].cancelled_ms >= 0]
+        if cancelled:
+            now = self.wall_clock_ms()
+            self.risks.write(
+                [RiskRow.cancelled(r.user_id, states[r.user_id].cancelled_ms, r.last_event_ms, now) for r in cancelled]
+            )
+            result.users_cancelled = len(cancelled)
+            kept = [i for i, row in enumerate(rows) if states[row.user_id].cancelled_ms < 0]
+            rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
         loaded = self.current_model()
         if loaded is not None and rows:
             self._score(rows, appended_ms, loaded)
             result.users_scored = len(rows)
-        if parsed.events:
-            self.risks.advance_watermark(max(e.ts for e in parsed.events))
+        watermark = batch_watermark(parsed.events, [messages[i].append_ms for i in parsed.sources])
+        if watermark is not None:
+            self.risks.advance_watermark(watermark)
         if self.drift is not None:  # churned users leave the drift population, as they leave training's
             self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
         written = self.states.save(blobs, applied_offsets(messages), expected or {})
@@ -185,6 +200,18 @@ def applied_offsets(messages: Sequence[Message]) -> dict[str, int]:
     """Returns, per partition of the batch, the next offset to read once the batch is applied
     (a partition's messages arrive in offset order: its last one is its end)."""
     return {partition_key(m.topic, m.partition): m.offset + 1 for m in messages}
+
+
+def batch_watermark(events: Sequence[Event], append_ms: Sequence[int]) -> int | None:
+    """Returns how far a batch may raise the stream watermark: its latest event time, but never
+    past the latest Kafka append time (the broker's clock) of the batch, so an event dated
+    ahead of the broker (accepted within the allowed skew) cannot push "now" into the future.
+    None for a batch without events. Append times < 0 (none given) do not cap."""
+    if not events:
+        return None
+    latest = max(e.ts for e in events)
+    broker = max(append_ms, default=-1)
+    return min(latest, broker) if broker >= 0 else latest
 
 
 def _by_user(events: Sequence[Event]) -> dict[str, list[int]]:

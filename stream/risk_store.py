@@ -15,15 +15,23 @@ class RiskRow(msgspec.Struct, frozen=True):
     """The scorer's latest answer for one user.
 
     `event_time_ms` is the user's latest event (the score is as of it); `scored_at_ms` is the
-    wall-clock time the row was written (the only field that differs between replays).
+    wall-clock time the row was written (the only field that differs between replays). A
+    cancelled user's row has `cancelled_ms` (their cancellation's event time) and no
+    probability or tier: they are no longer scored.
     """
 
     user_id: str
-    churn_probability: float
-    risk_tier: str
+    churn_probability: float | None
+    risk_tier: str | None
     model_version: str
     event_time_ms: int
     scored_at_ms: int
+    cancelled_ms: int | None = None
+
+    @classmethod
+    def cancelled(cls, user_id: str, cancelled_ms: int, event_time_ms: int, written_ms: int) -> RiskRow:
+        """Returns the row that marks `user_id` as cancelled at `cancelled_ms`."""
+        return cls(user_id, None, None, "", event_time_ms, written_ms, cancelled_ms)
 
 
 _ENCODER = msgspec.json.Encoder()

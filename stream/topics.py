@@ -37,13 +37,23 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {exc.args[0].str()}"
+        error = exc.args[0]
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            msg = (
+                f"Kafka at {settings.bootstrap_servers} refused the credentials of CHURN_KAFKA_SASL_USERNAME="
+                f"{settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism}): {error.str()}"
+            )
+        else:
+            msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {error.str()}"
         raise ServiceUnavailableError(msg) from exc
     missing = [name for name in (settings.events_topic, settings.dlq_topic) if name not in existing]
     if not missing:
         return []
+    # The events topic stamps each message with the broker's clock (LogAppendTime): the
+    # consumer's future-event guard compares event times with it, and a producer cannot forge it.
+    configs = {settings.events_topic: {"message.timestamp.type": "LogAppendTime"}}
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=settings.topic_partitions) for name in missing],
+        [NewTopic(name, num_partitions=settings.topic_partitions, config=configs.get(name, {})) for name in missing],
         operation_timeout=timeout,
         request_timeout=timeout,
     )

@@ -22,6 +22,7 @@ import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
+from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
 from events.schema import Event
@@ -127,18 +128,21 @@ class StandInModel:
         return "high" if probability > 0.5 else "low"
 
 
-def small_model(*, missing_share: float = 0.0, rounds: int = 20, **meta: Any) -> ChurnModel:
-    """A LightGBM booster on random rows (with `missing_share` of the values NaN), with the
-    artifact's meta (identity calibration) updated by `meta`. Seconds, not a training run."""
+def small_model(
+    *, missing_share: float = 0.0, rounds: int = 20, features: tuple[str, ...] = spec.MODEL_FEATURES, **meta: Any
+) -> ChurnModel:
+    """A LightGBM booster on random rows (with `missing_share` of the values NaN) reading
+    `features`, with the artifact's meta (identity calibration) updated by `meta`. Seconds, not
+    a training run."""
     rng = np.random.default_rng(0)
-    x = rng.random((2000, len(spec.MODEL_FEATURES))) * 10
+    x = rng.random((2000, len(features))) * 10
     if missing_share:
         x[rng.random(x.shape) < missing_share] = np.nan
     y = np.nan_to_num(x[:, 0]) + rng.random(2000) * 10 > 10
-    data = lgb.Dataset(x, y, feature_name=list(spec.MODEL_FEATURES))
+    data = lgb.Dataset(x, y, feature_name=list(features))
     booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 15}, data, num_boost_round=rounds)
     base_meta = {
-        "features": list(spec.MODEL_FEATURES),
+        "features": list(features),
         "horizon_days": 14,
         "spec_version": spec.spec_version(),
         "calibration": {"method": "none"},
@@ -148,14 +152,14 @@ def small_model(*, missing_share: float = 0.0, rounds: int = 20, **meta: Any) ->
     return ChurnModel(booster, base_meta | meta)
 
 
-def register_champion(folder: Path, base: Settings) -> str:
-    """Registers `small_model()` (the real artifact format) as `champion` in a fresh MLflow
-    SQLite store in `folder`; returns the store's URI."""
+def register_champion(folder: Path, base: Settings, model: ChurnModel | None = None) -> str:
+    """Registers `model` (default `small_model()`; the real artifact format) as `champion` in the
+    MLflow SQLite store in `folder` (a new version if the store exists); returns the store's URI."""
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
-    model = small_model()
-    artifact = save_artifact(folder / "artifact", model.booster, model.meta)
+    model = model or small_model()
+    artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
     run_id, version = registry.log_run(scratch, artifact, {}, {}, {})
     registry.apply_decision(scratch, run_id, version, registry.Decision(True))
     return uri
@@ -170,7 +174,7 @@ class FinalState:
 
     feature_rows: str  # repr: NaN compares equal to itself
     states: dict[bytes, bytes | None]
-    risks: list[tuple[str, float, str, str, int] | None]
+    risks: list[tuple[str, float | None, str | None, str, int] | None]
 
 
 class Deployment:
@@ -253,6 +257,24 @@ def produce_paced(
         progress=note,
         progress_interval=0.2,
     )
+
+
+def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    """Returns up to `expected` messages of `<topic>.dlq` (value, headers), read from the start
+    by a fresh group within 30 s."""
+    consumer = Consumer(
+        kafka_config(settings, **{"group.id": f"dlq-{topic}-{time.time_ns()}", "auto.offset.reset": "earliest"})
+    )
+    consumer.subscribe([f"{topic}.dlq"])
+    out: list[tuple[bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + 30
+    while len(out) < expected and time.monotonic() < deadline:
+        msg = consumer.poll(1)
+        if msg is not None and msg.error() is None:
+            headers = {str(k): v for k, v in msg.headers() or []}  # type: ignore[str-unpack]
+            out.append((msg.value() or b"", {k: v if isinstance(v, bytes) else b"" for k, v in headers.items()}))
+    consumer.close()
+    return out
 
 
 def record_figures(settings: Settings, fault: str, figures: dict[str, Any]) -> None:

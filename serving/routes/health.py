@@ -16,14 +16,16 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health/live", response_model=Health)
-def live() -> Health:
-    """The process is up."""
+async def live() -> Health:
+    """The process is up (on the event loop, no I/O: it answers even while every pool thread
+    waits on a stalled Redis)."""
     return Health(status="ok", checks={})
 
 
 @router.get("/health/ready", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
 def ready(deps: DepsDep) -> Any:
-    """Redis reachable, feature view present, model loaded."""
+    """Redis answers, a feature row can be read through Feast (registry, view and online store),
+    model loaded."""
     checks: dict[str, str] = {}
     for name, check in deps.ready_checks.items():
         try:

@@ -10,24 +10,27 @@ from fastapi.responses import Response
 from core.errors import NotFoundError
 from serving.deps import DepsDep
 from serving.routes.errors import ERRORS
-from serving.schemas import USER_ID_PATTERN, BatchAnswer, BatchRequest, Problem, RiskAnswer
+from serving.schemas import USER_ID_PATTERN, BatchAnswer, BatchRequest, Problem, UserAnswer
 
 router = APIRouter(tags=["risk"])
 
 
 @router.get(
     "/users/{user_id}/risk",
-    response_model=RiskAnswer,
+    response_model=UserAnswer,
     responses={**ERRORS, 404: {"model": Problem, "description": "Unknown user"}},
 )
-async def user_risk(
+def user_risk(
     deps: DepsDep,
     user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")],
     explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
 ) -> Response:
-    """Churn probability within the horizon for one user, with tier and reasons."""
-    # On the event loop, blocking: one user is two loopback Redis round trips and ~0.1 ms of
-    # Python, less than the hop to a worker thread (and its GIL hand-offs) a sync route pays.
+    """Churn probability within the horizon for one user, with tier and reasons; a user who has
+    cancelled is answered with `status: "cancelled"` and the cancellation time, no probability."""
+    # A sync route, so FastAPI runs it in its thread pool: the Redis reads (Feast's online
+    # store is a blocking client, with multi-second timeouts) never hold the event loop, so a
+    # slow Redis cannot stall `/health/live` or other requests. An async Redis client would
+    # mean a second read path beside Feast's; the thread hop costs ~0.1 ms.
     answers, _ = deps.service.answer([user_id], explain=explain)
     if not answers:
         msg = f"unknown user {user_id!r}: no features in the online store"
@@ -47,7 +50,8 @@ async def user_risk(
     },
 )
 def users_risk(deps: DepsDep, body: BatchRequest) -> Response:
-    """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed."""
+    """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed;
+    cancelled users are answered as in the single-user route."""
     ids = list(dict.fromkeys(body.user_ids))
     answers, unknown = deps.service.answer(ids, explain=body.explain)
     batch = BatchAnswer(results=answers, unknown_user_ids=unknown)

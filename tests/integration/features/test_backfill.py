@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+import polars as pl
 import redis
 
 from core.settings import Settings, load_settings
+from events.schema import CHURN_PAGE
 from features.backfill import materialize
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
-from features.online import OnlineEngine
+from features.online import LATE, STATE_ENCODER, OnlineEngine
 from features.state_store import RedisStateStore
 from features.store import FeatureRow
 from tests.support import random_events, wire_frame
+
+
+def _canonical(row: FeatureRow | None) -> str:
+    assert row is not None
+    return repr((row.user_id, row.last_event_ms, sorted(row.values.items())))  # repr: NaN equals NaN
 
 
 def test_materialize_matches_the_engines(settings: Settings, unique: str, tmp_path: Path) -> None:
@@ -33,13 +41,58 @@ def test_materialize_matches_the_engines(settings: Settings, unique: str, tmp_pa
     users = sorted(engine.states)
     read = FeastFeatureStore(apply_repo(local)).read_rows(users)
 
-    def canonical(row: FeatureRow | None) -> str:
-        assert row is not None
-        return repr((row.user_id, row.last_event_ms, sorted(row.values.items())))  # repr: NaN equals NaN
-
-    assert [canonical(r) for r in read] == [canonical(engine.row(u)) for u in users]
+    assert [_canonical(r) for r in read] == [_canonical(engine.row(u)) for u in users]
 
     saved = RedisStateStore(redis.Redis.from_url(local.redis_address), local.redis_prefix, engine.state_layout).load(
         users
     )
     assert set(saved) == set(users)
+
+
+def test_materialize_with_late_events_equals_the_engine_fed_in_offset_order(
+    settings: Settings, unique: str, tmp_path: Path
+) -> None:
+    events = random_events(8, users=12, days=10, per_user=120)
+    last_of_u3 = max(e.ts for e in events if e.user_id == "u3")
+    cancel = msgspec.structs.replace(
+        next(e for e in events if e.user_id == "u3"), ts=last_of_u3 + 60_000, page=CHURN_PAGE, length=None
+    )
+    events.append(cancel)
+    # Arrival (offset) order: every 15th event arrives two hours late (beyond the default
+    # lateness of one hour, so the stream drops it), every 7th up to 50 minutes late (kept).
+    delays = [7_200_000 if i % 15 == 0 else 3_000_000 if i % 7 == 0 else 0 for i in range(len(events))]
+    arrival = [e for _, _, e in sorted(((e.ts + d, i, e) for i, (e, d) in enumerate(zip(events, delays, strict=True))))]
+    offsets: dict[int, int] = {}
+    positions = []
+    for e in arrival:
+        partition = int(e.user_id[1:]) % 3
+        offsets[partition] = offsets.get(partition, -1) + 1
+        positions.append((partition, offsets[partition]))
+    log = tmp_path / "archive"
+    log.mkdir()
+    frame = wire_frame(arrival).with_columns(
+        pl.Series("kafkaPartition", [p for p, _ in positions]), pl.Series("kafkaOffset", [o for _, o in positions])
+    )
+    frame.write_parquet(log / "part-0.parquet")
+    local = load_settings(
+        state_dir=tmp_path, feast_project=f"l{unique}", redis_prefix=f"test:l{unique}:",
+        kafka_port=settings.kafka_port, redis_port=settings.redis_port,
+    )  # fmt: skip
+    apply_repo(local)
+    marked: list[tuple[str, int, int]] = []
+    materialize(local, log, mark_cancelled=marked.extend)
+
+    engine = OnlineEngine()
+    outcomes = [engine.apply(e, p, o) for e, (p, o) in zip(arrival, positions, strict=True)]
+    assert outcomes.count(LATE) > 0  # the late events really are dropped by the stream
+    users = sorted(engine.states)
+    read = FeastFeatureStore(apply_repo(local)).read_rows(users)
+    assert [_canonical(r) for r in read] == [_canonical(engine.row(u)) for u in users]
+    saved = RedisStateStore(redis.Redis.from_url(local.redis_address), local.redis_prefix, engine.state_layout).load(
+        users
+    )
+    assert {u: STATE_ENCODER.encode(s) for u, s in saved.items()} == {
+        u: STATE_ENCODER.encode(s) for u, s in engine.states.items()
+    }
+    assert marked == [("u3", cancel.ts, cancel.ts)]
+    assert saved["u3"].cancelled_ms == cancel.ts

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from bench.harness import free_port, scrape, wait_for
 from core.settings import Settings, load_settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
-from tests.support import kill_mid_batch, random_events
+from tests.support import kill_mid_batch, random_events, read_dlq
 
 CHURN = str(Path(sys.executable).parent / "churn")
 USERS = 60
@@ -102,22 +102,6 @@ def stream_topic(settings: Settings, topic: str) -> str:
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     admin.create_topics([NewTopic(f"{topic}.dlq", num_partitions=1, replication_factor=1)])[f"{topic}.dlq"].result(30)
     return topic
-
-
-def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes, dict[str, bytes]]]:
-    consumer = Consumer(
-        {"bootstrap.servers": settings.bootstrap_servers, "group.id": f"dlq-{topic}", "auto.offset.reset": "earliest"}
-    )
-    consumer.subscribe([f"{topic}.dlq"])
-    out: list[tuple[bytes, dict[str, bytes]]] = []
-    deadline = time.monotonic() + 30
-    while len(out) < expected and time.monotonic() < deadline:
-        msg = consumer.poll(1)
-        if msg is not None and msg.error() is None:
-            headers = {str(k): v for k, v in msg.headers() or []}  # type: ignore[str-unpack]
-            out.append((msg.value() or b"", {k: v if isinstance(v, bytes) else b"" for k, v in headers.items()}))
-    consumer.close()
-    return out
 
 
 @pytest.mark.slow

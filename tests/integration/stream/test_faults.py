@@ -467,7 +467,7 @@ def test_api_under_three_times_its_capacity_keeps_answering(
     with log.open("wb") as out:
         server = subprocess.Popen(
             [str(Path(sys.executable).parent / "churn"), "serve", "--workers", "1"],
-            env={**deployment.env, "CHURN_API_KEYS": "[]"},
+            env={**deployment.env, "CHURN_API_KEYS": "[]", "CHURN_API_OPEN": "true"},
             stdout=out,
             stderr=subprocess.STDOUT,
         )

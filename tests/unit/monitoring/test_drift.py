@@ -290,7 +290,8 @@ def test_batch_processor_feeds_the_window_with_what_it_scores() -> None:
     churned = {e.user_id for e in events if e.page == "Cancellation Confirmation"}
     assert len(window) == len({e.user_id for e in events if e.user_id} - churned)
     _, scores = window.rows()
-    written = {u: r.churn_probability for u, r in risks.rows.items() if u not in churned}
+    written = {u: r.churn_probability for u, r in risks.rows.items() if r.churn_probability is not None}
+    assert set(written) == set(risks.rows) - churned  # cancelled users are marked, not scored
     assert sorted(scores.tolist()) == pytest.approx(sorted(written.values()))
 
 

@@ -61,6 +61,7 @@ def client() -> Iterator[tuple[TestClient, ModelHolder, InMemoryRiskStore]]:
     features.write_rows([engine.row(u) for u in engine.states])
     risks = InMemoryRiskStore()
     risks.write([RiskRow("u1", 0.3, "medium", "1", engine.row("u1").last_event_ms, 0)])
+    risks.write([RiskRow.cancelled("u4", CANCELLED_MS, engine.row("u4").last_event_ms, 0)])
     metrics = Metrics()
     version = ["1"]
     models = ModelHolder(
@@ -77,6 +78,7 @@ def client() -> Iterator[tuple[TestClient, ModelHolder, InMemoryRiskStore]]:
 
 
 KEY = {"X-API-Key": "k2"}
+CANCELLED_MS = 1_767_830_400_000  # 2026-01-08T00:00:00Z
 
 
 def test_risk_answer_has_every_field(client: Any) -> None:
@@ -88,6 +90,29 @@ def test_risk_answer_has_every_field(client: Any) -> None:
     assert body["reasons"][0]["feature"] in {"thumbs_down_28d", "seconds_since_last_event"}
     assert body["stored_risk"]["risk_tier"] == "medium"
     assert http.get("/users/u1/risk?explain=false", headers=KEY).json()["reasons"] is None
+
+
+def test_a_cancelled_user_is_answered_as_cancelled_without_a_probability(client: Any) -> None:
+    http, models, _ = client
+    body = http.get("/users/u4/risk", headers=KEY).json()
+    assert body["status"] == "cancelled"
+    assert body["cancelled_at"] == "2026-01-08T00:00:00.000Z"
+    assert "churn_probability" not in body
+    assert "risk_tier" not in body
+    batch = http.post("/users/risk", json={"user_ids": ["u4", "u1"]}, headers=KEY).json()
+    assert [r["status"] for r in batch["results"]] == ["cancelled", "scored"]
+    assert batch["results"][0] == body
+    assert batch["results"][1]["churn_probability"] > 0
+    # No model is needed to say a user has cancelled.
+    models.current = None
+    assert http.get("/users/u4/risk", headers=KEY).json() == body
+    # The OpenAPI document declares both answers, told apart by `status`.
+    document = http.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert "churn_probability" not in schemas["CancelledAnswer"]["properties"]
+    assert {"cancelled_at", "status"} <= set(schemas["CancelledAnswer"]["required"])
+    single = document["paths"]["/users/{user_id}/risk"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert single["schema"]["discriminator"]["propertyName"] == "status"
 
 
 def test_errors_are_clear_4xx(client: Any) -> None:

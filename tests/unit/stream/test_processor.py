@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from events.schema import Event, parse_event
-from features.online import STATE_ENCODER, OnlineEngine
+import msgspec
+
+from events.schema import CHURN_PAGE, Event, parse_event
+from features.online import STATE_DECODER, STATE_ENCODER, OnlineEngine
 from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
 from models.runtime import LoadedModel
@@ -94,3 +96,70 @@ def test_states_are_saved_with_the_batch_applied_offsets() -> None:
     p.process(msgs[:100])
     ends = {f"events:{m.partition}": m.offset + 1 for m in msgs[:100]}
     assert states.offsets == ends  # every partition of the batch, dead letters and guests included
+
+
+def test_an_event_far_ahead_of_its_append_time_is_dead_lettered_and_moves_nothing() -> None:
+    msgs = messages(4)[:-2]
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = processor(states, features, risks)
+    p.process(msgs)
+    before = (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows), risks.watermark())
+
+    event = parse_event(msgs[-1].value)
+    assert isinstance(event, Event)
+    future = msgspec.structs.replace(event, ts=4_070_908_800_000)  # 2099
+    append_ms = msgs[-1].append_ms
+    result = p.process([Message(future.to_json(), "events", 0, len(msgs), append_ms)])
+
+    assert result.applied == 0
+    assert [d.offset for d in result.dead_letters] == [len(msgs)]
+    assert "ahead of its Kafka append time" in result.dead_letters[0].reason
+    assert (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows), risks.watermark()) == before
+
+
+def test_an_event_ahead_of_the_broker_within_the_skew_does_not_move_the_watermark_past_the_broker() -> None:
+    msgs = messages(2)[:-2]
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = processor(states, features, risks)
+    p.process(msgs)
+    latest = max(m.append_ms for m in msgs)
+    event = parse_event(msgs[-1].value)
+    assert isinstance(event, Event)
+    early = msgspec.structs.replace(event, ts=latest + 200_000)  # within the 300 s default skew
+    result = p.process([Message(early.to_json(), "events", 0, len(msgs), latest + 1000)])
+    assert result.applied == 1
+    assert risks.watermark() == latest + 1000  # the broker's clock, not the device's
+
+
+def test_a_cancelled_user_is_marked_with_the_cancellation_time_and_no_longer_scored() -> None:
+    msgs = messages(3)[:-2]
+    last = parse_event(msgs[-1].value)
+    assert isinstance(last, Event)
+    user = last.user_id
+    cancel = msgspec.structs.replace(last, ts=last.ts + 1000, page=CHURN_PAGE, length=None)
+    after = msgspec.structs.replace(last, ts=last.ts + 5000, page="Home", length=None, item_in_session=10_000)
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = processor(states, features, risks)
+    p.process([*msgs, Message(cancel.to_json(), "events", 0, len(msgs), cancel.ts)])
+    marked = risks.rows[user]
+    assert (marked.churn_probability, marked.risk_tier, marked.cancelled_ms) == (None, None, cancel.ts)
+    scored_others = {u: r for u, r in risks.rows.items() if u != user}
+    assert all(r.churn_probability is not None and r.cancelled_ms is None for r in scored_others.values())
+
+    # A new process (state from the store): a later event of the user updates the features
+    # but the user stays cancelled and unscored.
+    restarted = processor(states, features, risks)
+    result = restarted.process([Message(after.to_json(), "events", 0, len(msgs) + 1, after.ts)])
+    assert (result.applied, result.users_scored, result.users_cancelled) == (1, 0, 1)
+    assert features.rows[user].last_event_ms == after.ts
+    assert risks.rows[user].cancelled_ms == cancel.ts
+    assert risks.rows[user].churn_probability is None
+
+
+def test_a_state_saved_before_cancellation_was_tracked_decodes_as_not_cancelled() -> None:
+    engine = OnlineEngine()
+    engine.apply_all(random_events(1, users=1, days=2, per_user=20))
+    state = engine.states["u0"]
+    old_layout = msgspec.msgpack.encode(msgspec.to_builtins(state)[:-1])  # without `cancelled_ms`
+    assert STATE_DECODER.decode(old_layout) == state
+    assert state.cancelled_ms == -1

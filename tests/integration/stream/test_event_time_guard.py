@@ -1,0 +1,53 @@
+"""One far-future event on the real broker, Redis and Feast: dead-lettered, and nothing moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from core.redis import redis_client
+from core.settings import Settings
+from serving.risk import build_clock
+from stream.risk_store import RedisRiskStore
+from tests.support import Deployment, produce_paced, random_events, read_dlq, register_champion
+
+YEAR_2099_MS = 4_070_908_800_000  # 2099-01-01T00:00:00Z
+
+
+def test_a_2099_event_is_dead_lettered_and_moves_nothing(
+    settings: Settings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    deployment = Deployment(settings, register_champion(tmp_path, settings), tmp_path, f"skew{unique}", topic)
+    try:
+        events = random_events(3, users=8, days=5, per_user=40)
+        users = sorted({e.user_id for e in events})
+        produce_paced(deployment.settings, events, rate=50_000)
+        first = deployment.run_uninterrupted()
+        assert first.events_total.labels("ok")._value.get() == len(events)
+        client = redis_client(deployment.settings)
+        risks = RedisRiskStore(client, deployment.settings.redis_prefix)
+        before, watermark = deployment.final_state(users), risks.watermark()
+        assert watermark == max(e.ts for e in events)
+
+        # The last event of u1, re-dated to 2099 (a device with a broken clock).
+        target = next(e for e in reversed(events) if e.user_id == "u1")
+        future = msgspec.structs.replace(target, ts=YEAR_2099_MS, item_in_session=target.item_in_session + 1)
+        produce_paced(deployment.settings, [future], rate=1000)
+        second = deployment.run_uninterrupted()
+
+        assert second.events_total.labels("invalid")._value.get() == 1
+        assert second.events_total.labels("ok")._value.get() == 0
+        dead = read_dlq(deployment.settings, topic, expected=1)
+        assert [value for value, _ in dead] == [future.to_json()]
+        reason = dead[0][1]["reason"].decode()
+        assert "ahead of its Kafka append time" in reason
+        assert "CHURN_MAX_FUTURE_SKEW_SECONDS" in reason
+        # Nothing else moved: u1's state, every user's row, state and risk, the watermark and
+        # so the API's event-mode clock (every user's `as_of`).
+        assert deployment.final_state(users) == before
+        assert risks.watermark() == watermark
+        assert build_clock("event", risks)() == watermark
+        client.close()
+    finally:
+        deployment.cleanup()
