@@ -311,3 +311,16 @@ def kill_mid_batch(
     finally:
         consumer.close()
     return in_batch
+
+
+def drained(settings: Settings) -> bool:
+    """Returns whether Redis holds applied offsets at the end of every partition of the topic."""
+    applied = applied_in_redis(settings)
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"ends-{settings.scorer_group}"})
+    try:
+        topic = settings.events_topic
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    finally:
+        consumer.close()
+    return all(applied.get(f"{topic}:{p}", 0) == end for p, end in ends.items() if end > 0)
