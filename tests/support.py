@@ -200,7 +200,13 @@ class Deployment:
         """Starts `churn consume` for this deployment and waits until it has joined its group."""
         log = self.folder / f"scorer-{self.name}.log"
         scorer = ScorerProcess(self.env, self.settings.scorer_metrics_port, log)
-        wait_for(lambda: scorer.value("churn_scorer_ready") == 1, 120, f"`churn consume` to start ({log})", 0.5)
+        try:
+            # Seconds on a quiet machine; minutes when others load its two cores.
+            wait_for(lambda: scorer.value("churn_scorer_ready") == 1, 300, f"`churn consume` to start ({log})", 0.5)
+        except TimeoutError:
+            scorer.proc.kill()  # never left running after its test (it would outlive its Feast repo)
+            scorer.proc.wait()
+            raise
         return scorer
 
     def run_uninterrupted(self, idle_s: float = 2.0) -> Metrics:

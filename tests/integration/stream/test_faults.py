@@ -695,8 +695,8 @@ def test_redis_sigkilled_while_events_flow_loses_nothing(
                 }
             )
         report = producing.result(120)
+        rollbacks = scorer.value("churn_scorer_redis_rollbacks_total") or 0  # read before `_finish` stops it
         counts = _finish(scorer, len(events))
-        rollbacks = scorer.value("churn_scorer_redis_rollbacks_total") or 0
     finally:
         _services_back(settings)
         scorer.stop()
