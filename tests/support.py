@@ -204,7 +204,13 @@ class Deployment:
         """Starts `churn consume` for this deployment and waits until it has joined its group."""
         log = self.folder / f"scorer-{self.name}.log"
         scorer = ScorerProcess(self.env, self.settings.scorer_metrics_port, log)
-        wait_for(lambda: scorer.value("churn_scorer_ready") == 1, 120, f"`churn consume` to start ({log})", 0.5)
+        try:
+            # Seconds on a quiet machine; minutes when others load its two cores.
+            wait_for(lambda: scorer.value("churn_scorer_ready") == 1, 300, f"`churn consume` to start ({log})", 0.5)
+        except TimeoutError:
+            scorer.proc.kill()  # never left running after its test (it would outlive its Feast repo)
+            scorer.proc.wait()
+            raise
         return scorer
 
     def run_uninterrupted(self, idle_s: float = 2.0) -> Metrics:
@@ -333,3 +339,16 @@ def kill_mid_batch(
     finally:
         consumer.close()
     return in_batch
+
+
+def drained(settings: Settings) -> bool:
+    """Returns whether Redis holds applied offsets at the end of every partition of the topic."""
+    applied = applied_in_redis(settings)
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"ends-{settings.scorer_group}"})
+    try:
+        topic = settings.events_topic
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    finally:
+        consumer.close()
+    return all(applied.get(f"{topic}:{p}", 0) == end for p, end in ends.items() if end > 0)

@@ -13,7 +13,7 @@ import pytest
 
 from bench.harness import free_port
 from churn.cli import app
-from core.errors import ConfigError, ServiceUnavailableError
+from core.errors import ConfigError, ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
 from features.feast_repo import FEATURE_VIEW_NAME, apply_repo, open_feature_store, repo_objects
 from features.feast_store import FeastFeatureStore
@@ -271,8 +271,10 @@ def test_a_refused_command_raises_and_the_connection_stays_usable(
     admin = redis.Redis(port=scratch.redis_port)
     admin.set(key, b"not a hash")
     good = [_row("a", T0), _row("b", T0 + 1)]
-    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+    # Classified once (core.redis): a refusal that lasts, with its code, a 503 in the API.
+    with pytest.raises(StoreRefusedError, match="WRONGTYPE") as refused:
         store.write_rows([good[0], _row("bad", T0), good[1]])
+    assert refused.value.reason == "WRONGTYPE"
     assert store.read_rows(["a", "b"]) == good  # the other rows of the batch landed
     admin.delete(key)
     store.write_rows([_row("bad", T0)])

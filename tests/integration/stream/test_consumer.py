@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from bench.harness import free_port, scrape, wait_for
 from core.settings import Settings, load_settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
-from tests.support import kill_mid_batch, random_events, read_dlq
+from tests.support import drained, kill_mid_batch, random_events, read_dlq
 
 CHURN = str(Path(sys.executable).parent / "churn")
 USERS = 60
@@ -53,13 +55,16 @@ class Run:
         )
         apply_repo(self.settings)
 
-    def start(self, metrics_port: int = 0, idle_exit: float = 4) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [CHURN, "consume", "--idle-exit", str(idle_exit)],
-            env={**self.env, "CHURN_SCORER_METRICS_PORT": str(metrics_port)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+    def start(self, metrics_port: int = 0, idle_exit: float = 4, log: Path | None = None) -> subprocess.Popen[bytes]:
+        """Starts `churn consume` (`idle_exit` 0: until stopped), its log to `log` or a pipe."""
+        with contextlib.ExitStack() as files:
+            stderr = files.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+            return subprocess.Popen(
+                [CHURN, "consume", "--idle-exit", str(idle_exit)],
+                env={**self.env, "CHURN_SCORER_METRICS_PORT": str(metrics_port)},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
 
     def run_to_end(self, processes: int = 1) -> None:
         procs = [self.start() for _ in range(processes)]
@@ -105,7 +110,7 @@ def stream_topic(settings: Settings, topic: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # four scorer starts: on a busy machine each loads the model for tens of seconds
+@pytest.mark.timeout(900)  # five scorer starts: on a busy machine each loads the model for tens of seconds
 def test_sigkill_inside_batches_leaves_the_clean_state(
     settings: Settings, stream_topic: str, unique: str, tmp_path: Path
 ) -> None:
@@ -116,7 +121,7 @@ def test_sigkill_inside_batches_leaves_the_clean_state(
 
     crashed = Run(settings, stream_topic, f"crash{unique}", tmp_path)
     # Each kill lands inside a batch: its states saved in Redis, its Kafka commit not made yet.
-    landed = [kill_mid_batch(crashed.start(), crashed.settings) for _ in range(3)]
+    landed = [kill_mid_batch(crashed.start(), crashed.settings, timeout=240) for _ in range(3)]
     crashed.run_to_end()
     assert landed == [True] * 3
 
@@ -138,33 +143,40 @@ def test_sigkill_inside_batches_leaves_the_clean_state(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_three_processes_give_the_same_state_as_one(
     settings: Settings, stream_topic: str, unique: str, tmp_path: Path
 ) -> None:
     scaled = Run(settings, stream_topic, f"three{unique}", tmp_path)
     # The three join the group first (each reports the lag of its partitions), then the events come:
-    # a process that joined after the others drained the topic would prove nothing.
+    # a process that joined after the others drained the topic would prove nothing. They run until
+    # stopped (no idle exit: on a busy machine one may take a minute longer than another to start).
     ports = [free_port() for _ in range(3)]
-    procs = [scaled.start(metrics_port=port, idle_exit=12) for port in ports]
-    for port, proc in zip(ports, procs, strict=True):
-        wait_for(partial(_has_partitions, port), 60, f"scorer on :{port} to be assigned partitions")
-        assert proc.poll() is None
-    users = produce(settings, stream_topic, [])
-    consumed = [0, 0, 0]
-    while any(proc.poll() is None for proc in procs):
-        for i, port in enumerate(ports):
-            samples = scrape(f"http://127.0.0.1:{port}/metrics")
-            counted = sum(v for (name, _), v in samples.items() if name == "churn_events_consumed_total")
-            consumed[i] = max(consumed[i], int(counted))
-        time.sleep(0.2)
-    for proc in procs:
-        _, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err.decode()[-3000:]
+    logs = [tmp_path / f"three-{i}.log" for i in range(3)]
+    procs = [scaled.start(metrics_port=port, idle_exit=0, log=log) for port, log in zip(ports, logs, strict=True)]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            wait_for(partial(_has_partitions, port), 300, f"scorer on :{port} to be assigned partitions")
+            assert proc.poll() is None
+        users = produce(settings, stream_topic, [])
+        wait_for(partial(drained, scaled.settings), 240, "the three scorers to apply the whole topic")
+        consumed = [_consumed(port) for port in ports]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
     single = Run(settings, stream_topic, f"one{unique}", tmp_path)
     single.run_to_end(processes=1)
     assert all(count > 0 for count in consumed), consumed  # every process did part of the work
     assert sum(consumed) >= USERS * 250
     assert single.final_state(users) == scaled.final_state(users)
+
+
+def _consumed(port: int) -> int:
+    """Returns how many messages the scorer on `port` consumed (every outcome)."""
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    return int(sum(v for (name, _), v in samples.items() if name == "churn_events_consumed_total"))
 
 
 def _has_partitions(port: int) -> bool:

@@ -49,7 +49,7 @@ from stream.topics import delete_topics
 from tests.support import (
     ROOT,
     Deployment,
-    applied_in_redis,
+    drained,
     kill_mid_batch,
     produce_paced,
     random_events,
@@ -651,19 +651,6 @@ def _refusing(scorer: ScorerProcess, reason: str) -> bool:
     return scorer.value("churn_scorer_redis_refusing", reason=reason) == 1
 
 
-def _drained(settings: Settings) -> bool:
-    """Returns whether Redis holds applied offsets at the end of every partition of the topic."""
-    applied = applied_in_redis(settings)
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"ends-{settings.scorer_group}"})
-    try:
-        topic = settings.events_topic
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
-    finally:
-        consumer.close()
-    return all(applied.get(f"{topic}:{p}", 0) == end for p, end in ends.items() if end > 0)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_redis_sigkilled_while_events_flow_loses_nothing(
@@ -708,8 +695,8 @@ def test_redis_sigkilled_while_events_flow_loses_nothing(
                 }
             )
         report = producing.result(120)
+        rollbacks = scorer.value("churn_scorer_redis_rollbacks_total") or 0  # read before `_finish` stops it
         counts = _finish(scorer, len(events))
-        rollbacks = scorer.value("churn_scorer_redis_rollbacks_total") or 0
     finally:
         _services_back(settings)
         scorer.stop()
@@ -764,7 +751,7 @@ def test_scorer_and_redis_killed_together_lose_nothing(
             infra.start_service(settings, "redis")
         scorer = faulted.start_scorer()
         report = producing.result(180)
-        wait_for(lambda: _drained(faulted.settings), 180, "the scorer to apply the whole topic")
+        wait_for(lambda: drained(faulted.settings), 180, "the scorer to apply the whole topic")
         assert scorer.stop() == 0, scorer.tail()
     finally:
         _services_back(settings)
