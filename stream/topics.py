@@ -16,9 +16,14 @@ from core.kafka import kafka_config
 from core.settings import Settings
 
 
-def _admin(settings: Settings) -> AdminClient:
-    # log_level 0: connection failures surface as one ServiceUnavailableError, not log spam.
-    return AdminClient(kafka_config(settings, log_level=0))
+def _admin(settings: Settings, errors: list[KafkaError] | None = None) -> AdminClient:
+    # log_level 0: connection failures surface as one ServiceUnavailableError, not log spam;
+    # `errors` collects the client's background errors (a refused login only shows there).
+    sink = errors if errors is not None else []
+    return AdminClient(kafka_config(settings, log_level=0, error_cb=sink.append))
+
+
+_AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
 def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
@@ -33,18 +38,20 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     Raises:
         ServiceUnavailableError: the broker cannot be reached, or refused to create a topic.
     """
-    admin = _admin(settings)
+    background: list[KafkaError] = []
+    admin = _admin(settings, background)
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
-        error = exc.args[0]
-        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        admin.poll(0)  # serves the client's error callbacks: a refused login is reported there
+        refused = [e for e in [exc.args[0], *background] if e.code() in _AUTH_ERRORS]
+        if refused:
             msg = (
                 f"Kafka at {settings.bootstrap_servers} refused the credentials of CHURN_KAFKA_SASL_USERNAME="
-                f"{settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism}): {error.str()}"
+                f"{settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism}): {refused[0].str()}"
             )
         else:
-            msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {error.str()}"
+            msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {exc.args[0].str()}"
         raise ServiceUnavailableError(msg) from exc
     missing = [name for name in (settings.events_topic, settings.dlq_topic) if name not in existing]
     if not missing:

@@ -107,15 +107,43 @@ def _panel_exprs() -> list[tuple[str, str, str]]:
 # --- docker-compose ------------------------------------------------------------------------
 
 
+# Every credential compose requires (`${VAR:?}`), with a stand-in value.
+CREDENTIALS = {
+    "GRAFANA_ADMIN_PASSWORD": "x",
+    "REDIS_PASSWORD": "x",
+    "KAFKA_CLIENT_PASSWORD": "x",
+    "MLFLOW_ADMIN_PASSWORD": "x",
+    "MLFLOW_READER_PASSWORD": "x",
+    "CHURN_API_KEYS": '["x"]',
+}
+
+
 def test_compose_file_is_valid(tmp_path: Path) -> None:
-    result = _compose(tmp_path, {"GRAFANA_ADMIN_PASSWORD": "x"}, "config", "-q")
+    result = _compose(tmp_path, CREDENTIALS, "config", "-q")
     assert result.returncode == 0, result.stderr
 
 
-def test_compose_fails_fast_without_the_grafana_password(tmp_path: Path) -> None:
-    result = _compose(tmp_path, {}, "config", "-q")
+@pytest.mark.parametrize("missing", sorted(CREDENTIALS))
+def test_compose_fails_fast_without_a_credential(tmp_path: Path, missing: str) -> None:
+    result = _compose(tmp_path, {k: v for k, v in CREDENTIALS.items() if k != missing}, "config", "-q")
     assert result.returncode != 0
-    assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
+    assert missing in result.stderr
+
+
+def test_compose_services_use_their_credentials(tmp_path: Path) -> None:
+    result = _compose(tmp_path, {**CREDENTIALS, "REDIS_PASSWORD": "redis-pw"}, "config")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert "--requirepass" in services["redis"]["command"]
+    for name in ("scorer", "api", "archiver", "producer", "feast-apply", "trainer"):
+        env = services[name]["environment"]
+        assert env["CHURN_REDIS_URL"] == "redis://:redis-pw@redis:6379/0"
+        assert env["CHURN_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        assert env["CHURN_KAFKA_BOOTSTRAP"] == "kafka:9094"
+    # Only the trainer (and the job creating the reader) act as the MLflow admin.
+    admins = {n for n, s in services.items() if (s.get("environment") or {}).get("MLFLOW_TRACKING_USERNAME") == "admin"}
+    assert admins == {"trainer", "mlflow-users"}
+    assert "basic-auth" in " ".join(services["mlflow"]["command"])
 
 
 def test_compose_has_no_version_key() -> None:
@@ -124,7 +152,7 @@ def test_compose_has_no_version_key() -> None:
 
 
 def test_compose_churn_variables_are_settings(tmp_path: Path) -> None:
-    result = _compose(tmp_path, {"GRAFANA_ADMIN_PASSWORD": "x"}, "config")
+    result = _compose(tmp_path, CREDENTIALS, "config")
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     fields = {f"CHURN_{name.upper()}" for name in Settings.model_fields}
