@@ -12,16 +12,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from events.schema import CHURN_PAGE, ErrorRecord, Event, parse_batch
+from core.timeutil import DAY_MS
+from events.schema import CHURN_PAGE, ErrorRecord, Event, ParsedBatch, parse_batch
 from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngine
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, feature_matrix
-from monitoring.drift import DriftWindow
 from monitoring.metrics import Metrics
 from stream.risk_store import RiskRow, RiskStore
 
@@ -34,6 +34,18 @@ class Message(NamedTuple):
     partition: int
     offset: int
     append_ms: int  # broker append (or create) timestamp
+
+
+class Snapshots(Protocol):
+    """The daily snapshot the processor drives (`stream.snapshot.DailySnapshots`)."""
+
+    def track(self, rows: Sequence[FeatureRow], churned: dict[str, int]) -> None:
+        """Records the users whose rows were just written and those who churned (ts)."""
+        ...
+
+    def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
+        """Takes the snapshot of the UTC midnight `as_of_ms` (every earlier event applied)."""
+        ...
 
 
 @dataclass
@@ -64,7 +76,7 @@ class BatchProcessor:
         max_event_bytes: int = 64 * 1024,
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        drift: DriftWindow | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.engine = engine
         self.states = states
@@ -75,7 +87,8 @@ class BatchProcessor:
         self.max_event_bytes = max_event_bytes
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
-        self.drift = drift  # fed with what `_score` computes anyway; the consumer loop reports it
+        self.snapshots = snapshots  # the daily snapshot at each UTC midnight of event time
+        self._watermark: int | None = None  # the latest event time this processor has seen
 
     def forget(self) -> None:
         """Drops cached user states (after a rebalance they are reloaded on first sight)."""
@@ -95,24 +108,75 @@ class BatchProcessor:
             self.forget()
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
+        loaded = self.current_model()
+        for part, midnights in self._parts(parsed.events):
+            self._apply(messages, parsed, part, result, loaded)
+            for midnight in midnights:  # crossed by the next part: every event at or before it is applied
+                if self.snapshots is not None:
+                    self.snapshots.take(midnight, loaded)
+        self._count(result, parsed.unknown_pages)
+        return result
 
+    def _parts(self, events: Sequence[Event]) -> list[tuple[list[int], list[int]]]:
+        """Returns the batch split at the UTC midnights it crosses: [(event positions in batch
+        order, midnights crossed right after them)]. Without snapshots: one part, no midnight.
+
+        A daily snapshot must see every user as of the midnight, so the events after it wait
+        until it is taken (a batch of a fast replay can span several days)."""
+        everything = list(range(len(events)))
+        if self.snapshots is None or not events:
+            return [(everything, [])]
+        if self._watermark is None:
+            self._watermark = self.risks.watermark()
+        latest = max(e.ts for e in events)
+        start = self._watermark if self._watermark is not None else min(e.ts for e in events)
+        self._watermark = max(latest, start)
+        first = -(-start // DAY_MS) * DAY_MS  # the first midnight at or after the watermark
+        if latest <= first:
+            return [(everything, [])]
+        groups: dict[int, list[int]] = {}
+        for i, event in enumerate(events):
+            k = 0 if event.ts <= first else -(-(event.ts - first) // DAY_MS)
+            groups.setdefault(k, []).append(i)
+        keys = sorted(groups)
+        return [
+            (groups[k], [first + d * DAY_MS for d in range(k, keys[n + 1])] if n + 1 < len(keys) else [])
+            for n, k in enumerate(keys)
+        ]
+
+    def _apply(
+        self,
+        messages: Sequence[Message],
+        parsed: ParsedBatch,
+        positions: list[int],
+        result: BatchResult,
+        loaded: LoadedModel | None,
+    ) -> None:
+        """Applies the events at `positions` and writes their effect: features, scores, the
+        watermark, the snapshot's activity, then the states (which carry the applied offsets)."""
+        engine = self.engine
+        events = [parsed.events[i] for i in positions]
         # User by user (each user's events in batch order; users are independent), the row and
         # the saved state are built right after the user's events, while the state is still
         # in the CPU cache (measured at live batch sizes: ~10% of the engine's time).
         rows: list[FeatureRow] = []
         appended_ms: list[int] = []  # per row: append time of the user's latest applied message
         blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
+        churned: dict[str, int] = {}  # users whose Cancellation Confirmation was applied: its ts
         encode = STATE_ENCODER.encode
-        for user, indexes in _by_user(parsed.events).items():
+        for user, indexes in _by_user(events).items():
             latest_applied: int | None = None  # append time (-1 when the broker gave none)
             changed = False
-            for i in indexes:
-                _, _, partition, offset, append_ms = messages[parsed.sources[i]]
-                outcome = engine.apply(parsed.events[i], partition, offset)
+            for j in indexes:
+                event = events[j]
+                _, _, partition, offset, append_ms = messages[parsed.sources[positions[j]]]
+                outcome = engine.apply(event, partition, offset)
                 if outcome == APPLIED:
                     result.applied += 1
                     latest_applied = append_ms
                     changed = True
+                    if event.page == CHURN_PAGE:
+                        churned.setdefault(user, event.ts)
                 elif outcome == DUPLICATE:
                     result.duplicates += 1
                 elif outcome == LATE:
@@ -128,26 +192,21 @@ class BatchProcessor:
             started = time.perf_counter()
             self.features.write_rows(rows)
             self.metrics.store_write_seconds.observe(time.perf_counter() - started)
-        result.users_written = len(rows)
-        loaded = self.current_model()
+        result.users_written += len(rows)
         if loaded is not None and rows:
             self._score(rows, appended_ms, loaded)
-            result.users_scored = len(rows)
-        if parsed.events:
-            self.risks.advance_watermark(max(e.ts for e in parsed.events))
-        if self.drift is not None:  # churned users leave the drift population, as they leave training's
-            self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
+            result.users_scored += len(rows)
+        if events:
+            self.risks.advance_watermark(max(e.ts for e in events))
+        if self.snapshots is not None:  # before the states: a replay re-tracks harmlessly
+            self.snapshots.track(rows, churned)
         written = self.states.save(blobs)
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
-        self._count(result, parsed.unknown_pages)
-        return result
 
     def _score(self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel) -> None:
         matrix = feature_matrix(rows)
         probabilities = loaded.model.predict(matrix)
-        if self.drift is not None:
-            self.drift.add([r.user_id for r in rows], matrix, probabilities, [r.last_event_ms for r in rows])
         now = self.wall_clock_ms()
         risk_rows = [
             RiskRow(row.user_id, float(p), loaded.model.tier(float(p)), loaded.version, row.last_event_ms, now)
