@@ -424,13 +424,16 @@ def demo(
     days: int = typer.Option(60, min=30, help="Days of history before live scoring."),
     rate: int = typer.Option(200, min=1, help="Live events per second."),
     duration: float = typer.Option(0.0, help="Seconds of live scoring before stopping (0: until Ctrl-C)."),
+    drift: bool = typer.Option(
+        False, "--drift", help="Inject drift into the live part (fewer songs per session, more adverts and errors)."
+    ),
 ) -> None:
-    """Run the whole system end to end on the local services (`make demo`)."""
+    """Run the whole system end to end on the local services (`make demo`; `--drift` to watch the drift alert fire)."""
     from churn.demo import run_demo  # heavy: see the module docstring
 
     _stop_like_ctrl_c_on_sigterm()  # so `kill` also stops the scorer, API and producer it started
     try:
-        run_demo(_settings(), users=users, days=days, rate=rate, duration=duration or None, say=typer.echo)
+        run_demo(_settings(), users=users, days=days, rate=rate, duration=duration or None, say=typer.echo, drift=drift)
     except ChurnError as exc:
         _fail(exc)
 

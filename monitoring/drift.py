@@ -114,6 +114,11 @@ TENURE_BANDS = (
     ("tenure_180d_plus", 180.0, np.inf),
 )
 SEGMENTS = ("level_free", "level_paid", *(name for name, _, _ in TENURE_BANDS))
+# The column a segment is cut on: within the segment its distribution says only where the cut
+# falls (a tenure band's tenures age day by day), so it is judged overall, not per segment.
+SEGMENT_COLUMN = {"level_free": "level_paid", "level_paid": "level_paid"} | {
+    name: "days_since_registration" for name, _, _ in TENURE_BANDS
+}
 
 
 def segment_masks(matrix: np.ndarray, features: Sequence[str]) -> dict[str, np.ndarray]:
@@ -210,8 +215,8 @@ def snapshot_drift(
     """Returns the drift of a snapshot (rows of `features`, one per user, and their scores)
     against `reference` ({"features", "score", "segments"}, `training.reference.references`).
 
-    Features absent from the reference are skipped; segments are judged only when the reference
-    has them (models trained before segments existed have none) and both sides hold at least
+    Features absent from the reference are skipped, and so is the column a segment is cut on
+    within that segment (`SEGMENT_COLUMN`); segments are judged only when the reference has them (models trained before segments existed have none) and both sides hold at least
     `min_segment_rows` rows (see `SegmentDrift`).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -228,5 +233,6 @@ def snapshot_drift(
         # An unjudged segment is still measured (shown), with every status forced to "ok".
         seg_thresholds = thresholds if judged else Thresholds(np.inf, np.inf)
         seg_features, seg_score = _columns(seg_reference, features, matrix[mask], scores[mask], seg_thresholds)
+        seg_features.pop(SEGMENT_COLUMN[name], None)
         segments[name] = SegmentDrift(rows, reference_rows, judged, seg_features, seg_score)
     return DriftReport(now, len(matrix), overall, score, as_of_ms, segments)

@@ -3,7 +3,8 @@
 Layout: `<root>/date=YYYY-MM-DD/snapshot.parquet` with one row per user: user_id, as_of (epoch
 ms, the snapshot's UTC midnight), churn_probability, risk_tier, model_version. Once the labels
 are known (`stream.snapshot`) the same folder gets `labels.parquet` (user_id, churned) and
-`performance.json`. Files appear atomically (temp name, then rename), so a reader never sees
+`performance.json`; `drift.json` is the snapshot's drift report (the history the Redis state,
+which holds the latest only, does not keep). Files appear atomically (temp name, then rename), so a reader never sees
 half a file and a snapshot taken again after a crash replaces the first one whole.
 """
 
@@ -21,6 +22,7 @@ from core.errors import InvalidInputError
 SNAPSHOT = "snapshot.parquet"
 LABELS = "labels.parquet"
 PERFORMANCE = "performance.json"
+DRIFT = "drift.json"
 
 
 def day_of(as_of_ms: int) -> str:
@@ -54,6 +56,18 @@ def write_labels(root: Path, as_of_ms: int, labels: pl.DataFrame, performance: d
     base = folder(root, as_of_ms)
     _atomic(base / LABELS, labels.write_parquet)
     _atomic(base / PERFORMANCE, lambda p: p.write_text(json.dumps(performance, default=str)))
+
+
+def write_drift(root: Path, as_of_ms: int, report: dict[str, Any]) -> None:
+    """Writes a snapshot's drift report (`DriftReport.to_dict`) to its date folder."""
+    _atomic(folder(root, as_of_ms) / DRIFT, lambda p: p.write_text(json.dumps(report)))
+
+
+def read_drift_history(root: Path) -> dict[str, dict[str, Any]]:
+    """Returns {date: drift report} of every logged snapshot that has one."""
+    return {
+        p.parent.name.removeprefix("date="): json.loads(p.read_text()) for p in sorted(root.glob(f"date=*/{DRIFT}"))
+    }
 
 
 def read_snapshot(root: Path, as_of_ms: int) -> pl.DataFrame | None:

@@ -109,40 +109,43 @@ class BatchProcessor:
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
         loaded = self.current_model()
-        for part, midnights in self._parts(parsed.events):
+        parts, watermark = self._parts(parsed.events)
+        for part, midnights in parts:
             self._apply(messages, parsed, part, result, loaded)
             for midnight in midnights:  # crossed by the next part: every event at or before it is applied
                 if self.snapshots is not None:
                     self.snapshots.take(midnight, loaded)
+        self._watermark = watermark  # only now: a batch retried after an outage crosses its midnights again
         self._count(result, parsed.unknown_pages)
         return result
 
-    def _parts(self, events: Sequence[Event]) -> list[tuple[list[int], list[int]]]:
-        """Returns the batch split at the UTC midnights it crosses: [(event positions in batch
-        order, midnights crossed right after them)]. Without snapshots: one part, no midnight.
+    def _parts(self, events: Sequence[Event]) -> tuple[list[tuple[list[int], list[int]]], int | None]:
+        """Returns the batch split at the UTC midnights it crosses, [(event positions in batch
+        order, midnights crossed right after them)], and the watermark after the batch. Without
+        snapshots: one part, no midnight.
 
         A daily snapshot must see every user as of the midnight, so the events after it wait
         until it is taken (a batch of a fast replay can span several days)."""
         everything = list(range(len(events)))
         if self.snapshots is None or not events:
-            return [(everything, [])]
+            return [(everything, [])], self._watermark
         if self._watermark is None:
             self._watermark = self.risks.watermark()
         latest = max(e.ts for e in events)
         start = self._watermark if self._watermark is not None else min(e.ts for e in events)
-        self._watermark = max(latest, start)
         first = -(-start // DAY_MS) * DAY_MS  # the first midnight at or after the watermark
         if latest <= first:
-            return [(everything, [])]
+            return [(everything, [])], max(latest, start)
         groups: dict[int, list[int]] = {}
         for i, event in enumerate(events):
             k = 0 if event.ts <= first else -(-(event.ts - first) // DAY_MS)
             groups.setdefault(k, []).append(i)
         keys = sorted(groups)
-        return [
+        parts = [
             (groups[k], [first + d * DAY_MS for d in range(k, keys[n + 1])] if n + 1 < len(keys) else [])
             for n, k in enumerate(keys)
         ]
+        return parts, max(latest, start)
 
     def _apply(
         self,

@@ -36,7 +36,7 @@ from models.runtime import LoadedModel, feature_matrix
 from monitoring.drift import snapshot_drift
 from monitoring.drift_state import DriftPublisher
 from monitoring.performance_state import PerformancePublisher
-from monitoring.prediction_log import read_snapshot, write_labels, write_snapshot
+from monitoring.prediction_log import read_snapshot, write_drift, write_labels, write_snapshot
 from training.performance import expected, realized
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class DailySnapshots:
                 reference, spec.MODEL_FEATURES, matrix, probabilities, self.drift.thresholds,
                 now=time.time(), as_of_ms=as_of_ms, min_segment_rows=self.min_segment_rows,
             )  # fmt: skip
+            write_drift(self.log_root, as_of_ms, report.to_dict())
             self.drift.publish(report, loaded.name, loaded.version)
         self.performance.expected(as_of_ms, loaded.version, expected(probabilities, tiers))
         self.label(as_of_ms - model.horizon_days * DAY_MS, model.horizon_days)
