@@ -210,14 +210,15 @@ def snapshot_drift(
     *,
     now: float,
     as_of_ms: int | None = None,
-    min_segment_rows: int = 200,
+    min_segment_rows: int = 500,
 ) -> DriftReport:
     """Returns the drift of a snapshot (rows of `features`, one per user, and their scores)
     against `reference` ({"features", "score", "segments"}, `training.reference.references`).
 
     Features absent from the reference are skipped, and so is the column a segment is cut on
-    within that segment (`SEGMENT_COLUMN`); segments are judged only when the reference has them (models trained before segments existed have none) and both sides hold at least
-    `min_segment_rows` rows (see `SegmentDrift`).
+    within that segment (`SEGMENT_COLUMN`). Segments are measured only when the reference has
+    them (models trained before segments existed have none) and judged only when both sides
+    hold at least `min_segment_rows` rows (see `SegmentDrift`).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)

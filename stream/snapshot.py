@@ -161,7 +161,7 @@ class DailySnapshots:
         log_root: Path,
         *,
         lookback_days: int = 28,
-        min_segment_rows: int = 200,
+        min_segment_rows: int = 500,
     ) -> None:
         self.activity = activity
         self.states = states

@@ -50,10 +50,13 @@ from training.pipeline import train
 CHURN = str(Path(sys.executable).parent / "churn")
 DASHBOARDS = sorted((ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"))
 START = datetime(2026, 1, 1, tzinfo=UTC)
-TRAIN_DAYS = 33  # the champion sees days [0, 33); snapshots from day 34 on are after its training period
-POPULATION = SimConfig(users=1200, days=43, start=START, seed=7, churn_level=3.0)
+# The champion sees days [0, 45): its test-period observation points (the reference) have the full
+# 28 days of history behind them, as in production. Snapshots from day 46 on are after its
+# training period: 46, 47 and 48 (the log ends in day 48).
+TRAIN_DAYS = 45
+POPULATION = SimConfig(users=1200, days=49, start=START, seed=7, churn_level=3.0)
 HORIZON_DAYS = SMALL_TRAIN_OPTIONS.horizon_days or 7
-DRIFT_AT = START + timedelta(days=TRAIN_DAYS + 2)
+DRIFT_AT = START + timedelta(days=TRAIN_DAYS + 1)  # D: the snapshot at D has no drift yet, D + 1 has a day
 DRIFT_STRENGTH = 2.0  # 1 / 2 the actions per session, adverts x 3, errors x 5 (sim/simulator.py)
 # What the simulator's drift shifts within one day (a day of shorter sessions moves every 24 h
 # window of an active user), and what it leaves alone (the session timeline, registration, level).
@@ -168,7 +171,7 @@ class Deployment:
     groups, Feast project, Redis prefix and ports, in the test state folder: they register with
     the test Prometheus by themselves."""
 
-    def __init__(self, settings: Settings, champion: Champion, topic: str, unique: str, folder: Path) -> None:
+    def __init__(self, settings: Settings, tracking_uri: str, topic: str, unique: str, folder: Path) -> None:
         self.ports = {"scorer": free_port(), "api": free_port(), "archiver": free_port()}
         self.folder = folder
         self.predictions = folder / "predictions"
@@ -182,7 +185,7 @@ class Deployment:
             "CHURN_FEAST_PROJECT": f"m{unique}",
             "CHURN_FEAST_REPO": str(folder / "feast"),
             "CHURN_REDIS_PREFIX": f"test:{unique}:",
-            "CHURN_MLFLOW_TRACKING_URI": champion.tracking_uri,
+            "CHURN_MLFLOW_TRACKING_URI": tracking_uri,
             "CHURN_MODEL_POLL_SECONDS": "2",
             "CHURN_SCORER_METRICS_PORT": str(self.ports["scorer"]),
             "CHURN_ARCHIVER_METRICS_PORT": str(self.ports["archiver"]),
@@ -227,8 +230,10 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(settings: Settings, champion: Champion, topic: str, unique: str, tmp_path: Path) -> Iterator[Deployment]:
-    deployed = Deployment(settings, champion, topic, unique, tmp_path)
+def deployment(settings: Settings, mlflow_root: Path, topic: str, unique: str, tmp_path: Path) -> Iterator[Deployment]:
+    """A deployment on the module's MLflow store: its processes start (seconds on a busy machine)
+    while the champion trains, and poll for it."""
+    deployed = Deployment(settings, f"sqlite:///{mlflow_root / 'mlflow.db'}", topic, unique, tmp_path)
     try:
         yield deployed
     finally:
@@ -238,6 +243,20 @@ def deployment(settings: Settings, champion: Champion, topic: str, unique: str, 
 def consumed(settings: Settings, deployed: Deployment, metric: str, name: str) -> float:
     result = query(settings, f'sum({metric}{{instance="{deployed.instance(name)}"}})')
     return float(result[0]["value"][1]) if result else 0.0
+
+
+def serving_with_champion(deployed: Deployment, name: str) -> None:
+    """Waits until the process serves metrics and has loaded the champion."""
+
+    def loaded() -> bool:
+        try:
+            with urllib.request.urlopen(deployed.metrics_url(name), timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return False
+        return any(line.startswith("churn_model_loaded{") and line.endswith(" 1.0") for line in text.splitlines())
+
+    wait_for(loaded, 300, f"the {name} to load the champion", every=0.5, log=deployed.folder / f"{name}.log")
 
 
 def stream_through(settings: Settings, deployed: Deployment, events: pl.DataFrame, *, archiver: bool) -> float:
@@ -273,13 +292,18 @@ def after_training(history: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_offline(
-    settings: Settings, deployment: Deployment, champion: Champion, calm_events: pl.DataFrame, tmp_path: Path
+    settings: Settings,
+    deployment: Deployment,
+    calm_events: pl.DataFrame,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Each process registers itself: up in Prometheus within 10 s of serving its metrics.
     deployment.start("scorer", "api", "archiver")
+    request.getfixturevalue("champion")  # trains while the processes start
     delays = {}
     for name in ("scorer", "api", "archiver"):
-        wait_for(lambda n=name: answers(deployment.metrics_url(n)), 120, f"the {name} to serve metrics",  # type: ignore[misc]
+        wait_for(lambda n=name: answers(deployment.metrics_url(n)), 300, f"the {name} to serve metrics",  # type: ignore[misc]
                  every=0.2, log=deployment.folder / f"{name}.log")  # fmt: skip
         serving = time.monotonic()
         up = f'up{{instance="{deployment.instance(name)}", service="{name}"}} == 1'
@@ -290,6 +314,7 @@ def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_off
     ours = {t["labels"]["service"]: t["health"] for t in targets if t["labels"].get("instance") in
             {deployment.instance(n) for n in deployment.ports}}  # fmt: skip
     assert ours == {"scorer": "up", "api": "up", "archiver": "up"}
+    serving_with_champion(deployment, "scorer")  # the first midnight of the stream is snapshotted
 
     users = sorted(set(calm_events["userId"].to_list()) - {""})
     stop = threading.Event()
@@ -349,7 +374,7 @@ def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_off
     assert status == 200, performance
     day = performance["realized"]["date"]
     as_of = int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() * 1000)
-    assert as_of >= int((START + timedelta(days=TRAIN_DAYS + 1)).timestamp() * 1000), day
+    assert as_of == int((START + timedelta(days=POPULATION.days - 1 - HORIZON_DAYS)).timestamp() * 1000), day
     assert performance["expected_for_realized_day"] is not None  # expected beside realized
     assert performance["expected"]["date"] > day
     out = tmp_path / "offline.parquet"
@@ -401,12 +426,12 @@ def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_off
 
 
 def test_drift_from_day_d_is_at_alert_within_one_day_and_only_on_shifted_features(
-    settings: Settings, deployment: Deployment, champion: Champion
+    settings: Settings, deployment: Deployment, request: pytest.FixtureRequest
 ) -> None:
-    drifted = simulate(replace(POPULATION, drift_at=DRIFT_AT, drift_strength=DRIFT_STRENGTH)).events
     deployment.start("scorer")
-    wait_for(lambda: answers(deployment.metrics_url("scorer")), 120, "the scorer to serve metrics", every=0.2,
-             log=deployment.folder / "scorer.log")  # fmt: skip
+    request.getfixturevalue("champion")
+    drifted = simulate(replace(POPULATION, drift_at=DRIFT_AT, drift_strength=DRIFT_STRENGTH)).events
+    serving_with_champion(deployment, "scorer")
     seconds = stream_through(settings, deployment, drifted, archiver=False)
     print(f"\nstreamed {drifted.height} drifted events in {seconds:.1f} s")
     history = after_training(read_drift_history(deployment.predictions))
@@ -428,6 +453,11 @@ def test_drift_from_day_d_is_at_alert_within_one_day_and_only_on_shifted_feature
     scorer = f'instance="{deployment.instance("scorer")}"'
     psi = {r["metric"]["feature"]: float(r["value"][1]) for r in query(settings, f"churn_feature_psi{{{scorer}}}")}
     assert all(psi[f] >= 0.25 for f in SHIFTED), psi
-    wait_for(lambda: [a for a in prom(settings, "/api/v1/alerts")["alerts"]
-                      if a["labels"]["alertname"] == "ChurnFeatureDrift"
-                      and a["labels"].get("feature") in SHIFTED], 15, "ChurnFeatureDrift to be pending or firing")  # fmt: skip
+
+    def drift_alerts() -> list[dict[str, Any]]:
+        alerts = prom(settings, "/api/v1/alerts")["alerts"]
+        return [
+            a for a in alerts if a["labels"]["alertname"] == "ChurnFeatureDrift" and a["labels"]["feature"] in SHIFTED
+        ]
+
+    wait_for(drift_alerts, 15, "ChurnFeatureDrift to be pending or firing")

@@ -254,6 +254,7 @@ def test_publisher_sets_gauges_and_writes_the_state() -> None:
     assert first is not None
     assert second is not None
     stored = read_drift(client, "p:")
+    assert stored is not None
     assert stored == json.loads(json.dumps(second))
     assert stored["features"]["x"]["alert_since"] == 10.0
     assert stored["segments"]["level_paid"]["features"]["x"]["alert_since"] == 10.0
@@ -333,7 +334,9 @@ def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> N
 
     # Realized figures: each snapshot H days old is labelled from the churns the stream carried.
     churn = {e.user_id: e.ts for e in reversed(events) if e.page == "Cancellation Confirmation"}
-    state_json = json.loads(client.get("p:performance"))
+    raw = client.get("p:performance")
+    assert raw is not None
+    state_json = json.loads(raw)
     labelled = [d for d, entry in state_json["days"].items() if entry.get("realized")]
     assert labelled
     for as_of in midnights:
