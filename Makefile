@@ -11,7 +11,7 @@ test_port = $(shell echo $$(( $(1) + $(TEST_PORT_OFFSET) )))
 TEST_ENV := CHURN_STATE_DIR=.state/test CHURN_KAFKA_PORT=$(call test_port,19092) \
 	CHURN_KAFKA_CONTROLLER_PORT=$(call test_port,19093) CHURN_REDIS_PORT=$(call test_port,16379) \
 	CHURN_PROMETHEUS_PORT=$(call test_port,19090) CHURN_API_PORT=$(call test_port,18000) \
-	CHURN_SCORER_METRICS_PORT=$(call test_port,19108)
+	CHURN_SCORER_METRICS_PORT=$(call test_port,19108) CHURN_ARCHIVER_METRICS_PORT=$(call test_port,19109)
 
 .PHONY: help setup demo test test-env unit integration lint format bench infra-up infra-down infra-status clean
 

@@ -97,7 +97,7 @@ def consume(
     ),
 ) -> None:
     """Run the scoring consumer (group churn-scorer): events -> features -> scores -> Redis."""
-    from monitoring.server import start_metrics_server  # heavy: see the module docstring
+    from monitoring.server import registered, start_metrics_server  # heavy: see the module docstring
     from stream.consumer import build_scorer  # heavy: see the module docstring
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -108,7 +108,8 @@ def consume(
         _fail(exc)
     start_metrics_server(scorer.metrics, settings.scorer_metrics_port, settings.metrics_host)
     scorer.install_signal_handlers()
-    scorer.run(max_idle_s=idle_exit or None)
+    with registered(settings, "scorer", settings.scorer_metrics_port, settings.metrics_host):
+        scorer.run(max_idle_s=idle_exit or None)
 
 
 def _stop_like_ctrl_c_on_sigterm() -> None:
@@ -188,15 +189,21 @@ def archive(
         0.0, help="Exit after this many seconds without messages while partitions are assigned (0: run until stopped)."
     ),
 ) -> None:
-    """Run the archiver (group churn-archiver): events -> Parquet log partitioned by event date."""
+    """Run the archiver (group churn-archiver): events -> Parquet log partitioned by event date;
+    metrics on CHURN_ARCHIVER_METRICS_PORT."""
+    from monitoring.metrics import Metrics  # heavy: see the module docstring
+    from monitoring.server import registered, start_metrics_server  # heavy: see the module docstring
     from stream.archiver import Archiver  # heavy: see the module docstring
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = _settings()
-    archiver = Archiver(settings, out or settings.data_dir / "events")
+    metrics = Metrics()
+    archiver = Archiver(settings, out or settings.data_dir / "events", metrics=metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: archiver.stopping.set())
-    archiver.run(max_idle_s=idle_exit or None)
+    start_metrics_server(metrics, settings.archiver_metrics_port, settings.metrics_host)
+    with registered(settings, "archiver", settings.archiver_metrics_port, settings.metrics_host):
+        archiver.run(max_idle_s=idle_exit or None)
 
 
 @app.command("simulate")
@@ -304,24 +311,39 @@ def retrain(
     if_drift: Annotated[
         bool, typer.Option("--if-drift", help="Only if a feature or the score drifted (scorer's state in Redis).")
     ] = False,
+    if_degraded: Annotated[
+        bool,
+        typer.Option(
+            "--if-degraded",
+            help="Only if the realized ROC-AUC of the latest CHURN_DEGRADED_DAYS labelled snapshots is below"
+            " CHURN_GATE_MIN_ROC_AUC. With --if-drift: either condition.",
+        ),
+    ] = False,
     sustained_minutes: Annotated[
         float | None, typer.Option(min=0, help="Minutes at alert level first (default: CHURN_DRIFT_SUSTAINED_MINUTES).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the training summary as one JSON object.")] = False,
 ) -> None:
-    """Retrain (as `churn train`), always or only after drift held at alert level long enough."""
+    """Retrain (as `churn train`), always, or only after sustained drift and/or degraded realized performance."""
     from monitoring.drift_state import read_drift, retrain_decision  # heavy: see the module docstring
+    from monitoring.performance_state import degraded_decision, read_performance  # heavy: see the module docstring
 
     settings = _settings()
-    if if_drift:
+    if if_drift or if_degraded:
         minutes = settings.drift_sustained_minutes if sustained_minutes is None else sustained_minutes
+        decisions = []
         try:
-            with redis_errors("reading the drift state"):
-                state = read_drift(redis_client(settings), settings.redis_prefix)
+            with redis_errors("reading the drift and performance states"):
+                client = redis_client(settings)
+                if if_drift:
+                    decisions.append(retrain_decision(read_drift(client, settings.redis_prefix), minutes, time.time()))
+                if if_degraded:
+                    state = read_performance(client, settings.redis_prefix)
+                    decisions.append(degraded_decision(state, settings.gate_min_roc_auc, settings.degraded_days))
         except ChurnError as exc:
             _fail(exc)
-        go, why = retrain_decision(state, minutes, time.time())
-        typer.echo(f"{'retraining' if go else 'not retraining'}: {why}")
+        go = any(decision for decision, _ in decisions)
+        typer.echo(f"{'retraining' if go else 'not retraining'}: {'; '.join(why for _, why in decisions)}")
         if not go:
             return
     _train_and_report(settings, events, None, as_json=as_json)
@@ -332,8 +354,16 @@ def score(
     events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
     as_of: Annotated[str, typer.Option(help="ISO time to score at (UTC unless an offset is given).")],
     out: Annotated[Path, typer.Option(help="Output file, .csv or .parquet.")],
+    active_days: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Only users with an event in the N days up to --as-of: the daily snapshot's population"
+            " (training's observation points; N = CHURN_LOOKBACK_DAYS there).",
+        ),
+    ] = None,
 ) -> None:
-    """Score every known user as of a time with the champion model."""
+    """Score every known user (or every user active in the last --active-days) as of a time with the champion."""
     from events.log import load_events  # heavy: see the module docstring
     from models.registry import load_champion  # heavy: see the module docstring
     from training.scoring import score_users, write_scores  # heavy: see the module docstring
@@ -347,7 +377,7 @@ def score(
             msg = f"no champion version of {settings.model_name} at {where}; run `churn train` first"
             raise NotFoundError(msg)
         model, version = champion
-        scores = score_users(model, load_events(events), to_ms(moment), version)
+        scores = score_users(model, load_events(events), to_ms(moment), version, active_days=active_days)
         write_scores(scores, out)
     except ChurnError as exc:
         _fail(exc)
@@ -374,16 +404,20 @@ def serve(
     """Run the risk API (FastAPI under uvicorn) on CHURN_API_HOST:CHURN_API_PORT."""
     import uvicorn
 
+    from monitoring.server import registered  # heavy: see the module docstring
+
     settings = _settings()
-    uvicorn.run(
-        "serving.main:app_from_env",
-        factory=True,
-        host=settings.api_host,
-        port=settings.api_port,
-        workers=workers or settings.api_workers,
-        log_level="warning",
-        access_log=False,
-    )
+    # uvicorn ends `run` on SIGTERM/SIGINT (graceful shutdown), so the target file goes with it.
+    with registered(settings, "api", settings.api_port, settings.api_host):
+        uvicorn.run(
+            "serving.main:app_from_env",
+            factory=True,
+            host=settings.api_host,
+            port=settings.api_port,
+            workers=workers or settings.api_workers,
+            log_level="warning",
+            access_log=False,
+        )
 
 
 @app.command("demo")
@@ -392,13 +426,16 @@ def demo(
     days: int = typer.Option(60, min=30, help="Days of history before live scoring."),
     rate: int = typer.Option(200, min=1, help="Live events per second."),
     duration: float = typer.Option(0.0, help="Seconds of live scoring before stopping (0: until Ctrl-C)."),
+    drift: bool = typer.Option(
+        False, "--drift", help="Inject drift into the live part (fewer songs per session, more adverts and errors)."
+    ),
 ) -> None:
-    """Run the whole system end to end on the local services (`make demo`)."""
+    """Run the whole system end to end on the local services (`make demo`; `--drift` to watch the drift alert fire)."""
     from churn.demo import run_demo  # heavy: see the module docstring
 
     _stop_like_ctrl_c_on_sigterm()  # so `kill` also stops the scorer, API and producer it started
     try:
-        run_demo(_settings(), users=users, days=days, rate=rate, duration=duration or None, say=typer.echo)
+        run_demo(_settings(), users=users, days=days, rate=rate, duration=duration or None, say=typer.echo, drift=drift)
     except ChurnError as exc:
         _fail(exc)
 
@@ -455,6 +492,34 @@ def bench_api(
 
     settings = _settings()
     _print_figures(lambda: api_bench.bench_api(settings, users, rate, seconds, connections, workers, repeats=repeats))
+
+
+@app.command("predictions")
+def predictions(
+    user: Annotated[str | None, typer.Option(help="Only this user's score history.")] = None,
+    date: Annotated[str | None, typer.Option(help="Only this snapshot date (YYYY-MM-DD).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Prediction log (default: CHURN_PREDICTION_LOG_DIR).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write to a .csv or .parquet file instead of printing.")] = None,
+) -> None:
+    """Read the prediction log: the daily snapshots (user, as-of, probability, tier, model version,
+    churned once labelled)."""
+    import polars as pl  # heavy: see the module docstring
+
+    from monitoring.prediction_log import read_log  # heavy: see the module docstring
+    from training.scoring import write_scores  # heavy: see the module docstring
+
+    settings = _settings()
+    try:
+        log = read_log(log_dir or settings.predictions_dir, user_id=user, date=date)
+        if out is not None:
+            write_scores(log, out)
+    except ChurnError as exc:
+        _fail(exc)
+    if out is not None:
+        typer.echo(f"{log.height} predictions -> {out}")
+        return
+    with pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=160):
+        typer.echo(str(log.with_columns(pl.from_epoch("as_of", time_unit="ms").alias("as_of"))))
 
 
 @app.command("materialize")

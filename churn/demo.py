@@ -153,10 +153,16 @@ def _show_answers(settings: Settings, say: Say) -> None:
 
 
 DEMO_MIN_ROC_AUC = 0.6  # the demo's test ROC-AUC floor (see run_demo, step 4)
+# `--drift`: the simulator's drift from the first live instant (1 / (1 + 0.5 s) the actions per
+# session, adverts x (1 + s), errors x (1 + 2 s)); the history, the model and its reference are untouched.
+DEMO_DRIFT_STRENGTH = 2.0
 
 
-def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: float | None, say: Say) -> None:
-    """Runs the demo; returns when `duration` seconds of live scoring have passed or on Ctrl-C."""
+def run_demo(
+    settings: Settings, *, users: int, days: int, rate: int, duration: float | None, say: Say, drift: bool = False
+) -> None:
+    """Runs the demo; returns when `duration` seconds of live scoring have passed or on Ctrl-C.
+    With `drift`, the live part drifts from its first instant (see `DEMO_DRIFT_STRENGTH`)."""
 
     t0 = time.monotonic()
     data = settings.data_dir / "demo"
@@ -167,8 +173,16 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
     try:
         say(f"[1/6] simulating {users:,} listeners x {days} days of history plus 2 live days")
         start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days)
-        sim = simulate(SimConfig(users=users, days=days + 2, start=start, seed=int(time.time()) % 10_000))
-        cut = int((start + timedelta(days=days)).timestamp() * 1000)
+        live_start = start + timedelta(days=days)
+        sim = simulate(
+            SimConfig(
+                users=users, days=days + 2, start=start, seed=int(time.time()) % 10_000,
+                drift_at=live_start if drift else None, drift_strength=DEMO_DRIFT_STRENGTH,
+            )
+        )  # fmt: skip
+        cut = int(live_start.timestamp() * 1000)
+        if drift:
+            say(f"  drift injected from {live_start:%Y-%m-%d %H:%M} UTC (strength {DEMO_DRIFT_STRENGTH:g})")
         history = sim.events.filter(sim.events["ts"] < cut)
         live = sim.events.filter(sim.events["ts"] >= cut)
         live_path = data / "live.jsonl"
@@ -203,10 +217,9 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
         if not summary.promoted:
             say("  the gates refused this model: the API answers 503 and the scorer writes features only")
 
-        say("[5/6] starting the API and a live producer")
+        say("[5/6] starting the API, then a live producer once the scorer has the champion")
         # A local demo on loopback: without configured keys it opens the API explicitly.
         procs.start("api", "serve", env=None if settings.api_keys else {"CHURN_API_OPEN": "true"})
-        procs.start("producer", "produce", "--replay", str(live_path), "--rate", str(rate))
         base = f"http://{settings.api_host}:{settings.api_port}"
         for _ in range(60):
             try:
@@ -214,13 +227,18 @@ def run_demo(settings: Settings, *, users: int, days: int, rate: int, duration: 
                 break
             except OSError:
                 time.sleep(1)
-        time.sleep(settings.model_poll_seconds + 2)  # let the scorer pick up the champion
+        # The first live event crosses the UTC midnight the history ends at: the scorer takes the
+        # first daily snapshot then, which needs the champion loaded.
+        time.sleep(settings.model_poll_seconds + 2)
+        procs.start("producer", "produce", "--replay", str(live_path), "--rate", str(rate))
 
         say(f"[6/6] live scoring; the demo took {time.monotonic() - t0:.0f}s to get here")
         say(f"  API docs:      {base}/docs")
         say(f"  API metrics:   {base}/metrics")
         say(f"  scorer metrics: http://127.0.0.1:{settings.scorer_metrics_port}/metrics")
-        say(f"  Prometheus:    http://127.0.0.1:{settings.prometheus_port}")
+        say(f"  Prometheus:    http://127.0.0.1:{settings.prometheus_port} (targets: /targets, alerts: /alerts)")
+        say(f"  drift:         {base}/monitoring/drift (a snapshot at each UTC midnight of event time)")
+        say(f"  performance:   {base}/monitoring/performance; prediction log: churn predictions")
         say(f"  MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}")
         say(f"  logs:          {logs}")
         _show_answers(settings, say)

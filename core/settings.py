@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
     open_health_and_metrics: bool = True  # health and /metrics answer without an API key
     scorer_metrics_port: int = Field(default=9108, ge=0, le=65535)
+    archiver_metrics_port: int = Field(default=9109, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # bind address of the scorer's metrics server (0.0.0.0 in compose)
 
     # Model and features
@@ -94,10 +95,19 @@ class Settings(BaseSettings):
     max_batch_wait_ms: int = Field(default=100, ge=1, le=10_000)
     model_poll_seconds: float = Field(default=10.0, gt=0)
 
-    # Drift monitoring (monitoring/drift.py): the scorer compares the latest rows of the last
-    # `drift_window_rows` distinct users with the champion's reference every `drift_every_seconds`.
-    drift_window_rows: int = Field(default=5000, ge=10, le=1_000_000)
-    drift_every_seconds: float = Field(default=15.0, gt=0)
+    # Drift monitoring (monitoring/drift.py, stream/snapshot.py): at each UTC midnight of event
+    # time the scorer snapshots every user active in the last `lookback_days` and compares the
+    # snapshot with the champion's reference, overall and per segment (a segment with fewer than
+    # `drift_min_segment_rows` rows on either side is shown but not judged: with no drift, PSI on
+    # ten bins times the rows is about chi-square with 9 degrees of freedom, so 500 rows keep a
+    # false "warn" (PSI 0.1) below 1e-5 per feature, 200 rows would not). The snapshots go to
+    # the prediction log (default <state>/data/predictions); realized performance is computed
+    # when labels are known, and `churn retrain --if-degraded` retrains once the realized ROC-AUC
+    # of the latest `degraded_days` labelled snapshots is below `gate_min_roc_auc`.
+    lookback_days: int = Field(default=28, ge=1, le=365)
+    drift_min_segment_rows: int = Field(default=500, ge=1)
+    prediction_log_dir: Path | None = None
+    degraded_days: int = Field(default=2, ge=1, le=60)
     drift_psi_warn: float = Field(default=0.1, gt=0)
     drift_psi_alert: float = Field(default=0.25, gt=0)
     # `churn retrain --if-drift` retrains once a PSI has been at alert level this long (as the alert rules).
@@ -175,6 +185,11 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         """Returns the folder for simulated logs, the archived event log and batch outputs."""
         return self.state_dir.resolve() / "data"
+
+    @property
+    def predictions_dir(self) -> Path:
+        """Returns the prediction log folder (the daily snapshots, Parquet by date)."""
+        return (self.prediction_log_dir or self.data_dir / "predictions").resolve()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -6,18 +6,17 @@ bin for bin; KS is the two-sample test (scipy `ks_2samp`) of the live values aga
 reference's raw sample. Thresholds follow the usual PSI reading: below 0.1 stable, 0.1-0.25
 moderate shift (warn), above 0.25 significant shift (alert).
 
-`DriftWindow` holds the latest row of each of the last `size` distinct users seen (a numpy ring
-buffer keyed by user), because the reference is one row per active user per observation time:
-keeping every scored row instead would weight each user by how often they are scored and
-report the heaviest listeners as "drift". Request-time features are recomputed as of the
-window's watermark at `compute` time (the stream scores as of each user's latest event, where
-they are 0 by construction), and the score is recomputed with them when a model is given.
+What is compared is a daily snapshot (`stream.snapshot`): at each UTC midnight of event time,
+every user active within the lookback, their row as of that instant, scored by the champion:
+exactly the population and the rows the reference was built from (training's observation
+points), so with no drift the two differ by sampling noise only. A window of the users the
+stream scored most recently would not: it holds the most active users, with recency near zero.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -107,14 +106,62 @@ def column_drift(distribution: dict[str, Any], values: np.ndarray, thresholds: T
     return Drift(value, statistic, pvalue, thresholds.status(value))
 
 
+# Segments judged apart (bounded label values): the level and a tenure band, from the model's
+# own inputs, so a snapshot and the reference are split by the same rule.
+TENURE_BANDS = (
+    ("tenure_under_30d", 0.0, 30.0),
+    ("tenure_30_to_180d", 30.0, 180.0),
+    ("tenure_180d_plus", 180.0, np.inf),
+)
+SEGMENTS = ("level_free", "level_paid", *(name for name, _, _ in TENURE_BANDS))
+# The column a segment is cut on: within the segment its distribution says only where the cut
+# falls (a tenure band's tenures age day by day), so it is judged overall, not per segment.
+SEGMENT_COLUMN = {"level_free": "level_paid", "level_paid": "level_paid"} | {
+    name: "days_since_registration" for name, _, _ in TENURE_BANDS
+}
+
+
+def segment_masks(matrix: np.ndarray, features: Sequence[str]) -> dict[str, np.ndarray]:
+    """Returns {segment: row mask} for `SEGMENTS`: level from `level_paid`, tenure band from
+    `days_since_registration` (rows without a registration are in no band). A segment whose
+    column is not among `features` is left out."""
+    out: dict[str, np.ndarray] = {}
+    if "level_paid" in features:
+        paid = matrix[:, list(features).index("level_paid")]
+        out["level_free"] = paid == 0
+        out["level_paid"] = paid == 1
+    if "days_since_registration" in features:
+        days = matrix[:, list(features).index("days_since_registration")]
+        for name, low, high in TENURE_BANDS:
+            out[name] = (days >= low) & (days < high)
+    return out
+
+
+@dataclass(frozen=True)
+class SegmentDrift:
+    """Drift of one segment. `judged` is False when the segment holds fewer than the minimum
+    rows in the snapshot or the reference: PSI over ten bins of a few dozen rows is mostly
+    sampling noise (its expected value under no drift is about bins / rows), so such a segment
+    is reported but never given a status above "ok"."""
+
+    rows: int
+    reference_rows: int
+    judged: bool
+    features: dict[str, Drift]
+    score: Drift | None
+
+
 @dataclass(frozen=True)
 class DriftReport:
-    """One drift computation: per feature and for the score, over `rows` window rows."""
+    """One drift computation: per feature and for the score over `rows` snapshot rows, and the
+    same per segment; `as_of_ms` is the observation instant of the snapshot (event time)."""
 
     computed_at: float  # epoch seconds (wall clock)
     rows: int
     features: dict[str, Drift]
-    score: Drift | None  # None when the window holds no scores
+    score: Drift | None  # None when there are no scores
+    as_of_ms: int | None = None
+    segments: dict[str, SegmentDrift] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-ready dict (NaN becomes None)."""
@@ -124,115 +171,69 @@ class DriftReport:
 
         return {
             "computed_at": self.computed_at,
+            "as_of_ms": self.as_of_ms,
             "rows": self.rows,
             "features": {name: clean(d) for name, d in self.features.items()},
             "score": None if self.score is None else clean(self.score),
+            "segments": {
+                name: {
+                    "rows": seg.rows,
+                    "reference_rows": seg.reference_rows,
+                    "judged": seg.judged,
+                    "features": {f: clean(d) for f, d in seg.features.items()},
+                    "score": None if seg.score is None else clean(seg.score),
+                }
+                for name, seg in self.segments.items()
+            },
         }
 
 
-class DriftWindow:
-    """The latest feature row and score of each of the last `size` distinct users (bounded memory).
+def _columns(
+    reference: dict[str, Any], features: Sequence[str], matrix: np.ndarray, scores: np.ndarray, thresholds: Thresholds
+) -> tuple[dict[str, Drift], Drift | None]:
+    drifts = {
+        name: column_drift(reference["features"][name], matrix[:, i], thresholds)
+        for i, name in enumerate(features)
+        if name in reference.get("features", {})
+    }
+    scored = scores[~np.isnan(scores)]
+    score = column_drift(reference["score"], scored, thresholds) if len(scored) and "score" in reference else None
+    return drifts, score
 
-    `add` is called once per scored batch with the matrix and probabilities the scorer already
-    has; `compute` builds a `DriftReport`. Not thread-safe: one scorer loop owns it.
+
+def snapshot_drift(
+    reference: dict[str, Any],
+    features: Sequence[str],
+    matrix: np.ndarray,
+    scores: np.ndarray,
+    thresholds: Thresholds,
+    *,
+    now: float,
+    as_of_ms: int | None = None,
+    min_segment_rows: int = 500,
+) -> DriftReport:
+    """Returns the drift of a snapshot (rows of `features`, one per user, and their scores)
+    against `reference` ({"features", "score", "segments"}, `training.reference.references`).
+
+    Features absent from the reference are skipped, and so is the column a segment is cut on
+    within that segment (`SEGMENT_COLUMN`). Segments are measured only when the reference has
+    them (models trained before segments existed have none) and judged only when both sides
+    hold at least `min_segment_rows` rows (see `SegmentDrift`).
     """
-
-    def __init__(
-        self,
-        features: Sequence[str],
-        size: int = 5000,
-        *,
-        request_features: dict[str, Callable[[np.ndarray, int], np.ndarray]] | None = None,
-        max_age_ms: int = 28 * 86_400_000,
-    ) -> None:
-        """`request_features` maps a request-time feature to f(last_event_ms, watermark_ms) -> values;
-        users whose latest event is older than `max_age_ms` before the watermark are left out, as
-        training leaves out users inactive for longer than its lookback."""
-        if size < 1:
-            msg = f"drift window size must be at least 1, got {size}"
-            raise ValueError(msg)
-        self.features = tuple(features)
-        self.size = size
-        self.request_features = request_features or {}
-        self.max_age_ms = max_age_ms
-        self._matrix = np.full((size, len(self.features)), np.nan)
-        self._scores = np.full(size, np.nan)
-        self._last_event_ms = np.zeros(size, dtype=np.int64)
-        self._users: list[str | None] = [None] * size
-        self._slot: dict[str, int] = {}
-        self._next = 0  # the slot a new user takes (the oldest one once full)
-
-    def __len__(self) -> int:
-        return len(self._slot)
-
-    def add(
-        self, users: Sequence[str], matrix: np.ndarray, scores: np.ndarray | None, last_event_ms: Sequence[int]
-    ) -> None:
-        """Records each user's latest row; a new user evicts the least recently added one."""
-        for i, user in enumerate(users):
-            slot = self._slot.get(user)
-            if slot is None:
-                slot = self._next
-                self._next = (self._next + 1) % self.size
-                evicted = self._users[slot]
-                if evicted is not None:
-                    del self._slot[evicted]
-                self._users[slot] = user
-                self._slot[user] = slot
-            self._matrix[slot] = matrix[i]
-            self._scores[slot] = np.nan if scores is None else scores[i]
-            self._last_event_ms[slot] = last_event_ms[i]
-
-    def discard(self, users: Sequence[str]) -> None:
-        """Drops users who left (e.g. churned): the reference only holds users still active."""
-        for user in users:
-            slot = self._slot.pop(user, None)
-            if slot is not None:
-                self._users[slot] = None
-
-    def rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Returns copies of (feature matrix, scores) of the users in the window active within
-        `max_age_ms` of the watermark (its latest event), request-time features recomputed as of
-        the watermark."""
-        used = np.fromiter(self._slot.values(), dtype=np.int64, count=len(self._slot))
-        if len(used):
-            watermark = int(self._last_event_ms[used].max())
-            used = used[self._last_event_ms[used] >= watermark - self.max_age_ms]
-        matrix = self._matrix[used].copy()
-        if len(used):
-            last = self._last_event_ms[used]
-            for name, recompute in self.request_features.items():
-                matrix[:, self.features.index(name)] = recompute(last, watermark)
-        return matrix, self._scores[used].copy()
-
-    def compute(
-        self,
-        reference: dict[str, Any],
-        thresholds: Thresholds,
-        *,
-        now: float,
-        rescore: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> DriftReport:
-        """Returns the drift of the window against `reference` ({"features": {...}, "score": {...}},
-        `training.reference.references`). Features absent from the reference are skipped.
-
-        `rescore` (the model's predict) recomputes scores as of the watermark, so they are
-        comparable with the reference's scores at observation times; without it the scores
-        recorded by `add` are used.
-        """
-        matrix, scores = self.rows()
-        if rescore is not None and len(matrix):
-            scores = np.asarray(rescore(matrix), dtype=np.float64)
-        features = {
-            name: column_drift(reference["features"][name], matrix[:, i], thresholds)
-            for i, name in enumerate(self.features)
-            if name in reference.get("features", {})
-        }
-        scored = scores[~np.isnan(scores)]
-        score = column_drift(reference["score"], scored, thresholds) if len(scored) and "score" in reference else None
-        return DriftReport(now, len(matrix), features, score)
-
-
-def seconds_since(last_event_ms: np.ndarray, watermark_ms: int) -> np.ndarray:
-    """Returns the seconds from each latest event to the watermark (`seconds_since_last_event`)."""
-    return (watermark_ms - last_event_ms.astype(np.float64)) / 1000.0
+    matrix = np.asarray(matrix, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    overall, score = _columns(reference, features, matrix, scores, thresholds)
+    segments: dict[str, SegmentDrift] = {}
+    references = reference.get("segments") or {}
+    for name, mask in segment_masks(matrix, features).items():
+        seg_reference = references.get(name)
+        if seg_reference is None:
+            continue
+        rows, reference_rows = int(mask.sum()), int(seg_reference.get("count") or 0)
+        judged = rows >= min_segment_rows and reference_rows >= min_segment_rows
+        # An unjudged segment is still measured (shown), with every status forced to "ok".
+        seg_thresholds = thresholds if judged else Thresholds(np.inf, np.inf)
+        seg_features, seg_score = _columns(seg_reference, features, matrix[mask], scores[mask], seg_thresholds)
+        seg_features.pop(SEGMENT_COLUMN[name], None)
+        segments[name] = SegmentDrift(rows, reference_rows, judged, seg_features, seg_score)
+    return DriftReport(now, len(matrix), overall, score, as_of_ms, segments)

@@ -1,5 +1,6 @@
-"""The shared drift state: the latest `DriftReport` as JSON in Redis (`<redis_prefix>drift`),
-with how long each feature and the score have been at alert level.
+"""The shared drift state: the latest daily snapshot's `DriftReport` as JSON in Redis
+(`<redis_prefix>drift`), with how long each feature and the score (overall and per segment) have
+been at alert level.
 
 The scorer publishes it (`DriftPublisher`), the API serves it (`GET /monitoring/drift`) and
 `churn retrain --if-drift` decides from it (`sustained_alerts`). `alert_since` (epoch seconds)
@@ -10,14 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from monitoring.drift import DriftReport, DriftWindow, Thresholds
+from monitoring.drift import DriftReport, Thresholds
 from monitoring.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,13 @@ def with_alert_history(report: dict[str, Any], previous: dict[str, Any] | None) 
         entry["alert_since"] = since(entry, old_features.get(name) or {})
     if report.get("score") is not None:
         report["score"]["alert_since"] = since(report["score"], old_score)
+    old_segments = (previous or {}).get("segments") or {}
+    for segment, drift in (report.get("segments") or {}).items():
+        old = old_segments.get(segment) or {}
+        for name, entry in drift["features"].items():
+            entry["alert_since"] = since(entry, (old.get("features") or {}).get(name) or {})
+        if drift.get("score") is not None:
+            drift["score"]["alert_since"] = since(drift["score"], old.get("score") or {})
     return report
 
 
@@ -59,9 +65,12 @@ def read_drift(client: Any, prefix: str) -> dict[str, Any] | None:
 
 
 def sustained_alerts(state: dict[str, Any], minutes: float, now: float) -> dict[str, float]:
-    """Returns {feature or "score": minutes at alert level} for those at alert for >= `minutes`
-    as of `now` (epoch seconds)."""
+    """Returns {feature or "score" (or "<segment>/<feature>"): minutes at alert level} for those at
+    alert for >= `minutes` as of `now` (epoch seconds)."""
     entries = {**(state.get("features") or {}), SCORE: state.get("score") or {}}
+    for segment, drift in (state.get("segments") or {}).items():
+        entries.update({f"{segment}/{name}": entry for name, entry in (drift.get("features") or {}).items()})
+        entries[f"{segment}/{SCORE}"] = drift.get("score") or {}
     out: dict[str, float] = {}
     for name, entry in entries.items():
         since = entry.get("alert_since")
@@ -72,33 +81,25 @@ def sustained_alerts(state: dict[str, Any], minutes: float, now: float) -> dict[
 
 @dataclass
 class DriftPublisher:
-    """Computes the window's report, sets the drift gauges and writes the state to Redis
-    (`client`, under `prefix`); `clock` gives epoch seconds."""
+    """Sets the drift gauges from a snapshot's `DriftReport` and writes the state to Redis
+    (`client`, under `prefix`)."""
 
-    window: DriftWindow
     thresholds: Thresholds
     metrics: Metrics
     client: Any
     prefix: str
-    clock: Callable[[], float] = time.time
 
-    def publish(self, model: Any, name: str = "", version: str = "") -> dict[str, Any] | None:
-        """Reports drift against `model`'s reference (its `meta["reference"]`); returns the state
-        written, or None when there is nothing to compare (no model, no reference, empty window).
-        Never raises: monitoring must not stop scoring."""
-        reference = (getattr(model, "meta", None) or {}).get("reference")
-        if reference is None or not len(self.window):
-            return None
+    def publish(self, report: DriftReport, name: str = "", version: str = "") -> dict[str, Any] | None:
+        """Publishes `report` (of model `name` v`version`); returns the state written, or None if
+        Redis refused it. Never raises: monitoring must not stop scoring."""
         try:
-            report = self.window.compute(reference, self.thresholds, now=self.clock(), rescore=model.predict)
             self._set_gauges(report)
             state = report.to_dict()
             state["model"] = {"name": name, "version": version}
             state["thresholds"] = {"warn": self.thresholds.warn, "alert": self.thresholds.alert}
-            key = drift_key(self.prefix)
             state = with_alert_history(state, read_drift(self.client, self.prefix))
-            self.client.set(key, json.dumps(state))
-        except Exception:  # Redis down or a bad reference: log, keep scoring, try next period
+            self.client.set(drift_key(self.prefix), json.dumps(state))
+        except Exception:  # Redis down: log, keep scoring, the next snapshot tries again
             log.exception("could not publish the drift report")
             return None
         return state
@@ -116,6 +117,16 @@ class DriftPublisher:
         if report.score is not None:
             m.score_psi.set(report.score.psi)
         m.drift_window_rows.set(report.rows)
+        if report.as_of_ms is not None:
+            m.snapshot_as_of.set(report.as_of_ms / 1000)
+        m.segment_feature_psi_max.clear()
+        m.segment_score_psi.clear()
+        for segment, part in report.segments.items():
+            if not part.judged:  # too few rows: its PSI is noise, so no gauge an alert could read
+                continue
+            m.segment_feature_psi_max.labels(segment).set(max((d.psi for d in part.features.values()), default=0.0))
+            if part.score is not None:
+                m.segment_score_psi.labels(segment).set(part.score.psi)
 
 
 def retrain_decision(state: dict[str, Any] | None, minutes: float, now: float) -> tuple[bool, str]:

@@ -113,7 +113,55 @@ class Metrics:
         self.feature_ks = Gauge("churn_feature_ks_statistic", "Two-sample KS statistic", ["feature"], registry=r)
         self.feature_ks_pvalue = Gauge("churn_feature_ks_pvalue", "Two-sample KS p-value", ["feature"], registry=r)
         self.score_psi = Gauge("churn_score_psi", "PSI of the score vs its reference", registry=r)
-        self.drift_window_rows = Gauge("churn_drift_window_rows", "Rows in the drift window", registry=r)
+        self.drift_window_rows = Gauge(
+            "churn_drift_window_rows", "Users in the latest daily drift snapshot", registry=r
+        )
+        # Daily snapshot: per-segment drift, realized and expected performance (stream/snapshot.py)
+        self.snapshot_as_of = Gauge(
+            "churn_snapshot_as_of_seconds", "Event time (UTC midnight) of the latest daily snapshot", registry=r
+        )
+        self.segment_feature_psi_max = Gauge(
+            "churn_segment_feature_psi_max",
+            "Highest feature PSI within a segment (level_free/paid, tenure band) of the snapshot",
+            ["segment"],
+            registry=r,
+        )
+        self.segment_score_psi = Gauge(
+            "churn_segment_score_psi", "Score PSI within a segment of the snapshot", ["segment"], registry=r
+        )
+        self.realized = Gauge(
+            "churn_realized_performance",
+            "Realized figure (roc_auc, pr_auc, high_precision, high_recall, brier, observed_rate, predicted_rate)"
+            " of the latest labelled snapshot",
+            ["metric"],
+            registry=r,
+        )
+        self.realized_as_of = Gauge(
+            "churn_realized_as_of_seconds", "Event time of the latest snapshot with realized figures", registry=r
+        )
+        self.expected = Gauge(
+            "churn_expected_performance",
+            "Figure the calibrated probabilities of the latest snapshot imply (roc_auc, high_precision,"
+            " high_recall, predicted_rate)",
+            ["metric"],
+            registry=r,
+        )
+        self.performance_floor = Gauge(
+            "churn_performance_floor", "The promotion floor of a metric (roc_auc)", ["metric"], registry=r
+        )
+        # Archiver
+        self.archiver_lag = Gauge(
+            "churn_archiver_lag_messages",
+            "Archiver messages behind the partition end",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.archiver_files_total = Counter("churn_archiver_files_total", "Parquet files written", registry=r)
+        self.archiver_bytes_total = Counter("churn_archiver_bytes_total", "Parquet bytes written", registry=r)
+        self.archiver_events_total = Counter("churn_archiver_events_total", "Events archived", registry=r)
+        self.archiver_last_commit = Gauge(
+            "churn_archiver_last_commit_timestamp_seconds", "Wall time of the archiver's last offset commit", registry=r
+        )
 
     def set_model(self, component: str, name: str, version: str | None) -> None:
         """Records which model `component` (scorer or api) now serves; version None = no model."""

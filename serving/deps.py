@@ -17,6 +17,7 @@ from models.holder import ModelHolder
 from models.registry import champion_loader
 from monitoring.drift_state import read_drift
 from monitoring.metrics import Metrics
+from monitoring.performance_state import read_performance
 from serving.risk import RiskService, build_clock
 from stream.risk_store import RedisRiskStore
 
@@ -34,6 +35,7 @@ class Deps:
     ready_checks: dict[str, Callable[[], None]] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
     drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
+    performance_state: Callable[[], dict[str, Any] | None] = lambda: None  # expected/realized per day
 
     def model_meta(self) -> dict[str, Any] | None:
         """Returns the current champion's meta.json, or None while no model is loaded."""
@@ -72,6 +74,10 @@ def build_deps(settings: Settings) -> Deps:
         with redis_errors("reading the drift report"):
             return read_drift(client, settings.redis_prefix)
 
+    def performance_state() -> dict[str, Any] | None:
+        with redis_errors("reading the performance state"):
+            return read_performance(client, settings.redis_prefix)
+
     return Deps(
         service=service,
         models=models,
@@ -79,6 +85,7 @@ def build_deps(settings: Settings) -> Deps:
         ready_checks={"redis": ping, "feature_view": feature_view},
         close=client.close,
         drift_state=drift_state,
+        performance_state=performance_state,
     )
 
 

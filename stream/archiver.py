@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import Settings
 from events.schema import Event, parse_event
-from stream.kafka import committing_consumer
+from monitoring.metrics import Metrics
+from stream.kafka import committing_consumer, report_lag
 
 log = logging.getLogger(__name__)
 _FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
@@ -51,14 +53,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> int:
+def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> tuple[int, int]:
     """Writes (partition, offset, event) rows as one file per (date, partition), each fsynced
     and renamed into place with its folder fsynced (and a new folder's parent), so a power loss
-    after the caller commits the offsets cannot lose or truncate a file; returns files written."""
+    after the caller commits the offsets cannot lose or truncate a file; returns (files, bytes)
+    written."""
     groups: dict[tuple[str, int], list[tuple[int, Event]]] = defaultdict(list)
     for partition, offset, event in rows:
         day = datetime.fromtimestamp(event.ts / 1000, tz=UTC).strftime("%Y-%m-%d")
         groups[(day, partition)].append((offset, event))
+    written = 0
     for (day, partition), items in groups.items():
         folder = root / f"date={day}"
         if not folder.exists():
@@ -74,17 +78,27 @@ def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> int:
         temp = final.with_suffix(".tmp")
         frame.write_parquet(temp)
         fsync_path(temp)  # the data, before the name points at it
+        written += temp.stat().st_size
         temp.rename(final)
         fsync_path(folder)  # the rename
-    return len(groups)
+    return len(groups), written
 
 
 class Archiver:
     """Consumes the events topic in its own group and appends valid events to the Parquet log."""
 
-    def __init__(self, settings: Settings, root: Path, extra_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        root: Path,
+        extra_config: dict[str, Any] | None = None,
+        metrics: Metrics | None = None,
+        lag_every_s: float = 5.0,
+    ) -> None:
         self.settings = settings
         self.root = root
+        self.metrics = metrics or Metrics()
+        self.lag_every_s = lag_every_s
         self.stopping = threading.Event()
         self.consumer = committing_consumer(settings, settings.archiver_group, extra_config)
         self.skipped = 0
@@ -97,14 +111,15 @@ class Archiver:
 
     def run(self, *, max_batch: int = 20_000, max_idle_s: float | None = None) -> None:
         """Archives until stopped (or `max_idle_s` without messages)."""
-        import time
-
         self.root.mkdir(parents=True, exist_ok=True)
         self.consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign)
-        last_message = time.monotonic()
+        last_message = last_lag = time.monotonic()
         try:
             while not self.stopping.is_set():
                 messages = [m for m in self.consumer.consume(max_batch, 0.5) if m.error() is None]
+                if time.monotonic() - last_lag > self.lag_every_s:
+                    report_lag(self.consumer, self.metrics.archiver_lag)
+                    last_lag = time.monotonic()
                 if not messages:
                     if max_idle_s is not None and not self.consumer.assignment():
                         last_message = time.monotonic()  # the idle clock runs only while partitions are assigned
@@ -122,7 +137,10 @@ class Archiver:
                         rows.append((partition, offset, event))
                     else:
                         self.skipped += 1  # guests and invalid events: the scorer dead-letters the latter
-                write_batch(self.root, rows)
+                files, size = write_batch(self.root, rows)
+                self.metrics.archiver_files_total.inc(files)
+                self.metrics.archiver_bytes_total.inc(size)
+                self.metrics.archiver_events_total.inc(len(rows))
                 ends: dict[int, int] = {}
                 for m in messages:
                     partition, offset = m.partition() or 0, m.offset() or 0
@@ -131,5 +149,6 @@ class Archiver:
                     offsets=[TopicPartition(self.settings.events_topic, p, o + 1) for p, o in ends.items()],
                     asynchronous=False,
                 )
+                self.metrics.archiver_last_commit.set(time.time())
         finally:
             self.consumer.close()

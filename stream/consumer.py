@@ -32,19 +32,20 @@ from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
 from events.schema import ErrorRecord
-from features import spec
 from features.feast_repo import key_ttl_seconds, open_feature_store
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
 from features.state_store import NOTHING_APPLIED, RedisStateStore, StateRolledBackError
 from models.holder import ModelHolder
 from models.registry import champion_loader
-from monitoring.drift import DriftWindow, Thresholds, seconds_since
+from monitoring.drift import Thresholds
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
-from stream.kafka import committing_consumer
+from monitoring.performance_state import PerformancePublisher
+from stream.kafka import committing_consumer, report_lag
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
+from stream.snapshot import DailySnapshots, RedisActivity
 from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ class LoopConfig:
     lag_every_s: float = 5.0
     model_poll_every_s: float = 10.0
     max_backoff_s: float = 5.0
-    drift_every_s: float = 15.0
     applied_check_every_s: float = 1.0  # while idle: has Redis gone back in time?
 
 
@@ -84,14 +84,12 @@ class ScoringConsumer:
         metrics: Metrics,
         loop: LoopConfig | None = None,
         extra_config: dict[str, Any] | None = None,
-        drift: DriftPublisher | None = None,
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.models = models
         self.metrics = metrics
         self.loop = loop or LoopConfig()
-        self.drift = drift
         self.stopping = threading.Event()
         tuning = {
             "partition.assignment.strategy": "cooperative-sticky",
@@ -127,7 +125,7 @@ class ScoringConsumer:
         # Wired and subscribed: ready until a batch finds a store down (see ChurnScorerNotReady).
         self.metrics.scorer_ready.set(1)
         freeze_survivors()  # start-up's imports and clients: never walked by the collector again
-        last_lag = last_model = last_message = last_drift = last_check = time.monotonic()
+        last_lag = last_model = last_message = last_check = time.monotonic()
         backoff = 0.1
         outage_since: float | None = None  # first failed attempt of the batch being retried
         failures = 0  # consecutive failed attempts
@@ -200,11 +198,7 @@ class ScoringConsumer:
                 if now - last_lag > self.loop.lag_every_s:
                     self.report_lag()
                     last_lag = now
-                if now - last_drift > self.loop.drift_every_s:
-                    self.report_drift()
-                    last_drift = now
         finally:
-            self.report_drift()  # a short run (e.g. --idle-exit) still leaves its report
             self.consumer.close()
             self.dlq.flush(10)
 
@@ -318,27 +312,9 @@ class ScoringConsumer:
             except KafkaException:  # the partition may have been revoked meanwhile; its new owner re-reads it
                 log.info("could not rewind %s[%d]; it is no longer assigned", topic, partition)
 
-    def report_drift(self) -> None:
-        """Publishes the drift of the recent rows against the champion's reference (never raises)."""
-        loaded = self.models.current
-        if self.drift is not None and loaded is not None:
-            self.drift.publish(loaded.model, loaded.name, loaded.version)
-
     def report_lag(self) -> None:
         """Sets the lag gauge per assigned partition (high watermark minus position)."""
-        try:
-            assignment = self.consumer.assignment()
-            positions = self.consumer.position(assignment)
-        except KafkaException:  # lag is best-effort monitoring
-            return
-        for tp in positions:
-            try:
-                _, high = self.consumer.get_watermark_offsets(tp, timeout=1, cached=False)
-            except KafkaException as exc:
-                log.debug("no watermark for %s[%d]: %s", tp.topic, tp.partition, exc)
-                continue
-            lag = high - tp.offset if tp.offset >= 0 else high
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+        report_lag(self.consumer, self.metrics.consumer_lag)
 
 
 def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringConsumer:
@@ -355,28 +331,34 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     models = ModelHolder(
         *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
     )
-    window = DriftWindow(
-        spec.MODEL_FEATURES, settings.drift_window_rows, request_features={"seconds_since_last_event": seconds_since}
-    )
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     ttl = key_ttl_seconds(settings)
+    states = RedisStateStore(client, settings.redis_prefix, engine.state_layout, ttl)
+    thresholds = Thresholds(settings.drift_psi_warn, settings.drift_psi_alert)
+    snapshots = DailySnapshots(
+        RedisActivity(client, settings.redis_prefix),
+        states,
+        OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000),
+        DriftPublisher(thresholds, metrics, client, settings.redis_prefix),
+        PerformancePublisher(metrics, client, settings.redis_prefix, settings.gate_min_roc_auc),
+        settings.predictions_dir,
+        lookback_days=settings.lookback_days,
+        min_segment_rows=settings.drift_min_segment_rows,
+    )
     processor = BatchProcessor(
         engine,
-        RedisStateStore(client, settings.redis_prefix, engine.state_layout, ttl),
+        states,
         FeastFeatureStore(open_feature_store(settings)),
         RedisRiskStore(client, settings.redis_prefix, ttl),
         metrics,
         lambda: models.current,
         max_event_bytes=settings.max_event_bytes,
         max_future_skew_ms=settings.max_future_skew_seconds * 1000,
-        drift=window,
+        snapshots=snapshots,
     )
     loop = LoopConfig(
         max_batch=settings.max_batch_events,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         model_poll_every_s=settings.model_poll_seconds,
-        drift_every_s=settings.drift_every_seconds,
     )
-    thresholds = Thresholds(settings.drift_psi_warn, settings.drift_psi_alert)
-    drift = DriftPublisher(window, thresholds, metrics, client, settings.redis_prefix)
-    return ScoringConsumer(settings, processor, models, metrics, loop, drift=drift)
+    return ScoringConsumer(settings, processor, models, metrics, loop)

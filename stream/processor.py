@@ -12,16 +12,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from events.schema import CHURN_PAGE, ErrorRecord, Event, parse_batch
+from core.timeutil import DAY_MS
+from events.schema import CHURN_PAGE, ErrorRecord, Event, ParsedBatch, parse_batch
 from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngine
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, feature_matrix
-from monitoring.drift import DriftWindow
 from monitoring.metrics import Metrics
 from stream.risk_store import RiskRow, RiskStore
 
@@ -34,6 +34,18 @@ class Message(NamedTuple):
     partition: int
     offset: int
     append_ms: int  # broker append (or create) timestamp
+
+
+class Snapshots(Protocol):
+    """The daily snapshot the processor drives (`stream.snapshot.DailySnapshots`)."""
+
+    def track(self, rows: Sequence[FeatureRow], churned: dict[str, int]) -> None:
+        """Records the users whose rows were just written and those who churned (ts)."""
+        ...
+
+    def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
+        """Takes the snapshot of the UTC midnight `as_of_ms` (every earlier event applied)."""
+        ...
 
 
 @dataclass
@@ -66,7 +78,7 @@ class BatchProcessor:
         max_future_skew_ms: int = 300_000,
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        drift: DriftWindow | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.engine = engine
         self.states = states
@@ -78,7 +90,8 @@ class BatchProcessor:
         self.max_future_skew_ms = max_future_skew_ms
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
-        self.drift = drift  # fed with what `_score` computes anyway; the consumer loop reports it
+        self.snapshots = snapshots  # the daily snapshot at each UTC midnight of event time
+        self._watermark: int | None = None  # the latest event time this processor has seen
 
     def forget(self) -> None:
         """Drops cached user states (after a rebalance they are reloaded on first sight)."""
@@ -102,24 +115,83 @@ class BatchProcessor:
             self.forget()
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
+        loaded = self.current_model()
+        parts, watermark = self._parts(parsed.events)
+        for n, (part, midnights) in enumerate(parts):
+            # The batch's applied offsets go with the last part's states: earlier parts are
+            # covered by the per-user offsets in their states if the batch is replayed.
+            offsets = applied_offsets(messages) if n == len(parts) - 1 else {}
+            self._apply(messages, parsed, part, result, loaded, offsets, expected or {})
+            for midnight in midnights:  # crossed by the next part: every event at or before it is applied
+                if self.snapshots is not None:
+                    self.snapshots.take(midnight, loaded)
+        self._watermark = watermark  # only now: a batch retried after an outage crosses its midnights again
+        self._count(result, parsed.unknown_pages)
+        return result
 
+    def _parts(self, events: Sequence[Event]) -> tuple[list[tuple[list[int], list[int]]], int | None]:
+        """Returns the batch split at the UTC midnights it crosses, [(event positions in batch
+        order, midnights crossed right after them)], and the watermark after the batch. Without
+        snapshots: one part, no midnight.
+
+        A daily snapshot must see every user as of the midnight, so the events after it wait
+        until it is taken (a batch of a fast replay can span several days)."""
+        everything = list(range(len(events)))
+        if self.snapshots is None or not events:
+            return [(everything, [])], self._watermark
+        if self._watermark is None:
+            self._watermark = self.risks.watermark()
+        latest = max(e.ts for e in events)
+        start = self._watermark if self._watermark is not None else min(e.ts for e in events)
+        first = -(-start // DAY_MS) * DAY_MS  # the first midnight at or after the watermark
+        if latest <= first:
+            return [(everything, [])], max(latest, start)
+        groups: dict[int, list[int]] = {}
+        for i, event in enumerate(events):
+            k = 0 if event.ts <= first else -(-(event.ts - first) // DAY_MS)
+            groups.setdefault(k, []).append(i)
+        keys = sorted(groups)
+        parts = [
+            (groups[k], [first + d * DAY_MS for d in range(k, keys[n + 1])] if n + 1 < len(keys) else [])
+            for n, k in enumerate(keys)
+        ]
+        return parts, max(latest, start)
+
+    def _apply(
+        self,
+        messages: Sequence[Message],
+        parsed: ParsedBatch,
+        positions: list[int],
+        result: BatchResult,
+        loaded: LoadedModel | None,
+        offsets: Mapping[str, int],
+        expected: Mapping[str, int],
+    ) -> None:
+        """Applies the events at `positions` and writes their effect: features, scores, the
+        watermark, the snapshot's activity, then the states (which carry the applied offsets)."""
+        engine = self.engine
+        events = [parsed.events[i] for i in positions]
         # User by user (each user's events in batch order; users are independent), the row and
         # the saved state are built right after the user's events, while the state is still
         # in the CPU cache (measured at live batch sizes: ~10% of the engine's time).
         rows: list[FeatureRow] = []
         appended_ms: list[int] = []  # per row: append time of the user's latest applied message
         blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
+        churned: dict[str, int] = {}  # users whose Cancellation Confirmation was applied: its ts
         encode = STATE_ENCODER.encode
-        for user, indexes in _by_user(parsed.events).items():
+        for user, indexes in _by_user(events).items():
             latest_applied: int | None = None  # append time (-1 when the broker gave none)
             changed = False
-            for i in indexes:
-                _, _, partition, offset, append_ms = messages[parsed.sources[i]]
-                outcome = engine.apply(parsed.events[i], partition, offset)
+            for j in indexes:
+                event = events[j]
+                _, _, partition, offset, append_ms = messages[parsed.sources[positions[j]]]
+                outcome = engine.apply(event, partition, offset)
                 if outcome == APPLIED:
                     result.applied += 1
                     latest_applied = append_ms
                     changed = True
+                    if event.page == CHURN_PAGE:
+                        churned.setdefault(user, event.ts)
                 elif outcome == DUPLICATE:
                     result.duplicates += 1
                 elif outcome == LATE:
@@ -135,7 +207,7 @@ class BatchProcessor:
             started = time.perf_counter()
             self.features.write_rows(rows)
             self.metrics.store_write_seconds.observe(time.perf_counter() - started)
-        result.users_written = len(rows)
+        result.users_written += len(rows)
         # A user who has cancelled is answered as cancelled, never scored again.
         states = engine.states
         cancelled = [row for row in rows if states[row.user_id].cancelled_ms >= 0]
@@ -144,29 +216,24 @@ class BatchProcessor:
             self.risks.write(
                 [RiskRow.cancelled(r.user_id, states[r.user_id].cancelled_ms, r.last_event_ms, now) for r in cancelled]
             )
-            result.users_cancelled = len(cancelled)
+            result.users_cancelled += len(cancelled)
             kept = [i for i, row in enumerate(rows) if states[row.user_id].cancelled_ms < 0]
             rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
-        loaded = self.current_model()
         if loaded is not None and rows:
             self._score(rows, appended_ms, loaded)
-            result.users_scored = len(rows)
-        watermark = batch_watermark(parsed.events, [messages[i].append_ms for i in parsed.sources])
+            result.users_scored += len(rows)
+        watermark = batch_watermark(events, [messages[parsed.sources[i]].append_ms for i in positions])
         if watermark is not None:
             self.risks.advance_watermark(watermark)
-        if self.drift is not None:  # churned users leave the drift population, as they leave training's
-            self.drift.discard([e.user_id for e in parsed.events if e.page == CHURN_PAGE])
-        written = self.states.save(blobs, applied_offsets(messages), expected or {})
+        if self.snapshots is not None:  # before the states: a replay re-tracks harmlessly
+            self.snapshots.track(rows, churned)  # cancelled users have left the population
+        written = self.states.save(blobs, offsets, expected)
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
-        self._count(result, parsed.unknown_pages)
-        return result
 
     def _score(self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel) -> None:
         matrix = feature_matrix(rows)
         probabilities = loaded.model.predict(matrix)
-        if self.drift is not None:
-            self.drift.add([r.user_id for r in rows], matrix, probabilities, [r.last_event_ms for r in rows])
         now = self.wall_clock_ms()
         risk_rows = [
             RiskRow(row.user_id, float(p), loaded.model.tier(float(p)), loaded.version, row.last_event_ms, now)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from monitoring.drift import segment_masks
+
 
 def distribution(values: np.ndarray, bins: int = 10, sample_size: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Returns {edges, proportions, missing, count, sample} of `values` (see the module doc)."""
@@ -43,8 +45,20 @@ def proportions_in(values: np.ndarray, edges: np.ndarray | list[float]) -> np.nd
 
 
 def references(matrix: np.ndarray, features: tuple[str, ...], scores: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """Returns {"features": {name: distribution}, "score": distribution} for the rows of `matrix`."""
-    return {
-        "features": {name: distribution(matrix[:, i], seed=seed + i) for i, name in enumerate(features)},
-        "score": distribution(scores, seed=seed),
+    """Returns {"features": {name: distribution}, "score": distribution, "segments": {segment:
+    {"count", "features", "score"}}} for the rows of `matrix`; the segments are
+    `monitoring.drift.segment_masks` (level, tenure band), so drift per segment compares like
+    with like."""
+
+    def of(rows: np.ndarray, values: np.ndarray) -> dict[str, Any]:
+        return {
+            "features": {name: distribution(rows[:, i], seed=seed + i) for i, name in enumerate(features)},
+            "score": distribution(values, seed=seed),
+        }
+
+    out = of(matrix, scores)
+    out["segments"] = {
+        name: {"count": int(mask.sum()), **of(matrix[mask], scores[mask])}
+        for name, mask in segment_masks(matrix, features).items()
     }
+    return out

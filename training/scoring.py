@@ -7,16 +7,21 @@ from pathlib import Path
 import polars as pl
 
 from core.errors import InvalidInputError
+from core.timeutil import DAY_MS
 from features import offline
 from models.artifact import ChurnModel
 from training.dataset import churn_times, feature_matrix
 
 
-def score_users(model: ChurnModel, events: pl.LazyFrame, as_of_ms: int, version: str) -> pl.DataFrame:
+def score_users(
+    model: ChurnModel, events: pl.LazyFrame, as_of_ms: int, version: str, *, active_days: int | None = None
+) -> pl.DataFrame:
     """Returns one row per known user as of `as_of_ms` (epoch ms): user_id, churn_probability,
     risk_tier, model_version, sorted by probability descending then user_id. A known user has
     an event at or before as_of and no Cancellation Confirmation at or before it (a user who
-    already left has nothing left to predict). Only events at or before as_of are read.
+    already left has nothing left to predict); with `active_days`, only those with an event in
+    [as_of - active_days, as_of] (training's observation points, the scorer's daily snapshot).
+    Only events at or before as_of are read.
 
     Raises:
         InvalidInputError: no user is known at that time.
@@ -28,6 +33,11 @@ def score_users(model: ChurnModel, events: pl.LazyFrame, as_of_ms: int, version:
         msg = f"no user has an event at or before {as_of_ms} (epoch ms) without having cancelled"
         raise InvalidInputError(msg)
     features = offline.compute(past, users.with_columns(pl.lit(as_of_ms, pl.Int64).alias("as_of")))
+    if active_days is not None:
+        features = features.filter(pl.col("last_event_ms") >= as_of_ms - active_days * DAY_MS)
+        if features.is_empty():
+            msg = f"no user has an event in the {active_days} days up to {as_of_ms} (epoch ms)"
+            raise InvalidInputError(msg)
     probability = model.predict(feature_matrix(features, model.features))
     return pl.DataFrame(
         {

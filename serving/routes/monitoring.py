@@ -1,4 +1,4 @@
-"""`GET /monitoring/drift`: the scorer's latest drift report."""
+"""`GET /monitoring/drift` and `GET /monitoring/performance`: what the scorer's daily snapshots found."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from core.errors import ServiceUnavailableError
-from serving.deps import DepsDep, SettingsDep
+from serving.deps import DepsDep
 from serving.routes.errors import ERRORS
 from serving.schemas import Problem
 
@@ -18,13 +18,41 @@ router = APIRouter(tags=["monitoring"])
     "/monitoring/drift",
     responses={**ERRORS, 503: {"model": Problem, "description": "No drift report yet, or Redis is down"}},
 )
-def drift(deps: DepsDep, settings: SettingsDep) -> dict[str, Any]:
-    """The scorer's latest drift report: PSI/KS per feature and for the score, status, alert_since."""
+def drift(deps: DepsDep) -> dict[str, Any]:
+    """The latest daily snapshot's drift: PSI/KS per feature and for the score, overall and per
+    segment, status and alert_since."""
     report = deps.drift_state()
     if report is None:
         msg = (
-            "no drift report yet: the scorer publishes one every"
-            f" {settings.drift_every_seconds:g} s once it has scored users with a champion model"
+            "no drift report yet: the scorer takes a snapshot at each UTC midnight of event time"
+            " once it has a champion model"
         )
         raise ServiceUnavailableError(msg)
     return report
+
+
+@router.get(
+    "/monitoring/performance",
+    responses={**ERRORS, 503: {"model": Problem, "description": "No snapshot yet, or Redis is down"}},
+)
+def performance(deps: DepsDep) -> dict[str, Any]:
+    """Expected figures of the latest snapshot and realized figures of the latest labelled one,
+    side by side, and every day kept (`days`)."""
+    state = deps.performance_state()
+    if state is None:
+        msg = "no performance figures yet: the scorer takes a snapshot at each UTC midnight of event time"
+        raise ServiceUnavailableError(msg)
+    days = state.get("days") or {}
+    latest_expected, latest_realized = state.get("latest_expected"), state.get("latest_realized")
+    return {
+        "expected": {"date": latest_expected, **(days.get(latest_expected) or {}).get("expected", {})}
+        if latest_expected
+        else None,
+        "realized": {"date": latest_realized, **(days.get(latest_realized) or {}).get("realized", {})}
+        if latest_realized
+        else None,
+        # What the labelled day's probabilities implied, beside what happened.
+        "expected_for_realized_day": (days.get(latest_realized) or {}).get("expected") if latest_realized else None,
+        "floor": state.get("floor"),
+        "days": days,
+    }

@@ -4,29 +4,32 @@ thresholds, the alert history kept in the shared state and the retrain decision.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import polars as pl
 import pytest
 
 import training.pipeline
 import training.report
 from churn.cli import app
 from core.settings import load_settings
-from features import spec
+from events.log import events_frame
+from features import offline
 from features.online import OnlineEngine
 from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
 from models.runtime import LoadedModel
 from monitoring.drift import (
-    DriftWindow,
+    SEGMENTS,
     Thresholds,
     column_drift,
     ks,
     live_shares,
     psi,
     reference_shares,
-    seconds_since,
+    segment_masks,
+    snapshot_drift,
 )
 from monitoring.drift_state import (
     DriftPublisher,
@@ -37,10 +40,15 @@ from monitoring.drift_state import (
     with_alert_history,
 )
 from monitoring.metrics import Metrics
+from monitoring.performance_state import PerformancePublisher
+from monitoring.prediction_log import day_of, read_snapshot
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
-from tests.support import StandInModel, random_events
-from training.reference import distribution
+from stream.snapshot import DailySnapshots, InMemoryActivity
+from tests.support import StandInModel, random_events, wire_frame
+from training import dataset
+from training.performance import realized
+from training.reference import distribution, references
 
 TH = Thresholds(0.1, 0.25)
 
@@ -122,67 +130,56 @@ def test_status_thresholds(value: float, status: str) -> None:
     assert TH.status(value) == status
 
 
-def window_of(size: int, features: int = 3) -> DriftWindow:
-    return DriftWindow([f"f{i}" for i in range(features)], size)
-
-
-def test_window_memory_is_bounded_and_keeps_the_latest_users() -> None:
-    window = window_of(100)
-    nbytes = window._matrix.nbytes
-    for start in range(0, 10_000, 250):
-        users = [f"u{i}" for i in range(start, start + 250)]
-        window.add(users, np.ones((250, 3)) * start, np.full(250, 0.5), [start] * 250)
-    assert len(window) == 100
-    assert window._matrix.nbytes == nbytes
-    assert len(window._slot) == 100
-    matrix, _ = window.rows()
-    assert matrix.shape == (100, 3)
-    assert set(window._slot) == {f"u{i}" for i in range(9900, 10_000)}
-
-
-def test_window_keeps_one_row_per_user_and_drops_the_churned() -> None:
-    window = window_of(10)
-    window.add(["a", "b"], np.array([[1.0, 1, 1], [2, 2, 2]]), np.array([0.1, 0.2]), [1, 2])
-    window.add(["a"], np.array([[5.0, 5, 5]]), np.array([0.9]), [3])  # a's newer row replaces the old
-    matrix, scores = window.rows()
-    assert len(window) == 2
-    assert sorted(matrix[:, 0].tolist()) == [2.0, 5.0]
-    assert sorted(scores.tolist()) == [0.2, 0.9]
-    window.discard(["a", "nobody"])
-    assert len(window) == 1
-    window.add(["c"], np.zeros((1, 3)), None, [4])  # the freed slot is reused without corruption
-    assert len(window) == 2
-
-
-def test_window_leaves_out_users_inactive_longer_than_max_age_and_recomputes_request_features() -> None:
-    day = 86_400_000
-    window = DriftWindow(["x", "seconds_since_last_event"], 10, max_age_ms=28 * day, request_features={
-        "seconds_since_last_event": seconds_since
-    })  # fmt: skip
-    window.add(["old", "mid", "new"], np.zeros((3, 2)), None, [0, 20 * day, 30 * day])
-    matrix, _ = window.rows()
-    # "old" is 30 days behind the watermark (the latest event, "new"'s): out.
-    assert sorted(matrix[:, 1].tolist()) == [0.0, 10 * day / 1000]
-
-
-def test_compute_reports_every_reference_feature_and_rescores() -> None:
+def test_snapshot_drift_reports_every_reference_feature_and_the_score() -> None:
     ref = {
         "features": {"f0": distribution(normal(5000, seed=1)), "f1": distribution(normal(5000, seed=2))},
         "score": distribution(np.linspace(0, 1, 1000)),
     }
-    window = window_of(3000, features=2)
-    window.add([str(i) for i in range(3000)], np.column_stack([normal(3000, seed=3), normal(3000, 2.0, seed=4)]),
-               np.full(3000, 0.5), list(range(3000)))  # fmt: skip
-    report = window.compute(ref, TH, now=123.0)
+    matrix = np.column_stack([normal(3000, seed=3), normal(3000, 2.0, seed=4)])
+    report = snapshot_drift(ref, ["f0", "f1", "absent"], np.column_stack([matrix, np.zeros(3000)]),
+                            np.full(3000, 0.5), TH, now=123.0, as_of_ms=86_400_000)  # fmt: skip
     assert report.rows == 3000
+    assert set(report.features) == {"f0", "f1"}  # a feature without a reference is skipped
     assert report.features["f0"].status == "ok"
     assert report.features["f1"].status == "alert"
     assert report.score is not None
-    assert report.score.status == "alert"  # every recorded score is 0.5
-    rescored = window.compute(ref, TH, now=123.0, rescore=lambda m: np.random.default_rng(0).random(len(m)))
-    assert rescored.score is not None
-    assert rescored.score.status == "ok"
+    assert report.score.status == "alert"  # every score is 0.5
+    assert report.segments == {}  # a reference without segments: none judged
     assert json.loads(json.dumps(report.to_dict()))["features"]["f0"]["status"] == "ok"
+
+
+def segment_rows(n: int, seed: int, paid_shift: float = 0.0) -> np.ndarray:
+    """Rows of (x, level_paid, days_since_registration): x shifted by `paid_shift` for paid users."""
+    rng = np.random.default_rng(seed)
+    paid = (rng.random(n) < 0.4).astype(float)
+    days = rng.choice([10.0, 100.0, 400.0], n)
+    return np.column_stack([rng.normal(0, 1, n) + paid * paid_shift, paid, days])
+
+
+FEATURES3 = ("x", "level_paid", "days_since_registration")
+
+
+def test_segments_are_judged_against_their_own_reference_and_small_ones_are_not_judged() -> None:
+    reference_rows = segment_rows(20_000, seed=1)
+    reference = references(reference_rows, FEATURES3, reference_rows[:, 0])
+    assert set(reference["segments"]) == set(SEGMENTS)
+    assert reference["segments"]["level_paid"]["count"] == int(reference_rows[:, 1].sum())
+    live = segment_rows(20_000, seed=2, paid_shift=1.0)  # only paid users moved
+    report = snapshot_drift(reference, FEATURES3, live, live[:, 0], TH, now=0.0, min_segment_rows=100)
+    assert report.segments["level_paid"].features["x"].status == "alert"
+    assert report.segments["level_free"].features["x"].status == "ok"
+    assert all(s.judged for s in report.segments.values())
+    # Below the minimum, a segment is measured and shown, never given a status above "ok".
+    few = snapshot_drift(reference, FEATURES3, live[:150], live[:150, 0], TH, now=0.0, min_segment_rows=100)
+    small = [name for name, s in few.segments.items() if s.rows < 100]
+    assert small
+    for name in small:
+        assert not few.segments[name].judged
+        assert all(d.status == "ok" for d in few.segments[name].features.values())
+    masks = segment_masks(live, FEATURES3)
+    assert (masks["level_free"] | masks["level_paid"]).all()
+    bands = masks["tenure_under_30d"].astype(int) + masks["tenure_30_to_180d"] + masks["tenure_180d_plus"]
+    assert (bands == 1).all()  # every row with a registration is in exactly one band
 
 
 def state(psis: dict[str, float], score: float, at: float) -> dict[str, Any]:
@@ -245,54 +242,113 @@ class ConstantModel:
 
 
 def test_publisher_sets_gauges_and_writes_the_state() -> None:
-    ref = {"features": {"f0": distribution(normal(5000, seed=1))}, "score": distribution(np.linspace(0, 1, 500))}
-    window = DriftWindow(["f0"], 500)
-    window.add([str(i) for i in range(500)], normal(500, 3.0).reshape(-1, 1), None, list(range(500)))
+    reference_rows = segment_rows(5000, seed=1)
+    reference = references(reference_rows, FEATURES3, reference_rows[:, 0])
+    live = segment_rows(500, seed=2, paid_shift=3.0)
     metrics, client = Metrics(), DictRedis()
-    clock = iter([10.0, 20.0])
-    publisher = DriftPublisher(window, TH, metrics, client, "p:", clock=lambda: next(clock))
-    assert publisher.publish(None) is None  # no model, nothing to compare
-    first = publisher.publish(ConstantModel(ref), "churn-lightgbm", "3")
-    second = publisher.publish(ConstantModel(ref), "churn-lightgbm", "3")
+    publisher = DriftPublisher(TH, metrics, client, "p:")
+    first = publisher.publish(snapshot_drift(reference, FEATURES3, live, live[:, 0], TH, now=10.0, as_of_ms=86_400_000,
+                                             min_segment_rows=180), "churn-lightgbm", "3")  # fmt: skip
+    second = publisher.publish(snapshot_drift(reference, FEATURES3, live, live[:, 0], TH, now=20.0,
+                                              min_segment_rows=180), "churn-lightgbm", "3")  # fmt: skip
     assert first is not None
     assert second is not None
     stored = read_drift(client, "p:")
     assert stored is not None
     assert stored == json.loads(json.dumps(second))
-    assert stored["features"]["f0"]["alert_since"] == 10.0
+    assert stored["features"]["x"]["alert_since"] == 10.0
+    assert stored["segments"]["level_paid"]["features"]["x"]["alert_since"] == 10.0
     assert stored["model"] == {"name": "churn-lightgbm", "version": "3"}
     registry = metrics.registry
-    assert registry.get_sample_value("churn_feature_psi", {"feature": "f0"}) == pytest.approx(
-        stored["features"]["f0"]["psi"]
+    assert registry.get_sample_value("churn_feature_psi", {"feature": "x"}) == pytest.approx(
+        stored["features"]["x"]["psi"]
     )
-    assert (registry.get_sample_value("churn_feature_ks_statistic", {"feature": "f0"}) or 0) > 0.5
     assert registry.get_sample_value("churn_drift_window_rows") == 500
-    assert (registry.get_sample_value("churn_score_psi") or 0) > 0.25
+    assert registry.get_sample_value("churn_snapshot_as_of_seconds") == 86_400
+    assert (registry.get_sample_value("churn_segment_feature_psi_max", {"segment": "level_paid"}) or 0) > 0.25
+    assert (registry.get_sample_value("churn_segment_feature_psi_max", {"segment": "level_free"}) or 1) < 0.25
+    unjudged = [name for name, seg in stored["segments"].items() if not seg["judged"]]
+    assert unjudged  # 500 rows over three tenure bands: ~167 each, under 180
+    for name in unjudged:  # no gauge an alert could read
+        assert registry.get_sample_value("churn_segment_feature_psi_max", {"segment": name}) is None
+    assert "level_paid/x" in sustained_alerts(stored, 0, now=20.0)
 
 
 class FirstFeatureModel(StandInModel):
-    def tier(self, probability: float) -> str:
-        return "low"
+    meta: ClassVar[dict[str, Any]] = {"horizon_days": 3, "metrics": {}, "data_window": {}}
+    horizon_days = 3
 
 
-def test_batch_processor_feeds_the_window_with_what_it_scores() -> None:
+class RecordingSnapshots(DailySnapshots):
+    """The real snapshot, also keeping the rows each one saw."""
 
-    events = random_events(3, users=15, days=5, per_user=40)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: dict[int, tuple[list[str], np.ndarray]] = {}
+
+    def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
+        self.seen[as_of_ms] = self.rows(as_of_ms)
+        super().take(as_of_ms, loaded)
+
+
+def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> None:
+    """Batches of every size, some spanning several midnights: each snapshot holds exactly the
+    users and rows `training.dataset` builds for that midnight (offline engine)."""
+    events = random_events(5, users=30, days=12, per_user=120)
     msgs = [Message(e.to_json(), "events", 0, i, e.ts) for i, e in enumerate(events)]
-    window = DriftWindow(spec.MODEL_FEATURES, 100)
-    risks = InMemoryRiskStore()
+    states = InMemoryStateStore()
+    metrics, client = Metrics(), DictRedis()
+    snapshots = RecordingSnapshots(
+        InMemoryActivity(), states, OnlineEngine(), DriftPublisher(TH, metrics, client, "p:"),
+        PerformancePublisher(metrics, client, "p:", 0.7), tmp_path / "predictions", lookback_days=5,
+    )  # fmt: skip
     model = LoadedModel(FirstFeatureModel(), "m", "1")
     p = BatchProcessor(
-        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), risks, Metrics(), lambda: model, drift=window
-    )
-    for i in range(0, len(msgs), 97):
-        p.process(msgs[i : i + 97])
-    churned = {e.user_id for e in events if e.page == "Cancellation Confirmation"}
-    assert len(window) == len({e.user_id for e in events if e.user_id} - churned)
-    _, scores = window.rows()
-    written = {u: r.churn_probability for u, r in risks.rows.items() if r.churn_probability is not None}
-    assert set(written) == set(risks.rows) - churned  # cancelled users are marked, not scored
-    assert sorted(scores.tolist()) == pytest.approx(sorted(written.values()))
+        OnlineEngine(), states, InMemoryFeatureStore(), InMemoryRiskStore(), metrics, lambda: model,
+        snapshots=snapshots,
+    )  # fmt: skip
+    start, sizes = 0, [1, 7, 300, 2000, 50, 5000]
+    for n in range(len(msgs)):
+        if start >= len(msgs):
+            break
+        size = sizes[n % len(sizes)]
+        p.process(msgs[start : start + size])
+        start += size
+
+    log = events_frame(wire_frame(events))
+    points, _ = dataset.observation_points(log, dataset.GridConfig(3, 24, 5))
+    offline_rows = offline.compute(log, points.select("user_id", "as_of"))
+    offline_rows = offline_rows.filter(pl.col("last_event_ms") >= pl.col("as_of") - 5 * 86_400_000)
+    last = max(e.ts for e in events)
+    midnights = sorted(t for t in offline_rows["as_of"].unique().to_list() if t < last)
+    assert sorted(snapshots.seen) == midnights
+    for as_of in midnights:
+        users, matrix = snapshots.seen[as_of]
+        expected = offline_rows.filter(pl.col("as_of") == as_of).sort("user_id")
+        assert users == expected["user_id"].to_list(), as_of
+        np.testing.assert_allclose(matrix, dataset.feature_matrix(expected), rtol=1e-12, equal_nan=True)
+        logged = read_snapshot(tmp_path / "predictions", as_of)
+        assert logged is not None
+        assert logged["user_id"].to_list() == users
+        np.testing.assert_allclose(logged["churn_probability"].to_numpy(), FirstFeatureModel().predict(matrix))
+
+    # Realized figures: each snapshot H days old is labelled from the churns the stream carried.
+    churn = {e.user_id: e.ts for e in reversed(events) if e.page == "Cancellation Confirmation"}
+    raw = client.get("p:performance")
+    assert raw is not None
+    state_json = json.loads(raw)
+    labelled = [d for d, entry in state_json["days"].items() if entry.get("realized")]
+    assert labelled
+    for as_of in midnights:
+        if as_of + 3 * 86_400_000 > midnights[-1]:
+            continue
+        users, matrix = snapshots.seen[as_of]
+        labels = np.array([as_of < churn.get(u, -1) <= as_of + 3 * 86_400_000 for u in users])
+        probabilities = FirstFeatureModel().predict(matrix)
+        tiers = [FirstFeatureModel().tier(float(x)) for x in probabilities]
+        figures = state_json["days"][day_of(as_of)]["realized"]
+        for name, value in realized(labels, probabilities, tiers).items():
+            assert figures[name] == (None if np.isnan(value) else pytest.approx(value, abs=1e-12)), (as_of, name)
 
 
 def test_retrain_command_trains_only_after_sustained_drift(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:

@@ -1,0 +1,99 @@
+"""The shared performance state: per snapshot day, the expected figures (at the snapshot) and the
+realized ones (once labelled), as JSON in Redis (`<redis_prefix>performance`).
+
+The scorer writes it (`PerformancePublisher`), the API serves it (`GET /monitoring/performance`)
+and `churn retrain --if-degraded` decides from it (`degraded_decision`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from monitoring.metrics import Metrics
+from monitoring.prediction_log import day_of
+
+log = logging.getLogger(__name__)
+KEEP_DAYS = 120  # days of history kept in the state (the prediction log keeps everything)
+
+
+def performance_key(prefix: str) -> str:
+    """Returns the Redis key of the performance state for a key prefix."""
+    return f"{prefix}performance"
+
+
+def read_performance(client: Any, prefix: str) -> dict[str, Any] | None:
+    """Returns the performance state ({"days": {date: entry}, "latest_expected", "latest_realized"}),
+    or None before the first snapshot.
+
+    Raises:
+        redis.RedisError: Redis cannot be reached.
+    """
+    raw = client.get(performance_key(prefix))
+    return None if raw is None else json.loads(raw)
+
+
+def _clean(figures: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if math.isfinite(v) else None) for k, v in figures.items()}
+
+
+@dataclass
+class PerformancePublisher:
+    """Writes expected and realized figures to Redis and the gauges; `floor` is the promotion
+    floor of ROC-AUC (exported so the alert rule compares against the configured value)."""
+
+    metrics: Metrics
+    client: Any
+    prefix: str
+    floor: float
+
+    def __post_init__(self) -> None:
+        self.metrics.performance_floor.labels("roc_auc").set(self.floor)
+
+    def expected(self, as_of_ms: int, version: str, figures: dict[str, float]) -> None:
+        """Records the figures a snapshot's probabilities imply; never raises."""
+        for name, value in figures.items():
+            if name != "rows" and math.isfinite(value):
+                self.metrics.expected.labels(name).set(value)
+        self._update(as_of_ms, {"as_of_ms": as_of_ms, "model_version": version, "expected": _clean(figures)})
+
+    def realized(self, as_of_ms: int, figures: dict[str, float]) -> None:
+        """Records a labelled snapshot's realized figures; never raises."""
+        for name, value in figures.items():
+            if name not in ("rows", "churners") and math.isfinite(value):
+                self.metrics.realized.labels(name).set(value)
+        self.metrics.realized_as_of.set(as_of_ms / 1000)
+        self._update(as_of_ms, {"realized": _clean(figures)})
+
+    def _update(self, as_of_ms: int, entry: dict[str, Any]) -> None:
+        try:
+            state = read_performance(self.client, self.prefix) or {"days": {}}
+            day = day_of(as_of_ms)
+            state["days"][day] = {**state["days"].get(day, {}), **entry}
+            for old in sorted(state["days"])[:-KEEP_DAYS]:
+                del state["days"][old]
+            days = state["days"]
+            state["latest_expected"] = next((d for d in sorted(days, reverse=True) if "expected" in days[d]), None)
+            state["latest_realized"] = next((d for d in sorted(days, reverse=True) if "realized" in days[d]), None)
+            state["floor"] = {"roc_auc": self.floor}
+            self.client.set(performance_key(self.prefix), json.dumps(state))
+        except Exception:  # Redis down: log and keep scoring; the prediction log keeps the figures
+            log.exception("could not publish the performance state")
+
+
+def degraded_decision(state: dict[str, Any] | None, floor: float, days: int) -> tuple[bool, str]:
+    """Returns (retrain?, why) for `churn retrain --if-degraded`: retrain when the realized ROC-AUC
+    of each of the latest `days` labelled snapshots is below `floor`."""
+    if state is None:
+        return False, "no performance state in Redis yet (is the scorer running with a champion?)"
+    labelled = [(d, e["realized"].get("roc_auc")) for d, e in sorted(state["days"].items()) if e.get("realized")]
+    if not labelled:
+        return False, "no snapshot is labelled yet (labels arrive H days after each snapshot)"
+    recent = labelled[-days:]
+    listed = ", ".join(f"{d} {'n/a' if v is None else f'{v:.3f}'}" for d, v in recent)
+    if len(recent) == days and all(v is not None and v < floor for _, v in recent):
+        return True, f"realized ROC-AUC below {floor:g} on the latest {days} labelled day(s): {listed}"
+    return False, f"realized ROC-AUC not below {floor:g} on all of the latest {days} labelled day(s): {listed}"

@@ -1,0 +1,102 @@
+"""The prediction log: every daily snapshot the scorer scored, as Parquet partitioned by date.
+
+Layout: `<root>/date=YYYY-MM-DD/snapshot.parquet` with one row per user: user_id, as_of (epoch
+ms, the snapshot's UTC midnight), churn_probability, risk_tier, model_version. Once the labels
+are known (`stream.snapshot`) the same folder gets `labels.parquet` (user_id, churned) and
+`performance.json`; `drift.json` is the snapshot's drift report (the history the Redis state,
+which holds the latest only, does not keep). Files appear atomically (temp name, then rename), so a reader never sees
+half a file and a snapshot taken again after a crash replaces the first one whole.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from core.errors import InvalidInputError
+
+SNAPSHOT = "snapshot.parquet"
+LABELS = "labels.parquet"
+PERFORMANCE = "performance.json"
+DRIFT = "drift.json"
+
+
+def day_of(as_of_ms: int) -> str:
+    """Returns the UTC date (YYYY-MM-DD) of an epoch-ms instant."""
+    return datetime.fromtimestamp(as_of_ms / 1000, UTC).strftime("%Y-%m-%d")
+
+
+def folder(root: Path, as_of_ms: int) -> Path:
+    """Returns the date folder of a snapshot taken at `as_of_ms`."""
+    return root / f"date={day_of(as_of_ms)}"
+
+
+def _atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    write(temp)
+    temp.rename(path)
+
+
+def write_snapshot(root: Path, frame: pl.DataFrame) -> Path:
+    """Writes one snapshot (columns as in the module doc, one as_of) to its date folder; returns
+    the file."""
+    as_of = int(frame["as_of"][0]) if frame.height else 0
+    path = folder(root, as_of) / SNAPSHOT
+    _atomic(path, frame.write_parquet)
+    return path
+
+
+def write_labels(root: Path, as_of_ms: int, labels: pl.DataFrame, performance: dict[str, Any]) -> None:
+    """Writes the labels (user_id, churned) and the performance figures of a snapshot."""
+    base = folder(root, as_of_ms)
+    _atomic(base / LABELS, labels.write_parquet)
+    _atomic(base / PERFORMANCE, lambda p: p.write_text(json.dumps(performance, default=str)))
+
+
+def write_drift(root: Path, as_of_ms: int, report: dict[str, Any]) -> None:
+    """Writes a snapshot's drift report (`DriftReport.to_dict`) to its date folder."""
+    _atomic(folder(root, as_of_ms) / DRIFT, lambda p: p.write_text(json.dumps(report)))
+
+
+def read_drift_history(root: Path) -> dict[str, dict[str, Any]]:
+    """Returns {date: drift report} of every logged snapshot that has one."""
+    return {
+        p.parent.name.removeprefix("date="): json.loads(p.read_text()) for p in sorted(root.glob(f"date=*/{DRIFT}"))
+    }
+
+
+def read_snapshot(root: Path, as_of_ms: int) -> pl.DataFrame | None:
+    """Returns the snapshot taken at `as_of_ms`, or None if none was logged."""
+    path = folder(root, as_of_ms) / SNAPSHOT
+    return pl.read_parquet(path) if path.exists() else None
+
+
+def read_log(root: Path, user_id: str | None = None, date: str | None = None) -> pl.DataFrame:
+    """Returns logged predictions sorted by as_of then user_id, with `churned` where labels exist
+    (null before), optionally for one user and/or one date (YYYY-MM-DD).
+
+    Raises:
+        InvalidInputError: no snapshot is logged under `root` (for that date).
+    """
+    pattern = f"date={date}" if date else "date=*"
+    days = sorted(p for p in root.glob(pattern) if (p / SNAPSHOT).exists())
+    if not days:
+        msg = f"no prediction snapshot under {root}" + (f" for {date}" if date else "")
+        raise InvalidInputError(msg)
+    parts = []
+    for day in days:
+        frame = pl.read_parquet(day / SNAPSHOT)
+        if (day / LABELS).exists():
+            frame = frame.join(pl.read_parquet(day / LABELS), on="user_id", how="left")
+        else:
+            frame = frame.with_columns(pl.lit(None, pl.Boolean).alias("churned"))
+        parts.append(frame)
+    log = pl.concat(parts, how="vertical_relaxed")
+    if user_id is not None:
+        log = log.filter(pl.col("user_id") == user_id)
+    return log.sort("as_of", "user_id")
