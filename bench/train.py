@@ -3,8 +3,10 @@ before/after comparison of the training procedure on the simulator."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -100,14 +102,21 @@ def _future_rows(events: pl.LazyFrame, start_ms: int, days: int, horizon: int) -
 
 
 def compare_train(
-    settings: Settings, users: int, days: int, seeds: tuple[int, ...], horizon: int = 14, future_days: int = 3
+    settings: Settings,
+    users: int,
+    days: int,
+    seeds: tuple[int, ...],
+    horizon: int = 14,
+    future_days: int = 3,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Returns, per seed, the ROC-AUC of the model each procedure registers ("before": main's
     refit on train + valid; "after": this pipeline's final fit on every labelled point) on the
     same observation points of the `future_days` days after the training log ends (labels from
     the simulation's continuation), the oracle's ROC-AUC and each model's ratio to it, and the
     paired bootstrap interval of after - before. Simulates `days + horizon + future_days` days
-    and trains on the first `days`.
+    and trains on the first `days`. Each seed's figures also go to `progress` as one JSON line
+    as soon as they are known (a long comparison that is cut short keeps its finished seeds).
 
     Raises:
         InvalidInputError: the population is too small or short to train on.
@@ -124,7 +133,9 @@ def compare_train(
             write_partitioned(sim.events, root / "full")
             save_truth(sim.truth, root / "truth.parquet")
             oracle = oracle_for(root / "truth.parquet")
-            after_run = train(settings, root / "train", TrainOptions(horizon_days=horizon, register=False))
+            after_run = train(
+                settings, root / "train", TrainOptions(horizon_days=horizon, register=False), progress=progress
+            )
             after = load_artifact(after_run.artifact_dir)
             after_seconds = time.perf_counter() - began
             before = _before_model(load_events(root / "train"), horizon)
@@ -149,6 +160,7 @@ def compare_train(
         result["after_search_trials"] = len(after_run.search)
         result["seconds"] = {"after_train": round(after_seconds, 1), "before_train": round(before_seconds, 1)}
         runs.append(result)
+        progress(json.dumps(result))
     return {
         "users": users,
         "days": days,

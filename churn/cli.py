@@ -372,7 +372,9 @@ def bench_train(
     from bench import train as train_bench  # heavy: see the module docstring
 
     if compare:
-        _print_figures(lambda: train_bench.compare_train(_settings(), users, days, tuple(range(seeds))))
+        seeds_run = tuple(range(seeds))
+        say = lambda line: typer.echo(line, err=True)  # noqa: E731
+        _print_figures(lambda: train_bench.compare_train(_settings(), users, days, seeds_run, progress=say))
     else:
         _print_figures(lambda: train_bench.bench_train(_settings(), users, days))
 

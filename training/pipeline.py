@@ -387,7 +387,7 @@ def _register(
     tags = {"spec_version": trained.spec_version, "horizon_days": str(trained.horizon_days)}
     children = [
         (
-            f"search trial {t['number']}",
+            f"selection: search trial {t['number']}" + (" (chosen)" if t["number"] == trained.chosen_trial else ""),
             {**t["params"], "imbalance": t["imbalance"], "calibration": t["calibration"]},
             {k: float(t[k]) for k in ("backtest_roc_auc", "backtest_pr_auc", "best_iteration", "folds", "seconds")},
         )

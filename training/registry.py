@@ -73,7 +73,8 @@ def log_run(
 
     try:
         client = registry_client(settings)
-        run = client.create_run(_experiment_id(client, settings), tags=tags, run_name="train")
+        # The run holds the registered model: the final fit (selection and search are its children).
+        run = client.create_run(_experiment_id(client, settings), tags=tags, run_name="train: final fit")
         run_id = run.info.run_id
         _log_values(client, run_id, params, run_metrics)
         client.log_artifacts(run_id, str(artifact_dir), ARTIFACT_PATH)

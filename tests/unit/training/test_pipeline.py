@@ -132,7 +132,19 @@ def test_backtests_summary_and_card(first: TrainResult, state: Settings) -> None
     for feature in spec.MODEL_FEATURES:
         assert f"`{feature}`" in card
     assert f"{first.final['days']} distinct days" in card
-    assert len(first.search) == 2  # two trials, each a child run
+    assert len(first.search) == 2  # two trials, each a child run of the final fit's run
+    client = model_registry.registry_client(state)
+    parent = client.get_run(first.run_id)
+    assert parent.info.run_name == "train: final fit"
+    assert parent.data.metrics["final_days"] == first.final["days"]
+    assert "backtest_roc_auc_low" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'"
+    )
+    names = sorted(run.info.run_name for run in children)
+    assert len(names) == 2
+    assert sum(name.endswith("(chosen)") for name in names) == 1
+    assert all("backtest_roc_auc" in run.data.metrics for run in children)
     data_report = json.loads((first.artifact_dir / "data_report.json").read_text())
     assert data_report["churners_per_split"]["train"] > 0
 
