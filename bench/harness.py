@@ -29,7 +29,10 @@ from training.pipeline import TrainOptions, TrainResult, train
 CHURN = str(Path(sys.executable).parent / "churn")
 # Small, fast, churning often enough to have positives: ~30 s of training.
 SMALL_SIMULATION = SimConfig(users=300, days=40, seed=3, churn_level=3.0)
-SMALL_TRAIN_OPTIONS = TrainOptions(horizon_days=7, fit=fit.FitConfig(imbalance=("none",), max_rounds=200))
+# Two search trials (the child-run path) and fewer bootstrap replicates: seconds, not minutes.
+SMALL_TRAIN_OPTIONS = TrainOptions(
+    horizon_days=7, search_trials=2, bootstrap_samples=100, fit=fit.FitConfig(imbalance=("none",), max_rounds=200)
+)
 T = TypeVar("T")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

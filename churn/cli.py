@@ -281,11 +281,15 @@ _EVENT_LOG_HELP = "Event log: a date-partitioned Parquet folder, a .parquet or a
 def train(
     events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
     horizon_days: Annotated[int | None, typer.Option(min=1, help="Horizon H in days (default: settings).")] = None,
-    grid_hours: Annotated[int, typer.Option(min=1, help="Hours between observation times (from UTC midnight).")] = 24,
+    grid_hours: Annotated[
+        int | None,
+        typer.Option(min=1, max=24, help="Hours between observation times from UTC midnight (default: settings)."),
+    ] = None,
     truth: Annotated[Path | None, typer.Option(help="Simulator ground truth: also report the oracle ROC-AUC.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
 ) -> None:
-    """Train LightGBM on the log, evaluate on the latest period, log to MLflow, register and gate."""
+    """Check the log, select and backtest LightGBM on time splits, fit it on every labelled point,
+    log to MLflow, register and gate."""
     from sim.oracle import oracle_for  # heavy: see the module docstring
     from training.pipeline import TrainOptions  # heavy: see the module docstring
 
@@ -390,11 +394,21 @@ def score(
 def bench_train(
     users: Annotated[int, typer.Option(min=10, help="Simulated listeners.")] = 10_000,
     days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 60,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Before/after ROC-AUC of the registered model on the days after the log.")
+    ] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="Simulation seeds 0.. for --compare.")] = 3,
 ) -> None:
-    """Seconds to build the training set and to train, on a simulated date-partitioned log."""
+    """Seconds of each training step (checks, build, search, final fit) on a simulated
+    date-partitioned log; with --compare, main's procedure against this one on the same seeds."""
     from bench import train as train_bench  # heavy: see the module docstring
 
-    _print_figures(lambda: train_bench.bench_train(_settings(), users, days))
+    if compare:
+        seeds_run = tuple(range(seeds))
+        say = lambda line: typer.echo(line, err=True)  # noqa: E731
+        _print_figures(lambda: train_bench.compare_train(_settings(), users, days, seeds_run, progress=say))
+    else:
+        _print_figures(lambda: train_bench.bench_train(_settings(), users, days))
 
 
 @app.command("serve")

@@ -206,13 +206,16 @@ def run_demo(
         # seeds at 2,000 users, oracle 0.87): the demo's floor is lower than production's.
         floor = min(settings.gate_min_roc_auc, DEMO_MIN_ROC_AUC)
         if floor < settings.gate_min_roc_auc:
-            say(f"  demo gate: test ROC-AUC >= {floor:.2f} (CHURN_GATE_MIN_ROC_AUC is {settings.gate_min_roc_auc:.2f})")
+            say(
+                f"  demo gate: backtest ROC-AUC >= {floor:.2f}"
+                f" (CHURN_GATE_MIN_ROC_AUC is {settings.gate_min_roc_auc:.2f})"
+            )
         gated = settings.model_copy(update={"gate_min_roc_auc": floor})
         summary = train(gated, archive, TrainOptions(), progress=lambda line: say(f"  {line}"))
-        metrics = summary.metrics
+        roc, pr = summary.backtest["roc_auc"], summary.backtest["pr_auc"]
         say(
-            f"  model v{summary.version}: test ROC-AUC {metrics.get('roc_auc', float('nan')):.3f}, "
-            f"PR-AUC {metrics.get('pr_auc', float('nan')):.3f}; gates: {'; '.join(summary.reasons)}"
+            f"  model v{summary.version}: backtest ROC-AUC {roc['mean']:.3f} [{roc['low']:.3f}, {roc['high']:.3f}], "
+            f"PR-AUC {pr['mean']:.3f}; gates: {'; '.join(summary.reasons)}"
         )
         if not summary.promoted:
             say("  the gates refused this model: the API answers 503 and the scorer writes features only")

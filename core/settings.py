@@ -69,6 +69,16 @@ class Settings(BaseSettings):
     gate_min_roc_auc: float = Field(default=0.70, ge=0.0, le=1.0)
     gate_min_pr_auc: float = Field(default=0.05, ge=0.0, le=1.0)
     gate_auc_tolerance: float = Field(default=0.005, ge=0.0, le=1.0)
+    # Training (training/pipeline.py): hours between observation points (each user-day weighs 1
+    # whatever the grid), the hyper-parameter search's time budget and trial cap, the
+    # rolling-origin backtests (days per test period, at most this many, the latest) and the
+    # bootstrap replicates of their intervals and of the paired champion/challenger gate.
+    train_grid_hours: int = Field(default=24, ge=1, le=24)
+    train_search_seconds: float = Field(default=30.0, ge=0)
+    train_search_trials: int = Field(default=6, ge=1, le=100)
+    train_backtest_days: int = Field(default=3, ge=1, le=60)
+    train_backtest_folds: int = Field(default=4, ge=1, le=50)
+    train_bootstrap_samples: int = Field(default=200, ge=20, le=10_000)
 
     # Processes
     api_host: str = "127.0.0.1"

@@ -4,8 +4,9 @@
 `spec_version`, `tiers` (probability cut points: `high` = the validation score's 90th
 percentile, so about the top 10% riskiest are high; `medium` = the 70th, the next 20%),
 `calibration` (see `training.calibration`), `metrics`, `data_window`, `params`, `imbalance`,
-`best_iteration`, and `reference` distributions of every feature and of the score (see
-`training.reference`). No pickle anywhere: both files are text and load in any process.
+`best_iteration`, `reference` distributions of every feature and of the score (see
+`training.reference`), and from issue 21 on `final` (what the registered model was fitted on),
+`data_report`, `search` and `card` (the model card, Markdown; see `training.card`). No pickle anywhere: both files are text and load in any process.
 """
 
 from __future__ import annotations

@@ -139,3 +139,12 @@ def feature_matrix(frame: pl.DataFrame, features: tuple[str, ...] = spec.MODEL_F
         raise InvalidInputError(msg)
     selected = frame.select(pl.col(name).cast(pl.Float64) for name in features)
     return np.ascontiguousarray(selected.to_numpy(), dtype=np.float64)
+
+
+def with_weights(frame: pl.DataFrame, period_hours: int = 24) -> pl.DataFrame:
+    """Returns `frame` with a Float64 `weight` column: 1 / the user's rows in the same
+    `period_hours` period (from UTC midnight), so that each user-period counts once in
+    training however many grid points it holds (a grid finer than the period gives an
+    observed user several rows per period; one a user joins or leaves in gets fewer)."""
+    period = pl.col("as_of") // (period_hours * spec.HOUR_MS)
+    return frame.with_columns((1.0 / pl.len().over("user_id", period)).cast(pl.Float64).alias("weight"))

@@ -1,8 +1,11 @@
-"""The offline retrain: event log -> point-in-time training set -> LightGBM -> evaluation ->
-artifact -> MLflow run, registry version and promotion decision."""
+"""The offline retrain: event log -> data checks -> point-in-time training set -> model
+selection and hyper-parameter search on time splits -> rolling-origin backtests -> final fit on
+every labelled point -> artifact and model card -> MLflow run, registry version and promotion
+decision."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -13,27 +16,36 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from core.errors import InvalidInputError
 from core.settings import Settings, mask_url
 from core.timeutil import ms_to_iso
 from events.log import load_events
 from features import spec
 from models import registry as model_registry
 from models.artifact import ChurnModel, save_artifact, tier_cuts
-from training import dataset, evaluate, fit, reference, registry, split
+from training import backtest, card, checks, dataset, evaluate, fit, reference, registry, search, split
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """What to train on: the horizon (None: settings.horizon_days), the observation grid, the
-    split shares, the booster settings, and optionally an oracle: a function giving the true
-    churn probability of each test row (rows with user_id, as_of; the horizon in days), which
-    a simulator can supply (`sim.oracle.oracle_for`) to report the model's ratio to it."""
+    """What to train on: the horizon (None: settings.horizon_days), the observation grid (None:
+    settings.train_grid_hours), the selection split's shares, the backtests and search (None:
+    the `train_*` settings), the booster settings (the search's trial 0), and optionally an
+    oracle: a function giving the true churn probability of each row (rows with user_id,
+    as_of; the horizon in days), which a simulator can supply (`sim.oracle.oracle_for`) to
+    report the model's ratio to it."""
 
     horizon_days: int | None = None
-    grid_hours: int = 24
+    grid_hours: int | None = None
     lookback_days: int = 28
     valid_share: float = 0.2
     test_share: float = 0.2
+    backtest_days: int | None = None
+    backtest_folds: int | None = None
+    min_train_days: int = 7
+    search_seconds: float | None = None
+    search_trials: int | None = None
+    bootstrap_samples: int | None = None
     fit: fit.FitConfig = field(default_factory=fit.FitConfig)
     oracle: Callable[[pl.DataFrame, int], np.ndarray] | None = None
     register: bool = True
@@ -42,7 +54,9 @@ class TrainOptions:
 @dataclass(frozen=True)
 class TrainResult:
     """What a training run produced: the model's figures and, when it was registered, its
-    registry version and the promotion decision (None fields when not registered)."""
+    registry version and the promotion decision (None fields when not registered).
+    `metrics` are the latest backtest fold's out-of-sample test figures; `backtest` the mean
+    and 95% interval of each figure over the folds; `final` what the registered model saw."""
 
     artifact_dir: Path
     horizon_days: int
@@ -54,8 +68,16 @@ class TrainResult:
     tiers: dict[str, Any]
     sizes: dict[str, dict[str, int]]
     data_window: dict[str, Any]
-    metrics: dict[str, float]  # test metrics (numbers only)
-    seconds: dict[str, float]  # build, fit, total
+    metrics: dict[str, float]  # the latest fold's test metrics (numbers only)
+    seconds: dict[str, float]  # checks, build, search, final_fit, fit, total
+    backtest: dict[str, dict[str, float]] = field(default_factory=dict)
+    folds: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    search: list[dict[str, Any]] = field(default_factory=list)
+    chosen_trial: int = 0
+    selection: dict[str, float] = field(default_factory=dict)  # the chosen imbalance's validation figures
+    data_report: dict[str, Any] = field(default_factory=dict)
+    card: str = ""
     run_id: str | None = None
     version: str | None = None
     promoted: bool = False
@@ -77,18 +99,51 @@ class TrainResult:
 
 
 def build_training_set(
-    events: pl.LazyFrame, options: TrainOptions, horizon_days: int
+    events: pl.LazyFrame, options: TrainOptions, horizon_days: int, grid_hours: int = 24
 ) -> tuple[pl.DataFrame, dataset.DataWindow, split.TimeSplit]:
-    """Returns (labelled rows, data window, time split) for the events.
+    """Returns (labelled rows with a `weight` column, data window, selection split) for the events.
 
     Raises:
         InvalidInputError: the log is empty, has no churner, or is too short for the horizon.
     """
-    grid = dataset.GridConfig(horizon_days, options.grid_hours, options.lookback_days)
+    grid = dataset.GridConfig(horizon_days, options.grid_hours or grid_hours, options.lookback_days)
     frame, window = dataset.build(events, grid)
-    labelled = frame.filter(pl.col("label").is_not_null())
+    labelled = dataset.with_weights(frame.filter(pl.col("label").is_not_null()))
     times = split.split_times(labelled["as_of"].to_numpy(), horizon_days, options.valid_share, options.test_share)
     return labelled, window, times
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """TrainOptions with every None replaced by its setting."""
+
+    horizon: int
+    grid_hours: int
+    backtest_days: int
+    backtest_folds: int
+    search_seconds: float
+    search_trials: int
+    bootstrap_samples: int
+
+
+def _resolve(settings: Settings, options: TrainOptions) -> _Resolved:
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return _Resolved(
+        horizon=pick(options.horizon_days, settings.horizon_days),
+        grid_hours=pick(options.grid_hours, settings.train_grid_hours),
+        backtest_days=pick(options.backtest_days, settings.train_backtest_days),
+        backtest_folds=pick(options.backtest_folds, settings.train_backtest_folds),
+        search_seconds=pick(options.search_seconds, settings.train_search_seconds),
+        search_trials=pick(options.search_trials, settings.train_search_trials),
+        bootstrap_samples=pick(options.bootstrap_samples, settings.train_bootstrap_samples),
+    )
+
+
+def _size(frame: pl.DataFrame) -> dict[str, int]:
+    positive = frame.filter(pl.col("label") == 1)
+    return {"rows": frame.height, "positives": positive.height, "churners": positive["user_id"].n_unique()}
 
 
 def train(
@@ -97,89 +152,183 @@ def train(
     options: TrainOptions | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> TrainResult:
-    """Trains, evaluates, logs and (if `options.register`) registers a model; returns what it
-    did: test metrics, split sizes, data window, timings, the local artifact directory and,
-    when registered, the version, run id and promotion decision.
+    """Checks the log, selects and backtests a model, fits the final model on every labelled
+    observation point, logs and (if `options.register`) registers it; returns what it did:
+    backtest figures with intervals, the latest fold's test metrics, split sizes, data window,
+    data report, search trials, timings, the local artifact directory and, when registered, the
+    version, run id and promotion decision.
+
+    Steps: data checks; observation points on the grid (weights: one per user-day); the
+    selection split (train | H | valid | H | test) chooses imbalance, tree count and
+    calibration for each search trial; every trial runs the rolling-origin backtests; the best
+    trial's choice is refitted on every point whose label window ends within the log.
 
     Raises:
-        InvalidInputError: the event log is unreadable, empty, has no churner, or is too short.
+        InvalidInputError: the event log is unreadable, empty, has no churner (in a split), or is too short.
         ServiceUnavailableError: MLflow cannot be reached.
     """
     options = options or TrainOptions()
-    horizon = options.horizon_days or settings.horizon_days
+    resolved = _resolve(settings, options)
+    horizon = resolved.horizon
     started = time.perf_counter()
     progress(f"reading events from {events_path}")
     events = load_events(events_path)
-    progress(f"building the training set (grid {options.grid_hours} h, horizon {horizon} d)")
-    labelled, window, times = build_training_set(events, options, horizon)
-    build_seconds = time.perf_counter() - started
+    report = checks.check_events(events)
+    for warning in report.warnings:
+        progress(f"data warning: {warning}")
+    checks_seconds = time.perf_counter() - started
+    progress(f"building the training set (grid {resolved.grid_hours} h, horizon {horizon} d)")
+    labelled, window, times = build_training_set(events, options, horizon, resolved.grid_hours)
+    folds = split.backtest_folds(
+        labelled["as_of"].to_numpy(), horizon, resolved.backtest_days, options.min_train_days, resolved.backtest_folds
+    )
+    build_seconds = time.perf_counter() - started - checks_seconds
     parts = {name: split.take(labelled, getattr(times, name)) for name in ("train", "valid", "test")}
-    sizes = {name: {"rows": part.height, "positives": int(part["label"].sum())} for name, part in parts.items()}
+    sizes = {name: _size(part) for name, part in parts.items()}
+    for index, fold in enumerate(folds):
+        sizes[f"backtest {index + 1}"] = _size(split.take(labelled, fold.test))
+    for name, size in sizes.items():
+        checks.record_churners(report, name, size["churners"], size["rows"])
+    for name in ("train", "valid"):
+        if sizes[name]["churners"] == 0:
+            msg = f"the {name} split ({sizes[name]['rows']} rows) has no churner: nothing to select a model on"
+            raise InvalidInputError(msg)
     progress(
         f"training set built in {build_seconds:.1f} s: "
-        + ", ".join(f"{k} {v['rows']} rows / {v['positives']} churners" for k, v in sizes.items())
+        + ", ".join(f"{k} {v['rows']} rows / {v['churners']} churners" for k, v in sizes.items())
     )
 
-    x = {name: dataset.feature_matrix(part) for name, part in parts.items()}
-    y = {name: part["label"].to_numpy().astype(bool) for name, part in parts.items()}
-    fit_started = time.perf_counter()
-    fitted = fit.fit(x["train"], y["train"], x["valid"], y["valid"], parts["valid"]["user_id"].to_numpy(), options.fit)
-    fit_seconds = time.perf_counter() - fit_started
+    search_started = time.perf_counter()
+    trials = search.search(
+        labelled, times, folds, options.fit, resolved.search_trials, resolved.search_seconds, progress
+    )
+    chosen = search.best(trials)
+    search_seconds = time.perf_counter() - search_started
+    if not chosen.folds:
+        msg = "no backtest fold has a churner on both its training and test side: cannot estimate the model"
+        raise InvalidInputError(msg)
+    selection = chosen.selection
     progress(
-        f"trained in {fit_seconds:.1f} s: imbalance {fitted.imbalance}, {fitted.best_iteration} trees"
-        f"{' (refit on train + valid)' if fitted.refit else ''}, calibration {fitted.calibration['method']}"
+        f"search: {len(trials)} trial(s) in {search_seconds:.1f} s; chose trial {chosen.number}:"
+        f" imbalance {selection.imbalance}, {selection.best_iteration} trees, calibration"
+        f" {selection.calibration['method']}"
     )
 
+    final_started = time.perf_counter()
+    final_times = split.labelled_times(labelled["as_of"].to_numpy(), window.last_event_ms, horizon)
+    final_rows = split.take(labelled, tuple(int(t) for t in final_times))
+    final_params = fit.booster_params(chosen.config, spec.MODEL_FEATURES, selection.imbalance, final_rows.height)
+    booster = fit.fit_rounds(
+        dataset.feature_matrix(final_rows),
+        final_rows["label"].to_numpy().astype(bool),
+        final_rows["weight"].to_numpy(),
+        final_params,
+        selection.best_iteration,
+    )
+    final_seconds = time.perf_counter() - final_started
+    final = {
+        "rows": final_rows.height,
+        "days": len(np.unique(final_times // spec.DAY_MS)),
+        "users": final_rows["user_id"].n_unique(),
+        "churners": _size(final_rows)["churners"],
+    }
+    progress(
+        f"final fit in {final_seconds:.1f} s on {final['rows']} rows from {final['days']} days"
+        f" ({ms_to_iso(int(final_times[0]))} .. {ms_to_iso(int(final_times[-1]))})"
+    )
+
+    summary = backtest.summarize(chosen.folds, resolved.bootstrap_samples, seed=options.fit.seed)
+    latest = chosen.folds[-1]
+    oracle = options.oracle(latest.test, horizon) if options.oracle else None
+    test_metrics = evaluate.evaluate(latest.labels, latest.scores, oracle)
+    fold_details = [
+        {
+            **f.describe(),
+            **{k: ms_to_iso(f.describe()[k]) for k in ("train_first", "train_last", "test_first", "test_last")},
+        }
+        for f in chosen.folds
+    ]
     meta: dict[str, Any] = {
         "model_name": settings.model_name,
         "features": list(spec.MODEL_FEATURES),
         "horizon_days": horizon,
         "spec_version": spec.spec_version(),
-        "calibration": fitted.calibration,
-        "best_iteration": fitted.best_iteration,
-        "refit": fitted.refit,
-        "imbalance": fitted.imbalance,
-        "params": fitted.params,
-        "tiers": {"high": 1.0, "medium": 1.0},
+        "calibration": selection.calibration,
+        "best_iteration": selection.best_iteration,
+        "refit": True,
+        "imbalance": selection.imbalance,
+        "params": final_params,
+        # Out-of-sample validation scores of the selection booster.
+        "tiers": tier_cuts(selection.valid_scores),
+        "final": final,
+        "data_report": report.to_dict(),
+        "search": {
+            "trials": len(trials),
+            "seconds": search_seconds,
+            "chosen": chosen.describe(),
+            "all": [t.describe() for t in trials],
+        },
     }
-    model = ChurnModel(fitted.booster, meta)
-    # Out-of-sample validation scores (a refit booster has seen the validation rows).
-    meta["tiers"] = tier_cuts(fitted.valid_scores)
-    test_scores = model.predict(x["test"])
-    oracle = options.oracle(parts["test"], horizon) if options.oracle else None
-    test_metrics = evaluate.evaluate(y["test"], test_scores, oracle)
-    meta["metrics"] = {"test": test_metrics, "candidates": fitted.candidates}
+    meta["metrics"] = {
+        "test": test_metrics,
+        "backtest": summary,
+        "folds": fold_details,
+        "candidates": selection.candidates,
+    }
     meta["data_window"] = {
         "first_event": ms_to_iso(window.first_event_ms),
         "last_event": ms_to_iso(window.last_event_ms),
         **{f"{name}_points": [ms_to_iso(a), ms_to_iso(b)] for name, (a, b) in times.bounds().items()},
-        "grid_hours": options.grid_hours,
+        "final_points": [ms_to_iso(int(final_times[0])), ms_to_iso(int(final_times[-1]))],
+        "grid_hours": resolved.grid_hours,
         "lookback_days": options.lookback_days,
         "sizes": sizes,
     }
-    # The test period is the latest out-of-sample data: the closest picture of production.
-    meta["reference"] = reference.references(x["test"], spec.MODEL_FEATURES, test_scores, seed=options.fit.seed)
+    model = ChurnModel(booster, meta)
+    latest_x = dataset.feature_matrix(latest.test)
+    # The latest labelled period is the closest picture of production; scored by the final model.
+    meta["reference"] = reference.references(
+        latest_x, spec.MODEL_FEATURES, model.predict(latest_x), seed=options.fit.seed
+    )
+    meta["card"] = card.render(meta)
 
     artifact_dir = Path(tempfile.mkdtemp(prefix="churn-model-", dir=_scratch(settings)))
-    save_artifact(artifact_dir, fitted.booster, meta)
-    importance = dict(zip(spec.MODEL_FEATURES, fitted.booster.feature_importance("gain").tolist(), strict=True))
-    evaluate.save_plots(artifact_dir / "plots", y["test"], test_scores, importance, oracle)
+    save_artifact(artifact_dir, booster, meta)
+    (artifact_dir / "card.md").write_text(meta["card"])
+    (artifact_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    importance = dict(zip(spec.MODEL_FEATURES, booster.feature_importance("gain").tolist(), strict=True))
+    evaluate.save_plots(artifact_dir / "plots", latest.labels, latest.scores, importance, oracle)
     trained = TrainResult(
         artifact_dir=artifact_dir,
         horizon_days=horizon,
         spec_version=meta["spec_version"],
-        imbalance=fitted.imbalance,
-        calibration=fitted.calibration["method"],
-        best_iteration=fitted.best_iteration,
-        refit=fitted.refit,
+        imbalance=selection.imbalance,
+        calibration=selection.calibration["method"],
+        best_iteration=selection.best_iteration,
+        refit=True,
         tiers=meta["tiers"],
         sizes=sizes,
         data_window=meta["data_window"],
         metrics={k: v for k, v in test_metrics.items() if k != "calibration_curve"},
-        seconds={"build": build_seconds, "fit": fit_seconds},
+        seconds={
+            "checks": checks_seconds,
+            "build": build_seconds,
+            "search": search_seconds,
+            "final_fit": final_seconds,
+            "fit": search_seconds + final_seconds,
+        },
+        backtest=summary,
+        folds=fold_details,
+        final=final,
+        search=meta["search"]["all"],
+        chosen_trial=chosen.number,
+        selection={k.removeprefix("valid_"): v for k, v in selection.candidates[selection.imbalance].items()},
+        data_report=report.to_dict(),
+        card=meta["card"],
     )
     if options.register:
-        trained = _register(settings, options, trained, parts["test"], test_metrics, progress)
+        gate_rows = registry.GateRows(latest.test, latest.scores, model.predict(latest_x))
+        trained = _register(settings, options, resolved, trained, gate_rows, progress)
     trained.seconds["total"] = time.perf_counter() - started
     return trained
 
@@ -187,31 +336,64 @@ def train(
 def _register(
     settings: Settings,
     options: TrainOptions,
+    resolved: _Resolved,
     trained: TrainResult,
-    test_frame: pl.DataFrame,
-    test_metrics: dict[str, Any],
+    gate_rows: registry.GateRows,
     progress: Callable[[str], None],
 ) -> TrainResult:
-    """Logs the run, registers the artifact and applies the gates; returns `trained` with the
+    """Logs the run (the final model, its selection and backtest figures; one child run per
+    search trial), registers the artifact and applies the gates; returns `trained` with the
     registry fields set."""
     progress(f"logging to MLflow at {mask_url(settings.tracking_uri)}")
     champion = model_registry.load_champion(settings)
-    decision = registry.decide(settings, test_metrics, test_frame, champion)
+    decision = registry.decide(
+        settings, trained.backtest, gate_rows, champion, resolved.bootstrap_samples, options.fit.seed
+    )
+    chosen = trained.search[trained.chosen_trial]
     params = {
         "horizon_days": trained.horizon_days,
-        "grid_hours": options.grid_hours,
+        "grid_hours": resolved.grid_hours,
         "lookback_days": options.lookback_days,
         "imbalance": trained.imbalance,
         "calibration": trained.calibration,
         "best_iteration": trained.best_iteration,
         "spec_version": trained.spec_version,
+        "backtest.days": resolved.backtest_days,
+        "backtest.folds": len(trained.folds),
+        "search.trials": len(trained.search),
+        "search.seconds_budget": resolved.search_seconds,
         **{f"fit.{k}": v for k, v in asdict(options.fit).items()},
+        **{f"chosen.{k}": v for k, v in chosen["params"].items()},
         **{f"window.{k}": v for k, v in trained.data_window.items() if k != "sizes"},
     }
-    run_metrics = {f"test_{k}": float(v) for k, v in trained.metrics.items() if isinstance(v, int | float)}
+    run_metrics = {f"latest_fold_{k}": float(v) for k, v in trained.metrics.items() if isinstance(v, int | float)}
+    for name, figure in trained.backtest.items():
+        run_metrics.update({f"backtest_{name}_{k}": v for k, v in figure.items()})
+    run_metrics.update({f"final_{k}": float(v) for k, v in trained.final.items()})
+    run_metrics.update({f"selection_valid_{k}": v for k, v in trained.selection.items()})
+    report = trained.data_report
+    run_metrics.update(
+        {
+            "data_events": report["events"],
+            "data_duplicated_events": report["duplicated_events"],
+            "data_sessions_out_of_order": report["sessions_out_of_order"],
+            "data_unknown_page_events": sum(report["unknown_pages"].values()),
+            "data_users_active_after_cancellation": report["users_active_after_cancellation"],
+            "data_warnings": len(report["warnings"]),
+            **{f"data_null_rate_{k}": v for k, v in report["null_rates"].items()},
+        }
+    )
     run_metrics.update({f"{k}_seconds": v for k, v in trained.seconds.items()})
     tags = {"spec_version": trained.spec_version, "horizon_days": str(trained.horizon_days)}
-    run_id, version = registry.log_run(settings, trained.artifact_dir, params, run_metrics, tags)
+    children = [
+        (
+            f"selection: search trial {t['number']}" + (" (chosen)" if t["number"] == trained.chosen_trial else ""),
+            {**t["params"], "imbalance": t["imbalance"], "calibration": t["calibration"]},
+            {k: float(t[k]) for k in ("backtest_roc_auc", "backtest_pr_auc", "best_iteration", "folds", "seconds")},
+        )
+        for t in trained.search
+    ]
+    run_id, version = registry.log_run(settings, trained.artifact_dir, params, run_metrics, tags, children)
     registry.apply_decision(settings, run_id, version, decision)
     progress(
         f"registered {settings.model_name} v{version}: "

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from core.errors import ServiceUnavailableError
+from core.errors import InvalidInputError, ServiceUnavailableError
 from core.settings import Settings, mask_url
+from core.timeutil import parse_utc, to_ms
 from models.artifact import ChurnModel
 from models.registry import CHALLENGER, CHAMPION, PROMOTED_AT_TAG, registry_client
-from training import metrics
+from training import backtest, metrics
 from training.dataset import feature_matrix
 
 EXPERIMENT = "churn"
@@ -37,6 +38,7 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     champion_version: str | None = None
     champion_roc_auc: float | None = None
+    paired: dict[str, float] | None = None  # the paired bootstrap of the ROC-AUC difference
 
 
 def _experiment_id(client: Any, settings: Settings) -> str:
@@ -57,9 +59,11 @@ def log_run(
     params: dict[str, Any],
     run_metrics: dict[str, float],
     tags: dict[str, str],
+    children: list[tuple[str, dict[str, Any], dict[str, float]]] = (),  # type: ignore[assignment]
 ) -> tuple[str, str]:
     """Logs one training run (params, metrics, tags, the artifact directory under `model/`)
-    and registers the artifact as a new version of `settings.model_name` with alias
+    with `children` as nested runs (name, params, metrics; e.g. the search trials), and
+    registers the artifact as a new version of `settings.model_name` with alias
     `challenger`. Returns (run_id, version).
 
     Raises:
@@ -69,15 +73,18 @@ def log_run(
 
     try:
         client = registry_client(settings)
-        run = client.create_run(_experiment_id(client, settings), tags=tags, run_name="train")
+        # The run holds the registered model: the final fit (selection and search are its children).
+        run = client.create_run(_experiment_id(client, settings), tags=tags, run_name="train: final fit")
         run_id = run.info.run_id
-        for key, value in params.items():
-            client.log_param(run_id, key, str(value)[:6000])
-        for key, value in run_metrics.items():
-            if np.isfinite(value):
-                client.log_metric(run_id, key, float(value))
+        _log_values(client, run_id, params, run_metrics)
         client.log_artifacts(run_id, str(artifact_dir), ARTIFACT_PATH)
         client.set_terminated(run_id)
+        for name, child_params, child_metrics in children:
+            child = client.create_run(
+                run.info.experiment_id, tags={**tags, "mlflow.parentRunId": run_id}, run_name=name
+            ).info.run_id
+            _log_values(client, child, child_params, child_metrics)
+            client.set_terminated(child)
         if not client.search_registered_models(filter_string=f"name = '{settings.model_name}'"):
             client.create_registered_model(settings.model_name)
         version = client.create_model_version(
@@ -90,43 +97,103 @@ def log_run(
     return run_id, str(version)
 
 
+def _log_values(client: Any, run_id: str, params: dict[str, Any], run_metrics: dict[str, float]) -> None:
+    """Logs params (as text, cut to MLflow's limit) and the finite metrics of one run in one batch."""
+    from mlflow.entities import Metric, Param  # heavy: imported on first use
+
+    stamp = int(datetime.now(UTC).timestamp() * 1000)
+    metric_list = [Metric(k, float(v), stamp, 0) for k, v in run_metrics.items() if np.isfinite(v)]
+    param_list = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    # MLflow takes at most 100 params and 1,000 metrics per batch.
+    for start in range(0, max(len(metric_list), len(param_list), 1), 100):
+        client.log_batch(run_id, metrics=metric_list[start : start + 100], params=param_list[start : start + 100])
+
+
+@dataclass(frozen=True)
+class GateRows:
+    """The rows the champion/challenger gate compares on (the latest backtest fold's test rows:
+    user_id, as_of, label and the feature columns) with the challenger's scores on them: out of
+    sample (the fold's booster, trained at least H before) and in sample (the final model)."""
+
+    frame: pl.DataFrame
+    out_of_sample: np.ndarray
+    in_sample: np.ndarray
+
+
+def champion_last_point_ms(meta: dict[str, Any]) -> int | None:
+    """Returns the latest observation time (epoch ms) a model was fitted on, from its meta
+    `data_window` (`final_points` end; for models from before the final fit, `valid_points` end,
+    as they were refit on train + validation), or None when the window does not say."""
+    window = meta.get("data_window") or {}
+    for key in ("final_points", "valid_points"):
+        span = window.get(key)
+        if isinstance(span, list | tuple) and len(span) == 2:
+            try:
+                return to_ms(parse_utc(str(span[1]), key))
+            except InvalidInputError:
+                return None
+    return None
+
+
 def decide(
     settings: Settings,
-    test_metrics: dict[str, Any],
-    test_frame: pl.DataFrame,
+    backtest_summary: dict[str, Any],
+    gate_rows: GateRows,
     champion: tuple[ChurnModel, str] | None,
+    samples: int = 200,
+    seed: int = 0,
 ) -> Decision:
-    """Returns the promotion decision for a model with `test_metrics` on `test_frame` (which
-    carries `label` and the feature columns). Gates: ROC-AUC >= settings.gate_min_roc_auc,
-    PR-AUC >= settings.gate_min_pr_auc, and ROC-AUC not below the champion's ROC-AUC on the
-    same test rows minus settings.gate_auc_tolerance (skipped, with a reason, when there is no
-    champion or it needs features the test set lacks)."""
+    """Returns the promotion decision for a challenger. Gates: backtest mean ROC-AUC >=
+    settings.gate_min_roc_auc and PR-AUC >= settings.gate_min_pr_auc (`backtest_summary` as
+    `backtest.summarize` gives it), and, against the champion, a paired bootstrap of the
+    ROC-AUC difference on the same `gate_rows` (users resampled, `samples` replicates): the
+    challenger is refused when it is significantly worse, i.e. the one-sided 95% upper bound of
+    challenger - champion is below -settings.gate_auc_tolerance. The challenger's scores are
+    out of sample when the champion never trained on those rows, in sample (its final model)
+    when the champion did, so both sides see the rows alike. Skipped, with a reason, when there
+    is no champion or it needs features the rows lack."""
     decision = Decision(promote=True)
-    roc, pr = test_metrics["roc_auc"], test_metrics["pr_auc"]
+    roc, pr = backtest_summary["roc_auc"], backtest_summary["pr_auc"]
 
     def gate(passed: bool, text: str) -> None:
         decision.reasons.append(("pass: " if passed else "fail: ") + text)
         decision.promote = decision.promote and passed
 
-    gate(bool(roc >= settings.gate_min_roc_auc), f"test ROC-AUC {roc:.4f} vs floor {settings.gate_min_roc_auc:.4f}")
-    gate(bool(pr >= settings.gate_min_pr_auc), f"test PR-AUC {pr:.4f} vs floor {settings.gate_min_pr_auc:.4f}")
+    floor_roc, floor_pr = settings.gate_min_roc_auc, settings.gate_min_pr_auc
+    gate(
+        bool(roc["mean"] >= floor_roc),
+        f"backtest ROC-AUC {roc['mean']:.4f} [{roc['low']:.4f}, {roc['high']:.4f}] vs floor {floor_roc:.4f}",
+    )
+    gate(
+        bool(pr["mean"] >= floor_pr),
+        f"backtest PR-AUC {pr['mean']:.4f} [{pr['low']:.4f}, {pr['high']:.4f}] vs floor {floor_pr:.4f}",
+    )
     if champion is None:
         decision.reasons.append("pass: no current champion")
         return decision
     model, version = champion
     decision.champion_version = version
-    missing = [name for name in model.features if name not in test_frame.columns]
+    frame = gate_rows.frame
+    missing = [name for name in model.features if name not in frame.columns]
     if missing:
-        decision.reasons.append(f"skip: champion v{version} needs features the new test set lacks: {missing[:5]}")
+        decision.reasons.append(f"skip: champion v{version} needs features the new rows lack: {missing[:5]}")
         return decision
-    labels = test_frame["label"].to_numpy().astype(bool)
-    champion_roc = metrics.roc_auc(labels, model.predict(feature_matrix(test_frame, model.features)))
-    decision.champion_roc_auc = champion_roc
-    floor = champion_roc - settings.gate_auc_tolerance
+    labels = frame["label"].to_numpy().astype(bool)
+    champion_scores = model.predict(feature_matrix(frame, model.features))
+    last_seen = champion_last_point_ms(model.meta)
+    saw_rows = last_seen is not None and last_seen >= int(frame["as_of"].min())  # type: ignore[arg-type]
+    challenger = gate_rows.in_sample if saw_rows else gate_rows.out_of_sample
+    paired = backtest.paired_auc_difference(
+        labels, challenger, champion_scores, frame["user_id"].to_numpy(), samples, seed
+    )
+    decision.champion_roc_auc = metrics.roc_auc(labels, champion_scores)
+    decision.paired = paired
+    tolerance = settings.gate_auc_tolerance
+    how = "both fitted on them" if saw_rows else "challenger out of sample"
     gate(
-        bool(roc >= floor),
-        f"test ROC-AUC {roc:.4f} vs champion v{version} {champion_roc:.4f} on the same rows"
-        f" (tolerance {settings.gate_auc_tolerance})",
+        bool(paired["high"] >= -tolerance),
+        f"ROC-AUC challenger - champion v{version} on the same {frame.height} rows ({how}):"
+        f" {paired['difference']:+.4f}, 95% upper bound {paired['high']:+.4f} vs -{tolerance}",
     )
     return decision
 

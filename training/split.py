@@ -69,3 +69,56 @@ def split_times(times: np.ndarray, horizon_days: int, valid_share: float = 0.2, 
 def take(frame: pl.DataFrame, times: tuple[int, ...]) -> pl.DataFrame:
     """Returns the rows of `frame` whose `as_of` is one of `times`."""
     return frame.filter(pl.col("as_of").is_in(list(times)))
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One rolling-origin backtest fold: the observation times (epoch ms, sorted) it trains on
+    and the later block it is tested on, at least H apart."""
+
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+
+
+def backtest_folds(
+    times: np.ndarray, horizon_days: int, test_days: int = 3, min_train_days: int = 7, max_folds: int = 6
+) -> list[Fold]:
+    """Returns the rolling-origin folds of distinct observation `times`, oldest first: test
+    blocks of `test_days` days going back from the latest time, non-overlapping, each training
+    on every time at least `horizon_days` before its block's first time (so no training label
+    window reaches into the test block) and kept only if that training part covers at least
+    `min_train_days` distinct days; at most `max_folds` (the latest ones).
+
+    Raises:
+        InvalidInputError: not even one fold fits in the times.
+    """
+    unique = np.unique(np.asarray(times, dtype=np.int64))
+    gap = horizon_days * spec.DAY_MS
+    block = test_days * spec.DAY_MS
+    folds: list[Fold] = []
+    end = int(unique[-1]) if len(unique) else 0
+    while len(unique) and len(folds) < max_folds:
+        test = unique[(unique > end - block) & (unique <= end)]
+        if not len(test):
+            break
+        train = unique[unique <= test[0] - gap]
+        if len(np.unique(train // spec.DAY_MS)) < min_train_days:
+            break
+        folds.append(Fold(tuple(int(t) for t in train), tuple(int(t) for t in test)))
+        end = int(test[0]) - 1
+    if not folds:
+        days = (unique[-1] - unique[0]) / spec.DAY_MS if len(unique) else 0.0
+        msg = (
+            f"labelled observation times span {days:.1f} days: too short for one backtest of {test_days} days"
+            f" after {min_train_days} training days and a {horizon_days}-day gap; use a longer event log"
+            " or a shorter horizon"
+        )
+        raise InvalidInputError(msg)
+    return folds[::-1]
+
+
+def labelled_times(times: np.ndarray, last_event_ms: int, horizon_days: int) -> np.ndarray:
+    """Returns the distinct observation `times` whose label window (t, t + H] ends within the
+    data (t + H <= `last_event_ms`): the only ones a model may be fitted on."""
+    unique = np.unique(np.asarray(times, dtype=np.int64))
+    return unique[unique + horizon_days * spec.DAY_MS <= last_event_ms]

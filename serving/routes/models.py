@@ -1,23 +1,46 @@
-"""`GET /models/current`: the champion this process serves."""
+"""`GET /models/current`: the champion this process serves; `GET /models/current/card`: its model card."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
 
-from core.errors import ServiceUnavailableError
+from core.errors import NotFoundError, ServiceUnavailableError
+from models.runtime import LoadedModel
 from serving.deps import DepsDep, SettingsDep
 from serving.model_info import model_info
 from serving.routes.errors import ERRORS
-from serving.schemas import ModelInfo
+from serving.schemas import ModelInfo, Problem
 
 router = APIRouter(tags=["models"])
+
+
+def _loaded(deps: DepsDep) -> LoadedModel:
+    loaded = deps.models.current
+    if loaded is None:
+        msg = "no champion model is loaded yet"
+        raise ServiceUnavailableError(msg)
+    return loaded
 
 
 @router.get("/models/current", response_model=ModelInfo, responses=ERRORS)
 def model_current(deps: DepsDep, settings: SettingsDep) -> ModelInfo:
     """The champion in use: version, metrics, training window."""
-    loaded = deps.models.current
-    if loaded is None:
-        msg = "no champion model is loaded yet"
-        raise ServiceUnavailableError(msg)
+    loaded = _loaded(deps)
     return model_info(loaded, loaded.model.meta, settings.horizon_days)
+
+
+@router.get(
+    "/models/current/card",
+    response_class=PlainTextResponse,
+    responses={**ERRORS, 404: {"model": Problem, "description": "The champion was trained before model cards"}},
+)
+def model_current_card(deps: DepsDep) -> PlainTextResponse:
+    """The champion's model card (Markdown): intended use, training window, features, backtest
+    metrics with intervals, calibration, tiers, data report, limitations."""
+    loaded = _loaded(deps)
+    card = loaded.model.meta.get("card")
+    if not isinstance(card, str) or not card:
+        msg = f"{loaded.name} v{loaded.version} has no model card (trained before cards); retrain to get one"
+        raise NotFoundError(msg)
+    return PlainTextResponse(card, media_type="text/markdown; charset=utf-8")

@@ -36,6 +36,7 @@ from serving.app import create_app
 from sim.simulator import simulate
 from stream.risk_store import RedisRiskStore
 from training import registry
+from training.card import SECTIONS
 from training.scoring import score_users
 
 
@@ -160,6 +161,10 @@ def test_errors_are_clear(api: TestClient) -> None:
     current = api.get("/models/current").json()
     assert current["horizon_days"] == SMALL_TRAIN_OPTIONS.horizon_days
     assert "roc_auc" in current["metrics"]
+    card = api.get("/models/current/card")
+    assert card.status_code == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert [line[3:] for line in card.text.splitlines() if line.startswith("## ")] == list(SECTIONS)
 
 
 def test_no_champion_is_503(world: World, tmp_path: Path) -> None:

@@ -164,6 +164,27 @@ def test_model_swap_is_picked_up(client: Any) -> None:
     assert http.get("/users/u1/risk", headers=KEY).json()["model"]["version"] == "2"
 
 
+class CardModel(IdleModel):
+    meta: ClassVar[dict[str, Any]] = {**IdleModel.meta, "card": "# Model card: churn-lightgbm\n\n## Intended use\n"}
+
+
+def test_model_card_is_markdown_and_clear_when_missing(client: Any) -> None:
+    http, models, _ = client
+    missing = http.get("/models/current/card", headers=KEY)
+    assert missing.status_code == 404
+    assert "no model card" in missing.json()["detail"]
+    assert http.get("/models/current/card").status_code == 401
+    models._version_of_champion = lambda: "2"
+    models._load = lambda: LoadedModel(CardModel(), "churn-lightgbm", "2")
+    assert models.refresh()
+    card = http.get("/models/current/card", headers=KEY)
+    assert card.status_code == 200
+    assert card.headers["content-type"].startswith("text/markdown")
+    assert card.text == CardModel.meta["card"]
+    models.current = None
+    assert http.get("/models/current/card", headers=KEY).status_code == 503
+
+
 def test_api_keys_are_declared_security_schemes(client: Any) -> None:
     http, _, _ = client
     document = http.get("/openapi.json").json()

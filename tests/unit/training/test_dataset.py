@@ -121,3 +121,17 @@ def test_reads_partitioned_parquet_like_jsonl(tmp_path: Path) -> None:
     from_parquet = load_events(tmp_path / "log").collect().sort(order)
     from_lines = load_events(lines).collect().sort(order)
     assert from_parquet.equals(from_lines)
+
+
+def test_a_finer_grid_weighs_each_user_day_once() -> None:
+    events = _frame([*random_events(seed=5, users=10, days=20, per_user=80), _cancel("u1", START_MS + 12 * DAY)])
+    daily, _ = dataset.build(events, GRID)
+    fine, _ = dataset.build(events, dataset.GridConfig(horizon_days=3, step_hours=6, lookback_days=28))
+    assert fine.height > 3 * daily.height  # four points a day where the daily grid has one
+    weighted = dataset.with_weights(fine).with_columns((pl.col("as_of") // DAY).alias("day"))
+    per_user_day = weighted.group_by("user_id", "day").agg(pl.col("weight").sum())
+    assert np.allclose(per_user_day["weight"].to_numpy(), 1.0)
+    # A user observed on fewer grid points of a day (joining or leaving) still weighs 1 there.
+    counts = weighted.group_by("user_id", "day").len()
+    assert counts["len"].min() < counts["len"].max()
+    assert dataset.with_weights(daily)["weight"].to_list() == [1.0] * daily.height

@@ -1,8 +1,10 @@
 """Training end to end on a small simulated log: reproducibility, MLflow registry round trip,
-promotion gates, and the model's behaviour."""
+promotion gates, the final fit's data, backtests, the model card, and the model's behaviour."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -13,12 +15,16 @@ import pytest
 
 from bench.harness import SMALL_SIMULATION, SMALL_TRAIN_OPTIONS
 from core.settings import Settings, load_settings
+from core.timeutil import parse_utc, to_ms
 from events.log import load_events, write_partitioned
+from features import spec
 from models import registry as model_registry
 from models.artifact import load_artifact
 from sim.simulator import simulate
-from training import dataset, evaluate, fit, registry
+from training import card as model_card
+from training import dataset, fit, registry
 from training.pipeline import TrainResult, build_training_set, train
+from training.report import format_summary
 
 OPTIONS = SMALL_TRAIN_OPTIONS
 
@@ -61,9 +67,11 @@ def test_first_model_is_registered_and_promoted(first: TrainResult, state: Setti
 def test_same_seed_same_metrics_and_champion_kept(first: TrainResult, log: Path, state: Settings) -> None:
     second = train(state, log, OPTIONS)
     assert second.metrics == first.metrics
+    assert second.backtest == first.backtest
     assert second.version != first.version
-    assert second.previous_champion_roc_auc == pytest.approx(first.metrics["roc_auc"])
-    assert second.promoted  # equal on the same test set passes the not-worse gate
+    # Both fitted on the gate rows: the same final model, so the paired difference is zero.
+    assert second.promoted, second.reasons
+    assert any("both fitted on them" in reason and "+0.0000" in reason for reason in second.reasons)
 
 
 def test_worse_model_is_not_promoted(first: TrainResult, log: Path, state: Settings) -> None:
@@ -80,12 +88,65 @@ def test_worse_model_is_not_promoted(first: TrainResult, log: Path, state: Setti
         replace(OPTIONS.fit, refit=False),  # a refit would learn the real validation labels
     )
     scores = np.asarray(result.booster.predict(dataset.feature_matrix(test)))
-    worse = evaluate.evaluate(test["label"].to_numpy(), scores)
-    decision = registry.decide(state, worse, test, model_registry.load_champion(state))
+    rows = registry.GateRows(test, scores, scores)
+    decision = registry.decide(state, first.backtest, rows, model_registry.load_champion(state))
     assert not decision.promote
-    assert any(reason.startswith("fail: test ROC-AUC") and "champion" in reason for reason in decision.reasons)
+    assert any(reason.startswith("fail: ROC-AUC challenger - champion") for reason in decision.reasons)
     strict = load_settings(state_dir=state.state_dir, gate_min_roc_auc=0.99)
-    assert not registry.decide(strict, first.metrics, test, None).promote
+    assert not registry.decide(strict, first.backtest, rows, None).promote
+
+
+def test_final_fit_sees_every_finished_label_window_and_no_other(first: TrainResult, log: Path) -> None:
+    events = load_events(log)
+    frame, window = dataset.build(events, dataset.GridConfig(7, 24, 28))
+    finished = frame.filter(pl.col("as_of") + 7 * spec.DAY_MS <= window.last_event_ms)
+    unfinished = frame.filter(pl.col("as_of") + 7 * spec.DAY_MS > window.last_event_ms)
+    assert unfinished.height > 0  # the log has points the final fit must leave out
+    assert first.final["rows"] == finished.height
+    assert first.final["days"] == finished["as_of"].n_unique()
+    last_seen = to_ms(parse_utc(first.data_window["final_points"][1]))
+    assert last_seen == finished["as_of"].max()
+    assert last_seen + 7 * spec.DAY_MS <= window.last_event_ms
+    # It saw the newest labelled days that the selection split held back for testing.
+    assert last_seen > to_ms(parse_utc(first.data_window["valid_points"][1]))
+
+
+def test_backtests_summary_and_card(first: TrainResult, state: Settings) -> None:
+    assert len(first.folds) >= 2
+    for name, figure in first.backtest.items():
+        assert figure["low"] <= figure["mean"] <= figure["high"], name
+    text = format_summary(first)
+    assert re.search(r"ROC-AUC\s+0\.\d{4}\s+\[0\.\d{4}, 0\.\d{4}\]", text), text
+    assert "final model saw" in text
+    loaded = model_registry.load_champion(state)
+    assert loaded is not None
+    card = first.card
+    assert card == (first.artifact_dir / "card.md").read_text()
+    assert loaded[0].meta["card"].startswith("# Model card")  # the registered champion carries its own
+    headings = re.findall(r"^## (.+)$", card, flags=re.MULTILINE)
+    assert headings == list(model_card.SECTIONS)
+    for section, body in zip(headings, re.split(r"^## .+$", card, flags=re.MULTILINE)[1:], strict=True):
+        assert len(body.strip()) > 20, section
+    assert "None" not in card
+    assert "n/a" not in card
+    for feature in spec.MODEL_FEATURES:
+        assert f"`{feature}`" in card
+    assert f"{first.final['days']} distinct days" in card
+    assert len(first.search) == 2  # two trials, each a child run of the final fit's run
+    client = model_registry.registry_client(state)
+    parent = client.get_run(first.run_id)
+    assert parent.info.run_name == "train: final fit"
+    assert parent.data.metrics["final_days"] == first.final["days"]
+    assert "backtest_roc_auc_low" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first.run_id}'"
+    )
+    names = sorted(run.info.run_name for run in children)
+    assert len(names) == 2
+    assert sum(name.endswith("(chosen)") for name in names) == 1
+    assert all("backtest_roc_auc" in run.data.metrics for run in children)
+    data_report = json.loads((first.artifact_dir / "data_report.json").read_text())
+    assert data_report["churners_per_split"]["train"] > 0
 
 
 def test_more_dislikes_adverts_and_falling_trend_never_lower_risk(first: TrainResult) -> None:

@@ -1,0 +1,166 @@
+"""Rolling-origin backtests with bootstrap confidence intervals over users, and the paired
+bootstrap of two models' ROC-AUC difference on the same rows (the champion/challenger gate).
+
+Each fold (see `split.backtest_folds`) fits a booster on every labelled point at least H
+before its test block, with the parameters and tree count chosen on the selection split, and
+scores the block out of sample. Intervals resample users, not rows: one user's points over
+consecutive days are strongly correlated, so a row bootstrap would be too narrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import spec
+from models.calibration import apply as apply_calibration
+from training import dataset, fit, metrics, split
+
+# The figures every fold reports; the backtest summary gives each as mean and interval.
+METRICS = ("roc_auc", "pr_auc", "recall_top10", "precision_top10", "brier")
+
+
+@dataclass
+class FoldResult:
+    """One fold's out-of-sample scores (calibrated) on its test rows, and their figures."""
+
+    train_times: tuple[int, ...]
+    test_times: tuple[int, ...]
+    train_rows: int
+    test: pl.DataFrame  # the test rows (user_id, as_of, features, label)
+    scores: np.ndarray
+    figures: dict[str, float]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Returns the test rows' labels as bool."""
+        return self.test["label"].to_numpy().astype(bool)
+
+    def describe(self) -> dict[str, Any]:
+        """Returns the fold's span, sizes and figures as plain values (for logs and the card)."""
+        return {
+            "train_first": self.train_times[0],
+            "train_last": self.train_times[-1],
+            "test_first": self.test_times[0],
+            "test_last": self.test_times[-1],
+            "train_rows": self.train_rows,
+            "test_rows": self.test.height,
+            "test_churners": int(self.test.filter(pl.col("label") == 1)["user_id"].n_unique()),
+            **self.figures,
+        }
+
+
+def figures(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Returns the backtest figures (`METRICS`) of one set of scores."""
+    top = metrics.top_fraction(labels, scores, 0.1)
+    return {
+        "roc_auc": metrics.roc_auc(labels, scores),
+        "pr_auc": metrics.average_precision(labels, scores),
+        "recall_top10": top["recall"],
+        "precision_top10": top["precision"],
+        "brier": metrics.brier(labels, scores),
+    }
+
+
+def run_folds(
+    labelled: pl.DataFrame,
+    folds: list[split.Fold],
+    config: fit.FitConfig,
+    imbalance: str,
+    rounds: int,
+    calibration: dict[str, Any],
+    features: tuple[str, ...] = spec.MODEL_FEATURES,
+) -> list[FoldResult]:
+    """Returns one result per fold whose training and test parts both hold a churner: a booster
+    of `rounds` trees fitted on the fold's training rows (weighted by their `weight` column)
+    scores its test rows, calibrated with `calibration`. Folds without a churner on either
+    side are left out (their ROC-AUC is undefined)."""
+    results = []
+    for fold in folds:
+        train = split.take(labelled, fold.train)
+        test = split.take(labelled, fold.test)
+        y = train["label"].to_numpy().astype(bool)
+        if not y.any() or not test["label"].to_numpy().any():
+            continue
+        params = fit.booster_params(config, features, imbalance, train.height)
+        booster = fit.fit_rounds(
+            dataset.feature_matrix(train, features), y, train["weight"].to_numpy(), params, rounds, features
+        )
+        raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
+        scores = apply_calibration(calibration, raw)
+        labels = test["label"].to_numpy().astype(bool)
+        results.append(FoldResult(fold.train, fold.test, train.height, test, scores, figures(labels, scores)))
+    return results
+
+
+def _user_codes(frames: list[pl.DataFrame]) -> tuple[list[np.ndarray], int]:
+    """Returns each frame's rows as codes of one shared user index, and the number of users."""
+    users = np.unique(np.concatenate([frame["user_id"].to_numpy().astype(str) for frame in frames]))
+    codes = [np.searchsorted(users, frame["user_id"].to_numpy().astype(str)) for frame in frames]
+    return codes, len(users)
+
+
+def _resampled_rows(codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Returns the row indices of one bootstrap replicate: each row as often as its user was drawn."""
+    return np.repeat(np.arange(len(codes)), counts[codes])
+
+
+def summarize(results: list[FoldResult], samples: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Returns {metric: {mean, low, high}} over the folds: the mean of the folds' figures and
+    its `level` percentile interval from `samples` bootstrap replicates that draw users with
+    replacement (the same draw for every fold, so a user keeps their weight across folds)."""
+    codes, n_users = _user_codes([r.test for r in results])
+    rng = np.random.default_rng(seed)
+    replicates = {name: np.empty(samples) for name in METRICS}
+    for b in range(samples):
+        counts = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)
+        per_fold = []
+        for result, code in zip(results, codes, strict=True):
+            rows = _resampled_rows(code, counts)
+            per_fold.append(figures(result.labels[rows], result.scores[rows]))
+        for name in METRICS:
+            replicates[name][b] = np.nanmean([f[name] for f in per_fold])
+    tail = (1 - level) / 2 * 100
+    out: dict[str, Any] = {}
+    for name in METRICS:
+        values = replicates[name][np.isfinite(replicates[name])]
+        mean = float(np.nanmean([r.figures[name] for r in results]))
+        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (np.nan, np.nan)
+        out[name] = {"mean": mean, "low": float(low), "high": float(high)}
+    return out
+
+
+def paired_auc_difference(
+    labels: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray,
+    users: np.ndarray,
+    samples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Returns the ROC-AUC difference challenger - champion on the same rows: `difference`
+    (on all rows) and the one-sided `level` bounds `low` and `high` of its paired bootstrap
+    (users drawn with replacement; both models scored on the same replicate rows)."""
+    y = np.asarray(labels, dtype=bool)
+    a = np.asarray(challenger, dtype=np.float64)
+    b = np.asarray(champion, dtype=np.float64)
+    _, codes = np.unique(np.asarray(users).astype(str), return_inverse=True)
+    n_users = int(codes.max()) + 1 if len(codes) else 0
+    rng = np.random.default_rng(seed)
+    differences = np.empty(samples)
+    for i in range(samples):
+        rows = _resampled_rows(codes, np.bincount(rng.integers(0, n_users, n_users), minlength=n_users))
+        differences[i] = metrics.roc_auc(y[rows], a[rows]) - metrics.roc_auc(y[rows], b[rows])
+    differences = differences[np.isfinite(differences)]
+    tail = (1 - level) * 100
+    low, high = np.percentile(differences, [tail, 100 - tail]) if len(differences) else (np.nan, np.nan)
+    return {
+        "difference": metrics.roc_auc(y, a) - metrics.roc_auc(y, b),
+        "low": float(low),
+        "high": float(high),
+        "rows": float(len(y)),
+    }
