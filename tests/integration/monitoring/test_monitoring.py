@@ -33,6 +33,7 @@ import yaml
 from confluent_kafka import Producer
 
 from bench.harness import free_port, train_small_champion, wait_for
+from core.kafka import kafka_config
 from core.settings import Settings, load_settings
 from events.log import load_events, write_partitioned
 from features import spec
@@ -165,7 +166,7 @@ def deployment(
 
 
 def produce_log(settings: Settings, topic: str, events: pl.DataFrame) -> None:
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 20, "enable.idempotence": True})
+    producer = Producer(kafka_config(settings, **{"linger.ms": 20, "enable.idempotence": True}))
     lines = events.write_ndjson().splitlines()
     for line, user in zip(lines, events["userId"].to_list(), strict=True):
         while True:
