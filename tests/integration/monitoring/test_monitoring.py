@@ -132,6 +132,7 @@ def deployment(
         "CHURN_API_PORT": str(api_port),
         "CHURN_DRIFT_EVERY_SECONDS": "2",
         "CHURN_MAX_BATCH_EVENTS": "5000",
+        "CHURN_API_OPEN": "true",  # a test API on loopback, open on purpose
     }
     run_settings = load_settings(
         events_topic=topic, feast_project=f"m{unique}", feast_repo=tmp_path / "feast", redis_prefix=f"test:{unique}:",
