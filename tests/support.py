@@ -316,7 +316,7 @@ def kill_mid_batch(
     rng = random.Random(proc.pid)
     before = applied_in_redis(settings)  # what earlier processes left: not this one's batches
     topic = settings.events_topic
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.scorer_group})
+    consumer = Consumer(kafka_config(settings, **{"group.id": settings.scorer_group}))
     partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
     deadline = time.monotonic() + timeout
     in_batch = False
@@ -344,7 +344,7 @@ def kill_mid_batch(
 def drained(settings: Settings) -> bool:
     """Returns whether Redis holds applied offsets at the end of every partition of the topic."""
     applied = applied_in_redis(settings)
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"ends-{settings.scorer_group}"})
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"ends-{settings.scorer_group}"}))
     try:
         topic = settings.events_topic
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

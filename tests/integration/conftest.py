@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from core.kafka import kafka_config
 from core.settings import Settings
 from infra import local as infra
 
@@ -32,7 +33,7 @@ def topic(settings: Settings, unique: str) -> Iterator[str]:
     """A fresh `events` topic with the configured partition count, deleted afterwards."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(kafka_config(settings))
     name = f"test-events-{unique}"
     admin.create_topics([NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)])[name].result(
         30

@@ -8,6 +8,7 @@ import urllib.request
 import redis
 from confluent_kafka import Consumer, Producer
 
+from core.kafka import kafka_config
 from core.settings import Settings
 from infra import local as infra
 
@@ -19,19 +20,21 @@ def test_status_reports_every_service_ready(settings: Settings) -> None:
 
 
 def test_produce_and_consume_through_the_real_broker(settings: Settings, topic: str, unique: str) -> None:
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True})
+    producer = Producer(kafka_config(settings, **{"enable.idempotence": True}))
     sent = [(f"user{i % 7}".encode(), json.dumps({"n": i}).encode()) for i in range(200)]
     for key, value in sent:
         producer.produce(topic, value=value, key=key)
     assert producer.flush(30) == 0
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"test-{unique}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_config(
+            settings,
+            **{
+                "group.id": f"test-{unique}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([topic])
     received: list[tuple[bytes, bytes]] = []

@@ -35,6 +35,7 @@ import yaml
 from confluent_kafka import Producer
 
 from bench.harness import SMALL_TRAIN_OPTIONS, free_port, wait_for
+from core.kafka import kafka_config
 from core.settings import Settings, load_settings
 from core.timeutil import DAY_MS
 from events.log import load_events, write_partitioned
@@ -143,7 +144,7 @@ def answers(url: str) -> bool:
 
 
 def produce_log(settings: Settings, topic: str, events: pl.DataFrame) -> None:
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 20, "enable.idempotence": True})
+    producer = Producer(kafka_config(settings, **{"linger.ms": 20, "enable.idempotence": True}))
     lines = events.write_ndjson().splitlines()
     for line, user in zip(lines, events["userId"].to_list(), strict=True):
         while True:

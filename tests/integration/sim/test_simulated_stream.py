@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer
 
+from core.kafka import kafka_config
 from core.settings import Settings
 from events.schema import Event, parse_event
 from sim.simulator import SimConfig, simulate
@@ -21,9 +22,7 @@ def test_simulated_events_round_trip_in_per_user_order(settings: Settings, topic
     assert report.malformed == 0
     assert report.sent == len(lines)
 
-    consumer = Consumer(
-        {"bootstrap.servers": settings.bootstrap_servers, "group.id": f"rt-{unique}", "auto.offset.reset": "earliest"}
-    )
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"rt-{unique}", "auto.offset.reset": "earliest"}))
     consumer.subscribe([topic])
     received: list[tuple[bytes, bytes]] = []
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 from confluent_kafka import Producer
 
+from core.kafka import kafka_config
 from core.settings import Settings
 from tests.support import random_events
 
@@ -20,7 +21,7 @@ CHURN = str(Path(sys.executable).parent / "churn")
 
 def test_archive_is_exactly_once_after_a_crash(settings: Settings, topic: str, unique: str, tmp_path: Path) -> None:
     events = random_events(21, users=50, days=10, per_user=400)
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 20})
+    producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 20}))
     for event in events:
         producer.produce(topic, value=event.to_json(), key=event.user_id.encode())
     producer.produce(topic, value=b"{broken", key=b"x")

@@ -15,6 +15,7 @@ import redis
 from confluent_kafka import Producer
 
 from bench.harness import free_port, scrape, wait_for
+from core.kafka import kafka_config
 from core.settings import Settings, load_settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
@@ -82,7 +83,7 @@ class Run:
 
 def produce(settings: Settings, topic: str, bad: list[bytes], per_user: int = 250) -> list[str]:
     events = random_events(11, users=USERS, days=20, per_user=per_user)
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 20})
+    producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 20}))
     for i, event in enumerate(events):
         producer.produce(topic, value=event.to_json(), key=event.user_id.encode())
         if i % 1000 == 0 and bad:
@@ -103,7 +104,7 @@ BAD = [
 def stream_topic(settings: Settings, topic: str) -> str:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(kafka_config(settings))
     admin.create_topics([NewTopic(f"{topic}.dlq", num_partitions=1, replication_factor=1)])[f"{topic}.dlq"].result(30)
     return topic
 

@@ -37,6 +37,7 @@ import serving.auth
 from bench.api import START_MS, _rows, _wait_ready
 from bench.harness import ScorerProcess, free_port, wait_for
 from core.errors import InvalidInputError
+from core.kafka import kafka_config
 from core.settings import Settings
 from features.feast_store import FeastFeatureStore
 from infra import local as infra
@@ -217,7 +218,7 @@ def test_redis_outage_stops_commits_and_ends_in_the_clean_state(
 
 def _messages_in(settings: Settings, topic: str) -> int:
     """Returns how many messages the topic holds (sum over partitions of high - low watermark)."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"count-{topic}"})
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"count-{topic}"}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         return sum(
@@ -329,9 +330,7 @@ TEN_MB_COPIES = 60
 
 
 def _read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes, dict[str, str]]]:
-    consumer = Consumer(
-        {"bootstrap.servers": settings.bootstrap_servers, "group.id": f"dlq-{topic}", "auto.offset.reset": "earliest"}
-    )
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"dlq-{topic}", "auto.offset.reset": "earliest"}))
     consumer.subscribe([topic])
     out: list[tuple[bytes, dict[str, str]]] = []
     deadline = time.monotonic() + 60
@@ -359,7 +358,7 @@ def test_poison_is_dead_lettered_with_bounded_memory_and_no_crash(
 ) -> None:
     # A topic that accepts 10 MB messages: the scorer, not the broker, must refuse them.
     topic = f"test-poison-{unique}"
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(kafka_config(settings))
     config = {"max.message.bytes": str(16 * 1024 * 1024)}
     admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1, config=config)])[topic].result(30)
     deployment = deploy("poison", topic, max_event_bytes=MAX_EVENT_BYTES)
@@ -367,9 +366,7 @@ def test_poison_is_dead_lettered_with_bounded_memory_and_no_crash(
     poison = POISON + copies
     valid = random_events(23, users=10, days=5, per_user=20)
     where: dict[tuple[int, int], str] = {}
-    producer = Producer(
-        {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "message.max.bytes": 16 << 20}
-    )
+    producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "message.max.bytes": 16 << 20}))
     scorer = deployment.start_scorer()
     # Partitions assigned (the lag gauge appears), model loaded: the memory of a scorer at rest.
     wait_for(lambda: any(k[0] == "churn_consumer_lag_messages" for k in scorer.samples()), 60, "assignment")

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from churn.cli import app
 from core.errors import ServiceUnavailableError
+from core.kafka import kafka_config
 from core.settings import Settings, load_settings
 from stream.producer import publish_lines, replay_file
 from stream.topics import delete_topics, ensure_topics
@@ -55,12 +56,14 @@ def topic_settings(settings: Settings, topic: str) -> Iterator[Settings]:
 def _consume(settings: Settings, topic: str, group: str, count: int) -> list[tuple[int, bytes | None, bytes]]:
     """Reads `count` messages as (partition, key, value), failing if they do not all arrive."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_config(
+            settings,
+            **{
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([topic])
     received: list[tuple[int, bytes | None, bytes]] = []
@@ -142,7 +145,7 @@ def test_ensure_topics_is_idempotent(settings: Settings, unique: str) -> None:
         assert ensure_topics(admin_settings) == []
         from confluent_kafka.admin import AdminClient
 
-        topics = AdminClient({"bootstrap.servers": settings.bootstrap_servers}).list_topics(timeout=10).topics
+        topics = AdminClient(kafka_config(settings)).list_topics(timeout=10).topics
         assert len(topics[name].partitions) == 3
         assert len(topics[f"{name}.dlq"].partitions) == 3
     finally:
