@@ -6,7 +6,8 @@ percentile, so about the top 10% riskiest are high; `medium` = the 70th, the nex
 `calibration` (see `training.calibration`), `metrics`, `data_window`, `params`, `imbalance`,
 `best_iteration`, `reference` distributions of every feature and of the score (see
 `training.reference`), and from issue 21 on `final` (what the registered model was fitted on),
-`data_report`, `search` and `card` (the model card, Markdown; see `training.card`). No pickle anywhere: both files are text and load in any process.
+`data_report`, `search` and `card` (the model card, Markdown; see `training.card`). No pickle
+anywhere: both files are text and load in any process.
 """
 
 from __future__ import annotations

@@ -136,6 +136,8 @@ def render(meta: dict[str, Any]) -> str:
         "- Consecutive days of one user are correlated: the intervals resample users, and folds share users.",
         f"- The final model is fitted on the newest {horizon} labelled days too: no held-out figure"
         " exists for it itself; the backtests describe the procedure.",
+        "- The final fit keeps the tree count early stopping chose on the (smaller) selection training"
+        " set; more data might carry a few more trees.",
         "- Users with little history get features near zero; their scores are less reliable.",
         "",
     ]

@@ -241,13 +241,7 @@ def train(
     latest = chosen.folds[-1]
     oracle = options.oracle(latest.test, horizon) if options.oracle else None
     test_metrics = evaluate.evaluate(latest.labels, latest.scores, oracle)
-    fold_details = [
-        {
-            **f.describe(),
-            **{k: ms_to_iso(f.describe()[k]) for k in ("train_first", "train_last", "test_first", "test_last")},
-        }
-        for f in chosen.folds
-    ]
+    fold_details = [_fold_row(result) for result in chosen.folds]
     meta: dict[str, Any] = {
         "model_name": settings.model_name,
         "features": list(spec.MODEL_FEATURES),
@@ -408,6 +402,12 @@ def _register(
         previous_champion=decision.champion_version,
         previous_champion_roc_auc=decision.champion_roc_auc,
     )
+
+
+def _fold_row(result: backtest.FoldResult) -> dict[str, Any]:
+    """Returns a fold's description with its times as ISO 8601 (for meta.json and the summary)."""
+    row = result.describe()
+    return {**row, **{k: ms_to_iso(row[k]) for k in ("train_first", "train_last", "test_first", "test_last")}}
 
 
 def _scratch(settings: Settings) -> Path:

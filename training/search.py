@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -134,8 +134,3 @@ def search(
 def best(trials: list[Trial]) -> Trial:
     """Returns the trial with the highest backtest ROC-AUC (NaN never wins; ties: the earlier)."""
     return max(trials, key=lambda t: (np.nan_to_num(t.score, nan=-1.0), -t.number))
-
-
-def config_dict(config: fit.FitConfig) -> dict[str, Any]:
-    """Returns the configuration as plain values (for run params)."""
-    return asdict(config)
