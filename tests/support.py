@@ -321,6 +321,10 @@ def kill_mid_batch(
     deadline = time.monotonic() + timeout
     in_batch = False
     try:
+        # Unfrozen until it saves its first batch: freezing a process that is still loading its
+        # model would only slow its start.
+        while applied_in_redis(settings) == before and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
         while not in_batch and time.monotonic() < deadline and proc.poll() is None:
             proc.send_signal(signal.SIGSTOP)
             applied = applied_in_redis(settings)
