@@ -91,12 +91,14 @@ class ScoringConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
+        self.processor.partitions_changed([p.partition for p in partitions], [])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches are committed synchronously before the next poll, so nothing is pending here;
         # dropping the cache makes states reload from Redis on first sight after reassignment.
         log.info("revoked %s", [p.partition for p in partitions])
         self.processor.forget()
+        self.processor.partitions_changed([], [p.partition for p in partitions])
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit and leave the group."""
