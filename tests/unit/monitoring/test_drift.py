@@ -328,7 +328,6 @@ def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> N
     points, _ = dataset.observation_points(log, dataset.GridConfig(3, 24, 5))
     offline_rows = offline.compute(log, points.select("user_id", "as_of"))
     offline_rows = offline_rows.filter(pl.col("last_event_ms") >= pl.col("as_of") - 5 * 86_400_000)
-    last = max(e.ts for e in events)
     # A midnight is snapshotted once every partition passed it: the slowest ends first.
     slowest = min(max(e.ts for e in events if partition_of[e.user_id] == p) for p in ahead)
     midnights = sorted(t for t in offline_rows["as_of"].unique().to_list() if t < slowest)
