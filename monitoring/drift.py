@@ -99,10 +99,13 @@ class Drift:
     status: Status
 
 
-def column_drift(distribution: dict[str, Any], values: np.ndarray, thresholds: Thresholds) -> Drift:
-    """Returns the drift of `values` (NaN = missing) against one reference distribution."""
+def column_drift(
+    distribution: dict[str, Any], values: np.ndarray, thresholds: Thresholds, *, with_ks: bool = True
+) -> Drift:
+    """Returns the drift of `values` (NaN = missing) against one reference distribution (KS left
+    NaN without `with_ks`)."""
     value = psi(reference_shares(distribution), live_shares(values, distribution.get("edges") or []))
-    statistic, pvalue = ks(distribution.get("sample") or [], values)
+    statistic, pvalue = ks(distribution.get("sample") or [], values) if with_ks else (float("nan"), float("nan"))
     return Drift(value, statistic, pvalue, thresholds.status(value))
 
 
@@ -189,15 +192,25 @@ class DriftReport:
 
 
 def _columns(
-    reference: dict[str, Any], features: Sequence[str], matrix: np.ndarray, scores: np.ndarray, thresholds: Thresholds
+    reference: dict[str, Any],
+    features: Sequence[str],
+    matrix: np.ndarray,
+    scores: np.ndarray,
+    thresholds: Thresholds,
+    *,
+    with_ks: bool = True,
 ) -> tuple[dict[str, Drift], Drift | None]:
     drifts = {
-        name: column_drift(reference["features"][name], matrix[:, i], thresholds)
+        name: column_drift(reference["features"][name], matrix[:, i], thresholds, with_ks=with_ks)
         for i, name in enumerate(features)
         if name in reference.get("features", {})
     }
     scored = scores[~np.isnan(scores)]
-    score = column_drift(reference["score"], scored, thresholds) if len(scored) and "score" in reference else None
+    score = (
+        column_drift(reference["score"], scored, thresholds, with_ks=with_ks)
+        if len(scored) and "score" in reference
+        else None
+    )
     return drifts, score
 
 
@@ -233,7 +246,10 @@ def snapshot_drift(
         judged = rows >= min_segment_rows and reference_rows >= min_segment_rows
         # An unjudged segment is still measured (shown), with every status forced to "ok".
         seg_thresholds = thresholds if judged else Thresholds(np.inf, np.inf)
-        seg_features, seg_score = _columns(seg_reference, features, matrix[mask], scores[mask], seg_thresholds)
+        # PSI only: the status is PSI's, and KS per segment would double the report's time.
+        seg_features, seg_score = _columns(
+            seg_reference, features, matrix[mask], scores[mask], seg_thresholds, with_ks=False
+        )
         seg_features.pop(SEGMENT_COLUMN[name], None)
         segments[name] = SegmentDrift(rows, reference_rows, judged, seg_features, seg_score)
     return DriftReport(now, len(matrix), overall, score, as_of_ms, segments)

@@ -104,6 +104,7 @@ class ScoringConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
+        self.processor.partitions_changed([p.partition for p in partitions], [])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches are committed synchronously before the next poll, so nothing is pending here;
@@ -112,6 +113,7 @@ class ScoringConsumer:
         self.processor.forget()
         for p in partitions:
             self.expected.pop(partition_key(p.topic, p.partition), None)
+        self.processor.partitions_changed([], [p.partition for p in partitions])
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit and leave the group."""

@@ -39,8 +39,9 @@ class Message(NamedTuple):
 class Snapshots(Protocol):
     """The daily snapshot the processor drives (`stream.snapshot.DailySnapshots`)."""
 
-    def track(self, rows: Sequence[FeatureRow], churned: dict[str, int]) -> None:
-        """Records the users whose rows were just written and those who churned (ts)."""
+    def track(self, rows: Sequence[FeatureRow], churned: dict[str, int], captured: dict[int, list[FeatureRow]]) -> None:
+        """Records the users whose rows were just written, those who churned (ts) and the rows
+        as of open midnights of users who just moved past them."""
         ...
 
     def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
@@ -91,7 +92,9 @@ class BatchProcessor:
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
         self.snapshots = snapshots  # the daily snapshot at each UTC midnight of event time
-        self._watermark: int | None = None  # the latest event time this processor has seen
+        self._open: int | None = None  # the earliest midnight not yet snapshotted
+        self._progress: dict[int, int] = {}  # partition -> latest event time applied from it
+        self._partitions: set[int] | None = None  # owned partitions (None: not told yet)
 
     def forget(self) -> None:
         """Drops cached user states (after a rebalance they are reloaded on first sight)."""
@@ -116,46 +119,37 @@ class BatchProcessor:
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
         loaded = self.current_model()
-        parts, watermark = self._parts(parsed.events)
-        for n, (part, midnights) in enumerate(parts):
-            # The batch's applied offsets go with the last part's states: earlier parts are
-            # covered by the per-user offsets in their states if the batch is replayed.
-            offsets = applied_offsets(messages) if n == len(parts) - 1 else {}
-            self._apply(messages, parsed, part, result, loaded, offsets, expected or {})
-            for midnight in midnights:  # crossed by the next part: every event at or before it is applied
-                if self.snapshots is not None:
-                    self.snapshots.take(midnight, loaded)
-        self._watermark = watermark  # only now: a batch retried after an outage crosses its midnights again
+        if self.snapshots is not None and self._open is None and parsed.events:
+            # The first midnight not yet snapshotted: the one at or after the shared watermark.
+            start = self.risks.watermark()
+            start = start if start is not None else min(e.ts for e in parsed.events)
+            self._open = -(-start // DAY_MS) * DAY_MS
+        self._apply(
+            messages, parsed, list(range(len(parsed.events))), result, loaded, applied_offsets(messages), expected or {}
+        )
+        if self.snapshots is not None:
+            for i, event in enumerate(parsed.events):
+                partition = messages[parsed.sources[i]].partition
+                self._progress[partition] = max(event.ts, self._progress.get(partition, event.ts))
+            while self._open is not None and self._passed(self._open):
+                self.snapshots.take(self._open, loaded)
+                self._open += DAY_MS
         self._count(result, parsed.unknown_pages)
         return result
 
-    def _parts(self, events: Sequence[Event]) -> tuple[list[tuple[list[int], list[int]]], int | None]:
-        """Returns the batch split at the UTC midnights it crosses, [(event positions in batch
-        order, midnights crossed right after them)], and the watermark after the batch. Without
-        snapshots: one part, no midnight.
+    def partitions_changed(self, added: Sequence[int], removed: Sequence[int]) -> None:
+        """Tracks the partitions this processor owns (a rebalance): a midnight is snapshotted
+        once every owned partition has an event past it."""
+        self._partitions = (self._partitions or set()) | set(added)
+        self._partitions -= set(removed)
+        for partition in removed:
+            self._progress.pop(partition, None)
 
-        A daily snapshot must see every user as of the midnight, so the events after it wait
-        until it is taken (a batch of a fast replay can span several days)."""
-        everything = list(range(len(events)))
-        if self.snapshots is None or not events:
-            return [(everything, [])], self._watermark
-        if self._watermark is None:
-            self._watermark = self.risks.watermark()
-        latest = max(e.ts for e in events)
-        start = self._watermark if self._watermark is not None else min(e.ts for e in events)
-        first = -(-start // DAY_MS) * DAY_MS  # the first midnight at or after the watermark
-        if latest <= first:
-            return [(everything, [])], max(latest, start)
-        groups: dict[int, list[int]] = {}
-        for i, event in enumerate(events):
-            k = 0 if event.ts <= first else -(-(event.ts - first) // DAY_MS)
-            groups.setdefault(k, []).append(i)
-        keys = sorted(groups)
-        parts = [
-            (groups[k], [first + d * DAY_MS for d in range(k, keys[n + 1])] if n + 1 < len(keys) else [])
-            for n, k in enumerate(keys)
-        ]
-        return parts, max(latest, start)
+    def _passed(self, midnight: int) -> bool:
+        """Returns True once every owned partition (those seen, before an assignment is known)
+        has applied an event after `midnight`: only then is every user's row as of it known."""
+        partitions = self._partitions if self._partitions is not None else set(self._progress)
+        return bool(partitions) and all(self._progress.get(p, midnight) > midnight for p in partitions)
 
     def _apply(
         self,
@@ -178,6 +172,8 @@ class BatchProcessor:
         appended_ms: list[int] = []  # per row: append time of the user's latest applied message
         blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
         churned: dict[str, int] = {}  # users whose Cancellation Confirmation was applied: its ts
+        captured: dict[int, list[FeatureRow]] = {}  # open midnight -> rows of users who just crossed it
+        open_midnight = self._open if self.snapshots is not None else None
         encode = STATE_ENCODER.encode
         for user, indexes in _by_user(events).items():
             latest_applied: int | None = None  # append time (-1 when the broker gave none)
@@ -185,6 +181,8 @@ class BatchProcessor:
             for j in indexes:
                 event = events[j]
                 _, _, partition, offset, append_ms = messages[parsed.sources[positions[j]]]
+                if open_midnight is not None:
+                    _capture(engine, user, event.ts, open_midnight, captured)
                 outcome = engine.apply(event, partition, offset)
                 if outcome == APPLIED:
                     result.applied += 1
@@ -226,7 +224,7 @@ class BatchProcessor:
         if watermark is not None:
             self.risks.advance_watermark(watermark)
         if self.snapshots is not None:  # before the states: a replay re-tracks harmlessly
-            self.snapshots.track(rows, churned)  # cancelled users have left the population
+            self.snapshots.track(rows, churned, captured)  # cancelled users have left the population
         written = self.states.save(blobs, offsets, expected)
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
@@ -279,6 +277,22 @@ def batch_watermark(events: Sequence[Event], append_ms: Sequence[int]) -> int | 
     latest = max(e.ts for e in events)
     broker = max(append_ms, default=-1)
     return min(latest, broker) if broker >= 0 else latest
+
+
+def _capture(engine: OnlineEngine, user: str, ts: int, first_open: int, captured: dict[int, list[FeatureRow]]) -> None:
+    """Keeps the user's row as of each open midnight (>= `first_open`) that the event at `ts` is
+    about to carry them past: the row a snapshot of that midnight needs, once the state has moved
+    on (partitions run ahead of each other, so a midnight is snapshotted after some users crossed it)."""
+    state = engine.states.get(user)
+    if state is None or state.last_ts < 0 or ts <= state.last_ts:
+        return
+    midnight = max(first_open, -(-state.last_ts // DAY_MS) * DAY_MS)  # the first at or after the last event
+    if midnight >= ts:
+        return
+    row = engine.row(user)
+    while midnight < ts:
+        captured.setdefault(midnight, []).append(row)
+        midnight += DAY_MS
 
 
 def _by_user(events: Sequence[Event]) -> dict[str, list[int]]:

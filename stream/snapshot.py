@@ -4,7 +4,9 @@ and not churned, their row as of t, scored by the champion.
 That is training's observation point exactly (`training.dataset`: the online row as of the last
 event at or before t, plus the request-time features at t), so drift compares the population the
 reference was built from, and the prediction log holds what realized performance needs. The
-batch processor splits a batch at the midnights it crosses and calls `take` between the parts.
+batch processor takes the snapshot of a midnight once every partition it owns has an event
+past it; users whose partition ran ahead and carried them past the midnight first left their
+row as of it (`Activity.capture`), the others' saved state is still as of it.
 
 Each snapshot: drift overall and per segment (`monitoring.drift.snapshot_drift`), the prediction
 log (`monitoring.prediction_log`), the expected figures; and the snapshot of t - H, now that
@@ -17,6 +19,7 @@ users removed) and a hash of churn times (`<prefix>churned`), both updated with 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -57,12 +60,20 @@ class Activity(Protocol):
         """Returns the churn time of the users among `users` who churned."""
         ...
 
+    def capture(self, midnight: int, rows: Sequence[FeatureRow]) -> None:
+        """Keeps rows as of `midnight` of users whose state has moved past it (first one kept)."""
+        ...
+
+    def captured(self, midnight: int) -> dict[str, FeatureRow]:
+        """Returns the rows kept for `midnight`."""
+        ...
+
     def taken(self, as_of_ms: int) -> bool:
         """Returns True if the snapshot of `as_of_ms` was already taken (by this or another scorer)."""
         ...
 
     def mark_taken(self, as_of_ms: int) -> None:
-        """Records that the snapshot of `as_of_ms` is taken."""
+        """Records that the snapshot of `as_of_ms` is taken and drops its kept rows."""
         ...
 
 
@@ -73,6 +84,7 @@ class InMemoryActivity:
         self.latest: dict[str, int] = {}
         self.churned: dict[str, int] = {}
         self.done: set[int] = set()
+        self.rows: dict[int, dict[str, FeatureRow]] = {}
 
     def track(self, latest: dict[str, int], churned: dict[str, int]) -> None:
         """See `Activity.track`."""
@@ -91,6 +103,16 @@ class InMemoryActivity:
         """See `Activity.churn_times`."""
         return {u: self.churned[u] for u in users if u in self.churned}
 
+    def capture(self, midnight: int, rows: Sequence[FeatureRow]) -> None:
+        """See `Activity.capture`."""
+        kept = self.rows.setdefault(midnight, {})
+        for row in rows:
+            kept.setdefault(row.user_id, row)
+
+    def captured(self, midnight: int) -> dict[str, FeatureRow]:
+        """See `Activity.captured`."""
+        return dict(self.rows.get(midnight, {}))
+
     def taken(self, as_of_ms: int) -> bool:
         """See `Activity.taken`."""
         return as_of_ms in self.done
@@ -98,6 +120,7 @@ class InMemoryActivity:
     def mark_taken(self, as_of_ms: int) -> None:
         """See `Activity.mark_taken`."""
         self.done.add(as_of_ms)
+        self.rows.pop(as_of_ms, None)
 
 
 class RedisActivity:
@@ -137,6 +160,27 @@ class RedisActivity:
             values = self.client.hmget(self.churned_key, list(users))
         return {u: int(v) for u, v in zip(users, values, strict=True) if v is not None}
 
+    def capture(self, midnight: int, rows: Sequence[FeatureRow]) -> None:
+        """See `Activity.capture` (HSETNX into `<prefix>capture:<midnight>`: a replay keeps the first)."""
+        with redis_errors("keeping snapshot rows"):
+            pipe = self.client.pipeline(transaction=False)
+            for row in rows:
+                pipe.hsetnx(
+                    f"{self.prefix}capture:{midnight}", row.user_id, json.dumps([row.last_event_ms, row.values])
+                )
+            pipe.execute()
+
+    def captured(self, midnight: int) -> dict[str, FeatureRow]:
+        """See `Activity.captured`."""
+        with redis_errors("reading snapshot rows"):
+            raw = self.client.hgetall(f"{self.prefix}capture:{midnight}")
+        out = {}
+        for user, value in raw.items():
+            name = user.decode() if isinstance(user, bytes) else user
+            last, values = json.loads(value)
+            out[name] = FeatureRow(name, int(last), values)
+        return out
+
     def taken(self, as_of_ms: int) -> bool:
         """See `Activity.taken`."""
         with redis_errors("reading snapshot markers"):
@@ -145,7 +189,10 @@ class RedisActivity:
     def mark_taken(self, as_of_ms: int) -> None:
         """See `Activity.mark_taken`."""
         with redis_errors("writing a snapshot marker"):
-            self.client.set(f"{self.prefix}snapshot:{as_of_ms}", int(time.time()))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(f"{self.prefix}snapshot:{as_of_ms}", int(time.time()))
+            pipe.delete(f"{self.prefix}capture:{as_of_ms}")
+            pipe.execute()
 
 
 class DailySnapshots:
@@ -172,10 +219,13 @@ class DailySnapshots:
         self.lookback_ms = lookback_days * DAY_MS
         self.min_segment_rows = min_segment_rows
 
-    def track(self, rows: Sequence[FeatureRow], churned: dict[str, int]) -> None:
-        """Records the users of rows just written and those who churned (see `Activity.track`)."""
+    def track(self, rows: Sequence[FeatureRow], churned: dict[str, int], captured: dict[int, list[FeatureRow]]) -> None:
+        """Records the users of rows just written, those who churned (see `Activity.track`) and
+        the rows as of open midnights of users who moved past them (`Activity.capture`)."""
         if rows or churned:
             self.activity.track({r.user_id: r.last_event_ms for r in rows}, churned)
+        for midnight, kept in captured.items():
+            self.activity.capture(midnight, kept)
 
     def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
         """Takes, publishes and logs the snapshot of `as_of_ms` with `loaded` (skipped without a
@@ -225,12 +275,17 @@ class DailySnapshots:
     def rows(self, as_of_ms: int) -> tuple[list[str], np.ndarray]:
         """Returns (users, matrix in `spec.MODEL_FEATURES` order) of the users active in the
         lookback at `as_of_ms`, as of that instant (their saved state + request-time features)."""
-        users = self.activity.active(as_of_ms - self.lookback_ms, as_of_ms)
+        since = as_of_ms - self.lookback_ms
+        # Users whose state moved past the midnight (their partition ran ahead) left their row as
+        # of it; the others' saved state is as of their last event at or before it.
+        kept = {u: r for u, r in self.activity.captured(as_of_ms).items() if since <= r.last_event_ms <= as_of_ms}
+        users = [u for u in self.activity.active(since, as_of_ms) if u not in kept]
         states = self.states.load(users)
         self.engine.states.clear()
         self.engine.states.update(states)
         rows = [self.engine.row(u) for u in users if u in states and states[u].last_ts <= as_of_ms]
         self.engine.states.clear()
+        rows = sorted([*rows, *kept.values()], key=lambda r: r.user_id)
         return [r.user_id for r in rows], feature_matrix(rows, [as_of_ms] * len(rows))
 
     def label(self, as_of_ms: int, horizon_days: int) -> dict[str, float] | None:

@@ -292,10 +292,19 @@ class RecordingSnapshots(DailySnapshots):
 
 
 def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> None:
-    """Batches of every size, some spanning several midnights: each snapshot holds exactly the
-    users and rows `training.dataset` builds for that midnight (offline engine)."""
+    """Three partitions, one running two days ahead of the others (a replayed backlog), batches
+    of every size spanning several midnights: each snapshot holds exactly the users and rows
+    `training.dataset` builds for that midnight (offline engine)."""
     events = random_events(5, users=30, days=12, per_user=120)
-    msgs = [Message(e.to_json(), "events", 0, i, e.ts) for i, e in enumerate(events)]
+    partition_of = {u: int(u[1:]) % 3 for u in {e.user_id for e in events}}
+    ahead = {0: 2 * 86_400_000, 1: 0, 2: 3_600_000}
+    arrival = sorted(events, key=lambda e: e.ts - ahead[partition_of[e.user_id]])  # stable: ties keep order
+    offsets = dict.fromkeys(ahead, 0)
+    msgs = []
+    for e in arrival:
+        partition = partition_of[e.user_id]
+        msgs.append(Message(e.to_json(), "events", partition, offsets[partition], e.ts))
+        offsets[partition] += 1
     states = InMemoryStateStore()
     metrics, client = Metrics(), DictRedis()
     snapshots = RecordingSnapshots(
@@ -319,8 +328,9 @@ def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> N
     points, _ = dataset.observation_points(log, dataset.GridConfig(3, 24, 5))
     offline_rows = offline.compute(log, points.select("user_id", "as_of"))
     offline_rows = offline_rows.filter(pl.col("last_event_ms") >= pl.col("as_of") - 5 * 86_400_000)
-    last = max(e.ts for e in events)
-    midnights = sorted(t for t in offline_rows["as_of"].unique().to_list() if t < last)
+    # A midnight is snapshotted once every partition passed it: the slowest ends first.
+    slowest = min(max(e.ts for e in events if partition_of[e.user_id] == p) for p in ahead)
+    midnights = sorted(t for t in offline_rows["as_of"].unique().to_list() if t < slowest)
     assert sorted(snapshots.seen) == midnights
     for as_of in midnights:
         users, matrix = snapshots.seen[as_of]
