@@ -22,7 +22,7 @@ def test_each_file_and_its_folder_are_fsynced_after_the_write(tmp_path: Path, mo
     monkeypatch.setattr(archiver.os, "fsync", recording_fsync)
     events = random_events(3, users=4, days=3, per_user=20)
     rows = [(int(e.user_id[1:]) % 2, i, e) for i, e in enumerate(events)]
-    written = archiver.write_batch(tmp_path, rows)
+    written, _ = archiver.write_batch(tmp_path, rows)
 
     files = sorted(tmp_path.rglob("*.parquet"))
     assert len(files) == written > 1
