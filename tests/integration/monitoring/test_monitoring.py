@@ -298,6 +298,7 @@ def after_training(history: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 # --- the calm stream: registration, panels, no false drift, realized performance -------------
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(1500)  # a real training run and a 1.1M-event stream; minutes on a busy machine
 def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_offline(
     settings: Settings,
@@ -433,6 +434,7 @@ def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_off
 # --- the drifted stream ----------------------------------------------------------------------
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(1200)
 def test_drift_from_day_d_is_at_alert_within_one_day_and_only_on_shifted_features(
     settings: Settings, deployment: Deployment, request: pytest.FixtureRequest

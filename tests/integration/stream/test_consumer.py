@@ -109,7 +109,7 @@ def stream_topic(settings: Settings, topic: str) -> str:
     return topic
 
 
-@pytest.mark.faults
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # five scorer starts: on a busy machine each loads the model for tens of seconds
 def test_sigkill_inside_batches_leaves_the_clean_state(
@@ -143,7 +143,7 @@ def test_sigkill_inside_batches_leaves_the_clean_state(
     assert all({"source_topic", "source_partition", "source_offset"} <= set(h) for _, h in dead)
 
 
-@pytest.mark.faults
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # three scorers starting at once on two busy cores took over 5 minutes
 def test_three_processes_give_the_same_state_as_one(

@@ -648,7 +648,7 @@ def _refusing(scorer: ScorerProcess, reason: str) -> bool:
     return scorer.value("churn_scorer_redis_refusing", reason=reason) == 1
 
 
-@pytest.mark.faults
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_redis_sigkilled_while_events_flow_loses_nothing(
@@ -725,7 +725,7 @@ def test_redis_sigkilled_while_events_flow_loses_nothing(
     assert faulted.final_state(users) == clean.final_state(users)
 
 
-@pytest.mark.faults
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_scorer_and_redis_killed_together_lose_nothing(
@@ -770,7 +770,7 @@ def test_scorer_and_redis_killed_together_lose_nothing(
     assert faulted.final_state(users) == clean.final_state(users)
 
 
-@pytest.mark.faults
+@pytest.mark.soak
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_redis_refusing_writes_gives_not_ready_a_metric_and_a_log_then_recovers(
