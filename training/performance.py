@@ -24,13 +24,17 @@ from training import metrics
 HIGH = "high"
 
 
+def _scores(probabilities: np.ndarray, tiers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the probabilities as float64 and the mask of rows in the high tier."""
+    return np.asarray(probabilities, dtype=np.float64), np.asarray(tiers) == HIGH
+
+
 def realized(labels: np.ndarray, probabilities: np.ndarray, tiers: Sequence[str]) -> dict[str, float]:
     """Returns the realized figures of labelled snapshot rows: rows, churners, roc_auc, pr_auc,
     high_precision, high_recall (of the high tier), brier, observed_rate, predicted_rate (NaN where
     undefined, e.g. no churner or no high-tier row)."""
     y = np.asarray(labels, dtype=bool)
-    p = np.asarray(probabilities, dtype=np.float64)
-    high = np.asarray(tiers) == HIGH
+    p, high = _scores(probabilities, tiers)
     positives = int(y.sum())
     return {
         "rows": float(len(y)),
@@ -65,8 +69,7 @@ def expected_auc(probabilities: np.ndarray) -> float:
 def expected(probabilities: np.ndarray, tiers: Sequence[str]) -> dict[str, float]:
     """Returns the figures calibrated probabilities imply before labels: rows, roc_auc,
     high_precision, high_recall, predicted_rate (see the module doc; NaN where undefined)."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    high = np.asarray(tiers) == HIGH
+    p, high = _scores(probabilities, tiers)
     total = float(p.sum())
     return {
         "rows": float(len(p)),
