@@ -127,6 +127,9 @@ class BatchProcessor:
         self._apply(
             messages, parsed, list(range(len(parsed.events))), result, loaded, applied_offsets(messages), expected or {}
         )
+        # Counted as soon as the states are saved: if a later step (the snapshot) fails, the retry
+        # finds these events applied and counts them as duplicates, so "ok" counts each event once.
+        self._count(result, parsed.unknown_pages)
         if self.snapshots is not None:
             for i, event in enumerate(parsed.events):
                 partition = messages[parsed.sources[i]].partition
@@ -134,7 +137,6 @@ class BatchProcessor:
             while self._open is not None and self._passed(self._open):
                 self.snapshots.take(self._open, loaded)
                 self._open += DAY_MS
-        self._count(result, parsed.unknown_pages)
         return result
 
     def partitions_changed(self, added: Sequence[int], removed: Sequence[int]) -> None:

@@ -32,8 +32,12 @@ def model_current(deps: DepsDep, settings: SettingsDep) -> ModelInfo:
 
 @router.get(
     "/models/current/card",
-    response_class=PlainTextResponse,
-    responses={**ERRORS, 404: {"model": Problem, "description": "The champion was trained before model cards"}},
+    # The card is Markdown; the errors stay JSON (a response_class would document them as text).
+    responses={
+        **ERRORS,
+        200: {"content": {"text/markdown": {"schema": {"type": "string"}}}, "description": "The model card"},
+        404: {"model": Problem, "description": "The champion was trained before model cards"},
+    },
 )
 def model_current_card(deps: DepsDep) -> PlainTextResponse:
     """The champion's model card (Markdown): intended use, training window, features, backtest

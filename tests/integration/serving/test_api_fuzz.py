@@ -97,8 +97,9 @@ def app(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             models=models,
             metrics=metrics,
             ready_checks={"redis": lambda: None, "feature_view": lambda: None},
-            # A healthy deployment has a drift report; "none yet" is a documented 503.
+            # A healthy deployment has a drift report and performance figures; "none yet" is a documented 503.
             drift_state=lambda: {"status": "ok", "computed_at": T0 / 1000, "features": {}, "score": None},
+            performance_state=lambda: {"days": {}, "latest_expected": None, "latest_realized": None},
         )
         yield create_app(scratch, deps)
     finally:
