@@ -195,6 +195,7 @@ class Deployment:
             "CHURN_SCORER_METRICS_PORT": str(self.ports["scorer"]),
             "CHURN_ARCHIVER_METRICS_PORT": str(self.ports["archiver"]),
             "CHURN_API_PORT": str(self.ports["api"]),
+            "CHURN_API_OPEN": "true",  # a test API on loopback, open on purpose
             "CHURN_PREDICTION_LOG_DIR": str(self.predictions),
             "CHURN_GATE_MIN_ROC_AUC": "0.5",
             # 1,200 simulated users: ~950 in a snapshot, the level segments ~430-500 rows each.
