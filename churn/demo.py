@@ -22,11 +22,12 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from core.kafka import kafka_config
+from core.redis import redis_client
 from core.settings import Settings
 from features.feast_repo import apply_repo
 from sim.simulator import SimConfig, simulate
 from stream.producer import publish_lines
-from stream.risk_store import RedisRiskStore
+from stream.risk_store import RedisRiskStore, RiskRow
 from stream.topics import ensure_topics
 from training.pipeline import TrainOptions, train
 
@@ -118,22 +119,25 @@ def _get(url: str, key: str | None) -> Any:
         return json.load(response)
 
 
-def _show_answers(settings: Settings, say: Say) -> None:
-    import redis
+def _scored_rows(settings: Settings) -> list[RiskRow]:
+    """Returns the risk rows that carry a probability (cancelled users' rows do not)."""
+    client = redis_client(settings)
+    try:
+        prefix = f"{settings.redis_prefix}risk:"
+        keys = [k.decode()[len(prefix) :] for k in client.scan_iter(f"{prefix}*", count=5000)]
+        rows = RedisRiskStore(client, settings.redis_prefix).read(keys)
+    finally:
+        client.close()
+    return [r for r in rows if r is not None and r.churn_probability is not None]
 
-    client = redis.Redis.from_url(settings.redis_address)
-    keys = [
-        k.decode()[len(settings.redis_prefix) + 5 :]
-        for k in client.scan_iter(f"{settings.redis_prefix}risk:*", count=5000)
-    ]
-    # Cancelled users' rows carry no probability: they are no longer scored.
-    rows = [
-        r
-        for r in RedisRiskStore(client, settings.redis_prefix).read(keys)
-        if r is not None and r.churn_probability is not None
-    ]
+
+def _show_answers(settings: Settings, say: Say, wait_s: float = 60.0) -> None:
+    # The history was consumed before a model existed: the first scores come with the live events.
+    deadline = time.monotonic() + wait_s
+    while not (rows := _scored_rows(settings)) and time.monotonic() < deadline:
+        time.sleep(1)
     if not rows:
-        say("  no risk rows yet")
+        say(f"  no scored user after {wait_s:.0f} s of live events")
         return
     rows.sort(key=lambda r: r.churn_probability or 0.0)
     key = settings.api_keys[0].get_secret_value() if settings.api_keys else None
