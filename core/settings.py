@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     scorer_group: str = "churn-scorer"
     archiver_group: str = "churn-archiver"
     max_event_bytes: int = Field(default=64 * 1024, ge=256)
+    # Actions: the topic of tier-change events (key = user id; as many partitions as the events
+    # topic, a change goes to the partition of the event that caused it). Empty: `risk.changes`
+    # for the events topic `events`, else `<events_topic>.changes` (changes carry offsets of it).
+    changes_topic: str = ""
 
     # Redis and Feast
     redis_port: int = Field(default=6379, ge=1, le=65535)
@@ -165,6 +169,13 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         """Returns the Kafka bootstrap address, derived from the port unless set explicitly."""
         return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def tier_changes_topic(self) -> str:
+        """Returns the tier-change topic: `changes_topic`, else derived from the events topic."""
+        if self.changes_topic:
+            return self.changes_topic
+        return "risk.changes" if self.events_topic == "events" else f"{self.events_topic}.changes"
 
     @property
     def kafka_sasl_listener_port(self) -> int:

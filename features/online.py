@@ -46,7 +46,8 @@ class UserState(msgspec.Struct, gc=False, array_like=True):
     `sessions` maps a session id to [first event ts, events seen]; `offsets` maps a Kafka
     partition to the last offset applied for this user (replays at or below it are skipped);
     `cancelled_ms` is the event time of the user's (earliest applied) `Cancellation
-    Confirmation`, -1 while they have not cancelled (a cancelled user is no longer scored).
+    Confirmation`, -1 while they have not cancelled (a cancelled user is no longer scored);
+    `tier` is the risk tier last announced for the user (`stream.changes`).
     """
 
     last_ts: int = -1
@@ -57,7 +58,10 @@ class UserState(msgspec.Struct, gc=False, array_like=True):
     tiles: list[list[int]] = msgspec.field(default_factory=list)
     sessions: dict[int, list[int]] = msgspec.field(default_factory=dict)
     offsets: dict[int, int] = msgspec.field(default_factory=dict)
-    cancelled_ms: int = -1  # last, with a default: states saved before it decode unchanged
+    cancelled_ms: int = -1  # with a default: states saved before it decode unchanged
+    # The risk tier last announced on the tier-change topic ("" before the first score, and once
+    # cancelled): saved with the applied offsets, so a replayed batch finds what it announced.
+    tier: str = ""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ identity, and the matrix the model reads from online feature rows."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -70,3 +71,14 @@ def feature_matrix(rows: Sequence[FeatureRow], now_ms: Sequence[int] | None = No
         last = np.fromiter((r.last_event_ms for r in rows), dtype=np.float64, count=len(rows))
         matrix[:, len(stored)] = (np.asarray(now_ms, dtype=np.float64) - last) * spec.SECONDS_PER_MS
     return matrix
+
+
+def prediction_id(model_version: str, user_id: str, features_at_ms: int, as_of_ms: int) -> str:
+    """Returns the id of one prediction: 24 hex characters of a BLAKE2b digest of what made it
+    (the model version, the user, the event time of the features and the clock used).
+
+    Deterministic on purpose: the same prediction made again (a replayed batch, a snapshot taken
+    again after a crash) carries the same id, so a tier-change event, a stored risk row and a
+    prediction-log row that share an id are the same answer, traced without a lookup table."""
+    key = f"{model_version}|{user_id}|{features_at_ms}|{as_of_ms}".encode()
+    return hashlib.blake2b(key, digest_size=12).hexdigest()

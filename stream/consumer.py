@@ -42,6 +42,8 @@ from monitoring.drift import Thresholds
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
 from monitoring.performance_state import PerformancePublisher
+from stream.at_risk import RedisAtRiskIndex
+from stream.changes import KafkaChangeLog, ensure_changes_topic
 from stream.kafka import committing_consumer, report_lag
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
@@ -320,15 +322,17 @@ class ScoringConsumer:
 
 
 def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringConsumer:
-    """Wires one scorer process: Redis, Feast, the online engine, the champion model, Kafka.
+    """Wires one scorer process: Redis, Feast, the online engine, the champion model, Kafka
+    (events, dead letters, tier changes), the at-risk list.
 
-    Raises:
-        ConfigError: the Feast repo was not applied (`churn feast-apply`).
-        ServiceUnavailableError: Redis or Kafka cannot be reached.
+        Raises:
+            ConfigError: the Feast repo was not applied (`churn feast-apply`).
+            ServiceUnavailableError: Redis or Kafka cannot be reached.
     """
 
     metrics = metrics or Metrics()
     ensure_topics(settings)
+    ensure_changes_topic(settings)
     client = redis_client(settings)
     models = ModelHolder(
         *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
@@ -357,6 +361,8 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         max_event_bytes=settings.max_event_bytes,
         max_future_skew_ms=settings.max_future_skew_seconds * 1000,
         snapshots=snapshots,
+        changes=KafkaChangeLog(settings, settings.tier_changes_topic),
+        at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
     )
     loop = LoopConfig(
         max_batch=settings.max_batch_events,

@@ -19,11 +19,16 @@ import numpy as np
 from core.timeutil import DAY_MS
 from events.schema import CHURN_PAGE, ErrorRecord, Event, ParsedBatch, parse_batch
 from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngine
+from features.spec import MODEL_FEATURES
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
-from models.runtime import LoadedModel, feature_matrix
+from models.runtime import LoadedModel, feature_matrix, prediction_id
 from monitoring.metrics import Metrics
+from stream.at_risk import AtRiskIndex
+from stream.changes import ChangeLog, ChangeReason, TierChange
 from stream.risk_store import RiskRow, RiskStore
+
+CHANGE_REASONS = 3  # top features by |impact| in a tier-change event
 
 
 class Message(NamedTuple):
@@ -61,6 +66,7 @@ class BatchResult:
     users_written: int = 0
     users_scored: int = 0
     users_cancelled: int = 0  # touched users who have cancelled: marked, not scored
+    changes: int = 0  # tier changes announced
 
 
 class BatchProcessor:
@@ -80,6 +86,8 @@ class BatchProcessor:
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         snapshots: Snapshots | None = None,
+        changes: ChangeLog | None = None,
+        at_risk: AtRiskIndex | None = None,
     ) -> None:
         self.engine = engine
         self.states = states
@@ -95,10 +103,18 @@ class BatchProcessor:
         self._open: int | None = None  # the earliest midnight not yet snapshotted
         self._progress: dict[int, int] = {}  # partition -> latest event time applied from it
         self._partitions: set[int] | None = None  # owned partitions (None: not told yet)
+        self.changes = changes  # where tier changes are announced (None: not announced)
+        self.at_risk = at_risk  # the at-risk list kept beside the risk rows (None: not kept)
+        # Per partition: user -> (source offset, tier) of changes published for events the saved
+        # states may not hold yet (a batch that crashed before its save); read from the changes
+        # topic on first sight of a partition, pruned as saves cover them.
+        self._announced: dict[int, dict[str, tuple[int, str]]] = {}
 
     def forget(self) -> None:
-        """Drops cached user states (after a rebalance they are reloaded on first sight)."""
+        """Drops cached user states (after a rebalance they are reloaded on first sight) and the
+        changes known published for unsaved events (read again from the changes topic)."""
         self.engine.states.clear()
+        self._announced.clear()
 
     def process(self, messages: Sequence[Message], expected: Mapping[str, int] | None = None) -> BatchResult:
         """Processes one batch; returns what it did. The states are saved with the batch's applied
@@ -115,7 +131,7 @@ class BatchProcessor:
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
-            self.forget()
+            engine.states.clear()
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
         loaded = self.current_model()
@@ -169,6 +185,7 @@ class BatchProcessor:
         # in the CPU cache (measured at live batch sizes: ~10% of the engine's time).
         rows: list[FeatureRow] = []
         appended_ms: list[int] = []  # per row: append time of the user's latest applied message
+        positions: list[tuple[int, int]] = []  # per row: (partition, offset) of that message
         blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
         churned: dict[str, int] = {}  # users whose Cancellation Confirmation was applied: its ts
         captured: dict[int, list[FeatureRow]] = {}  # open midnight -> rows of users who just crossed it
@@ -176,6 +193,7 @@ class BatchProcessor:
         encode = STATE_ENCODER.encode
         for user, indexes in _by_user(events).items():
             latest_applied: int | None = None  # append time (-1 when the broker gave none)
+            position = (-1, -1)
             changed = False
             for j in indexes:
                 event = events[j]
@@ -186,6 +204,7 @@ class BatchProcessor:
                 if outcome == APPLIED:
                     result.applied += 1
                     latest_applied = append_ms
+                    position = (partition, offset)
                     changed = True
                     if event.page == CHURN_PAGE:
                         churned.setdefault(user, event.ts)
@@ -197,6 +216,7 @@ class BatchProcessor:
             if latest_applied is not None:
                 rows.append(engine.row(user))
                 appended_ms.append(latest_applied)
+                positions.append(position)
             if changed:
                 blobs[user] = encode(engine.states[user])
 
@@ -210,15 +230,27 @@ class BatchProcessor:
         cancelled = [row for row in rows if states[row.user_id].cancelled_ms >= 0]
         if cancelled:
             now = self.wall_clock_ms()
-            self.risks.write(
-                [RiskRow.cancelled(r.user_id, states[r.user_id].cancelled_ms, r.last_event_ms, now) for r in cancelled]
-            )
+            marks = [
+                RiskRow.cancelled(r.user_id, states[r.user_id].cancelled_ms, r.last_event_ms, now) for r in cancelled
+            ]
+            self.risks.write(marks)
+            if self.at_risk is not None:
+                self.at_risk.update(marks)
+            if self.changes is not None:  # no longer scored: nothing is announced for them again
+                for row in cancelled:
+                    if states[row.user_id].tier:
+                        states[row.user_id].tier = ""
+                        blobs[row.user_id] = encode(states[row.user_id])
             result.users_cancelled += len(cancelled)
             kept = [i for i, row in enumerate(rows) if states[row.user_id].cancelled_ms < 0]
             rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
+            positions = [positions[i] for i in kept]
         if loaded is not None and rows:
-            self._score(rows, appended_ms, loaded)
+            risk_rows, matrix = self._score(rows, appended_ms, loaded)
             result.users_scored += len(rows)
+            if self.changes is not None:
+                topic = messages[0].topic
+                result.changes = self._announce(risk_rows, positions, matrix, loaded, blobs, topic, offsets, expected)
         watermark = batch_watermark(events, [messages[i].append_ms for i in sources])
         if watermark is not None:
             self.risks.advance_watermark(watermark)
@@ -227,16 +259,32 @@ class BatchProcessor:
         written = self.states.save(blobs, offsets, expected)
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
+        if self._announced:  # the saved states now hold what was announced for events before the offsets
+            for key, applied in offsets.items():
+                partition = int(key.rpartition(":")[2])
+                pending = self._announced.get(partition)
+                if pending:
+                    self._announced[partition] = {u: a for u, a in pending.items() if a[0] >= applied}
 
-    def _score(self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel) -> None:
+    def _score(
+        self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel
+    ) -> tuple[list[RiskRow], np.ndarray]:
+        """Scores the rows, writes their risk rows (and the at-risk list); returns the risk rows
+        and the matrix they were scored from."""
         matrix = feature_matrix(rows)
         probabilities = loaded.model.predict(matrix)
         now = self.wall_clock_ms()
+        version = loaded.version
         risk_rows = [
-            RiskRow(row.user_id, float(p), loaded.model.tier(float(p)), loaded.version, row.last_event_ms, now)
+            RiskRow(
+                row.user_id, float(p), loaded.model.tier(float(p)), version, row.last_event_ms, now, None,
+                prediction_id(version, row.user_id, row.last_event_ms, row.last_event_ms),
+            )
             for row, p in zip(rows, probabilities, strict=True)
-        ]
+        ]  # fmt: skip
         self.risks.write(risk_rows)
+        if self.at_risk is not None:
+            self.at_risk.update(risk_rows)
         written = self.wall_clock_ms()
         m = self.metrics
         m.freshness_seconds.observe_many(np.maximum(written - np.asarray(appended_ms), 0) * 0.001)
@@ -244,6 +292,74 @@ class BatchProcessor:
         for tier, count in Counter(risk.risk_tier for risk in risk_rows).items():
             m.tier_total.labels(tier).inc(count)
         m.users_scored_total.inc(len(risk_rows))
+        return risk_rows, matrix
+
+    def _announce(
+        self,
+        risk_rows: list[RiskRow],
+        positions: list[tuple[int, int]],
+        matrix: np.ndarray,
+        loaded: LoadedModel,
+        blobs: dict[str, bytes],
+        topic: str,
+        offsets: Mapping[str, int],
+        expected: Mapping[str, int],
+    ) -> int:
+        """Publishes the tier changes of the scored rows (see `stream.changes`): a change when the
+        new tier differs from the one last announced for the user (published for an unsaved
+        event, else saved in the state); sets the states' tiers (re-encoding their blobs).
+        Returns how many changes were published.
+
+        Raises:
+            ServiceUnavailableError: the changes topic cannot be read or did not acknowledge.
+        """
+        assert self.changes is not None
+        states = self.engine.states
+        for partition in {p for p, _ in positions} - set(self._announced):
+            key = partition_key(topic, partition)
+            # The saved applied offset (the consumer checked it, or the state store holds it).
+            since = expected[key] if key in expected else self.states.applied([key])[key]
+            self._announced[partition] = {
+                c.user_id: (c.source_offset, c.new_tier) for c in self.changes.published(partition, since)
+            }
+        changed: list[int] = []
+        olds: list[str] = []
+        for i, (risk, (partition, offset)) in enumerate(zip(risk_rows, positions, strict=True)):
+            state = states[risk.user_id]
+            known = self._announced[partition].get(risk.user_id)
+            before = known[1] if known is not None else state.tier
+            tier = risk.risk_tier or ""
+            if tier != before:
+                changed.append(i)
+                olds.append(before)
+                self._announced[partition][risk.user_id] = (offset, tier)
+            if state.tier != tier:
+                state.tier = tier
+                blobs[risk.user_id] = STATE_ENCODER.encode(state)
+        if not changed:
+            return 0
+        contributions = loaded.model.contributions(matrix[changed])
+        events = []
+        for i, old, contribution in zip(changed, olds, contributions, strict=True):
+            risk, (partition, offset) = risk_rows[i], positions[i]
+            top = sorted(contribution.items(), key=lambda kv: abs(kv[1]), reverse=True)[:CHANGE_REASONS]
+            events.append(
+                TierChange(
+                    user_id=risk.user_id,
+                    old_tier=old or None,
+                    new_tier=risk.risk_tier or "",
+                    churn_probability=risk.churn_probability or 0.0,
+                    reasons=[ChangeReason(name, _value(matrix[i, _COLUMN[name]]), round(v, 6)) for name, v in top],
+                    model_name=loaded.name,
+                    model_version=loaded.version,
+                    event_time_ms=risk.event_time_ms,
+                    prediction_id=risk.prediction_id,
+                    source_partition=partition,
+                    source_offset=offset,
+                )
+            )
+        self.changes.publish(events)
+        return len(events)
 
     def _count(self, result: BatchResult, unknown_pages: int) -> None:
         m = self.metrics
@@ -253,6 +369,13 @@ class BatchProcessor:
         m.events_total.labels("late").inc(result.late)
         m.events_total.labels("duplicate").inc(result.duplicates)
         m.unknown_pages_total.inc(unknown_pages)
+
+
+def _value(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+_COLUMN = {name: i for i, name in enumerate(MODEL_FEATURES)}
 
 
 def partition_key(topic: str, partition: int) -> str:

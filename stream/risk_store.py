@@ -17,7 +17,8 @@ class RiskRow(msgspec.Struct, frozen=True):
     `event_time_ms` is the user's latest event (the score is as of it); `scored_at_ms` is the
     wall-clock time the row was written (the only field that differs between replays). A
     cancelled user's row has `cancelled_ms` (their cancellation's event time) and no
-    probability or tier: they are no longer scored.
+    probability or tier: they are no longer scored. `prediction_id` identifies the score
+    (`models.runtime.prediction_id`; empty for a cancelled user).
     """
 
     user_id: str
@@ -27,6 +28,7 @@ class RiskRow(msgspec.Struct, frozen=True):
     event_time_ms: int
     scored_at_ms: int
     cancelled_ms: int | None = None
+    prediction_id: str = ""
 
     @classmethod
     def cancelled(cls, user_id: str, cancelled_ms: int, event_time_ms: int, written_ms: int) -> RiskRow:

@@ -13,6 +13,7 @@ import pytest
 from core.kafka import kafka_config
 from core.settings import Settings
 from infra import local as infra
+from stream.topics import delete_topics
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -40,3 +41,4 @@ def topic(settings: Settings, unique: str) -> Iterator[str]:
     )
     yield name
     admin.delete_topics([name])[name].result(30)
+    delete_topics(settings, [f"{name}.changes"])  # the scorer's tier-change topic, if it made one

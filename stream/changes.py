@@ -1,0 +1,227 @@
+"""Tier-change events: the scorer announces on Kafka (`risk.changes`, key = user id) every change
+of a user's risk tier, so a CRM acts on changes instead of polling every user.
+
+Exactly one event per change, whatever crashes. The scorer publishes a batch's changes (and
+waits for the broker's acknowledgement) before it saves the user states, which carry the tier
+last announced together with the applied offsets. A change is published to the partition of
+the event that caused it, and carries that event's offset (`source_offset`): after a crash,
+the events the saved states do not reflect (offsets >= the saved applied offset of the
+partition) are replayed, and the changes published for them before the crash are exactly the
+tail of that partition of `risk.changes` with `source_offset` >= the saved applied offset. The
+processor reads that tail (`ChangeLog.published`) and announces a change only when the new tier
+differs from the tier last announced for the user, there or in the saved state: a replayed
+batch publishes nothing twice, and what it announces continues each user's chain of tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+
+from core.errors import ConfigError, ServiceUnavailableError
+from core.kafka import kafka_config
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ChangeReason(msgspec.Struct, frozen=True):
+    """One feature's part in the new score: its value and signed impact on the log-odds."""
+
+    feature: str
+    value: float | None
+    impact: float
+
+
+class TierChange(msgspec.Struct, frozen=True):
+    """One change of a user's risk tier (`old_tier` None: the user's first score).
+
+    `event_time_ms` is the event time of the user's latest event (the score is as of it);
+    `source_partition`/`source_offset` are that event's Kafka position (the change is published
+    to the same partition of the changes topic)."""
+
+    user_id: str
+    old_tier: str | None
+    new_tier: str
+    churn_probability: float
+    reasons: list[ChangeReason]
+    model_name: str
+    model_version: str
+    event_time_ms: int
+    prediction_id: str
+    source_partition: int
+    source_offset: int
+
+
+ENCODER = msgspec.json.Encoder()
+DECODER = msgspec.json.Decoder(TierChange)
+
+
+class ChangeLog(Protocol):
+    """Where tier changes are published, and what was published for not-yet-saved events."""
+
+    def published(self, partition: int, since_offset: int) -> list[TierChange]:
+        """Returns, in publication order, the changes published for events of `partition` at or
+        after `since_offset`; raises ServiceUnavailableError."""
+        ...
+
+    def publish(self, changes: Sequence[TierChange]) -> None:
+        """Publishes the changes, each to its source partition, in order; returns once every one
+        is acknowledged. Raises ServiceUnavailableError (some may have been published)."""
+        ...
+
+
+class InMemoryChangeLog:
+    """A ChangeLog in lists (unit tests); `fail_after` publishes that many, then raises once."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, list[TierChange]] = {}
+        self.fail_after: int | None = None
+
+    def published(self, partition: int, since_offset: int) -> list[TierChange]:
+        """See `ChangeLog.published`."""
+        return [c for c in self.partitions.get(partition, []) if c.source_offset >= since_offset]
+
+    def publish(self, changes: Sequence[TierChange]) -> None:
+        """See `ChangeLog.publish`."""
+        for change in changes:
+            if self.fail_after is not None:
+                if self.fail_after == 0:
+                    self.fail_after = None
+                    msg = "changes topic unavailable (test)"
+                    raise ServiceUnavailableError(msg)
+                self.fail_after -= 1
+            self.partitions.setdefault(change.source_partition, []).append(change)
+
+    def all(self) -> list[TierChange]:
+        """Returns every published change, partition by partition."""
+        return [c for p in sorted(self.partitions) for c in self.partitions[p]]
+
+
+def ensure_changes_topic(settings: Settings, timeout: float = 10.0) -> None:
+    """Creates `settings.tier_changes_topic` with as many partitions as the events topic (a change
+    goes to the partition of the event that caused it), or adds partitions to an existing one
+    that has fewer.
+
+    Raises:
+        ServiceUnavailableError: the broker cannot be reached or refused.
+        ConfigError: the events topic does not exist.
+    """
+    admin = AdminClient(kafka_config(settings, log_level=0))
+    try:
+        topics = admin.list_topics(timeout=timeout).topics
+        events = topics.get(settings.events_topic)
+        if events is None or events.error is not None:
+            msg = f"events topic {settings.events_topic!r} does not exist (CHURN_EVENTS_TOPIC)"
+            raise ConfigError(msg)
+        wanted = len(events.partitions)
+        existing = topics.get(settings.tier_changes_topic)
+        if existing is None or existing.error is not None:
+            futures = admin.create_topics([NewTopic(settings.tier_changes_topic, num_partitions=wanted)])
+        elif len(existing.partitions) < wanted:
+            futures = admin.create_partitions([NewPartitions(settings.tier_changes_topic, wanted)])
+        else:
+            return
+        for future in futures.values():
+            try:
+                future.result(timeout)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+    except KafkaException as exc:
+        msg = f"could not prepare topic {settings.tier_changes_topic!r} on {settings.bootstrap_servers}: {exc.args[0]}"
+        raise ServiceUnavailableError(msg) from exc
+
+
+class KafkaChangeLog:
+    """Tier changes on a Kafka topic: an idempotent producer (ordered per partition, no
+    duplicates from its own retries) and a reader of a partition's tail."""
+
+    def __init__(self, settings: Settings, topic: str, timeout_s: float = 30.0) -> None:
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
+        self.reader = Consumer(
+            kafka_config(settings, **{"group.id": f"{topic}-tail-reader", "enable.auto.commit": False})
+        )
+
+    def publish(self, changes: Sequence[TierChange]) -> None:
+        """See `ChangeLog.publish`."""
+        if not changes:
+            return
+        failures: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        for change in changes:
+            self.producer.produce(
+                self.topic,
+                value=ENCODER.encode(change),
+                key=change.user_id.encode(),
+                partition=change.source_partition,
+                on_delivery=delivered,
+            )
+        left = self.producer.flush(self.timeout_s)
+        if left or failures:
+            msg = f"topic {self.topic!r} did not acknowledge {left or len(failures)} change(s): {failures[:1]}"
+            raise ServiceUnavailableError(msg)
+
+    def published(self, partition: int, since_offset: int) -> list[TierChange]:
+        """See `ChangeLog.published`: reads the partition backwards in growing windows until a
+        change older than `since_offset` (or the start) is reached, since every change published
+        after the states holding `since_offset` were saved comes after all earlier ones."""
+        tp = TopicPartition(self.topic, partition)
+        try:
+            low, high = self.reader.get_watermark_offsets(tp, timeout=self.timeout_s)
+        except KafkaException as exc:
+            msg = f"cannot read the ends of {self.topic}[{partition}]: {exc.args[0]}"
+            raise ServiceUnavailableError(msg) from exc
+        window = 256
+        while True:
+            start = max(low, high - window)
+            changes = self._read(partition, start, high)
+            if start == low or (changes and changes[0].source_offset < since_offset):
+                return [c for c in changes if c.source_offset >= since_offset]
+            window *= 8
+
+    def _read(self, partition: int, start: int, end: int) -> list[TierChange]:
+        """Returns the changes at offsets [start, end) of a partition; raises ServiceUnavailableError."""
+        if start >= end:
+            return []
+        self.reader.assign([TopicPartition(self.topic, partition, start)])
+        out: list[TierChange] = []
+        deadline = time.monotonic() + self.timeout_s
+        position = start
+        try:
+            while position < end:
+                if time.monotonic() > deadline:
+                    msg = f"reading {self.topic}[{partition}] {start}..{end} took over {self.timeout_s:.0f}s"
+                    raise ServiceUnavailableError(msg)
+                for message in self.reader.consume(1000, 1.0):
+                    error, at = message.error(), message.offset()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        msg = f"reading {self.topic}[{partition}]: {error}"
+                        raise ServiceUnavailableError(msg)
+                    if at is None:
+                        continue
+                    position = at + 1
+                    if at < end:
+                        out.append(DECODER.decode(message.value() or b""))
+        finally:
+            self.reader.unassign()
+        return out
+
+    def close(self) -> None:
+        """Flushes the producer and closes the reader."""
+        self.producer.flush(self.timeout_s)
+        self.reader.close()

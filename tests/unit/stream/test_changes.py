@@ -1,0 +1,185 @@
+"""Tier-change events and the at-risk list, with in-memory stores: one event per change of the
+scores, none repeated when a batch that published its changes is replayed after a crash."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from core.errors import ServiceUnavailableError
+from events.schema import parse_event
+from features.online import OnlineEngine
+from features.state_store import InMemoryStateStore
+from features.store import InMemoryFeatureStore
+from models.runtime import LoadedModel, feature_matrix, prediction_id
+from monitoring.metrics import Metrics
+from stream.at_risk import InMemoryAtRiskIndex
+from stream.changes import InMemoryChangeLog, TierChange
+from stream.processor import BatchProcessor, Message
+from stream.risk_store import InMemoryRiskStore
+from tests.support import StandInModel, random_events
+
+
+class ThreeTiers(StandInModel):
+    """Tiers cut where these events put them (events in the last hour: ~4 and ~12)."""
+
+    def tier(self, probability: float) -> str:
+        return "high" if probability >= 0.11 else "medium" if probability >= 0.04 else "low"
+
+
+MODEL = LoadedModel(ThreeTiers(), "churn-lightgbm", "7")
+
+
+def messages(users: int = 12) -> list[Message]:
+    """Events of `users` users on 3 partitions, offsets counted per partition."""
+    out = []
+    next_offset = [0, 0, 0]
+    for e in random_events(5, users=users, days=6, per_user=80):
+        partition = int(e.user_id[1:]) % 3
+        out.append(Message(e.to_json(), "events", partition, next_offset[partition], e.ts))
+        next_offset[partition] += 1
+    return out
+
+
+class CrashingStates(InMemoryStateStore):
+    """A state store whose `crash_at`-th save dies before writing (a SIGKILL between the
+    publication of the changes and the save)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = 0
+        self.crash_at: int | None = None
+
+    def save(self, blobs: Mapping[str, bytes], applied: Mapping[str, int], expected: Mapping[str, int]) -> int:
+        self.saves += 1
+        if self.saves == self.crash_at:
+            msg = "killed before the save"
+            raise ServiceUnavailableError(msg)
+        return super().save(blobs, applied, expected)
+
+
+def processor(
+    states: InMemoryStateStore, risks: InMemoryRiskStore, changes: InMemoryChangeLog, at_risk: InMemoryAtRiskIndex
+) -> BatchProcessor:
+    return BatchProcessor(
+        OnlineEngine(), states, InMemoryFeatureStore(), risks, Metrics(), lambda: MODEL,
+        wall_clock_ms=lambda: 0, changes=changes, at_risk=at_risk,
+    )  # fmt: skip
+
+
+def offline_changes(msgs: list[Message]) -> dict[str, list[str]]:
+    """Returns each user's tier sequence with repeats collapsed, scoring every event on its own
+    (what a scorer that scores each event announces)."""
+    engine = OnlineEngine()
+    chains: dict[str, list[str]] = {}
+    for m in msgs:
+        event = parse_event(m.value)
+        engine.apply(event, m.partition, m.offset)
+        row = engine.row(event.user_id)
+        tier = MODEL.model.tier(float(MODEL.model.predict(feature_matrix([row]))[0]))
+        chain = chains.setdefault(event.user_id, [])
+        if not chain or chain[-1] != tier:
+            chain.append(tier)
+    return chains
+
+
+def chains_of(changes: list[TierChange]) -> dict[str, list[str]]:
+    """Returns each user's announced tiers, checking that every change starts where the user's
+    previous one ended (the first from None) and repeats none."""
+    out: dict[str, list[str]] = {}
+    for change in sorted(changes, key=lambda c: (c.source_partition, c.source_offset)):
+        chain = out.setdefault(change.user_id, [])
+        assert change.old_tier == (chain[-1] if chain else None), (change, chain)
+        assert change.new_tier != change.old_tier
+        chain.append(change.new_tier)
+    return out
+
+
+def test_one_event_per_change_equals_the_offline_count_of_scores() -> None:
+    msgs = messages()
+    states, risks, changes, at_risk = (
+        InMemoryStateStore(),
+        InMemoryRiskStore(),
+        InMemoryChangeLog(),
+        InMemoryAtRiskIndex(),
+    )
+    p = processor(states, risks, changes, at_risk)
+    for m in msgs:  # batches of one event: every event is scored, as offline
+        p.process([m])
+    expected = offline_changes(msgs)
+    assert sum(len(c) for c in expected.values()) > len(expected)  # users do change tier
+    assert chains_of(changes.all()) == expected
+    # Each event carries what the stored risk row says, with the same prediction id.
+    last = {c.user_id: c for c in changes.all()}
+    for user, change in last.items():
+        row = risks.rows[user]
+        assert row.risk_tier == change.new_tier or row.event_time_ms > change.event_time_ms
+        assert len(change.reasons) == 3
+        assert change.model_version == "7"
+    assert all(
+        r.prediction_id == prediction_id("7", r.user_id, r.event_time_ms, r.event_time_ms) for r in risks.rows.values()
+    )
+
+
+@pytest.mark.parametrize("crash_at", [3, 7, 12])
+@pytest.mark.parametrize("published_before_crash", [0, 1, None])
+def test_a_batch_replayed_after_a_crash_publishes_nothing_twice(
+    crash_at: int, published_before_crash: int | None
+) -> None:
+    msgs = messages()
+    clean_states, clean_risks, clean_changes = InMemoryStateStore(), InMemoryRiskStore(), InMemoryChangeLog()
+    clean = processor(clean_states, clean_risks, clean_changes, InMemoryAtRiskIndex())
+    for i in range(0, len(msgs), 40):
+        clean.process(msgs[i : i + 40])
+
+    states, risks, changes = CrashingStates(), InMemoryRiskStore(), InMemoryChangeLog()
+    first = processor(states, risks, changes, InMemoryAtRiskIndex())
+    batches = [msgs[i : i + 40] for i in range(0, len(msgs), 40)]
+    done = 0
+    for k, batch in enumerate(batches):
+        if k == crash_at:
+            # Killed while publishing (after none or one of the batch's changes landed), or
+            # after every change was acknowledged but before the states were saved.
+            if published_before_crash is None:
+                states.crash_at = states.saves + 1
+            else:
+                changes.fail_after = published_before_crash
+        try:
+            first.process(batch)
+        except ServiceUnavailableError:
+            break
+        done += len(batch)
+    assert done == crash_at * 40  # the crash landed in batch `crash_at`
+    # A new process replays from the start of the crashed batch with other batch boundaries.
+    replay = processor(states, risks, changes, InMemoryAtRiskIndex())
+    published_at_crash = len(changes.all())
+    for i in range(done, len(msgs), 57):
+        replay.process(msgs[i : i + 57])
+    assert published_at_crash > 0
+
+    chains = chains_of(changes.all())  # consistent chains: nothing repeated, nothing missing
+    keys = [(c.source_partition, c.source_offset) for c in changes.all()]
+    assert len(keys) == len(set(keys))
+    final = {u: r.risk_tier for u, r in risks.rows.items()}
+    assert {u: chain[-1] for u, chain in chains.items()} == final
+    assert final == {u: r.risk_tier for u, r in clean_risks.rows.items()}
+    assert states.blobs == clean_states.blobs  # the announced tier is saved like the rest
+
+
+def test_at_risk_list_ranks_the_stored_scores() -> None:
+    msgs = messages(30)
+    states, risks, changes, at_risk = (
+        InMemoryStateStore(),
+        InMemoryRiskStore(),
+        InMemoryChangeLog(),
+        InMemoryAtRiskIndex(),
+    )
+    p = processor(states, risks, changes, at_risk)
+    for i in range(0, len(msgs), 100):
+        p.process(msgs[i : i + 100])
+    for tier in ("high", "medium", "low"):
+        rows = [r for r in risks.rows.values() if r.risk_tier == tier]
+        total, page = at_risk.page(tier, "probability", 0, 1000)
+        assert total == len(rows) > 0
+        assert page == [r.user_id for r in sorted(rows, key=lambda r: (r.churn_probability, r.user_id), reverse=True)]
