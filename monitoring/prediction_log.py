@@ -1,7 +1,8 @@
 """The prediction log: every daily snapshot the scorer scored, as Parquet partitioned by date.
 
 Layout: `<root>/date=YYYY-MM-DD/snapshot.parquet` with one row per user: user_id, as_of (epoch
-ms, the snapshot's UTC midnight), churn_probability, risk_tier, model_version. Once the labels
+ms, the snapshot's UTC midnight), churn_probability, risk_tier, model_version, prediction_id
+(`models.runtime.prediction_id` of the version, the user and the midnight). Once the labels
 are known (`stream.snapshot`) the same folder gets `labels.parquet` (user_id, churned) and
 `performance.json`; `drift.json` is the snapshot's drift report (the history the Redis state,
 which holds the latest only, does not keep). Files appear atomically (temp name, then rename), so a reader never sees
@@ -96,7 +97,7 @@ def read_log(root: Path, user_id: str | None = None, date: str | None = None) ->
         else:
             frame = frame.with_columns(pl.lit(None, pl.Boolean).alias("churned"))
         parts.append(frame)
-    log = pl.concat(parts, how="vertical_relaxed")
+    log = pl.concat(parts, how="diagonal_relaxed")  # days logged before a column was added lack it
     if user_id is not None:
         log = log.filter(pl.col("user_id") == user_id)
     return log.sort("as_of", "user_id")

@@ -19,6 +19,7 @@ from monitoring.drift_state import read_drift
 from monitoring.metrics import Metrics
 from monitoring.performance_state import read_performance
 from serving.risk import RiskService, build_clock
+from stream.at_risk import AtRiskIndex, RedisAtRiskIndex
 from stream.risk_store import RedisRiskStore
 
 # The user id `/health/ready` reads (any valid id works; it need not exist).
@@ -36,6 +37,7 @@ class Deps:
     close: Callable[[], None] = lambda: None
     drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
     performance_state: Callable[[], dict[str, Any] | None] = lambda: None  # expected/realized per day
+    at_risk: AtRiskIndex | None = None  # the scorer's at-risk list (None: not kept)
 
     def model_meta(self) -> dict[str, Any] | None:
         """Returns the current champion's meta.json, or None while no model is loaded."""
@@ -86,6 +88,7 @@ def build_deps(settings: Settings) -> Deps:
         close=client.close,
         drift_state=drift_state,
         performance_state=performance_state,
+        at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
     )
 
 

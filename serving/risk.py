@@ -13,9 +13,10 @@ from core.errors import ServiceUnavailableError
 from core.timeutil import ms_to_iso
 from features import spec
 from features.store import FeatureRow, FeatureStore
-from models.runtime import LoadedModel, Model, feature_matrix
+from models.runtime import LoadedModel, Model, feature_matrix, prediction_id
 from monitoring.metrics import Metrics
-from serving.schemas import CancelledAnswer, ModelRef, Reason, RiskAnswer, StoredRisk, Tier
+from serving.schemas import AtRiskPage, AtRiskUser, CancelledAnswer, ModelRef, Reason, RiskAnswer, StoredRisk, Tier
+from stream.at_risk import AtRiskIndex, Order
 from stream.risk_store import RiskRow, RiskStore
 
 DESCRIPTIONS = spec.describe()
@@ -127,6 +128,7 @@ class RiskService:
             as_of=ms_to_iso(now_ms),
             features_updated_at=ms_to_iso(row.last_event_ms),
             reasons=reasons,
+            prediction_id=prediction_id(loaded.version, row.user_id, row.last_event_ms, now_ms),
             stored_risk=None
             if stored is None or stored.churn_probability is None
             else StoredRisk(
@@ -135,8 +137,43 @@ class RiskService:
                 model_version=stored.model_version,
                 event_time=ms_to_iso(stored.event_time_ms),
                 scored_at=ms_to_iso(stored.scored_at_ms),
+                prediction_id=stored.prediction_id or None,
             ),
         )
+
+
+def at_risk_page(index: AtRiskIndex, risks: RiskStore, tier: Tier, order: Order, offset: int, limit: int) -> AtRiskPage:
+    """Returns one page of the at-risk list of `tier`: the index's members joined with their
+    stored risk rows. Members whose row expired or left the tier since (the index is updated
+    after the rows) are left out of the page and removed from the index.
+
+    Raises:
+        ServiceUnavailableError: Redis is down.
+    """
+    total, members = index.page(tier, order, offset, limit)
+    rows = risks.read(members)
+    users, stale = [], []
+    for member, row in zip(members, rows, strict=True):
+        if row is None or row.risk_tier != tier or row.churn_probability is None:
+            stale.append(member)
+            continue
+        users.append(
+            AtRiskUser(
+                user_id=row.user_id,
+                churn_probability=row.churn_probability,
+                risk_tier=tier,
+                model_version=row.model_version,
+                event_time=ms_to_iso(row.event_time_ms),
+                scored_at=ms_to_iso(row.scored_at_ms),
+                prediction_id=row.prediction_id,
+            )
+        )
+    index.remove(tier, stale)
+    following = offset + len(members)
+    return AtRiskPage(
+        tier=tier, order=order, offset=offset, limit=limit, total=total,
+        next_offset=following if following < total else None, users=users,
+    )  # fmt: skip
 
 
 def build_clock(mode: str, risks: RiskStore, cache_s: float = 0.5) -> Callable[[], int | None]:

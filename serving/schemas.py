@@ -34,6 +34,7 @@ class StoredRisk(BaseModel):
     model_version: str
     event_time: str
     scored_at: str
+    prediction_id: str | None = Field(default=None, description="The stream score's id (null: written before ids)")
 
 
 class RiskAnswer(BaseModel):
@@ -47,6 +48,10 @@ class RiskAnswer(BaseModel):
     features_updated_at: str = Field(description="Event time of the user's latest event in the online store")
     reasons: list[Reason] | None = Field(default=None, description="Top 5 features by |impact|; null if explain=false")
     stored_risk: StoredRisk | None = Field(default=None, description="What the stream scorer last wrote")
+    prediction_id: str = Field(
+        description="Id of this answer: a digest of the model version, the user, the features' event time and"
+        " `as_of` (the same inputs give the same id), also in tier-change events and the prediction log"
+    )
 
 
 class CancelledAnswer(BaseModel):
@@ -72,6 +77,30 @@ class BatchRequest(BaseModel):
 class BatchAnswer(BaseModel):
     results: list[UserAnswer]
     unknown_user_ids: list[str]
+
+
+class AtRiskUser(BaseModel):
+    """One user of the at-risk list: the stream scorer's stored score."""
+
+    user_id: str
+    churn_probability: float
+    risk_tier: Tier
+    model_version: str
+    event_time: str = Field(description="Event time of the user's latest event (the score is as of it)")
+    scored_at: str
+    prediction_id: str
+
+
+class AtRiskPage(BaseModel):
+    """One page of a tier's users, highest probability or newest score first."""
+
+    tier: Tier
+    order: Literal["probability", "newest"]
+    offset: int
+    limit: int
+    total: int = Field(description="Users in the tier (the list is live: pages taken apart may overlap)")
+    next_offset: int | None = Field(description="Offset of the next page; null on the last")
+    users: list[AtRiskUser]
 
 
 class ModelInfo(BaseModel):

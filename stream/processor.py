@@ -250,7 +250,7 @@ class BatchProcessor:
             result.users_scored += len(rows)
             if self.changes is not None:
                 topic = messages[0].topic
-                result.changes = self._announce(risk_rows, positions, matrix, loaded, blobs, topic, offsets, expected)
+                result.changes = self._announce(risk_rows, positions, matrix, loaded, blobs, topic, expected)
         watermark = batch_watermark(events, [messages[i].append_ms for i in sources])
         if watermark is not None:
             self.risks.advance_watermark(watermark)
@@ -302,7 +302,6 @@ class BatchProcessor:
         loaded: LoadedModel,
         blobs: dict[str, bytes],
         topic: str,
-        offsets: Mapping[str, int],
         expected: Mapping[str, int],
     ) -> int:
         """Publishes the tier changes of the scored rows (see `stream.changes`): a change when the

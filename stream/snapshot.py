@@ -35,7 +35,7 @@ from features import spec
 from features.online import OnlineEngine
 from features.state_store import StateStore
 from features.store import FeatureRow
-from models.runtime import LoadedModel, feature_matrix
+from models.runtime import LoadedModel, feature_matrix, prediction_id
 from monitoring.drift import snapshot_drift
 from monitoring.drift_state import DriftPublisher
 from monitoring.performance_state import PerformancePublisher
@@ -251,9 +251,10 @@ class DailySnapshots:
                 "churn_probability": probabilities,
                 "risk_tier": tiers,
                 "model_version": [loaded.version] * len(users),
+                "prediction_id": [prediction_id(loaded.version, u, as_of_ms, as_of_ms) for u in users],
             },
             schema={"user_id": pl.String, "as_of": pl.Int64, "churn_probability": pl.Float64,
-                    "risk_tier": pl.String, "model_version": pl.String},
+                    "risk_tier": pl.String, "model_version": pl.String, "prediction_id": pl.String},
         )  # fmt: skip
         write_snapshot(self.log_root, frame)
         reference = (model.meta or {}).get("reference")

@@ -29,9 +29,12 @@ from events.schema import Event
 from features import spec
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
-from features.online import state_layout
+from features.online import OnlineEngine, state_layout
 from models.artifact import ChurnModel, save_artifact
+from models.runtime import feature_matrix
 from monitoring.metrics import Metrics
+from stream.changes import DECODER as CHANGE_DECODER
+from stream.changes import TierChange
 from stream.consumer import build_scorer
 from stream.pacing import Pacing
 from stream.producer import ProduceReport, build_producer, publish
@@ -356,3 +359,102 @@ def drained(settings: Settings) -> bool:
     finally:
         consumer.close()
     return all(applied.get(f"{topic}:{p}", 0) == end for p, end in ends.items() if end > 0)
+
+
+# --- tier changes and the at-risk list ------------------------------------------------------
+
+
+def read_changes(settings: Settings) -> list[TierChange]:
+    """Returns every tier change on the deployment's changes topic, partition by partition in
+    offset order (read up to each partition's end, by assignment: no group)."""
+    topic = settings.tier_changes_topic
+    consumer = Consumer(kafka_config(settings, **{"group.id": f"read-{topic}", "enable.auto.commit": False}))
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        out: list[TierChange] = []
+        for partition in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, low)])
+            deadline = time.monotonic() + 30
+            position = low
+            while position < high and time.monotonic() < deadline:
+                for message in consumer.consume(1000, 1.0):
+                    if message.error() is None and (message.offset() or 0) < high:
+                        out.append(CHANGE_DECODER.decode(message.value() or b""))
+                        position = (message.offset() or 0) + 1
+            assert position >= high, f"{topic}[{partition}] not read to its end in 30 s"
+            consumer.unassign()
+        return out
+    finally:
+        consumer.close()
+
+
+def change_chains(changes: Iterable[TierChange]) -> dict[str, list[str]]:
+    """Returns each user's announced tiers in order, asserting that every change starts where the
+    user's previous one ended (the first from None), changes something, and that no event
+    (user, source position) appears twice."""
+    chains: dict[str, list[str]] = {}
+    seen: set[tuple[str, int, int]] = set()
+    for change in sorted(changes, key=lambda c: (c.source_partition, c.source_offset)):
+        identity = (change.user_id, change.source_partition, change.source_offset)
+        assert identity not in seen, f"duplicated change {change}"
+        seen.add(identity)
+        chain = chains.setdefault(change.user_id, [])
+        assert change.old_tier == (chain[-1] if chain else None), f"{change} does not follow {chain}"
+        assert change.new_tier != change.old_tier
+        chain.append(change.new_tier)
+    return chains
+
+
+def wave_events(users: int, waves: int, seed: int) -> list[list[Event]]:
+    """Returns `waves` lists with one event per user each (every user later in each wave), so a
+    scorer that applies one wave at a time scores every event on its own, whatever its batches."""
+    rng = random.Random(seed)
+    out = []
+    clock = {f"w{u}": START_MS + rng.randint(0, 3_600_000) for u in range(users)}
+    for wave in range(waves):
+        events = []
+        for user in clock:
+            clock[user] += rng.choice([60_000, 600_000, 3_000_000, 7_200_000, 40_000_000])
+            page = rng.choice(PAGES[:-1])
+            events.append(
+                Event(
+                    ts=clock[user], user_id=user, session_id=wave, item_in_session=0, page=page,
+                    auth="Logged In", level="paid", registration=float(START_MS - 86_400_000),
+                    length=200.0 if page == "NextSong" else None,
+                )
+            )  # fmt: skip
+        out.append(sorted(events, key=lambda e: e.ts))
+    return out
+
+
+def offline_tiers(waves: list[list[Event]], model: ChurnModel, lateness_ms: int) -> dict[str, list[str]]:
+    """Returns each user's tier sequence (repeats collapsed) scoring every event on its own with
+    the online engine and `model`, as the stream scores a user as of their latest event."""
+    engine = OnlineEngine(lateness_ms=lateness_ms)
+    chains: dict[str, list[str]] = {}
+    offset = 0
+    for events in waves:
+        for event in events:
+            engine.apply(event, 0, offset)
+            offset += 1
+            tier = model.tier(float(model.predict(feature_matrix([engine.row(event.user_id)]))[0]))
+            chain = chains.setdefault(event.user_id, [])
+            if not chain or chain[-1] != tier:
+                chain.append(tier)
+    return chains
+
+
+def spread_tiers(waves: list[list[Event]], model: ChurnModel, lateness_ms: int) -> ChurnModel:
+    """Returns `model` with tier cut points at the 60th and 85th percentiles of its per-event
+    scores of `waves`, so those events move users between all three tiers."""
+    engine = OnlineEngine(lateness_ms=lateness_ms)
+    rows = []
+    for offset, event in enumerate(e for events in waves for e in events):
+        engine.apply(event, 0, offset)
+        rows.append(engine.row(event.user_id))
+    scores = model.predict(feature_matrix(rows))
+    cuts = {"high": float(np.quantile(scores, 0.85)), "medium": float(np.quantile(scores, 0.6))}
+    return ChurnModel(model.booster, {**model.meta, "tiers": cuts})

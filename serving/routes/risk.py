@@ -1,16 +1,18 @@
-"""`GET /users/{user_id}/risk` and `POST /users/risk`: probability, tier and reasons."""
+"""`GET /users/{user_id}/risk` and `POST /users/risk`: probability, tier and reasons;
+`GET /users/at-risk`: a tier's users, highest probability or newest score first."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
-from core.errors import NotFoundError
+from core.errors import NotFoundError, ServiceUnavailableError
 from serving.deps import DepsDep
+from serving.risk import at_risk_page
 from serving.routes.errors import ERRORS
-from serving.schemas import USER_ID_PATTERN, BatchAnswer, BatchRequest, Problem, UserAnswer
+from serving.schemas import USER_ID_PATTERN, AtRiskPage, BatchAnswer, BatchRequest, Problem, Tier, UserAnswer
 
 router = APIRouter(tags=["risk"])
 
@@ -56,3 +58,22 @@ def users_risk(deps: DepsDep, body: BatchRequest) -> Response:
     answers, unknown = deps.service.answer(ids, explain=body.explain)
     batch = BatchAnswer(results=answers, unknown_user_ids=unknown)
     return Response(batch.model_dump_json(), media_type="application/json")
+
+
+@router.get("/users/at-risk", response_model=AtRiskPage, responses=ERRORS)
+def users_at_risk(
+    deps: DepsDep,
+    tier: Annotated[Tier, Query(description="The risk tier to list")] = "high",
+    order: Annotated[
+        Literal["probability", "newest"], Query(description="Highest probability first, or newest score first")
+    ] = "probability",
+    limit: Annotated[int, Query(ge=1, le=1000, description="Users per page")] = 100,
+    offset: Annotated[int, Query(ge=0, le=100_000_000, description="Users to skip (the previous `next_offset`)")] = 0,
+) -> Response:
+    """The users of a tier as the stream scorer last scored them, paged: from sorted sets the
+    scorer keeps beside the risk rows (O(log n + limit) per page), joined with the rows."""
+    if deps.at_risk is None:
+        msg = "this deployment keeps no at-risk list"
+        raise ServiceUnavailableError(msg)
+    page = at_risk_page(deps.at_risk, deps.service.risks, tier, order, offset, limit)
+    return Response(page.model_dump_json(), media_type="application/json")

@@ -1,0 +1,175 @@
+"""From scores to actions on the real Kafka, Redis and MLflow: tier-change events (one per change
+of the scores, none repeated by a replay or a SIGKILL), prediction ids, the at-risk list."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from bench.harness import wait_for
+from core.redis import redis_client
+from core.settings import Settings
+from models.runtime import prediction_id
+from monitoring.metrics import Metrics
+from serving.app import create_app
+from stream.consumer import build_scorer
+from stream.risk_store import RedisRiskStore, RiskRow
+from tests.support import (
+    Deployment,
+    change_chains,
+    drained,
+    kill_mid_batch,
+    offline_tiers,
+    produce_paced,
+    read_changes,
+    record_figures,
+    register_champion,
+    small_model,
+    spread_tiers,
+    wave_events,
+)
+
+USERS, WAVES = 150, 6
+
+
+def _stored(d: Deployment, users: list[str]) -> dict[str, RiskRow]:
+    client = redis_client(d.settings)
+    try:
+        rows = RedisRiskStore(client, d.settings.redis_prefix).read(users)
+    finally:
+        client.close()
+    return {r.user_id: r for r in rows if r is not None}
+
+
+@pytest.mark.slow
+def test_one_change_event_per_change_of_the_scores_and_none_on_replay(
+    settings: Settings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    lateness = settings.allowed_lateness_seconds * 1000
+    waves = wave_events(USERS, WAVES, seed=3)
+    model = spread_tiers(waves, small_model(), lateness)
+    uri = register_champion(tmp_path / "registry", settings, model)
+    d = Deployment(settings, uri, tmp_path, f"act{unique}", topic)
+    try:
+        # One wave at a time, each drained by a fresh scorer (a restart between waves): every
+        # event is scored on its own, so the changes can be counted offline from the same events.
+        for events in waves:
+            produce_paced(d.settings, events, rate=100_000)
+            d.run_uninterrupted(idle_s=1.0)
+        expected = offline_tiers(waves, model, lateness)
+        changes = read_changes(d.settings)
+        chains = change_chains(changes)  # consistent per user, no duplicate
+        assert chains == expected
+        assert len(changes) == sum(len(chain) for chain in expected.values())
+        assert len(changes) > 2 * USERS  # users do move between tiers
+        users = sorted(expected)
+        stored = _stored(d, users)
+        assert {u: chain[-1] for u, chain in chains.items()} == {u: r.risk_tier for u, r in stored.items()}
+        for change in changes:
+            assert change.prediction_id == prediction_id(
+                "1", change.user_id, change.event_time_ms, change.event_time_ms
+            )
+            assert change.model_version == "1"
+            assert len(change.reasons) == 3
+        for row in stored.values():
+            assert row.prediction_id == prediction_id("1", row.user_id, row.event_time_ms, row.event_time_ms)
+
+        # The whole topic again, from its start (another group), over the same saved states: every
+        # event is a duplicate, nothing is scored or announced again.
+        again = d.settings.model_copy(update={"scorer_group": f"again{unique}"})
+        replayed = Metrics()
+        build_scorer(again, replayed).run(max_idle_s=1.0)
+        assert replayed.events_total.labels("duplicate")._value.get() == USERS * WAVES
+        assert read_changes(d.settings) == changes
+        record_figures(settings, "tier_changes_replay", {"events": USERS * WAVES, "changes": len(changes)})
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.slow
+def test_at_risk_pages_equal_a_brute_force_ranking_and_answers_carry_prediction_ids(
+    settings: Settings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    lateness = settings.allowed_lateness_seconds * 1000
+    waves = wave_events(300, 3, seed=4)
+    model = spread_tiers(waves, small_model(), lateness)
+    uri = register_champion(tmp_path / "registry", settings, model)
+    d = Deployment(settings, uri, tmp_path, f"risk{unique}", topic)
+    try:
+        produce_paced(d.settings, [e for events in waves for e in events], rate=100_000)
+        d.run_uninterrupted(idle_s=1.0)
+        users = sorted({e.user_id for e in waves[0]})
+        stored = _stored(d, users)
+        assert len(stored) == len(users)
+        with TestClient(create_app(d.settings)) as api:
+            for tier in ("high", "medium", "low"):
+                rows = [r for r in stored.values() if r.risk_tier == tier]
+                assert rows
+                for order, key in (
+                    ("probability", lambda r: (r.churn_probability, r.user_id)),
+                    ("newest", lambda r: (r.event_time_ms, r.user_id)),
+                ):
+                    brute = [r.user_id for r in sorted(rows, key=key, reverse=True)]
+                    listed: list[str] = []
+                    offset: int | None = 0
+                    while offset is not None:
+                        answer = api.get(f"/users/at-risk?tier={tier}&order={order}&limit=7&offset={offset}")
+                        assert answer.status_code == 200, answer.text
+                        page = answer.json()
+                        assert page["total"] == len(rows)
+                        assert all(u["risk_tier"] == tier for u in page["users"])
+                        listed += [u["user_id"] for u in page["users"]]
+                        offset = page["next_offset"]
+                    assert listed == brute
+            top = api.get("/users/at-risk?tier=high&limit=1").json()["users"][0]
+            assert top["prediction_id"] == stored[top["user_id"]].prediction_id
+
+            answer = api.get(f"/users/{users[0]}/risk").json()
+            row = stored[users[0]]
+            assert answer["stored_risk"]["prediction_id"] == row.prediction_id
+            as_of_ms = int(time.mktime(time.strptime(answer["as_of"][:19], "%Y-%m-%dT%H:%M:%S")) * 1000)
+            assert len(answer["prediction_id"]) == 24
+            assert answer["prediction_id"] != row.prediction_id or as_of_ms == row.event_time_ms
+            assert api.get(f"/users/{users[0]}/risk").json()["prediction_id"] == answer["prediction_id"]
+            assert api.get("/users/at-risk?tier=urgent").status_code == 422
+            assert api.get("/users/at-risk?limit=0").status_code == 422
+            assert api.get("/users/at-risk?limit=1001").status_code == 422
+    finally:
+        d.cleanup()
+
+
+@pytest.mark.soak
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # a scorer start per kill, on a shared machine
+def test_sigkilled_scorer_announces_each_change_once(
+    settings: Settings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    lateness = settings.allowed_lateness_seconds * 1000
+    waves = wave_events(2000, 4, seed=5)
+    model = spread_tiers(waves, small_model(), lateness)
+    uri = register_champion(tmp_path / "registry", settings, model)
+    d = Deployment(settings, uri, tmp_path, f"kill{unique}", topic, max_batch_events=100)
+    landed = []
+    try:
+        for events in waves:
+            scorer = d.start_scorer()
+            produce_paced(d.settings, events, rate=100_000)
+            # Killed inside a batch (states saved, commit pending; its changes published), then a
+            # new process replays what was not committed.
+            landed.append(kill_mid_batch(scorer.proc, d.settings, timeout=120))
+            scorer = d.start_scorer()
+            wait_for(lambda: drained(d.settings), 300, "the restarted scorer to apply the wave")
+            scorer.proc.send_signal(signal.SIGTERM)
+            assert scorer.proc.wait(60) == 0
+        expected = offline_tiers(waves, model, lateness)
+        changes = read_changes(d.settings)
+        assert change_chains(changes) == expected
+        assert len(changes) == sum(len(chain) for chain in expected.values())
+        assert landed.count(True) >= 2, landed
+        record_figures(settings, "tier_changes_sigkill", {"kills_in_batch": landed, "changes": len(changes)})
+    finally:
+        d.cleanup()
