@@ -37,6 +37,8 @@ infra_app = typer.Typer(
 app.add_typer(infra_app, name="infra")
 bench_app = typer.Typer(help="Benchmarks on the configured services; each prints JSON figures.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+actions_app = typer.Typer(help="Act on tier changes: consume the risk.changes topic.", no_args_is_help=True)
+app.add_typer(actions_app, name="actions")
 
 
 def _settings() -> Settings:
@@ -353,6 +355,37 @@ def retrain(
     _train_and_report(settings, events, None, as_json=as_json)
 
 
+@actions_app.command("tail")
+def actions_tail(
+    group: Annotated[
+        str, typer.Option(help="Consumer group (a new group starts at the topic's start).")
+    ] = "churn-actions",
+    webhook: Annotated[str, typer.Option(help="POST each change as JSON to this URL instead of printing it.")] = "",
+    max_attempts: Annotated[int, typer.Option(min=1, help="Webhook attempts per change before the DLQ.")] = 5,
+    idle_exit: Annotated[float, typer.Option(help="Exit after this many seconds without changes (0: never).")] = 0.0,
+) -> None:
+    """Print the tier changes (one JSON line each), or deliver them to a webhook with retries and a DLQ."""
+    from stream.actions import WebhookSink, tail  # heavy: see the module docstring
+    from stream.changes import ENCODER, ensure_changes_topic  # heavy: see the module docstring
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _stop_like_ctrl_c_on_sigterm()
+    settings = _settings()
+
+    def show(change: Any) -> None:
+        typer.echo(ENCODER.encode(change).decode())
+
+    sink = WebhookSink(webhook, max_attempts=max_attempts) if webhook else show
+    try:
+        ensure_changes_topic(settings)
+        report = tail(settings, sink, group=group, idle_exit_s=idle_exit or None)
+    except KeyboardInterrupt:
+        return
+    except ChurnError as exc:
+        _fail(exc)
+    typer.echo(f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}", err=True)
+
+
 @app.command("score")
 def score(
     events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],
@@ -366,6 +399,9 @@ def score(
             " (training's observation points; N = CHURN_LOOKBACK_DAYS there).",
         ),
     ] = None,
+    top: Annotated[
+        int, typer.Option(min=0, help="Also print the N users most at risk (highest probability first).")
+    ] = 0,
 ) -> None:
     """Score every known user (or every user active in the last --active-days) as of a time with the champion."""
     from events.log import load_events  # heavy: see the module docstring
@@ -388,6 +424,9 @@ def score(
     tiers = scores["risk_tier"].value_counts().sort("risk_tier")
     counts = ", ".join(f"{row['risk_tier']} {row['count']}" for row in tiers.iter_rows(named=True))
     typer.echo(f"scored {scores.height} users with {settings.model_name} v{version} -> {out} ({counts})")
+    if top:  # the scores are sorted by probability descending, then user id
+        for row in scores.head(top).iter_rows(named=True):
+            typer.echo(f"{row['user_id']}\t{row['churn_probability']:.4f}\t{row['risk_tier']}")
 
 
 @bench_app.command("train")

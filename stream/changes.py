@@ -107,7 +107,7 @@ class InMemoryChangeLog:
 def ensure_changes_topic(settings: Settings, timeout: float = 10.0) -> None:
     """Creates `settings.tier_changes_topic` with as many partitions as the events topic (a change
     goes to the partition of the event that caused it), or adds partitions to an existing one
-    that has fewer.
+    that has fewer; and its dead-letter topic `<name>.dlq` (for `stream.actions`).
 
     Raises:
         ServiceUnavailableError: the broker cannot be reached or refused.
@@ -121,13 +121,15 @@ def ensure_changes_topic(settings: Settings, timeout: float = 10.0) -> None:
             msg = f"events topic {settings.events_topic!r} does not exist (CHURN_EVENTS_TOPIC)"
             raise ConfigError(msg)
         wanted = len(events.partitions)
-        existing = topics.get(settings.tier_changes_topic)
+        name, dlq = settings.tier_changes_topic, f"{settings.tier_changes_topic}.dlq"
+        existing = topics.get(name)
+        futures: dict[str, Any] = {}
         if existing is None or existing.error is not None:
-            futures = admin.create_topics([NewTopic(settings.tier_changes_topic, num_partitions=wanted)])
+            futures |= admin.create_topics([NewTopic(name, num_partitions=wanted)])
         elif len(existing.partitions) < wanted:
-            futures = admin.create_partitions([NewPartitions(settings.tier_changes_topic, wanted)])
-        else:
-            return
+            futures |= admin.create_partitions([NewPartitions(name, wanted)])
+        if dlq not in topics:
+            futures |= admin.create_topics([NewTopic(dlq, num_partitions=1)])
         for future in futures.values():
             try:
                 future.result(timeout)

@@ -3,9 +3,16 @@ of the scores, none repeated by a replay or a SIGKILL), prediction ids, the at-r
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,6 +23,8 @@ from core.settings import Settings
 from models.runtime import prediction_id
 from monitoring.metrics import Metrics
 from serving.app import create_app
+from stream.actions import WebhookSink, tail
+from stream.changes import ChangeReason, KafkaChangeLog, TierChange, ensure_changes_topic
 from stream.consumer import build_scorer
 from stream.risk_store import RedisRiskStore, RiskRow
 from tests.support import (
@@ -26,6 +35,7 @@ from tests.support import (
     offline_tiers,
     produce_paced,
     read_changes,
+    read_dlq,
     record_figures,
     register_champion,
     small_model,
@@ -34,6 +44,7 @@ from tests.support import (
 )
 
 USERS, WAVES = 150, 6
+CHURN = str(Path(sys.executable).parent / "churn")
 
 
 def _stored(d: Deployment, users: list[str]) -> dict[str, RiskRow]:
@@ -173,3 +184,73 @@ def test_sigkilled_scorer_announces_each_change_once(
         record_figures(settings, "tier_changes_sigkill", {"kills_in_batch": landed, "changes": len(changes)})
     finally:
         d.cleanup()
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    """A CRM webhook: refuses user a5 (500, always) and a7 (400); every other change fails its
+    first attempt (503) and is accepted on the next."""
+
+    attempts: ClassVar[dict[str, int]] = {}
+    accepted: ClassVar[list[dict[str, object]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        user = body["user_id"]
+        self.attempts[user] = self.attempts.get(user, 0) + 1
+        status = 500 if user == "a5" else 400 if user == "a7" else 503 if self.attempts[user] == 1 else 200
+        if status == 200:
+            self.accepted.append(body)
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
+    settings: Settings, topic: str, unique: str
+) -> None:
+    own = settings.model_copy(update={"events_topic": topic})
+    ensure_changes_topic(own)
+    changes = [
+        TierChange(
+            user_id=f"a{i}", old_tier=None, new_tier="high", churn_probability=0.9,
+            reasons=[ChangeReason("songs_played_7d", 3.0, -0.5)], model_name="churn-lightgbm", model_version="1",
+            event_time_ms=1_767_225_600_000 + i, prediction_id=prediction_id("1", f"a{i}", i, i),
+            source_partition=i % own.topic_partitions, source_offset=i,
+        )
+        for i in range(30)
+    ]  # fmt: skip
+    log = KafkaChangeLog(own, own.tier_changes_topic)
+    log.publish(changes)
+    log.producer.produce(own.tier_changes_topic, value=b"{not a change", partition=0)
+    log.close()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/changes"
+        sink = WebhookSink(url, max_attempts=3, backoff_s=0.01)
+        report = tail(own, sink, group=f"crm{unique}", idle_exit_s=2.0)
+    finally:
+        server.shutdown()
+    good = sorted(c.user_id for c in changes if c.user_id not in ("a5", "a7"))
+    assert sorted(str(b["user_id"]) for b in _Receiver.accepted) == good  # each once, after one retry
+    assert all(_Receiver.attempts[u] == 2 for u in good)
+    assert (_Receiver.attempts["a5"], _Receiver.attempts["a7"]) == (3, 1)  # 5xx retried, 4xx final
+    assert (report.delivered, report.dead_lettered, report.unreadable) == (28, 2, 1)
+    dead = read_dlq(own, own.tier_changes_topic, expected=3)
+    reasons = sorted(h["reason"].decode() for _, h in dead)
+    assert len(reasons) == 3
+    assert "HTTP 400" in reasons[1] or "HTTP 400" in reasons[0]
+    assert any("gave up after 3 attempt(s): HTTP 500" in r for r in reasons)
+    assert any(r.startswith("unreadable") for r in reasons)
+
+    # The command prints each change as one JSON line (a new group reads from the start).
+    printed = subprocess.run(
+        [CHURN, "actions", "tail", "--group", f"print{unique}", "--idle-exit", "2"],
+        env={**os.environ, "CHURN_EVENTS_TOPIC": topic}, capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in printed.stdout.decode().splitlines()]
+    assert [line["prediction_id"] for line in lines if line["user_id"] == "a3"] == [changes[3].prediction_id]
+    assert sorted(line["user_id"] for line in lines) == sorted(c.user_id for c in changes)

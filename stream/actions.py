@@ -1,0 +1,149 @@
+"""A consumer of the tier-change topic, as a CRM integration would run it (`churn actions tail`).
+
+It reads `risk.changes` in its own consumer group and hands each change to a sink: printing it
+(one JSON line), or POSTing it to a webhook. Offsets are committed after the sink has taken a
+batch, so a crash re-delivers at most the last batch: a receiver deduplicates by
+`prediction_id` (with `user_id`; the same score gives the same id). A webhook that keeps
+failing (`max_attempts`, exponential backoff) or answers 4xx does not stop the stream: the
+change goes to the dead-letter topic `<changes topic>.dlq` with the reason, and the consumer
+moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+from confluent_kafka import KafkaError, Producer
+
+from core.errors import ServiceUnavailableError
+from core.kafka import kafka_config
+from core.settings import Settings
+from stream.changes import DECODER, ENCODER, TierChange
+from stream.kafka import committing_consumer
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryFailedError(Exception):
+    """A sink gave up on one change (the reason is the message)."""
+
+
+@dataclass
+class WebhookSink:
+    """POSTs each change as JSON to `url`; retries connection errors, timeouts and 5xx/429 up to
+    `max_attempts` times with exponential backoff from `backoff_s`; a 4xx is final at once."""
+
+    url: str
+    max_attempts: int = 5
+    backoff_s: float = 0.2
+    timeout_s: float = 5.0
+    client: httpx.Client = field(default_factory=lambda: httpx.Client())
+    sleep: Callable[[float], None] = time.sleep
+
+    def __call__(self, change: TierChange) -> None:
+        """Delivers one change. Raises DeliveryFailedError when it gives up (the reason says why)."""
+        body = ENCODER.encode(change)
+        reason = ""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                answer = self.client.post(
+                    self.url, content=body, headers={"content-type": "application/json"}, timeout=self.timeout_s
+                )
+            except httpx.HTTPError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                if answer.status_code < 300:
+                    return
+                reason = f"HTTP {answer.status_code}: {answer.text[:200]}"
+                if 400 <= answer.status_code < 500 and answer.status_code != 429:
+                    break  # the receiver refuses this change: retrying cannot help
+            if attempt < self.max_attempts:
+                self.sleep(self.backoff_s * 2 ** (attempt - 1))
+        msg = f"webhook {self.url} gave up after {attempt} attempt(s): {reason}"
+        raise DeliveryFailedError(msg)
+
+
+@dataclass
+class TailReport:
+    """What a tail run did."""
+
+    delivered: int = 0
+    dead_lettered: int = 0
+    unreadable: int = 0
+
+
+def tail(
+    settings: Settings,
+    sink: Callable[[TierChange], None],
+    *,
+    group: str,
+    stopping: threading.Event | None = None,
+    idle_exit_s: float | None = None,
+    batch: int = 500,
+) -> TailReport:
+    """Consumes the tier-change topic in `group` (from its start for a new group) and hands each
+    change to `sink`, committing after each batch; returns the counts. A change the sink gives
+    up on (DeliveryFailedError), or an unreadable message, goes to `<topic>.dlq` with a
+    `reason` header. Stops when `stopping` is set or after `idle_exit_s` without messages.
+
+    Raises:
+        ServiceUnavailableError: the dead-letter topic did not acknowledge.
+    """
+    topic = settings.tier_changes_topic
+    dlq_topic = f"{topic}.dlq"
+    consumer = committing_consumer(settings, group)
+    dlq = Producer(kafka_config(settings, **{"enable.idempotence": True}))
+    report = TailReport()
+    stop = stopping or threading.Event()
+    consumer.subscribe([topic])
+    last_message = time.monotonic()
+    try:
+        while not stop.is_set():
+            messages = [m for m in consumer.consume(batch, 0.5) if _usable(m)]
+            if not messages:
+                if idle_exit_s is not None and consumer.assignment() and time.monotonic() - last_message > idle_exit_s:
+                    break
+                continue
+            last_message = time.monotonic()
+            for message in messages:
+                raw = message.value() or b""
+                try:
+                    change = DECODER.decode(raw)
+                except msgspec.DecodeError as exc:  # not a change event: dead-lettered, never a crash
+                    report.unreadable += 1
+                    dlq.produce(dlq_topic, value=raw, headers=[("reason", f"unreadable: {exc}"[:1024].encode())])
+                    continue
+                try:
+                    sink(change)
+                    report.delivered += 1
+                except DeliveryFailedError as exc:
+                    report.dead_lettered += 1
+                    log.warning("change of user %s dead-lettered: %s", change.user_id, exc)
+                    dlq.produce(
+                        dlq_topic,
+                        value=raw,
+                        key=change.user_id.encode(),
+                        headers=[("reason", str(exc)[:1024].encode())],
+                    )
+            if dlq.flush(30) > 0:
+                msg = f"dead-letter topic {dlq_topic!r} did not acknowledge in 30 s"
+                raise ServiceUnavailableError(msg)
+            consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
+    return report
+
+
+def _usable(message: object) -> bool:
+    error = message.error()  # type: ignore[attr-defined]
+    if error is None:
+        return True
+    if error.code() != KafkaError._PARTITION_EOF:
+        log.warning("consumer error: %s", error)
+    return False
