@@ -547,6 +547,19 @@ def bench_api(
     _print_figures(lambda: api_bench.bench_api(settings, users, rate, seconds, connections, workers, repeats=repeats))
 
 
+@bench_app.command("at-risk")
+def bench_at_risk(
+    users: Annotated[int, typer.Option(min=1, help="Scored users written to Redis.")] = 1_000_000,
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests per order.")] = 2000,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Users per page.")] = 100,
+) -> None:
+    """GET /users/at-risk p50/p99 (in-process app, real Redis) with N scored users (JSON)."""
+    from bench.at_risk import bench_at_risk as run  # heavy: see the module docstring
+
+    settings = _settings()
+    _print_figures(lambda: run(settings, users, requests, limit))
+
+
 @app.command("predictions")
 def predictions(
     user: Annotated[str | None, typer.Option(help="Only this user's score history.")] = None,
