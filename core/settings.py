@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # topic, a change goes to the partition of the event that caused it). Empty: `risk.changes`
     # for the events topic `events`, else `<events_topic>.changes` (changes carry offsets of it).
     changes_topic: str = ""
+    # Canary: this share of users (a stable hash slice, `models.runtime.in_canary`) is served by
+    # the registry's `challenger` in the scorer and the API alike; 0 = champion only.
+    canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
 
     # Redis and Feast
     redis_port: int = Field(default=6379, ge=1, le=65535)

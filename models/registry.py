@@ -31,8 +31,8 @@ def registry_client(settings: Settings) -> Any:
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
-def champion_version(settings: Settings) -> str | None:
-    """Returns the version number the `champion` alias points at, or None if there is none.
+def champion_version(settings: Settings, alias: str = CHAMPION) -> str | None:
+    """Returns the version number the `champion` alias (or `alias`) points at, or None if there is none.
     One registry lookup: cheap enough to poll for hot reload.
 
     Raises:
@@ -41,7 +41,7 @@ def champion_version(settings: Settings) -> str | None:
     from mlflow.exceptions import MlflowException  # heavy: imported on first use
 
     try:
-        return str(registry_client(settings).get_model_version_by_alias(settings.model_name, CHAMPION).version)
+        return str(registry_client(settings).get_model_version_by_alias(settings.model_name, alias).version)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -82,8 +82,8 @@ def load_version(settings: Settings, version: str) -> ChurnModel:
     return load_artifact(cache)
 
 
-def load_champion(settings: Settings) -> tuple[ChurnModel, str] | None:
-    """Returns (model, version) of the current `champion`, or None if no version is champion.
+def load_champion(settings: Settings, alias: str = CHAMPION) -> tuple[ChurnModel, str] | None:
+    """Returns (model, version) of the current `champion` (or `alias`), or None if no version has it.
 
     Raises:
         ServiceUnavailableError: the registry or artifact store cannot be reached.
@@ -91,7 +91,7 @@ def load_champion(settings: Settings) -> tuple[ChurnModel, str] | None:
     """
     from mlflow.exceptions import MlflowException  # heavy: imported on first use
 
-    version = champion_version(settings)
+    version = champion_version(settings, alias)
     if version is None:
         return None
     model = load_version(settings, version)
@@ -129,18 +129,18 @@ def check_against_spec(model: ChurnModel, version: str) -> None:
         raise ModelRefusedError(msg)
 
 
-def champion_loader(settings: Settings, threads: int = 0) -> tuple[Any, Any]:
+def champion_loader(settings: Settings, threads: int = 0, alias: str = CHAMPION) -> tuple[Any, Any]:
     """Returns (version_of_champion, load) for a `models.holder.ModelHolder`: the registry
-    lookup to poll and the loader of the champion as a `LoadedModel` (with `threads` OpenMP
-    threads per predict; 0 = LightGBM's default). The loader raises ModelRefusedError for a
-    champion that does not fit the running spec (see `check_against_spec`)."""
+    lookup to poll and the loader of the champion (or of `alias`, e.g. the challenger) as a
+    `LoadedModel` (with `threads` OpenMP threads per predict; 0 = LightGBM's default). The loader
+    raises ModelRefusedError for a model that does not fit the running spec (see `check_against_spec`)."""
 
     def load() -> LoadedModel | None:
-        found = load_champion(settings)
+        found = load_champion(settings, alias)
         if found is None:
             return None
         model, version = found
         check_against_spec(model, version)
         return LoadedModel(replace(model, threads=threads) if threads else model, settings.model_name, str(version))
 
-    return (lambda: champion_version(settings)), load
+    return (lambda: champion_version(settings, alias)), load

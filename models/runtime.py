@@ -82,3 +82,29 @@ def prediction_id(model_version: str, user_id: str, features_at_ms: int, as_of_m
     prediction-log row that share an id are the same answer, traced without a lookup table."""
     key = f"{model_version}|{user_id}|{features_at_ms}|{as_of_ms}".encode()
     return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+def in_canary(user_id: str, percent: float) -> bool:
+    """Returns whether `user_id` is in the canary slice of `percent` % of users: its BLAKE2b digest
+    (stable across processes and restarts, unlike Python's salted `hash`) falls in the first
+    `percent * 100` of 10,000 buckets. The scorer and the API use it alike, so a user gets the
+    same model everywhere, and raising the percentage only adds users to the slice."""
+    if percent <= 0:
+        return False
+    bucket = int.from_bytes(hashlib.blake2b(user_id.encode(), digest_size=8).digest(), "big") % 10_000
+    return bucket < percent * 100
+
+
+def split_canary(
+    user_ids: Sequence[str], champion: LoadedModel, challenger: LoadedModel | None, percent: float
+) -> list[tuple[LoadedModel, list[int]]]:
+    """Returns (model, positions) groups: the canary slice's users (`in_canary`) to the
+    challenger, the others to the champion (one group when there is no distinct challenger)."""
+    if challenger is None or percent <= 0 or challenger.version == champion.version:
+        return [(champion, list(range(len(user_ids))))]
+    canary = [in_canary(u, percent) for u in user_ids]
+    groups = [
+        (champion, [i for i, c in enumerate(canary) if not c]),
+        (challenger, [i for i, c in enumerate(canary) if c]),
+    ]
+    return [(model, positions) for model, positions in groups if positions]

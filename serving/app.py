@@ -40,7 +40,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         d = deps or build_deps(settings)
         app.state.deps = d
-        d.models.refresh()
+        d.refresh_models()
         # Feast, MLflow and pandas leave ~400k long-lived objects: full collections walking them
         # would stall requests (see core.gc_policy).
         freeze_survivors()
@@ -48,7 +48,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
 
         def poll() -> None:
             while not stop.wait(settings.model_poll_seconds):
-                d.models.refresh()
+                d.refresh_models()
 
         poller = threading.Thread(target=poll, name="model-poller", daemon=True)
         poller.start()

@@ -14,7 +14,7 @@ from core.settings import Settings
 from features.feast_repo import open_feature_store
 from features.feast_store import FeastFeatureStore
 from models.holder import ModelHolder
-from models.registry import champion_loader
+from models.registry import CHALLENGER, champion_loader
 from monitoring.drift_state import read_drift
 from monitoring.metrics import Metrics
 from monitoring.performance_state import read_performance
@@ -38,6 +38,13 @@ class Deps:
     drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
     performance_state: Callable[[], dict[str, Any] | None] = lambda: None  # expected/realized per day
     at_risk: AtRiskIndex | None = None  # the scorer's at-risk list (None: not kept)
+    challengers: ModelHolder | None = None  # the canary's model (CHURN_CANARY_PERCENT > 0)
+
+    def refresh_models(self) -> None:
+        """Swaps in a new champion (and canary challenger) if the registry moved; never raises."""
+        self.models.refresh()
+        if self.challengers is not None:
+            self.challengers.refresh()
 
     def model_meta(self) -> dict[str, Any] | None:
         """Returns the current champion's meta.json, or None while no model is loaded."""
@@ -61,7 +68,16 @@ def build_deps(settings: Settings) -> Deps:
         on_swap=metrics.model_swapped("api"),
         on_refuse=metrics.model_refused("api"),
     )
-    service = RiskService(features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics)
+    challengers = None
+    if settings.canary_percent > 0:
+        challengers = ModelHolder(
+            *champion_loader(settings, threads=1, alias=CHALLENGER), on_refuse=metrics.model_refused("api-challenger")
+        )
+    service = RiskService(
+        features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics,
+        challenger=lambda: challengers.current if challengers is not None else None,
+        canary_percent=settings.canary_percent,
+    )  # fmt: skip
 
     def feature_view() -> None:
         # A real read (an HMGET through Feast's online store) of a row that need not exist:
@@ -89,6 +105,7 @@ def build_deps(settings: Settings) -> Deps:
         drift_state=drift_state,
         performance_state=performance_state,
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
+        challengers=challengers,
     )
 
 

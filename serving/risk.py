@@ -13,7 +13,7 @@ from core.errors import ServiceUnavailableError
 from core.timeutil import ms_to_iso
 from features import spec
 from features.store import FeatureRow, FeatureStore
-from models.runtime import LoadedModel, Model, feature_matrix, prediction_id
+from models.runtime import LoadedModel, Model, feature_matrix, prediction_id, split_canary
 from monitoring.metrics import Metrics
 from serving.schemas import AtRiskPage, AtRiskUser, CancelledAnswer, ModelRef, Reason, RiskAnswer, StoredRisk, Tier
 from stream.at_risk import AtRiskIndex, Order
@@ -38,12 +38,16 @@ class RiskService:
         current_model: Callable[[], LoadedModel | None],
         now_ms: Callable[[], int | None],
         metrics: Metrics,
+        challenger: Callable[[], LoadedModel | None] = lambda: None,
+        canary_percent: float = 0.0,
     ) -> None:
         self.features = features
         self.risks = risks
         self.current_model = current_model
         self.now_ms = now_ms
         self.metrics = metrics
+        self.challenger = challenger  # serves the canary slice of users (`models.runtime.in_canary`)
+        self.canary_percent = canary_percent
 
     def answer(self, user_ids: Sequence[str], *, explain: bool) -> tuple[list[RiskAnswer | CancelledAnswer], list[str]]:
         """Returns the answers for the known users (in the order asked; a cancelled user as a
@@ -53,6 +57,7 @@ class RiskService:
             ServiceUnavailableError: no model is loaded (and a user needs scoring), or a store is down.
         """
         loaded = self.current_model()  # one model for the whole request, even if a swap lands meanwhile
+        challenger = self.challenger() if self.canary_percent > 0 else None
         started = time.perf_counter()
         rows = self.features.read_rows(user_ids)
         self.metrics.store_read_seconds.observe(time.perf_counter() - started)
@@ -76,8 +81,11 @@ class RiskService:
             if loaded is None:
                 msg = "no champion model is loaded yet (train and promote one: `churn train`)"
                 raise ServiceUnavailableError(msg)
-            for answer in self._score([row for row, _ in pairs], [risk for _, risk in pairs], loaded, explain):
-                answers[answer.user_id] = answer
+            ids = [row.user_id for row, _ in pairs]
+            for model, kept in split_canary(ids, loaded, challenger, self.canary_percent):
+                part, stored = [pairs[i][0] for i in kept], [pairs[i][1] for i in kept]
+                for answer in self._score(part, stored, model, explain):
+                    answers[answer.user_id] = answer
         return [answers[row.user_id] for row in found], unknown
 
     def _score(

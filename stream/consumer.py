@@ -37,7 +37,7 @@ from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
 from features.state_store import NOTHING_APPLIED, RedisStateStore, StateRolledBackError
 from models.holder import ModelHolder
-from models.registry import champion_loader
+from models.registry import CHALLENGER, champion_loader
 from monitoring.drift import Thresholds
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
@@ -86,10 +86,12 @@ class ScoringConsumer:
         metrics: Metrics,
         loop: LoopConfig | None = None,
         extra_config: dict[str, Any] | None = None,
+        challengers: ModelHolder | None = None,
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.models = models
+        self.challengers = challengers  # the canary's model, polled like the champion
         self.metrics = metrics
         self.loop = loop or LoopConfig()
         self.stopping = threading.Event()
@@ -125,7 +127,7 @@ class ScoringConsumer:
     def run(self, *, max_idle_s: float | None = None) -> None:
         """Consumes until stopped (or until `max_idle_s` passes with no messages)."""
         self.consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        self.models.refresh()
+        self._refresh_models()
         # Wired and subscribed: ready until a batch finds a store down (see ChurnScorerNotReady).
         self.metrics.scorer_ready.set(1)
         freeze_survivors()  # start-up's imports and clients: never walked by the collector again
@@ -197,7 +199,7 @@ class ScoringConsumer:
                         elif now - last_message > max_idle_s:
                             break
                 if now - last_model > self.loop.model_poll_every_s:
-                    self.models.refresh()
+                    self._refresh_models()
                     last_model = now
                 if now - last_lag > self.loop.lag_every_s:
                     self.report_lag()
@@ -205,6 +207,11 @@ class ScoringConsumer:
         finally:
             self.consumer.close()
             self.dlq.flush(10)
+
+    def _refresh_models(self) -> None:
+        self.models.refresh()
+        if self.challengers is not None:
+            self.challengers.refresh()
 
     def _next_batch(self) -> list[Any]:
         """Returns the next batch: what is already fetched if anything is, else what arrives
@@ -337,6 +344,11 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     models = ModelHolder(
         *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
     )
+    challengers = None
+    if settings.canary_percent > 0:
+        challengers = ModelHolder(
+            *champion_loader(settings, alias=CHALLENGER), on_refuse=metrics.model_refused("scorer-challenger")
+        )
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     ttl = key_ttl_seconds(settings)
     states = RedisStateStore(client, settings.redis_prefix, engine.state_layout, ttl)
@@ -363,10 +375,12 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         snapshots=snapshots,
         changes=KafkaChangeLog(settings, settings.tier_changes_topic),
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
+        challenger=lambda: challengers.current if challengers is not None else None,
+        canary_percent=settings.canary_percent,
     )
     loop = LoopConfig(
         max_batch=settings.max_batch_events,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         model_poll_every_s=settings.model_poll_seconds,
     )
-    return ScoringConsumer(settings, processor, models, metrics, loop)
+    return ScoringConsumer(settings, processor, models, metrics, loop, challengers=challengers)

@@ -22,7 +22,7 @@ from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngin
 from features.spec import MODEL_FEATURES
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
-from models.runtime import LoadedModel, feature_matrix, prediction_id
+from models.runtime import LoadedModel, feature_matrix, prediction_id, split_canary
 from monitoring.metrics import Metrics
 from stream.at_risk import AtRiskIndex
 from stream.changes import ChangeLog, ChangeReason, TierChange
@@ -88,6 +88,8 @@ class BatchProcessor:
         snapshots: Snapshots | None = None,
         changes: ChangeLog | None = None,
         at_risk: AtRiskIndex | None = None,
+        challenger: Callable[[], LoadedModel | None] = lambda: None,
+        canary_percent: float = 0.0,
     ) -> None:
         self.engine = engine
         self.states = states
@@ -105,6 +107,8 @@ class BatchProcessor:
         self._partitions: set[int] | None = None  # owned partitions (None: not told yet)
         self.changes = changes  # where tier changes are announced (None: not announced)
         self.at_risk = at_risk  # the at-risk list kept beside the risk rows (None: not kept)
+        self.challenger = challenger  # serves the canary slice of users (`models.runtime.in_canary`)
+        self.canary_percent = canary_percent
         # Per partition: user -> (source offset, tier) of changes published for events the saved
         # states may not hold yet (a batch that crashed before its save); read from the changes
         # topic on first sight of a partition, pruned as saves cover them.
@@ -246,11 +250,14 @@ class BatchProcessor:
             rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
             positions = [positions[i] for i in kept]
         if loaded is not None and rows:
-            risk_rows, matrix = self._score(rows, appended_ms, loaded)
-            result.users_scored += len(rows)
-            if self.changes is not None:
-                topic = messages[0].topic
-                result.changes = self._announce(risk_rows, positions, matrix, loaded, blobs, topic, expected)
+            challenger = self.challenger() if self.canary_percent > 0 else None
+            for model, kept in split_canary([r.user_id for r in rows], loaded, challenger, self.canary_percent):
+                part, part_positions = [rows[i] for i in kept], [positions[i] for i in kept]
+                risk_rows, matrix = self._score(part, [appended_ms[i] for i in kept], model)
+                result.users_scored += len(part)
+                if self.changes is not None:
+                    topic = messages[0].topic
+                    result.changes += self._announce(risk_rows, part_positions, matrix, model, blobs, topic, expected)
         watermark = batch_watermark(events, [messages[i].append_ms for i in sources])
         if watermark is not None:
             self.risks.advance_watermark(watermark)

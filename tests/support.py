@@ -168,6 +168,15 @@ def register_champion(folder: Path, base: Settings, model: ChurnModel | None = N
     return uri
 
 
+def register_challenger(folder: Path, base: Settings, model: ChurnModel) -> str:
+    """Registers `model` as a new version with alias `challenger` only (not promoted) in the
+    MLflow store in `folder`; returns its version."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
+    artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
+    return registry.log_run(scratch, artifact, {}, {}, {})[1]
+
+
 # --- a throwaway scorer + API deployment on the real services (fault tests) ------------------
 
 

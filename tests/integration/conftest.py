@@ -41,4 +41,6 @@ def topic(settings: Settings, unique: str) -> Iterator[str]:
     )
     yield name
     admin.delete_topics([name])[name].result(30)
-    delete_topics(settings, [f"{name}.changes", f"{name}.changes.dlq"])  # the scorer's tier-change topic, if it made one
+    delete_topics(
+        settings, [f"{name}.changes", f"{name}.changes.dlq"]
+    )  # the scorer's tier-change topic, if it made one

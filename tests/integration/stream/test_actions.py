@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from bench.harness import wait_for
 from core.redis import redis_client
 from core.settings import Settings
-from models.runtime import prediction_id
+from models.runtime import in_canary, prediction_id
 from monitoring.metrics import Metrics
 from serving.app import create_app
 from stream.actions import WebhookSink, tail
@@ -37,6 +37,7 @@ from tests.support import (
     read_changes,
     read_dlq,
     record_figures,
+    register_challenger,
     register_champion,
     small_model,
     spread_tiers,
@@ -254,3 +255,39 @@ def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
     lines = [json.loads(line) for line in printed.stdout.decode().splitlines()]
     assert [line["prediction_id"] for line in lines if line["user_id"] == "a3"] == [changes[3].prediction_id]
     assert sorted(line["user_id"] for line in lines) == sorted(c.user_id for c in changes)
+
+
+@pytest.mark.slow
+def test_canary_serves_a_stable_slice_from_the_challenger_in_stream_and_api(
+    settings: Settings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    users = 10_000
+    waves = wave_events(users, 1, seed=6)
+    champion = small_model()
+    challenger = small_model(rounds=3, tiers={"high": 0.5, "medium": 0.2})
+    folder = tmp_path / "registry"
+    uri = register_champion(folder, settings, champion)
+    assert register_challenger(folder, settings, challenger) == "2"
+    d = Deployment(settings, uri, tmp_path, f"can{unique}", topic, canary_percent=10.0, max_batch_events=5000)
+    try:
+        produce_paced(d.settings, waves[0], rate=1_000_000)
+        d.run_uninterrupted(idle_s=1.0)
+        ids = sorted(e.user_id for e in waves[0])
+        stored = _stored(d, ids)
+        assert len(stored) == users
+        served = {u: r.model_version for u, r in stored.items()}
+        share = sum(v == "2" for v in served.values()) / users
+        assert 0.08 <= share <= 0.12, share
+        assert all((v == "2") == in_canary(u, 10.0) for u, v in served.items())  # the slice is the hash's
+        sample = [u for u in ids if served[u] == "2"][:50]
+        with TestClient(create_app(d.settings)) as api:
+            for start in range(0, users, 1000):
+                answer = api.post("/users/risk", json={"user_ids": ids[start : start + 1000]})
+                assert answer.status_code == 200, answer.text
+                for result in answer.json()["results"]:
+                    assert result["model"]["version"] == served[result["user_id"]]  # same model everywhere
+            answers = api.post("/users/risk", json={"user_ids": sample}).json()["results"]
+        assert {a["model"]["version"] for a in answers} == {"2"}
+        record_figures(settings, "canary_share", {"users": users, "percent": 10.0, "served_by_challenger": share})
+    finally:
+        d.cleanup()

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import pytest
 
 from core.errors import ServiceUnavailableError
-from events.schema import parse_event
+from events.schema import Event, parse_event
 from features.online import OnlineEngine
 from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
@@ -75,6 +75,7 @@ def offline_changes(msgs: list[Message]) -> dict[str, list[str]]:
     chains: dict[str, list[str]] = {}
     for m in msgs:
         event = parse_event(m.value)
+        assert isinstance(event, Event)
         engine.apply(event, m.partition, m.offset)
         row = engine.row(event.user_id)
         tier = MODEL.model.tier(float(MODEL.model.predict(feature_matrix([row]))[0]))
