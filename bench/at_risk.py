@@ -4,8 +4,10 @@ A throwaway Redis prefix gets `users` risk rows (probabilities uniform, tiers 10
 medium, 70% low) written through the scorer's stores (`RedisRiskStore`, `RedisAtRiskIndex`),
 then the route is called in-process through the real app (FastAPI's TestClient: routing,
 validation, the sorted-set page, the join with the risk rows, serialisation; no network) for
-`requests` pages at `limit`, by probability and by newest, on the first ten pages. The prefix
-is deleted afterwards. Closed loop, one caller: the figures are the route's own latency.
+`requests` pages at `limit`, by probability and by newest, on the first ten pages; and the
+same pages read from the stores alone (`at_risk_page`: ZCARD + ZREVRANGE, MGET of the rows),
+which tells the Redis part from the app's. The prefix is deleted afterwards. Closed loop, one
+caller: the figures are the route's own latency.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from models.holder import ModelHolder
 from monitoring.metrics import Metrics
 from serving.app import create_app
 from serving.deps import Deps
-from serving.risk import RiskService
+from serving.risk import RiskService, at_risk_page
 from stream.at_risk import RedisAtRiskIndex
 from stream.risk_store import RedisRiskStore, RiskRow
 
@@ -78,6 +80,12 @@ def bench_at_risk(settings: Settings, users: int, requests: int, limit: int) -> 
                     if i >= 50:  # warm-up
                         latencies.append(took)
                 figures[order] = percentiles_ms(latencies)
+            stores = []
+            for i in range(requests):
+                sent = time.perf_counter()
+                at_risk_page(index, risks, "high", "probability", (i % 10) * limit, limit)
+                stores.append(time.perf_counter() - sent)
+            figures["stores_only_probability"] = percentiles_ms(stores)
         figures["load_seconds"] = round(load_seconds, 1)
         figures["redis_used_memory_bytes"] = memory
         figures["high_tier_users"] = index.page("high", "probability", 0, 1)[0]
