@@ -161,7 +161,7 @@ def test_sigkilled_scorer_announces_each_change_once(
     settings: Settings, topic: str, unique: str, tmp_path: Path
 ) -> None:
     lateness = settings.allowed_lateness_seconds * 1000
-    waves = wave_events(2000, 4, seed=5)
+    waves = wave_events(1500, 3, seed=5)
     model = spread_tiers(waves, small_model(), lateness)
     uri = register_champion(tmp_path / "registry", settings, model)
     d = Deployment(settings, uri, tmp_path, f"kill{unique}", topic, max_batch_events=100)
