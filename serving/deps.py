@@ -19,7 +19,7 @@ from monitoring.drift_state import read_drift
 from monitoring.metrics import Metrics
 from monitoring.performance_state import read_performance
 from serving.risk import RiskService, build_clock
-from stream.at_risk import AtRiskIndex, RedisAtRiskIndex
+from stream.at_risk import AtRiskIndex, InMemoryAtRiskIndex, RedisAtRiskIndex
 from stream.risk_store import RedisRiskStore
 
 # The user id `/health/ready` reads (any valid id works; it need not exist).
@@ -37,7 +37,7 @@ class Deps:
     close: Callable[[], None] = lambda: None
     drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
     performance_state: Callable[[], dict[str, Any] | None] = lambda: None  # expected/realized per day
-    at_risk: AtRiskIndex | None = None  # the scorer's at-risk list (None: not kept)
+    at_risk: AtRiskIndex = field(default_factory=InMemoryAtRiskIndex)  # the scorer's at-risk list
     challengers: ModelHolder | None = None  # the canary's model (CHURN_CANARY_PERCENT > 0)
 
     def refresh_models(self) -> None:

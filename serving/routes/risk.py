@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
-from core.errors import NotFoundError, ServiceUnavailableError
+from core.errors import NotFoundError
 from serving.deps import DepsDep
 from serving.risk import at_risk_page
 from serving.routes.errors import ERRORS
@@ -72,8 +72,5 @@ def users_at_risk(
 ) -> Response:
     """The users of a tier as the stream scorer last scored them, paged: from sorted sets the
     scorer keeps beside the risk rows (O(log n + limit) per page), joined with the rows."""
-    if deps.at_risk is None:
-        msg = "this deployment keeps no at-risk list"
-        raise ServiceUnavailableError(msg)
     page = at_risk_page(deps.at_risk, deps.service.risks, tier, order, offset, limit)
     return Response(page.model_dump_json(), media_type="application/json")
