@@ -111,7 +111,7 @@ def alerts_seen(base_url: str, window_seconds: float, step_seconds: float = 5.0)
     seen: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, float]] = {}
     for series in data["result"]:
         metric = series["metric"]
-        labels = {k: v for k, v in _rest(metric).items() if k != "alertstate"}
+        labels = {k: v for k, v in _rest(metric).items() if k not in ("alertstate", "__name__")}
         key = (metric["alertname"], tuple(sorted(labels.items())))
         worst, seconds = seen.get(key, ("pending", 0.0))
         if metric.get("alertstate") == "firing":
