@@ -167,16 +167,25 @@ class ScorerProcess:
         """SIGTERM (finish the batch, commit, leave the group); returns the exit code.
 
         Raises:
-            subprocess.TimeoutExpired: it did not exit within `timeout` (it is then killed).
+            RuntimeError: it did not exit within `timeout`; it is then killed, and the message
+                ends with the stacks it dumped on SIGUSR1 (where it was stuck).
         """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.dump_stacks()
             self.proc.kill()
             self.proc.wait(10)
-            raise
+            msg = f"`churn consume` did not stop within {timeout:.0f}s after SIGTERM: {self.tail(6000)}"
+            raise RuntimeError(msg) from None
+
+    def dump_stacks(self) -> None:
+        """Asks the process to write every thread's stack to its log (SIGUSR1) and gives it a moment."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
 
     def log_lines(self, containing: str) -> list[str]:
         """Returns the log lines that contain `containing`."""

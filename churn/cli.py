@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -89,6 +90,32 @@ def infra_status() -> None:
         word = "ready" if state.ready else ("starting" if state.running else "down")
         typer.echo(f"{state.name:<11} {state.address:<16} {word:<9} {state.detail}")
     if not all(state.ready for state in states):
+        raise typer.Exit(1)
+
+
+@app.command("alerts")
+def alerts(
+    window: float = typer.Option(600.0, min=0.0, help="Also list alerts active at any time in this many seconds."),
+    url: str = typer.Option("", help="Prometheus base URL (default: the local one, CHURN_PROMETHEUS_PORT)."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 if a target is not up or an alert was active."),
+) -> None:
+    """Prometheus's view as JSON: scrape targets, alerts active now and alerts seen in the window."""
+    from monitoring import prometheus_status as status  # heavy: see the module docstring
+
+    base = url or f"http://127.0.0.1:{_settings().prometheus_port}"
+    try:
+        targets, active = status.targets(base), status.active_alerts(base)
+        seen = status.alerts_seen(base, window) if window > 0 else []
+    except ChurnError as exc:
+        _fail(exc)
+    report = {
+        "prometheus": base,
+        "targets": [asdict(t) for t in targets],
+        "alerts_active": [asdict(a) for a in active],
+        f"alerts_seen_in_last_{window:g}s": [asdict(a) for a in seen],
+    }
+    typer.echo(json.dumps(report, indent=2))
+    if check and (not targets or any(t.health != "up" for t in targets) or active or seen):
         raise typer.Exit(1)
 
 

@@ -41,6 +41,11 @@ class Metrics:
             "churn_unknown_pages_total", "Valid events whose page is not a known page", registry=r
         )
         self.dlq_total = Counter("churn_dlq_messages_total", "Messages written to the dead-letter topic", registry=r)
+        self.commit_failures_total = Counter(
+            "churn_scorer_commit_failures_total",
+            "Offset commits Kafka refused or lost (harmless: the applied offsets in the states skip replays)",
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "churn_batch_duration_seconds", "Time to process one micro-batch", buckets=LATENCY_BUCKETS, registry=r
         )

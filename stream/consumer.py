@@ -17,6 +17,7 @@ Where it holds less, the partition is replayed from the offset Redis holds.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -99,6 +100,7 @@ class ScoringConsumer:
             "partition.assignment.strategy": "cooperative-sticky",
             "fetch.min.bytes": 1,
             "queued.max.messages.kbytes": 65536,
+            "on_commit": self._on_commit,
         }
         self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
         self.dlq = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
@@ -106,12 +108,25 @@ class ScoringConsumer:
         # this process last saved, or what it found there. Less means Redis went back in time.
         self.expected: dict[str, int] = {}
 
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        # A refused commit (a rebalance moved partitions meanwhile, e.g. ILLEGAL_GENERATION, or the
+        # coordinator moved): every write of its batch is done and each user's state carries its
+        # applied offsets, so whoever reads the partition next skips what the batch applied.
+        failed = [p for p in partitions if p.error is not None]
+        if error is not None or failed:
+            self.metrics.commit_failures_total.inc()
+            log.warning(
+                "offset commit failed (%s); the partitions' next reader skips what was applied",
+                error or "; ".join(f"{p.topic}[{p.partition}]: {p.error}" for p in failed),
+            )
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
         self.processor.partitions_changed([p.partition for p in partitions], [])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are committed synchronously before the next poll, so nothing is pending here;
+        # Every batch's writes are done before the next poll, so nothing is half applied here (its
+        # commit may still be in flight: the new owner skips what the states say was applied);
         # dropping the cache makes states reload from Redis on first sight after reassignment.
         log.info("revoked %s", [p.partition for p in partitions])
         self.processor.forget()
@@ -120,9 +135,11 @@ class ScoringConsumer:
         self.processor.partitions_changed([], [p.partition for p in partitions])
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT finish the current batch, commit and leave the group."""
+        """SIGTERM/SIGINT finish the current batch, commit and leave the group; SIGUSR1 writes
+        every thread's stack to stderr (where a scorer that stopped moving is stuck)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def run(self, *, max_idle_s: float | None = None) -> None:
         """Consumes until stopped (or until `max_idle_s` passes with no messages)."""
@@ -247,15 +264,17 @@ class ScoringConsumer:
             self.metrics.batch_events.observe(len(messages))
             # Commit the next offset to read per partition, only now that every write is done.
             # A partition's messages arrive in offset order, so its last one in the batch is its end.
+            # Asynchronously: a synchronous commit waits without bound for a group coordinator, and
+            # after a broker restart the group's rejoin needs this thread's next `consume` (which
+            # runs the rebalance callbacks), so it could wait forever (seen in CI: the scorer stopped
+            # applying and ignored SIGTERM). A commit that fails (`_on_commit` logs it) only makes
+            # the partition's next owner re-read events that the states' applied offsets skip.
             ends = {(m.topic, m.partition): m.offset for m in messages}
             try:
                 self.consumer.commit(
-                    offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=False
+                    offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=True
                 )
-            except KafkaException as exc:
-                # A rebalance moved partitions while this batch was in flight (e.g. ILLEGAL_GENERATION).
-                # Every write is done and each user's state carries its applied offsets, so the new
-                # owner re-reads from the last commit and skips what this batch applied.
+            except KafkaException as exc:  # e.g. no partition is assigned any more
                 log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
                 self.processor.forget()
 

@@ -216,9 +216,16 @@ class Deployment:
         """Starts `churn consume` for this deployment and waits until it has joined its group."""
         log = self.folder / f"scorer-{self.name}.log"
         scorer = ScorerProcess(self.env, self.settings.scorer_metrics_port, log)
+
+        def ready() -> bool:
+            if scorer.proc.poll() is not None:
+                msg = f"`churn consume` exited with {scorer.proc.returncode} before it was ready: {scorer.tail()}"
+                raise RuntimeError(msg)
+            return scorer.value("churn_scorer_ready") == 1
+
         try:
             # Seconds on a quiet machine; minutes when others load its two cores.
-            wait_for(lambda: scorer.value("churn_scorer_ready") == 1, 300, f"`churn consume` to start ({log})", 0.5)
+            wait_for(ready, 300, f"`churn consume` to start ({log})", 0.5)
         except TimeoutError:
             scorer.proc.kill()  # never left running after its test (it would outlive its Feast repo)
             scorer.proc.wait()
