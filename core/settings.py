@@ -139,6 +139,15 @@ class Settings(BaseSettings):
     # Port of the local broker's SASL/SCRAM listener (`churn infra up`; 0: the Kafka port + 2).
     kafka_sasl_port: int = Field(default=0, ge=0, le=65535)
 
+    # API capacity (issue 20). A worker with this many requests in flight answers any other at once
+    # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
+    # this many: at the measured ~1,100 requests/s per worker (`churn bench api`, score and tier on
+    # a 2-core machine) 8 in flight queue ~7 ms, within the 10 ms p99 budget below.
+    api_max_in_flight: int = Field(default=8, ge=1, le=1000)
+    # The latency budget `churn bench api` searches capacity against: the highest open-loop rate
+    # whose p99 stays under it.
+    api_latency_budget_ms: float = Field(default=10.0, gt=0)
+
     @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
     @classmethod
     def _not_blank(cls, value: str) -> str:
