@@ -288,12 +288,14 @@ def test_a_batch_is_one_redis_round_trip_and_one_predict(world: World, monkeypat
         monkeypatch.setattr(ChurnModel, "predict", counted_predict)
         monkeypatch.setattr(ChurnModel, "contributions", counted_contributions)
         answers, unknown = deps.service.answer([*users, "nobody-at-all"], explain=True)
+        round_trips = len(sends)
+        monkeypatch.undo()  # the clean-up's own command is not the answer's
     finally:
         risks.client.delete(*(risks.prefix + u for u in [*scored, cancelled]))
         risks.client.close()
         deps.close()
 
-    assert len(sends) == 1  # features and stored risk of 101 ids: one pipeline, one round trip
+    assert round_trips == 1  # features and stored risk of 101 ids: one pipeline, one round trip
     assert predicted == [99]  # one vectorised predict for every user to score (the cancelled one is not)
     assert explained == [99]
     assert unknown == ["nobody-at-all"]
