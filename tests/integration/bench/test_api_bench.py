@@ -27,6 +27,9 @@ def test_the_api_bench_reports_capacity_latency_and_cpu_for_ours_and_feast_serve
                 assert found[share]["p50_ms"] <= found[share]["p99_ms"] <= found[share]["p999_ms"]
                 assert set(found[share]["statuses"]) <= {"200", "503"}
     assert figures["batch_100"]["capacity_users_per_second"] == 100 * figures["batch_100"]["capacity_per_second"]
-    ratios = {"score_users_per_second_vs_feast_serve", "batch_100_users_per_second_vs_feast_serve"}
+    measures = ("users_per_second", "cpu_bound_users")
+    ratios = {f"{mode}_{measure}_vs_feast_serve" for mode in ("score", "batch_100") for measure in measures}
     assert set(figures["ratios"]) == ratios
+    for mode in ("score", "batch_100", "feast_serve"):
+        assert figures[mode]["cpu_ms_per_request_in_search"] > 0
     assert any("feast serve" in line for line in progress)
