@@ -141,9 +141,11 @@ class Settings(BaseSettings):
 
     # API capacity (issue 20). A worker with this many requests in flight answers any other at once
     # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
-    # this many: at the measured ~1,100 requests/s per worker (`churn bench api`, score and tier on
-    # a 2-core machine) 8 in flight queue ~7 ms, within the 10 ms p99 budget below.
-    api_max_in_flight: int = Field(default=8, ge=1, le=1000)
+    # this many others' CPU time. Derived from the measured cost (`churn bench api`: ~1.2 ms of
+    # server CPU per score request on a quiet 2-core machine of this kind): 4 in flight queue
+    # ~5 ms, half the 10 ms p99 budget below, the rest for the request itself and its Redis read;
+    # one request waiting on Redis still leaves three to use the CPU.
+    api_max_in_flight: int = Field(default=4, ge=1, le=1000)
     # The latency budget `churn bench api` searches capacity against: the highest open-loop rate
     # whose p99 stays under it.
     api_latency_budget_ms: float = Field(default=10.0, gt=0)

@@ -1,12 +1,12 @@
 """`churn serve` (real uvicorn, one worker, default settings) on the real Redis at 3x its capacity.
 
-Capacity is measured here, in the test, with the benchmark's own search (`bench.api.find_capacity`):
-the machine is shared and its speed varies, so every assertion compares figures of this run with
-each other. Capacity here is the highest open-loop rate the worker answers entirely with 200
-(admission control refuses nothing, the rate is achieved): past it, the in-flight limit starts
-shedding. At 3x that rate for 20 s the accepted requests must stay about as fast as at capacity
-(p99 at most 2x), every other answer must be a 503 with `Retry-After`, and once the load drops the
-latency must be back to normal within 5 s.
+Capacity is measured here, in the test: the machine is shared and its speed varies, so every
+assertion compares figures of this run with each other. Capacity is what the worker completes
+(answers 200) per second when asked for more than it can do (the ask grows until it is not met):
+a p99 budget would measure the shared machine's stalls more than the worker. At 3x that rate for
+20 s the accepted requests must stay about as fast as at capacity (p99 at most 2x; without
+shedding the queue, and every wait, would grow for the whole 20 s), every other answer must be a
+503 with `Retry-After`, and once the load drops the latency must be back to normal within 5 s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench.api import MODES, START_MS, LoadPlan, _rows, _wait_ready, find_capacity, load
+from bench.api import MODES, START_MS, _rows, _wait_ready, load
 from bench.harness import CHURN, free_port, scratch_settings
 from core.settings import Settings
 from features.feast_repo import apply_repo
@@ -31,10 +31,6 @@ USERS = 2000
 OVERLOAD_SECONDS = 20.0
 BACK_TO_NORMAL_SECONDS = 5.0
 CONNECTIONS = 128
-# No latency budget: capacity ends where the worker stops answering everything (see the docstring).
-SEARCH = LoadPlan(
-    budget_ms=float("inf"), step_seconds=2.0, warmup_seconds=0.5, connections=CONNECTIONS, start_rate=200.0
-)
 
 
 @pytest.mark.soak
@@ -69,9 +65,15 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     try:
         _wait_ready(port, server, log, timeout_s=180)
         run(100, 2.0)  # warm: the first requests import and compile
-        found = find_capacity(lambda rate: run(rate, SEARCH.step_seconds), SEARCH)
-        capacity = found["capacity_per_second"]
-        assert capacity > 0, found
+        asked, search = 300.0, []
+        while True:
+            saturated = run(asked, 3.0)
+            capacity = saturated["statuses"].get("200", 0) / saturated["seconds"]
+            search.append({"asked": asked, "completed_per_second": round(capacity, 1)})
+            if capacity < 0.8 * asked:
+                break
+            asked *= 3
+        assert capacity > 0, search
         calm_before = run(capacity / 2, 5.0)
         at_capacity = run(capacity, 5.0)
         overload = run(3 * capacity, OVERLOAD_SECONDS)
@@ -90,7 +92,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
 
     figures = {
         "capacity_per_second": capacity,
-        "search": found["search"],
+        "search": search,
         "max_in_flight": settings.api_max_in_flight,
         "calm_before_latency_ms": calm_before["latency"],
         "at_capacity": {k: at_capacity[k] for k in ("achieved_rate", "statuses", "latency", "ok_latency")},
@@ -108,8 +110,8 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert alive
     assert "ERROR" not in server_log, server_log[-3000:]
     assert "Traceback" not in server_log, server_log[-3000:]
-    # At capacity the worker answers (nearly) everything: a burst may briefly fill the in-flight limit.
-    assert at_capacity["statuses"].get("503", 0) <= 0.05 * at_capacity["requests"], at_capacity["statuses"]
+    # At capacity the worker is busy, not refusing most of it (a burst may briefly fill the limit).
+    assert at_capacity["statuses"].get("200", 0) / at_capacity["seconds"] >= 0.8 * capacity, figures
     # Overloaded: accepted requests stay about as fast as at capacity, the rest are refused at once
     # with Retry-After, nothing else fails, and the worker still completes most of its capacity.
     statuses = overload["statuses"]
