@@ -1,13 +1,23 @@
-"""`churn bench api`: the risk API under a fixed request rate, as a separate `churn serve` process.
+"""`churn bench api`: the risk API's capacity per mode, beside Feast's own feature server.
+
+Capacity is the highest open-loop rate whose p99 stays under a latency budget
+(`CHURN_API_LATENCY_BUDGET_MS`, 10 ms) with every answer a 2xx: a fixed rate says more about the
+machine than about the API (past capacity, latency grows without bound; well under it, every
+server looks the same). Per mode (`score`: probability and tier; `reasons`: with the top 5
+reasons; `batch_100`: POST /users/risk with 100 ids) the search doubles the rate from
+`start_rate` until a step fails, then bisects to `resolution`; a failed step is run once more
+before it counts (one stall of a shared machine should not halve a figure). At 50% and 100% of
+the capacity found, a longer run gives p50/p99/p99.9, and the server's CPU seconds (its process
+tree, from /proc) per request.
+
+The anchor, in the same run, on the same Redis and users: `feast serve` on the generated repo
+(`/get-online-features` for one user: the stored features, no model), searched the same way.
+The ratios of our capacities to its capacity are the headline (goals: score >= 3x, reasons >= 1.5x).
 
 Everything runs in a throwaway deployment (own Feast project, Redis prefix, MLflow store and
 state folder, all deleted afterwards) on the configured Redis: a small model is trained on a
-simulated log and promoted, `users` feature rows are written through `FeastFeatureStore`,
-`churn serve` starts as a child process, and `bench.loadgen` (another process) sends
-GET /users/{id}/risk over loopback at a fixed rate, with and without reasons. The anchor is
-one user read with Feast's documented `get_online_features` (`feast_read_one_user`), next to
-the same read as the API does it (`FeastFeatureStore.read_rows([id])`, `feature_read_one_user`),
-both from this process while the server is idle.
+simulated log and promoted, `users` feature rows are written through `FeastFeatureStore`, and
+`bench.loadgen` (another process) sends the requests over loopback.
 """
 
 from __future__ import annotations
@@ -16,20 +26,20 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.feast_write import synthetic_rows
 from bench.harness import CHURN, delete_prefix, free_port, train_small_champion
-from bench.loadgen import percentiles_ms
 from core.errors import ServiceUnavailableError
 from core.redis import redis_client
 from core.settings import Settings
@@ -41,6 +51,55 @@ from stream.risk_store import RedisRiskStore
 from training import registry
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+ROOT = Path(__file__).resolve().parent.parent
+FEAST = str(Path(sys.executable).parent / "feast")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one request of a mode sends: a GET of `path`, or a POST of the JSON `body` template
+    (`{id}`: one user id, `{ids}`: a list of `batch` ids); `users_per_request` scale it to users/s."""
+
+    path: str
+    body: str | None = None
+    batch: int = 1
+
+    @property
+    def users_per_request(self) -> int:
+        """Returns how many users one request asks about."""
+        return self.batch
+
+
+BATCH = 100
+CPU_BOUND = "cpu_bound_users_per_core_per_second"
+MODES = {
+    "score": Mode("/users/{id}/risk?explain=false"),
+    "reasons": Mode("/users/{id}/risk?explain=true"),
+    f"batch_{BATCH}": Mode("/users/risk", '{"user_ids": {ids}, "explain": false}', BATCH),
+}
+
+
+def feast_mode() -> Mode:
+    """Returns the anchor's request: every feature of the view for one user, from `feast serve`."""
+    features = json.dumps([f"{FEATURE_VIEW_NAME}:{name}" for name in view_feature_names()])
+    return Mode("/get-online-features", f'{{"features": {features}, "entities": {{"{JOIN_KEY}": ["{{id}}"]}}}}')
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How hard and how long: the search's step length, the measured runs' length, connections."""
+
+    budget_ms: float = 10.0
+    step_seconds: float = 3.0
+    warmup_seconds: float = 1.0
+    measure_seconds: float = 10.0
+    connections: int = 64
+    start_rate: float = 100.0
+    resolution: float = 1.1  # the search stops when the failing rate is within 10% of the passing one
+    max_steps: int = 14
+
+
+QUICK = LoadPlan(step_seconds=1.0, warmup_seconds=0.5, measure_seconds=2.0, connections=16, resolution=1.5, max_steps=8)
 
 
 def _rows(users: int, seed: int = 0) -> list[FeatureRow]:
@@ -53,30 +112,46 @@ def _rows(users: int, seed: int = 0) -> list[FeatureRow]:
     ]
 
 
-def _wait_ready(port: int, server: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0) -> None:
+def _wait_ready(
+    port: int, server: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0, path: str = "/health/ready"
+) -> None:
+    """Waits until `path` answers 200.
+
+    Raises:
+        ServiceUnavailableError: the server exited first, or did not answer within `timeout_s`.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            msg = f"`churn serve` exited with code {server.returncode} before it was ready: {log.read_text()[-2000:]}"
+            msg = f"the server exited with code {server.returncode} before it was ready: {log.read_text()[-2000:]}"
             raise ServiceUnavailableError(msg)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.5)
-    msg = f"`churn serve` did not become ready on port {port} within {timeout_s:.0f} s"
+    msg = f"the server did not become ready on port {port} within {timeout_s:.0f} s"
     raise ServiceUnavailableError(msg)
 
 
-def _load(port: int, users: int, explain: bool, rate: float, seconds: float, connections: int) -> dict[str, Any]:
+def load(
+    port: int, users: int, mode: Mode, rate: float, seconds: float, connections: int, warmup: float
+) -> dict[str, Any]:
+    """Runs `bench.loadgen` (its own process) once; returns its figures (see `bench.loadgen.run`).
+
+    Raises:
+        ServiceUnavailableError: the load generator failed.
+    """
     command = [
-        sys.executable, "-m", "bench.loadgen", "--port", str(port), "--ids", str(users),
-        "--path", f"/users/{{id}}/risk?explain={'true' if explain else 'false'}",
-        "--rate", str(rate), "--seconds", str(seconds), "--connections", str(connections),
+        sys.executable, "-m", "bench.loadgen", "--port", str(port), "--ids", str(users), "--path", mode.path,
+        "--rate", str(rate), "--seconds", str(seconds), "--connections", str(connections), "--warmup", str(warmup),
+        "--batch", str(mode.batch),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, check=False, timeout=seconds + 120)
+    if mode.body is not None:
+        command += ["--body", mode.body]
+    done = subprocess.run(command, capture_output=True, check=False, timeout=seconds + warmup + 120, cwd=ROOT)
     if done.returncode != 0:
         msg = f"load generator failed: {done.stderr.decode()[-2000:]}"
         raise ServiceUnavailableError(msg)
@@ -84,43 +159,175 @@ def _load(port: int, users: int, explain: bool, rate: float, seconds: float, con
     return figures
 
 
-def _time_reads(read: Callable[[str], Any], ids: list[str], count: int) -> list[float]:
-    """Returns the seconds of `count` reads of one random user each (after one untimed read:
-    Feast's first read imports modules)."""
-    rng = random.Random(1)  # noqa: S311 - which user to read, not a secret
-    read(ids[0])
-    seconds = []
-    for _ in range(count):
-        user = rng.choice(ids)
-        started = time.perf_counter()
-        read(user)
-        seconds.append(time.perf_counter() - started)
-    return seconds
+def passes(figures: dict[str, Any], budget_ms: float) -> bool:
+    """Returns whether a run kept up: every answer a 2xx, no connection error, the rate achieved
+    (within 5%) and p99 within `budget_ms`."""
+    statuses: dict[str, int] = figures["statuses"]
+    answered_ok = sum(n for status, n in statuses.items() if status.startswith("2"))
+    p99 = figures["latency"]["p99_ms"]
+    return (
+        figures["requests"] > 0
+        and answered_ok == figures["requests"]
+        and figures["errors"] == 0
+        and figures["achieved_rate"] >= 0.95 * figures["target_rate"]
+        and p99 is not None
+        and p99 <= budget_ms
+    )
+
+
+def find_capacity(
+    run: Callable[[float], dict[str, Any]], plan: LoadPlan, say: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """Returns the highest rate at which `run(rate)` passes (`passes` with `plan.budget_ms`),
+    searched by doubling from `plan.start_rate` then bisecting, with every step's figures; a
+    failing step is run twice before it counts. Capacity 0 if even `plan.start_rate / 8` fails."""
+    steps: list[dict[str, Any]] = []
+    good: float | None = None
+    bad: float | None = None
+    rate = plan.start_rate
+    while len(steps) < plan.max_steps:
+        figures = run(rate)
+        ok = passes(figures, plan.budget_ms)
+        if not ok:  # once more: a stall of the shared machine is not the server's capacity
+            figures = run(rate)
+            ok = passes(figures, plan.budget_ms)
+        p99 = figures["latency"]["p99_ms"]
+        steps.append({"rate": round(rate, 1), "passed": ok, "p99_ms": p99, "statuses": figures["statuses"]})
+        say(f"  {rate:8.0f}/s  p99 {figures['latency']['p99_ms']} ms  {'pass' if ok else 'fail'}")
+        if ok:
+            good = rate
+        else:
+            bad = rate
+        if bad is None:
+            rate *= 2
+        elif good is None:
+            if rate < plan.start_rate / 8:
+                break
+            rate /= 2
+        elif bad / good <= plan.resolution:
+            break
+        else:
+            rate = (good + bad) / 2
+    return {"capacity_per_second": round(good or 0.0, 1), "search": steps}
+
+
+def cpu_seconds(pid: int) -> float:
+    """Returns the user + system CPU seconds of process `pid` and every live descendant (from /proc)."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        ticks[child] = int(fields[11]) + int(fields[12])  # utime, stime
+    total = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        total += ticks.get(current, 0)
+        todo.extend(children.get(current, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model() -> str:
+    """Returns the CPU's model name from /proc/cpuinfo ("unknown" if it has none)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def measure_mode(
+    port: int, pid: int, users: int, mode: Mode, plan: LoadPlan, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Returns a mode's capacity (see `find_capacity`), the latencies and CPU ms per request of
+    the server process tree at 50% and 100% of it, and its CPU ms per request over the whole
+    search with the rate one core would sustain at that cost (`cpu_bound_per_core_per_second`:
+    CPU time hardly depends on how busy a shared machine is, unlike p99)."""
+    spent = [0.0, 0.0]  # CPU seconds of the server, requests sent
+
+    def run(rate: float, seconds: float = plan.step_seconds) -> dict[str, Any]:
+        before = cpu_seconds(pid)
+        figures = load(port, users, mode, rate, seconds, plan.connections, plan.warmup_seconds)
+        spent[0] += cpu_seconds(pid) - before
+        spent[1] += rate * (seconds + plan.warmup_seconds)  # open loop: the generator sends exactly these
+        return figures
+
+    found = find_capacity(run, plan, say)
+    capacity = found["capacity_per_second"]
+    cpu_ms = 1000 * spent[0] / spent[1]
+    figures: dict[str, Any] = {
+        "capacity_per_second": capacity,
+        "capacity_users_per_second": round(capacity * mode.users_per_request, 1),
+        "cpu_ms_per_request_in_search": round(cpu_ms, 3),
+        "cpu_bound_per_core_per_second": round(1000 / cpu_ms, 1) if cpu_ms > 0 else None,
+        CPU_BOUND: round(1000 * mode.users_per_request / cpu_ms, 1) if cpu_ms > 0 else None,
+    }
+    for share in (50, 100):
+        rate = capacity * share / 100
+        if rate <= 0:
+            continue
+        cpu_before = cpu_seconds(pid)
+        result = run(rate, plan.measure_seconds)
+        used = cpu_seconds(pid) - cpu_before
+        sent = rate * (plan.measure_seconds + plan.warmup_seconds)  # open loop: the generator sends exactly these
+        figures[f"at_{share}pct"] = {
+            "rate": round(rate, 1),
+            "achieved_rate": result["achieved_rate"],
+            **{k: result["latency"][k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
+            "statuses": result["statuses"],
+            "errors": result["errors"],
+            "cpu_ms_per_request": round(1000 * used / sent, 3),
+        }
+        say(f"  at {share}%: {rate:.0f}/s p50 {result['latency']['p50_ms']} p99 {result['latency']['p99_ms']} ms")
+    figures["search"] = found["search"]
+    return figures
+
+
+@contextmanager
+def _process(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `command` with its output in the file `log` (nobody reads a pipe while the load runs);
+    stops it (SIGTERM, then SIGKILL after 30 s) on the way out."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def bench_api(
     settings: Settings,
     users: int = 100_000,
-    rate: float = 1000.0,
-    seconds: float = 15.0,
-    connections: int = 32,
-    workers: int = 2,
-    anchor_reads: int = 3000,
-    repeats: int = 3,
+    workers: int = 1,
+    plan: LoadPlan | None = None,
+    modes: tuple[str, ...] = tuple(MODES),
+    anchor: bool = True,
+    say: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Returns the API's figures at `rate` requests/s for `seconds` (after a 2 s warm-up), with
-    explain=false and explain=true, `repeats` runs of each (alternating): per run the achieved
-    rate, latency percentiles from each request's scheduled time and status counts; per mode
-    the median of the runs' p50 and p99 (the headline: one stall of the shared machine moves a
-    single run's p99); plus the one-user read anchors and the setup timings.
+    """Returns the capacity of `churn serve` (`workers` uvicorn workers) per mode of `modes`, and of
+    `feast serve` (as many workers) when `anchor`, with latencies and CPU per request at 50% and
+    100% of each capacity, the ratios to Feast's, the machine's CPU model and load, and the
+    set-up timings. `say` gets one line per step (progress, for stderr).
 
     Raises:
-        ServiceUnavailableError: Redis cannot be reached, or `churn serve` did not start.
+        ServiceUnavailableError: Redis cannot be reached, or a server did not start.
         ConfigError: the settings give an invalid Feast config.
     """
+    plan = plan or LoadPlan(budget_ms=settings.api_latency_budget_ms)
     name = uuid.uuid4().hex[:10]
     folder = Path(tempfile.mkdtemp(prefix="churn-api-bench-", dir=settings.state_dir.resolve()))
-    port = free_port()
     scratch = settings.model_copy(
         update={
             "state_dir": folder / "state",
@@ -128,13 +335,13 @@ def bench_api(
             "feast_project": f"bench_api_{name}",
             "feast_repo": folder / "feast",
             "redis_prefix": f"bench:api{name}:",
-            "api_port": port,
         }
     )
     feast = None
-    server: subprocess.Popen[bytes] | None = None
     timings: dict[str, float] = {}
+    results: dict[str, Any] = {}
     try:
+        say("training a small champion")
         began = time.perf_counter()
         trained = train_small_champion(scratch, folder)
         if not trained.promoted:  # the bench needs a champion, whatever the gates said
@@ -142,6 +349,7 @@ def bench_api(
         version = str(trained.version)
         timings["train_seconds"] = round(time.perf_counter() - began, 1)
 
+        say(f"writing {users} feature rows")
         began = time.perf_counter()
         feast = apply_repo(scratch)
         store = FeastFeatureStore(feast)
@@ -150,7 +358,9 @@ def bench_api(
             store.write_rows(rows[first : first + 5000])
         RedisRiskStore(redis_client(scratch), scratch.redis_prefix).advance_watermark(START_MS + 31 * DAY_MS)
         timings["load_rows_seconds"] = round(time.perf_counter() - began, 1)
+        load_before = round(os.getloadavg()[0], 2)
 
+        port = free_port()
         env = {
             **os.environ,
             "CHURN_STATE_DIR": str(scratch.state_dir),
@@ -166,60 +376,58 @@ def bench_api(
             "CHURN_CLOCK": "event",
         }
         began = time.perf_counter()
-        log = folder / "serve.log"
-        with log.open("wb") as out:  # a file, not a pipe: nobody reads a pipe while the load runs
-            server = subprocess.Popen([CHURN, "serve", "--workers", str(workers)], env=env, stdout=out, stderr=out)
-        _wait_ready(port, server, log)
-        timings["serve_start_seconds"] = round(time.perf_counter() - began, 1)
-
-        ids = [row.user_id for row in rows]
-        refs = [f"{FEATURE_VIEW_NAME}:{name}" for name in view_feature_names()]
-        reads = _time_reads(
-            lambda user: feast.get_online_features(features=refs, entity_rows={JOIN_KEY: [user]}).to_dict(),
-            ids,
-            anchor_reads,
-        )
-        api_reads = _time_reads(lambda user: store.read_rows([user]), ids, anchor_reads)
-        # Before the load (and after this bench's own set-up work has calmed down a little): how
-        # busy the machine already was. The figure after the runs includes the load they caused.
-        load_before = round(os.getloadavg()[0], 2)
-
-        runs: dict[str, list[dict[str, Any]]] = {"explain_false": [], "explain_true": []}
-        for _ in range(repeats):
-            for explain in (False, True):
-                runs[f"explain_{str(explain).lower()}"].append(_load(port, users, explain, rate, seconds, connections))
+        with _process([CHURN, "serve", "--workers", str(workers)], env, folder / "serve.log") as server:
+            _wait_ready(port, server, folder / "serve.log")
+            timings["serve_start_seconds"] = round(time.perf_counter() - began, 1)
+            for mode in modes:
+                say(f"churn serve, {mode}:")
+                results[mode] = measure_mode(port, server.pid, users, MODES[mode], plan, say)
+        if anchor:
+            port = free_port()
+            # Feast's server as a user starts it, but without its default worker recycling
+            # (`--max-requests 1000`: a restart every thousand requests), which ours does not do either.
+            command = [
+                FEAST, "-c", str(scratch.feast_repo_dir), "serve", "-h", "127.0.0.1", "-p", str(port),
+                "--no-access-log", "--workers", str(workers), "--max-requests", "0",
+            ]  # fmt: skip
+            with _process(command, {**os.environ, "PYTHONPATH": str(ROOT)}, folder / "feast-serve.log") as server:
+                _wait_ready(port, server, folder / "feast-serve.log", path="/health")
+                say("feast serve, features of one user:")
+                results["feast_serve"] = measure_mode(port, server.pid, users, feast_mode(), plan, say)
     finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(10)
         if feast is not None:
             feast.teardown()
         delete_prefix(scratch, scratch.redis_prefix)
         shutil.rmtree(folder, ignore_errors=True)
+    ratios: dict[str, float | None] = {}
+    theirs = results.get("feast_serve", {})
+    for mode in modes:
+        # Users answered per second under the latency budget, and per core at the measured CPU cost.
+        for key, label in (("capacity_users_per_second", "users_per_second"), (CPU_BOUND, "cpu_bound_users")):
+            ours, anchor_value = results[mode].get(key), theirs.get(key)
+            ratios[f"{mode}_{label}_vs_feast_serve"] = round(ours / anchor_value, 2) if ours and anchor_value else None
     return {
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpus": os.cpu_count(),
+            "load_average_1m_before_runs": load_before,
+            "load_average_1m_after_runs": round(os.getloadavg()[0], 2),
+        },
         "users": users,
-        "model_version": version,
         "workers": workers,
-        "cpus": os.cpu_count(),
-        "load_average_1m_before_runs": load_before,
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "latency_budget_ms": plan.budget_ms,
+        "model_version": version,
         **timings,
-        "feast_read_one_user": percentiles_ms(reads),
-        "feature_read_one_user": percentiles_ms(api_reads),
-        **{mode: _summary(mode_runs) for mode, mode_runs in runs.items()},
+        "ratios": ratios,
+        "goals": {
+            "score_at_least_3x_feast_serve": _at_least(ratios.get("score_users_per_second_vs_feast_serve"), 3.0),
+            "reasons_at_least_1_5x_feast_serve": _at_least(ratios.get("reasons_users_per_second_vs_feast_serve"), 1.5),
+            "score_cpu_bound_at_least_3x": _at_least(ratios.get("score_cpu_bound_users_vs_feast_serve"), 3.0),
+            "reasons_cpu_bound_at_least_1_5x": _at_least(ratios.get("reasons_cpu_bound_users_vs_feast_serve"), 1.5),
+        },
+        **results,
     }
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Returns the median over `runs` of the achieved rate and of the latency p50/p99, and the runs."""
-    return {
-        "achieved_rate_median": statistics.median(r["achieved_rate"] for r in runs),
-        "p50_ms_median": statistics.median(r["latency"]["p50_ms"] for r in runs),
-        "p99_ms_median": statistics.median(r["latency"]["p99_ms"] for r in runs),
-        "non_200": sum(r["requests"] - r["statuses"].get("200", 0) for r in runs),
-        "runs": runs,
-    }
+def _at_least(ratio: float | None, goal: float) -> bool | None:
+    return None if ratio is None else ratio >= goal

@@ -2,10 +2,11 @@
 
 `python -m bench.loadgen --port P --path '/users/{id}/risk?explain=false' --ids 100000 --rate 1000
 --seconds 10` sends GETs for random ids `bench-<n>` at a fixed rate over keep-alive HTTP/1.1
-connections and prints one JSON object. Open loop: each request has a scheduled send time and
-its latency is measured from that time, so a stalled server is charged for the requests that
-queue behind it (no coordinated omission). Raw asyncio streams, not an HTTP client library, so
-the generator costs little of the CPU it shares with the server.
+connections and prints one JSON object; with `--body` it POSTs that JSON template instead, where
+`{id}` is one random id and `{ids}` a JSON list of `--batch` random ids. Open loop: each request
+has a scheduled send time and its latency is measured from that time, so a stalled server is
+charged for the requests that queue behind it (no coordinated omission). Raw asyncio streams,
+not an HTTP client library, so the generator costs little of the CPU it shares with the server.
 """
 
 from __future__ import annotations
@@ -38,19 +39,38 @@ def due_count(elapsed: float, rate: float) -> int:
     return int(elapsed * rate) + 1 if elapsed >= 0 else 0
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    """Reads one HTTP/1.1 response with a Content-Length body; returns its status code."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Reads one HTTP/1.1 response with a Content-Length body; returns its status code and
+    whether it carries a `Retry-After` header."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
     length = 0
+    retry_after = False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value)
+        elif name == b"retry-after":
+            retry_after = True
     if length:
         await reader.readexactly(length)
-    return status
+    return status, retry_after
+
+
+def request_bytes(host: str, path: str, body: str | None, ids: list[str]) -> bytes:
+    """Returns one HTTP/1.1 request: a GET of `path`, or a POST of the JSON `body` template when
+    given; `{id}` becomes `ids[0]` (in the path and the body), `{ids}` the JSON list of `ids`."""
+    target = path.replace("{id}", ids[0])
+    if body is None:
+        return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    content = body.replace("{ids}", json.dumps(ids)).replace("{id}", ids[0]).encode()
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(content)}\r\n\r\n"
+    )
+    return head.encode() + content
 
 
 def _release_on_time(
@@ -77,27 +97,40 @@ def _put_all(due: asyncio.Queue[float | None], scheduled: list[float]) -> None:
 
 
 async def run(
-    host: str, port: int, path: str, ids: int, rate: float, seconds: float, connections: int, warmup: float
+    host: str,
+    port: int,
+    path: str,
+    ids: int,
+    rate: float,
+    seconds: float,
+    connections: int,
+    warmup: float,
+    body: str | None = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Returns the figures of one run: achieved rate, latency percentiles (from the scheduled
-    time, and from the actual send), status counts, and errors."""
+    time, and from the actual send) of every request and of the 2xx ones, status counts, 503s
+    without `Retry-After`, and errors."""
     rng = random.Random(0)  # noqa: S311 - which user to ask for, not a secret
     due: asyncio.Queue[float | None] = asyncio.Queue()
     latencies: list[float] = []
+    ok_latencies: list[float] = []
     service: list[float] = []
     statuses: dict[str, int] = {}
+    unavailable_without_retry_after = 0
     errors: list[str] = []
     measure_from = time.perf_counter() + warmup
 
     async def connection() -> None:
+        nonlocal unavailable_without_retry_after
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while (scheduled := await due.get()) is not None:
-                target = path.replace("{id}", f"bench-{rng.randrange(ids)}")
+                request = request_bytes(host, path, body, [f"bench-{rng.randrange(ids)}" for _ in range(batch)])
                 sent = time.perf_counter()
-                writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                writer.write(request)
                 try:
-                    status = await _read_response(reader)
+                    status, retry_after = await _read_response(reader)
                 except (asyncio.IncompleteReadError, ConnectionError) as exc:
                     errors.append(repr(exc))
                     writer.close()
@@ -108,6 +141,10 @@ async def run(
                     latencies.append(done - scheduled)
                     service.append(done - sent)
                     statuses[str(status)] = statuses.get(str(status), 0) + 1
+                    if 200 <= status < 300:
+                        ok_latencies.append(done - scheduled)
+                    elif status == 503 and not retry_after:
+                        unavailable_without_retry_after += 1
         finally:
             writer.close()
 
@@ -133,9 +170,11 @@ async def run(
         "seconds": round(elapsed, 2),
         "drain_seconds": round(time.perf_counter() - drained, 2),
         "statuses": statuses,
+        "unavailable_without_retry_after": unavailable_without_retry_after,
         "errors": len(errors),
         "first_errors": errors[:3],
         "latency": percentiles_ms(latencies),
+        "ok_latency": percentiles_ms(ok_latencies),
         "service_latency": percentiles_ms(service),
     }
 
@@ -151,6 +190,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load not measured")
+    parser.add_argument("--body", help="POST this JSON template ({id}: one id, {ids}: --batch ids)")
+    parser.add_argument("--batch", type=int, default=1, help="ids per request in {ids}")
     args = parser.parse_args()
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
@@ -158,7 +199,18 @@ def main() -> None:
 
         runner = uvloop.run
     figures = runner(
-        run(args.host, args.port, args.path, args.ids, args.rate, args.seconds, args.connections, args.warmup)
+        run(
+            args.host,
+            args.port,
+            args.path,
+            args.ids,
+            args.rate,
+            args.seconds,
+            args.connections,
+            args.warmup,
+            args.body,
+            args.batch,
+        )
     )
     print(json.dumps(figures))
 

@@ -9,6 +9,7 @@ status` should not wait for. The layer test reads these imports too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -561,17 +562,39 @@ def bench_features(
 @bench_app.command("api")
 def bench_api(
     users: Annotated[int, typer.Option(min=1, help="Feature rows loaded into the online store.")] = 100_000,
-    rate: Annotated[float, typer.Option(min=1, help="Requests per second, fixed (open loop).")] = 1000.0,
-    seconds: Annotated[float, typer.Option(min=1, help="Measured seconds per run (after a 2 s warm-up).")] = 15.0,
-    connections: Annotated[int, typer.Option(min=1, help="Keep-alive connections of the load generator.")] = 32,
-    workers: Annotated[int, typer.Option(min=1, help="uvicorn workers of the `churn serve` under test.")] = 2,
-    repeats: Annotated[int, typer.Option(min=1, help="Runs per mode; the headline is their median.")] = 3,
+    workers: Annotated[int, typer.Option(min=1, help="Workers of `churn serve` and of `feast serve`.")] = 1,
+    budget_ms: Annotated[
+        float, typer.Option(min=0, help="p99 latency budget of the capacity search (0: CHURN_API_LATENCY_BUDGET_MS).")
+    ] = 0.0,
+    seconds: Annotated[float, typer.Option(min=0.5, help="Measured seconds of the runs at 50% and 100%.")] = 10.0,
+    step_seconds: Annotated[float, typer.Option(min=0.5, help="Measured seconds of each search step.")] = 3.0,
+    connections: Annotated[int, typer.Option(min=1, help="Keep-alive connections of the load generator.")] = 64,
+    mode: Annotated[
+        list[str] | None, typer.Option(help="Modes to measure (score, reasons, batch_100; default all).")
+    ] = None,
+    anchor: Annotated[bool, typer.Option(help="Also measure `feast serve` on the same users and Redis.")] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run: 2,000 users, 1 s steps, coarse search.")] = False,
 ) -> None:
-    """GET /users/{id}/risk p50/p99 at a fixed rate, with and without reasons, vs a bare Feast read (JSON)."""
+    """Capacity (highest rate with p99 under the budget) per mode, latencies and CPU per request at 50%
+    and 100% of it, beside `feast serve` (JSON on stdout, progress on stderr)."""
     from bench import api as api_bench  # heavy: see the module docstring
 
     settings = _settings()
-    _print_figures(lambda: api_bench.bench_api(settings, users, rate, seconds, connections, workers, repeats=repeats))
+    budget = budget_ms or settings.api_latency_budget_ms
+    if quick:
+        plan = dataclasses.replace(api_bench.QUICK, budget_ms=budget)
+        users = min(users, 2000)
+    else:
+        plan = api_bench.LoadPlan(
+            budget_ms=budget, step_seconds=step_seconds, measure_seconds=seconds, connections=connections
+        )
+    unknown = sorted(set(mode or ()) - set(api_bench.MODES))
+    if unknown:
+        msg = f"unknown mode(s) {unknown}: choose from {sorted(api_bench.MODES)}"
+        raise typer.BadParameter(msg)
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    modes = tuple(mode) if mode else tuple(api_bench.MODES)
+    _print_figures(lambda: api_bench.bench_api(settings, users, workers, plan, modes, anchor, say))
 
 
 @bench_app.command("at-risk")

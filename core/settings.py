@@ -146,6 +146,18 @@ class Settings(BaseSettings):
     # Port of the local broker's SASL/SCRAM listener (`churn infra up`; 0: the Kafka port + 2).
     kafka_sasl_port: int = Field(default=0, ge=0, le=65535)
 
+    # API capacity (issue 20). A worker with this many requests in flight answers any other at once
+    # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
+    # this many others' CPU time. Derived from measured cost: a score request takes 1.5-2.5 ms of
+    # CPU through the whole ASGI app in process (3.5 ms per request in `churn bench api` on the
+    # shared, loaded 2-core machine), so 4 in flight queue ~5-10 ms, within the 10 ms p99 budget
+    # below, and one request waiting on Redis still leaves three for the CPU. With 8, the overload
+    # test (3x capacity) saw accepted p99 at 2.9x the p99 at capacity.
+    api_max_in_flight: int = Field(default=4, ge=1, le=1000)
+    # The latency budget `churn bench api` searches capacity against: the highest open-loop rate
+    # whose p99 stays under it.
+    api_latency_budget_ms: float = Field(default=10.0, gt=0)
+
     @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
     @classmethod
     def _not_blank(cls, value: str) -> str:

@@ -222,13 +222,42 @@ class FeastFeatureStore:
             out.append(FeatureRow(user_id=user_id, last_event_ms=int(last_event[i]), values=values))
         return out
 
+    def read_rows_and(
+        self, user_ids: Sequence[str], command: Sequence[Any]
+    ) -> tuple[list[FeatureRow | None], Any] | None:
+        """Returns what `read_rows` returns and the reply of one more Redis `command` (on the
+        online store's server, e.g. an MGET of rows kept beside the features), sent in the same
+        pipeline: one round trip for both. None where the store cannot do that in one round
+        trip (another online store, a cluster): then read separately.
+
+        Raises:
+            ServiceUnavailableError: Redis cannot be reached (StoreRefusedError: it refused).
+            ValueError: a stored value is not a number (the view was written by something else).
+        """
+        if self._online_store is None or not user_ids:
+            return None
+        ids = list(user_ids)
+        with translate_redis_errors(f"reading {len(ids)} feature rows", self._address):
+            keys = self._keys(ids)
+            both = self._online_store.read_values_and(self._config, self._view, keys, self._read_names, command)
+        if both is None:
+            return None
+        stored, reply = both
+        return self._decode(ids, stored), reply
+
+    def _keys(self, ids: list[str]) -> list[EntityKeyProto]:
+        value, entity_key = self._value_cls, self._entity_key_cls
+        return [entity_key(join_keys=[JOIN_KEY], entity_values=[value(string_val=user_id)]) for user_id in ids]
+
     def _read_values(self, ids: list[str]) -> list[FeatureRow | None]:
         # Our store hands back the stored bytes; decoding them here is the whole conversion.
-        value, entity_key, decode_value = self._value_cls, self._entity_key_cls, self._decode_value
-        keys = [entity_key(join_keys=[JOIN_KEY], entity_values=[value(string_val=user_id)]) for user_id in ids]
         assert self._online_store is not None
         with translate_redis_errors(f"reading {len(ids)} feature rows", self._address):
-            stored = self._online_store.read_values(self._config, self._view, keys, self._read_names)
+            stored = self._online_store.read_values(self._config, self._view, self._keys(ids), self._read_names)
+        return self._decode(ids, stored)
+
+    def _decode(self, ids: list[str], stored: list[list[bytes | None]]) -> list[FeatureRow | None]:
+        decode_value = self._decode_value
         out: list[FeatureRow | None] = []
         for user_id, raw in zip(ids, stored, strict=True):
             numbers = list(map(decode_value, raw))

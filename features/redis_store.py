@@ -37,7 +37,7 @@ from typing import Any, Literal
 from feast import FeatureView, RepoConfig
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3, compute_versioned_name
-from feast.infra.online_stores.redis import RedisClient, RedisOnlineStore, RedisOnlineStoreConfig
+from feast.infra.online_stores.redis import RedisClient, RedisOnlineStore, RedisOnlineStoreConfig, RedisType
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.protos.feast.types.Value_pb2 import ValueType
@@ -280,6 +280,35 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         # Feast's own pipelined read; redis-py answers bulk strings as bytes.
         replies: list[list[Any]] = self._read_hash_fields(config, [(key, list(fields)) for key in keys])
         return replies
+
+    def read_values_and(
+        self,
+        config: RepoConfig,
+        table: FeatureView,
+        entity_keys: Sequence[EntityKeyProto],
+        features: tuple[str, ...],
+        command: Sequence[Any],
+    ) -> tuple[list[list[bytes | None]], Any] | None:
+        """Returns what `read_values` returns and the reply of `command` (e.g. `("MGET", key, ...)`
+        of rows kept beside the features on the same server), all in one pipeline: one round trip.
+        None where that is not one round trip (a Redis Cluster, Sentinel or the GLIDE client):
+        read separately there.
+
+        Raises:
+            redis.exceptions.RedisError: Redis is unreachable or refused a command.
+        """
+        online_config = config.online_store
+        assert isinstance(online_config, RedisOnlineStoreConfig)
+        if online_config.client == RedisClient.glide or online_config.redis_type != RedisType.redis:
+            return None
+        layout = self.layout(config, table)
+        fields = layout.lists.get(features) or layout.field_list(features)
+        with self._get_client(online_config).pipeline(transaction=False) as pipe:
+            for entity_key in entity_keys:
+                pipe.hmget(layout.redis_key(entity_key), fields)
+            pipe.execute_command(*command)
+            replies: list[Any] = pipe.execute()
+        return replies[:-1], replies[-1]
 
     def hash_writer(
         self,

@@ -102,6 +102,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # API admission control (issue #20, serving/admission.py)
+        self.api_shed_total = Counter(
+            "churn_api_shed_requests_total",
+            "Requests answered 503 with Retry-After because the worker had CHURN_API_MAX_IN_FLIGHT in flight",
+            registry=r,
+        )
+        self.api_in_flight = Gauge(
+            "churn_api_requests_in_flight",
+            "Requests in flight in this API worker (health and metrics aside)",
+            registry=r,
+        )
         # Model
         self.model_info = Gauge(
             "churn_model_info", "The loaded model (value 1)", ["component", "name", "version"], registry=r

@@ -19,6 +19,7 @@ from core.errors import ChurnError
 from core.gc_policy import freeze_survivors
 from core.settings import Settings
 from monitoring.metrics import Metrics
+from serving.admission import AdmissionControl
 from serving.auth import ApiKeys
 from serving.deps import Deps, build_deps
 from serving.limits import BodySizeLimit
@@ -71,6 +72,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
     # Added first, so it runs inside the timer: refused bodies are timed and counted as 413s.
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(RequestTimer, metrics=current_metrics)
+    # Added last, so it runs first: a refused request costs nothing else and is counted in
+    # churn_api_shed_requests_total, not as a failed request in the latency histogram.
+    app.add_middleware(AdmissionControl, max_in_flight=settings.api_max_in_flight, metrics=current_metrics)
     _add_error_handlers(app)
 
     # Without keys the routes declare no security scheme: the document describes this deployment.

@@ -3,7 +3,7 @@ dependencies (`DepsDep`, `SettingsDep`) through which routes receive it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -13,6 +13,7 @@ from core.redis import redis_client, redis_errors
 from core.settings import Settings
 from features.feast_repo import open_feature_store
 from features.feast_store import FeastFeatureStore
+from features.store import FeatureRow
 from models.holder import ModelHolder
 from models.registry import CHALLENGER, champion_loader
 from monitoring.drift_state import read_drift
@@ -20,7 +21,7 @@ from monitoring.metrics import Metrics
 from monitoring.performance_state import read_performance
 from serving.risk import RiskService, build_clock
 from stream.at_risk import AtRiskIndex, InMemoryAtRiskIndex, RedisAtRiskIndex
-from stream.risk_store import RedisRiskStore
+from stream.risk_store import RedisRiskStore, RiskRow
 
 # The user id `/health/ready` reads (any valid id works; it need not exist).
 READY_PROBE_USER = "health-probe"
@@ -73,8 +74,15 @@ def build_deps(settings: Settings) -> Deps:
         challengers = ModelHolder(
             *champion_loader(settings, threads=1, alias=CHALLENGER), on_refuse=metrics.model_refused("api-challenger")
         )
+
+    def read_together(user_ids: Sequence[str]) -> tuple[list[FeatureRow | None], list[RiskRow | None]] | None:
+        # Feast's online store and the risk rows share the Redis of `settings.redis_address`:
+        # the risk rows' MGET rides in the feature read's pipeline (one round trip, not two).
+        both = features.read_rows_and(user_ids, risks.read_command(user_ids))
+        return None if both is None else (both[0], risks.decode(both[1]))
+
     service = RiskService(
-        features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics,
+        features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics, read_together,
         challenger=lambda: challengers.current if challengers is not None else None,
         canary_percent=settings.canary_percent,
     )  # fmt: skip

@@ -24,11 +24,17 @@ TOP_REASONS = 5
 _COLUMN = {name: i for i, name in enumerate(spec.MODEL_FEATURES)}
 
 
+# Reads the feature rows and the stored risk rows of the same ids in one Redis round trip, or
+# returns None where that cannot be done (then they are read one after the other).
+ReadTogether = Callable[[Sequence[str]], tuple[list[FeatureRow | None], list[RiskRow | None]] | None]
+
+
 class RiskService:
     """Reads features and stored risk, applies the clock, scores with the current champion.
 
     `now_ms` is the injected clock: the stream's event-time watermark in replay/demo mode, the
-    wall clock live (see `build_clock`).
+    wall clock live (see `build_clock`). `read_together`, when given, reads both kinds of rows
+    in one round trip (`serving.deps.build_deps` gives it when both live on one Redis server).
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class RiskService:
         current_model: Callable[[], LoadedModel | None],
         now_ms: Callable[[], int | None],
         metrics: Metrics,
+        read_together: ReadTogether | None = None,
         challenger: Callable[[], LoadedModel | None] = lambda: None,
         canary_percent: float = 0.0,
     ) -> None:
@@ -48,6 +55,7 @@ class RiskService:
         self.metrics = metrics
         self.challenger = challenger  # serves the canary slice of users (`models.runtime.in_canary`)
         self.canary_percent = canary_percent
+        self.read_together = read_together
 
     def answer(self, user_ids: Sequence[str], *, explain: bool) -> tuple[list[RiskAnswer | CancelledAnswer], list[str]]:
         """Returns the answers for the known users (in the order asked; a cancelled user as a
@@ -59,13 +67,17 @@ class RiskService:
         loaded = self.current_model()  # one model for the whole request, even if a swap lands meanwhile
         challenger = self.challenger() if self.canary_percent > 0 else None
         started = time.perf_counter()
-        rows = self.features.read_rows(user_ids)
+        both = self.read_together(user_ids) if self.read_together is not None and user_ids else None
+        rows = both[0] if both is not None else self.features.read_rows(user_ids)
         self.metrics.store_read_seconds.observe(time.perf_counter() - started)
         found = [row for row in rows if row is not None]
         unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
         if not found:
             return [], unknown
-        found_stored = self.risks.read([row.user_id for row in found])
+        if both is not None:
+            found_stored = [risk for row, risk in zip(rows, both[1], strict=True) if row is not None]
+        else:
+            found_stored = self.risks.read([row.user_id for row in found])
         answers: dict[str, RiskAnswer | CancelledAnswer] = {
             row.user_id: CancelledAnswer(
                 user_id=row.user_id,

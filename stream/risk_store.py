@@ -130,6 +130,16 @@ class RedisRiskStore:
             return []
         with redis_errors("reading risk rows"):
             blobs = self.client.mget([self.prefix + u for u in ids])
+        return self.decode(blobs)
+
+    def read_command(self, user_ids: Sequence[str]) -> tuple[str | bytes, ...]:
+        """Returns the Redis command `read` sends for `user_ids` (non-empty), for a caller that
+        pipelines it with other reads; `decode` turns its reply into the rows."""
+        return ("MGET", *(self.prefix + u for u in user_ids))
+
+    @staticmethod
+    def decode(blobs: Sequence[bytes | None]) -> list[RiskRow | None]:
+        """Returns the rows of an MGET reply of risk keys (None where a key holds nothing)."""
         return [None if b is None else _DECODER.decode(b) for b in blobs]
 
     def advance_watermark(self, event_ms: int) -> None:

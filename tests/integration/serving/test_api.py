@@ -21,6 +21,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from redis.connection import AbstractConnection
 
 from bench.harness import SMALL_SIMULATION, SMALL_TRAIN_OPTIONS, free_port, train_small_champion
 from core.settings import Settings
@@ -31,10 +32,13 @@ from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
 from features.store import FeatureRow
 from models import registry as model_registry
+from models.artifact import ChurnModel
 from models.runtime import feature_matrix
 from serving.app import create_app
+from serving.deps import build_deps
+from serving.schemas import CancelledAnswer, RiskAnswer
 from sim.simulator import simulate
-from stream.risk_store import RedisRiskStore
+from stream.risk_store import RedisRiskStore, RiskRow
 from training import registry
 from training.card import SECTIONS
 from training.scoring import score_users
@@ -248,3 +252,59 @@ def _run_of(settings: Settings, version: str) -> str:
 
     client: Any = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     return str(client.get_model_version(settings.model_name, version).run_id)
+
+
+def test_a_batch_is_one_redis_round_trip_and_one_predict(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The service as `churn serve` builds it (wall clock: the watermark's cached read stays out).
+    deps = build_deps(world.settings.model_copy(update={"clock": "wall"}))
+    deps.models.refresh()
+    users = sorted(world.rows)[:100]
+    scored, cancelled = users[:40], users[40]
+    risks = RedisRiskStore(redis.Redis.from_url(world.settings.redis_address), world.settings.redis_prefix)
+    risks.write(
+        [RiskRow(u, 0.25, "medium", world.version, world.rows[u].last_event_ms, 1) for u in scored]
+        + [RiskRow.cancelled(cancelled, world.rows[cancelled].last_event_ms, world.rows[cancelled].last_event_ms, 1)]
+    )
+    sends: list[int] = []
+    predicted: list[int] = []
+    explained: list[int] = []
+    send, predict, contributions = AbstractConnection.send_packed_command, ChurnModel.predict, ChurnModel.contributions
+
+    def counted_send(self: AbstractConnection, *args: Any, **kwargs: Any) -> None:
+        sends.append(1)
+        send(self, *args, **kwargs)
+
+    def counted_predict(self: ChurnModel, matrix: np.ndarray) -> np.ndarray:
+        predicted.append(len(matrix))
+        return predict(self, matrix)
+
+    def counted_contributions(self: ChurnModel, matrix: np.ndarray) -> list[dict[str, float]]:
+        explained.append(len(matrix))
+        return contributions(self, matrix)
+
+    try:
+        deps.service.answer(users, explain=True)  # connects (and greets Redis) once
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counted_send)
+        monkeypatch.setattr(ChurnModel, "predict", counted_predict)
+        monkeypatch.setattr(ChurnModel, "contributions", counted_contributions)
+        answers, unknown = deps.service.answer([*users, "nobody-at-all"], explain=True)
+        round_trips = len(sends)
+        monkeypatch.undo()  # the clean-up's own command is not the answer's
+    finally:
+        risks.client.delete(*(risks.prefix + u for u in [*scored, cancelled]))
+        risks.client.close()
+        deps.close()
+
+    assert round_trips == 1  # features and stored risk of 101 ids: one pipeline, one round trip
+    assert predicted == [99]  # one vectorised predict for every user to score (the cancelled one is not)
+    assert explained == [99]
+    assert unknown == ["nobody-at-all"]
+    by_user = {a.user_id: a for a in answers}
+    assert [a.user_id for a in answers] == users
+    assert isinstance(by_user[cancelled], CancelledAnswer)
+    for user in scored:
+        answer = by_user[user]
+        assert isinstance(answer, RiskAnswer)
+        assert answer.stored_risk is not None
+        assert answer.stored_risk.churn_probability == 0.25
+    assert all(by_user[u].stored_risk is None for u in users[41:])  # type: ignore[union-attr]
