@@ -60,7 +60,7 @@ def _fail(exc: ChurnError) -> NoReturn:
 
 
 _CLUSTER = typer.Option(
-    False, "--cluster", help="the local clusters instead: 3 Kafka brokers (RF 3), Redis Cluster of 3 masters + 3 replicas"
+    False, "--cluster", help="the local clusters instead: 3 Kafka brokers (RF 3), Redis Cluster (3 masters, 3 replicas)"
 )
 
 

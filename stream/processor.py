@@ -176,6 +176,7 @@ class BatchProcessor:
         encode = STATE_ENCODER.encode
         for user, indexes in _by_user(events).items():
             latest_applied: int | None = None  # append time (-1 when the broker gave none)
+            replayed: int | None = None  # append time of a duplicate: the batch replays the user
             changed = False
             for j in indexes:
                 event = events[j]
@@ -191,12 +192,17 @@ class BatchProcessor:
                         churned.setdefault(user, event.ts)
                 elif outcome == DUPLICATE:
                     result.duplicates += 1
+                    replayed = append_ms
                 elif outcome == LATE:
                     result.late += 1
                     changed = True
-            if latest_applied is not None:
+            # A replayed user's row and score are written again from their state: on a Redis
+            # Cluster they may sit on a master that lost its latest writes in a failover while
+            # the state, on another master, kept them (the rows are the same either way).
+            row_append_ms = latest_applied if latest_applied is not None else replayed
+            if row_append_ms is not None:
                 rows.append(engine.row(user))
-                appended_ms.append(latest_applied)
+                appended_ms.append(row_append_ms)
             if changed:
                 blobs[user] = encode(engine.states[user])
 
