@@ -339,8 +339,8 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
             results = _send_and_check(client, map(pack_command, commands))
         else:  # RedisCluster: its pipeline routes each key to its node
             with client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
+                for name, *args in commands:
+                    pipe.execute_command(name.decode(), *args)  # redis-py routes by a str command name
                 results = len(pipe.execute())
         if progress:
             progress(results)

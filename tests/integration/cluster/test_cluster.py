@@ -31,7 +31,7 @@ from core.settings import Settings
 from features.feast_store import FeastFeatureStore
 from infra import cluster as infra_cluster
 from serving.app import create_app
-from stream.topics import delete_topics
+from stream.topics import delete_topics, ensure_topics
 from tests.support import Deployment, drained, produce_paced, random_events, record_figures, register_champion
 
 pytestmark = pytest.mark.cluster
@@ -69,6 +69,8 @@ def pair(
         redis_cluster=True,
     )
     single = Deployment(settings, tracking_uri, tmp_path, f"sn{unique}", f"single-{unique}")
+    for deployment in (on_cluster, single):
+        ensure_topics(deployment.settings)
     yield on_cluster, single
     infra_cluster.up(settings)  # nodes a test killed are back (from their own files) before cleaning up
     for deployment in (on_cluster, single):
@@ -141,7 +143,7 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
     users = sorted({e.user_id for e in events})
     topic = faulted.settings.events_topic
 
-    produce_paced(single.settings, events, 50_000.0)
+    assert produce_paced(single.settings, events, 50_000.0).sent == len(events)
     single.run_uninterrupted()
     reference = single.final_state(users)
 
@@ -250,7 +252,7 @@ def test_api_answers_from_the_cluster_as_from_one_node(pair: tuple[Deployment, D
     events = random_events(7, users=30, days=10, per_user=60)
     users = sorted({e.user_id for e in events})
     for deployment in (on_cluster, single):
-        produce_paced(deployment.settings, events, 50_000.0)
+        assert produce_paced(deployment.settings, events, 50_000.0).sent == len(events)
         deployment.run_uninterrupted()
     assert on_cluster.final_state(users) == single.final_state(users)
 
