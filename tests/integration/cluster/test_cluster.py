@@ -254,7 +254,10 @@ def test_api_answers_from_the_cluster_as_from_one_node(pair: tuple[Deployment, D
     for deployment in (on_cluster, single):
         assert produce_paced(deployment.settings, events, 50_000.0).sent == len(events)
         deployment.run_uninterrupted()
-    assert on_cluster.final_state(users) == single.final_state(users)
+    state = on_cluster.final_state(users)
+    assert len(state.states) == len(users)
+    assert None not in state.risks  # every user scored (or marked cancelled)
+    assert state == single.final_state(users)
 
     with TestClient(create_app(on_cluster.settings)) as api, TestClient(create_app(single.settings)) as reference:
         assert api.get("/health/ready").status_code == 200
