@@ -210,6 +210,7 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
         report = producing.result(300)
         wait_for(partial(drained, faulted.settings), 300, "the three scorers to apply the whole topic")
         time.sleep(1.0)  # a double application would show in the counts by now
+        alive = [s.proc.poll() is None for s in scorers]
         applied_per_scorer = [s.events("ok") for s in scorers]
         figures["applied_per_scorer"] = applied_per_scorer
         figures["skipped_as_duplicates"] = sum(s.events("duplicate") for s in scorers)
@@ -237,6 +238,7 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
     assert serving != master  # the replica took over the slot
     assert sorted(not_ready) == [0, 1, 2]  # every scorer said so while Redis failed over ...
     assert sorted(ready_again) == [0, 1, 2]  # ... and came back by itself
+    assert all(alive)  # no scorer crashed on the way
     assert all(count > 0 for count in applied_per_scorer)  # the three shared the work
     assert sum(applied_per_scorer) >= len(events)  # a replay after a lost write may apply twice ...
     assert in_rows == len(events)  # ... but the final rows count every event once
