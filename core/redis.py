@@ -15,6 +15,7 @@ from functools import cache
 from typing import Any, Literal
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
@@ -31,6 +32,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
@@ -48,6 +50,7 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 
 
 # A client of one Redis server, or of a Redis Cluster (`CHURN_REDIS_CLUSTER`).
+FAIL_FAST = Retry(NoBackoff(), 0)
 Client = redis.Redis | RedisCluster
 
 
@@ -57,8 +60,15 @@ def redis_client(settings: Settings, purpose: Purpose = "batch") -> Client:
     other nodes, and follows a failover), else a `redis.Redis`."""
     socket_timeout, connect_timeout = TIMEOUTS[purpose]
     if settings.redis_cluster:
+        # No retries inside the client (its default sleeps up to ~7 s in one command while a
+        # master fails over): the error reaches the caller at once, the scorer reports not ready
+        # and retries the batch with its own backoff, the API answers 503. The client still
+        # refreshes its slot map after each failed command, so it finds the promoted replica.
         return RedisCluster.from_url(
-            settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
+            settings.redis_address,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=FAIL_FAST,
         )
     return redis.Redis.from_url(
         settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
