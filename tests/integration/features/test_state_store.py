@@ -33,7 +33,7 @@ def test_states_and_applied_offsets_are_saved_together_and_checked(client: redis
     store = RedisStateStore(client, f"test:st{unique}:", "rA", TTL)
     store.save({"u1": b"one", "u2": b"two"}, {"events:0": 10}, {})
     assert store.applied(["events:0", "events:1"]) == {"events:0": 10, "events:1": -1}
-    assert 0 < client.pttl(f"test:st{unique}:state:rA:u1") <= TTL * 1000
+    assert 0 < client.pttl(store.key("u1")) <= TTL * 1000
     assert client.ttl(store.applied_key) == -1  # the offsets never expire
 
     # Redis holding less than this process saved: refused, and nothing of the save is written.
