@@ -240,8 +240,11 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
     assert sorted(ready_again) == [0, 1, 2]  # ... and came back by itself
     assert all(alive)  # no scorer crashed on the way
     assert all(count > 0 for count in applied_per_scorer)  # the three shared the work
-    assert sum(applied_per_scorer) >= len(events)  # a replay after a lost write may apply twice ...
-    assert in_rows == len(events)  # ... but the final rows count every event once
+    # Every event was applied, or found applied on a retry: a save that reached some slot groups
+    # before a master died counts its events as duplicates on the retry (and a replay after a
+    # lost write applies some twice); the final rows must count every event exactly once.
+    assert sum(applied_per_scorer) + figures["skipped_as_duplicates"] >= len(events)
+    assert in_rows == len(events)
     assert faulted.final_state(users) == reference
 
 
