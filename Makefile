@@ -13,7 +13,7 @@ TEST_ENV := CHURN_STATE_DIR=.state/test CHURN_KAFKA_PORT=$(call test_port,19092)
 	CHURN_PROMETHEUS_PORT=$(call test_port,19090) CHURN_API_PORT=$(call test_port,18000) \
 	CHURN_SCORER_METRICS_PORT=$(call test_port,19108) CHURN_ARCHIVER_METRICS_PORT=$(call test_port,19109)
 
-.PHONY: help setup demo test test-soak test-env unit integration lint format bench infra-up infra-down infra-status clean
+.PHONY: help setup demo test test-soak test-cluster test-env unit integration lint format bench infra-up infra-down infra-status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -34,11 +34,16 @@ demo: setup ## run the whole system end to end on local real services
 
 test: $(VENV)/.installed ## unit + integration tests against real Kafka, Redis and Prometheus
 	$(TEST_ENV) $(CHURN) infra up
-	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) -m "not soak" tests
+	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) -m "not soak and not cluster" tests
 
 test-soak: $(VENV)/.installed ## the long tests: SIGKILL fault suite, multi-day monitoring streams (minutes each)
 	$(TEST_ENV) $(CHURN) infra up
 	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) -m soak tests
+
+test-cluster: $(VENV)/.installed ## the system on a local 3-broker Kafka and Redis Cluster, brokers and masters SIGKILLed (minutes)
+	$(TEST_ENV) $(CHURN) infra up
+	$(TEST_ENV) $(CHURN) infra up --cluster
+	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) -m cluster tests
 
 test-env: ## print the test services' environment variables (to run one test file against them)
 	@echo $(TEST_ENV)

@@ -28,6 +28,7 @@ from core.settings import Settings, load_settings, mask_url
 from core.timeutil import parse_utc, to_ms
 from features.online import state_layout
 from features.state_store import remove_old_layouts
+from infra import cluster as infra_cluster
 from infra import local as infra
 
 app = typer.Typer(
@@ -62,31 +63,44 @@ def _fail(exc: ChurnError) -> NoReturn:
     raise typer.Exit(2)
 
 
-@infra_app.command("up")
-def infra_up() -> None:
-    """Install what is missing, start Kafka, Redis and Prometheus, wait until each answers."""
+_CLUSTER = typer.Option(
+    False, "--cluster", help="the local clusters instead: 3 Kafka brokers (RF 3), Redis Cluster (3 masters, 3 replicas)"
+)
 
+
+@infra_app.command("up")
+def infra_up(cluster: bool = _CLUSTER) -> None:
+    """Install what is missing, start Kafka, Redis and Prometheus (or the clusters), wait until each answers."""
+
+    settings = _settings()
     try:
-        states = infra.up(_settings())
+        states = infra_cluster.up(settings) if cluster else infra.up(settings)
     except ChurnError as exc:
         _fail(exc)
     for state in states:
         typer.echo(f"{state.name:<11} {state.address:<16} ready     {state.detail}")
+    if cluster:
+        typer.echo("clients of the clusters need:")
+        for name, value in infra_cluster.client_env(settings).items():
+            typer.echo(f"  export {name}={value}")
 
 
 @infra_app.command("down")
 def infra_down() -> None:
-    """Stop the services started from this state folder."""
+    """Stop the services started from this state folder (the single nodes and the clusters)."""
 
-    infra.down(_settings())
+    settings = _settings()
+    infra.down(settings)
+    infra_cluster.down(settings)
     typer.echo("stopped")
 
 
 @infra_app.command("status")
-def infra_status() -> None:
-    """Report each service: process running, and whether it answers a real request."""
+def infra_status(cluster: bool = _CLUSTER) -> None:
+    """Report each service (or cluster node): process running, and whether it answers a real request."""
 
-    states = infra.status(_settings())
+    settings = _settings()
+    states = infra_cluster.status(settings) if cluster else infra.status(settings)
     for state in states:
         word = "ready" if state.ready else ("starting" if state.running else "down")
         typer.echo(f"{state.name:<11} {state.address:<16} {word:<9} {state.detail}")

@@ -124,7 +124,8 @@ def _scored_rows(settings: Settings) -> list[RiskRow]:
     client = redis_client(settings)
     try:
         prefix = f"{settings.redis_prefix}risk:"
-        keys = [k.decode()[len(prefix) :] for k in client.scan_iter(f"{prefix}*", count=5000)]
+        # Keys are `<prefix>{<slot group>}<user_id>` (`core.redis.user_key`).
+        keys = [k.decode().partition("}")[2] for k in client.scan_iter(f"{prefix}{{*", count=5000)]
         rows = RedisRiskStore(client, settings.redis_prefix).read(keys)
     finally:
         client.close()

@@ -8,11 +8,16 @@ built in `features.feast_repo` from the same URL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from functools import cache
+from typing import Any, Literal
 
 import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -27,6 +32,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
@@ -43,12 +49,80 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 )
 
 
-def redis_client(settings: Settings, purpose: Purpose = "batch") -> redis.Redis:
-    """Returns a client of `settings.redis_address` with the timeouts of `purpose` (no I/O yet)."""
+# A client of one Redis server, or of a Redis Cluster (`CHURN_REDIS_CLUSTER`).
+FAIL_FAST = Retry(NoBackoff(), 0)
+Client = redis.Redis | RedisCluster
+
+
+def redis_client(settings: Settings, purpose: Purpose = "batch") -> Client:
+    """Returns a client of `settings.redis_address` with the timeouts of `purpose` (no I/O yet):
+    a `RedisCluster` seeded from that address when `settings.redis_cluster` is set (it finds the
+    other nodes, and follows a failover), else a `redis.Redis`."""
     socket_timeout, connect_timeout = TIMEOUTS[purpose]
+    if settings.redis_cluster:
+        # No retries inside the client (its default sleeps up to ~7 s in one command while a
+        # master fails over): the error reaches the caller at once, the scorer reports not ready
+        # and retries the batch with its own backoff, the API answers 503. The client still
+        # refreshes its slot map after each failed command, so it finds the promoted replica.
+        return RedisCluster.from_url(
+            settings.redis_address,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=FAIL_FAST,
+        )
     return redis.Redis.from_url(
         settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
     )
+
+
+# --- key naming: one user's keys share a slot ----------------------------------------------
+# Every per-user key carries a hash tag `{t}` naming one of `SLOT_GROUPS` groups (by a CRC-32 of
+# the user id), so on a Redis Cluster all of one user's keys (state, risk row) sit in one slot,
+# and a batch's multi-key writes go as one script or command per group. The group tags are picked
+# so that group i hashes into the i-th of `SLOT_GROUPS` equal ranges of the 16,384 slots: the
+# groups spread evenly over the masters, and every master of a cluster of up to `SLOT_GROUPS`
+# masters holds at least one group (the scorer keeps its applied offsets once per group, so a
+# master that lost writes in a failover is noticed; see `features.state_store`). Not the user id
+# as the tag: then a batch would need a script per user, and the applied offsets a copy per slot.
+SLOT_GROUPS = 64
+
+
+@cache
+def group_tags() -> tuple[str, ...]:
+    """Returns the hash tag (`{...}`, braces included) of every slot group, group i first."""
+    width = REDIS_CLUSTER_HASH_SLOTS // SLOT_GROUPS
+    tags: dict[int, str] = {}
+    candidate = 0
+    while len(tags) < SLOT_GROUPS:
+        text = format(candidate, "x")
+        tags.setdefault(key_slot(text.encode()) // width, text)
+        candidate += 1
+    return tuple("{" + tags[i] + "}" for i in range(SLOT_GROUPS))
+
+
+def user_tag(user_id: str) -> str:
+    """Returns the hash tag (`{...}`) of `user_id`'s slot group."""
+    return group_tags()[zlib.crc32(user_id.encode()) % SLOT_GROUPS]
+
+
+def user_key(prefix: str, user_id: str) -> str:
+    """Returns the Redis key of `user_id` under `prefix`: `<prefix>{<group>}<user_id>`. The one
+    place per-user keys are named (states, risk rows)."""
+    return f"{prefix}{user_tag(user_id)}{user_id}"
+
+
+def mget(client: Client, keys: Sequence[str]) -> list[Any]:
+    """Returns the values of `keys` (None where missing), in order: one MGET on one server; on a
+    cluster, one MGET per slot, pipelined per node.
+
+    Raises:
+        redis.exceptions.RedisError: Redis is unreachable or refused (wrap in `redis_errors`).
+    """
+    if not keys:
+        return []
+    if isinstance(client, RedisCluster):
+        return client.mget_nonatomic(list(keys))
+    return client.mget(list(keys))
 
 
 # Errors that pass by themselves: Redis is starting (LOADING), busy with a script (BUSY), a

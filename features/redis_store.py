@@ -44,7 +44,10 @@ from feast.protos.feast.types.Value_pb2 import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 from hiredis import pack_command
 from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
+
+from core.redis import FAIL_FAST
 
 # One row as `online_write_batch` takes it; values are ValueProtos or their serialized bytes.
 WriteRow = tuple[EntityKeyProto, Mapping[str, "ValueProto | bytes"], datetime, datetime | None]
@@ -245,6 +248,16 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         self._layouts: dict[tuple[str, str, int], _ViewLayout] = {}
         self._writers: dict[tuple[Any, ...], HashWriter] = {}
 
+    def _get_client(self, online_store_config: RedisOnlineStoreConfig) -> Any:
+        """Feast's client; a `RedisCluster` one without its own retries (see `core.redis.FAIL_FAST`:
+        Feast's connection string cannot say so)."""
+        client = super()._get_client(online_store_config)
+        if isinstance(client, RedisCluster):
+            cluster: Any = client  # redis-py's stubs lack `retry` / `set_retry`
+            if cluster.retry is not FAIL_FAST:
+                cluster.set_retry(FAIL_FAST)
+        return client
+
     def layout(self, config: RepoConfig, table: FeatureView) -> _ViewLayout:
         """Returns the (cached) key and field layout of `table` in `config.project`."""
         view_name = compute_versioned_name(table, config.registry.enable_online_feature_view_versioning)
@@ -368,8 +381,8 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
             results = _send_and_check(client, map(pack_command, commands))
         else:  # RedisCluster: its pipeline routes each key to its node
             with client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
+                for name, *args in commands:
+                    pipe.execute_command(name.decode(), *args)  # redis-py routes by a str command name
                 results = len(pipe.execute())
         if progress:
             progress(results)

@@ -14,11 +14,11 @@ from the offsets Redis does hold.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
-import redis
+from redis.cluster import RedisCluster
 
-from core.redis import redis_errors
+from core.redis import Client, group_tags, mget, redis_errors, user_key, user_tag
 from features.online import STATE_DECODER, UserState
 
 # No applied offset stored for a partition.
@@ -119,17 +119,33 @@ return behind
 
 
 class RedisStateStore:
-    """States as `<prefix>state:<layout>:<user_id>` msgpack values, read with MGET; applied
-    offsets in the hash `<prefix>applied:<layout>`; both written by one script (atomic, and one
-    unit in the append-only file). `layout` is the engine's `state_layout` (states of another
-    layout are not read). States expire after `ttl_seconds` without a write (0: never)."""
+    """States as `<prefix>state:<layout>:{<group>}<user_id>` msgpack values (`core.redis.user_key`),
+    read with MGET; applied offsets in the hash `<prefix>applied:<layout>`; both written by one
+    script (atomic, and one unit in the append-only file). `layout` is the engine's
+    `state_layout` (states of another layout are not read). States expire after `ttl_seconds`
+    without a write (0: never).
 
-    def __init__(self, client: redis.Redis, prefix: str, layout: str, ttl_seconds: int = 0) -> None:
+    On a Redis Cluster a script's keys must share a slot, so the applied offsets are kept once
+    per slot group (`<prefix>applied:<layout>{<group>}`, beside that group's states), every save
+    runs one script per group (pipelined per node) writing the group's states and the same
+    offsets into its hash, and the offsets Redis holds are the lowest over the groups. A master
+    that lost its latest writes in a failover (replication is asynchronous) holds older offsets
+    in its groups: that is seen as going back in time, as on one server. A group's save is
+    atomic; when some groups refuse (`StateRolledBackError`) the others keep the batch, which
+    the replay then finds applied in their users' states."""
+
+    def __init__(self, client: Client, prefix: str, layout: str, ttl_seconds: int = 0) -> None:
         self.client = client
         self.prefix = f"{prefix}state:{layout}:"
         self.applied_key = f"{prefix}applied:{layout}"
+        self.cluster = isinstance(client, RedisCluster)
+        self.applied_keys = [self.applied_key + tag for tag in group_tags()] if self.cluster else [self.applied_key]
         self.ttl_ms = ttl_seconds * 1000
-        self._save = client.register_script(_SAVE)
+        self._save = client.register_script(_SAVE)  # type: ignore[union-attr]  # RedisCluster has it too
+
+    def key(self, user_id: str) -> str:
+        """Returns the Redis key of `user_id`'s state."""
+        return user_key(self.prefix, user_id)
 
     def load(self, user_ids: Iterable[str]) -> dict[str, UserState]:
         """Returns the saved states of the users that have one; raises ServiceUnavailableError."""
@@ -137,7 +153,7 @@ class RedisStateStore:
         if not ids:
             return {}
         with redis_errors("loading user states"):
-            blobs = self.client.mget([self.prefix + u for u in ids])
+            blobs = mget(self.client, [self.key(u) for u in ids])
         return {u: STATE_DECODER.decode(b) for u, b in zip(ids, blobs, strict=True) if b is not None}
 
     def save(self, blobs: Mapping[str, bytes], applied: Mapping[str, int], expected: Mapping[str, int]) -> int:
@@ -151,15 +167,35 @@ class RedisStateStore:
         if not blobs and not applied:
             return 0
         fields = list(applied)
-        args: list[bytes | str | int] = [self.ttl_ms, len(fields), *fields]
-        args += [expected.get(p, NOTHING_APPLIED) for p in fields]
-        args += [applied[p] for p in fields]
-        args += blobs.values()
+        head: list[Any] = [self.ttl_ms, len(fields), *fields]
+        head += [expected.get(p, NOTHING_APPLIED) for p in fields]
+        head += [applied[p] for p in fields]
         with redis_errors("saving user states"):
-            behind = self._save(keys=[self.applied_key, *(self.prefix + u for u in blobs)], args=args)
+            if not self.cluster:
+                replies = [self._save(keys=[self.applied_key, *map(self.key, blobs)], args=[*head, *blobs.values()])]
+            else:
+                replies = self._save_per_group(blobs, head, bool(fields))
+        behind: dict[str, int] = {}
+        for reply in replies:
+            for i in range(0, len(reply), 2):
+                partition, have = reply[i].decode(), int(reply[i + 1])
+                behind[partition] = min(have, behind.get(partition, have))
         if behind:
-            raise StateRolledBackError({behind[i].decode(): int(behind[i + 1]) for i in range(0, len(behind), 2)})
+            raise StateRolledBackError(behind)
         return sum(map(len, blobs.values()))
+
+    def _save_per_group(self, blobs: Mapping[str, bytes], head: list[Any], every_group: bool) -> list[Any]:
+        """Runs the save script once per slot group (every group when offsets are saved: each
+        keeps its copy), pipelined per node; returns the replies. Raises redis errors."""
+        groups: dict[str, list[str]] = {tag: [] for tag in group_tags()} if every_group else {}
+        for user in blobs:
+            groups.setdefault(user_tag(user), []).append(user)
+        pipe = self.client.pipeline(transaction=False)
+        for tag, users in groups.items():
+            keys = [self.applied_key + tag, *map(self.key, users)]
+            # EVAL, not EVALSHA: a replica promoted by a failover may not have the script cached.
+            pipe.execute_command("EVAL", _SAVE, len(keys), *keys, *head, *(blobs[u] for u in users))
+        return list(pipe.execute())
 
     def applied(self, partitions: Iterable[str]) -> dict[str, int]:
         """Returns the stored applied offset of each partition (`NOTHING_APPLIED` if none);
@@ -167,12 +203,22 @@ class RedisStateStore:
         fields = list(partitions)
         if not fields:
             return {}
+        replies: list[Any]
         with redis_errors("reading the applied offsets"):
-            values = self.client.hmget(self.applied_key, fields)
-        return {p: NOTHING_APPLIED if v is None else int(v) for p, v in zip(fields, values, strict=True)}
+            if not self.cluster:
+                replies = [self.client.hmget(self.applied_key, fields)]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for key in self.applied_keys:
+                    pipe.hmget(key, fields)
+                replies = pipe.execute()
+        return {
+            p: min(NOTHING_APPLIED if reply[i] is None else int(reply[i]) for reply in replies)
+            for i, p in enumerate(fields)
+        }
 
 
-def remove_old_layouts(client: redis.Redis, prefix: str, layout: str, batch: int = 5000) -> int:
+def remove_old_layouts(client: Client, prefix: str, layout: str, batch: int = 5000) -> int:
     """Deletes the states and applied offsets under `prefix` of every state layout but `layout`
     (left by an older spec or lateness: never read again); returns how many keys were deleted.
 
@@ -185,7 +231,8 @@ def remove_old_layouts(client: redis.Redis, prefix: str, layout: str, batch: int
     with redis_errors("removing old state layouts"):
         for pattern in (f"{prefix}state:*", f"{prefix}applied:*"):
             for key in client.scan_iter(pattern, count=batch):
-                if not key.startswith(keep[0]) and key != keep[1]:
+                # On a cluster the applied offsets are one hash per slot group: `<key>{<group>}`.
+                if not key.startswith(keep[0]) and key != keep[1] and not key.startswith(keep[1] + b"{"):
                     doomed.append(key)
                 if len(doomed) >= batch:
                     deleted += int(client.unlink(*doomed))

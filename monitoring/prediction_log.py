@@ -12,6 +12,7 @@ half a file and a snapshot taken again after a crash replaces the first one whol
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,11 @@ def folder(root: Path, as_of_ms: int) -> Path:
 
 def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
+    # A temporary name per process: two scorers sharing the folder may take the same snapshot
+    # (the same rows) at once; each renames its own file, the last one wins.
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(temp)
-    temp.rename(path)
+    temp.replace(path)
 
 
 def write_snapshot(root: Path, frame: pl.DataFrame) -> Path:

@@ -15,9 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-import redis
-
-from core.redis import redis_errors
+from core.redis import Client, redis_errors
 from stream.risk_store import RiskRow
 
 TIERS = ("high", "medium", "low")
@@ -75,7 +73,7 @@ class InMemoryAtRiskIndex:
 class RedisAtRiskIndex:
     """The at-risk sorted sets in Redis (see the module doc)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "churn:") -> None:
+    def __init__(self, client: Client, prefix: str = "churn:") -> None:
         self.client = client
         self.prefix = f"{prefix}atrisk:"
 

@@ -103,7 +103,7 @@ class ScoringConsumer:
             "on_commit": self._on_commit,
         }
         self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
-        self.dlq = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
+        self.dlq = Producer(kafka_config(settings, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5}))
         # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
         # this process last saved, or what it found there. Less means Redis went back in time.
         self.expected: dict[str, int] = {}

@@ -197,7 +197,8 @@ class BatchProcessor:
         encode = STATE_ENCODER.encode
         for user, indexes in _by_user(events).items():
             latest_applied: int | None = None  # append time (-1 when the broker gave none)
-            position = (-1, -1)
+            replayed: int | None = None  # append time of a duplicate: the batch replays the user
+            position = replayed_at = (-1, -1)  # (partition, offset) of those messages
             changed = False
             for j in indexes:
                 event = events[j]
@@ -214,13 +215,18 @@ class BatchProcessor:
                         churned.setdefault(user, event.ts)
                 elif outcome == DUPLICATE:
                     result.duplicates += 1
+                    replayed, replayed_at = append_ms, (partition, offset)
                 elif outcome == LATE:
                     result.late += 1
                     changed = True
-            if latest_applied is not None:
+            # A replayed user's row and score are written again from their state: on a Redis
+            # Cluster they may sit on a master that lost its latest writes in a failover while
+            # the state, on another master, kept them (the rows are the same either way).
+            row_append_ms = latest_applied if latest_applied is not None else replayed
+            if row_append_ms is not None:
                 rows.append(engine.row(user))
-                appended_ms.append(latest_applied)
-                positions.append(position)
+                appended_ms.append(row_append_ms)
+                positions.append(position if latest_applied is not None else replayed_at)
             if changed:
                 blobs[user] = encode(engine.states[user])
 

@@ -38,6 +38,9 @@ from stream.topics import ensure_topics
 # messages keeps the tight loop from blocking while the broker catches up.
 PRODUCER_TUNING: Final[dict[str, object]] = {
     "enable.idempotence": True,
+    # Idempotence implies it; said here because it is what makes a message acknowledged only once
+    # the in-sync replicas have it (on the 3-broker cluster: at least `min.insync.replicas=2`).
+    "acks": "all",
     "linger.ms": 25,
     "batch.size": 1_048_576,
     "batch.num.messages": 10_000,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
-import redis
+from redis.cluster import RedisCluster
 
-from core.redis import redis_errors
+from core.redis import Client, mget, redis_errors, user_key, user_tag
 
 
 class RiskRow(msgspec.Struct, frozen=True):
@@ -100,16 +100,20 @@ for j = 1, #KEYS do redis.call('SET', KEYS[j], ARGV[j + 1], 'PX', ttl) end
 
 
 class RedisRiskStore:
-    """Risk rows as JSON values under `<prefix>risk:<user_id>`, expiring after `ttl_seconds`
-    without a write (0: never); the watermark at `<prefix>watermark`."""
+    """Risk rows as JSON values under `<prefix>risk:{<group>}<user_id>` (`core.redis.user_key`:
+    in the slot of the user's state), expiring after `ttl_seconds` without a write (0: never); the
+    watermark at `<prefix>watermark`. On a Redis Cluster the rows are written with one command
+    per slot group, pipelined per node."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "churn:", ttl_seconds: int = 0) -> None:
+    def __init__(self, client: Client, prefix: str = "churn:", ttl_seconds: int = 0) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
         self.prefix = f"{prefix}risk:"
         self.watermark_key = f"{prefix}watermark"
         self.ttl_ms = ttl_seconds * 1000
-        self._raise_to = client.register_script(_RAISE_TO)
-        self._set_with_ttl = client.register_script(_SET_WITH_TTL)
+        # RedisCluster has `register_script` too (redis-py types it for Redis only).
+        self._raise_to = client.register_script(_RAISE_TO)  # type: ignore[union-attr]
+        self._set_with_ttl = client.register_script(_SET_WITH_TTL)  # type: ignore[union-attr]
 
     def write(self, rows: Sequence[RiskRow]) -> None:
         """Upserts the rows in one command (MSET, or a script setting each row with its TTL);
@@ -117,11 +121,34 @@ class RedisRiskStore:
         if not rows:
             return
         with redis_errors("writing risk rows"):
-            if self.ttl_ms:
-                keys = [self.prefix + r.user_id for r in rows]
+            if self.cluster:
+                self._write_per_group(rows)
+            elif self.ttl_ms:
+                keys = [self.key(r.user_id) for r in rows]
                 self._set_with_ttl(keys=keys, args=[self.ttl_ms, *map(_ENCODER.encode, rows)])
             else:
-                self.client.mset({self.prefix + r.user_id: _ENCODER.encode(r) for r in rows})
+                self.client.mset({self.key(r.user_id): _ENCODER.encode(r) for r in rows})
+
+    def key(self, user_id: str) -> str:
+        """Returns the Redis key of `user_id`'s risk row."""
+        return user_key(self.prefix, user_id)
+
+    def _write_per_group(self, rows: Sequence[RiskRow]) -> None:
+        """The write on a cluster: one MSET or TTL script per slot group, pipelined per node."""
+        groups: dict[str, list[RiskRow]] = {}
+        for row in rows:
+            groups.setdefault(user_tag(row.user_id), []).append(row)
+        pipe = self.client.pipeline(transaction=False)
+        for group in groups.values():
+            keys = [self.key(r.user_id) for r in group]
+            if self.ttl_ms:
+                # EVAL, not EVALSHA: a replica promoted by a failover may not have the script cached.
+                pipe.execute_command("EVAL", _SET_WITH_TTL, len(keys), *keys, self.ttl_ms, *map(_ENCODER.encode, group))
+            else:
+                pairs: list[Any] = [None] * (2 * len(keys))
+                pairs[::2], pairs[1::2] = keys, map(_ENCODER.encode, group)
+                pipe.execute_command("MSET", *pairs)  # redis-py blocks `pipe.mset` on a cluster
+        pipe.execute()
 
     def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
         """Returns one row per id (None if never scored); raises ServiceUnavailableError."""
@@ -129,13 +156,13 @@ class RedisRiskStore:
         if not ids:
             return []
         with redis_errors("reading risk rows"):
-            blobs = self.client.mget([self.prefix + u for u in ids])
+            blobs = mget(self.client, [self.key(u) for u in ids])
         return self.decode(blobs)
 
     def read_command(self, user_ids: Sequence[str]) -> tuple[str | bytes, ...]:
-        """Returns the Redis command `read` sends for `user_ids` (non-empty), for a caller that
-        pipelines it with other reads; `decode` turns its reply into the rows."""
-        return ("MGET", *(self.prefix + u for u in user_ids))
+        """Returns the Redis command `read` sends for `user_ids` (non-empty) on a single Redis, for
+        a caller that pipelines it with other reads; `decode` turns its reply into the rows."""
+        return ("MGET", *(self.key(u) for u in user_ids))
 
     @staticmethod
     def decode(blobs: Sequence[bytes | None]) -> list[RiskRow | None]:

@@ -23,13 +23,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
 from core.kafka import kafka_config
-from core.redis import redis_client
+from core.redis import mget, redis_client
 from core.settings import Settings
 from events.schema import Event
 from features import spec
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine, state_layout
+from features.state_store import NOTHING_APPLIED, RedisStateStore
 from models.artifact import ChurnModel, save_artifact
 from models.runtime import feature_matrix
 from monitoring.metrics import Metrics
@@ -212,10 +213,14 @@ class Deployment:
         self.settings, self.env = scratch_settings(base, **fields)
         self.feast = apply_repo(self.settings)
 
-    def start_scorer(self) -> ScorerProcess:
-        """Starts `churn consume` for this deployment and waits until it has joined its group."""
-        log = self.folder / f"scorer-{self.name}.log"
-        scorer = ScorerProcess(self.env, self.settings.scorer_metrics_port, log)
+    def start_scorer(self, metrics_port: int | None = None, wait: bool = True) -> ScorerProcess:
+        """Starts `churn consume` for this deployment (metrics on `metrics_port`, by default the
+        deployment's) and, with `wait`, waits until it has joined its group."""
+        port = metrics_port or self.settings.scorer_metrics_port
+        log = self.folder / f"scorer-{self.name}-{port}.log"
+        scorer = ScorerProcess({**self.env, "CHURN_SCORER_METRICS_PORT": str(port)}, port, log)
+        if not wait:
+            return scorer
 
         def ready() -> bool:
             if scorer.proc.poll() is not None:
@@ -247,7 +252,7 @@ class Deployment:
         try:
             prefix = self.settings.redis_prefix
             keys = sorted(client.scan_iter(f"{prefix}state:*", count=1000))
-            blobs = dict(zip([k[len(prefix) :] for k in keys], client.mget(keys), strict=True)) if keys else {}
+            blobs = dict(zip([k[len(prefix) :] for k in keys], mget(client, keys), strict=True))
             risks = [
                 None if r is None else (r.user_id, r.churn_probability, r.risk_tier, r.model_version, r.event_time_ms)
                 for r in RedisRiskStore(client, prefix).read(users)
@@ -315,11 +320,14 @@ def record_figures(settings: Settings, fault: str, figures: dict[str, Any]) -> N
 
 
 def applied_in_redis(settings: Settings) -> dict[str, int]:
-    """Returns the scorer's applied offsets saved in Redis (`topic:partition` -> next offset)."""
-    key = f"{settings.redis_prefix}applied:{state_layout(settings.allowed_lateness_seconds * 1000)}"
+    """Returns the scorer's applied offsets saved in Redis (`topic:partition` -> next offset; on a
+    Redis Cluster the lowest over the slot groups' copies, as the scorer reads them)."""
+    layout = state_layout(settings.allowed_lateness_seconds * 1000)
     client = redis_client(settings)
     try:
-        return {k.decode(): int(v) for k, v in client.hgetall(key).items()}
+        copies = [client.hgetall(key) for key in RedisStateStore(client, settings.redis_prefix, layout).applied_keys]
+        fields = {field for copy in copies for field in copy}
+        return {f.decode(): min(int(copy.get(f, NOTHING_APPLIED)) for copy in copies) for f in sorted(fields)}
     finally:
         client.close()
 
