@@ -22,7 +22,7 @@ from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngin
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, feature_matrix
-from monitoring.metrics import Metrics
+from monitoring.metrics import Metrics, StageCpu
 from stream.risk_store import RiskRow, RiskStore
 
 
@@ -95,6 +95,8 @@ class BatchProcessor:
         self._open: int | None = None  # the earliest midnight not yet snapshotted
         self._progress: dict[int, int] = {}  # partition -> latest event time applied from it
         self._partitions: set[int] | None = None  # owned partitions (None: not told yet)
+        # CPU by stage; the consumer loop marks its own stages (consume, commit...) on the same clock.
+        self.cpu = StageCpu(metrics.stage_cpu_seconds)
 
     def forget(self) -> None:
         """Drops cached user states (after a rebalance they are reloaded on first sight)."""
@@ -111,13 +113,16 @@ class BatchProcessor:
             StateRolledBackError: the store went back in time; nothing of this batch may be
                 committed, the partitions must be replayed from the offsets the store holds.
         """
+        cpu = self.cpu
         parsed = parse_batch(messages, max_bytes=self.max_event_bytes, max_future_skew_ms=self.max_future_skew_ms)
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
+        cpu.mark("parse")
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
             self.forget()
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
+        cpu.mark("state_load")
         loaded = self.current_model()
         if self.snapshots is not None and self._open is None and parsed.events:
             # The first midnight not yet snapshotted: the one at or after the shared watermark.
@@ -135,6 +140,7 @@ class BatchProcessor:
             while self._open is not None and self._passed(self._open):
                 self.snapshots.take(self._open, loaded)
                 self._open += DAY_MS
+            cpu.mark("snapshot")
         return result
 
     def partitions_changed(self, added: Sequence[int], removed: Sequence[int]) -> None:
@@ -168,14 +174,14 @@ class BatchProcessor:
         # the saved state are built right after the user's events, while the state is still
         # in the CPU cache (measured at live batch sizes: ~10% of the engine's time).
         rows: list[FeatureRow] = []
-        appended_ms: list[int] = []  # per row: append time of the user's latest applied message
+        appended_ms: list[int] = []  # per applied event: its Kafka append time (freshness is per event)
         blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
         churned: dict[str, int] = {}  # users whose Cancellation Confirmation was applied: its ts
         captured: dict[int, list[FeatureRow]] = {}  # open midnight -> rows of users who just crossed it
         open_midnight = self._open if self.snapshots is not None else None
         encode = STATE_ENCODER.encode
         for user, indexes in _by_user(events).items():
-            latest_applied: int | None = None  # append time (-1 when the broker gave none)
+            applied_before = result.applied
             changed = False
             for j in indexes:
                 event = events[j]
@@ -185,7 +191,7 @@ class BatchProcessor:
                 outcome = engine.apply(event, partition, offset)
                 if outcome == APPLIED:
                     result.applied += 1
-                    latest_applied = append_ms
+                    appended_ms.append(append_ms)
                     changed = True
                     if event.page == CHURN_PAGE:
                         churned.setdefault(user, event.ts)
@@ -194,17 +200,19 @@ class BatchProcessor:
                 elif outcome == LATE:
                     result.late += 1
                     changed = True
-            if latest_applied is not None:
+            if result.applied > applied_before:
                 rows.append(engine.row(user))
-                appended_ms.append(latest_applied)
             if changed:
                 blobs[user] = encode(engine.states[user])
+        cpu = self.cpu
+        cpu.mark("engine")
 
         if rows:
             started = time.perf_counter()
             self.features.write_rows(rows)
             self.metrics.store_write_seconds.observe(time.perf_counter() - started)
         result.users_written += len(rows)
+        cpu.mark("feast_write")
         # A user who has cancelled is answered as cancelled, never scored again.
         states = engine.states
         cancelled = [row for row in rows if states[row.user_id].cancelled_ms >= 0]
@@ -214,21 +222,31 @@ class BatchProcessor:
                 [RiskRow.cancelled(r.user_id, states[r.user_id].cancelled_ms, r.last_event_ms, now) for r in cancelled]
             )
             result.users_cancelled += len(cancelled)
-            kept = [i for i, row in enumerate(rows) if states[row.user_id].cancelled_ms < 0]
-            rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
+            rows = [row for row in rows if states[row.user_id].cancelled_ms < 0]
+            cpu.mark("risk_write")
         if loaded is not None and rows:
-            self._score(rows, appended_ms, loaded)
+            self._score(rows, loaded)
             result.users_scored += len(rows)
+        if loaded is not None and appended_ms:
+            # Every applied event, each with its own append time, against the moment its batch's
+            # risk rows (scores, or the cancelled mark) are written.
+            written_ms = self.wall_clock_ms()
+            self.metrics.freshness_seconds.observe_many(np.maximum(written_ms - np.asarray(appended_ms), 0) * 0.001)
+            cpu.mark("score")
         watermark = batch_watermark(events, [messages[i].append_ms for i in sources])
         if watermark is not None:
             self.risks.advance_watermark(watermark)
+        cpu.mark("risk_write")
         if self.snapshots is not None:  # before the states: a replay re-tracks harmlessly
             self.snapshots.track(rows, churned, captured)  # cancelled users have left the population
+            cpu.mark("snapshot")
         written = self.states.save(blobs, offsets, expected)
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
+        cpu.mark("state_write")
 
-    def _score(self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel) -> None:
+    def _score(self, rows: list[FeatureRow], loaded: LoadedModel) -> None:
+        """Scores `rows` and writes their risk rows (CPU charged to `score` and `risk_write`)."""
         matrix = feature_matrix(rows)
         probabilities = loaded.model.predict(matrix)
         now = self.wall_clock_ms()
@@ -236,14 +254,14 @@ class BatchProcessor:
             RiskRow(row.user_id, float(p), loaded.model.tier(float(p)), loaded.version, row.last_event_ms, now)
             for row, p in zip(rows, probabilities, strict=True)
         ]
-        self.risks.write(risk_rows)
-        written = self.wall_clock_ms()
         m = self.metrics
-        m.freshness_seconds.observe_many(np.maximum(written - np.asarray(appended_ms), 0) * 0.001)
         m.score.observe_many(probabilities)
         for tier, count in Counter(risk.risk_tier for risk in risk_rows).items():
             m.tier_total.labels(tier).inc(count)
         m.users_scored_total.inc(len(risk_rows))
+        self.cpu.mark("score")
+        self.risks.write(risk_rows)
+        self.cpu.mark("risk_write")
 
     def _count(self, result: BatchResult, unknown_pages: int) -> None:
         m = self.metrics
