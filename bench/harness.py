@@ -85,6 +85,17 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def runqueue_wait_seconds(pid: int, thread: int | None = None) -> float:
+    """Returns how long process `pid` (or its thread `thread`) has waited for a CPU while ready to
+    run (/proc schedstat, second field): what a shared machine's other load costs it; 0.0 once
+    it is gone."""
+    path = f"/proc/{pid}/task/{thread}/schedstat" if thread is not None else f"/proc/{pid}/schedstat"
+    try:
+        return int(Path(path).read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def machine_busy_seconds() -> float:
     """Returns the CPU seconds every core of the machine has spent busy since boot (/proc/stat:
     everything but idle and iowait); the difference over an interval shows what all processes
