@@ -79,8 +79,9 @@ def naive_consume(
                 pending.clear()
                 consumer.commit(asynchronous=False)
                 since_commit = 0
-        store.push_rows(list(pending.values()))
-        consumer.commit(asynchronous=False)
+        if since_commit:  # committing with nothing new raises _NO_OFFSET
+            store.push_rows(list(pending.values()))
+            consumer.commit(asynchronous=False)
         elapsed, cpu = time.perf_counter() - started, _cpu() - cpu_started
     finally:
         consumer.close()

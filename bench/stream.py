@@ -603,23 +603,28 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
                 deployment = deploy(f"bench-drain{n}-{run}", f"p{n}")
                 used_before = int(redis_client(settings).info("memory")["used_memory"])
                 catch_up.append(_drain(deployment, n, lines, sizes.timeout_s, redis_cpu))
+                say(orjson.dumps(catch_up[-1]).decode())
                 if n == 1:
                     memory = _memory_per_user(settings, deployment, used_before)
             one = catch_up[0]
 
             say("bound: consume + JSON decode only")
             bound = consume_and_decode(main.settings, f"bench-bound-{run}", sizes.events, sizes.timeout_s)
+            say(orjson.dumps(bound).decode())
 
             say(f"peer: Quix Streams over {sizes.peer_events:,} messages")
             peer = _quix_peer(settings, topic, quix_group, sizes.peer_events, scratch, idle_s=60)
+            say(orjson.dumps(peer).decode())
 
             say(f"naive baseline: {sizes.naive_warmup:,} warm-up + {sizes.naive_events:,} events")
             naive = _naive(deploy(topic, "naive"), sizes)
+            say(orjson.dumps(naive).decode())
 
             say(f"live probe at 50% of the catch-up rate ({one['events_per_second'] // 2:,} events/s)")
             probe = _probe_batch(
                 deploy(probe_topic, "probe"), one["events_per_second"] / 2, sizes, sizes.users, sizes.timeout_s
             )
+            say(orjson.dumps(probe).decode())
             live_batch = max(1, round(probe["mean_batch_messages"] or 1))
             say(f"capacity with batches of at most {live_batch} messages (the live loop's)")
             capacity = _drain(
@@ -629,6 +634,7 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
                 sizes.timeout_s,
                 redis_cpu,
             )
+            say(orjson.dumps(capacity).decode())
             say(f"freshness at 25/50/75% of {capacity['events_per_second']:,} events/s")
             loads = _loads(deploy(live_topic, "loads"), capacity["events_per_second"], sizes, sizes.users, redis_cpu)
         finally:

@@ -25,7 +25,7 @@ TINY = Sizes(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # minutes on a busy machine: six scorer start-ups and a training
 @pytest.mark.timeout(900)
 def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(settings: Settings) -> None:
     lines: list[str] = []
