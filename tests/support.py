@@ -277,7 +277,7 @@ def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes,
     while len(out) < expected and time.monotonic() < deadline:
         msg = consumer.poll(1)
         if msg is not None and msg.error() is None:
-            headers = {str(k): v for k, v in msg.headers() or []}  # type: ignore[str-unpack]
+            headers = {str(k): v for k, v in msg.headers() or []}
             out.append((msg.value() or b"", {k: v if isinstance(v, bytes) else b"" for k, v in headers.items()}))
     consumer.close()
     return out

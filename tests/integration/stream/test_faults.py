@@ -337,7 +337,7 @@ def _read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes
     while len(out) < expected and time.monotonic() < deadline:
         msg = consumer.poll(1)
         if msg is not None and msg.error() is None:
-            headers = {str(k): bytes(v or b"").decode() for k, v in msg.headers() or []}  # type: ignore[str-unpack, arg-type]
+            headers = {str(k): bytes(v or b"").decode() for k, v in msg.headers() or []}
             out.append((msg.value() or b"", headers))
     consumer.close()
     return out

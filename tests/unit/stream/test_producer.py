@@ -45,7 +45,7 @@ def _event(user: object, ts: int = 1_538_352_117_000) -> bytes:
 
 
 def _publish(producer: FakeProducer, lines: Any, **kwargs: Any) -> ProduceReport:
-    return publish(producer, "events", lines, ProduceReport(), **kwargs)  # type: ignore[arg-type]
+    return publish(producer, "events", lines, ProduceReport(), **kwargs)
 
 
 def test_keys_counts_and_line_numbers() -> None:
