@@ -34,6 +34,7 @@ SMALL_TRAIN_OPTIONS = TrainOptions(
     horizon_days=7, search_trials=2, bootstrap_samples=100, fit=fit.FitConfig(imbalance=("none",), max_rounds=200)
 )
 T = TypeVar("T")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -70,6 +71,51 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """Returns the user + system CPU seconds of process `pid` (all its threads), or of one of its
+    threads (`thread`: its id; the main thread's id is the pid), from /proc; 0.0 once it is gone."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # Fields after the command's closing parenthesis start at field 3 (state): utime is 14, stime 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def runqueue_wait_seconds(pid: int, thread: int | None = None) -> float:
+    """Returns how long process `pid` (or its thread `thread`) has waited for a CPU while ready to
+    run (/proc schedstat, second field): what a shared machine's other load costs it; 0.0 once
+    it is gone."""
+    path = f"/proc/{pid}/task/{thread}/schedstat" if thread is not None else f"/proc/{pid}/schedstat"
+    try:
+        return int(Path(path).read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine_busy_seconds() -> float:
+    """Returns the CPU seconds every core of the machine has spent busy since boot (/proc/stat:
+    everything but idle and iowait); the difference over an interval shows what all processes
+    (other users' too, on a shared machine) used."""
+    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(v) for v in first]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def machine() -> dict[str, Any]:
+    """Returns what the figures ran on: CPU model, logical cores, load averages (1, 5, 15 min)."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        "unknown",
+    )
+    return {"cpu_model": model, "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def scrape(url: str) -> Samples:

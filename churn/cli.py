@@ -537,19 +537,32 @@ def demo(
 
 @bench_app.command("stream")
 def bench_stream(
-    events: int = typer.Option(1_000_000, min=1, help="Events drained by one scorer process."),
-    users: int = typer.Option(10_000, min=1, help="Distinct users in the events."),
-    naive_events: int = typer.Option(2_000, min=1, help="Events through the naive one-at-a-time baseline."),
-    freshness_seconds: float = typer.Option(20.0, min=1.0, help="Seconds of paced events at 10,000/s."),
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes: a smoke test of every phase (~2 min).")] = False,
+    events: Annotated[int, typer.Option(min=1000, help="Events in the catch-up topic.")] = 1_000_000,
+    users: Annotated[int, typer.Option(min=10, help="Distinct users in the events.")] = 10_000,
+    naive_events: Annotated[int, typer.Option(min=1, help="Timed events of the naive baseline.")] = 25_000,
+    peer_events: Annotated[int, typer.Option(min=1, help="Messages through the Quix Streams peer.")] = 300_000,
+    load_seconds: Annotated[float, typer.Option(min=1.0, help="Seconds of paced events per load.")] = 20.0,
 ) -> None:
-    """Scorer events/s end to end, vs a naive consumer, freshness at 10k/s, memory per user (JSON)."""
+    """One run, JSON on stdout (progress on stderr): catch-up with 1-3 scorer processes, CPU per
+    event by stage, the consume+decode bound, a Quix Streams peer, the fair naive baseline, the
+    live loop's capacity and per-event freshness at 25/50/75% of it, memory per user."""
     from bench import stream as stream_bench  # heavy: see the module docstring
 
-    _print_figures(
-        lambda: stream_bench.bench_stream(
-            _settings(), events=events, users=users, naive_events=naive_events, freshness_seconds=freshness_seconds
+    sizes = (
+        stream_bench.QUICK
+        if quick
+        else stream_bench.Sizes(
+            events=events,
+            users=users,
+            naive_events=naive_events,
+            peer_events=min(peer_events, events),
+            capacity_events=min(stream_bench.Sizes.capacity_events, events),
+            load_seconds=load_seconds,
         )
     )
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    _print_figures(lambda: stream_bench.bench_stream(_settings(), sizes, say=say))
 
 
 @bench_app.command("features")

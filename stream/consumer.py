@@ -153,15 +153,19 @@ class ScoringConsumer:
         outage_since: float | None = None  # first failed attempt of the batch being retried
         failures = 0  # consecutive failed attempts
         refusing: str | None = None  # the error code while Redis refuses
+        cpu = self.processor.cpu
         try:
             while not self.stopping.is_set():
                 raw = self._next_batch()
                 now = time.monotonic()
                 messages = self._messages(raw)
+                cpu.mark("consume")
                 if messages:
                     last_message = last_check = now
                     try:
-                        if not self._check_applied(messages):
+                        applied_ok = self._check_applied(messages)
+                        cpu.mark("offset_check")
+                        if not applied_ok:
                             continue  # rewound to what Redis holds: the replay comes in the next batches
                         self._process(messages)
                         freeze_survivors()  # the batch's survivors (user states mostly)
@@ -221,6 +225,8 @@ class ScoringConsumer:
                 if now - last_lag > self.loop.lag_every_s:
                     self.report_lag()
                     last_lag = now
+                cpu.mark("housekeeping")
+                cpu.flush()
         finally:
             self.consumer.close()
             self.dlq.flush(10)
@@ -277,6 +283,7 @@ class ScoringConsumer:
             except KafkaException as exc:  # e.g. no partition is assigned any more
                 log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
                 self.processor.forget()
+            self.processor.cpu.mark("commit")
 
     def _check_applied(self, messages: list[Message]) -> bool:
         """Compares the applied offsets Redis holds with what it must hold: this process's last

@@ -23,7 +23,7 @@ from features.spec import MODEL_FEATURES
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, feature_matrix, prediction_id, split_canary
-from monitoring.metrics import Metrics
+from monitoring.metrics import Metrics, StageCpu
 from stream.at_risk import AtRiskIndex
 from stream.changes import ChangeLog, ChangeReason, TierChange
 from stream.risk_store import RiskRow, RiskStore
@@ -113,6 +113,8 @@ class BatchProcessor:
         # states may not hold yet (a batch that crashed before its save); read from the changes
         # topic on first sight of a partition, pruned as saves cover them.
         self._announced: dict[int, dict[str, tuple[int, str]]] = {}
+        # CPU by stage; the consumer loop marks its own stages (consume, commit...) on the same clock.
+        self.cpu = StageCpu(metrics.stage_cpu_seconds)
 
     def forget(self) -> None:
         """Drops cached user states (after a rebalance they are reloaded on first sight) and the
@@ -131,13 +133,16 @@ class BatchProcessor:
             StateRolledBackError: the store went back in time; nothing of this batch may be
                 committed, the partitions must be replayed from the offsets the store holds.
         """
+        cpu = self.cpu
         parsed = parse_batch(messages, max_bytes=self.max_event_bytes, max_future_skew_ms=self.max_future_skew_ms)
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
+        cpu.mark("parse")
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
             engine.states.clear()
         unseen = {e.user_id for e in parsed.events if e.user_id not in engine.states}
         engine.states.update(self.states.load(unseen))
+        cpu.mark("state_load")
         loaded = self.current_model()
         if self.snapshots is not None and self._open is None and parsed.events:
             # The first midnight not yet snapshotted: the one at or after the shared watermark.
@@ -155,6 +160,7 @@ class BatchProcessor:
             while self._open is not None and self._passed(self._open):
                 self.snapshots.take(self._open, loaded)
                 self._open += DAY_MS
+            cpu.mark("snapshot")
         return result
 
     def partitions_changed(self, added: Sequence[int], removed: Sequence[int]) -> None:
@@ -188,7 +194,7 @@ class BatchProcessor:
         # the saved state are built right after the user's events, while the state is still
         # in the CPU cache (measured at live batch sizes: ~10% of the engine's time).
         rows: list[FeatureRow] = []
-        appended_ms: list[int] = []  # per row: append time of the user's latest applied message
+        appended_ms: list[int] = []  # per applied event: its Kafka append time (freshness is per event)
         positions: list[tuple[int, int]] = []  # per row: (partition, offset) of that message
         blobs: dict[str, bytes] = {}  # users whose state changed (applied, or a late event's offset)
         churned: dict[str, int] = {}  # users whose Cancellation Confirmation was applied: its ts
@@ -209,6 +215,7 @@ class BatchProcessor:
                 if outcome == APPLIED:
                     result.applied += 1
                     latest_applied = append_ms
+                    appended_ms.append(append_ms)
                     position = (partition, offset)
                     changed = True
                     if event.page == CHURN_PAGE:
@@ -222,19 +229,20 @@ class BatchProcessor:
             # A replayed user's row and score are written again from their state: on a Redis
             # Cluster they may sit on a master that lost its latest writes in a failover while
             # the state, on another master, kept them (the rows are the same either way).
-            row_append_ms = latest_applied if latest_applied is not None else replayed
-            if row_append_ms is not None:
+            if latest_applied is not None or replayed is not None:
                 rows.append(engine.row(user))
-                appended_ms.append(row_append_ms)
                 positions.append(position if latest_applied is not None else replayed_at)
             if changed:
                 blobs[user] = encode(engine.states[user])
+        cpu = self.cpu
+        cpu.mark("engine")
 
         if rows:
             started = time.perf_counter()
             self.features.write_rows(rows)
             self.metrics.store_write_seconds.observe(time.perf_counter() - started)
         result.users_written += len(rows)
+        cpu.mark("feast_write")
         # A user who has cancelled is answered as cancelled, never scored again.
         states = engine.states
         cancelled = [row for row in rows if states[row.user_id].cancelled_ms >= 0]
@@ -253,25 +261,38 @@ class BatchProcessor:
                         blobs[row.user_id] = encode(states[row.user_id])
             result.users_cancelled += len(cancelled)
             kept = [i for i, row in enumerate(rows) if states[row.user_id].cancelled_ms < 0]
-            rows, appended_ms = [rows[i] for i in kept], [appended_ms[i] for i in kept]
-            positions = [positions[i] for i in kept]
+            rows, positions = [rows[i] for i in kept], [positions[i] for i in kept]
+            cpu.mark("risk_write")
         if loaded is not None and rows:
             challenger = self.challenger() if self.canary_percent > 0 else None
+            scored = []
             for model, kept in split_canary([r.user_id for r in rows], loaded, challenger, self.canary_percent):
-                part, part_positions = [rows[i] for i in kept], [positions[i] for i in kept]
-                risk_rows, matrix = self._score(part, [appended_ms[i] for i in kept], model)
+                part = [rows[i] for i in kept]
+                risk_rows, matrix = self._score(part, model)
                 result.users_scored += len(part)
-                if self.changes is not None:
-                    topic = messages[0].topic
-                    result.changes += self._announce(risk_rows, part_positions, matrix, model, blobs, topic, expected)
+                scored.append((risk_rows, [positions[i] for i in kept], matrix, model))
+        if loaded is not None and appended_ms:
+            # Every applied event, each with its own append time, against the moment its batch's
+            # risk rows (scores, or the cancelled mark) are written.
+            written_ms = self.wall_clock_ms()
+            self.metrics.freshness_seconds.observe_many(np.maximum(written_ms - np.asarray(appended_ms), 0) * 0.001)
+            cpu.mark("score")
+        if loaded is not None and rows and self.changes is not None:
+            for risk_rows, part_positions, matrix, model in scored:
+                topic = messages[0].topic
+                result.changes += self._announce(risk_rows, part_positions, matrix, model, blobs, topic, expected)
+            cpu.mark("changes")
         watermark = batch_watermark(events, [messages[i].append_ms for i in sources])
         if watermark is not None:
             self.risks.advance_watermark(watermark)
+        cpu.mark("risk_write")
         if self.snapshots is not None:  # before the states: a replay re-tracks harmlessly
             self.snapshots.track(rows, churned, captured)  # cancelled users have left the population
+            cpu.mark("snapshot")
         written = self.states.save(blobs, offsets, expected)
         if blobs:
             self.metrics.state_bytes.set(written / len(blobs))
+        cpu.mark("state_write")
         if self._announced:  # the saved states now hold what was announced for events before the offsets
             for key, applied in offsets.items():
                 partition = int(key.rpartition(":")[2])
@@ -279,11 +300,9 @@ class BatchProcessor:
                 if pending:
                     self._announced[partition] = {u: a for u, a in pending.items() if a[0] >= applied}
 
-    def _score(
-        self, rows: list[FeatureRow], appended_ms: list[int], loaded: LoadedModel
-    ) -> tuple[list[RiskRow], np.ndarray]:
+    def _score(self, rows: list[FeatureRow], loaded: LoadedModel) -> tuple[list[RiskRow], np.ndarray]:
         """Scores the rows, writes their risk rows (and the at-risk list); returns the risk rows
-        and the matrix they were scored from."""
+        and the matrix they were scored from (CPU charged to `score` and `risk_write`)."""
         matrix = feature_matrix(rows)
         probabilities = loaded.model.predict(matrix)
         now = self.wall_clock_ms()
@@ -295,16 +314,16 @@ class BatchProcessor:
             )
             for row, p in zip(rows, probabilities, strict=True)
         ]  # fmt: skip
-        self.risks.write(risk_rows)
-        if self.at_risk is not None:
-            self.at_risk.update(risk_rows)
-        written = self.wall_clock_ms()
         m = self.metrics
-        m.freshness_seconds.observe_many(np.maximum(written - np.asarray(appended_ms), 0) * 0.001)
         m.score.observe_many(probabilities)
         for tier, count in Counter(risk.risk_tier for risk in risk_rows).items():
             m.tier_total.labels(tier).inc(count)
         m.users_scored_total.inc(len(risk_rows))
+        self.cpu.mark("score")
+        self.risks.write(risk_rows)
+        if self.at_risk is not None:
+            self.at_risk.update(risk_rows)
+        self.cpu.mark("risk_write")
         return risk_rows, matrix
 
     def _announce(

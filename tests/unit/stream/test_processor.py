@@ -9,7 +9,7 @@ from features.online import STATE_DECODER, STATE_ENCODER, OnlineEngine
 from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
 from models.runtime import LoadedModel
-from monitoring.metrics import Metrics
+from monitoring.metrics import SCORER_STAGES, Metrics
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
 from tests.support import StandInModel, random_events
@@ -180,3 +180,57 @@ def test_a_state_saved_before_cancellation_was_tracked_decodes_as_not_cancelled(
     old_layout = msgspec.msgpack.encode(msgspec.to_builtins(state)[:-1])  # without `cancelled_ms`
     assert STATE_DECODER.decode(old_layout) == state
     assert state.cancelled_ms == -1
+
+
+def freshness_observations(metrics: Metrics) -> dict[float, float]:
+    """Returns the cumulative freshness buckets {le: count} the processor exported."""
+    return {
+        float(s.labels["le"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "churn_event_to_score_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    }
+
+
+def test_freshness_counts_every_applied_event_against_its_own_append_time() -> None:
+    # 3 users' events in one batch, 3 rows. Each event's append time is set so that its
+    # freshness (risk rows written at wall time `now`) is known: 0.5 s or 3 s.
+    msgs = [m for m in messages(3) if m.append_ms > 0]
+    now = max(m.append_ms for m in msgs) + 10_000
+    msgs = [m._replace(append_ms=now - (500 if i % 2 else 3000)) for i, m in enumerate(msgs)]
+    metrics = Metrics()
+    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
+    stores = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = BatchProcessor(
+        OnlineEngine(), *stores, metrics, lambda: model, wall_clock_ms=lambda: now, max_future_skew_ms=10**13
+    )
+    result = p.process(msgs)
+    buckets = freshness_observations(metrics)
+    assert result.applied == len(msgs) == buckets[float("inf")]
+    assert buckets[0.5] == len(msgs) // 2  # the half appended 0.5 s before the write
+    assert buckets[2.0] == len(msgs) // 2
+    assert buckets[3.0] == len(msgs)
+
+
+def test_every_stage_of_a_batch_is_charged_cpu() -> None:
+    metrics = Metrics()
+    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
+    p = BatchProcessor(
+        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), metrics, lambda: model
+    )
+    msgs = messages(50)
+    for i in range(0, len(msgs), 500):
+        p.process(msgs[i : i + 500])
+    p.cpu.flush()
+    charged = {
+        s.labels["stage"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "churn_scorer_stage_cpu_seconds"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    # The processor's stages (the consumer loop charges consume, offset_check, commit, housekeeping).
+    processor_stages = ("parse", "state_load", "engine", "feast_write", "score", "risk_write", "state_write")
+    assert all(charged.get(stage, 0.0) > 0 for stage in processor_stages), charged
+    assert set(charged) <= set(SCORER_STAGES)

@@ -1,0 +1,62 @@
+"""Smoke test of `churn bench stream` on tiny sizes: every phase runs against the real services
+and its figures are consistent with each other (not fast: that is the benchmark's job)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.stream import Sizes, bench_stream
+from core.settings import Settings
+from monitoring.metrics import SCORER_STAGES
+
+TINY = Sizes(
+    events=6_000,
+    users=200,
+    processes=(1, 2),
+    peer_events=3_000,
+    naive_events=150,
+    naive_warmup=20,
+    probe_seconds=1.0,
+    capacity_events=4_000,
+    load_seconds=1.5,
+    timeout_s=240.0,
+)
+
+
+@pytest.mark.soak  # minutes on a busy machine: six scorer start-ups and a training
+@pytest.mark.timeout(900)
+def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(settings: Settings) -> None:
+    lines: list[str] = []
+    figures = bench_stream(settings, TINY, say=lines.append)
+    json.dumps(figures, allow_nan=False)  # the CLI prints it: no NaN or infinity anywhere
+
+    assert len(lines) >= 8  # one progress line per phase
+    assert [d["processes"] for d in figures["catch_up"]] == [1, 2]
+    assert all(d["events_per_second"] > 0 for d in figures["catch_up"])
+    cpu = figures["catch_up"][0]["cpu_us_per_event"]
+    # Every stage the loop runs per batch was charged, and the stages account for the loop
+    # thread's CPU as /proc sees it (ticks of 10 ms: a few percent either way on a tiny run).
+    for stage in ("consume", "offset_check", "parse", "state_load", "engine", "feast_write", "score", "risk_write"):
+        assert cpu["loop_thread_by_stage"][stage] > 0, stage
+    assert set(cpu["loop_thread_by_stage"]) == set(SCORER_STAGES)
+    assert 0.8 <= cpu["stages_cover_share_of_loop_thread"] <= 1.1
+
+    # Freshness counts every applied event of each load once, and only those.
+    assert [load["share_of_capacity"] for load in figures["loads"]] == [0.25, 0.5, 0.75]
+    for load in figures["loads"]:
+        assert load["freshness"]["events_observed"] == load["logged_in_events"] > 0
+        assert 0.0 <= load["freshness"]["share_within_1s"] <= 1.0
+
+    # The other consumers ran to completion on the same topic; guests are not throughput.
+    assert figures["bound_consume_decode"]["complete"]
+    assert figures["bound_consume_decode"]["logged_in_events"] == TINY.events - figures["guests"]
+    assert figures["quix_streams_peer"]["complete"]
+    assert figures["naive"]["complete"]
+    assert figures["naive"]["events"] == TINY.naive_events
+
+    assert figures["redis_memory_per_user"]["users_stored"] > 0
+    assert all(v and v > 0 for v in figures["redis_memory_per_user"]["memory_usage_per_key_bytes"].values())
+    assert figures["instrumentation"]["share_of_loop_cpu_at_live_batch"] < 0.01
+    assert set(figures["ratios"]) == set(figures["goals"]) == set(figures["meets"])
