@@ -19,7 +19,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -465,6 +465,14 @@ def test_api_keys_ids_and_bodies_are_checked_and_keys_never_logged(
     reads: list[str] = []
     deps.service.features = _Spy(deps.service.features, reads)
     deps.service.risks = _Spy(deps.service.risks, reads)
+    together = deps.service.read_together  # the features and risk rows in one round trip
+    if together is not None:
+
+        def read_together(ids: Sequence[str]) -> Any:
+            reads.append(f"read_together{ids}")
+            return together(ids)
+
+        deps.service.read_together = read_together
     compared: list[tuple[int, int]] = []
 
     real_compare = serving.auth.hmac.compare_digest
