@@ -588,7 +588,8 @@ def test_redis_sigkilled_while_events_flow_loses_nothing(
     own append-only files; then once more restarted from files 2 s older than the crash (what a
     host loss with `appendfsync everysec` leaves): the scorer sees Redis went back in time and
     replays from Kafka. The end state equals an uninterrupted run, and counts every event once."""
-    events = random_events(24, users=40, days=20, per_user=200)
+    # 32 s of events at RATE: the stream still flows at the fourth kill, after three restarts.
+    events = random_events(24, users=40, days=20, per_user=400)
     users = sorted({e.user_id for e in events})
     faulted, clean = deploy("rk", topic), deploy("rkc", topic)
     aof = settings.state_dir.resolve() / "redis" / "appendonlydir"
@@ -601,11 +602,14 @@ def test_redis_sigkilled_while_events_flow_loses_nothing(
             applied = scorer.events("ok")
             wait_for(partial(_applied_beyond, scorer, applied + 300), 60, "events to flow")
             from_older = i == 3
+            applied_at_copy = scorer.events("ok")
             if from_older:
                 shutil.copytree(aof, older)
                 time.sleep(2.0)  # the scorer writes on; the copy misses these 2 s
             retries_before = len(_retry_delays(scorer))
             applied_at_kill = scorer.events("ok")
+            if from_older:  # the files the restart reads really are older than what was applied
+                assert applied_at_kill > applied_at_copy, "no event applied between the copy and the kill"
             infra.kill_service(settings, "redis")
             if from_older:
                 shutil.rmtree(aof)
@@ -663,7 +667,8 @@ def test_scorer_and_redis_killed_together_lose_nothing(
 ) -> None:
     """The scorer and Redis SIGKILLed at the same instant, twice, the scorer inside a batch (its
     states saved, its Kafka commit pending), while events flow; both restarted."""
-    events = random_events(25, users=40, days=20, per_user=250)
+    # 40 s of events at RATE: the stream still flows at the second kill, after two restarts.
+    events = random_events(25, users=40, days=20, per_user=500)
     users = sorted({e.user_id for e in events})
     faulted, clean = deploy("sr", topic), deploy("src", topic)
     landed = []
