@@ -49,7 +49,7 @@ class Metrics:
         self.dlq_total = Counter("churn_dlq_messages_total", "Messages written to the dead-letter topic", registry=r)
         self.commit_failures_total = Counter(
             "churn_scorer_commit_failures_total",
-            "Offset commits Kafka refused or lost (harmless: the applied offsets in the states skip replays)",
+            "Offset commits Kafka refused (harmless: the applied offsets in the states skip replays)",
             registry=r,
         )
         self.batch_seconds = Histogram(
