@@ -23,7 +23,16 @@ from pathlib import Path
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
-from infra.local import INFRA_DIR, ServiceState, _kafka_java, _port_open, _run, install
+from infra.local import (
+    INFRA_DIR,
+    ServiceState,
+    _kafka_java,
+    _port_open,
+    _run,
+    install,
+    running_pid_in,
+    sigkill_and_wait,
+)
 
 BROKERS = 3
 REDIS_NODES = 6  # the first three become masters, each of the others a replica
@@ -92,13 +101,7 @@ def _pid_file(settings: Settings, name: str) -> Path:
 
 def running_pid(settings: Settings, name: str) -> int | None:
     """Returns the pid of the cluster node `name` if it runs (a zombie counts as stopped)."""
-    try:
-        pid = int(_pid_file(settings, name).read_text())
-        os.kill(pid, 0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-        return None
-    return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else pid
+    return running_pid_in(_pid_file(settings, name))
 
 
 def _spawn(settings: Settings, name: str, cmd: list[str]) -> None:
@@ -266,14 +269,7 @@ def start_node(settings: Settings, name: str) -> None:
 
 def kill_node(settings: Settings, name: str) -> None:
     """SIGKILLs one node (a crash: nothing saved, nothing closed) and waits for its exit."""
-    pid = running_pid(settings, name)
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    while running_pid(settings, name) is not None:
-        time.sleep(0.05)
-    _pid_file(settings, name).unlink(missing_ok=True)
+    sigkill_and_wait(_pid_file(settings, name))
 
 
 def _wait(settings: Settings, deadline: float, timeout: float) -> None:

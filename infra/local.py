@@ -109,13 +109,16 @@ def _pid_file(settings: Settings, name: str) -> Path:
 
 
 def _running_pid(settings: Settings, name: str) -> int | None:
-    path = _pid_file(settings, name)
+    return running_pid_in(_pid_file(settings, name))
+
+
+def running_pid_in(path: Path) -> int | None:
+    """Returns the pid written in `path` if that process runs (a zombie child counts as stopped)."""
     try:
         pid = int(path.read_text())
         os.kill(pid, 0)
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return None
-    # A zombie child counts as stopped.
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
@@ -414,14 +417,20 @@ def kill_service(settings: Settings, name: str) -> None:
     """SIGKILLs one service (no shutdown work: Redis saves nothing, Kafka closes nothing) and
     waits for its exit, as a crash or the OOM killer would; `start_service` brings it back
     from whatever its files hold."""
-    pid = _running_pid(settings, name)
+    sigkill_and_wait(_pid_file(settings, name))
+
+
+def sigkill_and_wait(pid_file: Path) -> None:
+    """SIGKILLs the process group whose leader's pid is in `pid_file` (if it runs), waits for
+    its exit and removes the file."""
+    pid = running_pid_in(pid_file)
     if pid is None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    while _running_pid(settings, name) is not None:
+    while running_pid_in(pid_file) is not None:
         time.sleep(0.05)
-    _pid_file(settings, name).unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
 
 
 def start_service(settings: Settings, name: str, timeout: float = 60.0) -> None:
