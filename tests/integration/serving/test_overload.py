@@ -4,8 +4,10 @@ Capacity is measured here, in the test: the machine is shared and its speed vari
 assertion compares figures of this run with each other. Capacity is what the worker completes
 (answers 200) per second when asked for more than it can do (the ask grows until it is not met):
 a p99 budget would measure the shared machine's stalls more than the worker. At 3x that rate for
-20 s the accepted requests must stay about as fast as at capacity (p99 at most 2x; without
-shedding the queue, and every wait, would grow for the whole 20 s), every other answer must be a
+20 s the accepted requests must stay about as fast as at capacity (p99 at most 4x: the load
+generator shares the two cores and sends three times as much, which alone slowed the worker 2.2x
+in one CI run; without shedding, every one of the 128 connections would wait in the worker's
+queue: 128 service times, tens of times the bound), every other answer must be a
 503 with `Retry-After`, and once the load drops the latency must be back to normal within 5 s.
 """
 
@@ -120,7 +122,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert statuses.get("503", 0) > 0, statuses
     assert overload["unavailable_without_retry_after"] == 0
     assert overload["errors"] == 0, overload["first_errors"]
-    assert overload["ok_latency"]["p99_ms"] <= 2 * at_capacity["ok_latency"]["p99_ms"], figures
+    assert overload["ok_latency"]["p99_ms"] <= 4 * at_capacity["ok_latency"]["p99_ms"], figures
     assert statuses["200"] / overload["seconds"] >= 0.5 * capacity, figures
     # Back to normal within 5 s of the drop: every request answered, as fast as before.
     assert calm_after["statuses"] == {"200": calm_after["requests"]}, calm_after["statuses"]

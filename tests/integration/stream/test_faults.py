@@ -732,19 +732,22 @@ def test_redis_refusing_writes_gives_not_ready_a_metric_and_a_log_then_recovers(
             wait_for(partial(_applied_beyond, scorer, applied + 200), 60, "events to flow")
             refuse()
             wait_for(partial(_refusing, scorer, reason), 30, f"the scorer to report {reason}")
-            held = scorer.events("ok")
-            time.sleep(2.0)
+            held, refused_at = scorer.events("ok"), time.monotonic()
+            # Retried (a second failed attempt of the same batch), and nothing applied meanwhile.
+            wait_for(lambda: (scorer.value("churn_scorer_store_failures") or 0) >= 2, 30, f"a retry under {reason}")
+            time.sleep(1.0)  # a few more attempts at the backoff's pace
             seen[reason] = {
                 "ready": scorer.value("churn_scorer_ready"),
                 "consecutive_failures": scorer.value("churn_scorer_store_failures"),
                 "applied_while_refused": scorer.events("ok") - held,
+                "refused_seconds": round(time.monotonic() - refused_at, 2),
             }
             fix()
             fixed = time.monotonic()
             wait_for(lambda: scorer.value("churn_scorer_ready") == 1, 60, "the scorer to recover")
             seen[reason]["recovered_seconds"] = round(time.monotonic() - fixed, 2)
             seen[reason]["refusing_after"] = scorer.value("churn_scorer_redis_refusing", reason=reason)
-            seen[reason]["log"] = scorer.log_lines(f"Redis refuses the scorer's writes ({reason})")[:1]
+            seen[reason]["log"] = scorer.log_lines(f"Redis refuses the scorer's writes ({reason})")[:4]
         report = producing.result(120)
         counts = _finish(scorer, len(events))
     finally:
