@@ -149,8 +149,13 @@ class KafkaChangeLog:
         self.topic = topic
         self.timeout_s = timeout_s
         self.producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
+        # The reader reads bounded ranges, one partition after another: a fetch the broker holds
+        # for the default 500 ms (waiting for data that is not coming) delayed each next range.
         self.reader = Consumer(
-            kafka_config(settings, **{"group.id": f"{topic}-tail-reader", "enable.auto.commit": False})
+            kafka_config(
+                settings,
+                **{"group.id": f"{topic}-tail-reader", "enable.auto.commit": False, "fetch.wait.max.ms": 10},
+            )
         )
 
     def publish(self, changes: Sequence[TierChange]) -> None:
@@ -207,7 +212,9 @@ class KafkaChangeLog:
                 if time.monotonic() > deadline:
                     msg = f"reading {self.topic}[{partition}] {start}..{end} took over {self.timeout_s:.0f}s"
                     raise ServiceUnavailableError(msg)
-                for message in self.reader.consume(1000, 1.0):
+                # Ask for exactly what is left: librdkafka's `consume` waits out its whole timeout
+                # unless that many messages arrive (asking for 1,000 cost 1 s per partition read).
+                for message in self.reader.consume(min(end - position, 10_000), 1.0):
                     error, at = message.error(), message.offset()
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
