@@ -27,6 +27,13 @@ from training import backtest, dataset, fit, metrics, split
 from training.pipeline import TrainOptions, build_training_set, train
 
 
+def _scratch_parent(settings: Settings) -> Path:
+    """Returns the state dir, created if missing (a fresh `CHURN_STATE_DIR`): the scratch logs
+    go there rather than to /tmp, which may be a small RAM disk."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return settings.state_dir.resolve()
+
+
 def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
     """Returns {users, days, events, simulate_seconds, checks_seconds, build_seconds,
     search_seconds, search_trials, final_fit_seconds, train_seconds, backtest_roc_auc (mean, low,
@@ -39,7 +46,7 @@ def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
     began = time.perf_counter()
     sim = simulate(SimConfig(users=users, days=days, seed=0))
     simulated = time.perf_counter() - began
-    with tempfile.TemporaryDirectory(dir=settings.state_dir.resolve()) as folder:
+    with tempfile.TemporaryDirectory(dir=_scratch_parent(settings)) as folder:
         root = Path(folder)
         write_partitioned(sim.events, root / "events")
         save_truth(sim.truth, root / "truth.parquet")
@@ -127,7 +134,7 @@ def compare_train(
         config = SimConfig(users=users, days=days + horizon + future_days, seed=seed)
         sim = simulate(config)
         cut_ms = to_ms(config.start) + days * spec.DAY_MS
-        with tempfile.TemporaryDirectory(dir=settings.state_dir.resolve()) as folder:
+        with tempfile.TemporaryDirectory(dir=_scratch_parent(settings)) as folder:
             root = Path(folder)
             write_partitioned(sim.events.filter(pl.col("ts") < cut_ms), root / "train")
             write_partitioned(sim.events, root / "full")
