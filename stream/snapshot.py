@@ -1,5 +1,7 @@
 """The daily snapshot: at each UTC midnight t of event time, every user active within the lookback
-and not churned, their row as of t, scored by the champion.
+and not churned, their row as of t, scored by the model that serves them (the champion, the
+challenger for the canary slice) and, while a distinct challenger exists, by the other in shadow
+(`monitoring.prediction_log`'s `role`).
 
 That is training's observation point exactly (`training.dataset`: the online row as of the last
 event at or before t, plus the request-time features at t), so drift compares the population the
@@ -8,8 +10,10 @@ batch processor takes the snapshot of a midnight once every partition it owns ha
 past it; users whose partition ran ahead and carried them past the midnight first left their
 row as of it (`Activity.capture`), the others' saved state is still as of it.
 
-Each snapshot: drift overall and per segment (`monitoring.drift.snapshot_drift`), the prediction
-log (`monitoring.prediction_log`), the expected figures; and the snapshot of t - H, now that
+Each snapshot: drift overall and per segment (`monitoring.drift.snapshot_drift`, the champion's),
+the prediction log (`monitoring.prediction_log`), the expected figures of the served rows; per
+model, its drift against its own reference and its expected figures over every user, and the
+agreement of served and shadow scores (`monitoring.agreement`); and the snapshot of t - H, now that
 every label of it is known, is labelled from the cancellations the stream carried and its
 realized figures published (`training.performance`).
 
@@ -282,7 +286,7 @@ class DailySnapshots:
             self._shadow(as_of_ms, users, matrix, shadow, scored, frame)
         else:
             self.drift.publish_agreement(None)
-        self.label(as_of_ms - model.horizon_days * DAY_MS, model.horizon_days)
+        self.label(as_of_ms - model.horizon_days * DAY_MS, model.horizon_days, loaded.version)
         self.activity.mark_taken(as_of_ms)
         log.info(
             "snapshot %s: %d users, model v%s%s, %.2f s",
@@ -370,11 +374,12 @@ class DailySnapshots:
         rows = sorted([*rows, *kept.values()], key=lambda r: r.user_id)
         return [r.user_id for r in rows], feature_matrix(rows, [as_of_ms] * len(rows))
 
-    def label(self, as_of_ms: int, horizon_days: int) -> dict[str, float] | None:
+    def label(self, as_of_ms: int, horizon_days: int, champion: str | None = None) -> dict[str, float] | None:
         """Labels the logged snapshot of `as_of_ms` now that its horizon has passed (churned = a
         churn time in (as_of, as_of + H]) and publishes its realized figures: of the served rows,
-        and of each model over every user it scored (served or in shadow); returns the served
-        rows' figures, or None when no snapshot was logged for that instant."""
+        and of each model over every user it scored (served or in shadow; role "served" for the
+        `champion` version of now, "shadow" for any other); returns the served rows' figures, or
+        None when no snapshot was logged for that instant."""
         snapshot = read_snapshot(self.log_root, as_of_ms, role=None)
         if snapshot is None or snapshot.is_empty():
             return None
@@ -384,24 +389,22 @@ class DailySnapshots:
         end = as_of_ms + horizon_days * DAY_MS
         labels = np.array([as_of_ms < churn.get(u, -1) <= end for u in users])
         figures = realized(labels, served["churn_probability"].to_numpy(), served["risk_tier"].to_list())
+        # Each model over every user it scored, served or in shadow (without a shadow model: the
+        # served rows again, unless a canary split them).
         by_model: dict[str, dict[str, Any]] = {}
-        if snapshot.height > served.height:  # shadow rows: each model's figures over every user
-            label_of = dict(zip(users, labels.tolist(), strict=True))
-            # The champion serves most users (the canary is a slice): the model with most served rows.
-            champion = served["model_version"].mode().sort()[0]
-            for version, rows in sorted(snapshot.group_by("model_version"), key=lambda kv: str(kv[0][0])):
-                role = SERVED if version[0] == champion else SHADOW
-                model_labels = np.array([label_of.get(u, False) for u in rows["user_id"].to_list()])
-                probabilities, tiers = rows["churn_probability"].to_numpy(), rows["risk_tier"].to_list()
-                model_figures = realized(model_labels, probabilities, tiers)
-                by_model[str(version[0])] = {"role": role, "realized": model_figures}
-                self.performance.model_figures("realized", as_of_ms, role, str(version[0]), model_figures)
+        label_of = dict(zip(users, labels.tolist(), strict=True))
+        for version, rows in sorted(snapshot.group_by("model_version"), key=lambda kv: str(kv[0][0])):
+            role = SERVED if version[0] == champion else SHADOW
+            model_labels = np.array([label_of.get(u, False) for u in rows["user_id"].to_list()])
+            probabilities, tiers = rows["churn_probability"].to_numpy(), rows["risk_tier"].to_list()
+            model_figures = realized(model_labels, probabilities, tiers)
+            by_model[str(version[0])] = {"role": role, "realized": model_figures}
+            self.performance.model_figures("realized", as_of_ms, role, str(version[0]), model_figures)
         write_labels(
             self.log_root,
             as_of_ms,
             pl.DataFrame({"user_id": users, "churned": labels.tolist()}),
-            {"as_of_ms": as_of_ms, "horizon_days": horizon_days, "realized": figures}
-            | ({"by_model": by_model} if by_model else {}),
+            {"as_of_ms": as_of_ms, "horizon_days": horizon_days, "realized": figures, "by_model": by_model},
         )
         self.performance.realized(as_of_ms, figures)
         return figures
