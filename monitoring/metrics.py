@@ -289,7 +289,7 @@ class Metrics:
             for sample in family.samples:
                 labels = sample.labels
                 if labels.get("role") == role and labels.get("version") != version:
-                    gauge.remove(*(labels[name] for name in gauge._labelnames))
+                    gauge.remove(*(labels[name] for name in ("role", "version", "metric") if name in labels))
         if version is None:
             return
         for metric, value in figures.items():

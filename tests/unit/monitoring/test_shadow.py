@@ -201,3 +201,19 @@ def test_a_distinct_challenger_scores_in_shadow_and_changes_nothing_served(tmp_p
     assert all(entry["models"]["2"]["realized"]["rows"] == entry["realized"]["rows"] for entry in labelled)
     version_of = {s.labels["version"] for s in next(iter(metrics.model_realized.collect())).samples}
     assert version_of == {"1", "2"}
+
+
+def test_a_per_model_gauge_keeps_one_version_per_role() -> None:
+    metrics = Metrics()
+    gauge = metrics.model_expected
+
+    def series() -> set[tuple[str, str, str]]:
+        return {(s.labels["role"], s.labels["version"], s.labels["metric"]) for f in gauge.collect() for s in f.samples}
+
+    metrics.set_model_figures(gauge, "served", "1", {"roc_auc": 0.7, "brier": float("nan")})
+    metrics.set_model_figures(gauge, "shadow", "2", {"roc_auc": 0.6})
+    assert series() == {("served", "1", "roc_auc"), ("shadow", "2", "roc_auc")}
+    metrics.set_model_figures(gauge, "served", "2", {"roc_auc": 0.6})  # v2 promoted: v1's series go
+    assert series() == {("served", "2", "roc_auc"), ("shadow", "2", "roc_auc")}
+    metrics.set_model_figures(gauge, "shadow", None, {})  # no challenger any more
+    assert series() == {("served", "2", "roc_auc")}

@@ -227,9 +227,11 @@ def test_a_distinct_challenger_answers_in_shadow_beside_the_unchanged_served_ans
     answers = {}
     for challenger in (None, LoadedModel(QuietModel(), "churn-lightgbm", "2")):
         metrics = Metrics()
-        service = RiskService(
-            features, InMemoryRiskStore(), lambda: champion, lambda: now, metrics, challenger=lambda c=challenger: c
-        )
+
+        def current(model: LoadedModel | None = challenger) -> LoadedModel | None:
+            return model
+
+        service = RiskService(features, InMemoryRiskStore(), lambda: champion, lambda: now, metrics, challenger=current)
         found, _ = service.answer(["u0", "u1", "u2", "u3"], explain=True)
         answers[challenger is not None] = [a.model_dump() for a in found]
         if challenger is not None:
