@@ -263,7 +263,7 @@ class DailySnapshots:
         scored = [_scored(m, matrix, users) for m in (loaded, shadow) if m is not None]
         probabilities, tiers = scored[0]
         # Per user: True where the challenger serves (the canary slice), else the champion serves.
-        canary_users = np.array([in_canary(u, canary) for u in users], dtype=bool) if shadow else np.zeros(0, bool)
+        canary_users = np.array([in_canary(u, canary) for u in users], dtype=bool)
         roles = [(SERVED, canary_users), (SHADOW, ~canary_users)] if shadow is not None else [(SERVED, None)]
         frame = pl.concat([self._frame(as_of_ms, users, loaded, shadow, scored, role, mask) for role, mask in roles])
         write_snapshot(self.log_root, frame)
