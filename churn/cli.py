@@ -22,7 +22,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from core.errors import ChurnError, NotFoundError
+from core.errors import ChurnError, InvalidInputError, NotFoundError
 from core.redis import redis_client, redis_errors
 from core.settings import Settings, load_settings, mask_url
 from core.timeutil import parse_utc, to_ms
@@ -643,17 +643,25 @@ def predictions(
     date: Annotated[str | None, typer.Option(help="Only this snapshot date (YYYY-MM-DD).")] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Prediction log (default: CHURN_PREDICTION_LOG_DIR).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write to a .csv or .parquet file instead of printing.")] = None,
+    role: Annotated[
+        str, typer.Option(help="served (the answers served), shadow (the other model's scores) or all.")
+    ] = "served",
 ) -> None:
     """Read the prediction log: the daily snapshots (user, as-of, probability, tier, model version,
-    churned once labelled)."""
+    role, churned once labelled)."""
     import polars as pl  # heavy: see the module docstring
 
     from monitoring.prediction_log import read_log  # heavy: see the module docstring
     from training.scoring import write_scores  # heavy: see the module docstring
 
+    if role not in ("served", "shadow", "all"):
+        msg = f"--role must be served, shadow or all, got {role!r}"
+        _fail(InvalidInputError(msg))
     settings = _settings()
     try:
-        log = read_log(log_dir or settings.predictions_dir, user_id=user, date=date)
+        log = read_log(
+            log_dir or settings.predictions_dir, user_id=user, date=date, role=None if role == "all" else role
+        )
         if out is not None:
             write_scores(log, out)
     except ChurnError as exc:

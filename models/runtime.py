@@ -108,3 +108,11 @@ def split_canary(
         (challenger, [i for i, c in enumerate(canary) if c]),
     ]
     return [(model, positions) for model, positions in groups if positions]
+
+
+def shadow_of(serving: LoadedModel, champion: LoadedModel, challenger: LoadedModel | None) -> LoadedModel | None:
+    """Returns the model that scores in shadow beside `serving` (the champion or the canary's
+    challenger): the other one of the two, or None when there is no distinct challenger."""
+    if challenger is None or challenger.version == champion.version:
+        return None
+    return challenger if serving.version == champion.version else champion

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from monitoring.agreement import Agreement
 from monitoring.drift import DriftReport, Thresholds
 from monitoring.metrics import Metrics
 
@@ -103,6 +104,34 @@ class DriftPublisher:
             log.exception("could not publish the drift report")
             return None
         return state
+
+    def publish_model(self, report: DriftReport, role: str, version: str) -> None:
+        """Sets the per-model drift gauges (`churn_model_score_psi`, `churn_model_feature_psi_max`)
+        of the model of `role` ("served": the champion, "shadow": the challenger) from its report
+        against its own reference. Never raises."""
+        try:
+            m = self.metrics
+            psi_max = max((d.psi for d in report.features.values()), default=float("nan"))
+            m.set_model_figures(m.model_feature_psi_max, role, version, {"": psi_max})
+            score = report.score.psi if report.score is not None else float("nan")
+            m.set_model_figures(m.model_score_psi, role, version, {"": score})
+        except Exception:
+            log.exception("could not set the drift gauges of model v%s", version)
+
+    def publish_agreement(self, figures: Agreement | None) -> None:
+        """Sets the agreement gauges of the latest snapshot (`monitoring.agreement`), or clears
+        them and the shadow model's per-model gauges for a snapshot without a shadow model."""
+        m = self.metrics
+        m.shadow_agreement.clear()
+        if figures is None:
+            m.shadow_snapshot_rows.set(0)
+            for gauge in (m.model_score_psi, m.model_feature_psi_max, m.model_expected):
+                m.set_model_figures(gauge, "shadow", None, {})
+            return
+        m.shadow_snapshot_rows.set(figures.rows)
+        for name, value in figures.figures().items():
+            if np.isfinite(value):
+                m.shadow_agreement.labels(name).set(value)
 
     def _set_gauges(self, report: DriftReport) -> None:
         m = self.metrics

@@ -178,6 +178,61 @@ class Metrics:
         self.performance_floor = Gauge(
             "churn_performance_floor", "The promotion floor of a metric (roc_auc)", ["metric"], registry=r
         )
+        # Shadow scoring (issue #22): a distinct `challenger` scored beside the serving model
+        self.shadow_rows_total = Counter(
+            "churn_shadow_scored_total",
+            "Users scored by the shadow model beside the serving one (component: scorer or api)",
+            ["component"],
+            registry=r,
+        )
+        self.shadow_same_tier_total = Counter(
+            "churn_shadow_same_tier_total",
+            "Users the shadow model put in the same tier as the serving one (component: scorer or api)",
+            ["component"],
+            registry=r,
+        )
+        self.shadow_abs_delta_total = Counter(
+            "churn_shadow_abs_delta_total",
+            "Sum of |served probability - shadow probability| over the users scored by both"
+            " (divided by churn_shadow_scored_total: the mean |delta p|)",
+            ["component"],
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "churn_shadow_agreement",
+            "Agreement of the served and shadow scores over the latest daily snapshot (metric: same_tier,"
+            " spearman, mean_abs_delta)",
+            ["metric"],
+            registry=r,
+        )
+        self.shadow_snapshot_rows = Gauge(
+            "churn_shadow_snapshot_rows", "Users scored by both models in the latest daily snapshot", registry=r
+        )
+        self.model_score_psi = Gauge(
+            "churn_model_score_psi",
+            "Score PSI of each model of the latest snapshot against its own reference (role: served = the"
+            " champion, shadow = the challenger)",
+            ["role", "version"],
+            registry=r,
+        )
+        self.model_feature_psi_max = Gauge(
+            "churn_model_feature_psi_max",
+            "Highest feature PSI of the latest snapshot against each model's own reference",
+            ["role", "version"],
+            registry=r,
+        )
+        self.model_expected = Gauge(
+            "churn_model_expected_performance",
+            "Figure each model's probabilities over every user of the latest snapshot imply",
+            ["role", "version", "metric"],
+            registry=r,
+        )
+        self.model_realized = Gauge(
+            "churn_model_realized_performance",
+            "Realized figure of each model over every user of the latest labelled snapshot",
+            ["role", "version", "metric"],
+            registry=r,
+        )
         # Archiver
         self.archiver_lag = Gauge(
             "churn_archiver_lag_messages",
@@ -209,6 +264,38 @@ class Metrics:
         it refuses (version, reason): it counts them for `component`."""
         return lambda _version, _reason: self.model_refused_total.labels(component).inc()
 
+    def track_shadow(
+        self,
+        component: str,
+        served: np.ndarray,
+        shadow: np.ndarray,
+        served_tiers: Sequence[str],
+        shadow_tiers: Sequence[str],
+    ) -> None:
+        """Counts users scored by both models for `component` (scorer or api): how many, how many
+        in the same tier, and the sum of |delta p| (rates of these give the live agreement)."""
+        self.shadow_rows_total.labels(component).inc(len(served))
+        self.shadow_same_tier_total.labels(component).inc(
+            sum(a == b for a, b in zip(served_tiers, shadow_tiers, strict=True))
+        )
+        self.shadow_abs_delta_total.labels(component).inc(float(np.sum(np.abs(np.asarray(served) - shadow))))
+
+    def set_model_figures(self, gauge: Gauge, role: str, version: str | None, figures: dict[str, float]) -> None:
+        """Sets a per-model gauge (`model_*`, labels role, version and, with `figures` keyed by
+        metric, metric; the key "" for a gauge without a metric label) for the model of `role`,
+        first removing that role's series of other versions (a promoted or withdrawn model must
+        not linger). `version` None only removes the role's series. Non-finite values are skipped."""
+        for family in gauge.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if labels.get("role") == role and labels.get("version") != version:
+                    gauge.remove(*(labels[name] for name in ("role", "version", "metric") if name in labels))
+        if version is None:
+            return
+        for metric, value in figures.items():
+            if np.isfinite(value):
+                gauge.labels(role, version, *([metric] if metric else [])).set(value)
+
 
 # The scorer loop's stages, in loop order; each one's thread CPU is counted in
 # `churn_scorer_stage_cpu_seconds_total{stage}`. Together they cover the loop thread's whole time.
@@ -220,6 +307,7 @@ SCORER_STAGES: Final = (
     "engine",  # online engine: apply each event, build each touched user's row and state blob
     "feast_write",  # feature rows to Redis through the Feast write path
     "score",  # feature matrix, LightGBM predict, risk rows built, score/freshness metrics
+    "shadow",  # the shadow model's predict on the same matrix and the agreement counters (nothing written)
     "risk_write",  # risk rows and the watermark to Redis
     "state_write",  # user states and applied offsets to Redis (one Lua script)
     "changes",  # tier-change events: reading the changes topic's unsaved tail, publishing, acks

@@ -68,6 +68,26 @@ class PerformancePublisher:
         self.metrics.realized_as_of.set(as_of_ms / 1000)
         self._update(as_of_ms, {"realized": _clean(figures)})
 
+    def model_figures(self, kind: str, as_of_ms: int, role: str, version: str, figures: dict[str, float]) -> None:
+        """Records one model's `kind` ("expected" or "realized") figures over every user of a
+        snapshot (served or in shadow; `role` is "served" for the champion, "shadow" for the
+        challenger): the `churn_model_*_performance` gauges and `models.<version>` of the day in
+        the state. Never raises."""
+        gauge = self.metrics.model_expected if kind == "expected" else self.metrics.model_realized
+        try:
+            kept = {k: v for k, v in figures.items() if k not in ("rows", "churners")}
+            self.metrics.set_model_figures(gauge, role, version, kept)
+        except Exception:
+            log.exception("could not set the %s gauges of model v%s", kind, version)
+        try:
+            state = read_performance(self.client, self.prefix) or {"days": {}}
+            models = state["days"].get(day_of(as_of_ms), {}).get("models", {})
+        except Exception:
+            log.exception("could not read the performance state")
+            return
+        models[version] = {**models.get(version, {}), "role": role, kind: _clean(figures)}
+        self._update(as_of_ms, {"models": models})
+
     def _update(self, as_of_ms: int, entry: dict[str, Any]) -> None:
         try:
             state = read_performance(self.client, self.prefix) or {"days": {}}

@@ -1,8 +1,14 @@
 """The prediction log: every daily snapshot the scorer scored, as Parquet partitioned by date.
 
-Layout: `<root>/date=YYYY-MM-DD/snapshot.parquet` with one row per user: user_id, as_of (epoch
-ms, the snapshot's UTC midnight), churn_probability, risk_tier, model_version, prediction_id
-(`models.runtime.prediction_id` of the version, the user and the midnight). Once the labels
+Layout: `<root>/date=YYYY-MM-DD/snapshot.parquet` with one "served" row per user: user_id, as_of
+(epoch ms, the snapshot's UTC midnight), churn_probability, risk_tier, model_version (the model
+that serves the user: the champion, or the challenger for the canary slice), prediction_id
+(`models.runtime.prediction_id` of that version, the user and the midnight), role = "served".
+When a distinct `challenger` exists, each user has a second row, role = "shadow", with the OTHER
+model's churn_probability, risk_tier, model_version and prediction_id (the challenger's for a
+user the champion serves, the champion's for a canary user). Files written before shadow scoring
+have no `role` column: every row of them is "served" (`with_role`). Readers use the served rows
+unless they ask for the shadow ones (`read_snapshot`, `read_log`). Once the labels
 are known (`stream.snapshot`) the same folder gets `labels.parquet` (user_id, churned) and
 `performance.json`; `drift.json` is the snapshot's drift report (the history the Redis state,
 which holds the latest only, does not keep). Files appear atomically (temp name, then rename), so a reader never sees
@@ -22,6 +28,8 @@ import polars as pl
 from core.errors import InvalidInputError
 
 SNAPSHOT = "snapshot.parquet"
+SERVED, SHADOW = "served", "shadow"  # the `role` of a row
+SHADOW_DRIFT = "shadow_drift.json"  # the shadow model's drift report against its own reference
 LABELS = "labels.parquet"
 PERFORMANCE = "performance.json"
 DRIFT = "drift.json"
@@ -62,9 +70,10 @@ def write_labels(root: Path, as_of_ms: int, labels: pl.DataFrame, performance: d
     _atomic(base / PERFORMANCE, lambda p: p.write_text(json.dumps(performance, default=str)))
 
 
-def write_drift(root: Path, as_of_ms: int, report: dict[str, Any]) -> None:
-    """Writes a snapshot's drift report (`DriftReport.to_dict`) to its date folder."""
-    _atomic(folder(root, as_of_ms) / DRIFT, lambda p: p.write_text(json.dumps(report)))
+def write_drift(root: Path, as_of_ms: int, report: dict[str, Any], name: str = DRIFT) -> None:
+    """Writes a snapshot's drift report (`DriftReport.to_dict`) to its date folder (as `name`:
+    `DRIFT` for the champion's, `SHADOW_DRIFT` for the shadow model's)."""
+    _atomic(folder(root, as_of_ms) / name, lambda p: p.write_text(json.dumps(report)))
 
 
 def read_drift_history(root: Path) -> dict[str, dict[str, Any]]:
@@ -74,15 +83,30 @@ def read_drift_history(root: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def read_snapshot(root: Path, as_of_ms: int) -> pl.DataFrame | None:
-    """Returns the snapshot taken at `as_of_ms`, or None if none was logged."""
+def with_role(frame: pl.DataFrame) -> pl.DataFrame:
+    """Returns a snapshot frame with its `role` column: a file logged before shadow scoring has
+    none, and every row of it was served."""
+    return frame if "role" in frame.columns else frame.with_columns(pl.lit(SERVED, pl.String).alias("role"))
+
+
+def _roles(frame: pl.DataFrame, role: str | None) -> pl.DataFrame:
+    frame = with_role(frame)
+    return frame if role is None else frame.filter(pl.col("role") == role)
+
+
+def read_snapshot(root: Path, as_of_ms: int, role: str | None = SERVED) -> pl.DataFrame | None:
+    """Returns the rows of `role` ("served" by default, "shadow", or None for both) of the
+    snapshot taken at `as_of_ms`, with the `role` column; None if no snapshot was logged."""
     path = folder(root, as_of_ms) / SNAPSHOT
-    return pl.read_parquet(path) if path.exists() else None
+    return _roles(pl.read_parquet(path), role) if path.exists() else None
 
 
-def read_log(root: Path, user_id: str | None = None, date: str | None = None) -> pl.DataFrame:
-    """Returns logged predictions sorted by as_of then user_id, with `churned` where labels exist
-    (null before), optionally for one user and/or one date (YYYY-MM-DD).
+def read_log(
+    root: Path, user_id: str | None = None, date: str | None = None, role: str | None = SERVED
+) -> pl.DataFrame:
+    """Returns logged predictions of `role` ("served" by default, "shadow", or None for both)
+    sorted by as_of, user_id then role, with `churned` where labels exist (null before),
+    optionally for one user and/or one date (YYYY-MM-DD).
 
     Raises:
         InvalidInputError: no snapshot is logged under `root` (for that date).
@@ -94,7 +118,7 @@ def read_log(root: Path, user_id: str | None = None, date: str | None = None) ->
         raise InvalidInputError(msg)
     parts = []
     for day in days:
-        frame = pl.read_parquet(day / SNAPSHOT)
+        frame = _roles(pl.read_parquet(day / SNAPSHOT), role)
         if (day / LABELS).exists():
             frame = frame.join(pl.read_parquet(day / LABELS), on="user_id", how="left")
         else:
@@ -103,4 +127,4 @@ def read_log(root: Path, user_id: str | None = None, date: str | None = None) ->
     log = pl.concat(parts, how="diagonal_relaxed")  # days logged before a column was added lack it
     if user_id is not None:
         log = log.filter(pl.col("user_id") == user_id)
-    return log.sort("as_of", "user_id")
+    return log.sort("as_of", "user_id", "role")

@@ -39,7 +39,7 @@ class Deps:
     drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
     performance_state: Callable[[], dict[str, Any] | None] = lambda: None  # expected/realized per day
     at_risk: AtRiskIndex = field(default_factory=InMemoryAtRiskIndex)  # the scorer's at-risk list
-    challengers: ModelHolder | None = None  # the canary's model (CHURN_CANARY_PERCENT > 0)
+    challengers: ModelHolder | None = None  # the challenger: the canary's model and the shadow model
 
     def refresh_models(self) -> None:
         """Swaps in a new champion (and canary challenger) if the registry moved; never raises."""
@@ -69,11 +69,10 @@ def build_deps(settings: Settings) -> Deps:
         on_swap=metrics.model_swapped("api"),
         on_refuse=metrics.model_refused("api"),
     )
-    challengers = None
-    if settings.canary_percent > 0:
-        challengers = ModelHolder(
-            *champion_loader(settings, threads=1, alias=CHALLENGER), on_refuse=metrics.model_refused("api-challenger")
-        )
+    # The challenger serves the canary slice and scores every answer in shadow (when distinct).
+    challengers = ModelHolder(
+        *champion_loader(settings, threads=1, alias=CHALLENGER), on_refuse=metrics.model_refused("api-challenger")
+    )
 
     def read_together(user_ids: Sequence[str]) -> tuple[list[FeatureRow | None], list[RiskRow | None]] | None:
         # Feast's online store and the risk rows share the Redis of `settings.redis_address`:
@@ -83,7 +82,7 @@ def build_deps(settings: Settings) -> Deps:
 
     service = RiskService(
         features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics, read_together,
-        challenger=lambda: challengers.current if challengers is not None else None,
+        challenger=lambda: challengers.current,
         canary_percent=settings.canary_percent,
     )  # fmt: skip
 

@@ -13,9 +13,19 @@ from core.errors import ServiceUnavailableError
 from core.timeutil import ms_to_iso
 from features import spec
 from features.store import FeatureRow, FeatureStore
-from models.runtime import LoadedModel, Model, feature_matrix, prediction_id, split_canary
+from models.runtime import LoadedModel, Model, feature_matrix, prediction_id, shadow_of, split_canary
 from monitoring.metrics import Metrics
-from serving.schemas import AtRiskPage, AtRiskUser, CancelledAnswer, ModelRef, Reason, RiskAnswer, StoredRisk, Tier
+from serving.schemas import (
+    AtRiskPage,
+    AtRiskUser,
+    CancelledAnswer,
+    ModelRef,
+    Reason,
+    RiskAnswer,
+    ShadowScore,
+    StoredRisk,
+    Tier,
+)
 from stream.at_risk import AtRiskIndex, Order
 from stream.risk_store import RiskRow, RiskStore
 
@@ -53,7 +63,9 @@ class RiskService:
         self.current_model = current_model
         self.now_ms = now_ms
         self.metrics = metrics
-        self.challenger = challenger  # serves the canary slice of users (`models.runtime.in_canary`)
+        # A distinct challenger serves the canary slice of users (`models.runtime.in_canary`) and
+        # scores every other answer in shadow (the champion scores the canary's in shadow).
+        self.challenger = challenger
         self.canary_percent = canary_percent
         self.read_together = read_together
 
@@ -65,7 +77,7 @@ class RiskService:
             ServiceUnavailableError: no model is loaded (and a user needs scoring), or a store is down.
         """
         loaded = self.current_model()  # one model for the whole request, even if a swap lands meanwhile
-        challenger = self.challenger() if self.canary_percent > 0 else None
+        challenger = self.challenger()
         started = time.perf_counter()
         both = self.read_together(user_ids) if self.read_together is not None and user_ids else None
         rows = both[0] if both is not None else self.features.read_rows(user_ids)
@@ -96,12 +108,18 @@ class RiskService:
             ids = [row.user_id for row, _ in pairs]
             for model, kept in split_canary(ids, loaded, challenger, self.canary_percent):
                 part, stored = [pairs[i][0] for i in kept], [pairs[i][1] for i in kept]
-                for answer in self._score(part, stored, model, explain):
+                shadow = shadow_of(model, loaded, challenger)
+                for answer in self._score(part, stored, model, explain, shadow):
                     answers[answer.user_id] = answer
         return [answers[row.user_id] for row in found], unknown
 
     def _score(
-        self, known: list[FeatureRow], stored: list[RiskRow | None], loaded: LoadedModel, explain: bool
+        self,
+        known: list[FeatureRow],
+        stored: list[RiskRow | None],
+        loaded: LoadedModel,
+        explain: bool,
+        shadow: LoadedModel | None = None,
     ) -> list[RiskAnswer]:
         clock = self.now_ms()
         # In event mode the watermark may trail a user's newest event by a batch: never go negative.
@@ -110,10 +128,21 @@ class RiskService:
         model = loaded.model
         probabilities = model.predict(matrix)
         contributions = model.contributions(matrix) if explain else [None] * len(known)
-        return [
+        answers = [
             self._answer(row, float(p), loaded, model, now_ms, contrib, matrix[i], stored[i])
             for i, (row, p, now_ms, contrib) in enumerate(zip(known, probabilities, now, contributions, strict=True))
         ]
+        if shadow is not None:  # one more predict on the same matrix: the answers' served fields stay as they are
+            others = shadow.model.predict(matrix)
+            tiers = [shadow.model.tier(float(p)) for p in others]
+            ref = ModelRef(name=shadow.name, version=shadow.version)
+            for answer, p, tier, row, now_ms in zip(answers, others, tiers, known, now, strict=True):
+                answer.shadow = ShadowScore(
+                    model=ref, churn_probability=float(p), risk_tier=cast(Tier, tier),
+                    prediction_id=prediction_id(shadow.version, row.user_id, row.last_event_ms, now_ms),
+                )  # fmt: skip
+            self.metrics.track_shadow("api", probabilities, others, [a.risk_tier for a in answers], tiers)
+        return answers
 
     def _answer(
         self,

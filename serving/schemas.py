@@ -37,6 +37,16 @@ class StoredRisk(BaseModel):
     prediction_id: str | None = Field(default=None, description="The stream score's id (null: written before ids)")
 
 
+class ShadowScore(BaseModel):
+    """What the shadow model (the other of champion and challenger) answers for the same row:
+    never served, for comparing the two before a promotion."""
+
+    model: ModelRef
+    churn_probability: float = Field(ge=0, le=1)
+    risk_tier: Tier
+    prediction_id: str
+
+
 class RiskAnswer(BaseModel):
     user_id: str
     status: Literal["scored"] = Field(default="scored", description="A scored user (see `CancelledAnswer`)")
@@ -51,6 +61,11 @@ class RiskAnswer(BaseModel):
     prediction_id: str = Field(
         description="Id of this answer: a digest of the model version, the user, the features' event time and"
         " `as_of` (the same inputs give the same id), also in tier-change events and the prediction log"
+    )
+    shadow: ShadowScore | None = Field(
+        default=None,
+        description="The shadow model's score of the same row (null without a distinct challenger); the fields"
+        " above are always the serving model's",
     )
 
 

@@ -92,7 +92,7 @@ class ScoringConsumer:
         self.settings = settings
         self.processor = processor
         self.models = models
-        self.challengers = challengers  # the canary's model, polled like the champion
+        self.challengers = challengers  # the challenger (canary and shadow), polled like the champion
         self.metrics = metrics
         self.loop = loop or LoopConfig()
         self.stopping = threading.Event()
@@ -359,11 +359,10 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     models = ModelHolder(
         *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
     )
-    challengers = None
-    if settings.canary_percent > 0:
-        challengers = ModelHolder(
-            *champion_loader(settings, alias=CHALLENGER), on_refuse=metrics.model_refused("scorer-challenger")
-        )
+    # The challenger serves the canary slice and scores every user in shadow (when distinct).
+    challengers = ModelHolder(
+        *champion_loader(settings, alias=CHALLENGER), on_refuse=metrics.model_refused("scorer-challenger")
+    )
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     ttl = key_ttl_seconds(settings)
     states = RedisStateStore(client, settings.redis_prefix, engine.state_layout, ttl)
@@ -390,7 +389,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         snapshots=snapshots,
         changes=KafkaChangeLog(settings, settings.tier_changes_topic),
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
-        challenger=lambda: challengers.current if challengers is not None else None,
+        challenger=lambda: challengers.current,
         canary_percent=settings.canary_percent,
     )
     loop = LoopConfig(

@@ -22,7 +22,7 @@ from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngin
 from features.spec import MODEL_FEATURES
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
-from models.runtime import LoadedModel, feature_matrix, prediction_id, split_canary
+from models.runtime import LoadedModel, feature_matrix, prediction_id, shadow_of, split_canary
 from monitoring.metrics import Metrics, StageCpu
 from stream.at_risk import AtRiskIndex
 from stream.changes import ChangeLog, ChangeReason, TierChange
@@ -49,8 +49,11 @@ class Snapshots(Protocol):
         as of open midnights of users who just moved past them."""
         ...
 
-    def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
-        """Takes the snapshot of the UTC midnight `as_of_ms` (every earlier event applied)."""
+    def take(
+        self, as_of_ms: int, loaded: LoadedModel | None, challenger: LoadedModel | None = None, canary: float = 0.0
+    ) -> None:
+        """Takes the snapshot of the UTC midnight `as_of_ms` (every earlier event applied): served
+        by `loaded` (the canary's `canary` % by `challenger`), the other model in shadow."""
         ...
 
 
@@ -107,7 +110,9 @@ class BatchProcessor:
         self._partitions: set[int] | None = None  # owned partitions (None: not told yet)
         self.changes = changes  # where tier changes are announced (None: not announced)
         self.at_risk = at_risk  # the at-risk list kept beside the risk rows (None: not kept)
-        self.challenger = challenger  # serves the canary slice of users (`models.runtime.in_canary`)
+        # A distinct challenger serves the canary slice of users (`models.runtime.in_canary`) and
+        # scores every user in shadow beside the model that serves them (nothing it scores is written).
+        self.challenger = challenger
         self.canary_percent = canary_percent
         # Per partition: user -> (source offset, tier) of changes published for events the saved
         # states may not hold yet (a batch that crashed before its save); read from the changes
@@ -158,7 +163,7 @@ class BatchProcessor:
                 partition = messages[parsed.sources[i]].partition
                 self._progress[partition] = max(event.ts, self._progress.get(partition, event.ts))
             while self._open is not None and self._passed(self._open):
-                self.snapshots.take(self._open, loaded)
+                self.snapshots.take(self._open, loaded, self.challenger(), self.canary_percent)
                 self._open += DAY_MS
             cpu.mark("snapshot")
         return result
@@ -264,7 +269,7 @@ class BatchProcessor:
             rows, positions = [rows[i] for i in kept], [positions[i] for i in kept]
             cpu.mark("risk_write")
         if loaded is not None and rows:
-            challenger = self.challenger() if self.canary_percent > 0 else None
+            challenger = self.challenger()
             scored = []
             for model, kept in split_canary([r.user_id for r in rows], loaded, challenger, self.canary_percent):
                 part = [rows[i] for i in kept]
@@ -277,6 +282,13 @@ class BatchProcessor:
             written_ms = self.wall_clock_ms()
             self.metrics.freshness_seconds.observe_many(np.maximum(written_ms - np.asarray(appended_ms), 0) * 0.001)
             cpu.mark("score")
+        if loaded is not None and rows:
+            # After the risk rows and the freshness clock: the shadow predict delays the commit, not the scores.
+            for risk_rows, _, matrix, model in scored:
+                shadow = shadow_of(model, loaded, challenger)
+                if shadow is not None:
+                    self._shadow(risk_rows, matrix, shadow)
+            cpu.mark("shadow")
         if loaded is not None and rows and self.changes is not None:
             for risk_rows, part_positions, matrix, model in scored:
                 topic = messages[0].topic
@@ -325,6 +337,14 @@ class BatchProcessor:
             self.at_risk.update(risk_rows)
         self.cpu.mark("risk_write")
         return risk_rows, matrix
+
+    def _shadow(self, risk_rows: list[RiskRow], matrix: np.ndarray, shadow: LoadedModel) -> None:
+        """Scores the matrix the risk rows were scored from with the shadow model and counts the
+        agreement (`Metrics.track_shadow`); writes nothing: shadow never changes what is served."""
+        probabilities = shadow.model.predict(matrix)
+        tiers = [shadow.model.tier(float(p)) for p in probabilities]
+        served = np.fromiter((r.churn_probability or 0.0 for r in risk_rows), dtype=np.float64, count=len(risk_rows))
+        self.metrics.track_shadow("scorer", served, probabilities, [r.risk_tier or "" for r in risk_rows], tiers)
 
     def _announce(
         self,

@@ -1,5 +1,7 @@
 """The daily snapshot: at each UTC midnight t of event time, every user active within the lookback
-and not churned, their row as of t, scored by the champion.
+and not churned, their row as of t, scored by the model that serves them (the champion, the
+challenger for the canary slice) and, while a distinct challenger exists, by the other in shadow
+(`monitoring.prediction_log`'s `role`).
 
 That is training's observation point exactly (`training.dataset`: the online row as of the last
 event at or before t, plus the request-time features at t), so drift compares the population the
@@ -8,8 +10,10 @@ batch processor takes the snapshot of a midnight once every partition it owns ha
 past it; users whose partition ran ahead and carried them past the midnight first left their
 row as of it (`Activity.capture`), the others' saved state is still as of it.
 
-Each snapshot: drift overall and per segment (`monitoring.drift.snapshot_drift`), the prediction
-log (`monitoring.prediction_log`), the expected figures; and the snapshot of t - H, now that
+Each snapshot: drift overall and per segment (`monitoring.drift.snapshot_drift`, the champion's),
+the prediction log (`monitoring.prediction_log`), the expected figures of the served rows; per
+model, its drift against its own reference and its expected figures over every user, and the
+agreement of served and shadow scores (`monitoring.agreement`); and the snapshot of t - H, now that
 every label of it is known, is labelled from the cancellations the stream carried and its
 realized figures published (`training.performance`).
 
@@ -35,11 +39,20 @@ from features import spec
 from features.online import OnlineEngine
 from features.state_store import StateStore
 from features.store import FeatureRow
-from models.runtime import LoadedModel, feature_matrix, prediction_id
+from models.runtime import LoadedModel, feature_matrix, in_canary, prediction_id, shadow_of
+from monitoring.agreement import agreement
 from monitoring.drift import snapshot_drift
 from monitoring.drift_state import DriftPublisher
 from monitoring.performance_state import PerformancePublisher
-from monitoring.prediction_log import read_snapshot, write_drift, write_labels, write_snapshot
+from monitoring.prediction_log import (
+    SERVED,
+    SHADOW,
+    SHADOW_DRIFT,
+    read_snapshot,
+    write_drift,
+    write_labels,
+    write_snapshot,
+)
 from training.performance import expected, realized
 
 log = logging.getLogger(__name__)
@@ -227,9 +240,13 @@ class DailySnapshots:
         for midnight, kept in captured.items():
             self.activity.capture(midnight, kept)
 
-    def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
-        """Takes, publishes and logs the snapshot of `as_of_ms` with `loaded` (skipped without a
-        model or when already taken), then labels the snapshot of `as_of_ms` - H.
+    def take(
+        self, as_of_ms: int, loaded: LoadedModel | None, challenger: LoadedModel | None = None, canary: float = 0.0
+    ) -> None:
+        """Takes, publishes and logs the snapshot of `as_of_ms` served by `loaded` (the canary's
+        `canary` % of users by a distinct `challenger`, which otherwise scores every user in
+        shadow; skipped without a model or when already taken), then labels the snapshot of
+        `as_of_ms` - H.
 
         Raises:
             ServiceUnavailableError: Redis is down (the batch is retried; nothing was marked taken).
@@ -242,20 +259,13 @@ class DailySnapshots:
         started = time.perf_counter()
         model = loaded.model
         users, matrix = self.rows(as_of_ms)
-        probabilities = np.asarray(model.predict(matrix), dtype=np.float64) if users else np.empty(0)
-        tiers = [model.tier(float(p)) for p in probabilities]
-        frame = pl.DataFrame(
-            {
-                "user_id": users,
-                "as_of": [as_of_ms] * len(users),
-                "churn_probability": probabilities,
-                "risk_tier": tiers,
-                "model_version": [loaded.version] * len(users),
-                "prediction_id": [prediction_id(loaded.version, u, as_of_ms, as_of_ms) for u in users],
-            },
-            schema={"user_id": pl.String, "as_of": pl.Int64, "churn_probability": pl.Float64,
-                    "risk_tier": pl.String, "model_version": pl.String, "prediction_id": pl.String},
-        )  # fmt: skip
+        shadow = shadow_of(loaded, loaded, challenger)
+        scored = [_scored(m, matrix, users) for m in (loaded, shadow) if m is not None]
+        probabilities, tiers = scored[0]
+        # Per user: True where the challenger serves (the canary slice), else the champion serves.
+        canary_users = np.array([in_canary(u, canary) for u in users], dtype=bool)
+        roles = [(SERVED, canary_users), (SHADOW, ~canary_users)] if shadow is not None else [(SERVED, None)]
+        frame = pl.concat([self._frame(as_of_ms, users, loaded, shadow, scored, role, mask) for role, mask in roles])
         write_snapshot(self.log_root, frame)
         reference = (model.meta or {}).get("reference")
         if reference is not None and users:
@@ -265,13 +275,88 @@ class DailySnapshots:
             )  # fmt: skip
             write_drift(self.log_root, as_of_ms, report.to_dict())
             self.drift.publish(report, loaded.name, loaded.version)
-        self.performance.expected(as_of_ms, loaded.version, expected(probabilities, tiers))
-        self.label(as_of_ms - model.horizon_days * DAY_MS, model.horizon_days)
+            self.drift.publish_model(report, SERVED, loaded.version)
+        served = frame.filter(pl.col("role") == SERVED)
+        self.performance.expected(
+            as_of_ms, loaded.version,
+            expected(served["churn_probability"].to_numpy(), served["risk_tier"].to_list()),
+        )  # fmt: skip
+        self.performance.model_figures("expected", as_of_ms, SERVED, loaded.version, expected(probabilities, tiers))
+        if shadow is not None:
+            self._shadow(as_of_ms, users, matrix, shadow, scored, frame)
+        else:
+            self.drift.publish_agreement(None)
+        self.label(as_of_ms - model.horizon_days * DAY_MS, model.horizon_days, loaded.version)
         self.activity.mark_taken(as_of_ms)
         log.info(
-            "snapshot %s: %d users, model v%s, %.2f s",
-            ms_to_iso(as_of_ms), len(users), loaded.version, time.perf_counter() - started,
+            "snapshot %s: %d users, model v%s%s, %.2f s",
+            ms_to_iso(as_of_ms), len(users), loaded.version,
+            f", shadow v{shadow.version}" if shadow is not None else "", time.perf_counter() - started,
         )  # fmt: skip
+
+    @staticmethod
+    def _frame(
+        as_of_ms: int,
+        users: list[str],
+        champion: LoadedModel,
+        challenger: LoadedModel | None,
+        scored: list[tuple[np.ndarray, list[str]]],
+        role: str,
+        challenger_rows: np.ndarray | None,
+    ) -> pl.DataFrame:
+        """Returns the rows of `role`: per user the champion's score, or the challenger's where
+        `challenger_rows` is True (None: the champion's everywhere)."""
+        probabilities, tiers = scored[0]
+        versions = [champion.version] * len(users)
+        if challenger is not None and challenger_rows is not None:
+            other, other_tiers = scored[1]
+            probabilities = np.where(challenger_rows, other, probabilities)
+            tiers = [b if c else a for a, b, c in zip(tiers, other_tiers, challenger_rows, strict=True)]
+            versions = [challenger.version if c else champion.version for c in challenger_rows]
+        return pl.DataFrame(
+            {
+                "user_id": users,
+                "as_of": [as_of_ms] * len(users),
+                "churn_probability": probabilities,
+                "risk_tier": tiers,
+                "model_version": versions,
+                "prediction_id": [
+                    prediction_id(v, u, as_of_ms, as_of_ms) for v, u in zip(versions, users, strict=True)
+                ],
+                "role": [role] * len(users),
+            },
+            schema={"user_id": pl.String, "as_of": pl.Int64, "churn_probability": pl.Float64,
+                    "risk_tier": pl.String, "model_version": pl.String, "prediction_id": pl.String,
+                    "role": pl.String},
+        )  # fmt: skip
+
+    def _shadow(
+        self,
+        as_of_ms: int,
+        users: list[str],
+        matrix: np.ndarray,
+        shadow: LoadedModel,
+        scored: list[tuple[np.ndarray, list[str]]],
+        frame: pl.DataFrame,
+    ) -> None:
+        """Publishes the shadow model's figures: its drift against its own reference (gauges and
+        `SHADOW_DRIFT`), its expected figures, and the agreement of served and shadow rows."""
+        probabilities, tiers = scored[1]
+        reference = (shadow.model.meta or {}).get("reference")
+        if reference is not None and users:
+            report = snapshot_drift(
+                reference, spec.MODEL_FEATURES, matrix, probabilities, self.drift.thresholds,
+                now=time.time(), as_of_ms=as_of_ms, min_segment_rows=self.min_segment_rows,
+            )  # fmt: skip
+            write_drift(self.log_root, as_of_ms, report.to_dict(), SHADOW_DRIFT)
+            self.drift.publish_model(report, SHADOW, shadow.version)
+        self.performance.model_figures("expected", as_of_ms, SHADOW, shadow.version, expected(probabilities, tiers))
+        served, other = (frame.filter(pl.col("role") == role).sort("user_id") for role in (SERVED, SHADOW))
+        figures = agreement(
+            served["churn_probability"].to_numpy(), other["churn_probability"].to_numpy(),
+            served["risk_tier"].to_list(), other["risk_tier"].to_list(),
+        )  # fmt: skip
+        self.drift.publish_agreement(figures)
 
     def rows(self, as_of_ms: int) -> tuple[list[str], np.ndarray]:
         """Returns (users, matrix in `spec.MODEL_FEATURES` order) of the users active in the
@@ -289,23 +374,43 @@ class DailySnapshots:
         rows = sorted([*rows, *kept.values()], key=lambda r: r.user_id)
         return [r.user_id for r in rows], feature_matrix(rows, [as_of_ms] * len(rows))
 
-    def label(self, as_of_ms: int, horizon_days: int) -> dict[str, float] | None:
+    def label(self, as_of_ms: int, horizon_days: int, champion: str | None = None) -> dict[str, float] | None:
         """Labels the logged snapshot of `as_of_ms` now that its horizon has passed (churned = a
-        churn time in (as_of, as_of + H]) and publishes its realized figures; returns them, or
+        churn time in (as_of, as_of + H]) and publishes its realized figures: of the served rows,
+        and of each model over every user it scored (served or in shadow; role "served" for the
+        `champion` version of now, "shadow" for any other); returns the served rows' figures, or
         None when no snapshot was logged for that instant."""
-        snapshot = read_snapshot(self.log_root, as_of_ms)
+        snapshot = read_snapshot(self.log_root, as_of_ms, role=None)
         if snapshot is None or snapshot.is_empty():
             return None
-        users = snapshot["user_id"].to_list()
+        served = snapshot.filter(pl.col("role") == SERVED)
+        users = served["user_id"].to_list()
         churn = self.activity.churn_times(users)
         end = as_of_ms + horizon_days * DAY_MS
         labels = np.array([as_of_ms < churn.get(u, -1) <= end for u in users])
-        figures = realized(labels, snapshot["churn_probability"].to_numpy(), snapshot["risk_tier"].to_list())
+        figures = realized(labels, served["churn_probability"].to_numpy(), served["risk_tier"].to_list())
+        # Each model over every user it scored, served or in shadow (without a shadow model: the
+        # served rows again, unless a canary split them).
+        by_model: dict[str, dict[str, Any]] = {}
+        label_of = dict(zip(users, labels.tolist(), strict=True))
+        for version, rows in sorted(snapshot.group_by("model_version"), key=lambda kv: str(kv[0][0])):
+            role = SERVED if version[0] == champion else SHADOW
+            model_labels = np.array([label_of.get(u, False) for u in rows["user_id"].to_list()])
+            probabilities, tiers = rows["churn_probability"].to_numpy(), rows["risk_tier"].to_list()
+            model_figures = realized(model_labels, probabilities, tiers)
+            by_model[str(version[0])] = {"role": role, "realized": model_figures}
+            self.performance.model_figures("realized", as_of_ms, role, str(version[0]), model_figures)
         write_labels(
             self.log_root,
             as_of_ms,
             pl.DataFrame({"user_id": users, "churned": labels.tolist()}),
-            {"as_of_ms": as_of_ms, "horizon_days": horizon_days, "realized": figures},
+            {"as_of_ms": as_of_ms, "horizon_days": horizon_days, "realized": figures, "by_model": by_model},
         )
         self.performance.realized(as_of_ms, figures)
         return figures
+
+
+def _scored(loaded: LoadedModel, matrix: np.ndarray, users: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Returns (probabilities, tiers) of `loaded` on the snapshot's rows."""
+    probabilities = np.asarray(loaded.model.predict(matrix), dtype=np.float64) if users else np.empty(0)
+    return probabilities, [loaded.model.tier(float(p)) for p in probabilities]

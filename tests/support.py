@@ -11,6 +11,8 @@ import random
 import signal
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,10 @@ from training import registry
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 FIXTURES = ROOT.parent / "shared" / "fixtures"  # real Sparkify rows, beside the repository
+DASHBOARDS = sorted((ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"))
+# Series only a distinct challenger scored in shadow feeds (tests/integration/stream/test_shadow.py
+# queries the panels that read them; a champion-only deployment leaves them empty).
+SHADOW_ONLY_SERIES = ("churn_shadow_agreement", "churn_shadow_same_tier_total", "churn_shadow_abs_delta_total")
 
 # --- events for engine tests (not the simulator: no behaviour model) -------------------------
 
@@ -482,3 +488,36 @@ def spread_tiers(waves: list[list[Event]], model: ChurnModel, lateness_ms: int) 
     scores = model.predict(feature_matrix(rows))
     cuts = {"high": float(np.quantile(scores, 0.85)), "medium": float(np.quantile(scores, 0.6))}
     return ChurnModel(model.booster, {**model.meta, "tiers": cuts})
+
+
+# --- the real Prometheus and the dashboards' queries -------------------------------------------
+
+
+def prom(settings: Settings, path: str, **params: str) -> Any:
+    """Returns the `data` of a Prometheus HTTP API answer (asserting its status is success)."""
+    url = f"http://127.0.0.1:{settings.prometheus_port}{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def query(settings: Settings, expr: str) -> list[dict[str, Any]]:
+    """Returns the samples of an instant PromQL query."""
+    return list(prom(settings, "/api/v1/query", query=expr)["result"])
+
+
+def panel_expressions() -> list[tuple[str, str, str]]:
+    """Returns (dashboard file, panel title, PromQL) of every panel target of every dashboard."""
+    out: list[tuple[str, str, str]] = []
+    for path in DASHBOARDS:
+
+        def walk(panels: list[dict[str, Any]], name: str = path.name) -> None:
+            for panel in panels:
+                walk(panel.get("panels", []))
+                out.extend((name, panel.get("title", ""), t["expr"]) for t in panel.get("targets", []) if t.get("expr"))
+
+        walk(json.loads(path.read_text())["panels"])
+    return out

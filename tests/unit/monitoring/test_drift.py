@@ -286,9 +286,11 @@ class RecordingSnapshots(DailySnapshots):
         super().__init__(*args, **kwargs)
         self.seen: dict[int, tuple[list[str], np.ndarray]] = {}
 
-    def take(self, as_of_ms: int, loaded: LoadedModel | None) -> None:
+    def take(
+        self, as_of_ms: int, loaded: LoadedModel | None, challenger: LoadedModel | None = None, canary: float = 0.0
+    ) -> None:
         self.seen[as_of_ms] = self.rows(as_of_ms)
-        super().take(as_of_ms, loaded)
+        super().take(as_of_ms, loaded, challenger, canary)
 
 
 def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> None:

@@ -208,3 +208,39 @@ def test_an_open_api_declares_no_security() -> None:
     document = create_app(load_settings(api_keys=[])).openapi()
     assert "securitySchemes" not in document.get("components", {})
     assert "security" not in document["paths"]["/users/{user_id}/risk"]["get"]
+
+
+class QuietModel(IdleModel):
+    """A deliberately different challenger: half the idle model's log-odds."""
+
+    def predict(self, matrix: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-0.5 * self._logit(matrix)))
+
+
+def test_a_distinct_challenger_answers_in_shadow_beside_the_unchanged_served_answer() -> None:
+    engine = OnlineEngine()
+    engine.apply_all(random_events(3, users=5, days=30, per_user=100))
+    features = InMemoryFeatureStore()
+    features.write_rows([engine.row(u) for u in engine.states])
+    now = max(row.last_event_ms for row in features.rows.values()) + 3 * 86_400_000
+    champion = LoadedModel(IdleModel(), "churn-lightgbm", "1")
+    answers = {}
+    for challenger in (None, LoadedModel(QuietModel(), "churn-lightgbm", "2")):
+        metrics = Metrics()
+
+        def current(model: LoadedModel | None = challenger) -> LoadedModel | None:
+            return model
+
+        service = RiskService(features, InMemoryRiskStore(), lambda: champion, lambda: now, metrics, challenger=current)
+        found, _ = service.answer(["u0", "u1", "u2", "u3"], explain=True)
+        answers[challenger is not None] = [a.model_dump() for a in found]
+        if challenger is not None:
+            assert metrics.shadow_rows_total.labels("api")._value.get() == 4
+            assert metrics.shadow_abs_delta_total.labels("api")._value.get() > 0
+    for plain, beside in zip(answers[False], answers[True], strict=True):
+        assert plain["shadow"] is None
+        shadow = beside.pop("shadow")
+        assert {**beside, "shadow": None} == plain  # the served fields are the champion's alone
+        assert shadow["model"]["version"] == "2"
+        assert shadow["churn_probability"] != plain["churn_probability"]
+        assert shadow["prediction_id"] != plain["prediction_id"]
