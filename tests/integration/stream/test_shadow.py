@@ -52,6 +52,7 @@ def _agreement(metrics: Metrics) -> dict[str, float]:
     return {m: metrics.shadow_agreement.labels(m)._value.get() for m in ("same_tier", "spearman", "mean_abs_delta")}
 
 
+@pytest.mark.soak  # three deployments of the same stream: minutes
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_different_challenger_in_shadow_is_logged_moves_the_agreement_and_changes_nothing_served(
