@@ -41,7 +41,8 @@ def test_pairs_are_the_labelled_users_both_versions_scored_whatever_the_role(tmp
     unlabelled.rename(tmp_path / "date=2026-02-01")
 
     pairs = paired_outcomes(tmp_path, "1", "2")
-    assert pairs.height == 100 and pairs["as_of"].n_unique() == 2
+    assert pairs.height == 100
+    assert pairs["as_of"].n_unique() == 2
     assert pairs.select("as_of", "user_id").is_unique().all()
     swapped = paired_outcomes(tmp_path, "2", "1")  # roles do not matter: served or shadow, a score is a score
     assert swapped["champion"].to_list() == pairs["challenger"].to_list()
@@ -56,12 +57,15 @@ def test_a_worse_challenger_is_refused_and_a_better_or_equal_one_accepted(tmp_pa
     better = judge(paired_outcomes(tmp_path / "better", "1", "2"), "1", "2", **RULE)
     same = judge(paired_outcomes(tmp_path / "worse", "1", "1"), "1", "1", **RULE)
 
-    assert not worse.promote and worse.figures["difference_low"] < -RULE["margin"]
+    assert not worse.promote
+    assert worse.figures["difference_low"] < -RULE["margin"]
     assert worse.figures["challenger_roc_auc"] < worse.figures["champion_roc_auc"]
     assert "not shown to be no worse" in worse.reason
-    assert better.promote and better.figures["difference_low"] >= -RULE["margin"]
+    assert better.promote
+    assert better.figures["difference_low"] >= -RULE["margin"]
     assert better.figures["challenger_roc_auc"] > better.figures["champion_roc_auc"]
-    assert same.promote and same.figures["roc_auc_difference"] == 0.0  # identical scores are not worse
+    assert same.promote
+    assert same.figures["roc_auc_difference"] == 0.0
 
 
 def test_a_slightly_worse_challenger_needs_the_evidence_to_clear_the_margin(tmp_path: Path) -> None:
@@ -70,7 +74,8 @@ def test_a_slightly_worse_challenger_needs_the_evidence_to_clear_the_margin(tmp_
     strict = judge(pairs, "1", "2", **{**RULE, "margin": 0.0})
     lenient = judge(pairs, "1", "2", **{**RULE, "margin": 0.2})
     assert strict.figures["roc_auc_difference"] < 0  # worse on these users
-    assert not strict.promote and lenient.promote  # the margin decides, the figures are the same
+    assert not strict.promote
+    assert lenient.promote
     assert strict.figures["difference_low"] == lenient.figures["difference_low"]
 
 
@@ -84,9 +89,11 @@ def test_too_few_labelled_users_or_churners_is_refused_with_the_counts(tmp_path:
     all_churned = judge(pairs.with_columns(pl.lit(True).alias("churned")), "1", "2", **{**RULE, "min_users": 1})
 
     for refused in (few_users, few_churners, all_churned):
-        assert not refused.promote and refused.reason.startswith("too little evidence")
+        assert not refused.promote
+        assert refused.reason.startswith("too little evidence")
         assert "difference_low" not in refused.figures  # no bootstrap on too little evidence
-    assert "150 labelled users" in few_users.reason and f"{churners} churned" in few_users.reason
+    assert "150 labelled users" in few_users.reason
+    assert f"{churners} churned" in few_users.reason
     assert enough.promote  # the same rows with thresholds they meet: the skilled challenger wins
 
 
@@ -106,4 +113,5 @@ def test_the_audit_log_reads_newest_first_in_pages_and_skips_a_line_cut_short(tm
     assert all(e["at"].endswith("+00:00") for e in first)
     lines = path.read_text().splitlines()
     assert json.loads(lines[0])["figures"] == {"low": None}  # strict JSON, no NaN
-    assert audit.who("  ops-bot ") == "ops-bot" and audit.who("")
+    assert audit.who("  ops-bot ") == "ops-bot"
+    assert audit.who("")
