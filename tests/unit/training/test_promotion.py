@@ -11,9 +11,16 @@ import polars as pl
 from models import audit
 from monitoring.prediction_log import write_labels, write_snapshot
 from tests.support import START_MS, write_shadow_log
-from training.promotion import judge, paired_outcomes
+from training.promotion import Judgement, judge, paired_outcomes
 
-RULE = {"margin": 0.01, "min_users": 200, "min_churners": 20, "samples": 300}
+MARGIN = 0.01
+
+
+def rule(
+    pairs: pl.DataFrame, champion: str = "1", margin: float = MARGIN, min_users: int = 200, min_churners: int = 20
+) -> Judgement:
+    """The rule with the default thresholds (fewer bootstrap replicates: a unit test)."""
+    return judge(pairs, champion, "2", margin, min_users, min_churners, samples=300)
 
 
 def test_pairs_are_the_labelled_users_both_versions_scored_whatever_the_role(tmp_path: Path) -> None:
@@ -53,16 +60,16 @@ def test_pairs_are_the_labelled_users_both_versions_scored_whatever_the_role(tmp
 def test_a_worse_challenger_is_refused_and_a_better_or_equal_one_accepted(tmp_path: Path) -> None:
     write_shadow_log(tmp_path / "worse", "1", "2", users=400, days=3, served_skill=1.5, shadow_skill=0.0)
     write_shadow_log(tmp_path / "better", "1", "2", users=400, days=3, served_skill=0.7, shadow_skill=2.0)
-    worse = judge(paired_outcomes(tmp_path / "worse", "1", "2"), "1", "2", **RULE)
-    better = judge(paired_outcomes(tmp_path / "better", "1", "2"), "1", "2", **RULE)
-    same = judge(paired_outcomes(tmp_path / "worse", "1", "1"), "1", "1", **RULE)
+    worse = rule(paired_outcomes(tmp_path / "worse", "1", "2"))
+    better = rule(paired_outcomes(tmp_path / "better", "1", "2"))
+    same = judge(paired_outcomes(tmp_path / "worse", "1", "1"), "1", "1", MARGIN, 200, 20, samples=300)
 
     assert not worse.promote
-    assert worse.figures["difference_low"] < -RULE["margin"]
+    assert worse.figures["difference_low"] < -MARGIN
     assert worse.figures["challenger_roc_auc"] < worse.figures["champion_roc_auc"]
     assert "not shown to be no worse" in worse.reason
     assert better.promote
-    assert better.figures["difference_low"] >= -RULE["margin"]
+    assert better.figures["difference_low"] >= -MARGIN
     assert better.figures["challenger_roc_auc"] > better.figures["champion_roc_auc"]
     assert same.promote
     assert same.figures["roc_auc_difference"] == 0.0
@@ -71,8 +78,8 @@ def test_a_worse_challenger_is_refused_and_a_better_or_equal_one_accepted(tmp_pa
 def test_a_slightly_worse_challenger_needs_the_evidence_to_clear_the_margin(tmp_path: Path) -> None:
     write_shadow_log(tmp_path, "1", "2", users=400, days=3, served_skill=1.5, shadow_skill=1.3, seed=3)
     pairs = paired_outcomes(tmp_path, "1", "2")
-    strict = judge(pairs, "1", "2", **{**RULE, "margin": 0.0})
-    lenient = judge(pairs, "1", "2", **{**RULE, "margin": 0.2})
+    strict = rule(pairs, margin=0.0)
+    lenient = rule(pairs, margin=0.2)
     assert strict.figures["roc_auc_difference"] < 0  # worse on these users
     assert not strict.promote
     assert lenient.promote
@@ -82,11 +89,11 @@ def test_a_slightly_worse_challenger_needs_the_evidence_to_clear_the_margin(tmp_
 def test_too_few_labelled_users_or_churners_is_refused_with_the_counts(tmp_path: Path) -> None:
     write_shadow_log(tmp_path, "1", "2", users=150, days=1, served_skill=0.0, shadow_skill=3.0)
     pairs = paired_outcomes(tmp_path, "1", "2")
-    few_users = judge(pairs, "1", "2", **RULE)
+    few_users = rule(pairs)
     churners = int(pairs["churned"].sum())
-    few_churners = judge(pairs, "1", "2", **{**RULE, "min_users": 100, "min_churners": churners + 1})
-    enough = judge(pairs, "1", "2", **{**RULE, "min_users": 100, "min_churners": churners})
-    all_churned = judge(pairs.with_columns(pl.lit(True).alias("churned")), "1", "2", **{**RULE, "min_users": 1})
+    few_churners = rule(pairs, min_users=100, min_churners=churners + 1)
+    enough = rule(pairs, min_users=100, min_churners=churners)
+    all_churned = rule(pairs.with_columns(pl.lit(True).alias("churned")), min_users=1)
 
     for refused in (few_users, few_churners, all_churned):
         assert not refused.promote
