@@ -450,7 +450,8 @@ def promote(
     except ChurnError as exc:
         _fail(exc)
     entry = step.entry
-    typer.echo(f"{entry['outcome']}: challenger v{entry['to_version']} (champion was v{entry['from_version']})")
+    was = f"v{entry['from_version']}" if entry["from_version"] else "none"
+    typer.echo(f"{entry['outcome']}: challenger v{entry['to_version']} (champion was {was})")
     typer.echo(f"rule: {entry['rule']}")
     if not step.accepted:
         typer.echo("aliases unchanged")

@@ -206,8 +206,9 @@ def promote(settings: Settings, *, force: bool = False, reason: str = "", actor:
         "to_version": challenger,
         "figures": judgement.figures,
     }
-    if outcome != "refused":
-        move_champion(settings, challenger, replaced=current)
+    if outcome == "refused":  # only the challenger is concerned: the champion's record stays as it was
+        return Step(record_step(settings, entry, [challenger]))
+    move_champion(settings, challenger, replaced=current)
     return Step(record_step(settings, entry, [v for v in (current, challenger) if v]))
 
 
