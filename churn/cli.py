@@ -428,6 +428,56 @@ def actions_tail(
     typer.echo(f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}", err=True)
 
 
+_ACTOR_HELP = "Who the audit log names (default: CHURN_ACTOR, else the OS user)."
+
+
+@app.command("promote")
+def promote(
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the rule refuses (needs --reason).")] = False,
+    reason: Annotated[str, typer.Option(help="Why; recorded in the audit log (required with --force).")] = "",
+    actor: Annotated[str, typer.Option(help=_ACTOR_HELP)] = "",
+) -> None:
+    """Move the `challenger` to `champion` if its realized performance on the users both versions
+    scored (prediction log, shadow/canary period) is not worse than the champion's. Exit 0 promoted,
+    1 refused (aliases untouched), 2 error. Every attempt goes to the audit log."""
+    from training.promotion import promote as run_promote  # heavy: see the module docstring
+
+    if force and not reason.strip():
+        typer.secho("error: --force needs --reason (the audit log records why the rule was overridden)", err=True)
+        raise typer.Exit(2)
+    try:
+        step = run_promote(_settings(), force=force, reason=reason, actor=actor)
+    except ChurnError as exc:
+        _fail(exc)
+    entry = step.entry
+    was = f"v{entry['from_version']}" if entry["from_version"] else "none"
+    typer.echo(f"{entry['outcome']}: challenger v{entry['to_version']} (champion was {was})")
+    typer.echo(f"rule: {entry['rule']}")
+    if not step.accepted:
+        typer.echo("aliases unchanged")
+        raise typer.Exit(1)
+    typer.echo(f"champion is now v{entry['to_version']}; scorer and API swap within CHURN_MODEL_POLL_SECONDS")
+
+
+@app.command("rollback")
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why; recorded in the audit log.")] = "",
+    actor: Annotated[str, typer.Option(help=_ACTOR_HELP)] = "",
+) -> None:
+    """Move `champion` back to the version the current champion replaced (scorer and API swap
+    without a restart); a challenger alias on the rolled-back version is removed. Exit 0 done, 2 error."""
+    from training.promotion import rollback as run_rollback  # heavy: see the module docstring
+
+    try:
+        step = run_rollback(_settings(), reason=reason, actor=actor)
+    except ChurnError as exc:
+        _fail(exc)
+    entry = step.entry
+    withdrawn = " (its challenger alias removed)" if entry["challenger_withdrawn"] else ""
+    typer.echo(f"rolled back: champion v{entry['from_version']}{withdrawn} -> v{entry['to_version']}")
+    typer.echo("scorer and API swap within CHURN_MODEL_POLL_SECONDS")
+
+
 @app.command("score")
 def score(
     events: Annotated[Path, typer.Option(help=_EVENT_LOG_HELP)],

@@ -158,6 +158,21 @@ class Settings(BaseSettings):
     # whose p99 stays under it.
     api_latency_budget_ms: float = Field(default=10.0, gt=0)
 
+    # Promotion and rollback (issue 22; `churn promote`, `churn rollback`, training/promotion.py).
+    # `churn promote` moves the challenger to champion only if, on the labelled users of the
+    # prediction log that both versions scored (shadow or canary period), the one-sided 95% lower
+    # bound of a paired bootstrap over users of ROC-AUC(challenger) - ROC-AUC(champion) is at
+    # least -promote_auc_margin; with fewer than promote_min_users such users or
+    # promote_min_churners churners among them it refuses (too little evidence).
+    promote_auc_margin: float = Field(default=0.01, ge=0.0, le=1.0)
+    promote_min_users: int = Field(default=200, ge=2)
+    promote_min_churners: int = Field(default=20, ge=1)
+    promote_bootstrap_samples: int = Field(default=500, ge=20, le=10_000)
+    # Who the audit log names for a promotion or rollback (empty: the OS user), and where the log
+    # is (JSON Lines; empty: <state>/model_audit.jsonl; `GET /models/history` reads it).
+    actor: str = ""
+    model_audit_log: Path | None = None
+
     @field_validator("events_topic", "dlq_topic", "scorer_group", "archiver_group", "model_name")
     @classmethod
     def _not_blank(cls, value: str) -> str:
@@ -226,6 +241,11 @@ class Settings(BaseSettings):
     def predictions_dir(self) -> Path:
         """Returns the prediction log folder (the daily snapshots, Parquet by date)."""
         return (self.prediction_log_dir or self.data_dir / "predictions").resolve()
+
+    @property
+    def audit_log_path(self) -> Path:
+        """Returns the model audit log file (JSON Lines): `model_audit_log`, or <state>/model_audit.jsonl."""
+        return (self.model_audit_log or self.state_dir / "model_audit.jsonl").resolve()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -23,7 +23,7 @@ from serving.admission import AdmissionControl
 from serving.auth import ApiKeys
 from serving.deps import Deps, build_deps
 from serving.limits import BodySizeLimit
-from serving.routes import health, models, monitoring, risk
+from serving.routes import health, history, models, monitoring, risk
 from serving.timing import RequestTimer
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
     open_or_auth = [] if settings.open_health_and_metrics else auth
     app.include_router(risk.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
+    app.include_router(history.router, dependencies=auth)
     app.include_router(monitoring.router, dependencies=auth)
     app.include_router(health.router, dependencies=open_or_auth)
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -126,6 +126,33 @@ class ModelInfo(BaseModel):
     trained_window: dict[str, str | None]
     spec_version: str
     promoted_at: str | None = None
+
+
+class HistoryEntry(BaseModel):
+    """One registry step of the audit log (`models.audit`)."""
+
+    model_config = {"extra": "allow"}  # steps may carry more (e.g. the rule, a withdrawn challenger)
+
+    # Defaults everywhere: a line written by an older (or hand-edited) log still reads.
+    at: str = Field(default="", description="When (UTC, ISO 8601)")
+    action: str = Field(default="", description="`promote` or `rollback`")
+    outcome: str = Field(default="", description="`accepted`, `refused`, `forced` (rule overridden) or `done`")
+    trigger: str = Field(default="", description="`command` (churn promote / rollback) or `train` (the gates)")
+    actor: str = ""
+    reason: str = ""
+    from_version: str | None = Field(default=None, description="The champion before the step")
+    to_version: str | None = Field(default=None, description="The version the step promoted, refused or restored")
+    figures: dict[str, Any] = Field(default_factory=dict, description="The evidence, e.g. the paired ROC-AUCs")
+
+
+class ModelHistory(BaseModel):
+    """A page of the audit log, newest step first."""
+
+    offset: int
+    limit: int
+    total: int = Field(description="Steps in the log")
+    next_offset: int | None = Field(description="Offset of the next page; null on the last")
+    entries: list[HistoryEntry]
 
 
 class Problem(BaseModel):

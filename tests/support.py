@@ -36,6 +36,7 @@ from features.state_store import NOTHING_APPLIED, RedisStateStore
 from models.artifact import ChurnModel, save_artifact
 from models.runtime import feature_matrix
 from monitoring.metrics import Metrics
+from monitoring.prediction_log import write_labels, write_snapshot
 from stream.changes import DECODER as CHANGE_DECODER
 from stream.changes import TierChange
 from stream.consumer import build_scorer
@@ -182,6 +183,48 @@ def register_challenger(folder: Path, base: Settings, model: ChurnModel) -> str:
     scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
     artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
     return registry.log_run(scratch, artifact, {}, {}, {})[1]
+
+
+def write_shadow_log(
+    root: Path,
+    served: str,
+    shadow: str,
+    *,
+    users: int,
+    days: int,
+    served_skill: float,
+    shadow_skill: float,
+    first_day: int = 0,
+    seed: int = 0,
+) -> None:
+    """Writes `days` labelled daily snapshots (from START_MS + `first_day` days) to the prediction
+    log at `root` as a scorer with shadow scoring writes them: every one of `users` users has a
+    `served` row from version `served` and a `shadow` row from version `shadow`. Churn (about
+    15 %) follows a hidden risk; each version's log-odds are `skill` x that risk plus unit noise,
+    so a higher skill ranks churners better (0: no better than chance)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"u{i:05d}" for i in range(users)]
+    for day in range(first_day, first_day + days):
+        as_of = START_MS + day * 86_400_000
+        risk = rng.normal(size=users)
+        churned = rng.random(users) < 1 / (1 + np.exp(-(2 * risk - 2.5)))
+
+        def rows(version: str, skill: float, role: str, as_of: int = as_of, risk: np.ndarray = risk) -> pl.DataFrame:
+            p = 1 / (1 + np.exp(-(skill * risk + rng.normal(size=users) - 2)))
+            return pl.DataFrame(
+                {
+                    "user_id": ids,
+                    "as_of": [as_of] * users,
+                    "churn_probability": p,
+                    "risk_tier": np.where(p > 0.6, "high", np.where(p > 0.3, "medium", "low")).tolist(),
+                    "model_version": [version] * users,
+                    "prediction_id": [f"{version}-{u}-{as_of}" for u in ids],
+                    "role": [role] * users,
+                }
+            )
+
+        write_snapshot(root, pl.concat([rows(served, served_skill, "served"), rows(shadow, shadow_skill, "shadow")]))
+        write_labels(root, as_of, pl.DataFrame({"user_id": ids, "churned": churned}), {"rows": users})
 
 
 # --- a throwaway scorer + API deployment on the real services (fault tests) ------------------

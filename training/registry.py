@@ -6,10 +6,17 @@ artifact directory (model.txt + meta.json) is logged under the run's `model/` pa
 registered as `settings.model_name`. A new version gets the alias `challenger`; it also gets
 `champion` when it passes the gates (see `decide`). Loading the champion is
 `models.registry`.
+
+Every move of `champion` (`move_champion`) records the version it replaced as the new
+champion's `previous_champion` tag (a promotion) and points the alias `previous-champion` at
+the champion's recorded predecessor, the version `churn rollback` restores. Every step is also
+recorded (`record_step`): a line in the local audit log and an `audit.<action>` tag on each
+version it concerns.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +28,7 @@ import polars as pl
 from core.errors import InvalidInputError, ServiceUnavailableError
 from core.settings import Settings, mask_url
 from core.timeutil import parse_utc, to_ms
+from models import audit
 from models.artifact import ChurnModel
 from models.registry import CHALLENGER, CHAMPION, PROMOTED_AT_TAG, registry_client
 from training import backtest, metrics
@@ -28,6 +36,8 @@ from training.dataset import feature_matrix
 
 EXPERIMENT = "churn"
 ARTIFACT_PATH = "model"
+PREVIOUS_CHAMPION = "previous-champion"  # alias: the version `churn rollback` would restore
+PREVIOUS_CHAMPION_TAG = "previous_champion"  # model-version tag: the champion this version replaced
 
 
 @dataclass
@@ -199,10 +209,11 @@ def decide(
 
 
 def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision) -> None:
-    """Records the decision as run tags and, if it promotes, moves the `champion` alias to `version`.
+    """Records the decision as run tags and in the audit log (action `promote`, trigger `train`)
+    and, if it promotes, moves the `champion` alias to `version` (`move_champion`).
 
     Raises:
-        ServiceUnavailableError: the tracking store cannot be reached.
+        ServiceUnavailableError: the tracking store cannot be reached or the audit log written.
     """
     from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
 
@@ -212,10 +223,74 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         client.set_tag(run_id, "promotion.reasons", "; ".join(decision.reasons)[:5000])
         client.set_tag(run_id, "promotion.previous_champion", decision.champion_version or "")
         client.set_tag(run_id, "registry.version", version)
-        if decision.promote:
-            client.set_registered_model_alias(settings.model_name, CHAMPION, version)
-            promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
-            client.set_model_version_tag(settings.model_name, version, PROMOTED_AT_TAG, promoted_at)
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
+    if decision.promote:
+        move_champion(settings, version, replaced=decision.champion_version)
+    entry = {
+        "action": "promote",
+        "trigger": "train",
+        "outcome": "accepted" if decision.promote else "refused",
+        "actor": audit.who(settings.actor),
+        "reason": "; ".join(decision.reasons),
+        "from_version": decision.champion_version,
+        "to_version": version,
+        "figures": {"champion_roc_auc": decision.champion_roc_auc, **(decision.paired or {})},
+    }
+    record_step(settings, entry, [version])
+
+
+def move_champion(settings: Settings, version: str, replaced: str | None) -> None:
+    """Points `champion` at `version` and stamps its `promoted_at`. With `replaced` (a promotion:
+    the champion it replaces), records it as the version's `previous_champion` tag; without it (a
+    rollback), the version keeps the predecessor it recorded when it was promoted. Then points the
+    `previous-champion` alias at that predecessor (removed when there is none).
+
+    Raises:
+        ServiceUnavailableError: the tracking store cannot be reached.
+    """
+    from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
+
+    name = settings.model_name
+    try:
+        client = registry_client(settings)
+        if replaced is not None and replaced != version:
+            client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, replaced)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        promoted_at = datetime.now(UTC).isoformat(timespec="seconds")
+        client.set_model_version_tag(name, version, PROMOTED_AT_TAG, promoted_at)
+        previous = client.get_model_version(name, version).tags.get(PREVIOUS_CHAMPION_TAG)
+        if previous:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+        elif PREVIOUS_CHAMPION in (client.get_registered_model(name).aliases or {}):
+            client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    except MlflowException as exc:
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+
+
+def record_step(settings: Settings, entry: dict[str, Any], versions: list[str]) -> dict[str, Any]:
+    """Appends `entry` to the audit log (`settings.audit_log_path`) and tags each of `versions`
+    with it (`audit.<action>`: the entry as JSON, the latest step of that kind); returns the entry
+    as written.
+
+    Raises:
+        ServiceUnavailableError: the audit log cannot be written or the tracking store reached.
+    """
+    from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
+
+    try:
+        written = audit.append(settings.audit_log_path, entry)
+    except OSError as exc:
+        msg = f"cannot write the audit log {settings.audit_log_path}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+    try:
+        client = registry_client(settings)
+        text = json.dumps(written, default=str)[:5000]
+        for version in sorted({v for v in versions if v}):
+            client.set_model_version_tag(settings.model_name, version, f"audit.{entry['action']}", text)
+    except MlflowException as exc:
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc} (the audit log has the step)"
+        raise ServiceUnavailableError(msg) from exc
+    return written

@@ -1,0 +1,43 @@
+"""`GET /models/history`: the audit log newest first, paged, behind the API key, 4xx on bad paging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from fastapi.testclient import TestClient
+
+from core.settings import load_settings
+from models import audit
+from models.holder import ModelHolder
+from monitoring.metrics import Metrics
+from serving.app import create_app
+from serving.deps import Deps
+
+KEY = {"X-API-Key": "k1"}
+
+
+def test_history_pages_newest_first_behind_the_key(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    settings = load_settings(api_keys=["k1"], model_audit_log=log)
+    deps = Deps(service=cast(Any, None), models=ModelHolder(lambda: None, lambda: None), metrics=Metrics())
+    with TestClient(create_app(settings, deps)) as http:
+        empty = http.get("/models/history", headers=KEY)
+        assert empty.status_code == 200
+        assert empty.json()["entries"] == []
+        assert empty.json()["next_offset"] is None
+        steps = [("promote", "refused", "2"), ("promote", "accepted", "3"), ("rollback", "done", "1")]
+        for action, outcome, version in steps:
+            audit.append(log, {"action": action, "outcome": outcome, "to_version": version, "actor": "ops"})
+
+        first = http.get("/models/history", params={"limit": 2}, headers=KEY).json()
+        rest = http.get("/models/history", params={"limit": 2, "offset": first["next_offset"]}, headers=KEY).json()
+        assert first["total"] == 3
+        seen = [(e["action"], e["outcome"], e["to_version"]) for e in first["entries"] + rest["entries"]]
+        assert seen == steps[::-1]
+        assert rest["next_offset"] is None
+        assert http.get("/models/history").status_code == 401
+        for bad in ({"limit": 0}, {"limit": 501}, {"offset": -1}, {"limit": "ten"}):
+            answer = http.get("/models/history", params=bad, headers=KEY)
+            assert answer.status_code == 422, bad
+            assert "invalid request" in answer.json()["detail"]
