@@ -46,7 +46,9 @@ def _version_tags(settings: Settings, version: str) -> dict[str, str]:
     return dict(registry_client(settings).get_model_version(settings.model_name, version).tags)
 
 
+@pytest.mark.soak  # a scorer, an API and four CLI runs: ~4 min
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_promote_refuses_worse_accepts_better_and_rollback_restores_the_previous_in_scorer_and_api(
     settings: Settings, topic: str, unique: str, tmp_path: Path
 ) -> None:
