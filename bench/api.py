@@ -112,7 +112,7 @@ def _rows(users: int, seed: int = 0) -> list[FeatureRow]:
     ]
 
 
-def _wait_ready(
+def wait_ready(
     port: int, server: subprocess.Popen[bytes], log: Path, timeout_s: float = 300.0, path: str = "/health/ready"
 ) -> None:
     """Waits until `path` answers 200.
@@ -291,7 +291,7 @@ def measure_mode(
 
 
 @contextmanager
-def _process(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Runs `command` with its output in the file `log` (nobody reads a pipe while the load runs);
     stops it (SIGTERM, then SIGKILL after 30 s) on the way out."""
     with log.open("wb") as out:
@@ -376,8 +376,8 @@ def bench_api(
             "CHURN_CLOCK": "event",
         }
         began = time.perf_counter()
-        with _process([CHURN, "serve", "--workers", str(workers)], env, folder / "serve.log") as server:
-            _wait_ready(port, server, folder / "serve.log")
+        with running([CHURN, "serve", "--workers", str(workers)], env, folder / "serve.log") as server:
+            wait_ready(port, server, folder / "serve.log")
             timings["serve_start_seconds"] = round(time.perf_counter() - began, 1)
             for mode in modes:
                 say(f"churn serve, {mode}:")
@@ -390,8 +390,8 @@ def bench_api(
                 FEAST, "-c", str(scratch.feast_repo_dir), "serve", "-h", "127.0.0.1", "-p", str(port),
                 "--no-access-log", "--workers", str(workers), "--max-requests", "0",
             ]  # fmt: skip
-            with _process(command, {**os.environ, "PYTHONPATH": str(ROOT)}, folder / "feast-serve.log") as server:
-                _wait_ready(port, server, folder / "feast-serve.log", path="/health")
+            with running(command, {**os.environ, "PYTHONPATH": str(ROOT)}, folder / "feast-serve.log") as server:
+                wait_ready(port, server, folder / "feast-serve.log", path="/health")
                 say("feast serve, features of one user:")
                 results["feast_serve"] = measure_mode(port, server.pid, users, feast_mode(), plan, say)
     finally:

@@ -680,11 +680,13 @@ def bench_at_risk(
     requests: Annotated[int, typer.Option(min=1, help="Measured requests per order.")] = 2000,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Users per page.")] = 100,
 ) -> None:
-    """GET /users/at-risk p50/p99 (in-process app, real Redis) with N scored users (JSON)."""
+    """GET /users/at-risk p50/p99 through a real `churn serve` on the real Redis with N scored
+    users, beside the server's /health/live floor and the stores alone (JSON)."""
     from bench.at_risk import bench_at_risk as run  # heavy: see the module docstring
 
     settings = _settings()
-    _print_figures(lambda: run(settings, users, requests, limit))
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    _print_figures(lambda: run(settings, users, requests, limit, say))
 
 
 @app.command("predictions")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench.api import MODES, START_MS, _rows, _wait_ready, load
+from bench.api import MODES, START_MS, _rows, load, wait_ready
 from bench.harness import CHURN, free_port, scratch_settings
 from core.settings import Settings
 from features.feast_repo import apply_repo
@@ -65,7 +65,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     with log.open("wb") as out:
         server = subprocess.Popen([CHURN, "serve", "--workers", "1"], env=env, stdout=out, stderr=out)
     try:
-        _wait_ready(port, server, log, timeout_s=180)
+        wait_ready(port, server, log, timeout_s=180)
         run(100, 2.0)  # warm: the first requests import and compile
         asked, search = 300.0, []
         while True:
