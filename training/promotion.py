@@ -71,7 +71,7 @@ def paired_outcomes(root: Path, champion: str, challenger: str) -> pl.DataFrame:
     versions scored (any role: served, shadow): as_of, user_id, churned, and each version's
     probability as `champion` and `challenger`. Empty when there is none (or no log)."""
     try:
-        log = read_log(root)
+        log = read_log(root, role=None)
     except InvalidInputError:
         return pl.DataFrame(schema=PAIR_SCHEMA)
     labelled = log.filter(pl.col("churned").is_not_null()).with_columns(pl.col("model_version").cast(pl.Utf8))
