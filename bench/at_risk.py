@@ -119,6 +119,7 @@ def bench_at_risk(
         figures: dict[str, Any] = {
             "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
             "users": users,
+            "redis_prefix": scratch.redis_prefix,  # deleted on the way out
             "limit": limit,
             "requests_per_order": requests,
             "load_seconds": round(load_seconds, 1),

@@ -27,6 +27,6 @@ def test_the_at_risk_bench_times_the_real_route_its_floor_and_the_stores(setting
     assert any("churn serve" in line for line in progress)
     client = redis_client(settings)
     try:
-        assert not list(client.scan_iter("bench:atrisk*", count=1000))
+        assert not list(client.scan_iter(f"{figures['redis_prefix']}*", count=1000))
     finally:
         client.close()
