@@ -8,7 +8,8 @@ a p99 budget would measure the shared machine's stalls more than the worker. At 
 generator shares the two cores and sends three times as much, which alone slowed the worker 2.2x
 in one CI run; without shedding, every one of the 128 connections would wait in the worker's
 queue: 128 service times, tens of times the bound), every other answer must be a
-503 with `Retry-After`, and once the load drops the latency must be back to normal within 5 s.
+503 with `Retry-After`, and once the load drops the latency must be back to normal within 5 s
+(at most 1% shed, as a stall can line up four requests at half capacity).
 """
 
 from __future__ import annotations
@@ -124,8 +125,12 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert overload["errors"] == 0, overload["first_errors"]
     assert overload["ok_latency"]["p99_ms"] <= 4 * at_capacity["ok_latency"]["p99_ms"], figures
     assert statuses["200"] / overload["seconds"] >= 0.5 * capacity, figures
-    # Back to normal within 5 s of the drop: every request answered, as fast as before.
-    assert calm_after["statuses"] == {"200": calm_after["requests"]}, calm_after["statuses"]
+    # Back to normal within 5 s of the drop: (nearly) every request answered, as fast as before.
+    # At half capacity four requests are rarely in flight at once, but a stall of the shared
+    # machine can line them up: one CI run shed 1 of 1,147. A worker still draining the overload
+    # would shed most of them.
+    assert set(calm_after["statuses"]) <= {"200", "503"}, calm_after["statuses"]
+    assert calm_after["statuses"].get("503", 0) <= 0.01 * calm_after["requests"], calm_after["statuses"]
     assert calm_after["errors"] == 0
     normal_ms = max(2 * calm_before["latency"]["p99_ms"], at_capacity["ok_latency"]["p99_ms"])
     assert calm_after["latency"]["p99_ms"] <= normal_ms, figures
