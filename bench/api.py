@@ -290,6 +290,23 @@ def measure_mode(
     return figures
 
 
+def open_api_env(scratch: Settings, port: int) -> dict[str, str]:
+    """Returns the environment of a `churn serve` on `scratch`'s state, Feast repo and Redis
+    prefix, listening on 127.0.0.1:`port` without API keys (a benchmark's own server)."""
+    return {
+        **os.environ,
+        "CHURN_STATE_DIR": str(scratch.state_dir),
+        "CHURN_FEAST_PROJECT": scratch.feast_project,
+        "CHURN_FEAST_REPO": str(scratch.feast_repo_dir),
+        "CHURN_REDIS_URL": scratch.redis_address,
+        "CHURN_REDIS_PREFIX": scratch.redis_prefix,
+        "CHURN_API_HOST": "127.0.0.1",
+        "CHURN_API_PORT": str(port),
+        "CHURN_API_KEYS": "[]",
+        "CHURN_API_OPEN": "true",
+    }
+
+
 @contextmanager
 def running(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Runs `command` with its output in the file `log` (nobody reads a pipe while the load runs);
@@ -361,20 +378,7 @@ def bench_api(
         load_before = round(os.getloadavg()[0], 2)
 
         port = free_port()
-        env = {
-            **os.environ,
-            "CHURN_STATE_DIR": str(scratch.state_dir),
-            "CHURN_MLFLOW_TRACKING_URI": scratch.tracking_uri,
-            "CHURN_FEAST_PROJECT": scratch.feast_project,
-            "CHURN_FEAST_REPO": str(scratch.feast_repo_dir),
-            "CHURN_REDIS_URL": scratch.redis_address,
-            "CHURN_REDIS_PREFIX": scratch.redis_prefix,
-            "CHURN_API_HOST": "127.0.0.1",
-            "CHURN_API_PORT": str(port),
-            "CHURN_API_KEYS": "[]",
-            "CHURN_API_OPEN": "true",
-            "CHURN_CLOCK": "event",
-        }
+        env = {**open_api_env(scratch, port), "CHURN_MLFLOW_TRACKING_URI": scratch.tracking_uri, "CHURN_CLOCK": "event"}
         began = time.perf_counter()
         with running([CHURN, "serve", "--workers", str(workers)], env, folder / "serve.log") as server:
             wait_ready(port, server, folder / "serve.log")

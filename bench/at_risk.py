@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.api import cpu_model, running, wait_ready
+from bench.api import cpu_model, open_api_env, running, wait_ready
 from bench.harness import CHURN, delete_prefix, free_port
 from bench.loadgen import percentiles_ms
 from core.redis import redis_client
@@ -128,18 +128,7 @@ def bench_at_risk(
         }
         feast = apply_repo(scratch)  # `churn serve` starts only on an applied Feast repo
         port = free_port()
-        env = {
-            **os.environ,
-            "CHURN_STATE_DIR": str(scratch.state_dir),
-            "CHURN_FEAST_PROJECT": scratch.feast_project,
-            "CHURN_FEAST_REPO": str(scratch.feast_repo_dir),
-            "CHURN_REDIS_URL": scratch.redis_address,
-            "CHURN_REDIS_PREFIX": scratch.redis_prefix,
-            "CHURN_API_HOST": "127.0.0.1",
-            "CHURN_API_PORT": str(port),
-            "CHURN_API_KEYS": "[]",
-            "CHURN_API_OPEN": "true",
-        }
+        env = open_api_env(scratch, port)
 
         # The first ten pages, or as many full pages as the high tier has (small runs).
         pages = max(1, min(10, figures["high_tier_users"] // limit))
