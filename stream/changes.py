@@ -187,6 +187,11 @@ class KafkaChangeLog:
         after the states holding `since_offset` were saved comes after all earlier ones."""
         tp = TopicPartition(self.topic, partition)
         try:
+            # The reader sits idle between outages, so the leaders it cached may be brokers that
+            # died since: asked there, the ends waited out the whole timeout (twice 30 s in a
+            # cluster test where the partition's old leader had been SIGKILLed). A metadata
+            # request for the topic first brings the cache up to date.
+            self.reader.list_topics(self.topic, timeout=self.timeout_s)
             low, high = self.reader.get_watermark_offsets(tp, timeout=self.timeout_s)
         except KafkaException as exc:
             msg = f"cannot read the ends of {self.topic}[{partition}]: {exc.args[0]}"

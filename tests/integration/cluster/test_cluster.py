@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from fastapi.testclient import TestClient
 from redis.cluster import RedisCluster
 
@@ -31,12 +31,14 @@ from core.settings import Settings
 from features.feast_store import FeastFeatureStore
 from infra import cluster as infra_cluster
 from serving.app import create_app
+from stream.changes import KafkaChangeLog, TierChange
 from stream.topics import delete_topics, ensure_topics
 from tests.support import Deployment, drained, produce_paced, random_events, record_figures, register_champion
 
 pytestmark = pytest.mark.cluster
 
 RATE = 400.0  # events/s while the faults happen: the stream flows before, during and after each
+READY_AGAIN_SPREAD_S = 30.0  # how long after the first scorer the others may come back
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,11 @@ def _redis_port_of(settings: Settings, key: str) -> int:
         return int(node.port)
     finally:
         client.close()
+
+
+def _logs_of(scorers: list[ScorerProcess], which: set[int]) -> str:
+    """Returns the log tails of the scorers numbered in `which` (an assertion's message)."""
+    return "\n".join(f"--- scorer {i} ({scorers[i].log}):\n{scorers[i].tail(4000)}" for i in sorted(which))
 
 
 def _applied(scorers: list[ScorerProcess]) -> int:
@@ -237,7 +244,12 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
     assert -1 not in figures["broker"]["leaders_after"].values()  # every partition led by a live broker
     assert serving != master  # the replica took over the slot
     assert sorted(not_ready) == [0, 1, 2]  # every scorer said so while Redis failed over ...
-    assert sorted(ready_again) == [0, 1, 2]  # ... and came back by itself
+    assert sorted(ready_again) == [0, 1, 2], _logs_of(scorers, set(range(3)) - set(ready_again))  # ... came back
+    # ... promptly: once one scorer writes again, the stores are back for all, and each retries
+    # within its maximum backoff (5 s) plus a batch. (A scorer whose tier-change reader asked a
+    # dead broker for a partition's ends waited out 30 s per attempt: back 70 s after the others.)
+    late = {i: at for i, at in ready_again.items() if at > min(ready_again.values()) + READY_AGAIN_SPREAD_S}
+    assert not late, _logs_of(scorers, set(late))
     assert all(alive)  # no scorer crashed on the way
     assert all(count > 0 for count in applied_per_scorer)  # the three shared the work
     # Every event was applied, or found applied on a retry: a save that reached some slot groups
@@ -246,6 +258,42 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
     assert sum(applied_per_scorer) + figures["skipped_as_duplicates"] >= len(events)
     assert in_rows == len(events)
     assert faulted.final_state(users) == reference
+
+
+@pytest.mark.timeout(300)
+def test_tier_change_reader_asks_the_new_leader_after_the_old_one_is_sigkilled(
+    settings: Settings, cluster: Settings, unique: str
+) -> None:
+    """The scorer re-reads a partition's published tier changes after an outage. Its reader sits
+    idle between outages, so the leaders it cached may have died meanwhile: reading a partition
+    whose leader was SIGKILLed 20 s earlier must ask the new leader and answer at once."""
+    topic = f"changes-{unique}"
+    admin = AdminClient(kafka_config(cluster, log_level=0))
+    admin.create_topics([NewTopic(topic, num_partitions=6)])[topic].result(30)
+    changes = KafkaChangeLog(cluster, topic, timeout_s=15.0)
+    try:
+        sent = [_change(f"u{p}", partition=p, offset=10 + p) for p in range(6)]
+        changes.publish(sent)
+        for p in range(6):  # the reader caches every partition's leader
+            assert changes.published(p, 0) == [sent[p]]
+        leaders = _leaders(cluster, topic)
+        broker, _ = Counter(leaders.values()).most_common(1)[0]
+        infra_cluster.kill_node(settings, infra_cluster.broker_name(broker - 1))
+        wait_for(lambda: broker not in _leaders(cluster, topic).values(), 120, "new leaders")
+        time.sleep(20)  # the reader's connection to the dead broker backs off meanwhile
+        moved = [p for p, leader in leaders.items() if leader == broker]
+        started = time.monotonic()
+        assert changes.published(moved[0], 0) == [sent[moved[0]]]
+        elapsed = time.monotonic() - started
+    finally:
+        infra_cluster.up(settings)
+        changes.close()
+        delete_topics(cluster, [topic])
+    assert elapsed < 5.0  # asked there, the dead leader made it wait out the whole timeout (15 s)
+
+
+def _change(user_id: str, partition: int, offset: int) -> TierChange:
+    return TierChange(user_id, None, "high", 0.9, [], "churn-lightgbm", "1", 0, f"p-{user_id}", partition, offset)
 
 
 def _without_write_times(answer: Any) -> Any:
