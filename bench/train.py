@@ -175,4 +175,7 @@ def compare_train(
         "future_days": future_days,
         "runs": runs,
         "after_not_worse_on_every_seed": all(r["after_roc_auc"] >= r["before_roc_auc"] for r in runs),
+        # The promotion gate's reading: worse only where the one-sided 95% upper bound of
+        # after - before is below 0.
+        "after_not_significantly_worse_on_every_seed": all(r["after_minus_before"]["high"] >= 0 for r in runs),
     }

@@ -529,6 +529,9 @@ def bench_train(
         bool, typer.Option("--compare", help="Before/after ROC-AUC of the registered model on the days after the log.")
     ] = False,
     seeds: Annotated[int, typer.Option(min=1, help="Simulation seeds 0.. for --compare.")] = 3,
+    future_days: Annotated[
+        int, typer.Option(min=1, help="Days after the log whose points --compare scores (labels from the simulation).")
+    ] = 3,
 ) -> None:
     """Seconds of each training step (checks, build, search, final fit) on a simulated
     date-partitioned log; with --compare, main's procedure against this one on the same seeds."""
@@ -537,7 +540,11 @@ def bench_train(
     if compare:
         seeds_run = tuple(range(seeds))
         say = lambda line: typer.echo(line, err=True)  # noqa: E731
-        _print_figures(lambda: train_bench.compare_train(_settings(), users, days, seeds_run, progress=say))
+        _print_figures(
+            lambda: train_bench.compare_train(
+                _settings(), users, days, seeds_run, future_days=future_days, progress=say
+            )
+        )
     else:
         _print_figures(lambda: train_bench.bench_train(_settings(), users, days))
 
