@@ -34,7 +34,7 @@ demo: setup ## run the whole system end to end on local real services
 
 test: $(VENV)/.installed ## unit + integration tests against real Kafka, Redis and Prometheus
 	$(TEST_ENV) $(CHURN) infra up
-	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) -m "not soak and not cluster" tests
+	$(TEST_ENV) CI=$${CI:-false} $(PYTEST) --durations=15 -m "not soak and not cluster" tests
 
 test-soak: $(VENV)/.installed ## the long tests: SIGKILL fault suite, multi-day monitoring streams (minutes each)
 	$(TEST_ENV) $(CHURN) infra up
