@@ -10,6 +10,7 @@ from core.settings import Settings
 TINY = LoadPlan(step_seconds=0.5, warmup_seconds=0.2, measure_seconds=0.5, connections=4, start_rate=50, max_steps=2)
 
 
+@pytest.mark.soak  # two servers started, a model trained: ~90 s, the slowest test of `make test` before
 @pytest.mark.slow
 def test_the_api_bench_reports_capacity_latency_and_cpu_for_ours_and_feast_serve(settings: Settings) -> None:
     progress: list[str] = []
