@@ -441,8 +441,15 @@ def test_drift_from_day_d_is_at_alert_within_one_day_and_only_on_shifted_feature
             assert report["features"][feature]["status"] == "ok", (day, feature, report["features"][feature])
     # The real Prometheus sees it: the scorer's gauges, and the drift rule pending or firing.
     scorer = f'instance="{deployment.instance("scorer")}"'
-    psi = {r["metric"]["feature"]: float(r["value"][1]) for r in query(settings, f"churn_feature_psi{{{scorer}}}")}
-    assert all(psi[f] >= 0.25 for f in SHIFTED), psi
+
+    def psi() -> dict[str, float]:
+        return {r["metric"]["feature"]: float(r["value"][1]) for r in query(settings, f"churn_feature_psi{{{scorer}}}")}
+
+    # The snapshot may be seconds old: Prometheus shows it from its next scrape.
+    try:
+        wait_for(lambda: all(psi().get(f, 0.0) >= 0.25 for f in SHIFTED), 30, "the shifted features' PSI in Prometheus")
+    except TimeoutError:
+        raise AssertionError(psi()) from None
 
     def drift_alerts() -> list[dict[str, Any]]:
         alerts = prom(settings, "/api/v1/alerts")["alerts"]
