@@ -15,6 +15,7 @@ from functools import cache
 from typing import Any, Literal
 
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -71,6 +72,17 @@ def redis_client(settings: Settings, purpose: Purpose = "batch") -> Client:
             retry=FAIL_FAST,
         )
     return redis.Redis.from_url(
+        settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
+    )
+
+
+def async_redis_client(settings: Settings, purpose: Purpose = "request") -> redis.asyncio.Redis:
+    """Returns an asyncio client of the one Redis server at `settings.redis_address` with the
+    timeouts of `purpose` (no I/O yet: connections open on the event loop that first uses it).
+    For a server, not a cluster: the API reads through it only where one pipeline reaches every
+    key it reads (see `serving.deps`)."""
+    socket_timeout, connect_timeout = TIMEOUTS[purpose]
+    return redis.asyncio.Redis.from_url(
         settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
     )
 

@@ -245,6 +245,23 @@ class FeastFeatureStore:
         stored, reply = both
         return self._decode(ids, stored), reply
 
+    def read_commands(self, user_ids: Sequence[str]) -> list[tuple[Any, ...]] | None:
+        """Returns the Redis commands (one per id) whose replies `decode_replies` turns into what
+        `read_rows` returns, for a caller that sends them itself on the online store's server
+        (the API's asyncio client, in one pipeline with its own reads). None where one pipeline
+        cannot read them (another online store, a cluster) or for no ids."""
+        if self._online_store is None or not user_ids:
+            return None
+        return self._online_store.read_commands(self._config, self._view, self._keys(list(user_ids)), self._read_names)
+
+    def decode_replies(self, user_ids: Sequence[str], replies: list[list[bytes | None]]) -> list[FeatureRow | None]:
+        """Returns the rows of the replies to `read_commands(user_ids)` (None for an unknown id).
+
+        Raises:
+            ValueError: a stored value is not a number (the view was written by something else).
+        """
+        return self._decode(list(user_ids), replies)
+
     def _keys(self, ids: list[str]) -> list[EntityKeyProto]:
         value, entity_key = self._value_cls, self._entity_key_cls
         return [entity_key(join_keys=[JOIN_KEY], entity_values=[value(string_val=user_id)]) for user_id in ids]

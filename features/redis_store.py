@@ -310,18 +310,30 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         Raises:
             redis.exceptions.RedisError: Redis is unreachable or refused a command.
         """
+        commands = self.read_commands(config, table, entity_keys, features)
+        if commands is None:
+            return None
+        with self._get_client(config.online_store).pipeline(transaction=False) as pipe:
+            for read in commands:
+                pipe.execute_command(*read)
+            pipe.execute_command(*command)
+            replies: list[Any] = pipe.execute()
+        return replies[:-1], replies[-1]
+
+    def read_commands(
+        self, config: RepoConfig, table: FeatureView, entity_keys: Sequence[EntityKeyProto], features: tuple[str, ...]
+    ) -> list[tuple[Any, ...]] | None:
+        """Returns the Redis commands (one HMGET per entity key) whose replies are what
+        `read_values` returns, for a caller that sends them itself (e.g. with an asyncio client,
+        pipelined with its own reads); None where one pipeline to one server cannot read them (a
+        Redis Cluster, Sentinel or the GLIDE client)."""
         online_config = config.online_store
         assert isinstance(online_config, RedisOnlineStoreConfig)
         if online_config.client == RedisClient.glide or online_config.redis_type != RedisType.redis:
             return None
         layout = self.layout(config, table)
         fields = layout.lists.get(features) or layout.field_list(features)
-        with self._get_client(online_config).pipeline(transaction=False) as pipe:
-            for entity_key in entity_keys:
-                pipe.hmget(layout.redis_key(entity_key), fields)
-            pipe.execute_command(*command)
-            replies: list[Any] = pipe.execute()
-        return replies[:-1], replies[-1]
+        return [("HMGET", layout.redis_key(entity_key), *fields) for entity_key in entity_keys]
 
     def hash_writer(
         self,

@@ -56,6 +56,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         yield
         stop.set()
         d.close()
+        if d.aclose is not None:
+            await d.aclose()
 
     app = FastAPI(
         title="Churn risk API",

@@ -3,13 +3,14 @@ dependencies (`DepsDep`, `SettingsDep`) through which routes receive it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from core.redis import redis_client, redis_errors
+from core.redis import async_redis_client, redis_client, redis_errors
 from core.settings import Settings
 from features.feast_repo import open_feature_store
 from features.feast_store import FeastFeatureStore
@@ -36,6 +37,7 @@ class Deps:
     metrics: Metrics
     ready_checks: dict[str, Callable[[], None]] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
+    aclose: Callable[[], Awaitable[None]] | None = None  # closes the asyncio clients (on the event loop)
     drift_state: Callable[[], dict[str, Any] | None] = lambda: None  # the scorer's latest drift JSON
     performance_state: Callable[[], dict[str, Any] | None] = lambda: None  # expected/realized per day
     at_risk: AtRiskIndex = field(default_factory=InMemoryAtRiskIndex)  # the scorer's at-risk list
@@ -80,8 +82,34 @@ def build_deps(settings: Settings) -> Deps:
         both = features.read_rows_and(user_ids, risks.read_command(user_ids))
         return None if both is None else (both[0], risks.decode(both[1]))
 
+    # Where one pipeline reaches the features and the risk rows (one Redis server, not a
+    # cluster), the single-user route reads them on an asyncio client: no thread hop per request
+    # (measured: a fifth of the route's CPU), and a stalled Redis still never holds the loop.
+    aclient = None if features.read_commands([READY_PROBE_USER]) is None else async_redis_client(settings, "request")
+    event_clock = settings.clock == "event"
+
+    async def read_async(user_ids: Sequence[str]) -> tuple[list[FeatureRow | None], list[RiskRow | None], int | None]:
+        assert aclient is not None
+        commands = features.read_commands(user_ids)
+        assert commands is not None
+        with redis_errors(f"reading {len(user_ids)} feature and risk rows"):
+            async with aclient.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                pipe.execute_command(*risks.read_command(user_ids))
+                if event_clock:  # the watermark is the clock: read it in the same round trip
+                    pipe.get(risks.watermark_key)
+                replies = await pipe.execute()
+        if event_clock:
+            mark = replies.pop()
+            now_ms = None if mark is None else int(mark)
+        else:
+            now_ms = time.time_ns() // 1_000_000
+        return features.decode_replies(user_ids, replies[:-1]), risks.decode(replies[-1]), now_ms
+
     service = RiskService(
         features, risks, lambda: models.current, build_clock(settings.clock, risks), metrics, read_together,
+        read_async=read_async if aclient is not None else None,
         challenger=lambda: challengers.current,
         canary_percent=settings.canary_percent,
     )  # fmt: skip
@@ -109,6 +137,7 @@ def build_deps(settings: Settings) -> Deps:
         metrics=metrics,
         ready_checks={"redis": ping, "feature_view": feature_view},
         close=client.close,
+        aclose=aclient.aclose if aclient is not None else None,  # type: ignore[attr-defined]  # types-redis predates aclose
         drift_state=drift_state,
         performance_state=performance_state,
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
@@ -116,13 +145,16 @@ def build_deps(settings: Settings) -> Deps:
     )
 
 
-def get_deps(request: Request) -> Deps:
+# The two getters are `async def` because they do no I/O: FastAPI runs a plain `def` dependency
+# in its thread pool, a second thread hop per request beside the route's own (measured: about
+# 0.3 ms of CPU per request of ~3 ms).
+async def get_deps(request: Request) -> Deps:
     """Returns the process's Deps (set on `app.state` by the lifespan)."""
     deps: Deps = request.app.state.deps
     return deps
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """Returns the settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from core.errors import ServiceUnavailableError
 from core.timeutil import ms_to_iso
@@ -37,6 +39,9 @@ _COLUMN = {name: i for i, name in enumerate(spec.MODEL_FEATURES)}
 # Reads the feature rows and the stored risk rows of the same ids in one Redis round trip, or
 # returns None where that cannot be done (then they are read one after the other).
 ReadTogether = Callable[[Sequence[str]], tuple[list[FeatureRow | None], list[RiskRow | None]] | None]
+# Reads the same on an asyncio client, with the clock of the answer (the stream watermark in
+# event mode, read in the same round trip; the wall clock otherwise).
+ReadAsync = Callable[[Sequence[str]], Awaitable[tuple[list[FeatureRow | None], list[RiskRow | None], int | None]]]
 
 
 class RiskService:
@@ -44,7 +49,8 @@ class RiskService:
 
     `now_ms` is the injected clock: the stream's event-time watermark in replay/demo mode, the
     wall clock live (see `build_clock`). `read_together`, when given, reads both kinds of rows
-    in one round trip (`serving.deps.build_deps` gives it when both live on one Redis server).
+    in one round trip, and `read_async` does so on an asyncio client for `answer_async`
+    (`serving.deps.build_deps` gives both when both kinds live on one Redis server).
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class RiskService:
         now_ms: Callable[[], int | None],
         metrics: Metrics,
         read_together: ReadTogether | None = None,
+        read_async: ReadAsync | None = None,
         challenger: Callable[[], LoadedModel | None] = lambda: None,
         canary_percent: float = 0.0,
     ) -> None:
@@ -68,10 +75,12 @@ class RiskService:
         self.challenger = challenger
         self.canary_percent = canary_percent
         self.read_together = read_together
+        self.read_async = read_async
 
     def answer(self, user_ids: Sequence[str], *, explain: bool) -> tuple[list[RiskAnswer | CancelledAnswer], list[str]]:
         """Returns the answers for the known users (in the order asked; a cancelled user as a
-        `CancelledAnswer`, without scoring) and the ids that are unknown.
+        `CancelledAnswer`, without scoring) and the ids that are unknown. Blocking: Redis is read
+        with the synchronous clients (see `answer_async` for the event loop).
 
         Raises:
             ServiceUnavailableError: no model is loaded (and a user needs scoring), or a store is down.
@@ -90,6 +99,48 @@ class RiskService:
             found_stored = [risk for row, risk in zip(rows, both[1], strict=True) if row is not None]
         else:
             found_stored = self.risks.read([row.user_id for row in found])
+        return self._answers(found, found_stored, loaded, challenger, explain, self.now_ms), unknown
+
+    async def answer_async(
+        self, user_ids: Sequence[str], *, explain: bool
+    ) -> tuple[list[RiskAnswer | CancelledAnswer], list[str]]:
+        """Returns what `answer` returns without blocking the event loop: Redis is read with
+        `read_async` (one round trip on an asyncio client, which also gives the clock) when
+        given, else `answer` runs in a worker thread. Scoring runs on the caller's thread: a few
+        rows cost a fraction of a millisecond, less than the thread hop it saves.
+
+        Raises:
+            ServiceUnavailableError: no model is loaded (and a user needs scoring), or a store is down.
+        """
+        if self.read_async is None or not user_ids:
+            return await run_in_threadpool(partial(self.answer, user_ids, explain=explain))
+        loaded = self.current_model()
+        challenger = self.challenger()
+        started = time.perf_counter()
+        rows, stored, now_ms = await self.read_async(user_ids)
+        self.metrics.store_read_seconds.observe(time.perf_counter() - started)
+        found = [row for row in rows if row is not None]
+        unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
+        if not found:
+            return [], unknown
+        found_stored = [risk for row, risk in zip(rows, stored, strict=True) if row is not None]
+        return self._answers(found, found_stored, loaded, challenger, explain, lambda: now_ms), unknown
+
+    def _answers(
+        self,
+        found: list[FeatureRow],
+        found_stored: list[RiskRow | None],
+        loaded: LoadedModel | None,
+        challenger: LoadedModel | None,
+        explain: bool,
+        clock: Callable[[], int | None],
+    ) -> list[RiskAnswer | CancelledAnswer]:
+        """Returns the answers of the rows found, in their order: cancelled users as such, the
+        others scored by the champion or the canary's challenger as of `clock()`.
+
+        Raises:
+            ServiceUnavailableError: no model is loaded and a user needs scoring.
+        """
         answers: dict[str, RiskAnswer | CancelledAnswer] = {
             row.user_id: CancelledAnswer(
                 user_id=row.user_id,
@@ -106,12 +157,13 @@ class RiskService:
                 msg = "no champion model is loaded yet (train and promote one: `churn train`)"
                 raise ServiceUnavailableError(msg)
             ids = [row.user_id for row, _ in pairs]
+            clock_ms = clock()
             for model, kept in split_canary(ids, loaded, challenger, self.canary_percent):
                 part, stored = [pairs[i][0] for i in kept], [pairs[i][1] for i in kept]
                 shadow = shadow_of(model, loaded, challenger)
-                for answer in self._score(part, stored, model, explain, shadow):
+                for answer in self._score(part, stored, model, explain, clock_ms, shadow):
                     answers[answer.user_id] = answer
-        return [answers[row.user_id] for row in found], unknown
+        return [answers[row.user_id] for row in found]
 
     def _score(
         self,
@@ -119,9 +171,9 @@ class RiskService:
         stored: list[RiskRow | None],
         loaded: LoadedModel,
         explain: bool,
+        clock: int | None,
         shadow: LoadedModel | None = None,
     ) -> list[RiskAnswer]:
-        clock = self.now_ms()
         # In event mode the watermark may trail a user's newest event by a batch: never go negative.
         now = [max(clock or row.last_event_ms, row.last_event_ms) for row in known]
         matrix = feature_matrix(known, now)

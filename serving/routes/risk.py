@@ -22,18 +22,17 @@ router = APIRouter(tags=["risk"])
     response_model=UserAnswer,
     responses={**ERRORS, 404: {"model": Problem, "description": "Unknown user"}},
 )
-def user_risk(
+async def user_risk(
     deps: DepsDep,
     user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")],
     explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
 ) -> Response:
     """Churn probability within the horizon for one user, with tier and reasons; a user who has
     cancelled is answered with `status: "cancelled"` and the cancellation time, no probability."""
-    # A sync route, so FastAPI runs it in its thread pool: the Redis reads (Feast's online
-    # store is a blocking client, with multi-second timeouts) never hold the event loop, so a
-    # slow Redis cannot stall `/health/live` or other requests. An async Redis client would
-    # mean a second read path beside Feast's; the thread hop costs ~0.1 ms.
-    answers, _ = deps.service.answer([user_id], explain=explain)
+    # Redis is read without blocking the event loop (an asyncio client, or the blocking clients
+    # in a worker thread where there is none: see `RiskService.answer_async`), so a slow Redis
+    # cannot stall `/health/live` or other requests.
+    answers, _ = await deps.service.answer_async([user_id], explain=explain)
     if not answers:
         msg = f"unknown user {user_id!r}: no features in the online store"
         raise NotFoundError(msg)

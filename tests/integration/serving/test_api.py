@@ -7,6 +7,7 @@ every user's online features from the online engine (own Feast project), the str
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from redis.asyncio.connection import AbstractConnection as AsyncConnection
 from redis.connection import AbstractConnection
 
 from bench.harness import SMALL_SIMULATION, SMALL_TRAIN_OPTIONS, free_port, train_small_champion
@@ -308,3 +310,64 @@ def test_a_batch_is_one_redis_round_trip_and_one_predict(world: World, monkeypat
         assert answer.stored_risk is not None
         assert answer.stored_risk.churn_probability == 0.25
     assert all(by_user[u].stored_risk is None for u in users[41:])  # type: ignore[union-attr]
+
+
+def test_the_single_user_route_reads_on_the_event_loop_and_answers_as_the_blocking_path(world: World) -> None:
+    # The service as `churn serve` builds it on one Redis server, with the stream's clock (the
+    # watermark rides in the same round trip).
+    deps = build_deps(world.settings)
+    deps.models.refresh()
+    assert deps.service.read_async is not None  # one server: the asyncio read path is taken
+    users = sorted(world.rows)[100:110]
+    scored, cancelled = users[:4], users[4]
+    risks = RedisRiskStore(redis.Redis.from_url(world.settings.redis_address), world.settings.redis_prefix)
+    risks.write(
+        [RiskRow(u, 0.5, "high", world.version, world.rows[u].last_event_ms, 1) for u in scored]
+        + [RiskRow.cancelled(cancelled, world.rows[cancelled].last_event_ms, world.rows[cancelled].last_event_ms, 1)]
+    )
+    asked = [*users, "nobody-at-all"]
+    sends: list[int] = []
+    scoring_threads: set[int] = set()
+    send = AsyncConnection.send_packed_command
+
+    async def counted_send(self: AsyncConnection, *args: Any, **kwargs: Any) -> None:
+        sends.append(1)
+        await send(self, *args, **kwargs)
+
+    predict = ChurnModel.predict
+
+    def noting_predict(self: ChurnModel, matrix: np.ndarray) -> np.ndarray:
+        scoring_threads.add(threading.get_ident())
+        return predict(self, matrix)
+
+    async def on_the_loop() -> tuple[Any, int]:
+        try:
+            await deps.service.answer_async(asked[:1], explain=False)  # connects (and greets Redis) once
+            sends.clear()
+            AsyncConnection.send_packed_command = counted_send  # type: ignore[method-assign]
+            ChurnModel.predict = noting_predict  # type: ignore[method-assign]
+            try:
+                answered = await deps.service.answer_async(asked, explain=True)
+            finally:
+                AsyncConnection.send_packed_command = send  # type: ignore[method-assign]
+                ChurnModel.predict = predict  # type: ignore[method-assign]
+            return answered, threading.get_ident()
+        finally:
+            assert deps.aclose is not None
+            await deps.aclose()
+
+    try:
+        (answers, unknown), loop_thread = asyncio.run(on_the_loop())
+        blocking_answers, blocking_unknown = deps.service.answer(asked, explain=True)
+    finally:
+        risks.client.delete(*(risks.prefix + u for u in [*scored, cancelled]))
+        risks.client.close()
+        deps.close()
+
+    assert len(sends) == 1  # features, stored risk and the watermark: one pipeline, one round trip
+    assert scoring_threads == {loop_thread}  # scored on the event loop's thread: no hop to a worker
+    assert unknown == blocking_unknown == ["nobody-at-all"]
+    assert [a.model_dump() for a in answers] == [a.model_dump() for a in blocking_answers]
+    assert isinstance(answers[4], CancelledAnswer)
+    assert all(isinstance(a, RiskAnswer) and a.stored_risk is not None for a in answers[:4])
+    assert {a.as_of for a in answers if isinstance(a, RiskAnswer)} == {ms_to_iso(world.watermark_ms)}
