@@ -1,5 +1,5 @@
 """`churn serve` (real uvicorn) on a Redis stalled with `DEBUG SLEEP`: liveness still answers at
-once, risk requests wait in the thread pool, and readiness fails when Redis is gone."""
+once, risk requests wait on Redis without holding the event loop, and readiness fails when Redis is gone."""
 
 from __future__ import annotations
 
