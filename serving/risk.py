@@ -91,15 +91,8 @@ class RiskService:
         both = self.read_together(user_ids) if self.read_together is not None and user_ids else None
         rows = both[0] if both is not None else self.features.read_rows(user_ids)
         self.metrics.store_read_seconds.observe(time.perf_counter() - started)
-        found = [row for row in rows if row is not None]
-        unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
-        if not found:
-            return [], unknown
-        if both is not None:
-            found_stored = [risk for row, risk in zip(rows, both[1], strict=True) if row is not None]
-        else:
-            found_stored = self.risks.read([row.user_id for row in found])
-        return self._answers(found, found_stored, loaded, challenger, explain, self.now_ms), unknown
+        stored = both[1] if both is not None else None
+        return self._answers(user_ids, rows, stored, loaded, challenger, explain, self.now_ms)
 
     async def answer_async(
         self, user_ids: Sequence[str], *, explain: bool
@@ -119,28 +112,33 @@ class RiskService:
         started = time.perf_counter()
         rows, stored, now_ms = await self.read_async(user_ids)
         self.metrics.store_read_seconds.observe(time.perf_counter() - started)
-        found = [row for row in rows if row is not None]
-        unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
-        if not found:
-            return [], unknown
-        found_stored = [risk for row, risk in zip(rows, stored, strict=True) if row is not None]
-        return self._answers(found, found_stored, loaded, challenger, explain, lambda: now_ms), unknown
+        return self._answers(user_ids, rows, stored, loaded, challenger, explain, lambda: now_ms)
 
     def _answers(
         self,
-        found: list[FeatureRow],
-        found_stored: list[RiskRow | None],
+        user_ids: Sequence[str],
+        rows: list[FeatureRow | None],
+        stored: list[RiskRow | None] | None,
         loaded: LoadedModel | None,
         challenger: LoadedModel | None,
         explain: bool,
         clock: Callable[[], int | None],
-    ) -> list[RiskAnswer | CancelledAnswer]:
-        """Returns the answers of the rows found, in their order: cancelled users as such, the
-        others scored by the champion or the canary's challenger as of `clock()`.
+    ) -> tuple[list[RiskAnswer | CancelledAnswer], list[str]]:
+        """Returns `answer`'s result from the feature `rows` read for `user_ids` and their stored
+        risk rows (`stored`, one per id; None: read here for the ids found): cancelled users as
+        such, the others scored by the champion or the canary's challenger as of `clock()`.
 
         Raises:
-            ServiceUnavailableError: no model is loaded and a user needs scoring.
+            ServiceUnavailableError: no model is loaded and a user needs scoring, or Redis is down.
         """
+        found = [row for row in rows if row is not None]
+        unknown = [u for u, row in zip(user_ids, rows, strict=True) if row is None]
+        if not found:
+            return [], unknown
+        if stored is None:
+            found_stored = self.risks.read([row.user_id for row in found])
+        else:
+            found_stored = [risk for row, risk in zip(rows, stored, strict=True) if row is not None]
         answers: dict[str, RiskAnswer | CancelledAnswer] = {
             row.user_id: CancelledAnswer(
                 user_id=row.user_id,
@@ -159,11 +157,11 @@ class RiskService:
             ids = [row.user_id for row, _ in pairs]
             clock_ms = clock()
             for model, kept in split_canary(ids, loaded, challenger, self.canary_percent):
-                part, stored = [pairs[i][0] for i in kept], [pairs[i][1] for i in kept]
+                part, part_stored = [pairs[i][0] for i in kept], [pairs[i][1] for i in kept]
                 shadow = shadow_of(model, loaded, challenger)
-                for answer in self._score(part, stored, model, explain, clock_ms, shadow):
+                for answer in self._score(part, part_stored, model, explain, clock_ms, shadow):
                     answers[answer.user_id] = answer
-        return [answers[row.user_id] for row in found]
+        return [answers[row.user_id] for row in found], unknown
 
     def _score(
         self,
