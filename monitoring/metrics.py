@@ -118,12 +118,17 @@ class Metrics:
         # API admission control (issue #20, serving/admission.py)
         self.api_shed_total = Counter(
             "churn_api_shed_requests_total",
-            "Requests answered 503 with Retry-After because the worker had CHURN_API_MAX_IN_FLIGHT in flight",
+            "Requests answered 503 with Retry-After because the worker had its in-flight limit in flight",
             registry=r,
         )
         self.api_in_flight = Gauge(
             "churn_api_requests_in_flight",
             "Requests in flight in this API worker (health and metrics aside)",
+            registry=r,
+        )
+        self.api_in_flight_limit = Gauge(
+            "churn_api_in_flight_limit",
+            "The worker's in-flight limit: CHURN_API_MAX_IN_FLIGHT, or half of it during a standing overload",
             registry=r,
         )
         # Model

@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 
 from core.settings import load_settings
 from monitoring.metrics import Metrics
-from serving.admission import RETRY_AFTER_SECONDS, AdmissionControl
+from serving.admission import RETRY_AFTER_SECONDS, STANDING_SHED_SHARE, WINDOW_SECONDS, AdmissionControl
 from serving.app import create_app
 
 
@@ -70,6 +70,66 @@ def test_requests_past_the_limit_are_refused_at_once_with_retry_after_and_counte
     asyncio.run(scenario())
     assert metrics.api_shed_total._value.get() == 1
     assert metrics.api_in_flight._value.get() == 0
+
+
+def test_the_limit_halves_after_a_window_that_refused_a_large_share_and_comes_back_after_a_calm_one() -> None:
+    metrics = Metrics()
+    now = [100.0]
+    inner = _Held()
+    app = AdmissionControl(inner, max_in_flight=4, metrics=lambda: metrics, clock=lambda: now[0])
+
+    async def statuses(count: int) -> list[int]:
+        """Sends `count` requests that stay in flight if admitted; returns their statuses so far
+        (0: admitted and still held)."""
+        tasks = [asyncio.create_task(_request(app, f"/users/u{i}/risk")) for i in range(count)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return [task.result()[0] if task.done() else 0 for task in tasks]
+
+    async def release() -> None:
+        inner.release.set()
+        while app.in_flight:
+            await asyncio.sleep(0)
+        inner.release = asyncio.Event()
+
+    async def scenario() -> None:
+        # A burst: 20 requests admitted, then 1 of 5 refused (1 of 25, below the share): the limit stays 4.
+        assert 1 / 25 <= STANDING_SHED_SHARE < 1 / 9  # what the counts below rely on
+        for _ in range(5):
+            assert await statuses(4) == [0, 0, 0, 0]
+            await release()
+        assert await statuses(5) == [0, 0, 0, 0, 503]
+        await release()
+        now[0] += WINDOW_SECONDS
+        assert await statuses(5) == [0, 0, 0, 0, 503]
+        assert app.limit == 4
+        assert metrics.api_in_flight_limit._value.get() == 4
+        # A standing overload: 1 of the 5 of this window refused (above the share).
+        await release()
+        now[0] += WINDOW_SECONDS
+        assert await statuses(3) == [0, 0, 503]
+        assert app.limit == 2
+        assert metrics.api_in_flight_limit._value.get() == 2
+        await release()
+        # A calm window at the halved limit (2 admitted, none refused): back to 4 after it.
+        now[0] += WINDOW_SECONDS
+        assert await statuses(2) == [0, 0]
+        assert app.limit == 2  # the window before refused 1 of 3
+        await release()
+        now[0] += WINDOW_SECONDS
+        assert await statuses(4) == [0, 0, 0, 0]
+        assert app.limit == 4
+        await release()
+        # A window that ended long ago says nothing of now: an overloaded one (4 of 12 refused)
+        # followed by a silent one.
+        assert await statuses(8) == [0, 0, 0, 0, 503, 503, 503, 503]
+        await release()
+        now[0] += 2 * WINDOW_SECONDS
+        assert await statuses(4) == [0, 0, 0, 0]
+        assert app.limit == 4
+        await release()
+
+    asyncio.run(scenario())
 
 
 def test_the_app_is_wrapped_first_with_the_setting_and_the_metrics_are_exposed() -> None:
