@@ -1,15 +1,13 @@
 """`churn serve` (real uvicorn, one worker, default settings) on the real Redis at 3x its capacity.
 
-Capacity is measured here, in the test: the machine is shared and its speed varies, so every
-assertion compares figures of this run with each other. Capacity is what the worker completes
-(answers 200) per second when asked for more than it can do (the ask grows until it is not met):
-a p99 budget would measure the shared machine's stalls more than the worker. At 3x that rate for
-20 s the accepted requests must stay about as fast as at capacity (p99 at most 4x: the load
-generator shares the two cores and sends three times as much, which alone slowed the worker 2.2x
-in one CI run; without shedding, every one of the 128 connections would wait in the worker's
-queue: 128 service times, tens of times the bound), every other answer must be a
-503 with `Retry-After`, and once the load drops the latency must be back to normal within 5 s
-(at most 1% shed, as a stall can line up four requests at half capacity).
+Capacity is measured here, in the test, as `churn bench api` measures it: the highest open-loop
+rate at which every request is answered 200 with p99 within the latency budget (a failing step
+runs twice). The machine is shared and its speed varies, so every assertion compares figures of
+this run with each other. At 3x that rate for 20 s the accepted requests must stay about as fast
+as at capacity (p99 at most 2x; without shedding, every one of the 128 connections would wait in
+the worker's queue: 128 service times, tens of times the bound), every other answer must be a 503
+with `Retry-After`, and once the load drops the latency must be back to normal within 5 s (at most
+1% shed, as a stall can line up four requests at half capacity).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench.api import MODES, START_MS, _rows, load, wait_ready
+from bench.api import MODES, START_MS, LoadPlan, _rows, find_capacity, load, wait_ready
 from bench.harness import CHURN, free_port, scratch_settings
 from core.settings import Settings
 from features.feast_repo import apply_repo
@@ -68,17 +66,12 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     try:
         wait_ready(port, server, log, timeout_s=180)
         run(100, 2.0)  # warm: the first requests import and compile
-        asked, search = 300.0, []
-        while True:
-            saturated = run(asked, 3.0)
-            capacity = saturated["statuses"].get("200", 0) / saturated["seconds"]
-            search.append({"asked": asked, "completed_per_second": round(capacity, 1)})
-            if capacity < 0.8 * asked:
-                break
-            asked *= 3
+        plan = LoadPlan(budget_ms=settings.api_latency_budget_ms, connections=CONNECTIONS, start_rate=200.0)
+        found = find_capacity(lambda rate: run(rate, plan.step_seconds), plan)
+        capacity, search = found["capacity_per_second"], found["search"]
         assert capacity > 0, search
         calm_before = run(capacity / 2, 5.0)
-        at_capacity = run(capacity, 5.0)
+        at_capacity = run(capacity, 10.0)  # as long as `churn bench api` measures it: a steadier p99
         overload = run(3 * capacity, OVERLOAD_SECONDS)
         # The overload's sending stopped `drain_seconds` before it returned; measure from 5 s after that.
         dropped_at = time.monotonic() - overload["drain_seconds"]
@@ -123,7 +116,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert statuses.get("503", 0) > 0, statuses
     assert overload["unavailable_without_retry_after"] == 0
     assert overload["errors"] == 0, overload["first_errors"]
-    assert overload["ok_latency"]["p99_ms"] <= 4 * at_capacity["ok_latency"]["p99_ms"], figures
+    assert overload["ok_latency"]["p99_ms"] <= 2 * at_capacity["ok_latency"]["p99_ms"], figures
     assert statuses["200"] / overload["seconds"] >= 0.5 * capacity, figures
     # Back to normal within 5 s of the drop: (nearly) every request answered, as fast as before.
     # At half capacity four requests are rarely in flight at once, but a stall of the shared
