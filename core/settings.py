@@ -148,7 +148,7 @@ class Settings(BaseSettings):
 
     # API capacity (issue 20). A worker with this many requests in flight answers any other at once
     # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
-    # this many others' CPU time; during a standing overload (over a quarter of a second's requests
+    # this many others' CPU time; during a standing overload (over 5% of a second's requests
     # refused) the limit is half of this. Derived from measured cost: a score request takes
     # 1.5-2.5 ms of CPU through the whole ASGI app in process (3.5 ms per request in `churn bench
     # api` on the shared, loaded 2-core machine), so 4 in flight queue ~5-10 ms, within the 10 ms
