@@ -11,9 +11,10 @@ orchestrator must not restart a worker for being busy, and Prometheus must see t
 The limit halves during a standing overload. Once every slot is always taken, an accepted request
 waits for about `limit` others (Little's law: in flight = throughput x time in the worker), while
 at capacity it waits for one or two: with 4 the overload test measured the accepted p99 at
-2.2-2.8x the p99 at capacity (4 of 5 runs). A limit of 2 throughout kept that to 0.9-1.3x, but a burst at
-capacity finds both slots taken sooner: the rate served without a refusal came out at 300 and
-375/s in its two runs, against 325-800/s (mean 500/s) in seven runs with 4. So the worker keeps
+2.7x and 2.8x the p99 at capacity (README, *Overload*, has every run). A limit of 2 throughout
+kept that to 0.9-1.3x, but a burst at capacity likely finds both slots taken sooner: the rate
+served without a refusal came out at 300 and 375/s in its two runs, against 325-800/s (mean
+500/s) in seven runs with 4 (a suggestive, not a conclusive, difference). So the worker keeps
 `max_in_flight` for bursts, and uses half of it while more than `STANDING_SHED_SHARE` of the
 data requests of the last `WINDOW_SECONDS` were refused.
 
@@ -38,8 +39,8 @@ RETRY_AFTER_SECONDS = 1
 # A standing overload is told from a burst over this window, by the share of requests refused.
 WINDOW_SECONDS = 1.0
 # At capacity a burst refuses a few requests now and then (the search of `churn bench api` counts
-# a step with any refusal as failed); a standing overload refuses a steady share: 8% at 1.1x the
-# rate the worker serves, 55-80% at 3x.
+# a step with any refusal as failed); a standing overload refuses a steady share (overload test
+# runs with 4 in flight: 8% at 1.1x the rate the worker served, 55-80% at 3x its peak rate).
 STANDING_SHED_SHARE = 0.05
 
 
@@ -117,8 +118,9 @@ class AdmissionControl:
         now = self.clock()
         elapsed = now - self._window_start
         if elapsed >= WINDOW_SECONDS:
-            standing = elapsed < 2 * WINDOW_SECONDS and self._refused > STANDING_SHED_SHARE * self._arrivals
-            self.limit = self.standing_in_flight if standing else self.max_in_flight
+            recent = elapsed < 2 * WINDOW_SECONDS
+            overloaded = self._refused > STANDING_SHED_SHARE * self._arrivals
+            self.limit = self.standing_in_flight if recent and overloaded else self.max_in_flight
             if metrics is not None:
                 metrics.api_in_flight_limit.set(self.limit)
             self._window_start, self._arrivals, self._refused = now, 0, 0
