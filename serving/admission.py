@@ -15,8 +15,11 @@ at capacity it waits for one or two: with 4 the overload test measured the accep
 kept that to 0.9-1.3x, but a burst at capacity likely finds both slots taken sooner: the rate
 served without a refusal came out at 300 and 375/s in its two runs, against 325-800/s (mean
 500/s) in seven runs with 4 (a suggestive, not a conclusive, difference). So the worker keeps
-`max_in_flight` for bursts, and uses half of it while more than `STANDING_SHED_SHARE` of the
-data requests of the last `WINDOW_SECONDS` were refused.
+`max_in_flight` for bursts, and halves it after a window of `WINDOW_SECONDS` that refused more
+than `STANDING_SHED_SHARE` of its data requests. Once halved, it stays halved only while a window
+refuses more than `STAY_HALVED_SHARE`: judged by the first share, a load that the full limit serves
+with a few refusals (and the halved one with some more, as bursts find both slots taken) would keep
+the limit halved for as long as that load lasts.
 
 A plain ASGI middleware (like `serving.timing`): the refusal costs no task, no routing and no
 thread hop. It runs on the event loop only, so the counters need no lock.
@@ -42,6 +45,9 @@ WINDOW_SECONDS = 1.0
 # a step with any refusal as failed); a standing overload refuses a steady share (overload test
 # runs with 4 in flight: 8% at 1.1x the rate the worker served, 55-80% at 3x its peak rate).
 STANDING_SHED_SHARE = 0.05
+# A halved limit is kept while a window refuses more than this: a standing overload refuses much
+# more (the overload test at 3x: 55-80%), a load near capacity much less.
+STAY_HALVED_SHARE = 0.20
 
 
 def never_shed(path: str) -> bool:
@@ -53,7 +59,8 @@ class AdmissionControl:
     """Answers 503 with `Retry-After` to an HTTP request that arrives while `limit` others are
     in flight in this worker (paths of `never_shed` excepted, and not counted). `limit` is
     `max_in_flight`, or half of it (at least 1) for the window after one that refused more than
-    `STANDING_SHED_SHARE` of its requests.
+    `STANDING_SHED_SHARE` of its requests at the full limit, or more than `STAY_HALVED_SHARE`
+    at the halved one.
 
     `metrics` returns the process's Metrics, or None before the lifespan has built them (then
     nothing is recorded); refusals go to `churn_api_shed_requests_total`, the count in flight to
@@ -112,14 +119,16 @@ class AdmissionControl:
 
     def _arrived(self, metrics: Metrics | None) -> None:
         """Counts a data request in the current window, first closing the window if it has ended:
-        the next one's limit is halved if the closed one refused more than `STANDING_SHED_SHARE`
-        of its requests (a window followed by a silent one says nothing of now: full limit),
-        and shown in `churn_api_in_flight_limit`."""
+        the next one's limit is halved if the closed one refused more than its share
+        (`STANDING_SHED_SHARE` at the full limit, `STAY_HALVED_SHARE` at the halved one; a window
+        followed by a silent one says nothing of now: full limit), and shown in
+        `churn_api_in_flight_limit`."""
         now = self.clock()
         elapsed = now - self._window_start
         if elapsed >= WINDOW_SECONDS:
             recent = elapsed < 2 * WINDOW_SECONDS
-            overloaded = self._refused > STANDING_SHED_SHARE * self._arrivals
+            share = STAY_HALVED_SHARE if self.limit < self.max_in_flight else STANDING_SHED_SHARE
+            overloaded = self._refused > share * self._arrivals
             self.limit = self.standing_in_flight if recent and overloaded else self.max_in_flight
             if metrics is not None:
                 metrics.api_in_flight_limit.set(self.limit)

@@ -9,7 +9,13 @@ from prometheus_client import generate_latest
 
 from core.settings import load_settings
 from monitoring.metrics import Metrics
-from serving.admission import RETRY_AFTER_SECONDS, STANDING_SHED_SHARE, WINDOW_SECONDS, AdmissionControl
+from serving.admission import (
+    RETRY_AFTER_SECONDS,
+    STANDING_SHED_SHARE,
+    STAY_HALVED_SHARE,
+    WINDOW_SECONDS,
+    AdmissionControl,
+)
 from serving.app import create_app
 
 
@@ -72,7 +78,7 @@ def test_requests_past_the_limit_are_refused_at_once_with_retry_after_and_counte
     assert metrics.api_in_flight._value.get() == 0
 
 
-def test_the_limit_halves_after_a_window_that_refused_a_large_share_and_comes_back_after_a_calm_one() -> None:
+def test_the_limit_halves_after_a_window_that_refused_a_large_share_and_comes_back_when_refusals_fall() -> None:
     metrics = Metrics()
     now = [100.0]
     inner = _Held()
@@ -125,6 +131,23 @@ def test_the_limit_halves_after_a_window_that_refused_a_large_share_and_comes_ba
         assert await statuses(8) == [0, 0, 0, 0, 503, 503, 503, 503]
         await release()
         now[0] += 2 * WINDOW_SECONDS
+        assert await statuses(4) == [0, 0, 0, 0]
+        assert app.limit == 4
+        await release()
+        # A load the full limit serves with a few refusals: halved after a window that refused
+        # 4 of 12, the limit comes back after a halved window that refused 1 of 11, a share above
+        # the standing one but below the one that keeps it halved.
+        assert await statuses(8) == [0, 0, 0, 0, 503, 503, 503, 503]
+        await release()
+        now[0] += WINDOW_SECONDS
+        for _ in range(4):
+            assert await statuses(2) == [0, 0]
+            await release()
+        assert app.limit == 2
+        assert STANDING_SHED_SHARE < 1 / 11 <= STAY_HALVED_SHARE
+        assert await statuses(3) == [0, 0, 503]
+        await release()
+        now[0] += WINDOW_SECONDS
         assert await statuses(4) == [0, 0, 0, 0]
         assert app.limit == 4
         await release()
