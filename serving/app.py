@@ -41,6 +41,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         d = deps or build_deps(settings)
         app.state.deps = d
+        # AdmissionControl sets the limit when a window closes; until the first data request
+        # closes one, the dashboard would read 0.
+        d.metrics.api_in_flight_limit.set(settings.api_max_in_flight)
         d.refresh_models()
         # Feast, MLflow and pandas leave ~400k long-lived objects: full collections walking them
         # would stall requests (see core.gc_policy).

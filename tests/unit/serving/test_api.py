@@ -139,6 +139,12 @@ def test_auth(client: Any) -> None:
     assert http.get("/metrics").status_code == 200
 
 
+def test_metrics_show_the_in_flight_limit_before_any_data_request(client: Any) -> None:
+    http, _, _ = client
+    limit = load_settings().api_max_in_flight
+    assert f"churn_api_in_flight_limit {float(limit)}" in http.get("/metrics").text
+
+
 def test_batch_lists_unknown_ids(client: Any) -> None:
     http, _, _ = client
     body = http.post("/users/risk", json={"user_ids": ["u0", "ghost", "u2"]}, headers=KEY).json()
