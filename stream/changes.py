@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import msgspec
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from core.errors import ConfigError, ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
+from stream.kafka import IdempotentProducer
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class KafkaChangeLog:
     def __init__(self, settings: Settings, topic: str, timeout_s: float = 30.0) -> None:
         self.topic = topic
         self.timeout_s = timeout_s
-        self.producer = Producer(kafka_config(settings, **{"enable.idempotence": True, "linger.ms": 5}))
+        self.producer = IdempotentProducer(kafka_config(settings, **{"linger.ms": 5}))
         # The reader reads bounded ranges, one partition after another: a fetch the broker holds
         # for the default 500 ms (waiting for data that is not coming) delayed each next range.
         self.reader = Consumer(
@@ -162,22 +163,27 @@ class KafkaChangeLog:
         """See `ChangeLog.publish`."""
         if not changes:
             return
-        failures: list[str] = []
+        failures: list[KafkaError] = []
 
-        def delivered(error: Any, _message: Any) -> None:
+        def delivered(error: KafkaError | None, _message: Any) -> None:
             if error is not None:
-                failures.append(str(error))
+                failures.append(error)
 
-        for change in changes:
-            self.producer.produce(
-                self.topic,
-                value=ENCODER.encode(change),
-                key=change.user_id.encode(),
-                partition=change.source_partition,
-                on_delivery=delivered,
-            )
-        left = self.producer.flush(self.timeout_s)
+        try:
+            for change in changes:
+                self.producer.produce(
+                    self.topic,
+                    value=ENCODER.encode(change),
+                    key=change.user_id.encode(),
+                    partition=change.source_partition,
+                    on_delivery=delivered,
+                )
+        finally:
+            # Also after a refusal: what this attempt queued is delivered (or failed) before the
+            # batch's retry reads the topic's tail to learn what is already published.
+            left = self.producer.flush(self.timeout_s)
         if left or failures:
+            self.producer.recover_from(failures)
             msg = f"topic {self.topic!r} did not acknowledge {left or len(failures)} change(s): {failures[:1]}"
             raise ServiceUnavailableError(msg)
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.gc_policy import freeze_survivors
@@ -45,7 +45,7 @@ from monitoring.metrics import Metrics
 from monitoring.performance_state import PerformancePublisher
 from stream.at_risk import RedisAtRiskIndex
 from stream.changes import KafkaChangeLog, ensure_changes_topic
-from stream.kafka import committing_consumer, report_lag
+from stream.kafka import IdempotentProducer, committing_consumer, report_lag
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.snapshot import DailySnapshots, RedisActivity
@@ -102,7 +102,7 @@ class ScoringConsumer:
             "queued.max.messages.kbytes": 65536,
         }
         self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
-        self.dlq = Producer(kafka_config(settings, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5}))
+        self.dlq = IdempotentProducer(kafka_config(settings, **{"acks": "all", "linger.ms": 5}))
         # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
         # this process last saved, or what it found there. Less means Redis went back in time.
         self.expected: dict[str, int] = {}
@@ -246,13 +246,8 @@ class ScoringConsumer:
         with self.metrics.batch_seconds.time():
             result = self.processor.process(messages, self.expected)
             self.expected.update(applied_offsets(messages))  # Redis holds them now
-            for record in result.dead_letters:
-                self.dlq.produce(self.settings.dlq_topic, value=record.raw, headers=dlq_headers(record))
             if result.dead_letters:
-                if self.dlq.flush(30) > 0:
-                    msg = "dead-letter topic did not acknowledge in 30 s"
-                    raise ServiceUnavailableError(msg)
-                self.metrics.dlq_total.inc(len(result.dead_letters))
+                self._dead_letter(result.dead_letters)
             self.metrics.batch_events.observe(len(messages))
             # Commit the next offset to read per partition, only now that every write is done.
             # A partition's messages arrive in offset order, so its last one in the batch is its end.
@@ -273,6 +268,32 @@ class ScoringConsumer:
                 log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
                 self.processor.forget()
             self.processor.cpu.mark("commit")
+
+    def _dead_letter(self, records: list[ErrorRecord]) -> None:
+        """Publishes `records` to the dead-letter topic and waits for every acknowledgement.
+
+        Raises:
+            ServiceUnavailableError: one was not acknowledged within 30 s, or failed (the batch
+                must not be committed: its retry publishes them again).
+        """
+        failures: list[KafkaError] = []
+
+        def delivered(error: KafkaError | None, _message: Any) -> None:
+            if error is not None:
+                failures.append(error)
+
+        try:
+            for record in records:
+                self.dlq.produce(
+                    self.settings.dlq_topic, value=record.raw, headers=dlq_headers(record), on_delivery=delivered
+                )
+        finally:
+            left = self.dlq.flush(30)
+        if left or failures:
+            self.dlq.recover_from(failures)
+            msg = f"dead-letter topic did not acknowledge {left or len(failures)} record(s): {failures[:1]}"
+            raise ServiceUnavailableError(msg)
+        self.metrics.dlq_total.inc(len(records))
 
     def _check_applied(self, messages: list[Message]) -> bool:
         """Compares the applied offsets Redis holds with what it must hold: this process's last

@@ -1,14 +1,17 @@
-"""Consumers that commit their own offsets: the scorer, the archiver and the benchmark's naive
-baseline share these settings."""
+"""Kafka clients of the stream processes: consumers that commit their own offsets (the scorer,
+the archiver and the benchmark's naive baseline share these settings) and an idempotent producer
+that outlives a fatal error."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from prometheus_client import Gauge
 
+from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
 
@@ -49,3 +52,57 @@ def report_lag(consumer: Consumer, gauge: Gauge) -> None:
             continue
         lag = high - tp.offset if tp.offset >= 0 else high
         gauge.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+
+
+def is_fatal(error: KafkaError) -> bool:
+    """Returns whether `error` leaves its client unusable for good (librdkafka's fatal errors)."""
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
+class IdempotentProducer:
+    """An idempotent producer (ordered per partition, no duplicates from its own retries) that
+    replaces itself after a fatal error.
+
+    librdkafka makes an idempotent producer unusable for good after some errors, e.g. a sequence
+    the broker did not expect after a broker restart; from then on every `produce` raises and
+    every queued message fails. A new producer gets a new producer id, so the caller's retry
+    (the scorer retries its whole batch) can go through instead of failing until a restart.
+    """
+
+    def __init__(self, config: dict[str, Any], factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+        self.config = {**config, "enable.idempotence": True}
+        self.factory = factory
+        self.producer = factory(self.config)
+        self.replaced = 0  # how many times a fatal error replaced the producer
+
+    def produce(self, topic: str, **message: Any) -> None:
+        """Queues one message (`Producer.produce` keyword arguments).
+
+        Raises:
+            ServiceUnavailableError: the producer refused it (a fatal error replaces the producer
+                first, so the next attempt uses a new one).
+        """
+        try:
+            self.producer.produce(topic, **message)
+        except KafkaException as exc:
+            self.recover_from([exc.args[0]])
+            msg = f"cannot produce to {topic!r}: {exc.args[0]}"
+            raise ServiceUnavailableError(msg) from exc
+
+    def flush(self, timeout_s: float) -> int:
+        """Waits up to `timeout_s` for the queued messages' acknowledgements; returns how many
+        are still unacknowledged (0: all delivered or failed, see the delivery callbacks)."""
+        return int(self.producer.flush(timeout_s))
+
+    def recover_from(self, errors: list[KafkaError]) -> bool:
+        """Replaces the producer if any of `errors` (from `produce` or delivery callbacks) is
+        fatal, dropping what the old one still queued (it can deliver none of it); returns
+        whether it did."""
+        fatal = next((e for e in errors if is_fatal(e)), None)
+        if fatal is None:
+            return False
+        log.error("the Kafka producer failed for good (%s): replacing it", fatal)
+        old, self.producer = self.producer, self.factory(self.config)
+        old.purge()
+        self.replaced += 1
+        return True

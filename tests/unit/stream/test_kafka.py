@@ -1,0 +1,104 @@
+"""The idempotent producer that replaces itself after a fatal error, and the change log that
+relies on it: librdkafka cannot be made to fail for good on demand, so a stand-in producer
+raises and fails deliveries the way a fenced idempotent producer does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from core.errors import ServiceUnavailableError
+from core.settings import load_settings
+from stream.changes import KafkaChangeLog, TierChange
+from stream.kafka import IdempotentProducer
+
+FATAL = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
+TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT, "message timed out")
+
+
+class _Producer:
+    """Queues messages; `refuse` makes `produce` raise it, `fail_deliveries` fails every queued
+    message with it at the next flush (delivery callbacks run there, as in librdkafka)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.refuse: KafkaError | None = None
+        self.fail_deliveries: KafkaError | None = None
+        self.queued: list[tuple[str, dict[str, Any]]] = []
+        self.delivered: list[tuple[str, dict[str, Any]]] = []
+        self.purged = False
+
+    def produce(self, topic: str, **message: Any) -> None:
+        if self.refuse is not None:
+            raise KafkaException(self.refuse)
+        self.queued.append((topic, message))
+
+    def flush(self, _timeout: float) -> int:
+        for topic, message in self.queued:
+            if callback := message.get("on_delivery"):
+                callback(self.fail_deliveries, None)
+            if self.fail_deliveries is None:
+                self.delivered.append((topic, message))
+        self.queued = []
+        return 0
+
+    def purge(self) -> None:
+        self.purged = True
+
+
+def _producer() -> tuple[IdempotentProducer, list[_Producer]]:
+    made: list[_Producer] = []
+
+    def factory(config: dict[str, Any]) -> _Producer:
+        made.append(_Producer(config))
+        return made[-1]
+
+    return IdempotentProducer({"bootstrap.servers": "127.0.0.1:1"}, factory), made
+
+
+def test_a_fatal_refusal_replaces_the_producer_and_the_next_attempt_goes_through() -> None:
+    producer, made = _producer()
+    assert made[0].config["enable.idempotence"] is True
+    made[0].refuse = FATAL
+    with pytest.raises(ServiceUnavailableError, match="sequence desynchronization"):
+        producer.produce("t", value=b"1")
+    assert len(made) == 2
+    assert made[0].purged
+    assert made[1].config == made[0].config
+    producer.produce("t", value=b"1")
+    assert producer.flush(1) == 0
+    assert made[1].delivered == [("t", {"value": b"1"})]
+    assert producer.replaced == 1
+
+
+def test_only_a_fatal_error_replaces_it() -> None:
+    producer, made = _producer()
+    made[0].refuse = KafkaError(KafkaError._UNKNOWN_PARTITION, "no such partition")
+    with pytest.raises(ServiceUnavailableError):
+        producer.produce("t", value=b"1")
+    assert not producer.recover_from([TIMED_OUT])
+    assert len(made) == 1
+    assert producer.recover_from([TIMED_OUT, FATAL])
+    assert len(made) == 2
+
+
+def _change(user: str) -> TierChange:
+    return TierChange(
+        user_id=user, old_tier="low", new_tier="high", churn_probability=0.9, reasons=[], model_name="m",
+        model_version="1", event_time_ms=1_767_225_600_000, prediction_id=f"p-{user}", source_partition=0,
+        source_offset=1,
+    )  # fmt: skip
+
+
+def test_the_change_log_fails_the_batch_on_a_fatal_delivery_and_its_retry_publishes_on_a_new_producer() -> None:
+    log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=1)
+    log.producer, made = _producer()
+    made[0].fail_deliveries = FATAL
+    with pytest.raises(ServiceUnavailableError, match="did not acknowledge 1 change"):
+        log.publish([_change("u1")])
+    assert len(made) == 2
+    log.publish([_change("u1")])  # the scorer's retry of the batch
+    assert [m["key"] for _, m in made[1].delivered] == [b"u1"]
+    log.reader.close()
