@@ -14,9 +14,10 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import lightgbm as lgb
 import numpy as np
@@ -44,6 +45,8 @@ from stream.pacing import Pacing
 from stream.producer import ProduceReport, build_producer, publish
 from stream.risk_store import RedisRiskStore
 from training import registry
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 FIXTURES = ROOT.parent / "shared" / "fixtures"  # real Sparkify rows, beside the repository
@@ -336,6 +339,15 @@ def produce_paced(
         progress=note,
         progress_interval=0.2,
     )
+
+
+def in_background(function: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    """Runs `function(*args, **kwargs)` on a thread of its own; returns its future (whose
+    `result` re-raises what it raised)."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(function, *args, **kwargs)
+    pool.shutdown(wait=False)
+    return future
 
 
 def read_dlq(settings: Settings, topic: str, expected: int) -> list[tuple[bytes, dict[str, bytes]]]:

@@ -20,7 +20,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from tests.support import (
     ROOT,
     Deployment,
     drained,
+    in_background,
     kill_mid_batch,
     produce_paced,
     random_events,
@@ -89,13 +89,6 @@ def _services_back(settings: Settings) -> None:
             infra.start_service(settings, name)
 
 
-def _in_background(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-    pool = ThreadPoolExecutor(1)
-    future = pool.submit(function, *args, **kwargs)
-    pool.shutdown(wait=False)
-    return future
-
-
 def _retry_delays(scorer: ScorerProcess) -> list[float]:
     """Returns the backoff delays the scorer logged, in order."""
     lines = scorer.log_lines("store unavailable, retrying the batch in ")
@@ -105,7 +98,18 @@ def _retry_delays(scorer: ScorerProcess) -> list[float]:
 def _finish(scorer: ScorerProcess, produced: int) -> dict[str, int]:
     """Waits until the scorer has applied `produced` events, gives a double application time to
     show, stops it (exit code 0 expected) and returns its event counts."""
-    wait_for(lambda: scorer.events("ok") >= produced, 180, f"the scorer to apply {produced} events")
+
+    def applied_all() -> bool:
+        if scorer.proc.poll() is not None:  # its metrics would read 0 until the timeout
+            msg = f"the scorer exited ({scorer.proc.returncode}) before applying {produced} events: {scorer.tail(8000)}"
+            raise AssertionError(msg)
+        return scorer.events("ok") >= produced
+
+    try:
+        wait_for(applied_all, 180, f"the scorer to apply {produced} events")
+    except TimeoutError as exc:
+        scorer.dump_stacks()  # where it is stuck, for the message
+        raise TimeoutError(f"{exc} (applied {scorer.events('ok')}):\n{scorer.tail(8000)}") from None
     time.sleep(1)
     counts = {outcome: scorer.events(outcome) for outcome in ("ok", "duplicate", "late", "invalid")}
     assert scorer.stop() == 0, scorer.log.read_text()[-3000:]
@@ -126,7 +130,7 @@ def test_redis_outage_stops_commits_and_ends_in_the_clean_state(
     answers: list[tuple[float, int, str, int]] = []  # (sent at, risk status, detail, ready status)
     stop_polling = threading.Event()
     try:
-        producing = _in_background(produce_paced, faulted.settings, events, RATE)
+        producing = in_background(produce_paced, faulted.settings, events, RATE)
         with TestClient(create_app(faulted.settings)) as api:
             risk = f"/users/{users[0]}/risk?explain=false"
             wait_for(lambda: api.get(risk).status_code == 200, 60, "the API to answer for a scored user")
@@ -236,7 +240,7 @@ def test_kafka_broker_restart_loses_and_duplicates_nothing(
     scorer = faulted.start_scorer()
     acknowledged: list[tuple[float, int]] = []
     try:
-        producing = _in_background(produce_paced, faulted.settings, events, RATE, acknowledged)
+        producing = in_background(produce_paced, faulted.settings, events, RATE, acknowledged)
         wait_for(lambda: scorer.events("ok") > 1000, 60, "the scorer to apply events")
         down_at = time.monotonic()
         infra.stop_service(settings, "kafka")
@@ -244,7 +248,7 @@ def test_kafka_broker_restart_loses_and_duplicates_nothing(
         infra.start_service(settings, "kafka")
         up_at = time.monotonic()
         applied_at_restart = scorer.events("ok")
-        wait_for(lambda: scorer.events("ok") > applied_at_restart, 120, "the scorer to apply again")
+        wait_for(lambda: scorer.events("ok") > applied_at_restart, 120, "the scorer to apply again", log=scorer.log)
         scorer_back = time.monotonic() - up_at
         report = producing.result(180)
         counts = _finish(scorer, len(events))
@@ -597,7 +601,7 @@ def test_redis_sigkilled_while_events_flow_loses_nothing(
     scorer = faulted.start_scorer()
     kills: list[dict[str, Any]] = []
     try:
-        producing = _in_background(produce_paced, faulted.settings, events, RATE)
+        producing = in_background(produce_paced, faulted.settings, events, RATE)
         for i in range(4):
             applied = scorer.events("ok")
             wait_for(partial(_applied_beyond, scorer, applied + 300), 60, "events to flow")
@@ -674,7 +678,7 @@ def test_scorer_and_redis_killed_together_lose_nothing(
     landed = []
     scorer: ScorerProcess | None = None
     try:
-        producing = _in_background(produce_paced, faulted.settings, events, RATE)
+        producing = in_background(produce_paced, faulted.settings, events, RATE)
 
         def kill_redis() -> None:
             infra.kill_service(settings, "redis")
@@ -726,7 +730,7 @@ def test_redis_refusing_writes_gives_not_ready_a_metric_and_a_log_then_recovers(
     scorer = faulted.start_scorer()
     seen: dict[str, dict[str, Any]] = {}
     try:
-        producing = _in_background(produce_paced, faulted.settings, events, RATE)
+        producing = in_background(produce_paced, faulted.settings, events, RATE)
         for reason, (refuse, fix) in faults.items():
             applied = scorer.events("ok")
             wait_for(partial(_applied_beyond, scorer, applied + 200), 60, "events to flow")
