@@ -163,29 +163,10 @@ class KafkaChangeLog:
         """See `ChangeLog.publish`."""
         if not changes:
             return
-        failures: list[KafkaError] = []
-
-        def delivered(error: KafkaError | None, _message: Any) -> None:
-            if error is not None:
-                failures.append(error)
-
-        try:
-            for change in changes:
-                self.producer.produce(
-                    self.topic,
-                    value=ENCODER.encode(change),
-                    key=change.user_id.encode(),
-                    partition=change.source_partition,
-                    on_delivery=delivered,
-                )
-        finally:
-            # Also after a refusal: what this attempt queued is delivered (or failed) before the
-            # batch's retry reads the topic's tail to learn what is already published.
-            left = self.producer.flush(self.timeout_s)
-        if left or failures:
-            self.producer.recover_from(failures)
-            msg = f"topic {self.topic!r} did not acknowledge {left or len(failures)} change(s): {failures[:1]}"
-            raise ServiceUnavailableError(msg)
+        messages = (
+            {"value": ENCODER.encode(c), "key": c.user_id.encode(), "partition": c.source_partition} for c in changes
+        )
+        self.producer.deliver(self.topic, messages, self.timeout_s, "change(s)")
 
     def published(self, partition: int, since_offset: int) -> list[TierChange]:
         """See `ChangeLog.published`: reads the partition backwards in growing windows until a

@@ -246,8 +246,11 @@ class ScoringConsumer:
         with self.metrics.batch_seconds.time():
             result = self.processor.process(messages, self.expected)
             self.expected.update(applied_offsets(messages))  # Redis holds them now
-            if result.dead_letters:
-                self._dead_letter(result.dead_letters)
+            if result.dead_letters:  # acknowledged before the commit, or the batch is retried
+                dead = result.dead_letters
+                messages_out = ({"value": r.raw, "headers": dlq_headers(r)} for r in dead)
+                self.dlq.deliver(self.settings.dlq_topic, messages_out, 30, "dead letter(s)")
+                self.metrics.dlq_total.inc(len(dead))
             self.metrics.batch_events.observe(len(messages))
             # Commit the next offset to read per partition, only now that every write is done.
             # A partition's messages arrive in offset order, so its last one in the batch is its end.
@@ -268,32 +271,6 @@ class ScoringConsumer:
                 log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
                 self.processor.forget()
             self.processor.cpu.mark("commit")
-
-    def _dead_letter(self, records: list[ErrorRecord]) -> None:
-        """Publishes `records` to the dead-letter topic and waits for every acknowledgement.
-
-        Raises:
-            ServiceUnavailableError: one was not acknowledged within 30 s, or failed (the batch
-                must not be committed: its retry publishes them again).
-        """
-        failures: list[KafkaError] = []
-
-        def delivered(error: KafkaError | None, _message: Any) -> None:
-            if error is not None:
-                failures.append(error)
-
-        try:
-            for record in records:
-                self.dlq.produce(
-                    self.settings.dlq_topic, value=record.raw, headers=dlq_headers(record), on_delivery=delivered
-                )
-        finally:
-            left = self.dlq.flush(30)
-        if left or failures:
-            self.dlq.recover_from(failures)
-            msg = f"dead-letter topic did not acknowledge {left or len(failures)} record(s): {failures[:1]}"
-            raise ServiceUnavailableError(msg)
-        self.metrics.dlq_total.inc(len(records))
 
     def _check_applied(self, messages: list[Message]) -> bool:
         """Compares the applied offsets Redis holds with what it must hold: this process's last

@@ -5,7 +5,7 @@ that outlives a fatal error."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -88,6 +88,32 @@ class IdempotentProducer:
             self.recover_from([exc.args[0]])
             msg = f"cannot produce to {topic!r}: {exc.args[0]}"
             raise ServiceUnavailableError(msg) from exc
+
+    def deliver(self, topic: str, messages: Iterable[dict[str, Any]], timeout_s: float, what: str) -> None:
+        """Produces each of `messages` (`Producer.produce` keyword arguments) to `topic` and waits
+        up to `timeout_s` for every acknowledgement; `what` names them in the error.
+
+        Raises:
+            ServiceUnavailableError: one was refused, failed or not acknowledged in time (a fatal
+                error replaces the producer first); the caller's retry may produce them again.
+        """
+        failures: list[KafkaError] = []
+
+        def delivered(error: KafkaError | None, _message: Any) -> None:
+            if error is not None:
+                failures.append(error)
+
+        try:
+            for message in messages:
+                self.produce(topic, on_delivery=delivered, **message)
+        finally:
+            # Also after a refusal: what was queued is delivered (or failed) before the caller's
+            # retry, which may read the topic to learn what is already there.
+            left = self.flush(timeout_s)
+        if left or failures:
+            self.recover_from(failures)
+            msg = f"topic {topic!r} did not acknowledge {left or len(failures)} {what}: {failures[:1]}"
+            raise ServiceUnavailableError(msg)
 
     def flush(self, timeout_s: float) -> int:
         """Waits up to `timeout_s` for the queued messages' acknowledgements; returns how many
