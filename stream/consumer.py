@@ -27,7 +27,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from core.errors import ServiceUnavailableError, StoreRefusedError
+from core.errors import ServiceUnavailableError
 from core.gc_policy import freeze_survivors
 from core.kafka import kafka_config
 from core.redis import redis_client
@@ -46,6 +46,7 @@ from monitoring.performance_state import PerformancePublisher
 from stream.at_risk import RedisAtRiskIndex
 from stream.changes import KafkaChangeLog, ensure_changes_topic
 from stream.kafka import IdempotentProducer, committing_consumer, report_lag
+from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.snapshot import DailySnapshots, RedisActivity
@@ -135,10 +136,7 @@ class ScoringConsumer:
         self.metrics.scorer_ready.set(1)
         freeze_survivors()  # start-up's imports and clients: never walked by the collector again
         last_lag = last_model = last_message = last_check = time.monotonic()
-        backoff = 0.1
-        outage_since: float | None = None  # first failed attempt of the batch being retried
-        failures = 0  # consecutive failed attempts
-        refusing: str | None = None  # the error code while Redis refuses
+        outage = StoreOutage(self.metrics, self.loop.max_backoff_s)
         cpu = self.processor.cpu
         try:
             while not self.stopping.is_set():
@@ -155,45 +153,18 @@ class ScoringConsumer:
                             continue  # rewound to what Redis holds: the replay comes in the next batches
                         self._process(messages)
                         freeze_survivors()  # the batch's survivors (user states mostly)
-                        backoff = 0.1
-                        self.metrics.scorer_ready.set(1)
-                        if failures:
-                            failures = 0
-                            self.metrics.store_failures.set(0)
-                        if refusing is not None:
-                            self.metrics.redis_refusing.labels(refusing).set(0)
-                            refusing = None
-                        if outage_since is not None:
-                            log.info("stores are back: batch applied after %.1fs", time.monotonic() - outage_since)
-                            outage_since = None
+                        outage.applied(now)
                     except StateRolledBackError as exc:  # Redis restarted from older files while the batch ran
                         self._replay(exc.behind, messages)
                         continue
                     except ServiceUnavailableError as exc:
-                        self.metrics.scorer_ready.set(0)
-                        failures += 1
-                        self.metrics.store_failures.set(failures)
-                        outage_since = now if outage_since is None else outage_since
-                        if isinstance(exc, StoreRefusedError):
-                            if refusing != exc.reason:
-                                if refusing is not None:
-                                    self.metrics.redis_refusing.labels(refusing).set(0)
-                                refusing = exc.reason
-                                self.metrics.redis_refusing.labels(refusing).set(1)
-                            log.error(
-                                "Redis refuses the scorer's writes (%s): nothing is applied or committed until "
-                                "an operator fixes Redis; retrying the batch in %.1fs: %s",
-                                exc.reason,
-                                backoff,
-                                exc,
-                            )
-                        else:
-                            log.warning("store unavailable, retrying the batch in %.1fs: %s", backoff, exc)
+                        wait = outage.failed(exc, now, {(m.topic, m.partition) for m in messages})
                         self._rewind(messages)
-                        self.stopping.wait(backoff)
-                        backoff = min(backoff * 2, self.loop.max_backoff_s)
+                        self.stopping.wait(wait)
                         continue
                 else:
+                    if outage.ongoing:
+                        outage.moved((p.topic, p.partition) for p in self.consumer.assignment())
                     if self.expected and now - last_check > self.loop.applied_check_every_s:
                         last_check = now
                         try:

@@ -1,0 +1,205 @@
+"""`stream.outage.StoreOutage` and the scorer loop's use of it: not-ready while a batch is
+retried, ready again once a batch is applied or once the retried partitions belong to another
+scorer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import TopicPartition
+
+from core.errors import ServiceUnavailableError, StoreRefusedError
+from core.settings import Settings
+from monitoring.metrics import Metrics
+from stream.consumer import LoopConfig, ScoringConsumer
+from stream.outage import FIRST_BACKOFF_S, StoreOutage
+
+TOPIC = "events"
+
+
+def gauge(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_failures_back_off_and_an_applied_batch_ends_the_outage() -> None:
+    metrics = Metrics()
+    outage = StoreOutage(metrics, max_backoff_s=0.3)
+    waits = [outage.failed(ServiceUnavailableError("down"), 10.0 + i, {(TOPIC, 0)}) for i in range(4)]
+    assert waits == [FIRST_BACKOFF_S, 0.2, 0.3, 0.3]
+    assert outage.ongoing
+    assert outage.since == 10.0
+    assert gauge(metrics, "churn_scorer_ready") == 0
+    assert gauge(metrics, "churn_scorer_store_failures") == 4
+    outage.applied(20.0)
+    assert not outage.ongoing
+    assert gauge(metrics, "churn_scorer_ready") == 1
+    assert gauge(metrics, "churn_scorer_store_failures") == 0
+    assert outage.failed(ServiceUnavailableError("down"), 30.0, {(TOPIC, 0)}) == FIRST_BACKOFF_S
+
+
+def test_a_refusing_redis_is_exported_by_reason_until_the_outage_ends() -> None:
+    metrics = Metrics()
+    outage = StoreOutage(metrics, max_backoff_s=5.0)
+    outage.failed(StoreRefusedError("OOM", "oom"), 1.0, {(TOPIC, 0)})
+    outage.failed(StoreRefusedError("READONLY", "readonly"), 2.0, {(TOPIC, 0)})
+    assert gauge(metrics, "churn_scorer_redis_refusing", reason="oom") == 0
+    assert gauge(metrics, "churn_scorer_redis_refusing", reason="readonly") == 1
+    outage.applied(3.0)
+    assert gauge(metrics, "churn_scorer_redis_refusing", reason="readonly") == 0
+
+
+def test_the_outage_ends_only_when_no_retried_partition_is_still_assigned() -> None:
+    metrics = Metrics()
+    outage = StoreOutage(metrics, max_backoff_s=5.0)
+    assert not outage.moved([])  # no outage: nothing to end
+    outage.failed(ServiceUnavailableError("down"), 1.0, {(TOPIC, 0), (TOPIC, 1)})
+    assert not outage.moved([(TOPIC, 1), (TOPIC, 2)])  # partition 1's events come back to this scorer
+    assert gauge(metrics, "churn_scorer_ready") == 0
+    assert outage.moved([(TOPIC, 2)])
+    assert not outage.ongoing
+    assert gauge(metrics, "churn_scorer_ready") == 1
+    assert gauge(metrics, "churn_scorer_store_failures") == 0
+
+
+class KafkaMessage:
+    """What `Consumer.consume` returns, for one valid message."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+class ScriptedConsumer:
+    """A consumer holding `assigned` partitions whose first `consume` returns one message of
+    partition 0 and later ones nothing; `revoke()` empties its assignment as a rebalance would."""
+
+    def __init__(self, assigned: list[int]) -> None:
+        self.assigned = assigned
+        self.batches: list[list[KafkaMessage]] = [[KafkaMessage(0, 7)]]
+        self.seeks: list[tuple[int, int]] = []
+        self.idle_polls = 0
+
+    def subscribe(self, topics: list[str], **_: Any) -> None:
+        pass
+
+    def consume(self, num_messages: int, timeout: float) -> list[KafkaMessage]:
+        if self.batches:
+            return self.batches.pop(0)
+        self.idle_polls += 1
+        time.sleep(min(timeout, 0.01))
+        return []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(TOPIC, p) for p in self.assigned]
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.seeks.append((partition.partition, partition.offset))
+
+    def close(self) -> None:
+        pass
+
+
+class StoreDown:
+    """A batch processor whose stores are down: every batch raises `ServiceUnavailableError`."""
+
+    class Cpu:
+        def mark(self, stage: str) -> None:
+            pass
+
+        def flush(self) -> None:
+            pass
+
+    class States:
+        def applied(self, partitions: list[str]) -> dict[str, int]:
+            return dict.fromkeys(partitions, 7)  # where the scripted batch starts: Redis is not behind
+
+    def __init__(self) -> None:
+        self.cpu = self.Cpu()
+        self.states = self.States()
+
+    def process(self, messages: Any, expected: Any) -> Any:
+        raise ServiceUnavailableError("Redis is down")
+
+    def forget(self) -> None:
+        pass
+
+
+class NoModels:
+    def refresh(self) -> None:
+        pass
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def run_scorer(consumer: ScriptedConsumer, revoke_after_failure: bool) -> tuple[Metrics, list[float | None]]:
+    """Runs a scorer loop on `consumer` whose one batch fails, optionally revokes every
+    partition once the loop idles after the failure, and returns the metrics and the readiness
+    seen: after the failure, then after 20 more idle polls (or once ready, if revoked)."""
+    metrics = Metrics()
+    settings = Settings(kafka_bootstrap="127.0.0.1:1")  # nothing listens there: no service is used
+    scorer = ScoringConsumer(
+        settings,
+        StoreDown(),  # type: ignore[arg-type]
+        NoModels(),  # type: ignore[arg-type]
+        metrics,
+        LoopConfig(max_wait_s=0.01, lag_every_s=3600),
+    )
+    scorer.consumer.close()
+    scorer.consumer = consumer  # type: ignore[assignment]
+    loop = threading.Thread(target=scorer.run)
+    loop.start()
+    seen = []
+    try:
+        wait_until(lambda: consumer.idle_polls > 0, "the loop to idle after the failed batch")
+        seen.append(gauge(metrics, "churn_scorer_ready"))
+        if revoke_after_failure:
+            consumer.assigned = []
+            wait_until(lambda: gauge(metrics, "churn_scorer_ready") == 1, "the scorer to be ready")
+        else:
+            polls = consumer.idle_polls
+            wait_until(lambda: consumer.idle_polls > polls + 20, "20 idle polls")
+        seen.append(gauge(metrics, "churn_scorer_ready"))
+    finally:
+        scorer.stopping.set()
+        loop.join(5)
+    return metrics, seen
+
+
+def test_a_scorer_whose_retried_partitions_were_revoked_is_ready_again() -> None:
+    consumer = ScriptedConsumer(assigned=[0, 1])
+    metrics, seen = run_scorer(consumer, revoke_after_failure=True)
+    assert consumer.seeks == [(0, 7)]  # the failed batch was rewound
+    assert seen == [0, 1]
+    assert gauge(metrics, "churn_scorer_store_failures") == 0
+
+
+def test_a_scorer_still_holding_the_retried_partition_stays_not_ready_while_idle() -> None:
+    consumer = ScriptedConsumer(assigned=[0, 1])
+    metrics, seen = run_scorer(consumer, revoke_after_failure=False)
+    assert seen == [0, 0]
+    assert gauge(metrics, "churn_scorer_store_failures") == 1
