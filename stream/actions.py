@@ -16,16 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import msgspec
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError
 
-from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
 from stream.changes import DECODER, ENCODER, TierChange
-from stream.kafka import committing_consumer
+from stream.kafka import IdempotentProducer, committing_consumer
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,13 @@ def tail(
     `reason` header. Stops when `stopping` is set or after `idle_exit_s` without messages.
 
     Raises:
-        ServiceUnavailableError: the dead-letter topic did not acknowledge.
+        ServiceUnavailableError: a dead letter was refused, failed or not acknowledged in 30 s
+            (nothing of the batch is committed).
     """
     topic = settings.tier_changes_topic
     dlq_topic = f"{topic}.dlq"
     consumer = committing_consumer(settings, group)
-    dlq = Producer(kafka_config(settings, **{"enable.idempotence": True}))
+    dlq = IdempotentProducer(kafka_config(settings, acks="all"))
     report = TailReport()
     stop = stopping or threading.Event()
     consumer.subscribe([topic])
@@ -111,13 +112,14 @@ def tail(
                     break
                 continue
             last_message = time.monotonic()
+            dead: list[dict[str, Any]] = []
             for message in messages:
                 raw = message.value() or b""
                 try:
                     change = DECODER.decode(raw)
                 except msgspec.DecodeError as exc:  # not a change event: dead-lettered, never a crash
                     report.unreadable += 1
-                    dlq.produce(dlq_topic, value=raw, headers=[("reason", f"unreadable: {exc}"[:1024].encode())])
+                    dead.append(_dead_letter(raw, f"unreadable: {exc}"))
                     continue
                 try:
                     sink(change)
@@ -125,19 +127,21 @@ def tail(
                 except DeliveryFailedError as exc:
                     report.dead_lettered += 1
                     log.warning("change of user %s dead-lettered: %s", change.user_id, exc)
-                    dlq.produce(
-                        dlq_topic,
-                        value=raw,
-                        key=change.user_id.encode(),
-                        headers=[("reason", str(exc)[:1024].encode())],
-                    )
-            if dlq.flush(30) > 0:
-                msg = f"dead-letter topic {dlq_topic!r} did not acknowledge in 30 s"
-                raise ServiceUnavailableError(msg)
+                    dead.append(_dead_letter(raw, str(exc), key=change.user_id.encode()))
+            # Every dead letter acknowledged (not only sent) before the commit, or the batch is
+            # re-delivered after the restart this error causes.
+            if dead:
+                dlq.deliver(dlq_topic, dead, 30, "dead letter(s)")
             consumer.commit(asynchronous=False)
     finally:
         consumer.close()
     return report
+
+
+def _dead_letter(raw: bytes, reason: str, key: bytes | None = None) -> dict[str, Any]:
+    """Returns the `Producer.produce` arguments of one dead letter: the message as it came, with
+    a `reason` header."""
+    return {"value": raw, "key": key, "headers": [("reason", reason[:1024].encode())]}
 
 
 def _usable(message: object) -> bool:
