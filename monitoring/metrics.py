@@ -318,6 +318,7 @@ SCORER_STAGES: Final = (
     "changes",  # tier-change events: reading the changes topic's unsaved tail, publishing, acks
     "snapshot",  # daily snapshot activity (and the snapshot itself at a UTC midnight)
     "commit",  # dead letters, batch metrics, Kafka offset commit
+    "gc",  # the batch's survivors collected and frozen (core.gc_policy.freeze_survivors)
     "housekeeping",  # model poll, lag report, idle checks between batches
 )
 

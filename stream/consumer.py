@@ -153,6 +153,7 @@ class ScoringConsumer:
                             continue  # rewound to what Redis holds: the replay comes in the next batches
                         self._process(messages)
                         freeze_survivors()  # the batch's survivors (user states mostly)
+                        cpu.mark("gc")
                         outage.applied(now)
                     except StateRolledBackError as exc:  # Redis restarted from older files while the batch ran
                         self._replay(exc.behind, messages)
