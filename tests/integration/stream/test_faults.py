@@ -16,7 +16,9 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -771,3 +773,90 @@ def test_redis_refusing_writes_gives_not_ready_a_metric_and_a_log_then_recovers(
         assert " ERROR " in figures["log"][0], reason
     assert counts["ok"] == len(events)
     assert faulted.final_state(users) == clean.final_state(users)
+
+
+# --- a scorer that loses its partitions during an outage --------------------------------------
+
+
+@pytest.mark.soak
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_scorer_whose_partition_moved_during_an_outage_is_ready_again_and_nothing_is_lost(
+    settings: Settings, unique: str, deploy: Callable[..., Deployment]
+) -> None:
+    """Two scorers in one group on a one-partition topic; Redis is stopped while scorer A owns
+    the partition and retries a batch; A is frozen (SIGSTOP) past its session timeout, so the
+    partition moves to B, which retries the batch in turn. Thawed, A rejoins with no partition:
+    it must report ready again while Redis is still down (it has nothing failing), B must not,
+    and after Redis returns the end state equals an uninterrupted run."""
+    topic = f"test-events-one-{unique}"
+    events = random_events(25, users=20, days=10, per_user=100)
+    users = sorted({e.user_id for e in events})
+    first, rest = events[: len(events) // 2], events[len(events) // 2 :]
+    faulted = deploy("mv", topic, topic_partitions=1)
+    clean = deploy("mvc", topic, topic_partitions=1)
+    a = faulted.start_scorer()
+    b = faulted.start_scorer(metrics_port=free_port())
+    figures: dict[str, Any] = {}
+    try:
+        assert produce_paced(faulted.settings, first, 5000).failed == 0
+        wait_for(partial(drained, faulted.settings), 60, "the first half to be applied")
+        owner = a if _owns_the_partition(a) else b  # sticky: the one that got it keeps it
+        other = b if owner is a else a
+        infra.stop_service(settings, "redis")
+        down_at = time.monotonic()
+        assert produce_paced(faulted.settings, rest, 5000).failed == 0
+        wait_for(lambda: owner.value("churn_scorer_ready") == 0, 60, "the owner to fail a batch")
+        assert other.value("churn_scorer_ready") == 1  # idle: nothing of its own is failing
+
+        os.kill(owner.proc.pid, signal.SIGSTOP)  # heartbeats stop: the group moves the partition
+        stopped_at = time.monotonic()
+        wait_for(partial(_owns_the_partition, other), 60, "the partition to move")
+        figures["partition_moved_after_seconds"] = round(time.monotonic() - stopped_at, 2)
+        wait_for(lambda: other.value("churn_scorer_ready") == 0, 60, "the new owner to fail the batch")
+        os.kill(owner.proc.pid, signal.SIGCONT)
+        thawed_at = time.monotonic()
+        wait_for(lambda: owner.value("churn_scorer_ready") == 1, 60, "the thawed scorer to be ready")
+        figures["thawed_scorer_ready_after_seconds"] = round(time.monotonic() - thawed_at, 2)
+        figures["new_owner_ready_meanwhile"] = other.value("churn_scorer_ready")
+        figures["redis_still_down"] = not infra.SERVICES["redis"][1](settings)[0]
+        figures["log"] = owner.log_lines("moved to another scorer")[:1]
+
+        infra.start_service(settings, "redis")
+        figures["redis_down_seconds"] = round(time.monotonic() - down_at, 1)
+        wait_for(lambda: other.value("churn_scorer_ready") == 1, 60, "the new owner to recover")
+        wait_for(partial(drained, faulted.settings), 120, "the whole topic to be applied")
+        time.sleep(1)  # a double application would show in the counts by now
+        figures["applied"] = {"thawed": owner.events("ok"), "new_owner": other.events("ok")}
+        exits = [owner.stop(), other.stop()]
+    finally:
+        _services_back(settings)
+        for scorer in (a, b):
+            if scorer.proc.poll() is None:
+                os.kill(scorer.proc.pid, signal.SIGCONT)
+            scorer.stop()
+    try:
+        clean.run_uninterrupted()
+        in_rows = _events_in_rows(faulted, users)
+        states = faulted.final_state(users), clean.final_state(users)
+    finally:
+        delete_topics(settings, [topic, f"{topic}.changes", f"{topic}.changes.dlq"])
+    record_figures(settings, "partition_moved_during_outage", figures)
+    assert exits == [0, 0]
+    assert figures["redis_still_down"]
+    assert figures["new_owner_ready_meanwhile"] == 0  # it holds the batch that still fails
+    assert figures["log"]
+    assert in_rows == len(events)  # every event counted once
+    assert states[0] == states[1]
+
+
+def _owns_the_partition(scorer: ScorerProcess) -> bool:
+    """Returns whether the scorer holds partition 0, from its log: with cooperative rebalancing
+    each `assigned [...]` / `revoked [...]` line names only the partitions added or taken away."""
+    owned: set[str] = set()
+    for line in scorer.log_lines("INFO stream.consumer "):
+        for verb in ("assigned", "revoked"):
+            if f" {verb} [" in line:
+                listed = set(filter(None, line.rsplit("[", 1)[1].rstrip("]").split(", ")))
+                owned = owned | listed if verb == "assigned" else owned - listed
+    return "0" in owned
