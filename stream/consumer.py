@@ -154,7 +154,7 @@ class ScoringConsumer:
                         self._process(messages)
                         freeze_survivors()  # the batch's survivors (user states mostly)
                         cpu.mark("gc")
-                        outage.applied(now)
+                        outage.applied(time.monotonic())
                     except StateRolledBackError as exc:  # Redis restarted from older files while the batch ran
                         self._replay(exc.behind, messages)
                         continue
