@@ -35,6 +35,7 @@ from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine, state_layout
 from features.state_store import NOTHING_APPLIED, RedisStateStore
 from models.artifact import ChurnModel, save_artifact
+from models.registry import champion_version
 from models.runtime import feature_matrix
 from monitoring.metrics import Metrics
 from monitoring.prediction_log import write_labels, write_snapshot
@@ -175,7 +176,9 @@ def register_champion(folder: Path, base: Settings, model: ChurnModel | None = N
     model = model or small_model()
     artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
     run_id, version = registry.log_run(scratch, artifact, {}, {}, {})
-    registry.apply_decision(scratch, run_id, version, registry.Decision(True))
+    # Promoted over whatever is champion now (a decision judged against it).
+    judged = registry.Decision(True, champion_version=champion_version(scratch))
+    registry.apply_decision(scratch, run_id, version, judged)
     return uri
 
 

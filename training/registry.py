@@ -30,7 +30,7 @@ from core.settings import Settings, mask_url
 from core.timeutil import parse_utc, to_ms
 from models import audit
 from models.artifact import ChurnModel
-from models.registry import CHALLENGER, CHAMPION, PROMOTED_AT_TAG, registry_client
+from models.registry import CHALLENGER, CHAMPION, PROMOTED_AT_TAG, champion_version, registry_client
 from training import backtest, metrics
 from training.dataset import feature_matrix
 
@@ -210,13 +210,26 @@ def decide(
 
 def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision) -> None:
     """Records the decision as run tags and in the audit log (action `promote`, trigger `train`)
-    and, if it promotes, moves the `champion` alias to `version` (`move_champion`).
+    and, if it promotes, moves the `champion` alias to `version` (`move_champion`). A promotion
+    is refused instead when the champion is no longer the one the decision judged against
+    (`decision.champion_version`): another run promoted meanwhile, and this model was never
+    compared with it (`churn promote` judges it again). `decision` is updated to what was done
+    (`promote` False and the reason, then).
 
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached or the audit log written.
     """
     from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
 
+    if decision.promote:
+        current = champion_version(settings)
+        if current != decision.champion_version:
+            judged = f"v{decision.champion_version}" if decision.champion_version else "no champion"
+            decision.promote = False
+            decision.reasons.append(
+                f"refused: the champion became v{current} while this model was judged against {judged};"
+                " judge it again with `churn promote`"
+            )
     try:
         client = registry_client(settings)
         client.set_tag(run_id, "promotion.decision", "promoted" if decision.promote else "rejected")

@@ -233,7 +233,8 @@ def test_model_swap_under_load_fails_no_request(api: TestClient, world: World) -
     loop.start()
     try:
         time.sleep(0.5)
-        registry.apply_decision(world.settings, _run_of(world.settings, second), second, registry.Decision(True))
+        judged = registry.Decision(True, champion_version=world.version)
+        registry.apply_decision(world.settings, _run_of(world.settings, second), second, judged)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not (answers and answers[-1][1] == second):
             time.sleep(0.05)
