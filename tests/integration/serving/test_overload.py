@@ -8,6 +8,13 @@ as at capacity (p99 at most 2x; without shedding, every one of the 128 connectio
 the worker's queue: 128 service times, tens of times the bound), every other answer must be a 503
 with `Retry-After`, and once the load drops the latency must be back to normal within 5 s (at most
 1% shed, as a stall can line up four requests at half capacity).
+
+The p99 at capacity is the mean of two 10 s runs at capacity, one before the overload and one
+after it, as the overload's 20 s. At capacity every stall of the shared machine delays all the
+requests queued behind it, so one 10 s window's p99 depends on how many stalls it caught: 3.3 to
+11.9 ms on the same server in one session, and one CI run failed on a calm window (3.3 ms, the
+overload's 7.0 ms). Two windows on both sides of the overload halve that variance and cancel a
+drift of the machine's speed during the test.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ USERS = 2000
 OVERLOAD_SECONDS = 20.0
 BACK_TO_NORMAL_SECONDS = 5.0
 CONNECTIONS = 128
+# What is kept of a run's figures; the latency from the actual send (`ok_service_latency`) says how
+# much of the latency was the load generator's own lateness.
+KEPT_FIGURES = ("achieved_rate", "statuses", "latency", "ok_latency", "ok_service_latency")
 
 
 @pytest.mark.soak
@@ -77,6 +87,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
         dropped_at = time.monotonic() - overload["drain_seconds"]
         warmup = max(0.0, BACK_TO_NORMAL_SECONDS - (time.monotonic() - dropped_at))
         calm_after = run(capacity / 2, 5.0, warmup=warmup)
+        at_capacity_after = run(capacity, 10.0)
         alive = server.poll() is None
     finally:
         server.terminate()
@@ -86,16 +97,16 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
             client.delete(key)
         client.close()
 
+    p99_at_capacity = round((at_capacity["ok_latency"]["p99_ms"] + at_capacity_after["ok_latency"]["p99_ms"]) / 2, 3)
     figures = {
         "capacity_per_second": capacity,
         "search": search,
         "max_in_flight": settings.api_max_in_flight,
         "calm_before_latency_ms": calm_before["latency"],
-        "at_capacity": {k: at_capacity[k] for k in ("achieved_rate", "statuses", "latency", "ok_latency")},
-        "overload": {
-            k: overload[k]
-            for k in ("target_rate", "achieved_rate", "statuses", "errors", "drain_seconds", "ok_latency", "latency")
-        },
+        "at_capacity": {k: at_capacity[k] for k in KEPT_FIGURES},
+        "at_capacity_after": {k: at_capacity_after[k] for k in KEPT_FIGURES},
+        "p99_at_capacity_ms": p99_at_capacity,
+        "overload": {k: overload[k] for k in ("target_rate", "errors", "drain_seconds", *KEPT_FIGURES)},
         "overload_unavailable_without_retry_after": overload["unavailable_without_retry_after"],
         "calm_after_warmup_seconds": round(warmup, 2),
         "calm_after_latency_ms": calm_after["latency"],
@@ -108,7 +119,8 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert "Traceback" not in server_log, server_log[-3000:]
     # At capacity: answered or shed, nothing else (the shared machine's speed drifts between runs,
     # so how much of it is shed is not asserted).
-    assert set(at_capacity["statuses"]) <= {"200", "503"}, at_capacity["statuses"]
+    for run_at_capacity in (at_capacity, at_capacity_after):
+        assert set(run_at_capacity["statuses"]) <= {"200", "503"}, run_at_capacity["statuses"]
     # Overloaded: accepted requests stay about as fast as at capacity, the rest are refused at once
     # with Retry-After, nothing else fails, and the worker still completes most of its capacity.
     statuses = overload["statuses"]
@@ -116,7 +128,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert statuses.get("503", 0) > 0, statuses
     assert overload["unavailable_without_retry_after"] == 0
     assert overload["errors"] == 0, overload["first_errors"]
-    assert overload["ok_latency"]["p99_ms"] <= 2 * at_capacity["ok_latency"]["p99_ms"], figures
+    assert overload["ok_latency"]["p99_ms"] <= 2 * p99_at_capacity, figures
     assert statuses["200"] / overload["seconds"] >= 0.5 * capacity, figures
     # Back to normal within 5 s of the drop: (nearly) every request answered, as fast as before.
     # At half capacity four requests are rarely in flight at once, but a stall of the shared
@@ -125,5 +137,5 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert set(calm_after["statuses"]) <= {"200", "503"}, calm_after["statuses"]
     assert calm_after["statuses"].get("503", 0) <= 0.01 * calm_after["requests"], calm_after["statuses"]
     assert calm_after["errors"] == 0
-    normal_ms = max(2 * calm_before["latency"]["p99_ms"], at_capacity["ok_latency"]["p99_ms"])
+    normal_ms = max(2 * calm_before["latency"]["p99_ms"], p99_at_capacity)
     assert calm_after["latency"]["p99_ms"] <= normal_ms, figures
