@@ -15,7 +15,6 @@ from functools import cache
 from typing import Any, Literal
 
 import redis
-import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -35,7 +34,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from core.errors import ServiceUnavailableError, StoreRefusedError
+from core.errors import ConfigError, ServiceUnavailableError, StoreRefusedError
+from core.redis_pipeline import AsyncPipelineClient
 from core.settings import Settings
 
 Purpose = Literal["batch", "request", "probe"]
@@ -76,15 +76,21 @@ def redis_client(settings: Settings, purpose: Purpose = "batch") -> Client:
     )
 
 
-def async_redis_client(settings: Settings, purpose: Purpose = "request") -> redis.asyncio.Redis:
-    """Returns an asyncio client of the one Redis server at `settings.redis_address` with the
-    timeouts of `purpose` (no I/O yet: connections open on the event loop that first uses it).
-    For a server, not a cluster: the API reads through it only where one pipeline reaches every
-    key it reads (see `serving.deps`)."""
+def async_redis_client(settings: Settings, purpose: Purpose = "request") -> AsyncPipelineClient:
+    """Returns an asyncio pipeline client of the one Redis server at `settings.redis_address`
+    with the timeouts of `purpose` (no I/O yet: connections open on the event loop that first
+    uses it). For a server, not a cluster: the API reads through it only where one pipeline
+    reaches every key it reads (see `serving.deps`).
+
+    Raises:
+        ConfigError: the URL is not a `redis://` or `rediss://` URL with a host.
+    """
     socket_timeout, connect_timeout = TIMEOUTS[purpose]
-    return redis.asyncio.Redis.from_url(
-        settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
-    )
+    try:
+        return AsyncPipelineClient(settings.redis_address, socket_timeout, connect_timeout)
+    except ValueError as exc:
+        msg = f"CHURN_REDIS_URL: {exc}"
+        raise ConfigError(msg) from exc
 
 
 # --- key naming: one user's keys share a slot ----------------------------------------------

@@ -92,14 +92,11 @@ def build_deps(settings: Settings) -> Deps:
         assert aclient is not None
         commands = features.read_commands(user_ids)
         assert commands is not None
+        commands.append(risks.read_command(user_ids))
+        if event_clock:  # the watermark is the clock: read it in the same round trip
+            commands.append(("GET", risks.watermark_key))
         with redis_errors(f"reading {len(user_ids)} feature and risk rows"):
-            async with aclient.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                pipe.execute_command(*risks.read_command(user_ids))
-                if event_clock:  # the watermark is the clock: read it in the same round trip
-                    pipe.get(risks.watermark_key)
-                replies = await pipe.execute()
+            replies = await aclient.execute(commands)
         if event_clock:
             mark = replies.pop()
             now_ms = None if mark is None else int(mark)
@@ -137,7 +134,7 @@ def build_deps(settings: Settings) -> Deps:
         metrics=metrics,
         ready_checks={"redis": ping, "feature_view": feature_view},
         close=client.close,
-        aclose=aclient.aclose if aclient is not None else None,  # type: ignore[attr-defined]  # types-redis predates aclose
+        aclose=aclient.aclose if aclient is not None else None,
         drift_state=drift_state,
         performance_state=performance_state,
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),

@@ -22,10 +22,10 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from redis.asyncio.connection import AbstractConnection as AsyncConnection
 from redis.connection import AbstractConnection
 
 from bench.harness import SMALL_SIMULATION, SMALL_TRAIN_OPTIONS, free_port, train_small_champion
+from core.redis_pipeline import PipelineConnection
 from core.settings import Settings
 from core.timeutil import ms_to_iso
 from events.log import load_events
@@ -329,11 +329,11 @@ def test_the_single_user_route_reads_on_the_event_loop_and_answers_as_the_blocki
     asked = [*users, "nobody-at-all"]
     sends: list[int] = []
     scoring_threads: set[int] = set()
-    send = AsyncConnection.send_packed_command
+    exchange = PipelineConnection.exchange
 
-    async def counted_send(self: AsyncConnection, *args: Any, **kwargs: Any) -> None:
-        sends.append(1)
-        await send(self, *args, **kwargs)
+    async def counted_exchange(self: PipelineConnection, payload: bytes, count: int) -> list[Any]:
+        sends.append(count)
+        return await exchange(self, payload, count)
 
     predict = ChurnModel.predict
 
@@ -345,12 +345,12 @@ def test_the_single_user_route_reads_on_the_event_loop_and_answers_as_the_blocki
         try:
             await deps.service.answer_async(asked[:1], explain=False)  # connects (and greets Redis) once
             sends.clear()
-            AsyncConnection.send_packed_command = counted_send  # type: ignore[method-assign]
+            PipelineConnection.exchange = counted_exchange  # type: ignore[method-assign]
             ChurnModel.predict = noting_predict  # type: ignore[method-assign]
             try:
                 answered = await deps.service.answer_async(asked, explain=True)
             finally:
-                AsyncConnection.send_packed_command = send  # type: ignore[method-assign]
+                PipelineConnection.exchange = exchange  # type: ignore[method-assign]
                 ChurnModel.predict = predict  # type: ignore[method-assign]
             return answered, threading.get_ident()
         finally:
@@ -365,7 +365,8 @@ def test_the_single_user_route_reads_on_the_event_loop_and_answers_as_the_blocki
         risks.client.close()
         deps.close()
 
-    assert len(sends) == 1  # features, stored risk and the watermark: one pipeline, one round trip
+    # Features (one HMGET per user), stored risk and the watermark: one pipeline, one round trip.
+    assert sends == [len(asked) + 2]
     assert scoring_threads == {loop_thread}  # scored on the event loop's thread: no hop to a worker
     assert unknown == blocking_unknown == ["nobody-at-all"]
     assert [a.model_dump() for a in answers] == [a.model_dump() for a in blocking_answers]

@@ -1,0 +1,1 @@
+"""Integration tests of `core`: its clients against the real services."""
