@@ -225,9 +225,10 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         current = champion_version(settings)
         if current != decision.champion_version:
             judged = f"v{decision.champion_version}" if decision.champion_version else "no champion"
+            now = f"became v{current}" if current else "alias was removed"
             decision.promote = False
             decision.reasons.append(
-                f"refused: the champion became v{current} while this model was judged against {judged};"
+                f"refused: the champion {now} while this model was judged against {judged};"
                 " judge it again with `churn promote`"
             )
     try:
