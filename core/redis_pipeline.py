@@ -40,15 +40,28 @@ def pack(commands: Sequence[Command]) -> bytes:
 
 # Refusals that redis-py raises as AuthenticationError (`core.redis.classify` maps it to AUTH).
 _AUTH_CODES = frozenset({"NOAUTH", "WRONGPASS"})
+# `ERR` replies redis-py raises as another class (its parser's table): a full server is
+# unavailable for now, a password the server does not expect is an authentication failure.
+_ERR_MESSAGES: tuple[tuple[str, type[RedisError]], ...] = (
+    ("ERR max number of clients reached", RedisConnectionError),
+    ("ERR invalid password", AuthenticationError),
+    ("ERR AUTH <password> called without any password configured", AuthenticationError),
+    ("ERR Client sent AUTH, but no password is set", AuthenticationError),
+)
 _READ_SIZE = 65536
 
 
 def refusal(reply: hiredis.ReplyError) -> RedisError:
-    """Returns the redis-py exception for an error reply: AuthenticationError for NOAUTH and
-    WRONGPASS, ResponseError with Redis's message (its first word is the code) otherwise."""
+    """Returns the exception redis-py raises for an error reply: AuthenticationError for NOAUTH,
+    WRONGPASS and a password the server does not expect, ConnectionError for a server at its
+    client limit, ResponseError with Redis's message (its first word is the code) otherwise."""
     message = str(reply)
-    code = message.split(" ", 1)[0]
-    return AuthenticationError(message) if code in _AUTH_CODES else ResponseError(message)
+    if message.split(" ", 1)[0] in _AUTH_CODES:
+        return AuthenticationError(message)
+    for start, kind in _ERR_MESSAGES:
+        if message.startswith(start):
+            return kind(message)
+    return ResponseError(message)
 
 
 class PipelineConnection:
@@ -95,15 +108,18 @@ class AsyncPipelineClient:
 
     Connections open on the event loop that first needs one, and go back to an idle pool after a
     complete exchange; one whose exchange failed or was cancelled is closed (its replies would be
-    out of step). The commands must be reads: a pipeline that failed on a pooled connection (which
-    Redis may have closed since it was last used) is sent once more on a new one.
+    out of step). The commands must be reads: a pipeline whose pooled connection failed (Redis
+    may have closed it since it was last used, e.g. in a restart) is sent again on the next pooled
+    one, or on a new one. Nothing else is retried: a request path fails fast (an HTTP 503).
     """
 
     def __init__(self, url: str, socket_timeout: float, connect_timeout: float) -> None:
-        """Raises ValueError: `url` is not a `redis://` or `rediss://` URL with a host."""
+        """Raises ValueError: `url` is not a `redis://` or `rediss://` URL with a host (and
+        perhaps a user, a password and a db number), or carries query options."""
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            msg = f"expected a redis://[user:password@]host:port/db URL, got {url!r}"
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query:
+            shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no credentials
+            msg = f"expected a redis://[user:password@]host:port/db URL without options, got {shown!r}"
             raise ValueError(msg)
         self.host = parts.hostname
         self.port = parts.port or 6379
@@ -112,8 +128,10 @@ class AsyncPipelineClient:
         username = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password else None
         setup: list[Command] = []  # authenticate, then pick the database
-        if password:
-            setup.append(("AUTH", username, password) if username else ("AUTH", password))
+        if username:  # as redis-py: an ACL user may have no password (`nopass`)
+            setup.append(("AUTH", username, password or ""))
+        elif password:
+            setup.append(("AUTH", password))
         if db:
             setup.append(("SELECT", db))
         # Sent first on every new connection.
@@ -121,6 +139,8 @@ class AsyncPipelineClient:
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
         self._idle: list[PipelineConnection] = []
+        self._busy: set[PipelineConnection] = set()
+        self._closed = False
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Returns the replies to `commands`, in order, as Redis sent them (bytes, integers, lists, None).
@@ -134,26 +154,38 @@ class AsyncPipelineClient:
         """
         payload = pack(commands)
         while True:
+            if self._closed:
+                msg = "the Redis pipeline client is closed"
+                raise RedisConnectionError(msg)
             pooled = bool(self._idle)
             connection = self._idle.pop() if pooled else await self._connect()
+            self._busy.add(connection)
             try:
                 replies = await self._exchange(connection, payload, len(commands))
             except RedisConnectionError:
                 connection.close()
-                if pooled:  # perhaps closed by Redis while idle: once more, on a new connection
+                if pooled:  # perhaps closed by Redis while idle: again, on another connection
                     continue
                 raise
             except BaseException:  # a timeout, a cancellation: the replies may still come
                 connection.close()
                 raise
-            self._idle.append(connection)
+            finally:
+                self._busy.discard(connection)
+            if self._closed:
+                connection.close()
+            else:
+                self._idle.append(connection)
             _raise_first_refusal(replies)
             return replies
 
     async def aclose(self) -> None:
-        """Closes the idle connections (those in use close when their exchange ends)."""
-        while self._idle:
-            self._idle.pop().close()
+        """Closes every connection, idle or in use (an exchange in flight then fails); `execute`
+        raises from then on."""
+        self._closed = True
+        for connection in [*self._idle, *self._busy]:
+            connection.close()
+        self._idle.clear()
 
     async def _exchange(self, connection: PipelineConnection, payload: bytes, count: int) -> list[Any]:
         try:
