@@ -99,9 +99,9 @@ def tail(
     topic = settings.tier_changes_topic
     dlq_topic = f"{topic}.dlq"
     consumer = committing_consumer(settings, group)
-    dlq = IdempotentProducer(kafka_config(settings, acks="all"))
     report = TailReport()
     stop = stopping or threading.Event()
+    dlq = IdempotentProducer(kafka_config(settings, acks="all"), interrupt=stop)
     consumer.subscribe([topic])
     last_message = time.monotonic()
     try:

@@ -16,6 +16,7 @@ batch publishes nothing twice, and what it announces continues each user's chain
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -146,10 +147,14 @@ class KafkaChangeLog:
     """Tier changes on a Kafka topic: an idempotent producer (ordered per partition, no
     duplicates from its own retries) and a reader of a partition's tail."""
 
-    def __init__(self, settings: Settings, topic: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, topic: str, timeout_s: float = 30.0, interrupt: threading.Event | None = None
+    ) -> None:
+        """`interrupt` (the process's stop signal) ends a publish's wait for acknowledgements
+        early (see `IdempotentProducer`)."""
         self.topic = topic
         self.timeout_s = timeout_s
-        self.producer = IdempotentProducer(kafka_config(settings, **{"linger.ms": 5}))
+        self.producer = IdempotentProducer(kafka_config(settings, **{"linger.ms": 5}), interrupt=interrupt)
         # The reader reads bounded ranges, one partition after another: a fetch the broker holds
         # for the default 500 ms (waiting for data that is not coming) delayed each next range.
         self.reader = Consumer(

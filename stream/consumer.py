@@ -89,21 +89,26 @@ class ScoringConsumer:
         loop: LoopConfig | None = None,
         extra_config: dict[str, Any] | None = None,
         challengers: ModelHolder | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
+        """`stopping` is set by SIGTERM / SIGINT (`install_signal_handlers`); pass the event the
+        processor's change log also watches, so a stop also ends its waits."""
         self.settings = settings
         self.processor = processor
         self.models = models
         self.challengers = challengers  # the challenger (canary and shadow), polled like the champion
         self.metrics = metrics
         self.loop = loop or LoopConfig()
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         tuning = {
             "partition.assignment.strategy": "cooperative-sticky",
             "fetch.min.bytes": 1,
             "queued.max.messages.kbytes": 65536,
         }
         self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
-        self.dlq = IdempotentProducer(kafka_config(settings, **{"acks": "all", "linger.ms": 5}))
+        self.dlq = IdempotentProducer(
+            kafka_config(settings, **{"acks": "all", "linger.ms": 5}), interrupt=self.stopping
+        )
         # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
         # this process last saved, or what it found there. Less means Redis went back in time.
         self.expected: dict[str, int] = {}
@@ -187,6 +192,9 @@ class ScoringConsumer:
                 cpu.flush()
         finally:
             self.consumer.close()
+            # Dead letters still queued belong to a batch that was not committed (a batch's
+            # letters are acknowledged before its commit): it is replayed after a restart, so
+            # after a stop signal this waits one slice, not 10 s.
             self.dlq.flush(10)
 
     def _refresh_models(self) -> None:
@@ -326,6 +334,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     ensure_topics(settings)
     ensure_changes_topic(settings)
     client = redis_client(settings)
+    stopping = threading.Event()  # the stop signal, for the loop and the producers' waits alike
     models = ModelHolder(
         *champion_loader(settings), on_swap=metrics.model_swapped("scorer"), on_refuse=metrics.model_refused("scorer")
     )
@@ -357,7 +366,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         max_event_bytes=settings.max_event_bytes,
         max_future_skew_ms=settings.max_future_skew_seconds * 1000,
         snapshots=snapshots,
-        changes=KafkaChangeLog(settings, settings.tier_changes_topic),
+        changes=KafkaChangeLog(settings, settings.tier_changes_topic, interrupt=stopping),
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),
         challenger=lambda: challengers.current,
         canary_percent=settings.canary_percent,
@@ -367,4 +376,4 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         max_wait_s=settings.max_batch_wait_ms / 1000,
         model_poll_every_s=settings.model_poll_seconds,
     )
-    return ScoringConsumer(settings, processor, models, metrics, loop, challengers=challengers)
+    return ScoringConsumer(settings, processor, models, metrics, loop, challengers=challengers, stopping=stopping)

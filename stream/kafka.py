@@ -5,6 +5,8 @@ that outlives a fatal error."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +20,8 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 # A crashed member's partitions move to the others after this long (the broker's minimum is 6 s).
 SESSION_TIMEOUT_MS = 10_000
+# How often a wait for acknowledgements looks at its `interrupt` (a stop signal).
+ACK_WAIT_SLICE_S = 0.25
 
 
 def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | None = None) -> Consumer:
@@ -67,12 +71,23 @@ class IdempotentProducer:
     the broker did not expect after a broker restart; from then on every `produce` raises and
     every queued message fails. A new producer gets a new producer id, so the caller's retry
     (the scorer retries its whole batch) can go through instead of failing until a restart.
+
+    `interrupt` (the process's stop signal) ends a wait for acknowledgements early: while Kafka
+    is down that wait lasts its whole timeout (30 s), and SIGTERM would go unheeded meanwhile.
+    What was not acknowledged is then reported as for a timeout, so the caller does not commit
+    its batch, and the batch is replayed after the restart.
     """
 
-    def __init__(self, config: dict[str, Any], factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        factory: Callable[[dict[str, Any]], Any] = Producer,
+        interrupt: threading.Event | None = None,
+    ) -> None:
         self.config = {**config, "enable.idempotence": True}
         self.factory = factory
         self.producer = factory(self.config)
+        self.interrupt = interrupt or threading.Event()
         self.replaced = 0  # how many times a fatal error replaced the producer
 
     def produce(self, topic: str, **message: Any) -> None:
@@ -91,7 +106,8 @@ class IdempotentProducer:
 
     def deliver(self, topic: str, messages: Iterable[dict[str, Any]], timeout_s: float, what: str) -> None:
         """Produces each of `messages` (`Producer.produce` keyword arguments) to `topic` and waits
-        up to `timeout_s` for every acknowledgement; `what` names them in the error.
+        up to `timeout_s` for every acknowledgement (less once `interrupt` is set); `what` names
+        them in the error.
 
         Raises:
             ServiceUnavailableError: one was refused, failed or not acknowledged in time (a fatal
@@ -112,13 +128,19 @@ class IdempotentProducer:
             left = self.flush(timeout_s)
         if left or failures:
             self.recover_from(failures)
-            msg = f"topic {topic!r} did not acknowledge {left or len(failures)} {what}: {failures[:1]}"
+            stopped = " (stopping)" if left and self.interrupt.is_set() else ""
+            msg = f"topic {topic!r} did not acknowledge {left or len(failures)} {what}{stopped}: {failures[:1]}"
             raise ServiceUnavailableError(msg)
 
     def flush(self, timeout_s: float) -> int:
-        """Waits up to `timeout_s` for the queued messages' acknowledgements; returns how many
-        are still unacknowledged (0: all delivered or failed, see the delivery callbacks)."""
-        return int(self.producer.flush(timeout_s))
+        """Waits up to `timeout_s` for the queued messages' acknowledgements, or until `interrupt`
+        is set; returns how many are still unacknowledged (0: all delivered or failed, see the
+        delivery callbacks)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = int(self.producer.flush(max(0.0, min(ACK_WAIT_SLICE_S, deadline - time.monotonic()))))
+            if not left or self.interrupt.is_set() or time.monotonic() >= deadline:
+                return left
 
     def recover_from(self, errors: list[KafkaError]) -> bool:
         """Replaces the producer if any of `errors` (from `produce` or delivery callbacks) is

@@ -1,15 +1,19 @@
 """The idempotent producer that replaces itself after a fatal error, and the change log that
 relies on it: librdkafka cannot be made to fail for good on demand, so a stand-in producer
-raises and fails deliveries the way a fenced idempotent producer does."""
+raises and fails deliveries the way a fenced idempotent producer does. A stop signal ends a wait
+for acknowledgements from a real librdkafka producer whose broker does not answer."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from core.errors import ServiceUnavailableError
+from core.kafka import kafka_config
 from core.settings import load_settings
 from stream.changes import KafkaChangeLog, TierChange
 from stream.kafka import IdempotentProducer
@@ -102,3 +106,31 @@ def test_the_change_log_fails_the_batch_on_a_fatal_delivery_and_its_retry_publis
     log.publish([_change("u1")])  # the scorer's retry of the batch
     assert [m["key"] for _, m in made[1].delivered] == [b"u1"]
     log.reader.close()
+
+
+def test_a_stop_signal_ends_a_publish_waiting_for_a_broker_that_does_not_answer() -> None:
+    # Nothing listens on port 1: librdkafka queues the change and no acknowledgement ever comes.
+    stop = threading.Event()
+    log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=30, interrupt=stop)
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"did not acknowledge 1 change\(s\) \(stopping\)"):
+            log.publish([_change("u1")])
+        waited = time.monotonic() - started
+    finally:
+        log.producer.producer.purge()
+        log.reader.close()
+    assert 0.5 <= waited < 10  # after the signal, long before the 30 s timeout
+
+
+def test_without_a_stop_signal_the_wait_lasts_its_timeout() -> None:
+    producer = IdempotentProducer(kafka_config(load_settings(kafka_bootstrap="127.0.0.1:1")))
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"did not acknowledge 1 event\(s\): "):
+            producer.deliver("events", [{"value": b"{}"}], 1.0, "event(s)")
+        waited = time.monotonic() - started
+    finally:
+        producer.producer.purge()
+    assert waited >= 1.0
