@@ -426,6 +426,9 @@ def kill_mid_batch(
             if not in_batch:
                 proc.send_signal(signal.SIGCONT)
                 time.sleep(rng.uniform(0.005, 0.05))
+        if not in_batch:  # shown with a failing test's output: which of the two it was
+            why = "the scorer exited (its backlog drained?)" if proc.poll() is not None else f"{timeout:.0f} s passed"
+            print(f"kill_mid_batch: no frozen moment fell inside a batch: {why}")
         if also is not None:
             also()
         if proc.poll() is None:

@@ -115,8 +115,11 @@ def stream_topic(settings: Settings, topic: str) -> str:
 def test_sigkill_inside_batches_leaves_the_clean_state(
     settings: Settings, stream_topic: str, unique: str, tmp_path: Path
 ) -> None:
-    # A backlog that outlasts the five kills (each restart loads the model and rejoins first).
-    users = produce(settings, stream_topic, BAD, per_user=600)
+    # A backlog that outlasts the three kills (each restart loads the model and rejoins first).
+    # 36,000 events are a couple of seconds of work: one CI run's third kill did not land, most
+    # likely because that scorer drained what was left and exited first (`kill_mid_batch` now
+    # prints which).
+    users = produce(settings, stream_topic, BAD, per_user=1500)
     clean = Run(settings, stream_topic, f"clean{unique}", tmp_path)
     clean.run_to_end()
 
