@@ -6,8 +6,9 @@ runs twice). The machine is shared and its speed varies, so every assertion comp
 this run with each other. At 3x that rate for 20 s the accepted requests must stay about as fast
 as at capacity (p99 at most 2x; without shedding, every one of the 128 connections would wait in
 the worker's queue: 128 service times, tens of times the bound), every other answer must be a 503
-with `Retry-After`, and once the load drops the latency must be back to normal within 5 s (at most
-1% shed, as a stall can line up four requests at half capacity).
+with `Retry-After`, and once the load drops the latency must be back to normal within 5 s (p90
+within 2x of the calm p90 before the overload, p99 within 2x of the p99 at capacity; at most 1%
+shed, as a stall can line up four requests at half capacity).
 
 The p99 at capacity is the mean of two 10 s runs at capacity, one before the overload and one
 after it, as the overload's 20 s. At capacity every stall of the shared machine delays all the
@@ -137,5 +138,9 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     assert set(calm_after["statuses"]) <= {"200", "503"}, calm_after["statuses"]
     assert calm_after["statuses"].get("503", 0) <= 0.01 * calm_after["requests"], calm_after["statuses"]
     assert calm_after["errors"] == 0
-    normal_ms = max(2 * calm_before["latency"]["p99_ms"], p99_at_capacity)
-    assert calm_after["latency"]["p99_ms"] <= normal_ms, figures
+    # The bulk as fast as before the overload, the tail no slower than at capacity. Not the calm
+    # windows' p99s against each other: 5 s at half capacity hold ~1,000 requests, so a p99 is
+    # the 10th slowest and one stall moves it (one CI run: 8.2 ms after, 3.9 ms before, p90 2.0
+    # and 1.8 ms). A worker still draining the overload would hold most requests far longer.
+    assert calm_after["latency"]["p90_ms"] <= 2 * calm_before["latency"]["p90_ms"], figures
+    assert calm_after["latency"]["p99_ms"] <= 2 * p99_at_capacity, figures
