@@ -1,8 +1,9 @@
 """`churn bench api`: the risk API's capacity per mode, beside Feast's own feature server.
 
-Capacity is the highest open-loop rate whose p99 stays under a latency budget
-(`CHURN_API_LATENCY_BUDGET_MS`, 10 ms) with every answer a 2xx: a fixed rate says more about the
-machine than about the API (past capacity, latency grows without bound; well under it, every
+Capacity is the highest open-loop rate at which 99% of the requests are answered with a 2xx
+within a latency budget (`CHURN_API_LATENCY_BUDGET_MS`, 10 ms): a p99 within the budget, where a
+refused request (503) counts as one over it. A fixed rate says more about the machine than about
+the API (past capacity, latency grows without bound, or our API refuses; well under it, every
 server looks the same). Per mode (`score`: probability and tier; `reasons`: with the top 5
 reasons; `batch_100`: POST /users/risk with 100 ids) the search doubles the rate from
 `start_rate` until a step fails, then bisects to `resolution`; a failed step is run once more
@@ -137,9 +138,17 @@ def wait_ready(
 
 
 def load(
-    port: int, users: int, mode: Mode, rate: float, seconds: float, connections: int, warmup: float
+    port: int,
+    users: int,
+    mode: Mode,
+    rate: float,
+    seconds: float,
+    connections: int,
+    warmup: float,
+    budget_ms: float = LoadPlan.budget_ms,
 ) -> dict[str, Any]:
-    """Runs `bench.loadgen` (its own process) once; returns its figures (see `bench.loadgen.run`).
+    """Runs `bench.loadgen` (its own process) once; returns its figures (see `bench.loadgen.run`),
+    with the 2xx answers within `budget_ms` counted.
 
     Raises:
         ServiceUnavailableError: the load generator failed.
@@ -147,7 +156,7 @@ def load(
     command = [
         sys.executable, "-m", "bench.loadgen", "--port", str(port), "--ids", str(users), "--path", mode.path,
         "--rate", str(rate), "--seconds", str(seconds), "--connections", str(connections), "--warmup", str(warmup),
-        "--batch", str(mode.batch),
+        "--batch", str(mode.batch), "--budget-ms", str(budget_ms),
     ]  # fmt: skip
     if mode.body is not None:
         command += ["--body", mode.body]
@@ -159,26 +168,36 @@ def load(
     return figures
 
 
-def passes(figures: dict[str, Any], budget_ms: float) -> bool:
-    """Returns whether a run kept up: every answer a 2xx, no connection error, the rate achieved
-    (within 5%) and p99 within `budget_ms`."""
+SLO_SHARE = 0.99  # of the requests answered with a 2xx within the budget: a p99 counting refusals
+
+
+def passes(figures: dict[str, Any]) -> bool:
+    """Returns whether a run kept up: at least 99% of its requests answered with a 2xx within the
+    loadgen's budget (a refusal counts as a request over it), no answer other than a 2xx or a 503,
+    no connection error, and the rate achieved (within 5%).
+
+    Why a refusal is not a failed step by itself: admission control refuses a request at once when
+    a stall of the shared machine lines up more than its limit, a handful in thousands, at loads
+    where the p99 of what it answers is far within the budget. Failing a step on one of them made
+    our capacity measure the machine's stalls (it moved 2x between runs of the same code), while
+    `feast serve`, which never refuses, was judged on its p99 alone. Counted as late requests,
+    both servers are held to the same rule: 99% served within the budget."""
     statuses: dict[str, int] = figures["statuses"]
-    answered_ok = sum(n for status, n in statuses.items() if status.startswith("2"))
-    p99 = figures["latency"]["p99_ms"]
+    answered = {status for status, n in statuses.items() if n and not status.startswith("2")}
+    requests = figures["requests"]
     return (
-        figures["requests"] > 0
-        and answered_ok == figures["requests"]
+        requests > 0
+        and answered <= {"503"}
         and figures["errors"] == 0
         and figures["achieved_rate"] >= 0.95 * figures["target_rate"]
-        and p99 is not None
-        and p99 <= budget_ms
+        and figures["ok_within_budget"] >= SLO_SHARE * requests
     )
 
 
 def find_capacity(
     run: Callable[[float], dict[str, Any]], plan: LoadPlan, say: Callable[[str], None] = lambda _: None
 ) -> dict[str, Any]:
-    """Returns the highest rate at which `run(rate)` passes (`passes` with `plan.budget_ms`),
+    """Returns the highest rate at which `run(rate)` passes (`passes`; `run` counts within `plan.budget_ms`),
     searched by doubling from `plan.start_rate` then bisecting, with every step's figures; a
     failing step is run twice before it counts. Capacity 0 if even `plan.start_rate / 8` fails."""
     steps: list[dict[str, Any]] = []
@@ -187,13 +206,22 @@ def find_capacity(
     rate = plan.start_rate
     while len(steps) < plan.max_steps:
         figures = run(rate)
-        ok = passes(figures, plan.budget_ms)
+        ok = passes(figures)
         if not ok:  # once more: a stall of the shared machine is not the server's capacity
             figures = run(rate)
-            ok = passes(figures, plan.budget_ms)
+            ok = passes(figures)
         p99 = figures["latency"]["p99_ms"]
-        steps.append({"rate": round(rate, 1), "passed": ok, "p99_ms": p99, "statuses": figures["statuses"]})
-        say(f"  {rate:8.0f}/s  p99 {figures['latency']['p99_ms']} ms  {'pass' if ok else 'fail'}")
+        steps.append(
+            {
+                "rate": round(rate, 1),
+                "passed": ok,
+                "p99_ms": p99,
+                "ok_within_budget_share": round(figures["ok_within_budget"] / max(1, figures["requests"]), 4),
+                "statuses": figures["statuses"],
+            }
+        )
+        share = steps[-1]["ok_within_budget_share"]
+        say(f"  {rate:8.0f}/s  p99 {p99} ms  {share:.2%} 2xx within budget  {'pass' if ok else 'fail'}")
         if ok:
             good = rate
         else:
@@ -254,7 +282,7 @@ def measure_mode(
 
     def run(rate: float, seconds: float = plan.step_seconds) -> dict[str, Any]:
         before = cpu_seconds(pid)
-        figures = load(port, users, mode, rate, seconds, plan.connections, plan.warmup_seconds)
+        figures = load(port, users, mode, rate, seconds, plan.connections, plan.warmup_seconds, plan.budget_ms)
         spent[0] += cpu_seconds(pid) - before
         spent[1] += rate * (seconds + plan.warmup_seconds)  # open loop: the generator sends exactly these
         return figures
@@ -282,6 +310,7 @@ def measure_mode(
             "achieved_rate": result["achieved_rate"],
             **{k: result["latency"][k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
             "statuses": result["statuses"],
+            "ok_within_budget_share": round(result["ok_within_budget"] / max(1, result["requests"]), 4),
             "errors": result["errors"],
             "cpu_ms_per_request": round(1000 * used / sent, 3),
         }
@@ -420,6 +449,7 @@ def bench_api(
         "users": users,
         "workers": workers,
         "latency_budget_ms": plan.budget_ms,
+        "capacity_rule": f"{SLO_SHARE:.0%} of requests answered 2xx within the budget (a 503 counts as late)",
         "model_version": version,
         **timings,
         "ratios": ratios,

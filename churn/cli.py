@@ -648,7 +648,11 @@ def bench_api(
     users: Annotated[int, typer.Option(min=1, help="Feature rows loaded into the online store.")] = 100_000,
     workers: Annotated[int, typer.Option(min=1, help="Workers of `churn serve` and of `feast serve`.")] = 1,
     budget_ms: Annotated[
-        float, typer.Option(min=0, help="p99 latency budget of the capacity search (0: CHURN_API_LATENCY_BUDGET_MS).")
+        float,
+        typer.Option(
+            min=0,
+            help="Latency budget of the capacity search: 99% answered 2xx within it (0: CHURN_API_LATENCY_BUDGET_MS).",
+        ),
     ] = 0.0,
     seconds: Annotated[float, typer.Option(min=0.5, help="Measured seconds of the runs at 50% and 100%.")] = 10.0,
     step_seconds: Annotated[float, typer.Option(min=0.5, help="Measured seconds of each search step.")] = 3.0,
@@ -659,7 +663,7 @@ def bench_api(
     anchor: Annotated[bool, typer.Option(help="Also measure `feast serve` on the same users and Redis.")] = True,
     quick: Annotated[bool, typer.Option("--quick", help="A smoke run: 2,000 users, 1 s steps, coarse search.")] = False,
 ) -> None:
-    """Capacity (highest rate with p99 under the budget) per mode, latencies and CPU per request at 50%
+    """Capacity (highest rate with 99% answered 2xx within the budget) per mode, latencies and CPU per request at 50%
     and 100% of it, beside `feast serve` (JSON on stdout, progress on stderr)."""
     from bench import api as api_bench  # heavy: see the module docstring
 
