@@ -10,7 +10,10 @@ users (`training.backtest.paired_auc_difference`: a user's days stay together) b
 is at least -`promote_auc_margin` (non-inferiority: "not worse" must be shown, not assumed).
 Fewer than `promote_min_users` paired users or `promote_min_churners` churners among them is too
 little evidence: refused, saying how many there are. `--force` (with a reason) overrides the
-rule, never the spec check. A refusal leaves every alias as it was.
+rule, never the spec check. A refusal leaves every alias as it was. The aliases are read again
+just before the move: if a `churn train` registered a new challenger or promoted a champion while
+the step judged, the step is refused (MLflow has no compare-and-set of an alias, so the window
+left is that last read's milliseconds, not the judging's seconds).
 
 `rollback` points `champion` back at the version the current champion replaced (its
 `previous_champion` tag, see `training.registry.move_champion`); the scorer and the API swap to
@@ -157,6 +160,27 @@ def _checked(settings: Settings, version: str) -> None:
     check_against_spec(load_version(settings, version), version)
 
 
+def _moved_since(settings: Settings, champion: str | None, challenger: str) -> str | None:
+    """Returns why the step must be refused when `champion` or `challenger` is no longer where it
+    was when the step read them (a `churn train` promoted or registered meanwhile), else None.
+
+    Raises:
+        ServiceUnavailableError: the registry cannot be reached.
+    """
+    now = champion_version(settings), champion_version(settings, CHALLENGER)
+    if now == (champion, challenger):
+        return None
+    then = f"champion {_named(champion)} and challenger v{challenger}"
+    return (
+        f"refused: the aliases moved while this step judged ({then}; now champion {_named(now[0])}, challenger"
+        f" {_named(now[1])}); run `churn promote` again"
+    )
+
+
+def _named(version: str | None) -> str:
+    return f"v{version}" if version else "none"
+
+
 def promote(settings: Settings, *, force: bool = False, reason: str = "", actor: str = "") -> Step:
     """Moves `challenger` to `champion` when `judge` allows it (or `force`, which needs a
     `reason`); records the step either way. Returns the step (`accepted` False: refused, aliases
@@ -195,12 +219,15 @@ def promote(settings: Settings, *, force: bool = False, reason: str = "", actor:
             settings.promote_bootstrap_samples,
         )
     outcome = "accepted" if judgement.promote else ("forced" if force else "refused")
+    moved = _moved_since(settings, current, challenger)
+    if moved:  # MLflow has no compare-and-set of an alias: check again just before moving it
+        outcome, judgement = "refused", Judgement(False, moved, judgement.figures)
     entry = {
         "action": "promote",
         "trigger": "command",
         "outcome": outcome,
         "actor": audit.who(actor or settings.actor),
-        "reason": reason.strip() or judgement.reason,
+        "reason": moved or reason.strip() or judgement.reason,
         "rule": judgement.reason,
         "from_version": current,
         "to_version": challenger,

@@ -1,17 +1,21 @@
-"""`training.registry.apply_decision` on a local MLflow store: a promotion judged against a
-champion that another run has since replaced is refused, not applied over it."""
+"""`training.registry.apply_decision` and `training.promotion.promote` on a local MLflow store: a
+promotion judged against a champion (or challenger) that another run has since replaced is
+refused, not applied over it."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
-from core.settings import load_settings
+import pytest
+
+from core.settings import Settings, load_settings
 from models import audit
 from models.artifact import save_artifact
-from models.registry import CHAMPION, champion_version, registry_client
+from models.registry import CHALLENGER, CHAMPION, champion_version, registry_client
 from tests.support import small_model
-from training import registry
+from training import promotion, registry
 
 
 def test_a_promotion_judged_against_a_replaced_champion_is_refused(tmp_path: Path) -> None:
@@ -54,3 +58,40 @@ def test_a_promotion_judged_against_a_champion_whose_alias_was_removed_is_refuse
     assert decision.reasons[-1].startswith(
         f"refused: the champion alias was removed while this model was judged against v{first}"
     )
+
+
+def _register(settings: Settings, folder: Path) -> tuple[str, str]:
+    model = small_model()
+    artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
+    return registry.log_run(settings, artifact, {}, {}, {})
+
+
+@pytest.mark.parametrize("meanwhile", ["a training registered a challenger", "a training promoted its model"])
+def test_churn_promote_refuses_when_the_aliases_moved_while_it_judged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    settings = load_settings(state_dir=tmp_path / "state")
+    first_run, first = _register(settings, tmp_path)
+    registry.apply_decision(settings, first_run, first, registry.Decision(True))
+    _, judged = _register(settings, tmp_path)
+    landed: list[str] = []
+
+    def judge_while_a_training_lands(*_: Any, **__: Any) -> promotion.Judgement:
+        run, version = _register(settings, tmp_path)
+        if meanwhile == "a training promoted its model":
+            registry.apply_decision(settings, run, version, registry.Decision(True, champion_version=first))
+        landed.append(version)
+        return promotion.Judgement(True, "pass: the challenger is not worse")
+
+    monkeypatch.setattr(promotion, "judge", judge_while_a_training_lands)
+    step = promotion.promote(settings)
+
+    assert not step.accepted
+    assert step.entry["outcome"] == "refused"
+    assert step.entry["reason"].startswith(f"refused: the aliases moved while this step judged (champion v{first}")
+    if meanwhile == "a training promoted its model":
+        assert champion_version(settings) == landed[0]  # not overwritten by the stale judgement
+    else:
+        assert champion_version(settings) == first
+        assert champion_version(settings, CHALLENGER) == landed[0]
+    assert judged != landed[0]
