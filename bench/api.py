@@ -6,10 +6,10 @@ refused request (503) counts as one over it. A fixed rate says more about the ma
 the API (past capacity, latency grows without bound, or our API refuses; well under it, every
 server looks the same). Per mode (`score`: probability and tier; `reasons`: with the top 5
 reasons; `batch_100`: POST /users/risk with 100 ids) the search doubles the rate from
-`start_rate` until a step fails, then bisects to `resolution`; a failed step is run once more
-before it counts (one stall of a shared machine should not halve a figure). At 50% and 100% of
-the capacity found, a longer run gives p50/p99/p99.9, and the server's CPU seconds (its process
-tree, from /proc) per request.
+`start_rate` until a step fails, then bisects to `resolution` (`next_rate`: a failed first step
+looks up before it looks down); a failed step is run once more before it counts (one stall of a
+shared machine should not halve a figure). At 50% and 100% of the capacity found, a longer run
+gives p50/p99/p99.9, and the server's CPU seconds (its process tree, from /proc) per request.
 
 The anchor, in the same run, on the same Redis and users: `feast serve` on the generated repo
 (`/get-online-features` for one user: the stored features, no model), searched the same way.
@@ -194,17 +194,41 @@ def passes(figures: dict[str, Any]) -> bool:
     )
 
 
+UPWARD_WITHOUT_PASS = 4  # with no step passed yet, rates up to this multiple of the start are tried before lower ones
+
+
+def next_rate(passed: list[float], failed: list[float], plan: LoadPlan) -> float | None:
+    """Returns the next rate of the search given the rates that `passed` and `failed` so far, or
+    None when it is done: double above the highest pass until a rate above it fails, then bisect
+    between them to `plan.resolution`. With no pass yet, look up (to `UPWARD_WITHOUT_PASS` times the
+    start) before looking down (to `plan.start_rate / 8`): on a machine whose idle CPUs wake slowly
+    (a VM), the p99 at a low rate can be worse than at a moderate one, and a search that only went
+    down after one bad start step ended at a tenth of the server's capacity."""
+    if not passed:
+        if max(failed) < plan.start_rate * UPWARD_WITHOUT_PASS:
+            return max(failed) * 2
+        lower = min(failed) / 2
+        return lower if lower >= plan.start_rate / 8 else None
+    good = max(passed)
+    above = [rate for rate in failed if rate > good]
+    if not above:
+        return good * 2
+    bad = min(above)
+    return (good + bad) / 2 if bad / good > plan.resolution else None
+
+
 def find_capacity(
     run: Callable[[float], dict[str, Any]], plan: LoadPlan, say: Callable[[str], None] = lambda _: None
 ) -> dict[str, Any]:
-    """Returns the highest rate at which `run(rate)` passes (`passes`; `run` counts within `plan.budget_ms`),
-    searched by doubling from `plan.start_rate` then bisecting, with every step's figures; a
-    failing step is run twice before it counts. Capacity 0 if even `plan.start_rate / 8` fails."""
+    """Returns the highest rate at which `run(rate)` passed (`passes`; `run` counts within
+    `plan.budget_ms`), searched from `plan.start_rate` as `next_rate` says, with every step's
+    figures; a failing step is run twice before it counts. Capacity 0 when no step passed (the
+    lowest tried is `plan.start_rate / 8`)."""
     steps: list[dict[str, Any]] = []
-    good: float | None = None
-    bad: float | None = None
-    rate = plan.start_rate
-    while len(steps) < plan.max_steps:
+    passed: list[float] = []
+    failed: list[float] = []
+    rate: float | None = plan.start_rate
+    while rate is not None and len(steps) < plan.max_steps:
         figures = run(rate)
         ok = passes(figures)
         if not ok:  # once more: a stall of the shared machine is not the server's capacity
@@ -222,21 +246,9 @@ def find_capacity(
         )
         share = steps[-1]["ok_within_budget_share"]
         say(f"  {rate:8.0f}/s  p99 {p99} ms  {share:.2%} 2xx within budget  {'pass' if ok else 'fail'}")
-        if ok:
-            good = rate
-        else:
-            bad = rate
-        if bad is None:
-            rate *= 2
-        elif good is None:
-            if rate < plan.start_rate / 8:
-                break
-            rate /= 2
-        elif bad / good <= plan.resolution:
-            break
-        else:
-            rate = (good + bad) / 2
-    return {"capacity_per_second": round(good or 0.0, 1), "search": steps}
+        (passed if ok else failed).append(rate)
+        rate = next_rate(passed, failed, plan)
+    return {"capacity_per_second": round(max(passed, default=0.0), 1), "search": steps}
 
 
 def cpu_seconds(pid: int) -> float:
