@@ -183,11 +183,11 @@ def passes(figures: dict[str, Any]) -> bool:
     `feast serve`, which never refuses, was judged on its p99 alone. Counted as late requests,
     both servers are held to the same rule: 99% served within the budget."""
     statuses: dict[str, int] = figures["statuses"]
-    answered = {status for status, n in statuses.items() if n and not status.startswith("2")}
+    other_statuses = {status for status, n in statuses.items() if n and not status.startswith("2")}
     requests = figures["requests"]
     return (
         requests > 0
-        and answered <= {"503"}
+        and other_statuses <= {"503"}
         and figures["errors"] == 0
         and figures["achieved_rate"] >= 0.95 * figures["target_rate"]
         and figures["ok_within_budget"] >= SLO_SHARE * requests
