@@ -184,14 +184,18 @@ def passes(figures: dict[str, Any]) -> bool:
     both servers are held to the same rule: 99% served within the budget."""
     statuses: dict[str, int] = figures["statuses"]
     other_statuses = {status for status, n in statuses.items() if n and not status.startswith("2")}
-    requests = figures["requests"]
     return (
-        requests > 0
+        figures["requests"] > 0
         and other_statuses <= {"503"}
         and figures["errors"] == 0
         and figures["achieved_rate"] >= 0.95 * figures["target_rate"]
-        and figures["ok_within_budget"] >= SLO_SHARE * requests
+        and within_budget_share(figures) >= SLO_SHARE
     )
+
+
+def within_budget_share(figures: dict[str, Any]) -> float:
+    """Returns the share of a run's requests answered with a 2xx within its budget (0 without requests)."""
+    return float(figures["ok_within_budget"] / max(1, figures["requests"]))
 
 
 UPWARD_WITHOUT_PASS = 4  # with no step passed yet, rates up to this multiple of the start are tried before lower ones
@@ -240,7 +244,7 @@ def find_capacity(
                 "rate": round(rate, 1),
                 "passed": ok,
                 "p99_ms": p99,
-                "ok_within_budget_share": round(figures["ok_within_budget"] / max(1, figures["requests"]), 4),
+                "ok_within_budget_share": round(within_budget_share(figures), 4),
                 "statuses": figures["statuses"],
             }
         )
@@ -322,7 +326,7 @@ def measure_mode(
             "achieved_rate": result["achieved_rate"],
             **{k: result["latency"][k] for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")},
             "statuses": result["statuses"],
-            "ok_within_budget_share": round(result["ok_within_budget"] / max(1, result["requests"]), 4),
+            "ok_within_budget_share": round(within_budget_share(result), 4),
             "errors": result["errors"],
             "cpu_ms_per_request": round(1000 * used / sent, 3),
         }

@@ -219,8 +219,9 @@ def promote(settings: Settings, *, force: bool = False, reason: str = "", actor:
             settings.promote_bootstrap_samples,
         )
     outcome = "accepted" if judgement.promote else ("forced" if force else "refused")
-    moved = _moved_since(settings, current, challenger)
-    if moved:  # MLflow has no compare-and-set of an alias: check again just before moving it
+    # MLflow has no compare-and-set of an alias: check again just before moving it.
+    moved = _moved_since(settings, current, challenger) if outcome != "refused" else None
+    if moved:
         outcome, judgement = "refused", Judgement(False, moved, judgement.figures)
     entry = {
         "action": "promote",
