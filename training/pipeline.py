@@ -6,6 +6,7 @@ decision."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,11 +30,11 @@ from training import backtest, card, checks, dataset, evaluate, fit, reference, 
 @dataclass(frozen=True)
 class TrainOptions:
     """What to train on: the horizon (None: settings.horizon_days), the observation grid (None:
-    settings.train_grid_hours), the selection split's shares, the backtests and search (None:
-    the `train_*` settings), the booster settings (the search's trial 0), and optionally an
-    oracle: a function giving the true churn probability of each row (rows with user_id,
-    as_of; the horizon in days), which a simulator can supply (`sim.oracle.oracle_for`) to
-    report the model's ratio to it."""
+    settings.train_grid_hours), the selection split's shares, the backtests, the search and its
+    booster threads (None: the `train_*` settings), the booster settings (the search's trial
+    0), and optionally an oracle: a function giving the true churn probability of each row
+    (rows with user_id, as_of; the horizon in days), which a simulator can supply
+    (`sim.oracle.oracle_for`) to report the model's ratio to it."""
 
     horizon_days: int | None = None
     grid_hours: int | None = None
@@ -46,6 +47,7 @@ class TrainOptions:
     search_seconds: float | None = None
     search_trials: int | None = None
     bootstrap_samples: int | None = None
+    workers: int | None = None
     fit: fit.FitConfig = field(default_factory=fit.FitConfig)
     oracle: Callable[[pl.DataFrame, int], np.ndarray] | None = None
     register: bool = True
@@ -124,6 +126,7 @@ class _Resolved:
     search_seconds: float
     search_trials: int
     bootstrap_samples: int
+    workers: int
 
 
 def _resolve(settings: Settings, options: TrainOptions) -> _Resolved:
@@ -138,6 +141,8 @@ def _resolve(settings: Settings, options: TrainOptions) -> _Resolved:
         search_seconds=pick(options.search_seconds, settings.train_search_seconds),
         search_trials=pick(options.search_trials, settings.train_search_trials),
         bootstrap_samples=pick(options.bootstrap_samples, settings.train_bootstrap_samples),
+        # 0: one booster thread per CPU this process may run on.
+        workers=pick(options.workers, settings.train_workers) or len(os.sched_getaffinity(0)),
     )
 
 
@@ -200,7 +205,14 @@ def train(
 
     search_started = time.perf_counter()
     trials = search.search(
-        labelled, times, folds, options.fit, resolved.search_trials, resolved.search_seconds, progress
+        labelled,
+        times,
+        folds,
+        options.fit,
+        resolved.search_trials,
+        resolved.search_seconds,
+        progress,
+        workers=resolved.workers,
     )
     chosen = search.best(trials)
     search_seconds = time.perf_counter() - search_started
@@ -209,7 +221,8 @@ def train(
         raise InvalidInputError(msg)
     selection = chosen.selection
     progress(
-        f"search: {len(trials)} trial(s) in {search_seconds:.1f} s; chose trial {chosen.number}:"
+        f"search: {len(trials)} trial(s) in {search_seconds:.1f} s on {resolved.workers} thread(s);"
+        f" chose trial {chosen.number}:"
         f" imbalance {selection.imbalance}, {selection.best_iteration} trees, calibration"
         f" {selection.calibration['method']}"
     )
@@ -259,6 +272,7 @@ def train(
         "search": {
             "trials": len(trials),
             "seconds": search_seconds,
+            "workers": resolved.workers,
             "chosen": chosen.describe(),
             "all": [t.describe() for t in trials],
         },
