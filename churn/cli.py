@@ -319,6 +319,14 @@ def feast_apply() -> None:
 
 
 _EVENT_LOG_HELP = "Event log: a date-partitioned Parquet folder, a .parquet or a .jsonl[.gz] file."
+_PromoteOption = Annotated[
+    bool,
+    typer.Option(
+        "--promote/--no-promote",
+        help="--no-promote: the new version stays `challenger` even if the gates pass (a staged rollout:"
+        " shadow, canary, then `churn promote`).",
+    ),
+]
 
 
 @app.command("train")
@@ -331,6 +339,7 @@ def train(
     ] = None,
     truth: Annotated[Path | None, typer.Option(help="Simulator ground truth: also report the oracle ROC-AUC.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    promote: _PromoteOption = True,
 ) -> None:
     """Check the log, select and backtest LightGBM on time splits, fit it on every labelled point,
     log to MLflow, register and gate."""
@@ -338,7 +347,7 @@ def train(
     from training.pipeline import TrainOptions  # heavy: see the module docstring
 
     oracle = oracle_for(truth) if truth else None
-    options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, oracle=oracle)
+    options = TrainOptions(horizon_days=horizon_days, grid_hours=grid_hours, oracle=oracle, promote=promote)
     _train_and_report(_settings(), events, options, as_json=as_json)
 
 
@@ -371,10 +380,12 @@ def retrain(
         float | None, typer.Option(min=0, help="Minutes at alert level first (default: CHURN_DRIFT_SUSTAINED_MINUTES).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the training summary as one JSON object.")] = False,
+    promote: _PromoteOption = True,
 ) -> None:
     """Retrain (as `churn train`), always, or only after sustained drift and/or degraded realized performance."""
     from monitoring.drift_state import read_drift, retrain_decision  # heavy: see the module docstring
     from monitoring.performance_state import degraded_decision, read_performance  # heavy: see the module docstring
+    from training.pipeline import TrainOptions  # heavy: see the module docstring
 
     settings = _settings()
     if if_drift or if_degraded:
@@ -394,7 +405,7 @@ def retrain(
         typer.echo(f"{'retraining' if go else 'not retraining'}: {'; '.join(why for _, why in decisions)}")
         if not go:
             return
-    _train_and_report(settings, events, None, as_json=as_json)
+    _train_and_report(settings, events, TrainOptions(promote=promote), as_json=as_json)
 
 
 @actions_app.command("tail")

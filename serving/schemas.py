@@ -136,7 +136,11 @@ class HistoryEntry(BaseModel):
     # Defaults everywhere: a line written by an older (or hand-edited) log still reads.
     at: str = Field(default="", description="When (UTC, ISO 8601)")
     action: str = Field(default="", description="`promote` or `rollback`")
-    outcome: str = Field(default="", description="`accepted`, `refused`, `forced` (rule overridden) or `done`")
+    outcome: str = Field(
+        default="",
+        description="`accepted`, `refused`, `held` (gates passed, trained with --no-promote),"
+        " `forced` (rule overridden) or `done`",
+    )
     trigger: str = Field(default="", description="`command` (churn promote / rollback) or `train` (the gates)")
     actor: str = ""
     reason: str = ""

@@ -51,6 +51,8 @@ class TrainOptions:
     fit: fit.FitConfig = field(default_factory=fit.FitConfig)
     oracle: Callable[[pl.DataFrame, int], np.ndarray] | None = None
     register: bool = True
+    # False: a registered version the gates pass stays `challenger` (a staged rollout).
+    promote: bool = True
 
 
 @dataclass(frozen=True)
@@ -402,11 +404,9 @@ def _register(
         for t in trained.search
     ]
     run_id, version = registry.log_run(settings, trained.artifact_dir, params, run_metrics, tags, children)
-    registry.apply_decision(settings, run_id, version, decision)
-    progress(
-        f"registered {settings.model_name} v{version}: "
-        + ("promoted to champion" if decision.promote else "challenger only, not promoted")
-    )
+    registry.apply_decision(settings, run_id, version, decision, hold=not options.promote)
+    done = "held as challenger (--no-promote)" if decision.held else "challenger only, not promoted"
+    progress(f"registered {settings.model_name} v{version}: " + ("promoted to champion" if decision.promote else done))
     return replace(
         trained,
         run_id=run_id,

@@ -46,6 +46,8 @@ class Decision:
 
     promote: bool
     reasons: list[str] = field(default_factory=list)
+    # The gates passed but the training was told not to promote (`churn train --no-promote`).
+    held: bool = False
     champion_version: str | None = None
     champion_roc_auc: float | None = None
     paired: dict[str, float] | None = None  # the paired bootstrap of the ROC-AUC difference
@@ -208,13 +210,15 @@ def decide(
     return decision
 
 
-def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision) -> None:
+def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision, *, hold: bool = False) -> None:
     """Records the decision as run tags and in the audit log (action `promote`, trigger `train`)
     and, if it promotes, moves the `champion` alias to `version` (`move_champion`). A promotion
     is refused instead when the champion is no longer the one the decision judged against
     (`decision.champion_version`): another run promoted meanwhile, and this model was never
-    compared with it (`churn promote` judges it again). `decision` is updated to what was done
-    (`promote` False and the reason, then).
+    compared with it (`churn promote` judges it again). With `hold`, a version the gates would
+    promote stays `challenger` (outcome `held`: a staged rollout, where `churn promote` moves it
+    after its shadow or canary period). `decision` is updated to what was done (`promote` False
+    and the reason, then; `held` True when held).
 
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached or the audit log written.
@@ -231,9 +235,16 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
                 f"refused: the champion {now} while this model was judged against {judged};"
                 " judge it again with `churn promote`"
             )
+    if decision.promote and hold:
+        decision.promote, decision.held = False, True
+        alone = "" if decision.champion_version else " (there is no champion: nothing is served until `churn promote`)"
+        decision.reasons.append(f"held: trained with --no-promote; `churn promote` decides{alone}")
+    outcome = "accepted" if decision.promote else ("held" if decision.held else "refused")
     try:
         client = registry_client(settings)
-        client.set_tag(run_id, "promotion.decision", "promoted" if decision.promote else "rejected")
+        client.set_tag(
+            run_id, "promotion.decision", {"accepted": "promoted", "refused": "rejected"}.get(outcome, outcome)
+        )
         client.set_tag(run_id, "promotion.reasons", "; ".join(decision.reasons)[:5000])
         client.set_tag(run_id, "promotion.previous_champion", decision.champion_version or "")
         client.set_tag(run_id, "registry.version", version)
@@ -245,7 +256,7 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
     entry = {
         "action": "promote",
         "trigger": "train",
-        "outcome": "accepted" if decision.promote else "refused",
+        "outcome": outcome,
         "actor": audit.who(settings.actor),
         "reason": "; ".join(decision.reasons),
         "from_version": decision.champion_version,

@@ -74,6 +74,18 @@ def test_same_seed_same_metrics_and_champion_kept(first: TrainResult, log: Path,
     assert any("both fitted on them" in reason and "+0.0000" in reason for reason in second.reasons)
 
 
+def test_no_promote_keeps_a_model_the_gates_pass_as_challenger(log: Path, state: Settings) -> None:
+    champion = model_registry.champion_version(state)
+    held = train(state, log, replace(OPTIONS, promote=False))
+    assert held.registered
+    assert not held.promoted
+    assert any(reason.startswith("pass: ") for reason in held.reasons)  # the gates did pass
+    assert held.reasons[-1].startswith("held: trained with --no-promote")
+    assert model_registry.champion_version(state) == champion
+    assert model_registry.champion_version(state, model_registry.CHALLENGER) == held.version
+    assert "held" in format_summary(held)
+
+
 def test_worse_model_is_not_promoted(first: TrainResult, log: Path, state: Settings) -> None:
     labelled, _, times = build_training_set(load_events(log), OPTIONS, 7)
     parts = {name: labelled.filter(pl.col("as_of").is_in(list(getattr(times, name)))) for name in ("train", "valid")}

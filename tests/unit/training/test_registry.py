@@ -95,3 +95,24 @@ def test_churn_promote_refuses_when_the_aliases_moved_while_it_judged(
         assert champion_version(settings) == first
         assert champion_version(settings, CHALLENGER) == landed[0]
     assert judged != landed[0]
+
+
+@pytest.mark.parametrize("gates_pass", [True, False], ids=["gates pass: held", "gates fail: refused"])
+def test_a_hold_keeps_the_champion_and_records_what_the_gates_said(tmp_path: Path, gates_pass: bool) -> None:
+    settings = load_settings(state_dir=tmp_path / "state")
+    model = small_model()
+    first_run, first = registry.log_run(settings, save_artifact(tmp_path / "a", model.booster, model.meta), {}, {}, {})
+    registry.apply_decision(settings, first_run, first, registry.Decision(True))
+    run, version = registry.log_run(settings, save_artifact(tmp_path / "b", model.booster, model.meta), {}, {}, {})
+    decision = registry.Decision(gates_pass, reasons=["gate"], champion_version=first)
+    registry.apply_decision(settings, run, version, decision, hold=True)
+
+    assert champion_version(settings) == first
+    assert champion_version(settings, CHALLENGER) == version
+    assert (decision.promote, decision.held) == (False, gates_pass)
+    outcome = "held" if gates_pass else "refused"
+    assert registry_client(settings).get_run(run).data.tags["promotion.decision"] == (
+        "held" if gates_pass else "rejected"
+    )
+    entries, _ = audit.read(settings.audit_log_path, limit=1)
+    assert (entries[0]["to_version"], entries[0]["outcome"]) == (version, outcome)
