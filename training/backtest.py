@@ -135,6 +135,44 @@ def summarize(results: list[FoldResult], samples: int = 200, seed: int = 0, leve
     return out
 
 
+def paired_fold_difference(
+    challenger: list[FoldResult],
+    base: list[FoldResult],
+    samples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Returns the mean over folds of ROC-AUC(challenger) - ROC-AUC(base), two sets of backtest
+    results on the same folds and rows (`difference`), and the one-sided `level` bounds `low`
+    and `high` of its paired bootstrap (users drawn with replacement, the same draw for every
+    fold and both models, as in `summarize`).
+
+    Raises:
+        ValueError: the two sets do not cover the same test periods.
+    """
+    if [r.test_times for r in challenger] != [r.test_times for r in base]:
+        msg = "the two sets of backtest results cover different test periods"
+        raise ValueError(msg)
+    codes, n_users = _user_codes([r.test for r in base])
+    labels = [r.labels for r in base]
+    rng = np.random.default_rng(seed)
+    differences = np.empty(samples)
+    for b in range(samples):
+        counts = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)
+        per_fold = []
+        for one, other, code, y in zip(challenger, base, codes, labels, strict=True):
+            rows = _resampled_rows(code, counts)
+            per_fold.append(metrics.roc_auc(y[rows], one.scores[rows]) - metrics.roc_auc(y[rows], other.scores[rows]))
+        differences[b] = np.nanmean(per_fold)
+    differences = differences[np.isfinite(differences)]
+    tail = (1 - level) * 100
+    low, high = np.percentile(differences, [tail, 100 - tail]) if len(differences) else (np.nan, np.nan)
+    mean = float(
+        np.nanmean([a.figures["roc_auc"] - b.figures["roc_auc"] for a, b in zip(challenger, base, strict=True)])
+    )
+    return {"difference": mean, "low": float(low), "high": float(high)}
+
+
 def paired_auc_difference(
     labels: np.ndarray,
     challenger: np.ndarray,

@@ -110,9 +110,11 @@ def render(meta: dict[str, Any]) -> str:
         "## Hyper-parameters",
         "",
         f"{search.get('trials', 0)} trial(s) of a seeded search in {_number(search.get('seconds'), 1)} s,"
-        " judged on the backtest mean ROC-AUC; chosen: "
+        " judged on the backtest mean ROC-AUC (trial 0, the default, is left only for a trial that"
+        " beats it on the same rows beyond the bootstrap noise); chosen: "
         + ", ".join(f"{k} {v}" for k, v in chosen.get("params", {}).items())
         + f"; {meta.get('best_iteration')} trees; imbalance {meta.get('imbalance')}.",
+        *([f"Why: {search['choice']['reason']}."] if search.get("choice") else []),
         "",
     ]
     warnings = report.get("warnings", [])

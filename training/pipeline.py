@@ -216,7 +216,8 @@ def train(
         progress,
         workers=resolved.workers,
     )
-    chosen = search.best(trials)
+    choice = search.best(trials, resolved.bootstrap_samples, options.fit.seed)
+    chosen = choice.trial
     search_seconds = time.perf_counter() - search_started
     if not chosen.folds:
         msg = "no backtest fold has a churner on both its training and test side: cannot estimate the model"
@@ -224,7 +225,7 @@ def train(
     selection = chosen.selection
     progress(
         f"search: {len(trials)} trial(s) in {search_seconds:.1f} s on {resolved.workers} thread(s);"
-        f" chose trial {chosen.number}:"
+        f" chose trial {chosen.number} ({choice.reason}):"
         f" imbalance {selection.imbalance}, {selection.best_iteration} trees, calibration"
         f" {selection.calibration['method']}"
     )
@@ -276,6 +277,7 @@ def train(
             "seconds": search_seconds,
             "workers": resolved.workers,
             "chosen": chosen.describe(),
+            "choice": {"reason": choice.reason, "paired": choice.paired},
             "all": [t.describe() for t in trials],
         },
     }
@@ -372,6 +374,7 @@ def _register(
         "backtest.folds": len(trained.folds),
         "search.trials": len(trained.search),
         "search.seconds_budget": resolved.search_seconds,
+        "search.workers": resolved.workers,
         **{f"fit.{k}": v for k, v in asdict(options.fit).items()},
         **{f"chosen.{k}": v for k, v in chosen["params"].items()},
         **{f"window.{k}": v for k, v in trained.data_window.items() if k != "sizes"},

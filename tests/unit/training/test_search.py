@@ -1,8 +1,11 @@
 """The hyper-parameter search: its results do not depend on how many threads fit the boosters,
-and its time budget stops it after the first trial when that trial used the budget up."""
+its time budget stops it after the first trial when that trial used the budget up, and it
+leaves trial 0 (the default) only for a trial that beats it beyond the bootstrap noise."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 from bench.harness import SMALL_SIMULATION
 from events.log import load_events, write_partitioned
 from sim.simulator import simulate
-from training import fit, search, split
+from training import backtest, fit, search, split
 from training.pipeline import TrainOptions, build_training_set
 
 HORIZON = 7
@@ -70,3 +73,42 @@ def test_map_boosters_keeps_order_and_raises_the_first_error() -> None:
 
     with pytest.raises(ValueError, match="three"):
         fit.map_boosters(fail_on_three, range(6), workers=2)
+
+
+def _with_scores(
+    trial: search.Trial, number: int, scores_of: Callable[[backtest.FoldResult], np.ndarray]
+) -> search.Trial:
+    """Returns a copy of `trial` numbered `number` whose folds' scores are `scores_of(fold)`."""
+    folds = []
+    for fold in trial.folds:
+        scores = scores_of(fold)
+        folds.append(replace(fold, scores=scores, figures=backtest.figures(fold.labels, scores)))
+    score = float(np.nanmean([f.figures["roc_auc"] for f in folds]))
+    return replace(trial, number=number, folds=folds, score=score)
+
+
+def test_the_search_keeps_trial_0_unless_another_trial_beats_it_beyond_the_noise(
+    labelled: tuple[pl.DataFrame, split.TimeSplit, list[split.Fold]],
+) -> None:
+    frame, times, folds = labelled
+    (base,) = search.search(frame, times, folds, BASE, trials=1, seconds=600)
+    rng = np.random.default_rng(0)
+    # A lead from noise: trial 0's scores, slightly perturbed, until they score higher.
+    noisy = base
+    while noisy.score <= base.score:
+        noisy = _with_scores(base, 1, lambda f: f.scores + rng.normal(0, 1e-3, len(f.scores)))
+    kept = search.best([base, noisy])
+    assert kept.trial is base
+    assert kept.reason.startswith("kept trial 0: trial 1's lead")
+    assert kept.paired is not None
+    assert kept.paired["low"] <= 0 < kept.paired["difference"]
+    # A real lead: scores that know most labels.
+    strong = _with_scores(base, 2, lambda f: f.labels + rng.normal(0, 0.5, len(f.scores)))
+    chosen = search.best([base, noisy, strong])
+    assert chosen.trial is strong
+    assert chosen.paired is not None
+    assert chosen.paired["low"] > 0
+    assert search.best([base]).trial is base
+    with pytest.raises(ValueError, match="different test periods"):
+        backtest.paired_fold_difference(strong.folds[1:], base.folds[1:][::-1])
+    assert search.best([strong, base]).trial is strong  # trial 0 is the first one, whatever it scores
