@@ -46,11 +46,11 @@ class Decision:
 
     promote: bool
     reasons: list[str] = field(default_factory=list)
-    # The gates passed but the training was told not to promote (`churn train --no-promote`).
-    held: bool = False
     champion_version: str | None = None
     champion_roc_auc: float | None = None
     paired: dict[str, float] | None = None  # the paired bootstrap of the ROC-AUC difference
+    # The gates passed but the training was told not to promote (`churn train --no-promote`).
+    held: bool = False
 
 
 def _experiment_id(client: Any, settings: Settings) -> str:
