@@ -86,9 +86,6 @@ class Settings(BaseSettings):
     train_backtest_days: int = Field(default=3, ge=1, le=60)
     train_backtest_folds: int = Field(default=4, ge=1, le=50)
     train_bootstrap_samples: int = Field(default=200, ge=20, le=10_000)
-    # Threads fitting a search trial's independent boosters (imbalance choices, backtest folds),
-    # each booster single-threaded; 0: one per CPU the process may run on.
-    train_workers: int = Field(default=0, ge=0, le=64)
 
     # Processes
     api_host: str = "127.0.0.1"

@@ -73,29 +73,27 @@ def run_folds(
     rounds: int,
     calibration: dict[str, Any],
     features: tuple[str, ...] = spec.MODEL_FEATURES,
-    workers: int = 1,
 ) -> list[FoldResult]:
     """Returns one result per fold whose training and test parts both hold a churner: a booster
     of `rounds` trees fitted on the fold's training rows (weighted by their `weight` column)
     scores its test rows, calibrated with `calibration`. Folds without a churner on either
-    side are left out (their ROC-AUC is undefined). The folds are fitted on up to `workers`
-    threads (see `fit.map_boosters`); the results do not depend on the count."""
-
-    def run(fold: split.Fold) -> FoldResult | None:
+    side are left out (their ROC-AUC is undefined)."""
+    results = []
+    for fold in folds:
         train = split.take(labelled, fold.train)
         test = split.take(labelled, fold.test)
         y = train["label"].to_numpy().astype(bool)
-        labels = test["label"].to_numpy().astype(bool)
-        if not y.any() or not labels.any():
-            return None
+        if not y.any() or not test["label"].to_numpy().any():
+            continue
         params = fit.booster_params(config, features, imbalance, train.height)
         booster = fit.fit_rounds(
             dataset.feature_matrix(train, features), y, train["weight"].to_numpy(), params, rounds, features
         )
-        scores = apply_calibration(calibration, np.asarray(booster.predict(dataset.feature_matrix(test, features))))
-        return FoldResult(fold.train, fold.test, train.height, test, scores, figures(labels, scores))
-
-    return [result for result in fit.map_boosters(run, folds, workers) if result is not None]
+        raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
+        scores = apply_calibration(calibration, raw)
+        labels = test["label"].to_numpy().astype(bool)
+        results.append(FoldResult(fold.train, fold.test, train.height, test, scores, figures(labels, scores)))
+    return results
 
 
 def _user_codes(frames: list[pl.DataFrame]) -> tuple[list[np.ndarray], int]:

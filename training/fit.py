@@ -11,10 +11,8 @@ better across periods (measured on simulated logs against the oracle; see FitCon
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -40,24 +38,6 @@ MONOTONE: dict[str, int] = {
 }
 # "none": plain log loss; "balanced": positives up-weighted to the class ratio (is_unbalance).
 IMBALANCE_CHOICES = ("none", "balanced")
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def map_boosters(work: Callable[[T], R], items: Iterable[T], workers: int = 1) -> list[R]:
-    """Returns [work(item) for item in items], in order, computed on up to `workers` threads.
-
-    For independent booster fits: LightGBM's C calls release the GIL (ctypes), so each
-    single-threaded booster runs on its own core, and its result does not depend on which
-    thread ran it (`num_threads` stays 1 per booster; see FitConfig). The first exception
-    raised by `work` is raised here.
-    """
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        return [work(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="booster") as pool:
-        return list(pool.map(work, items))
 
 
 @dataclass(frozen=True)
@@ -142,7 +122,6 @@ def fit(
     features: tuple[str, ...] = spec.MODEL_FEATURES,
     train_weight: np.ndarray | None = None,
     valid_weight: np.ndarray | None = None,
-    workers: int = 1,
 ) -> FitResult:
     """Returns the booster of the imbalance choice with the best validation average precision
     (a ranking metric, unaffected by the class weights' distortion of probabilities; ties go
@@ -150,8 +129,7 @@ def fit(
     `config.refit`, the returned booster is retrained on train + validation with the chosen
     parameters and the early-stopped tree count; the calibration fitted on the early-stopped
     booster's out-of-sample validation scores is kept for it. `train_weight` / `valid_weight`
-    are per-row sample weights (None: every row counts 1). The imbalance choices are fitted on
-    up to `workers` threads (see `map_boosters`; the result is the same for any count).
+    are per-row sample weights (None: every row counts 1).
 
     Raises:
         ValueError: a split has no positive label.
@@ -159,8 +137,9 @@ def fit(
     if not train_y.any() or not valid_y.any():
         msg = "both the training and the validation split need at least one churner"
         raise ValueError(msg)
-
-    def early_stopped(choice: str) -> tuple[lgb.Booster, dict[str, Any], np.ndarray]:
+    results: dict[str, tuple[lgb.Booster, dict[str, Any], np.ndarray]] = {}
+    candidates: dict[str, dict[str, float]] = {}
+    for choice in config.imbalance:
         params = booster_params(config, features, choice, len(train_y))
         train_set = lgb.Dataset(train_x, train_y, weight=train_weight, feature_name=list(features), free_raw_data=False)
         valid_set = lgb.Dataset(valid_x, valid_y, weight=valid_weight, reference=train_set)
@@ -171,11 +150,8 @@ def fit(
             valid_sets=[valid_set],
             callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
         )
-        return booster, params, np.asarray(booster.predict(valid_x, num_iteration=booster.best_iteration))
-
-    results = dict(zip(config.imbalance, map_boosters(early_stopped, config.imbalance, workers), strict=True))
-    candidates: dict[str, dict[str, float]] = {}
-    for choice, (booster, _, raw) in results.items():
+        raw = np.asarray(booster.predict(valid_x, num_iteration=booster.best_iteration))
+        results[choice] = (booster, params, raw)
         candidates[choice] = {
             "valid_pr_auc": metrics.average_precision(valid_y, raw),
             "valid_roc_auc": metrics.roc_auc(valid_y, raw),

@@ -6,7 +6,6 @@ decision."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,11 +29,11 @@ from training import backtest, card, checks, dataset, evaluate, fit, reference, 
 @dataclass(frozen=True)
 class TrainOptions:
     """What to train on: the horizon (None: settings.horizon_days), the observation grid (None:
-    settings.train_grid_hours), the selection split's shares, the backtests, the search and its
-    booster threads (None: the `train_*` settings), the booster settings (the search's trial
-    0), and optionally an oracle: a function giving the true churn probability of each row
-    (rows with user_id, as_of; the horizon in days), which a simulator can supply
-    (`sim.oracle.oracle_for`) to report the model's ratio to it."""
+    settings.train_grid_hours), the selection split's shares, the backtests and search (None:
+    the `train_*` settings), the booster settings (the search's trial 0), and optionally an
+    oracle: a function giving the true churn probability of each row (rows with user_id,
+    as_of; the horizon in days), which a simulator can supply (`sim.oracle.oracle_for`) to
+    report the model's ratio to it."""
 
     horizon_days: int | None = None
     grid_hours: int | None = None
@@ -47,7 +46,6 @@ class TrainOptions:
     search_seconds: float | None = None
     search_trials: int | None = None
     bootstrap_samples: int | None = None
-    workers: int | None = None
     fit: fit.FitConfig = field(default_factory=fit.FitConfig)
     oracle: Callable[[pl.DataFrame, int], np.ndarray] | None = None
     register: bool = True
@@ -128,7 +126,6 @@ class _Resolved:
     search_seconds: float
     search_trials: int
     bootstrap_samples: int
-    workers: int
 
 
 def _resolve(settings: Settings, options: TrainOptions) -> _Resolved:
@@ -143,8 +140,6 @@ def _resolve(settings: Settings, options: TrainOptions) -> _Resolved:
         search_seconds=pick(options.search_seconds, settings.train_search_seconds),
         search_trials=pick(options.search_trials, settings.train_search_trials),
         bootstrap_samples=pick(options.bootstrap_samples, settings.train_bootstrap_samples),
-        # 0: one booster thread per CPU this process may run on.
-        workers=pick(options.workers, settings.train_workers) or len(os.sched_getaffinity(0)),
     )
 
 
@@ -214,7 +209,6 @@ def train(
         resolved.search_trials,
         resolved.search_seconds,
         progress,
-        workers=resolved.workers,
     )
     choice = search.best(trials, resolved.bootstrap_samples, options.fit.seed)
     chosen = choice.trial
@@ -224,7 +218,7 @@ def train(
         raise InvalidInputError(msg)
     selection = chosen.selection
     progress(
-        f"search: {len(trials)} trial(s) in {search_seconds:.1f} s on {resolved.workers} thread(s);"
+        f"search: {len(trials)} trial(s) in {search_seconds:.1f} s;"
         f" chose trial {chosen.number} ({choice.reason}):"
         f" imbalance {selection.imbalance}, {selection.best_iteration} trees, calibration"
         f" {selection.calibration['method']}"
@@ -275,7 +269,6 @@ def train(
         "search": {
             "trials": len(trials),
             "seconds": search_seconds,
-            "workers": resolved.workers,
             "chosen": chosen.describe(),
             "choice": {"reason": choice.reason, "paired": choice.paired},
             "all": [t.describe() for t in trials],
@@ -374,7 +367,6 @@ def _register(
         "backtest.folds": len(trained.folds),
         "search.trials": len(trained.search),
         "search.seconds_budget": resolved.search_seconds,
-        "search.workers": resolved.workers,
         **{f"fit.{k}": v for k, v in asdict(options.fit).items()},
         **{f"chosen.{k}": v for k, v in chosen["params"].items()},
         **{f"window.{k}": v for k, v in trained.data_window.items() if k != "sizes"},

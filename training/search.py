@@ -90,13 +90,10 @@ def search(
     seconds: float,
     progress: Callable[[str], None] = lambda _: None,
     features: tuple[str, ...] = spec.MODEL_FEATURES,
-    workers: int = 1,
 ) -> list[Trial]:
     """Returns the evaluated trials in order (at least trial 0, the `base` configuration).
     Later trials keep trial 0's imbalance choice (one early-stopped fit each instead of one
-    per choice) and start only while elapsed + the slowest trial so far <= `seconds`. A
-    trial's independent fits (imbalance choices, backtest folds) run on up to `workers`
-    threads; the trials' results do not depend on the count, only how many fit the budget.
+    per choice) and start only while elapsed + the slowest trial so far <= `seconds`.
 
     Raises:
         ValueError: the selection split's training or validation part has no churner.
@@ -120,19 +117,10 @@ def search(
             config = replace(config, imbalance=(done[0].selection.imbalance,))
         started = time.perf_counter()
         chosen = fit.fit(
-            x_train,
-            y_train,
-            x_valid,
-            y_valid,
-            groups,
-            replace(config, refit=False),
-            features,
-            w_train,
-            w_valid,
-            workers,
+            x_train, y_train, x_valid, y_valid, groups, replace(config, refit=False), features, w_train, w_valid
         )
         results = backtest.run_folds(
-            labelled, folds, config, chosen.imbalance, chosen.best_iteration, chosen.calibration, features, workers
+            labelled, folds, config, chosen.imbalance, chosen.best_iteration, chosen.calibration, features
         )
         score = float(np.nanmean([r.figures["roc_auc"] for r in results])) if results else float("nan")
         trial = Trial(number, config, chosen, results, score, time.perf_counter() - started)

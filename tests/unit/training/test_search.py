@@ -1,6 +1,6 @@
-"""The hyper-parameter search: its results do not depend on how many threads fit the boosters,
-its time budget stops it after the first trial when that trial used the budget up, and it
-leaves trial 0 (the default) only for a trial that beats it beyond the bootstrap noise."""
+"""The hyper-parameter search: its time budget stops it after the first trial when that trial
+used the budget up, and it leaves trial 0 (the default) only for a trial that beats it beyond
+the bootstrap noise."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from training import backtest, fit, search, split
 from training.pipeline import TrainOptions, build_training_set
 
 HORIZON = 7
-# Both imbalance choices, so the selection's parallel fits are exercised too.
 BASE = fit.FitConfig(max_rounds=150, early_stopping_rounds=20)
 
 
@@ -32,47 +31,14 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[pl.DataFrame, sp
     return frame, times, folds
 
 
-def test_search_results_do_not_depend_on_the_worker_count(
-    labelled: tuple[pl.DataFrame, split.TimeSplit, list[split.Fold]],
-) -> None:
-    frame, times, folds = labelled
-    one = search.search(frame, times, folds, BASE, trials=3, seconds=600, workers=1)
-    two = search.search(frame, times, folds, BASE, trials=3, seconds=600, workers=2)
-    assert len(one) == len(two) == 3
-    assert len(one[0].folds) >= 2  # several folds ran side by side
-    for a, b in zip(one, two, strict=True):
-        assert (a.selection.imbalance, a.selection.best_iteration) == (
-            b.selection.imbalance,
-            b.selection.best_iteration,
-        )
-        assert a.selection.candidates == b.selection.candidates
-        assert np.array_equal(a.selection.valid_scores, b.selection.valid_scores)
-        assert [f.test_times for f in a.folds] == [f.test_times for f in b.folds]
-        for fa, fb in zip(a.folds, b.folds, strict=True):
-            assert np.array_equal(fa.scores, fb.scores)
-        assert a.score == b.score
-
-
 def test_search_stops_when_the_first_trial_used_the_budget(
     labelled: tuple[pl.DataFrame, split.TimeSplit, list[split.Fold]],
 ) -> None:
     frame, times, folds = labelled
     lines: list[str] = []
-    trials = search.search(frame, times, folds, BASE, trials=3, seconds=0, progress=lines.append, workers=2)
+    trials = search.search(frame, times, folds, BASE, trials=3, seconds=0, progress=lines.append)
     assert [t.number for t in trials] == [0]
     assert any("stopped after 1 trial(s)" in line for line in lines)
-
-
-def test_map_boosters_keeps_order_and_raises_the_first_error() -> None:
-    assert fit.map_boosters(lambda x: x * x, range(7), workers=3) == [x * x for x in range(7)]
-
-    def fail_on_three(x: int) -> int:
-        if x == 3:
-            raise ValueError("three")
-        return x
-
-    with pytest.raises(ValueError, match="three"):
-        fit.map_boosters(fail_on_three, range(6), workers=2)
 
 
 def _with_scores(
