@@ -133,6 +133,17 @@ def summarize(results: list[FoldResult], samples: int = 200, seed: int = 0, leve
     return out
 
 
+def _one_sided_bounds(replicates: np.ndarray, level: float) -> tuple[float, float]:
+    """Returns the one-sided `level` lower and upper bounds of the finite bootstrap `replicates`
+    (NaN, NaN when none is finite)."""
+    finite = replicates[np.isfinite(replicates)]
+    if not len(finite):
+        return float("nan"), float("nan")
+    tail = (1 - level) * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def paired_fold_difference(
     challenger: list[FoldResult],
     base: list[FoldResult],
@@ -162,13 +173,11 @@ def paired_fold_difference(
             rows = _resampled_rows(code, counts)
             per_fold.append(metrics.roc_auc(y[rows], one.scores[rows]) - metrics.roc_auc(y[rows], other.scores[rows]))
         differences[b] = np.nanmean(per_fold)
-    differences = differences[np.isfinite(differences)]
-    tail = (1 - level) * 100
-    low, high = np.percentile(differences, [tail, 100 - tail]) if len(differences) else (np.nan, np.nan)
+    low, high = _one_sided_bounds(differences, level)
     mean = float(
         np.nanmean([a.figures["roc_auc"] - b.figures["roc_auc"] for a, b in zip(challenger, base, strict=True)])
     )
-    return {"difference": mean, "low": float(low), "high": float(high)}
+    return {"difference": mean, "low": low, "high": high}
 
 
 def paired_auc_difference(
@@ -193,12 +202,10 @@ def paired_auc_difference(
     for i in range(samples):
         rows = _resampled_rows(codes, np.bincount(rng.integers(0, n_users, n_users), minlength=n_users))
         differences[i] = metrics.roc_auc(y[rows], a[rows]) - metrics.roc_auc(y[rows], b[rows])
-    differences = differences[np.isfinite(differences)]
-    tail = (1 - level) * 100
-    low, high = np.percentile(differences, [tail, 100 - tail]) if len(differences) else (np.nan, np.nan)
+    low, high = _one_sided_bounds(differences, level)
     return {
         "difference": metrics.roc_auc(y, a) - metrics.roc_auc(y, b),
-        "low": float(low),
-        "high": float(high),
+        "low": low,
+        "high": high,
         "rows": float(len(y)),
     }

@@ -202,13 +202,7 @@ def train(
 
     search_started = time.perf_counter()
     trials = search.search(
-        labelled,
-        times,
-        folds,
-        options.fit,
-        resolved.search_trials,
-        resolved.search_seconds,
-        progress,
+        labelled, times, folds, options.fit, resolved.search_trials, resolved.search_seconds, progress
     )
     choice = search.best(trials, resolved.bootstrap_samples, options.fit.seed)
     chosen = choice.trial
