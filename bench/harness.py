@@ -105,6 +105,14 @@ def machine_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
 
 
+def machine_steal_seconds() -> float:
+    """Returns the CPU seconds the hypervisor has taken from this virtual machine's cores since
+    boot (/proc/stat: steal); the difference over an interval shows how much of it the host's
+    other guests took."""
+    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return int(first[7]) / CLOCK_TICKS
+
+
 def machine() -> dict[str, Any]:
     """Returns what the figures ran on: CPU model, logical cores, load averages (1, 5, 15 min)."""
     model = next(
