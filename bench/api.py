@@ -10,6 +10,9 @@ reasons; `batch_100`: POST /users/risk with 100 ids) the search doubles the rate
 looks up before it looks down); a failed step is run once more before it counts (one stall of a
 shared machine should not halve a figure). At 50% and 100% of the capacity found, a longer run
 gives p50/p99/p99.9, and the server's CPU seconds (its process tree, from /proc) per request.
+Every run records the share of the machine's CPU time the hypervisor took during it (steal), and
+one in which it took more than 3% is run again, up to 3 tries (`undisturbed`): on a VM whose host
+is busy, the figures would otherwise measure the host's other guests.
 
 The anchor, in the same run, on the same Redis and users: `feast serve` on the generated repo
 (`/get-online-features` for one user: the stored features, no model), searched the same way.
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.feast_write import synthetic_rows
-from bench.harness import CHURN, delete_prefix, free_port, train_small_champion
+from bench.harness import CHURN, delete_prefix, free_port, machine_steal_seconds, train_small_champion
 from core.errors import ServiceUnavailableError
 from core.redis import redis_client
 from core.settings import Settings
@@ -168,6 +171,35 @@ def load(
     return figures
 
 
+# A run in which the hypervisor took more than this share of the machine's CPU time measured the
+# host's other guests as much as the server: it is run again, up to STEAL_TRIES times in all.
+STEAL_LIMIT = 0.03
+STEAL_TRIES = 3
+
+
+def undisturbed(
+    run: Callable[[], dict[str, Any]],
+    steal_seconds: Callable[[], float] = machine_steal_seconds,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Calls `run` (one load run) until the hypervisor took at most `STEAL_LIMIT` of the machine's
+    CPU time during it (`steal_seconds`: /proc/stat steal), at most `STEAL_TRIES` times; returns
+    the least disturbed call's figures with its `steal_share` and the number of `tries`.
+
+    On this kind of VM the host's other guests take 0.1-0.5% of the CPU time in a quiet hour and
+    10-34% in a busy one; a run in a busy stretch sheds or runs late on the host's account (one
+    test run shed 28% of its requests at half capacity with 34% stolen)."""
+    tries: list[dict[str, Any]] = []
+    while len(tries) < STEAL_TRIES:
+        started, stolen = clock(), steal_seconds()
+        figures = run()
+        cpu_seconds = max(clock() - started, 1e-9) * (os.cpu_count() or 1)
+        tries.append(figures | {"steal_share": round((steal_seconds() - stolen) / cpu_seconds, 4)})
+        if tries[-1]["steal_share"] <= STEAL_LIMIT:
+            break
+    return min(tries, key=lambda figures: float(figures["steal_share"])) | {"tries": len(tries)}
+
+
 SLO_SHARE = 0.99  # of the requests answered with a 2xx within the budget: a p99 counting refusals
 
 
@@ -246,10 +278,12 @@ def find_capacity(
                 "p99_ms": p99,
                 "ok_within_budget_share": round(within_budget_share(figures), 4),
                 "statuses": figures["statuses"],
+                **{k: figures[k] for k in ("steal_share", "tries") if k in figures},
             }
         )
         share = steps[-1]["ok_within_budget_share"]
-        say(f"  {rate:8.0f}/s  p99 {p99} ms  {share:.2%} 2xx within budget  {'pass' if ok else 'fail'}")
+        stolen = f"  {figures['steal_share']:.1%} stolen" if "steal_share" in figures else ""
+        say(f"  {rate:8.0f}/s  p99 {p99} ms  {share:.2%} 2xx within budget  {'pass' if ok else 'fail'}{stolen}")
         (passed if ok else failed).append(rate)
         rate = next_rate(passed, failed, plan)
     return {"capacity_per_second": round(max(passed, default=0.0), 1), "search": steps}
@@ -297,11 +331,15 @@ def measure_mode(
     spent = [0.0, 0.0]  # CPU seconds of the server, requests sent
 
     def run(rate: float, seconds: float = plan.step_seconds) -> dict[str, Any]:
-        before = cpu_seconds(pid)
-        figures = load(port, users, mode, rate, seconds, plan.connections, plan.warmup_seconds, plan.budget_ms)
-        spent[0] += cpu_seconds(pid) - before
-        spent[1] += rate * (seconds + plan.warmup_seconds)  # open loop: the generator sends exactly these
-        return figures
+        def once() -> dict[str, Any]:
+            before = cpu_seconds(pid)
+            figures = load(port, users, mode, rate, seconds, plan.connections, plan.warmup_seconds, plan.budget_ms)
+            used, sent = cpu_seconds(pid) - before, rate * (seconds + plan.warmup_seconds)  # open loop: exactly these
+            spent[0] += used
+            spent[1] += sent
+            return figures | {"cpu_ms_per_request": round(1000 * used / sent, 3)}
+
+        return undisturbed(once)
 
     found = find_capacity(run, plan, say)
     capacity = found["capacity_per_second"]
@@ -317,10 +355,7 @@ def measure_mode(
         rate = capacity * share / 100
         if rate <= 0:
             continue
-        cpu_before = cpu_seconds(pid)
         result = run(rate, plan.measure_seconds)
-        used = cpu_seconds(pid) - cpu_before
-        sent = rate * (plan.measure_seconds + plan.warmup_seconds)  # open loop: the generator sends exactly these
         figures[f"at_{share}pct"] = {
             "rate": round(rate, 1),
             "achieved_rate": result["achieved_rate"],
@@ -328,7 +363,9 @@ def measure_mode(
             "statuses": result["statuses"],
             "ok_within_budget_share": round(within_budget_share(result), 4),
             "errors": result["errors"],
-            "cpu_ms_per_request": round(1000 * used / sent, 3),
+            "cpu_ms_per_request": result["cpu_ms_per_request"],
+            "steal_share": result["steal_share"],
+            "tries": result["tries"],
         }
         say(f"  at {share}%: {rate:.0f}/s p50 {result['latency']['p50_ms']} p99 {result['latency']['p99_ms']} ms")
     figures["search"] = found["search"]

@@ -27,14 +27,14 @@ requests at half capacity with a p90 of 19 ms (2.5 ms before), and the same test
 run again. So a window after the overload that is not normal is measured once more, right after
 it, and that one must be: a server left broken (a leaked in-flight count refuses everything, a
 backlog still draining holds every request) fails both. Each window records the share of the
-machine's CPU time the hypervisor took (`steal_share`, /proc/stat), and a window in which it
-took more than 3% is run again, up to 3 tries: the dev VM's calm windows took 0.1-0.5% on a
-quiet host, and 11-34% in the hour that one run here failed, shedding 8-28% at half capacity.
+machine's CPU time the hypervisor took (`steal_share`, /proc/stat), and, as in `churn bench
+api`, a window in which it took more than 3% is run again, up to 3 tries, the least disturbed
+counting (`bench.api.undisturbed`): the dev VM's calm windows took 0.1-0.5% on a quiet host, and
+11-34% in the hour that one run here failed, shedding 8-28% at half capacity.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -43,8 +43,8 @@ from typing import Any
 import pytest
 import redis
 
-from bench.api import MODES, START_MS, LoadPlan, _rows, find_capacity, load, wait_ready
-from bench.harness import CHURN, free_port, machine_steal_seconds, scratch_settings
+from bench.api import MODES, START_MS, LoadPlan, _rows, find_capacity, load, undisturbed, wait_ready
+from bench.harness import CHURN, free_port, scratch_settings
 from core.settings import Settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
@@ -59,11 +59,6 @@ CONNECTIONS = 128
 # much of the latency was the load generator's own lateness.
 CALM_FIGURES = ("statuses", "latency", "steal_share", "tries")
 KEPT_FIGURES = ("achieved_rate", "statuses", "latency", "ok_latency", "ok_service_latency", "steal_share", "tries")
-# A window in which the hypervisor took more than this share of the machine's CPU time measured the
-# host's other guests more than our server: it is run again, up to TRIES times in all, and the
-# least disturbed try counts (still asserted on when every try was disturbed).
-STEAL_LIMIT = 0.03
-TRIES = 3
 
 
 @pytest.mark.soak
@@ -90,15 +85,8 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
     mode = MODES["score"]
 
     def run(rate: float, seconds: float, warmup: float = 0.5) -> dict[str, Any]:
-        tries = []
-        for _ in range(TRIES):
-            started, stolen = time.monotonic(), machine_steal_seconds()
-            figures = load(port, USERS, mode, rate, seconds, CONNECTIONS, warmup, settings.api_latency_budget_ms)
-            cpu_seconds = (time.monotonic() - started) * (os.cpu_count() or 1)
-            tries.append(figures | {"steal_share": round((machine_steal_seconds() - stolen) / cpu_seconds, 4)})
-            if tries[-1]["steal_share"] <= STEAL_LIMIT:
-                break
-        return min(tries, key=lambda figures: figures["steal_share"]) | {"tries": len(tries)}
+        budget = settings.api_latency_budget_ms
+        return undisturbed(lambda: load(port, USERS, mode, rate, seconds, CONNECTIONS, warmup, budget))
 
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

@@ -1,10 +1,13 @@
-"""`bench.api.find_capacity` and `passes`: the capacity search on a simulated server."""
+"""`bench.api.find_capacity` and `passes`: the capacity search on a simulated server; `undisturbed`
+on a simulated host."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bench.api import LoadPlan, find_capacity, passes
+import pytest
+
+from bench.api import STEAL_LIMIT, STEAL_TRIES, LoadPlan, find_capacity, passes, undisturbed
 
 BUDGET_MS = 10.0
 
@@ -93,3 +96,45 @@ def test_a_server_slow_above_its_capacity_only_is_found_below_the_start() -> Non
     found = find_capacity(lambda rate: _figures(rate, 2.0 if rate <= 30 else 50.0), LoadPlan(start_rate=100))
     assert 30 / 1.1 <= found["capacity_per_second"] <= 30
     assert [s["rate"] for s in found["search"]][:5] == [100, 200, 400, 50, 25]
+
+
+class _Host:
+    """A clock and a steal counter: each run lasts 1 s, during which the host takes the next of
+    `stolen_shares` of the machine's CPU time."""
+
+    def __init__(self, stolen_shares: list[float], cpus: int) -> None:
+        self.now = 0.0
+        self.stolen = 0.0
+        self.shares = list(stolen_shares)
+        self.cpus = cpus
+        self.runs = 0
+
+    def run(self) -> dict[str, Any]:
+        self.runs += 1
+        share = self.shares.pop(0)
+        self.now += 1.0
+        self.stolen += share * self.cpus
+        return {"run": self.runs}
+
+
+@pytest.mark.parametrize(
+    ("shares", "runs", "kept"),
+    [
+        ([0.0], 1, 1),  # a quiet host: one run
+        ([STEAL_LIMIT], 1, 1),  # at the limit still counts
+        ([0.2, 0.1, 0.01], 3, 3),  # disturbed twice: the third, quiet run counts
+        ([0.2, 0.05, 0.3], 3, 2),  # disturbed every time: the least disturbed counts, no more runs
+    ],
+)
+def test_a_run_the_host_disturbed_is_run_again_and_the_least_disturbed_counts(
+    shares: list[float], runs: int, kept: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    host = _Host(shares, cpus=2)
+
+    figures = undisturbed(host.run, steal_seconds=lambda: host.stolen, clock=lambda: host.now)
+
+    assert host.runs == runs <= STEAL_TRIES
+    assert figures["run"] == kept
+    assert figures["tries"] == runs
+    assert figures["steal_share"] == pytest.approx(shares[kept - 1])
