@@ -3,7 +3,8 @@
 Trial 0 is the configured `FitConfig` (the measured default); later trials draw distinct
 settings from `SPACE` with a seeded generator. Each trial early-stops on the selection split's
 validation period (tree count, imbalance, calibration), then runs every backtest fold with
-that choice; the trial with the best mean backtest ROC-AUC wins (ties: the earlier trial).
+that choice; trial 0 is kept unless the trial with the best mean backtest ROC-AUC beats it
+beyond the bootstrap noise (`best`).
 A trial starts only while the slowest trial so far would still end within the time budget.
 """
 
@@ -143,18 +144,32 @@ class Choice:
 
 def best(trials: list[Trial], samples: int = 200, seed: int = 0) -> Choice:
     """Returns trial 0 (the measured default) unless the trial with the highest backtest ROC-AUC
-    beats it on the same backtest rows: the one-sided 95% lower bound of the paired bootstrap
-    of their mean fold ROC-AUC difference (`backtest.paired_fold_difference`, `samples`
-    replicates) is above 0. Why: the trials' backtest means often differ by less than their
-    noise, and picking the highest then picks noise (measured: at 10,000 users a trial that
-    led trial 0 by under 0.0001 scored 0.006 lower on the days after the log). NaN never wins;
-    ties go to the earlier trial."""
+    beats it on the same backtest rows: the one-sided lower bound of the paired bootstrap of
+    their mean fold ROC-AUC difference (`backtest.paired_fold_difference`, `samples` replicates)
+    is above 0, at the level `selection_level` gives for the number of trials. Why: the trials'
+    backtest means often differ by less than their noise, and picking the highest then picks
+    noise (measured: at 10,000 users a trial that led trial 0 by under 0.0001 scored 0.006 lower
+    on the days after the log). NaN never wins; ties go to the earlier trial."""
     base = trials[0]
     top = max(trials, key=lambda t: (np.nan_to_num(t.score, nan=-1.0), -t.number))
     if top is base:
         return Choice(base, "trial 0 has the highest backtest ROC-AUC" if len(trials) > 1 else "one trial")
-    paired = backtest.paired_fold_difference(top.folds, base.folds, samples, seed)
-    figures = f"{paired['difference']:+.4f} (one-sided 95% bounds {paired['low']:+.4f}, {paired['high']:+.4f})"
+    level = selection_level(len(trials) - 1)
+    paired = backtest.paired_fold_difference(top.folds, base.folds, samples, seed, level)
+    figures = (
+        f"{paired['difference']:+.4f} (one-sided {100 * level:.4g}% bounds {paired['low']:+.4f}, {paired['high']:+.4f})"
+    )
     if paired["low"] > 0:
         return Choice(top, f"trial {top.number} beats trial 0 on the backtests by {figures}", paired)
     return Choice(base, f"kept trial 0: trial {top.number}'s lead {figures} is within the noise", paired)
+
+
+FAMILY_LEVEL = 0.95
+
+
+def selection_level(challengers: int) -> float:
+    """Returns the one-sided confidence level the best of `challengers` trials must beat trial 0
+    at: 95% for one, and 1 - 5% / `challengers` for more (Bonferroni). The top trial is the
+    maximum of several noisy scores, so at 95% each a lead made of noise would win more than 5%
+    of the time: with 5 challengers as good as trial 0, up to 23%."""
+    return 1 - (1 - FAMILY_LEVEL) / max(1, challengers)

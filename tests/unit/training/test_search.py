@@ -53,11 +53,20 @@ def _with_scores(
     return replace(trial, number=number, folds=folds, score=score)
 
 
-def test_the_search_keeps_trial_0_unless_another_trial_beats_it_beyond_the_noise(
-    labelled: tuple[pl.DataFrame, split.TimeSplit, list[split.Fold]],
-) -> None:
+@pytest.fixture(scope="module")
+def base(labelled: tuple[pl.DataFrame, split.TimeSplit, list[split.Fold]]) -> search.Trial:
     frame, times, folds = labelled
-    (base,) = search.search(frame, times, folds, BASE, trials=1, seconds=600)
+    (trial,) = search.search(frame, times, folds, BASE, trials=1, seconds=600)
+    return trial
+
+
+def _with_fold_scores(trial: search.Trial, number: int, scores: list[np.ndarray]) -> search.Trial:
+    """Returns a copy of `trial` numbered `number` whose folds' scores are `scores`, in fold order."""
+    given = iter(scores)
+    return _with_scores(trial, number, lambda _fold: next(given))
+
+
+def test_the_search_keeps_trial_0_unless_another_trial_beats_it_beyond_the_noise(base: search.Trial) -> None:
     rng = np.random.default_rng(0)
     # A lead from noise: trial 0's scores, slightly perturbed, until they score higher.
     noisy = base
@@ -78,3 +87,27 @@ def test_the_search_keeps_trial_0_unless_another_trial_beats_it_beyond_the_noise
     with pytest.raises(ValueError, match="different test periods"):
         backtest.paired_fold_difference(strong.folds[1:], base.folds[1:][::-1])
     assert search.best([strong, base]).trial is strong  # trial 0 is the first one, whatever it scores
+
+
+def test_the_more_trials_a_lead_was_picked_from_the_stricter_its_bound(base: search.Trial) -> None:
+    assert search.selection_level(1) == pytest.approx(0.95)
+    assert search.selection_level(5) == pytest.approx(0.99)
+    # A lead that clears the 95% bound but not the 99% one: trial 0's scores (spread ~0.008) with
+    # noise and a little label signal, the signal stepped up until the lead falls between them.
+    noise = [np.random.default_rng(index).normal(0, 0.005, len(f.scores)) for index, f in enumerate(base.folds)]
+    lead = None
+    for signal in np.linspace(0.0, 0.01, 41):
+        scores = [f.scores + n + signal * f.labels for f, n in zip(base.folds, noise, strict=True)]
+        candidate = _with_fold_scores(base, 1, scores)
+        at_95 = backtest.paired_fold_difference(candidate.folds, base.folds, level=0.95)
+        at_99 = backtest.paired_fold_difference(candidate.folds, base.folds, level=0.99)
+        if at_95["low"] > 0 >= at_99["low"]:
+            lead = candidate
+            break
+    assert lead is not None, "no signal strength between the two bounds"
+    assert search.best([base, lead]).trial is lead  # the only challenger: 95%
+    # The best of 5 challengers (the other 4 score as trial 0): 99%, which the same lead misses.
+    others = [replace(base, number=number) for number in range(2, 6)]
+    kept = search.best([base, lead, *others])
+    assert kept.trial is base
+    assert "one-sided 99% bounds" in kept.reason
