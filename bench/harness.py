@@ -100,8 +100,7 @@ def machine_busy_seconds() -> float:
     """Returns the CPU seconds every core of the machine has spent busy since boot (/proc/stat:
     everything but idle and iowait); the difference over an interval shows what all processes
     (other users' too, on a shared machine) used."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(v) for v in first]
+    ticks = _machine_ticks()
     return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
 
 
@@ -109,8 +108,13 @@ def machine_steal_seconds() -> float:
     """Returns the CPU seconds the hypervisor has taken from this virtual machine's cores since
     boot (/proc/stat: steal); the difference over an interval shows how much of it the host's
     other guests took."""
-    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    return int(first[7]) / CLOCK_TICKS
+    return _machine_ticks()[7] / CLOCK_TICKS
+
+
+def _machine_ticks() -> list[int]:
+    """Returns the whole machine's CPU ticks since boot by state (/proc/stat's first line: user,
+    nice, system, idle, iowait, irq, softirq, steal, ...)."""
+    return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
 
 
 def machine() -> dict[str, Any]:

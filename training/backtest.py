@@ -83,7 +83,8 @@ def run_folds(
         train = split.take(labelled, fold.train)
         test = split.take(labelled, fold.test)
         y = train["label"].to_numpy().astype(bool)
-        if not y.any() or not test["label"].to_numpy().any():
+        labels = test["label"].to_numpy().astype(bool)
+        if not y.any() or not labels.any():
             continue
         params = fit.booster_params(config, features, imbalance, train.height)
         booster = fit.fit_rounds(
@@ -91,7 +92,6 @@ def run_folds(
         )
         raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
         scores = apply_calibration(calibration, raw)
-        labels = test["label"].to_numpy().astype(bool)
         results.append(FoldResult(fold.train, fold.test, train.height, test, scores, figures(labels, scores)))
     return results
 
