@@ -197,6 +197,18 @@ def _consumed(reading: Reading) -> int:
     return round(_total(reading, "churn_events_consumed_total"))
 
 
+def _stage_cpu_flushed_since(later: Reading, earlier: Reading) -> bool:
+    """Returns whether every scorer added its stage CPU to the counters between two readings. A
+    scorer adds a batch's stage CPU at the end of its loop turn, after the batch's events were
+    counted, so a reading that shows the last event consumed may lack its batch's stages (one CI
+    run of the smoke test read the engine stage at 0 over a tiny drain); "housekeeping", charged
+    on every turn, is added last."""
+    key = (STAGE_CPU, frozenset({("stage", "housekeeping")}))
+    return all(
+        after.get(key, 0.0) > before.get(key, 0.0) for after, before in zip(later.samples, earlier.samples, strict=True)
+    )
+
+
 class RedisProbe:
     """Redis' own CPU (`INFO cpu`) and, when it runs on this machine, its main thread's wait for
     a CPU (/proc schedstat of the `process_id` INFO reports)."""
@@ -274,8 +286,9 @@ def _drain(
     settled (each owns partitions, every partition owned once: a late starter would otherwise
     find the work done), then publishes `lines` at full speed. Timed from the reading taken when
     the last message is published (a backlog every scorer works on) to the first reading that
-    shows every message consumed (from the start of publishing instead if the scorers had
-    already done half of it by then: tiny runs); returns `_between` of those two readings."""
+    shows every message consumed and every scorer's stage CPU of it (from the start of publishing
+    instead if the scorers had already done half of it by then: tiny runs); returns `_between` of
+    those two readings."""
     scorers = deployment.start_scorers(processes, idle_exit_s=120)
     partitions = deployment.settings.topic_partitions
     try:
@@ -294,6 +307,7 @@ def _drain(
         if _consumed(first) > len(lines) // 2:  # tiny runs: the scorers kept up with the producer
             first, timed_from = before, "start of publishing"
         last: list[Reading] = []
+        consumed_at: list[Reading] = []  # the first reading that showed every message consumed
 
         def done() -> bool:
             reading = _read(scorers, redis_cpu)
@@ -302,7 +316,9 @@ def _drain(
                     msg = f"`churn consume` exited early: {scorer.tail()}"
                     raise RuntimeError(msg)
             last[:] = [reading]
-            return _consumed(reading) >= len(lines)
+            if not consumed_at and _consumed(reading) >= len(lines):
+                consumed_at.append(reading)
+            return bool(consumed_at) and _stage_cpu_flushed_since(reading, consumed_at[0])
 
         wait_for(done, timeout_s, f"{len(lines)} messages consumed by {processes} scorer(s)", SAMPLE_EVERY_S)
     finally:
