@@ -209,6 +209,25 @@ def _stage_cpu_flushed_since(later: Reading, earlier: Reading) -> bool:
     )
 
 
+def _flushed_reading(scorers: list[ScorerProcess], redis: RedisProbe, timeout_s: float) -> Reading:
+    """Returns the first reading, from now on, taken after every scorer added its stage CPU (see
+    `_stage_cpu_flushed_since`): called once every message of a run is counted as consumed, it
+    includes the last batch's stages, batch size and CPU.
+
+    Raises:
+        TimeoutError: a scorer did not finish a loop turn within `timeout_s`.
+    """
+    consumed = _read(scorers, redis)
+    flushed: list[Reading] = []
+
+    def done() -> bool:
+        flushed[:] = [_read(scorers, redis)]
+        return _stage_cpu_flushed_since(flushed[0], consumed)
+
+    wait_for(done, timeout_s, "every scorer to finish its loop turn", SAMPLE_EVERY_S)
+    return flushed[0]
+
+
 class RedisProbe:
     """Redis' own CPU (`INFO cpu`) and, when it runs on this machine, its main thread's wait for
     a CPU (/proc schedstat of the `process_id` INFO reports)."""
@@ -306,21 +325,16 @@ def _drain(
         timed_from = "end of publishing"
         if _consumed(first) > len(lines) // 2:  # tiny runs: the scorers kept up with the producer
             first, timed_from = before, "start of publishing"
-        last: list[Reading] = []
-        consumed_at: list[Reading] = []  # the first reading that showed every message consumed
 
         def done() -> bool:
-            reading = _read(scorers, redis_cpu)
             for scorer in scorers:
                 if scorer.proc.poll() is not None:
                     msg = f"`churn consume` exited early: {scorer.tail()}"
                     raise RuntimeError(msg)
-            last[:] = [reading]
-            if not consumed_at and _consumed(reading) >= len(lines):
-                consumed_at.append(reading)
-            return bool(consumed_at) and _stage_cpu_flushed_since(reading, consumed_at[0])
+            return _consumed(_read(scorers, redis_cpu)) >= len(lines)
 
         wait_for(done, timeout_s, f"{len(lines)} messages consumed by {processes} scorer(s)", SAMPLE_EVERY_S)
+        last = _flushed_reading(scorers, redis_cpu, timeout_s)
     finally:
         for scorer in scorers:
             scorer.stop()
@@ -328,7 +342,7 @@ def _drain(
         "processes": processes,
         "timed_from": timed_from,
         "messages_consumed_before_timing": _consumed(first),
-        **_between(first, last[0]),
+        **_between(first, last),
     }
 
 
@@ -411,7 +425,7 @@ def _loads(
             report = publish_lines(deployment.settings, lines[start : start + count], pacing=Pacing(rate=rate))
             start += count
             scorer.wait_consumed(start, sizes.timeout_s)
-            after = _read([scorer], redis_cpu)
+            after = _flushed_reading([scorer], redis_cpu, sizes.timeout_s)
             figures = freshness_figures(
                 histogram_buckets(before.samples[0], FRESHNESS), histogram_buckets(after.samples[0], FRESHNESS)
             )
