@@ -45,7 +45,7 @@ from monitoring.metrics import Metrics
 from monitoring.performance_state import PerformancePublisher
 from stream.at_risk import RedisAtRiskIndex
 from stream.changes import KafkaChangeLog, ensure_changes_topic
-from stream.kafka import IdempotentProducer, committing_consumer, report_lag
+from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer, report_lag
 from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
@@ -112,6 +112,7 @@ class ScoringConsumer:
         # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
         # this process last saved, or what it found there. Less means Redis went back in time.
         self.expected: dict[str, int] = {}
+        self.commit_abandoned = False  # a stop signal came while a commit waited for Kafka
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
@@ -191,7 +192,13 @@ class ScoringConsumer:
                 cpu.mark("housekeeping")
                 cpu.flush()
         finally:
-            self.consumer.close()
+            if self.commit_abandoned:
+                # The abandoned commit still holds the consumer; closing it under that call is
+                # unsafe, and leaving the group needs a broker anyway: the group notices this
+                # member's departure after the session timeout.
+                log.warning("the Kafka consumer is left unclosed (its commit is still waiting for a broker)")
+            else:
+                self.consumer.close()
             # Dead letters still queued belong to a batch that was not committed (a batch's
             # letters are acknowledged before its commit): it is replayed after a restart, so
             # after a stop signal this waits one slice, not 10 s.
@@ -240,9 +247,12 @@ class ScoringConsumer:
             # the stacks SIGUSR1 dumps (the test harness sends it) before changing this again.
             ends = {(m.topic, m.partition): m.offset for m in messages}
             try:
-                self.consumer.commit(
-                    offsets=[TopicPartition(t, p, o + 1) for (t, p), o in ends.items()], asynchronous=False
-                )
+                offsets = [TopicPartition(t, p, o + 1) for (t, p), o in ends.items()]
+                if not commit_unless_stopped(self.consumer, offsets, self.stopping):
+                    # Stopped while no broker answers. Every write is done and each user's state
+                    # carries its applied offsets, so the batch replayed after the restart is skipped.
+                    self.commit_abandoned = True
+                    log.warning("stopped while the offset commit waited for Kafka: the batch is replayed and skipped")
             except KafkaException as exc:
                 # A rebalance moved partitions while this batch was in flight (e.g. ILLEGAL_GENERATION).
                 # Every write is done and each user's state carries its applied offsets, so the new

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Gauge
 
 from core.errors import ServiceUnavailableError
@@ -39,6 +39,46 @@ def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | 
             },
         )
     )
+
+
+def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition], stopping: threading.Event) -> bool:
+    """Commits `offsets` synchronously and returns True once the broker has them, or returns False
+    as soon as `stopping` is set while the commit waits (the commit is then abandoned on its
+    thread, and the caller must not use or close `consumer` again).
+
+    Why a thread: librdkafka's synchronous commit has no timeout and, while no broker answers,
+    waits until one does (measured: more than 60 s after SIGTERM with the broker down), so a stop
+    signal would go unheeded for the whole outage. The thread costs about 0.18 ms per commit
+    (measured on the 2-core dev VM: its start and the wake-up), one per batch: 0.2 µs per event
+    at the live loop's batch of ~900 messages, against ~175 µs of scorer CPU per event there.
+
+    Raises:
+        KafkaException: the commit failed, or the broker refused a partition's offset (e.g. a
+            rebalance moved the partition, or the connection broke with the request in flight).
+    """
+    done = threading.Event()
+    refused: list[KafkaException] = []
+
+    def commit() -> None:
+        try:
+            # A partition the broker refused comes back with its error set, not raised.
+            answered = consumer.commit(offsets=offsets, asynchronous=False) or []
+            failed = [tp.error for tp in answered if tp.error is not None]
+            if failed:
+                refused.append(KafkaException(failed[0]))
+        except KafkaException as exc:
+            refused.append(exc)
+        finally:
+            done.set()
+
+    # A daemon: an abandoned commit must not hold the process's exit.
+    threading.Thread(target=commit, name="kafka-commit", daemon=True).start()
+    while not done.wait(ACK_WAIT_SLICE_S):
+        if stopping.is_set():
+            return False
+    if refused:
+        raise refused[0]
+    return True
 
 
 def report_lag(consumer: Consumer, gauge: Gauge) -> None:

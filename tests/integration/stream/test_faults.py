@@ -285,6 +285,67 @@ def test_kafka_broker_restart_loses_and_duplicates_nothing(
     assert faulted.final_state(users) == clean.final_state(users)
 
 
+STOP_BOUND_S = 10.0  # before the fix, a stop during a commit waited for as long as the broker was down
+
+
+@pytest.mark.slow
+def test_a_stop_signal_while_kafka_is_down_ends_the_scorer_at_once_and_loses_nothing(
+    settings: Settings, topic: str, deploy: Callable[..., Deployment]
+) -> None:
+    """The broker crashes (SIGKILL) while events flow; 2 s later the scorer is stopped (SIGTERM).
+    It must exit 0 within `STOP_BOUND_S`, wherever the stop finds it: idle, or in a commit that
+    waits for the broker (librdkafka's synchronous commit has no timeout of its own; one run
+    before the fix was still in it 60 s after SIGTERM; `tests/unit/stream/test_outage.py` and
+    `test_kafka.py` take that path every time). A new scorer started once the broker is back
+    must end where an uninterrupted run of the same topic ends: nothing lost or applied twice."""
+    events = random_events(23, users=24, days=15, per_user=200)
+    users = sorted({e.user_id for e in events})
+    faulted, clean = deploy("ks", topic), deploy("kt", topic)
+    stopped = faulted.start_scorer()
+    restarted: ScorerProcess | None = None
+    try:
+        producing = in_background(produce_paced, faulted.settings, events, RATE)
+        wait_for(lambda: stopped.events("ok") > 1000, 60, "the scorer to apply events")
+        infra.kill_service(settings, "kafka")
+        time.sleep(2)
+        applied_at_stop = stopped.events("ok")
+        began = time.monotonic()
+        exit_code = stopped.stop(timeout=60)
+        stop_seconds = time.monotonic() - began
+        infra.start_service(settings, "kafka")
+        restarted = faulted.start_scorer()
+        report = producing.result(180)
+        wait_for(lambda: drained(faulted.settings), 180, "the restarted scorer to apply the whole topic")
+        time.sleep(1)  # a double application would show
+        replayed = {outcome: restarted.events(outcome) for outcome in ("ok", "duplicate")}
+        assert restarted.stop() == 0, restarted.tail()
+    finally:
+        _services_back(settings)
+        stopped.stop()
+        if restarted is not None:
+            restarted.stop()
+    clean.run_uninterrupted()
+    in_rows = _events_in_rows(faulted, users)
+    record_figures(
+        settings,
+        "stop_while_kafka_down",
+        {
+            "events": len(events),
+            "applied_before_the_stop": applied_at_stop,
+            "stop_seconds": round(stop_seconds, 2),
+            "commit_abandoned": bool(stopped.log_lines("stopped while the offset commit waited for Kafka")),
+            "restarted": replayed,
+            "applied": in_rows,
+        },
+    )
+    assert exit_code == 0, stopped.tail(3000)
+    assert stop_seconds <= STOP_BOUND_S, stopped.tail(3000)
+    assert 0 < applied_at_stop < len(events)  # stopped mid-stream
+    assert report.failed == 0
+    assert in_rows == len(events)
+    assert faulted.final_state(users) == clean.final_state(users)
+
+
 # --- poison input --------------------------------------------------------------------------
 
 TEN_MB = 10 * 1024 * 1024

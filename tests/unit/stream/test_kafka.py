@@ -5,18 +5,21 @@ for acknowledgements from a real librdkafka producer whose broker does not answe
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import load_settings
 from stream.changes import KafkaChangeLog, TierChange
-from stream.kafka import IdempotentProducer
+from stream.kafka import IdempotentProducer, commit_unless_stopped
 
 FATAL = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
 TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT, "message timed out")
@@ -134,3 +137,58 @@ def test_without_a_stop_signal_the_wait_lasts_its_timeout() -> None:
     finally:
         producer.producer.purge()
     assert waited >= 1.0
+
+
+# A process that stops while its commit waits for a broker that does not answer (nothing
+# listens on port 1): librdkafka's synchronous commit has no timeout of its own.
+ABANDON_A_COMMIT = """
+import threading
+from confluent_kafka import TopicPartition
+from core.settings import load_settings
+from stream.kafka import commit_unless_stopped, committing_consumer
+consumer = committing_consumer(load_settings(kafka_bootstrap="127.0.0.1:1"), "g")
+stop = threading.Event()
+threading.Timer(0.5, stop.set).start()
+print(commit_unless_stopped(consumer, [TopicPartition("t", 0, 5)], stop))
+"""
+
+
+def test_a_stop_signal_ends_a_commit_waiting_for_a_broker_that_does_not_answer_and_the_process_exits() -> None:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", ABANDON_A_COMMIT], capture_output=True, text=True, timeout=60)
+    waited = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"  # abandoned, not committed
+    assert waited < 20  # the interpreter's start and imports, then 0.5 s: not the broker's silence
+
+
+class AnsweringConsumer:
+    """A consumer whose commit answers at once: with `refusal`, by raising it; with
+    `partition_error`, by returning the partitions with that error set (as librdkafka reports a
+    partition the broker refused)."""
+
+    def __init__(self, refusal: KafkaException | None = None, partition_error: KafkaError | None = None) -> None:
+        self.refusal = refusal
+        self.partition_error = partition_error
+        self.committed: list[TopicPartition] = []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[Any]:
+        assert not asynchronous
+        if self.refusal is not None:
+            raise self.refusal
+        if self.partition_error is None:
+            self.committed.extend(offsets)
+        return [SimpleNamespace(topic=tp.topic, partition=tp.partition, error=self.partition_error) for tp in offsets]
+
+
+def test_a_commit_the_broker_answers_returns_true_or_raises_its_refusal_of_any_partition() -> None:
+    offsets = [TopicPartition("t", 0, 5)]
+    answering = AnsweringConsumer()
+    assert commit_unless_stopped(answering, offsets, threading.Event())  # type: ignore[arg-type]
+    assert answering.committed == offsets
+    refusal = KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION, "rebalanced"))
+    with pytest.raises(KafkaException, match="rebalanced"):
+        commit_unless_stopped(AnsweringConsumer(refusal), offsets, threading.Event())  # type: ignore[arg-type]
+    broken = AnsweringConsumer(partition_error=KafkaError(KafkaError._TRANSPORT, "broker went away"))
+    with pytest.raises(KafkaException, match="broker went away"):
+        commit_unless_stopped(broken, offsets, threading.Event())  # type: ignore[arg-type]

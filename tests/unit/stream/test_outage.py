@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from confluent_kafka import TopicPartition
@@ -203,3 +204,58 @@ def test_a_scorer_still_holding_the_retried_partition_stays_not_ready_while_idle
     metrics, seen = run_scorer(consumer, revoke_after_failure=False)
     assert seen == [0, 0]
     assert gauge(metrics, "churn_scorer_store_failures") == 1
+
+
+class CommitWaitsForBroker(ScriptedConsumer):
+    """A consumer whose commit waits for a broker that does not answer (until `answer` is set),
+    as librdkafka's synchronous commit does; it records whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__(assigned=[0])
+        self.answer = threading.Event()
+        self.commits = 0
+        self.closed = False
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits += 1
+        self.answer.wait(30)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StoresUp(StoreDown):
+    """A batch processor whose every batch succeeds without dead letters."""
+
+    def process(self, messages: Any, expected: Any) -> Any:
+        return SimpleNamespace(dead_letters=[])
+
+
+def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_loop_and_leaves_the_consumer() -> None:
+    consumer = CommitWaitsForBroker()
+    scorer = ScoringConsumer(
+        Settings(kafka_bootstrap="127.0.0.1:1"),
+        StoresUp(),  # type: ignore[arg-type]
+        NoModels(),  # type: ignore[arg-type]
+        Metrics(),
+        LoopConfig(max_wait_s=0.01, lag_every_s=3600),
+    )
+    scorer.consumer.close()
+    scorer.consumer = consumer  # type: ignore[assignment]
+    loop = threading.Thread(target=scorer.run)
+    loop.start()
+    try:
+        wait_until(lambda: consumer.commits == 1, "the batch's commit")
+        time.sleep(0.3)
+        assert loop.is_alive()  # the loop waits for the commit, as it must while Kafka is merely slow
+        scorer.stopping.set()
+        stopped_at = time.monotonic()
+        loop.join(5)
+        waited = time.monotonic() - stopped_at
+    finally:
+        consumer.answer.set()
+        scorer.stopping.set()
+        loop.join(5)
+    assert waited < 2  # one wait slice, not the broker's silence
+    assert scorer.commit_abandoned
+    assert not consumer.closed  # closing under the abandoned commit would be unsafe
