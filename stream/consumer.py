@@ -254,9 +254,10 @@ class ScoringConsumer:
                     self.commit_abandoned = True
                     log.warning("stopped while the offset commit waited for Kafka: the batch is replayed and skipped")
             except KafkaException as exc:
-                # A rebalance moved partitions while this batch was in flight (e.g. ILLEGAL_GENERATION).
-                # Every write is done and each user's state carries its applied offsets, so the new
-                # owner re-reads from the last commit and skips what this batch applied.
+                # A rebalance moved partitions while this batch was in flight (e.g. ILLEGAL_GENERATION),
+                # or the broker went away with the commit in flight. Every write is done and each
+                # user's state carries its applied offsets, so whoever re-reads from the last commit
+                # (a new owner, or this process after a restart) skips what this batch applied.
                 self.metrics.commit_failures_total.inc()
                 log.warning("offset commit refused (%s); the next owner of these partitions will skip them", exc)
                 self.processor.forget()
