@@ -157,15 +157,14 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
-def run_scorer(consumer: ScriptedConsumer, revoke_after_failure: bool) -> tuple[Metrics, list[float | None]]:
-    """Runs a scorer loop on `consumer` whose one batch fails, optionally revokes every
-    partition once the loop idles after the failure, and returns the metrics and the readiness
-    seen: after the failure, then after 20 more idle polls (or once ready, if revoked)."""
-    metrics = Metrics()
-    settings = Settings(kafka_bootstrap="127.0.0.1:1")  # nothing listens there: no service is used
+def start_loop(
+    consumer: ScriptedConsumer, processor: StoreDown, metrics: Metrics
+) -> tuple[ScoringConsumer, threading.Thread]:
+    """Starts a scorer loop on `consumer` and `processor` in a thread of its own; returns the
+    scorer (set its `stopping` to end the loop) and the thread."""
     scorer = ScoringConsumer(
-        settings,
-        StoreDown(),  # type: ignore[arg-type]
+        Settings(kafka_bootstrap="127.0.0.1:1"),  # nothing listens there: no service is used
+        processor,  # type: ignore[arg-type]
         NoModels(),  # type: ignore[arg-type]
         metrics,
         LoopConfig(max_wait_s=0.01, lag_every_s=3600),
@@ -174,6 +173,15 @@ def run_scorer(consumer: ScriptedConsumer, revoke_after_failure: bool) -> tuple[
     scorer.consumer = consumer  # type: ignore[assignment]
     loop = threading.Thread(target=scorer.run)
     loop.start()
+    return scorer, loop
+
+
+def run_scorer(consumer: ScriptedConsumer, revoke_after_failure: bool) -> tuple[Metrics, list[float | None]]:
+    """Runs a scorer loop on `consumer` whose one batch fails, optionally revokes every
+    partition once the loop idles after the failure, and returns the metrics and the readiness
+    seen: after the failure, then after 20 more idle polls (or once ready, if revoked)."""
+    metrics = Metrics()
+    scorer, loop = start_loop(consumer, StoreDown(), metrics)
     seen = []
     try:
         wait_until(lambda: consumer.idle_polls > 0, "the loop to idle after the failed batch")
@@ -233,17 +241,7 @@ class StoresUp(StoreDown):
 
 def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_loop_and_leaves_the_consumer() -> None:
     consumer = CommitWaitsForBroker()
-    scorer = ScoringConsumer(
-        Settings(kafka_bootstrap="127.0.0.1:1"),
-        StoresUp(),  # type: ignore[arg-type]
-        NoModels(),  # type: ignore[arg-type]
-        Metrics(),
-        LoopConfig(max_wait_s=0.01, lag_every_s=3600),
-    )
-    scorer.consumer.close()
-    scorer.consumer = consumer  # type: ignore[assignment]
-    loop = threading.Thread(target=scorer.run)
-    loop.start()
+    scorer, loop = start_loop(consumer, StoresUp(), Metrics())
     try:
         wait_until(lambda: consumer.commits == 1, "the batch's commit")
         time.sleep(0.3)
