@@ -73,16 +73,25 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """Returns the user + system CPU seconds of process `pid` (all its threads), or of one of its
-    threads (`thread`: its id; the main thread's id is the pid), from /proc; 0.0 once it is gone."""
-    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+def cpu_seconds(pid: int) -> float:
+    """Returns the user + system CPU seconds of process `pid` (all its threads), from /proc, in
+    clock ticks (10 ms); 0.0 once it is gone."""
     try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
     # Fields after the command's closing parenthesis start at field 3 (state): utime is 14, stime 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int, thread: int) -> float:
+    """Returns the CPU seconds one thread of process `pid` has run (the main thread's id is the
+    pid), from /proc schedstat's first field: nanoseconds, the clock `time.thread_time_ns` reads
+    in that thread, where /proc stat rounds to 10 ms ticks; 0.0 once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{thread}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def runqueue_wait_seconds(pid: int, thread: int | None = None) -> float:

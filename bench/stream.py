@@ -49,6 +49,7 @@ from bench.harness import (
     machine_busy_seconds,
     runqueue_wait_seconds,
     scratch_settings,
+    thread_cpu_seconds,
     train_small_champion,
     wait_for,
 )
@@ -177,7 +178,7 @@ def _read(scorers: list[ScorerProcess], redis: RedisProbe) -> Reading:
         time.perf_counter(),
         [s.samples() for s in scorers],
         sum(cpu_seconds(pid) for pid in pids),
-        sum(cpu_seconds(pid, pid) for pid in pids),
+        sum(thread_cpu_seconds(pid, pid) for pid in pids),
         redis.cpu(),
         machine_busy_seconds(),
         sum(runqueue_wait_seconds(pid, pid) for pid in pids),
@@ -419,6 +420,7 @@ def _loads(
         scorer.wait_ready(READY_TIMEOUT_S)
         publish_lines(deployment.settings, lines[:warmup])
         scorer.wait_consumed(warmup, sizes.timeout_s)
+        _flushed_reading([scorer], redis_cpu, sizes.timeout_s)  # each load starts between loop turns
         start = warmup
         for share, rate, count in zip(LOADS, rates, counts, strict=True):
             before = _read([scorer], redis_cpu)
@@ -441,6 +443,9 @@ def _loads(
                     "mean_batch_messages": interval["mean_batch_messages"],
                     "scorer_cores_busy": interval["scorer_cores_busy"],
                     "loop_thread_cpu_us_per_event": interval["cpu_us_per_event"]["scorer_loop_thread"],
+                    "stages_cover_share_of_loop_thread": interval["cpu_us_per_event"][
+                        "stages_cover_share_of_loop_thread"
+                    ],
                     "batches": interval["batches"],
                     "machine_cores_busy": interval["machine_cores_busy"],
                 }

@@ -36,14 +36,17 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
     assert [d["processes"] for d in figures["catch_up"]] == [1, 2]
     assert all(d["events_per_second"] > 0 for d in figures["catch_up"])
     cpu = figures["catch_up"][0]["cpu_us_per_event"]
-    # The stages that do most of each batch's work were charged, and the stages account for the
-    # loop thread's CPU as /proc sees it (ticks of 10 ms: a few percent either way on a tiny run).
-    # The light stages (parse, state load, offset check: ~1 us per event) are not asserted one
-    # by one: on a run this small one CI run showed parse at 0.00 us per event after rounding.
+    # The stages that do most of each batch's work were charged. The light stages (parse, state
+    # load, offset check: ~1 us per event) are not asserted one by one: on a run this small one CI
+    # run showed parse at 0.00 us per event after rounding.
     for stage in ("consume", "engine", "feast_write", "score", "risk_write"):
         assert cpu["loop_thread_by_stage"][stage] > 0, (stage, cpu)
     assert set(cpu["loop_thread_by_stage"]) == set(SCORER_STAGES)
-    assert 0.8 <= cpu["stages_cover_share_of_loop_thread"] <= 1.1, cpu
+    # The stages account for the loop thread's CPU as /proc sees it. Checked on the paced loads,
+    # whose readings fall between loop turns: a catch-up reading taken mid-batch counts that
+    # batch's stages but not its CPU before the reading (up to a fifth of a tiny run).
+    for load in figures["loads"]:
+        assert 0.98 <= load["stages_cover_share_of_loop_thread"] <= 1.02, load
 
     # Freshness counts every applied event of each load once, and only those.
     assert [load["share_of_capacity"] for load in figures["loads"]] == [0.25, 0.5, 0.75]
