@@ -251,6 +251,11 @@ class Metrics:
         self.archiver_last_commit = Gauge(
             "churn_archiver_last_commit_timestamp_seconds", "Wall time of the archiver's last offset commit", registry=r
         )
+        self.archiver_commit_failures_total = Counter(
+            "churn_archiver_commit_failures_total",
+            "Archiver offset commits Kafka refused (the next batch's commit covers them)",
+            registry=r,
+        )
 
     def set_model(self, component: str, name: str, version: str | None) -> None:
         """Records which model `component` (scorer or api) now serves; version None = no model."""

@@ -2,7 +2,8 @@
 
 It reads `risk.changes` in its own consumer group and hands each change to a sink: printing it
 (one JSON line), or POSTing it to a webhook. Offsets are committed after the sink has taken a
-batch, so a crash re-delivers at most the last batch: a receiver deduplicates by
+batch, so a crash re-delivers what came after the last commit Kafka accepted (normally at most
+the last batch; more if Kafka refused commits since): a receiver deduplicates by
 `prediction_id` (with `user_id`; the same score gives the same id). A webhook that keeps
 failing (`max_attempts`, exponential backoff) or answers 4xx does not stop the stream: the
 change goes to the dead-letter topic `<changes topic>.dlq` with the reason, and the consumer
@@ -20,12 +21,12 @@ from typing import Any
 
 import httpx
 import msgspec
-from confluent_kafka import KafkaError
+from confluent_kafka import Consumer, KafkaError, KafkaException
 
 from core.kafka import kafka_config
 from core.settings import Settings
 from stream.changes import DECODER, ENCODER, TierChange
-from stream.kafka import IdempotentProducer, committing_consumer
+from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class TailReport:
     delivered: int = 0
     dead_lettered: int = 0
     unreadable: int = 0
+    commit_abandoned: bool = False  # stopped while the last batch's commit waited for Kafka
 
 
 def tail(
@@ -132,10 +134,28 @@ def tail(
             # re-delivered after the restart this error causes.
             if dead:
                 dlq.deliver(dlq_topic, dead, 30, "dead letter(s)")
-            consumer.commit(asynchronous=False)
+            if not _commit(consumer, stop):
+                report.commit_abandoned = True
+                break
     finally:
-        consumer.close()
+        if not report.commit_abandoned:  # closing under the abandoned commit would be unsafe
+            consumer.close()
     return report
+
+
+def _commit(consumer: Consumer, stopping: threading.Event) -> bool:
+    """Commits the consumer's positions after a batch the sink has taken; returns False when a
+    stop signal came while the commit waited for a broker (the commit is abandoned: the batch is
+    delivered again after the restart). A refused commit is logged and the tail goes on: the
+    next batch's commit covers it, and until then a restart delivers the batch again, as a crash
+    would (delivery is at least once)."""
+    try:
+        if not commit_unless_stopped(consumer, None, stopping):
+            log.warning("stopped while the offset commit waited for Kafka: the batch will be delivered again")
+            return False
+    except KafkaException as exc:
+        log.warning("offset commit refused, the next batch's commit covers it: %s", exc)
+    return True
 
 
 def _dead_letter(raw: bytes, reason: str, key: bytes | None = None) -> dict[str, Any]:

@@ -22,12 +22,12 @@ from typing import Any
 
 import msgspec
 import polars as pl
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from core.settings import Settings
 from events.schema import Event, parse_event
 from monitoring.metrics import Metrics
-from stream.kafka import committing_consumer, report_lag
+from stream.kafka import commit_unless_stopped, committing_consumer, report_lag
 
 log = logging.getLogger(__name__)
 _FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
@@ -102,6 +102,7 @@ class Archiver:
         self.stopping = threading.Event()
         self.consumer = committing_consumer(settings, settings.archiver_group, extra_config)
         self.skipped = 0
+        self.commit_abandoned = False
         self.already_archived: dict[int, set[int]] = {}
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -145,10 +146,26 @@ class Archiver:
                 for m in messages:
                     partition, offset = m.partition() or 0, m.offset() or 0
                     ends[partition] = max(ends.get(partition, -1), offset)
-                self.consumer.commit(
-                    offsets=[TopicPartition(self.settings.events_topic, p, o + 1) for p, o in ends.items()],
-                    asynchronous=False,
-                )
-                self.metrics.archiver_last_commit.set(time.time())
+                offsets = [TopicPartition(self.settings.events_topic, p, o + 1) for p, o in ends.items()]
+                if not self._commit(offsets):
+                    return
         finally:
-            self.consumer.close()
+            if not self.commit_abandoned:  # closing under the abandoned commit would be unsafe
+                self.consumer.close()
+
+    def _commit(self, offsets: list[TopicPartition]) -> bool:
+        """Commits a batch's offsets; returns False when a stop signal came while the commit
+        waited for a broker (the commit is abandoned). A refused commit is logged and counted, and
+        the archiver goes on: the next batch's commit covers these offsets, and a crash before it
+        replays files that `archived_since` skips."""
+        try:
+            if not commit_unless_stopped(self.consumer, offsets, self.stopping):
+                self.commit_abandoned = True
+                log.warning("stopped while the offset commit waited for Kafka: the batch's files are written")
+                return False
+        except KafkaException as exc:
+            self.metrics.archiver_commit_failures_total.inc()
+            log.warning("offset commit refused, the next batch's commit covers it: %s", exc)
+            return True
+        self.metrics.archiver_last_commit.set(time.time())
+        return True

@@ -41,8 +41,9 @@ def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | 
     )
 
 
-def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition], stopping: threading.Event) -> bool:
-    """Commits `offsets` synchronously and returns True once the broker has them, or returns False
+def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition] | None, stopping: threading.Event) -> bool:
+    """Commits `offsets` (None: the consumer's current positions) synchronously and returns True
+    once the broker has them, or returns False
     as soon as `stopping` is set while the commit waits (the commit is then abandoned on its
     thread, and the caller must not use or close `consumer` again).
 
@@ -62,7 +63,10 @@ def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition], sto
     def commit() -> None:
         try:
             # A partition the broker refused comes back with its error set, not raised.
-            answered = consumer.commit(offsets=offsets, asynchronous=False) or []
+            if offsets is None:
+                answered = consumer.commit(asynchronous=False) or []
+            else:
+                answered = consumer.commit(offsets=offsets, asynchronous=False) or []
             failed = [tp.error for tp in answered if tp.error is not None]
             if failed:
                 refused.append(KafkaException(failed[0]))

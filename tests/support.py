@@ -10,6 +10,7 @@ import json
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import lightgbm as lgb
 import numpy as np
 import polars as pl
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
 from core.kafka import kafka_config
@@ -582,3 +583,116 @@ def panel_expressions() -> list[tuple[str, str, str]]:
 
         walk(json.loads(path.read_text())["panels"])
     return out
+
+
+# --- tier changes -------------------------------------------------------------------------
+
+
+def tier_change(user: str) -> TierChange:
+    """Returns a change of `user` from low to high (prediction id `p-<user>`)."""
+    return TierChange(
+        user_id=user, old_tier="low", new_tier="high", churn_probability=0.9, reasons=[], model_name="m",
+        model_version="1", event_time_ms=1_767_225_600_000, prediction_id=f"p-{user}", source_partition=0,
+        source_offset=1,
+    )  # fmt: skip
+
+
+# --- stand-ins for a Kafka consumer, for unit tests of the consuming loops ---------------------
+
+STAND_IN_TOPIC = "events"  # the topic the stand-in consumers read
+
+
+class KafkaMessage:
+    """What `Consumer.consume` returns, for one message without error."""
+
+    def __init__(self, partition: int, offset: int, value: bytes = b"{}") -> None:
+        self._partition, self._offset, self._value = partition, offset, value
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return STAND_IN_TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+class ScriptedConsumer:
+    """A consumer holding `assigned` partitions whose `consume` calls return `batches` in turn
+    (default: one message of partition 0) and then nothing; emptying `assigned` is what a
+    rebalance that revokes every partition does."""
+
+    def __init__(self, assigned: list[int], batches: list[list[KafkaMessage]] | None = None) -> None:
+        self.assigned = assigned
+        self.batches = batches if batches is not None else [[KafkaMessage(0, 7)]]
+        self.seeks: list[tuple[int, int]] = []
+        self.idle_polls = 0
+
+    def subscribe(self, topics: list[str], **_: Any) -> None:
+        pass
+
+    def consume(self, num_messages: int, timeout: float) -> list[KafkaMessage]:
+        if self.batches:
+            return self.batches.pop(0)
+        self.idle_polls += 1
+        time.sleep(min(timeout, 0.01))
+        return []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(STAND_IN_TOPIC, p) for p in self.assigned]
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.seeks.append((partition.partition, partition.offset))
+
+    def close(self) -> None:
+        pass
+
+
+class CommitWaitsForBroker(ScriptedConsumer):
+    """A consumer whose commit waits for a broker that does not answer (until `answer` is set),
+    as librdkafka's synchronous commit does; it records whether it was closed."""
+
+    def __init__(self, batches: list[list[KafkaMessage]] | None = None) -> None:
+        super().__init__(assigned=[0], batches=batches)
+        self.answer = threading.Event()
+        self.commits = 0
+        self.closed = False
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> None:
+        self.commits += 1
+        self.answer.wait(30)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class CommitRefusedOnce(ScriptedConsumer):
+    """A consumer whose first commit the broker refuses (as after a rebalance or a broken
+    connection) and whose later commits go through; `committed` holds each accepted commit's
+    offsets (None: the consumer's positions)."""
+
+    def __init__(self, batches: list[list[KafkaMessage]]) -> None:
+        super().__init__(assigned=[0], batches=batches)
+        self.commits = 0
+        self.committed: list[list[tuple[int, int]] | None] = []
+        self.closed = False
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> list[TopicPartition]:
+        self.commits += 1
+        if self.commits == 1:
+            raise KafkaException(KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
+        self.committed.append(None if offsets is None else [(tp.partition, tp.offset) for tp in offsets])
+        return offsets or []
+
+    def close(self) -> None:
+        self.closed = True

@@ -18,8 +18,9 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import load_settings
-from stream.changes import KafkaChangeLog, TierChange
+from stream.changes import KafkaChangeLog
 from stream.kafka import IdempotentProducer, commit_unless_stopped
+from tests.support import tier_change
 
 FATAL = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
 TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT, "message timed out")
@@ -91,22 +92,14 @@ def test_only_a_fatal_error_replaces_it() -> None:
     assert len(made) == 2
 
 
-def _change(user: str) -> TierChange:
-    return TierChange(
-        user_id=user, old_tier="low", new_tier="high", churn_probability=0.9, reasons=[], model_name="m",
-        model_version="1", event_time_ms=1_767_225_600_000, prediction_id=f"p-{user}", source_partition=0,
-        source_offset=1,
-    )  # fmt: skip
-
-
 def test_the_change_log_fails_the_batch_on_a_fatal_delivery_and_its_retry_publishes_on_a_new_producer() -> None:
     log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=1)
     log.producer, made = _producer()
     made[0].fail_deliveries = FATAL
     with pytest.raises(ServiceUnavailableError, match="did not acknowledge 1 change"):
-        log.publish([_change("u1")])
+        log.publish([tier_change("u1")])
     assert len(made) == 2
-    log.publish([_change("u1")])  # the scorer's retry of the batch
+    log.publish([tier_change("u1")])  # the scorer's retry of the batch
     assert [m["key"] for _, m in made[1].delivered] == [b"u1"]
     log.reader.close()
 
@@ -119,7 +112,7 @@ def test_a_stop_signal_ends_a_publish_waiting_for_a_broker_that_does_not_answer(
     started = time.monotonic()
     try:
         with pytest.raises(ServiceUnavailableError, match=r"did not acknowledge 1 change\(s\) \(stopping\)"):
-            log.publish([_change("u1")])
+            log.publish([tier_change("u1")])
         waited = time.monotonic() - started
     finally:
         log.producer.producer.purge()

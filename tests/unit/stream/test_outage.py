@@ -10,15 +10,14 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from confluent_kafka import TopicPartition
-
 from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
 from monitoring.metrics import Metrics
 from stream.consumer import LoopConfig, ScoringConsumer
 from stream.outage import FIRST_BACKOFF_S, StoreOutage
+from tests.support import STAND_IN_TOPIC, CommitWaitsForBroker, ScriptedConsumer
 
-TOPIC = "events"
+TOPIC = STAND_IN_TOPIC
 
 
 def gauge(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -63,61 +62,6 @@ def test_the_outage_ends_only_when_no_retried_partition_is_still_assigned() -> N
     assert not outage.ongoing
     assert gauge(metrics, "churn_scorer_ready") == 1
     assert gauge(metrics, "churn_scorer_store_failures") == 0
-
-
-class KafkaMessage:
-    """What `Consumer.consume` returns, for one valid message."""
-
-    def __init__(self, partition: int, offset: int) -> None:
-        self._partition, self._offset = partition, offset
-
-    def error(self) -> None:
-        return None
-
-    def value(self) -> bytes:
-        return b"{}"
-
-    def topic(self) -> str:
-        return TOPIC
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 0)
-
-
-class ScriptedConsumer:
-    """A consumer holding `assigned` partitions whose first `consume` returns one message of
-    partition 0 and later ones nothing; `revoke()` empties its assignment as a rebalance would."""
-
-    def __init__(self, assigned: list[int]) -> None:
-        self.assigned = assigned
-        self.batches: list[list[KafkaMessage]] = [[KafkaMessage(0, 7)]]
-        self.seeks: list[tuple[int, int]] = []
-        self.idle_polls = 0
-
-    def subscribe(self, topics: list[str], **_: Any) -> None:
-        pass
-
-    def consume(self, num_messages: int, timeout: float) -> list[KafkaMessage]:
-        if self.batches:
-            return self.batches.pop(0)
-        self.idle_polls += 1
-        time.sleep(min(timeout, 0.01))
-        return []
-
-    def assignment(self) -> list[TopicPartition]:
-        return [TopicPartition(TOPIC, p) for p in self.assigned]
-
-    def seek(self, partition: TopicPartition) -> None:
-        self.seeks.append((partition.partition, partition.offset))
-
-    def close(self) -> None:
-        pass
 
 
 class StoreDown:
@@ -212,24 +156,6 @@ def test_a_scorer_still_holding_the_retried_partition_stays_not_ready_while_idle
     metrics, seen = run_scorer(consumer, revoke_after_failure=False)
     assert seen == [0, 0]
     assert gauge(metrics, "churn_scorer_store_failures") == 1
-
-
-class CommitWaitsForBroker(ScriptedConsumer):
-    """A consumer whose commit waits for a broker that does not answer (until `answer` is set),
-    as librdkafka's synchronous commit does; it records whether it was closed."""
-
-    def __init__(self) -> None:
-        super().__init__(assigned=[0])
-        self.answer = threading.Event()
-        self.commits = 0
-        self.closed = False
-
-    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
-        self.commits += 1
-        self.answer.wait(30)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class StoresUp(StoreDown):
