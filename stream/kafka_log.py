@@ -21,14 +21,15 @@ from collections.abc import Callable
 REPEAT_EVERY_S = 30.0
 # Distinct lines remembered; beyond this the memory starts over (a line then passes once more).
 MAX_REMEMBERED = 1_000
-_NUMBERS = re.compile(r"\d+")
+# The part of a librdkafka line that varies between repeats: durations ("after 3ms in state ...").
+_DURATION = re.compile(r"\d+(?:\.\d+)?ms\b")
 
 
 class RepeatThrottle(logging.Filter):
     """Passes the first record of each kind and then at most one per `every_s`, that one noting
     how many of its kind were held back since. Records are of one kind when their level, their
-    librdkafka facility and client, and their text with numbers blanked out are the same (so
-    "after 0ms" and "after 3ms" are repeats; a different error is not)."""
+    librdkafka facility and client, and their text but for durations are the same (so "after
+    0ms" and "after 3ms" are repeats; another broker or another error is not)."""
 
     def __init__(self, every_s: float = REPEAT_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class RepeatThrottle(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Returns whether `record` is logged; adds the held-back count to one that is."""
-        kind = (record.levelno, _NUMBERS.sub("#", record.getMessage()))
+        kind = (record.levelno, _DURATION.sub("#ms", record.getMessage()))
         now = self.clock()
         with self._lock:
             if kind in self._seen:

@@ -20,7 +20,7 @@ REFUSED = (
 
 
 def _record(level: int, facility: str, text: str) -> logging.LogRecord:
-    """Returns a record as confluent-kafka logs a librdkafka line."""
+    """Returns a record as confluent-kafka logs a librdkafka line of client `rdkafka#consumer-1`."""
     return logging.LogRecord(
         "librdkafka", level, __file__, 0, "%s [%s] %s", (facility, "rdkafka#consumer-1", text), None
     )
@@ -47,6 +47,7 @@ def test_another_line_level_or_facility_is_not_a_repeat() -> None:
     assert throttle.filter(_record(logging.ERROR, "FAIL", "SASL authentication error: Authentication failed"))
     assert throttle.filter(_record(logging.WARNING, "FAIL", REFUSED.format(0)))
     assert throttle.filter(_record(logging.ERROR, "ERROR", REFUSED.format(0)))
+    assert throttle.filter(_record(logging.ERROR, "FAIL", REFUSED.format(0).replace("127.0.0.1:1", "127.0.0.1:2")))
     assert not throttle.filter(_record(logging.ERROR, "FAIL", REFUSED.format(3)))
 
 
