@@ -46,9 +46,9 @@ def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | 
 
 def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition] | None, stopping: threading.Event) -> bool:
     """Commits `offsets` (None: the consumer's current positions) synchronously and returns True
-    once the broker has them, or returns False
-    as soon as `stopping` is set while the commit waits (the commit is then abandoned on its
-    thread, and the caller must not use or close `consumer` again).
+    once the broker has them, or returns False as soon as `stopping` is set while the commit
+    waits (the commit is then abandoned on its thread, and the caller must not use or close
+    `consumer` again).
 
     Why a thread: librdkafka's synchronous commit has no timeout and, while no broker answers,
     waits until one does (measured: more than 60 s after SIGTERM with the broker down), so a stop
