@@ -22,7 +22,7 @@ REPEAT_EVERY_S = 30.0
 # Distinct lines remembered; beyond this the memory starts over (a line then passes once more).
 MAX_REMEMBERED = 1_000
 # The part of a librdkafka line that varies between repeats: durations ("after 3ms in state ...").
-_DURATION = re.compile(r"\d+(?:\.\d+)?ms\b")
+DURATION = re.compile(r"\d+(?:\.\d+)?ms\b")
 
 
 class RepeatThrottle(logging.Filter):
@@ -40,7 +40,7 @@ class RepeatThrottle(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Returns whether `record` is logged; adds the held-back count to one that is."""
-        kind = (record.levelno, _DURATION.sub("#ms", record.getMessage()))
+        kind = (record.levelno, DURATION.sub("#ms", record.getMessage()))
         now = self.clock()
         with self._lock:
             if kind in self._seen:
