@@ -16,7 +16,6 @@ from prometheus_client import Gauge
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
-from stream.kafka_log import LIBRDKAFKA_LOG
 
 log = logging.getLogger(__name__)
 # A crashed member's partitions move to the others after this long (the broker's minimum is 6 s).
@@ -26,9 +25,8 @@ ACK_WAIT_SLICE_S = 0.25
 
 
 def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | None = None) -> Consumer:
-    """Returns a consumer in `group` that starts at the earliest offset when the group has none,
-    never commits by itself (the caller commits after its writes) and logs through
-    `stream.kafka_log`, repeats held back; `extra` overrides."""
+    """Returns a consumer in `group` that starts at the earliest offset when the group has none
+    and never commits by itself (the caller commits after its writes); `extra` overrides."""
     return Consumer(
         kafka_config(
             settings,
@@ -37,7 +35,6 @@ def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | 
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
-                "logger": LIBRDKAFKA_LOG,  # polled all the time: its log lines are served (stream.kafka_log)
                 **(extra or {}),
             },
         )

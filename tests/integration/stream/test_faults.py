@@ -45,7 +45,6 @@ from models import registry as model_registry
 from models.artifact import MODEL_FILE
 from serving.app import create_app
 from serving.deps import build_deps
-from stream.kafka_log import DURATION
 from stream.topics import delete_topics
 from tests.support import (
     ROOT,
@@ -327,14 +326,6 @@ def test_a_stop_signal_while_kafka_is_down_ends_the_scorer_at_once_and_loses_not
             restarted.stop()
     clean.run_uninterrupted()
     in_rows = _events_in_rows(faulted, users)
-    # The consumer's librdkafka lines go through Python logging, each kind once per 30 s (the
-    # outage lasted ~2 s); the raw `%3|...|rdkafka#consumer-1|` format would be librdkafka's own
-    # stderr writer, about 20 failed reconnects a second.
-    consumer_lines = [
-        DURATION.sub("#ms", line.split(" librdkafka ", 1)[1])
-        for line in stopped.log_lines(" librdkafka ")
-        if "[rdkafka#consumer" in line
-    ]
     record_figures(
         settings,
         "stop_while_kafka_down",
@@ -343,7 +334,6 @@ def test_a_stop_signal_while_kafka_is_down_ends_the_scorer_at_once_and_loses_not
             "applied_before_the_stop": applied_at_stop,
             "stop_seconds": round(stop_seconds, 2),
             "commit_abandoned": bool(stopped.log_lines("stopped while the offset commit waited for Kafka")),
-            "consumer_librdkafka_lines": len(consumer_lines),
             "restarted": replayed,
             "applied": in_rows,
         },
@@ -351,9 +341,6 @@ def test_a_stop_signal_while_kafka_is_down_ends_the_scorer_at_once_and_loses_not
     assert exit_code == 0, stopped.tail(3000)
     assert stop_seconds <= STOP_BOUND_S, stopped.tail(3000)
     assert 0 < applied_at_stop < len(events)  # stopped mid-stream
-    assert consumer_lines, stopped.tail(3000)  # the consumer saw the broker go
-    assert len(set(consumer_lines)) == len(consumer_lines), consumer_lines
-    assert not stopped.log_lines("|rdkafka#consumer"), stopped.tail(3000)
     assert report.failed == 0
     assert in_rows == len(events)
     assert faulted.final_state(users) == clean.final_state(users)
