@@ -1,7 +1,8 @@
 """Helpers shared by the tests (those the benchmarks also use live in `bench.harness`).
 
 Event generation for engine tests, wire-format frames, a small LightGBM champion and its
-registration, the throwaway deployment of the fault tests, and a transparent stand-in model.
+registration, the throwaway deployment of the fault tests, a transparent stand-in model, tier
+changes, and stand-ins for a Kafka consumer for unit tests of the consuming loops.
 """
 
 from __future__ import annotations
