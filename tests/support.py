@@ -697,3 +697,24 @@ class CommitRefusedOnce(ScriptedConsumer):
 
     def close(self) -> None:
         self.closed = True
+
+
+def seconds_to_stop_during_commit(
+    consumer: CommitWaitsForBroker, loop: threading.Thread, stopping: threading.Event
+) -> float:
+    """Waits until the started `loop` is in `consumer`'s commit, checks that it still waits there
+    0.3 s later (as it must while Kafka is merely slow), sets `stopping` and returns how long the
+    loop then took to end (5 s at most). The commit is answered in any case, so that no thread
+    is left waiting."""
+    try:
+        wait_for(lambda: consumer.commits == 1, 10, "the batch's commit", 0.005)
+        time.sleep(0.3)
+        assert loop.is_alive()
+        stopping.set()
+        stopped_at = time.monotonic()
+        loop.join(5)
+        return time.monotonic() - stopped_at
+    finally:
+        consumer.answer.set()
+        stopping.set()
+        loop.join(5)

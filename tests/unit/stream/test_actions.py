@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
 
-from bench.harness import wait_for
 from core.settings import Settings
 from stream import actions
 from stream.changes import ENCODER, TierChange
-from tests.support import CommitRefusedOnce, CommitWaitsForBroker, KafkaMessage, tier_change
+from tests.support import (
+    CommitRefusedOnce,
+    CommitWaitsForBroker,
+    KafkaMessage,
+    seconds_to_stop_during_commit,
+    tier_change,
+)
 
 
 def _changes(first_offset: int, users: list[str]) -> list[KafkaMessage]:
@@ -38,18 +42,7 @@ def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_tail_and_leaves_t
         target=lambda: reports.append(actions.tail(settings, delivered.append, group="g", stopping=stopping))
     )
     loop.start()
-    try:
-        wait_for(lambda: consumer.commits == 1, 10, "the batch's commit", 0.005)
-        time.sleep(0.3)
-        assert loop.is_alive()  # the tail waits for the commit, as it must while Kafka is merely slow
-        stopping.set()
-        stopped_at = time.monotonic()
-        loop.join(5)
-        waited = time.monotonic() - stopped_at
-    finally:
-        consumer.answer.set()
-        stopping.set()
-        loop.join(5)
+    waited = seconds_to_stop_during_commit(consumer, loop, stopping)
     assert waited < 2  # one wait slice, not the broker's silence
     assert [c.user_id for c in delivered] == ["u1", "u2"]  # the sink had the batch before the commit
     assert reports[0].commit_abandoned

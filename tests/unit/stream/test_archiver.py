@@ -7,18 +7,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import msgspec
 import polars as pl
 import pytest
 
-from bench.harness import wait_for
 from core.settings import Settings
 from monitoring.metrics import Metrics
 from stream import archiver
-from tests.support import CommitRefusedOnce, CommitWaitsForBroker, KafkaMessage, random_events
+from tests.support import (
+    CommitRefusedOnce,
+    CommitWaitsForBroker,
+    KafkaMessage,
+    random_events,
+    seconds_to_stop_during_commit,
+)
 
 
 def test_each_file_and_its_folder_are_fsynced_after_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,18 +70,7 @@ def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_archiver_and_leav
     worker = _archiver(tmp_path, consumer, monkeypatch)
     loop = threading.Thread(target=worker.run)
     loop.start()
-    try:
-        wait_for(lambda: consumer.commits == 1, 10, "the batch's commit", 0.005)
-        time.sleep(0.3)
-        assert loop.is_alive()  # the archiver waits for the commit, as it must while Kafka is merely slow
-        worker.stopping.set()
-        stopped_at = time.monotonic()
-        loop.join(5)
-        waited = time.monotonic() - stopped_at
-    finally:
-        consumer.answer.set()
-        worker.stopping.set()
-        loop.join(5)
+    waited = seconds_to_stop_during_commit(consumer, loop, worker.stopping)
     assert waited < 2  # one wait slice, not the broker's silence
     assert worker.commit_abandoned
     assert not consumer.closed  # closing under the abandoned commit would be unsafe

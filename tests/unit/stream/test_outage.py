@@ -15,7 +15,7 @@ from core.settings import Settings
 from monitoring.metrics import Metrics
 from stream.consumer import LoopConfig, ScoringConsumer
 from stream.outage import FIRST_BACKOFF_S, StoreOutage
-from tests.support import STAND_IN_TOPIC, CommitWaitsForBroker, ScriptedConsumer
+from tests.support import STAND_IN_TOPIC, CommitWaitsForBroker, ScriptedConsumer, seconds_to_stop_during_commit
 
 TOPIC = STAND_IN_TOPIC
 
@@ -168,18 +168,7 @@ class StoresUp(StoreDown):
 def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_loop_and_leaves_the_consumer() -> None:
     consumer = CommitWaitsForBroker()
     scorer, loop = start_loop(consumer, StoresUp(), Metrics())
-    try:
-        wait_until(lambda: consumer.commits == 1, "the batch's commit")
-        time.sleep(0.3)
-        assert loop.is_alive()  # the loop waits for the commit, as it must while Kafka is merely slow
-        scorer.stopping.set()
-        stopped_at = time.monotonic()
-        loop.join(5)
-        waited = time.monotonic() - stopped_at
-    finally:
-        consumer.answer.set()
-        scorer.stopping.set()
-        loop.join(5)
+    waited = seconds_to_stop_during_commit(consumer, loop, scorer.stopping)
     assert waited < 2  # one wait slice, not the broker's silence
     assert scorer.commit_abandoned
     assert not consumer.closed  # closing under the abandoned commit would be unsafe
