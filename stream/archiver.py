@@ -5,7 +5,9 @@ Layout: `<root>/date=YYYY-MM-DD/p<partition>-<first offset>-<last offset>.parque
 file appears atomically (temp name, then rename) and offsets are committed after the files.
 A crash between the two leaves files whose offsets Kafka will deliver again; on assignment
 the archiver reads the offsets already archived at or after the committed position (file
-names tell which files can hold them) and skips those messages.
+names tell which files can hold them) and skips those messages. While the group's coordinator
+does not answer for the committed positions, it asks again until it does or a stop comes, and
+after a stop it archives nothing it is unsure of.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from monitoring.metrics import Metrics
 from stream.kafka import commit_unless_stopped, committing_consumer, report_lag
 
 log = logging.getLogger(__name__)
+
+# How long one request for the committed offsets may wait for the coordinator, and the pause
+# between tries: a stop signal during the lookup is heeded within their sum.
+COMMITTED_TRY_S = 1.0
+COMMITTED_RETRY_PAUSE_S = 0.25
 _FILE = re.compile(r"p(\d+)-(\d+)-(\d+)\.parquet$")
 
 
@@ -106,9 +113,28 @@ class Archiver:
         self.already_archived: dict[int, set[int]] = {}
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in consumer.committed(partitions, timeout=30):
-            start = tp.offset if tp.offset >= 0 else 0
-            self.already_archived[tp.partition] = archived_since(self.root, tp.partition, start)
+        """Loads, for each newly assigned partition, the offsets already archived at or after its
+        committed offset (none committed: from offset 0).
+
+        The committed offsets come from the group's coordinator, which a broker outage during the
+        rebalance can leave unanswered. Then this logs a warning and asks again, each try lasting
+        at most `COMMITTED_TRY_S`, until the coordinator answers or a stop signal comes (invariant
+        11: a dependency's failure is retried, never fatal). After a stop the partitions'
+        archived offsets stay unknown, and `run` ends before archiving any message.
+        """
+        tries = 0
+        while not self.stopping.is_set():
+            try:
+                committed = consumer.committed(partitions, timeout=COMMITTED_TRY_S)
+            except KafkaException as exc:
+                tries += 1
+                log.warning("committed offsets unavailable (try %d), asking again: %s", tries, exc)
+                self.stopping.wait(COMMITTED_RETRY_PAUSE_S)
+                continue
+            for tp in committed:
+                start = tp.offset if tp.offset >= 0 else 0
+                self.already_archived[tp.partition] = archived_since(self.root, tp.partition, start)
+            return
 
     def run(self, *, max_batch: int = 20_000, max_idle_s: float | None = None) -> None:
         """Archives until stopped (or `max_idle_s` without messages)."""
@@ -118,6 +144,8 @@ class Archiver:
         try:
             while not self.stopping.is_set():
                 messages = [m for m in self.consumer.consume(max_batch, 0.5) if m.error() is None]
+                if self.stopping.is_set():  # `_on_assign` may have given up: archive nothing unsure
+                    break
                 if time.monotonic() - last_lag > self.lag_every_s:
                     report_lag(self.consumer, self.metrics.archiver_lag)
                     last_lag = time.monotonic()

@@ -1,25 +1,32 @@
 """The archiver's files are on disk (data, then name) before it commits their offsets; its
 offset commit heeds a stop signal while Kafka does not answer, and a refused commit does not stop
-it."""
+it; on assignment it asks for the committed offsets until the coordinator answers, and after a
+stop during that wait it archives nothing."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import polars as pl
 import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from core.settings import Settings
+from events.schema import Event
 from monitoring.metrics import Metrics
 from stream import archiver
 from tests.support import (
+    STAND_IN_TOPIC,
     CommitRefusedOnce,
     CommitWaitsForBroker,
     KafkaMessage,
+    ScriptedConsumer,
     random_events,
     seconds_to_stop_during_commit,
 )
@@ -91,3 +98,71 @@ def test_a_refused_commit_is_counted_and_logged_and_the_next_batch_commits_past_
     assert "offset commit refused" in caplog.text
     assert consumer.closed
     assert _archived_rows(tmp_path / "log") == 7
+
+
+class CoordinatorSilent(ScriptedConsumer):
+    """A consumer whose lookup of committed offsets times out `silent_tries` times (as while the
+    group's coordinator is down) and then answers `committed_offset` for each partition. Like
+    librdkafka, it calls the assignment callback from inside the first `consume`."""
+
+    def __init__(self, batches: list[list[KafkaMessage]], silent_tries: int, committed_offset: int) -> None:
+        super().__init__(assigned=[0], batches=batches)
+        self.silent_tries, self.committed_offset = silent_tries, committed_offset
+        self.lookups = 0
+        self.on_assign: Any = None
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.on_assign = callbacks["on_assign"]
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        self.lookups += 1
+        if self.lookups <= self.silent_tries:
+            time.sleep(min(timeout, 0.05))
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offset) for tp in partitions]
+
+    def consume(self, num_messages: int, timeout: float) -> list[KafkaMessage]:
+        if self.on_assign is not None:
+            assign, self.on_assign = self.on_assign, None
+            assign(self, [TopicPartition(STAND_IN_TOPIC, p) for p in self.assigned])
+        return super().consume(num_messages, timeout)
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> None:
+        pass
+
+
+def test_the_committed_offsets_are_asked_for_again_until_the_coordinator_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "log"
+    archived = _messages(0, 10)  # archived before a crash that lost the commit past offset 3
+    archiver.write_batch(root, [(0, m.offset(), msgspec.json.decode(m.value(), type=Event)) for m in archived])
+    consumer = CoordinatorSilent(batches=[archived[3:]], silent_tries=3, committed_offset=3)  # Kafka replays from 3
+    worker = _archiver(tmp_path, consumer, monkeypatch)
+    monkeypatch.setattr(archiver, "COMMITTED_RETRY_PAUSE_S", 0.01)
+    with caplog.at_level(logging.WARNING, logger=archiver.__name__):
+        worker.run(max_idle_s=0.2)
+    assert consumer.lookups == 4
+    assert caplog.text.count("committed offsets unavailable") == 3
+    assert worker.already_archived == {0: set(range(3, 10))}
+    assert _archived_rows(root) == 10  # the replayed batch was skipped, not archived twice
+
+
+def test_a_stop_while_the_coordinator_is_silent_ends_the_archiver_and_archives_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = CoordinatorSilent(batches=[_messages(0, 10)], silent_tries=10**9, committed_offset=0)
+    worker = _archiver(tmp_path, consumer, monkeypatch)
+    loop = threading.Thread(target=worker.run)
+    loop.start()
+    deadline = time.monotonic() + 10
+    while consumer.lookups < 2 and loop.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert consumer.lookups >= 2  # the stop lands while the archiver asks again
+    stopped_at = time.monotonic()
+    worker.stopping.set()
+    loop.join(10)
+    assert not loop.is_alive()
+    assert time.monotonic() - stopped_at < archiver.COMMITTED_TRY_S + archiver.COMMITTED_RETRY_PAUSE_S + 0.5
+    assert worker.already_archived == {}
+    assert not (tmp_path / "log").exists() or _archived_rows(tmp_path / "log") == 0
