@@ -139,13 +139,17 @@ class IdempotentProducer:
 
         Raises:
             ServiceUnavailableError: the producer refused it (a fatal error replaces the producer
-                first, so the next attempt uses a new one).
+                first, so the next attempt uses a new one), or its local queue is full (while no
+                broker takes them, each retry of a batch queues its messages again).
         """
         try:
             self.producer.produce(topic, **message)
         except KafkaException as exc:
             self.recover_from([exc.args[0]])
             msg = f"cannot produce to {topic!r}: {exc.args[0]}"
+            raise ServiceUnavailableError(msg) from exc
+        except BufferError as exc:  # librdkafka's "queue full" is not a KafkaException
+            msg = f"cannot produce to {topic!r}: the local queue is full ({exc})"
             raise ServiceUnavailableError(msg) from exc
 
     def deliver(self, topic: str, messages: Iterable[dict[str, Any]], timeout_s: float, what: str) -> None:

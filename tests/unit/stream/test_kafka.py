@@ -66,6 +66,16 @@ def _producer() -> tuple[IdempotentProducer, list[_Producer]]:
     return IdempotentProducer({"client.id": "stand-in"}, factory), made
 
 
+def test_a_full_local_queue_is_a_service_unavailable_error_not_a_crash() -> None:
+    """A real librdkafka producer whose broker does not answer: its queue fills (as a batch's
+    retries fill it during an outage) and it refuses with BufferError, which the scorer's retry
+    must see as an outage, not an unknown exception that ends the process."""
+    settings = load_settings(kafka_bootstrap="127.0.0.1:1")  # nothing listens there
+    producer = IdempotentProducer(kafka_config(settings, **{"queue.buffering.max.messages": 2}))
+    with pytest.raises(ServiceUnavailableError, match="the local queue is full"):
+        producer.deliver("t", [{"value": b"x"}] * 3, 0.1, "message(s)")
+
+
 def test_a_fatal_refusal_replaces_the_producer_and_the_next_attempt_goes_through() -> None:
     producer, made = _producer()
     assert made[0].config["enable.idempotence"] is True
