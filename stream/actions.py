@@ -134,7 +134,12 @@ def tail(
             # re-delivered after the restart this error causes.
             if dead:
                 dlq.deliver(dlq_topic, dead, 30, "dead letter(s)")
-            if not _commit(consumer, stop):
+            try:
+                committed = _commit(consumer, stop)
+            except KeyboardInterrupt:  # Ctrl-C (the CLI's SIGTERM too) while the commit waits
+                report.commit_abandoned = True
+                raise
+            if not committed:
                 report.commit_abandoned = True
                 break
     finally:

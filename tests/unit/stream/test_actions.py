@@ -1,10 +1,13 @@
-"""The tier-change tail's offset commit: a stop signal ends it while Kafka does not answer, and
-a refused commit does not stop the tail."""
+"""The tier-change tail's offset commit: a stop signal (or Ctrl-C, as the CLI maps SIGTERM) ends
+it while Kafka does not answer and leaves the consumer unclosed, and a refused commit does not
+stop the tail."""
 
 from __future__ import annotations
 
+import _thread
 import logging
 import threading
+import time
 
 import pytest
 
@@ -17,6 +20,7 @@ from tests.support import (
     KafkaMessage,
     seconds_to_stop_during_commit,
     tier_change,
+    wait_for,
 )
 
 
@@ -64,3 +68,23 @@ def test_a_refused_commit_is_logged_and_the_tail_goes_on_to_the_next_batch(
     assert not report.commit_abandoned
     assert "offset commit refused" in caplog.text
     assert consumer.closed
+
+
+def test_ctrl_c_while_a_commit_waits_for_kafka_leaves_the_consumer_unclosed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`churn actions tail` turns SIGTERM into KeyboardInterrupt, as Ctrl-C is, rather than a stop
+    event: one landing in the commit's wait must not close the consumer under the pending commit."""
+    consumer = CommitWaitsForBroker(batches=[_changes(0, ["u1"])])
+    _use(consumer, monkeypatch)
+
+    def interrupt_in_the_commit() -> None:
+        wait_for(lambda: consumer.commits == 1, 10, "the batch's commit", 0.005)
+        time.sleep(0.1)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_in_the_commit, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            actions.tail(Settings(kafka_bootstrap="127.0.0.1:1"), [].append, group="g")
+    finally:
+        consumer.answer.set()
+    assert not consumer.closed
