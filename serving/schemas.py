@@ -131,7 +131,9 @@ class ModelInfo(BaseModel):
 class HistoryEntry(BaseModel):
     """One registry step of the audit log (`models.audit`)."""
 
-    model_config = {"extra": "allow"}  # steps may carry more (e.g. the rule, a withdrawn challenger)
+    # Steps may carry more (e.g. the rule, a withdrawn challenger); a hand-edited version number
+    # (`"to_version": 3`) reads as the string it stands for.
+    model_config = {"extra": "allow", "coerce_numbers_to_str": True}
 
     # Defaults everywhere: a line written by an older (or hand-edited) log still reads.
     at: str = Field(default="", description="When (UTC, ISO 8601)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import ValidationError
 
 from models import audit
 from serving.deps import SettingsDep
@@ -12,6 +14,7 @@ from serving.routes.errors import ERRORS
 from serving.schemas import HistoryEntry, ModelHistory
 
 router = APIRouter(tags=["models"])
+log = logging.getLogger(__name__)
 
 
 @router.get("/models/history", response_model=ModelHistory, responses=ERRORS)
@@ -29,5 +32,17 @@ def model_history(
         limit=limit,
         total=total,
         next_offset=following if following < total else None,
-        entries=[HistoryEntry.model_validate(e) for e in entries],
+        entries=[_entry(e) for e in entries],
     )
+
+
+def _entry(line: dict[str, Any]) -> HistoryEntry:
+    """Returns one audit-log line as a step; a line whose fields do not fit (edited by hand, say)
+    is returned as an `unreadable` step carrying the line under `line`, so that one bad line
+    neither fails the page nor hides from the reader."""
+    try:
+        return HistoryEntry.model_validate(line)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        log.warning("an audit-log step does not fit the schema (%s): %s", problems, line)
+        return HistoryEntry(outcome="unreadable", reason=problems, line=line)

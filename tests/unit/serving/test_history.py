@@ -1,4 +1,5 @@
-"""`GET /models/history`: the audit log newest first, paged, behind the API key, 4xx on bad paging."""
+"""`GET /models/history`: the audit log newest first, paged, behind the API key, 4xx on bad
+paging; a hand-edited line that does not fit the schema is shown as unreadable, never a 500."""
 
 from __future__ import annotations
 
@@ -41,3 +42,20 @@ def test_history_pages_newest_first_behind_the_key(tmp_path: Path) -> None:
             answer = http.get("/models/history", params=bad, headers=KEY)
             assert answer.status_code == 422, bad
             assert "invalid request" in answer.json()["detail"]
+
+
+def test_a_line_that_does_not_fit_the_schema_is_shown_as_unreadable_and_the_page_answers(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    settings = load_settings(api_keys=["k1"], model_audit_log=log)
+    deps = Deps(service=cast(Any, None), models=ModelHolder(lambda: None, lambda: None), metrics=Metrics())
+    audit.append(log, {"action": "promote", "outcome": "accepted", "to_version": 3})  # a number, typed by hand
+    audit.append(log, {"action": "rollback", "outcome": "done", "actor": ["ops"], "figures": "none"})
+    with TestClient(create_app(settings, deps)) as http:
+        answer = http.get("/models/history", headers=KEY)
+    assert answer.status_code == 200
+    unreadable, numbered = answer.json()["entries"]
+    assert numbered["to_version"] == "3"
+    assert unreadable["outcome"] == "unreadable"
+    assert "actor" in unreadable["reason"]
+    assert "figures" in unreadable["reason"]
+    assert unreadable["line"]["actor"] == ["ops"]
