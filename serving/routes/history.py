@@ -45,4 +45,4 @@ def _entry(line: dict[str, Any]) -> HistoryEntry:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         log.warning("an audit-log step does not fit the schema (%s): %s", problems, line)
-        return HistoryEntry(outcome="unreadable", reason=problems, line=line)
+        return HistoryEntry.model_validate({"outcome": "unreadable", "reason": problems, "line": line})
