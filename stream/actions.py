@@ -23,12 +23,17 @@ import httpx
 import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
 from stream.changes import DECODER, ENCODER, TierChange
 from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer
 
 log = logging.getLogger(__name__)
+# The pause before a batch's dead letters are sent again while Kafka does not take them: it
+# doubles from the first to the last.
+DLQ_RETRY_FIRST_S = 1.0
+DLQ_RETRY_MAX_S = 30.0
 
 
 class DeliveryFailedError(Exception):
@@ -94,9 +99,9 @@ def tail(
     up on (DeliveryFailedError), or an unreadable message, goes to `<topic>.dlq` with a
     `reason` header. Stops when `stopping` is set or after `idle_exit_s` without messages.
 
-    Raises:
-        ServiceUnavailableError: a dead letter was refused, failed or not acknowledged in 30 s
-            (nothing of the batch is committed).
+    While Kafka does not take a batch's dead letters, they are sent again with backoff (up to
+    `DLQ_RETRY_MAX_S` apart) until it does or `stopping` is set; nothing of the batch is
+    committed before, so a stop replays it after the restart (delivery is at least once).
     """
     topic = settings.tier_changes_topic
     dlq_topic = f"{topic}.dlq"
@@ -130,10 +135,10 @@ def tail(
                     report.dead_lettered += 1
                     log.warning("change of user %s dead-lettered: %s", change.user_id, exc)
                     dead.append(_dead_letter(raw, str(exc), key=change.user_id.encode()))
-            # Every dead letter acknowledged (not only sent) before the commit, or the batch is
-            # re-delivered after the restart this error causes.
-            if dead:
-                dlq.deliver(dlq_topic, dead, 30, "dead letter(s)")
+            # Every dead letter acknowledged (not only sent) before the commit: one lost after its
+            # batch was committed would be lost for good.
+            if dead and not _deliver_dead_letters(dlq, dlq_topic, dead, stop):
+                break  # stopped before Kafka took them: the batch is not committed
             try:
                 committed = _commit(consumer, stop)
             except KeyboardInterrupt:  # Ctrl-C (the CLI's SIGTERM too) while the commit waits
@@ -146,6 +151,25 @@ def tail(
         if not report.commit_abandoned:  # closing under the abandoned commit would be unsafe
             consumer.close()
     return report
+
+
+def _deliver_dead_letters(
+    dlq: IdempotentProducer, topic: str, dead: list[dict[str, Any]], stopping: threading.Event
+) -> bool:
+    """Delivers a batch's dead letters and returns True once Kafka acknowledged every one; while
+    it does not (down, or refusing), sends them again after a pause that doubles from
+    `DLQ_RETRY_FIRST_S` to `DLQ_RETRY_MAX_S` (a dependency's failure is retried, never fatal);
+    returns False once `stopping` is set. A retry may write a dead letter twice."""
+    pause = DLQ_RETRY_FIRST_S
+    while not stopping.is_set():
+        try:
+            dlq.deliver(topic, dead, 30, "dead letter(s)")
+            return True
+        except ServiceUnavailableError as exc:
+            log.warning("dead letters not acknowledged, sending them again in %.1f s: %s", pause, exc)
+        stopping.wait(pause)
+        pause = min(2 * pause, DLQ_RETRY_MAX_S)
+    return False
 
 
 def _commit(consumer: Consumer, stopping: threading.Event) -> bool:

@@ -1,6 +1,7 @@
 """The tier-change tail's offset commit: a stop signal (or Ctrl-C, as the CLI maps SIGTERM) ends
 it while Kafka does not answer and leaves the consumer unclosed, and a refused commit does not
-stop the tail."""
+stop the tail; dead letters Kafka does not take are sent again until it does, and nothing is
+committed before."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import _thread
 import logging
 import threading
 import time
+from typing import Any
 
 import pytest
 
+from core.errors import ServiceUnavailableError
 from core.settings import Settings
 from stream import actions
 from stream.changes import ENCODER, TierChange
@@ -88,3 +91,62 @@ def test_ctrl_c_while_a_commit_waits_for_kafka_leaves_the_consumer_unclosed(monk
     finally:
         consumer.answer.set()
     assert not consumer.closed
+
+
+class DeadLetterTopicDown:
+    """Stands in for the tail's dead-letter producer: Kafka does not acknowledge the first
+    `refusals` deliveries (or any, with None), then takes them."""
+
+    def __init__(self, refusals: int | None) -> None:
+        self.refusals, self.tries = refusals, 0
+        self.delivered: list[dict[str, Any]] = []
+
+    def deliver(self, topic: str, messages: list[dict[str, Any]], timeout_s: float, what: str) -> None:
+        self.tries += 1
+        if self.refusals is None or self.tries <= self.refusals:
+            msg = f"topic {topic!r} did not acknowledge {len(messages)} {what}"
+            raise ServiceUnavailableError(msg)
+        self.delivered.extend(messages)
+
+
+def _with_dlq(dlq: DeadLetterTopicDown, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(actions, "IdempotentProducer", lambda *_args, **_kw: dlq)
+    monkeypatch.setattr(actions, "DLQ_RETRY_FIRST_S", 0.01)
+
+
+def test_dead_letters_kafka_does_not_take_are_sent_again_before_the_commit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = CommitRefusedOnce(batches=[[KafkaMessage(0, 0, b"not a change")], _changes(1, ["u1"])])
+    _use(consumer, monkeypatch)
+    dlq = DeadLetterTopicDown(refusals=2)
+    _with_dlq(dlq, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=actions.__name__):
+        report = actions.tail(Settings(kafka_bootstrap="127.0.0.1:1"), lambda _change: None, group="g", idle_exit_s=0.2)
+    assert dlq.tries == 3
+    assert [letter["value"] for letter in dlq.delivered] == [b"not a change"]
+    assert caplog.text.count("dead letters not acknowledged") == 2
+    assert consumer.commits == 2  # the dead letters were taken before the first batch's commit
+    assert (report.unreadable, report.delivered) == (1, 1)
+
+
+def test_a_stop_while_kafka_does_not_take_the_dead_letters_ends_the_tail_and_commits_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer = CommitRefusedOnce(batches=[[KafkaMessage(0, 0, b"not a change")]])
+    _use(consumer, monkeypatch)
+    dlq = DeadLetterTopicDown(refusals=None)
+    _with_dlq(dlq, monkeypatch)
+    stopping = threading.Event()
+    loop = threading.Thread(
+        target=lambda: actions.tail(
+            Settings(kafka_bootstrap="127.0.0.1:1"), lambda _c: None, group="g", stopping=stopping
+        )
+    )
+    loop.start()
+    wait_for(lambda: dlq.tries >= 3, 10, "dead letters sent again", 0.005)
+    stopping.set()
+    loop.join(5)
+    assert not loop.is_alive()
+    assert consumer.commits == 0  # the batch is read again after the restart
+    assert consumer.closed
