@@ -86,20 +86,53 @@ def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition] | No
 
 
 def report_lag(consumer: Consumer, gauge: Gauge) -> None:
-    """Sets `gauge` (labels topic, partition) to the lag of each partition assigned to `consumer`
-    (high watermark minus position). Best-effort monitoring: never raises."""
+    """Sets `gauge` (labels topic, partition) to the lag of each partition assigned to `consumer`,
+    and removes the series of partitions it no longer holds. Best-effort monitoring: never raises.
+
+    The lag is the high watermark of the partition's last fetch response minus the consumer's
+    position. The watermark is librdkafka's cached one, with no broker round trip: asking the
+    broker cost up to 1 s per partition while Kafka was down, and a stop signal waited for it.
+    Before the consumer has read anything of a partition it has no position, and the committed
+    offset stands in (it is where the consumer will start): taking the whole partition as lag
+    made a consumer restarted on a quiet, fully consumed topic look a partition behind, and the
+    lag alert fire. With no committed offset either (a new group), the start is the partition's
+    first offset, asked of the broker. A partition whose figures are not known yet keeps its
+    last value. A series of
+    a partition a rebalance moved away is removed, or the group's sum would count the partition
+    twice (its new owner reports it too).
+    """
     try:
-        positions = consumer.position(consumer.assignment())
+        assigned = consumer.assignment()
+        positions = consumer.position(assigned)
     except KafkaException:
         return
-    for tp in positions:
+    starts = {(tp.topic, tp.partition): tp.offset for tp in positions if tp.offset >= 0}
+    unpositioned = [tp for tp in positions if tp.offset < 0]
+    if unpositioned:
         try:
-            _, high = consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            committed = consumer.committed(unpositioned, timeout=1)
+        except KafkaException as exc:
+            log.debug("no committed offsets for the lag: %s", exc)
+            committed = []
+        starts |= {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
+    for tp in positions:
+        start = starts.get((tp.topic, tp.partition), -1)
+        try:
+            if start >= 0:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+            else:  # neither read nor committed: the consumer starts at the first offset (earliest)
+                start, high = consumer.get_watermark_offsets(tp, timeout=1, cached=False)
         except KafkaException as exc:
             log.debug("no watermark for %s[%d]: %s", tp.topic, tp.partition, exc)
             continue
-        lag = high - tp.offset if tp.offset >= 0 else high
-        gauge.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+        if start >= 0 and high >= 0:
+            gauge.labels(tp.topic, str(tp.partition)).set(max(high - start, 0))
+    held = {(tp.topic, str(tp.partition)) for tp in assigned}
+    for family in gauge.collect():
+        for sample in family.samples:
+            labels = (sample.labels["topic"], sample.labels["partition"])
+            if labels not in held:
+                gauge.remove(*labels)
 
 
 def is_fatal(error: KafkaError) -> bool:

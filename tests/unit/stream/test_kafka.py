@@ -10,16 +10,17 @@ import sys
 import threading
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from prometheus_client import CollectorRegistry, Gauge
 
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import load_settings
 from stream.changes import KafkaChangeLog
-from stream.kafka import IdempotentProducer, commit_unless_stopped
+from stream.kafka import IdempotentProducer, commit_unless_stopped, report_lag
 from tests.support import tier_change
 
 FATAL = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
@@ -195,3 +196,42 @@ def test_a_commit_the_broker_answers_returns_true_or_raises_its_refusal_of_any_p
     broken = AnsweringConsumer(partition_error=KafkaError(KafkaError._TRANSPORT, "broker went away"))
     with pytest.raises(KafkaException, match="broker went away"):
         commit_unless_stopped(broken, offsets, threading.Event())  # type: ignore[arg-type]
+
+
+class LagConsumer:
+    """A consumer holding partitions 0-3 of `t`: it has read up to offset 5 of partition 1 only;
+    the group committed 10 (the end) of partition 0, 4 of partition 2 and nothing of partition 3.
+    It has cached the watermarks of partitions 0 and 1 from fetch responses; the broker is down."""
+
+    OFFSET_INVALID = -1001
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("t", p) for p in (0, 1, 2, 3)]
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition("t", tp.partition, 5 if tp.partition == 1 else self.OFFSET_INVALID) for tp in partitions]
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        committed = {0: 10, 2: 4}
+        return [
+            TopicPartition("t", tp.partition, committed.get(tp.partition, self.OFFSET_INVALID)) for tp in partitions
+        ]
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = 0, cached: bool = False
+    ) -> tuple[int, int]:
+        if partition.partition == 3:  # neither read nor committed: the broker is asked (it is down)
+            assert not cached
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        # Else the cached figures of the last fetch: asking the broker costs up to 1 s while it is down.
+        assert cached
+        return {0: (0, 10), 1: (0, 8)}.get(partition.partition, (self.OFFSET_INVALID, self.OFFSET_INVALID))
+
+
+def test_the_lag_counts_from_the_committed_offset_before_the_first_read_and_drops_partitions_moved_away() -> None:
+    gauge = Gauge("lag", "lag", ["topic", "partition"], registry=CollectorRegistry())
+    gauge.labels("t", "2").set(7)  # its figures are unknown this time: it keeps its value
+    gauge.labels("t", "4").set(4)  # a rebalance gave partition 4 to another consumer
+    report_lag(cast(Any, LagConsumer()), gauge)
+    lags = {sample.labels["partition"]: sample.value for family in gauge.collect() for sample in family.samples}
+    assert lags == {"0": 0, "1": 3, "2": 7}
