@@ -1,4 +1,5 @@
-"""The archiver writes every produced event exactly once, even when killed mid-run."""
+"""The archiver writes every produced event exactly once, even when killed mid-run; restarted on
+a fully archived, quiet topic it reports no lag."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from confluent_kafka import Producer
 
 from core.kafka import kafka_config
 from core.settings import Settings
+from stream.archiver import Archiver
 from tests.support import random_events
 
 CHURN = str(Path(sys.executable).parent / "churn")
@@ -46,3 +48,27 @@ def test_archive_is_exactly_once_after_a_crash(settings: Settings, topic: str, u
     days = {p.name for p in root.iterdir()}
     assert all(d.startswith("date=") for d in days)
     assert len(days) >= 10
+
+
+def test_an_archiver_restarted_on_an_archived_quiet_topic_reports_no_lag(
+    settings: Settings, topic: str, unique: str, tmp_path: Path
+) -> None:
+    """Until a consumer reads from a partition it has no position there; the lag gauge took the
+    whole partition as lag then, so a consumer restarted on a quiet topic it had fully consumed
+    looked behind by everything, and the lag alert fired."""
+    events = random_events(22, users=30, days=2, per_user=20)
+    producer = Producer(kafka_config(settings, **{"enable.idempotence": True}))
+    for event in events:
+        producer.produce(topic, value=event.to_json(), key=event.user_id.encode())
+    assert producer.flush(30) == 0
+    own = settings.model_copy(update={"events_topic": topic, "archiver_group": f"lag-{unique}"})
+    Archiver(own, tmp_path / "events", lag_every_s=0.2).run(max_idle_s=2)
+    restarted = Archiver(own, tmp_path / "events", lag_every_s=0.2)
+    restarted.run(max_idle_s=3)
+    lags = {
+        sample.labels["partition"]: sample.value
+        for family in restarted.metrics.archiver_lag.collect()
+        for sample in family.samples
+    }
+    assert len(lags) == settings.topic_partitions
+    assert set(lags.values()) == {0}
