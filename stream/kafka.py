@@ -95,11 +95,11 @@ def report_lag(consumer: Consumer, gauge: Gauge) -> None:
     Before the consumer has read anything of a partition it has no position, and the committed
     offset stands in (it is where the consumer will start): taking the whole partition as lag
     made a consumer restarted on a quiet, fully consumed topic look a partition behind, and the
-    lag alert fire. With no committed offset either (a new group), the start is the partition's
-    first offset, asked of the broker. A partition whose figures are not known yet keeps its
-    last value. A series of
-    a partition a rebalance moved away is removed, or the group's sum would count the partition
-    twice (its new owner reports it too).
+    lag alert fire. When the group has committed nothing there (a new group), the start is the
+    partition's first offset, asked of the broker. A partition whose figures are not known (no
+    fetch answered yet, or the coordinator down) keeps its last value. The series of a partition
+    a rebalance moved away is removed, or the group's sum would count the partition twice (its
+    new owner reports it too).
     """
     try:
         assigned = consumer.assignment()
@@ -107,6 +107,7 @@ def report_lag(consumer: Consumer, gauge: Gauge) -> None:
     except KafkaException:
         return
     starts = {(tp.topic, tp.partition): tp.offset for tp in positions if tp.offset >= 0}
+    never_committed: set[tuple[str, int]] = set()
     unpositioned = [tp for tp in positions if tp.offset < 0]
     if unpositioned:
         try:
@@ -114,14 +115,21 @@ def report_lag(consumer: Consumer, gauge: Gauge) -> None:
         except KafkaException as exc:
             log.debug("no committed offsets for the lag: %s", exc)
             committed = []
-        starts |= {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
+        for tp in committed:
+            if tp.offset >= 0:
+                starts[(tp.topic, tp.partition)] = tp.offset
+            else:
+                never_committed.add((tp.topic, tp.partition))
     for tp in positions:
-        start = starts.get((tp.topic, tp.partition), -1)
+        key = (tp.topic, tp.partition)
         try:
-            if start >= 0:
+            if key in starts:
+                start = starts[key]
                 _, high = consumer.get_watermark_offsets(tp, cached=True)
-            else:  # neither read nor committed: the consumer starts at the first offset (earliest)
+            elif key in never_committed:  # the consumer will start at the first offset (earliest)
                 start, high = consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            else:
+                continue
         except KafkaException as exc:
             log.debug("no watermark for %s[%d]: %s", tp.topic, tp.partition, exc)
             continue

@@ -201,9 +201,13 @@ def test_a_commit_the_broker_answers_returns_true_or_raises_its_refusal_of_any_p
 class LagConsumer:
     """A consumer holding partitions 0-3 of `t`: it has read up to offset 5 of partition 1 only;
     the group committed 10 (the end) of partition 0, 4 of partition 2 and nothing of partition 3.
-    It has cached the watermarks of partitions 0 and 1 from fetch responses; the broker is down."""
+    It has cached the watermarks of partitions 0 and 1 from fetch responses; the broker is down
+    (`asked_broker`: the partitions whose watermarks were asked of it)."""
 
     OFFSET_INVALID = -1001
+
+    def __init__(self) -> None:
+        self.asked_broker: list[int] = []
 
     def assignment(self) -> list[TopicPartition]:
         return [TopicPartition("t", p) for p in (0, 1, 2, 3)]
@@ -220,18 +224,36 @@ class LagConsumer:
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = 0, cached: bool = False
     ) -> tuple[int, int]:
-        if partition.partition == 3:  # neither read nor committed: the broker is asked (it is down)
-            assert not cached
+        if not cached:
+            self.asked_broker.append(partition.partition)
             raise KafkaException(KafkaError(KafkaError._TRANSPORT))
-        # Else the cached figures of the last fetch: asking the broker costs up to 1 s while it is down.
-        assert cached
         return {0: (0, 10), 1: (0, 8)}.get(partition.partition, (self.OFFSET_INVALID, self.OFFSET_INVALID))
+
+
+class LagConsumerCoordinatorDown(LagConsumer):
+    """The same, with the group's coordinator down too: the committed offsets are unknown."""
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+
+def _lags(gauge: Gauge) -> dict[str, float]:
+    return {sample.labels["partition"]: sample.value for family in gauge.collect() for sample in family.samples}
 
 
 def test_the_lag_counts_from_the_committed_offset_before_the_first_read_and_drops_partitions_moved_away() -> None:
     gauge = Gauge("lag", "lag", ["topic", "partition"], registry=CollectorRegistry())
     gauge.labels("t", "2").set(7)  # its figures are unknown this time: it keeps its value
     gauge.labels("t", "4").set(4)  # a rebalance gave partition 4 to another consumer
-    report_lag(cast(Any, LagConsumer()), gauge)
-    lags = {sample.labels["partition"]: sample.value for family in gauge.collect() for sample in family.samples}
-    assert lags == {"0": 0, "1": 3, "2": 7}
+    consumer = LagConsumer()
+    report_lag(cast(Any, consumer), gauge)
+    assert _lags(gauge) == {"0": 0, "1": 3, "2": 7}
+    assert consumer.asked_broker == [3]  # only where the group committed nothing: it starts at the first offset
+
+
+def test_while_the_coordinator_is_down_the_lag_asks_no_broker() -> None:
+    gauge = Gauge("lag", "lag", ["topic", "partition"], registry=CollectorRegistry())
+    consumer = LagConsumerCoordinatorDown()
+    report_lag(cast(Any, consumer), gauge)
+    assert _lags(gauge) == {"1": 3}
+    assert consumer.asked_broker == []  # each ask would wait up to 1 s
