@@ -29,6 +29,7 @@ from tests.support import (
     ScriptedConsumer,
     random_events,
     seconds_to_stop_during_commit,
+    wait_for,
 )
 
 
@@ -155,9 +156,7 @@ def test_a_stop_while_the_coordinator_is_silent_ends_the_archiver_and_archives_n
     worker = _archiver(tmp_path, consumer, monkeypatch)
     loop = threading.Thread(target=worker.run)
     loop.start()
-    deadline = time.monotonic() + 10
-    while consumer.lookups < 2 and loop.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: consumer.lookups >= 2 or not loop.is_alive(), 10, "the archiver to ask again", 0.01)
     assert consumer.lookups >= 2  # the stop lands while the archiver asks again
     stopped_at = time.monotonic()
     worker.stopping.set()

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Gauge
 
 from core.errors import ServiceUnavailableError
@@ -204,8 +204,6 @@ class LagConsumer:
     It has cached the watermarks of partitions 0 and 1 from fetch responses; the broker is down
     (`asked_broker`: the partitions whose watermarks were asked of it)."""
 
-    OFFSET_INVALID = -1001
-
     def __init__(self) -> None:
         self.asked_broker: list[int] = []
 
@@ -213,13 +211,11 @@ class LagConsumer:
         return [TopicPartition("t", p) for p in (0, 1, 2, 3)]
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        return [TopicPartition("t", tp.partition, 5 if tp.partition == 1 else self.OFFSET_INVALID) for tp in partitions]
+        return [TopicPartition("t", tp.partition, 5 if tp.partition == 1 else OFFSET_INVALID) for tp in partitions]
 
     def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
         committed = {0: 10, 2: 4}
-        return [
-            TopicPartition("t", tp.partition, committed.get(tp.partition, self.OFFSET_INVALID)) for tp in partitions
-        ]
+        return [TopicPartition("t", tp.partition, committed.get(tp.partition, OFFSET_INVALID)) for tp in partitions]
 
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = 0, cached: bool = False
@@ -227,7 +223,7 @@ class LagConsumer:
         if not cached:
             self.asked_broker.append(partition.partition)
             raise KafkaException(KafkaError(KafkaError._TRANSPORT))
-        return {0: (0, 10), 1: (0, 8)}.get(partition.partition, (self.OFFSET_INVALID, self.OFFSET_INVALID))
+        return {0: (0, 10), 1: (0, 8)}.get(partition.partition, (OFFSET_INVALID, OFFSET_INVALID))
 
 
 class LagConsumerCoordinatorDown(LagConsumer):
