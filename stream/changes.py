@@ -31,6 +31,9 @@ from core.settings import Settings
 from stream.kafka import IdempotentProducer
 
 log = logging.getLogger(__name__)
+# How long one metadata or watermark request of the tail reader may wait before it is asked again
+# (the stop signal is looked at between tries).
+READ_TRY_S = 1.0
 
 
 class ChangeReason(msgspec.Struct, frozen=True):
@@ -151,10 +154,11 @@ class KafkaChangeLog:
         self, settings: Settings, topic: str, timeout_s: float = 30.0, interrupt: threading.Event | None = None
     ) -> None:
         """`interrupt` (the process's stop signal) ends a publish's wait for acknowledgements
-        early (see `IdempotentProducer`)."""
+        early (see `IdempotentProducer`), and a read of the topic's tail (`published`)."""
         self.topic = topic
         self.timeout_s = timeout_s
-        self.producer = IdempotentProducer(kafka_config(settings, **{"linger.ms": 5}), interrupt=interrupt)
+        self.interrupt = interrupt or threading.Event()
+        self.producer = IdempotentProducer(kafka_config(settings, **{"linger.ms": 5}), interrupt=self.interrupt)
         # The reader reads bounded ranges, one partition after another: a fetch the broker holds
         # for the default 500 ms (waiting for data that is not coming) delayed each next range.
         self.reader = Consumer(
@@ -177,17 +181,7 @@ class KafkaChangeLog:
         """See `ChangeLog.published`: reads the partition backwards in growing windows until a
         change older than `since_offset` (or the start) is reached, since every change published
         after the states holding `since_offset` were saved comes after all earlier ones."""
-        tp = TopicPartition(self.topic, partition)
-        try:
-            # The reader sits idle between outages, so the leaders it cached may be brokers that
-            # died since: asked there, the ends waited out the whole timeout (twice 30 s in a
-            # cluster test where the partition's old leader had been SIGKILLed). A metadata
-            # request for the topic first brings the cache up to date.
-            self.reader.list_topics(self.topic, timeout=self.timeout_s)
-            low, high = self.reader.get_watermark_offsets(tp, timeout=self.timeout_s)
-        except KafkaException as exc:
-            msg = f"cannot read the ends of {self.topic}[{partition}]: {exc.args[0]}"
-            raise ServiceUnavailableError(msg) from exc
+        low, high = self._ends(TopicPartition(self.topic, partition))
         window = 256
         while True:
             start = max(low, high - window)
@@ -196,8 +190,40 @@ class KafkaChangeLog:
                 return [c for c in changes if c.source_offset >= since_offset]
             window *= 8
 
+    def _ends(self, tp: TopicPartition) -> tuple[int, int]:
+        """Returns the first and next offsets of partition `tp`, asking for at most `READ_TRY_S`
+        at a time until the broker answers, `timeout_s` has passed or `interrupt` is set.
+
+        Why in tries: while Kafka is down each request waits out its whole timeout, and a stop
+        signal went unheeded for twice 30 s (the scorer reads the tail when it retries a batch
+        after an outage, so a SIGTERM in an outage often lands here).
+
+        Raises:
+            ServiceUnavailableError: no answer within `timeout_s`, or a stop signal came first.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                # The reader sits idle between outages, so the leaders it cached may be brokers
+                # that died since: asked there, the ends waited out the whole timeout (twice 30 s
+                # in a cluster test where the partition's old leader had been SIGKILLed). A
+                # metadata request for the topic first brings the cache up to date.
+                self.reader.list_topics(self.topic, timeout=READ_TRY_S)
+                low, high = self.reader.get_watermark_offsets(tp, timeout=READ_TRY_S)
+                return int(low), int(high)
+            except KafkaException as exc:
+                if self.interrupt.is_set() or time.monotonic() >= deadline:
+                    stopped = " (stopping)" if self.interrupt.is_set() else ""
+                    msg = f"cannot read the ends of {self.topic}[{tp.partition}]{stopped}: {exc.args[0]}"
+                    raise ServiceUnavailableError(msg) from exc
+
     def _read(self, partition: int, start: int, end: int) -> list[TierChange]:
-        """Returns the changes at offsets [start, end) of a partition; raises ServiceUnavailableError."""
+        """Returns the changes at offsets [start, end) of a partition.
+
+        Raises:
+            ServiceUnavailableError: the range was not read within `timeout_s`, a stop signal
+                came first, or the broker reported an error.
+        """
         if start >= end:
             return []
         self.reader.assign([TopicPartition(self.topic, partition, start)])
@@ -206,6 +232,9 @@ class KafkaChangeLog:
         position = start
         try:
             while position < end:
+                if self.interrupt.is_set():
+                    msg = f"reading {self.topic}[{partition}] {start}..{end}: stopped at {position}"
+                    raise ServiceUnavailableError(msg)
                 if time.monotonic() > deadline:
                     msg = f"reading {self.topic}[{partition}] {start}..{end} took over {self.timeout_s:.0f}s"
                     raise ServiceUnavailableError(msg)

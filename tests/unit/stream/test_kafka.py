@@ -131,6 +131,34 @@ def test_a_stop_signal_ends_a_publish_waiting_for_a_broker_that_does_not_answer(
     assert 0.5 <= waited < 10  # after the signal, long before the 30 s timeout
 
 
+def test_a_stop_signal_ends_a_read_of_the_published_tail_while_no_broker_answers() -> None:
+    # The scorer reads the tail when it retries a batch after an outage: with Kafka still down,
+    # each metadata or watermark request would wait out its whole timeout.
+    stop = threading.Event()
+    log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=30, interrupt=stop)
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"cannot read the ends of changes\[0\] \(stopping\)"):
+            log.published(0, 0)
+        waited = time.monotonic() - started
+    finally:
+        log.reader.close()
+    assert 0.5 <= waited < 5  # within a try of the signal, long before the 30 s timeout
+
+
+def test_without_a_stop_signal_a_read_of_the_tail_asks_again_until_its_timeout() -> None:
+    log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=2.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"cannot read the ends of changes\[3\]: "):
+            log.published(3, 0)
+        waited = time.monotonic() - started
+    finally:
+        log.reader.close()
+    assert waited >= 2.5
+
+
 def test_without_a_stop_signal_the_wait_lasts_its_timeout() -> None:
     producer = IdempotentProducer(kafka_config(load_settings(kafka_bootstrap="127.0.0.1:1")))
     started = time.monotonic()
