@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -422,21 +423,39 @@ def actions_tail(
     from stream.changes import ENCODER, ensure_changes_topic  # heavy: see the module docstring
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _stop_like_ctrl_c_on_sigterm()
+    stopping = threading.Event()
+    _stop_on_signals(stopping)
     settings = _settings()
 
     def show(change: Any) -> None:
         typer.echo(ENCODER.encode(change).decode())
 
-    sink = WebhookSink(webhook, max_attempts=max_attempts) if webhook else show
+    sink = WebhookSink(webhook, max_attempts=max_attempts, stopping=stopping) if webhook else show
     try:
         ensure_changes_topic(settings)
-        report = tail(settings, sink, group=group, idle_exit_s=idle_exit or None)
-    except KeyboardInterrupt:
+        report = tail(settings, sink, group=group, stopping=stopping, idle_exit_s=idle_exit or None)
+    except KeyboardInterrupt:  # the second signal: at once
         return
     except ChurnError as exc:
         _fail(exc)
-    typer.echo(f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}", err=True)
+    summary = f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}"
+    if report.stopped_mid_batch:
+        summary += "; stopped within a batch: it is delivered again from its start after a restart"
+    typer.echo(summary, err=True)
+
+
+def _stop_on_signals(stopping: threading.Event) -> None:
+    """Makes SIGTERM (docker stop, kill) and Ctrl-C set `stopping`: the command ends what it
+    holds (a webhook attempt in flight, at most its timeout) and prints its summary. A second
+    signal ends it at once, as Ctrl-C does by default (KeyboardInterrupt)."""
+
+    def stop(*_: object) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 _ACTOR_HELP = "Who the audit log names (default: CHURN_ACTOR, else the OS user)."

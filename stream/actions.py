@@ -40,20 +40,31 @@ class DeliveryFailedError(Exception):
     """A sink gave up on one change (the reason is the message)."""
 
 
+class DeliveryStoppedError(Exception):
+    """A stop signal came before a sink had delivered or given up on a change: it is neither
+    delivered nor refused, and goes again after the restart (its batch is not committed)."""
+
+
 @dataclass
 class WebhookSink:
     """POSTs each change as JSON to `url`; retries connection errors, timeouts and 5xx/429 up to
-    `max_attempts` times with exponential backoff from `backoff_s`; a 4xx is final at once."""
+    `max_attempts` times with exponential backoff from `backoff_s`; a 4xx is final at once.
+    `stopping` (the process's stop signal) ends the backoff between attempts."""
 
     url: str
     max_attempts: int = 5
     backoff_s: float = 0.2
     timeout_s: float = 5.0
     client: httpx.Client = field(default_factory=lambda: httpx.Client())
-    sleep: Callable[[float], None] = time.sleep
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self, change: TierChange) -> None:
-        """Delivers one change. Raises DeliveryFailedError when it gives up (the reason says why)."""
+        """Delivers one change.
+
+        Raises:
+            DeliveryFailedError: it gave up (the reason says why).
+            DeliveryStoppedError: a stop signal came during the backoff before another attempt.
+        """
         body = ENCODER.encode(change)
         reason = ""
         for attempt in range(1, self.max_attempts + 1):
@@ -69,8 +80,9 @@ class WebhookSink:
                 reason = f"HTTP {answer.status_code}: {answer.text[:200]}"
                 if 400 <= answer.status_code < 500 and answer.status_code != 429:
                     break  # the receiver refuses this change: retrying cannot help
-            if attempt < self.max_attempts:
-                self.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if attempt < self.max_attempts and self.stopping.wait(self.backoff_s * 2 ** (attempt - 1)):
+                msg = f"webhook {self.url}: stopped after {attempt} attempt(s): {reason}"
+                raise DeliveryStoppedError(msg)
         msg = f"webhook {self.url} gave up after {attempt} attempt(s): {reason}"
         raise DeliveryFailedError(msg)
 
@@ -83,6 +95,7 @@ class TailReport:
     dead_lettered: int = 0
     unreadable: int = 0
     commit_abandoned: bool = False  # stopped while the last batch's commit waited for Kafka
+    stopped_mid_batch: bool = False  # stopped before the sink had taken the whole batch (not committed)
 
 
 def tail(
@@ -97,7 +110,10 @@ def tail(
     """Consumes the tier-change topic in `group` (from its start for a new group) and hands each
     change to `sink`, committing after each batch; returns the counts. A change the sink gives
     up on (DeliveryFailedError), or an unreadable message, goes to `<topic>.dlq` with a
-    `reason` header. Stops when `stopping` is set or after `idle_exit_s` without messages.
+    `reason` header. Stops when `stopping` is set or after `idle_exit_s` without messages; a
+    stop in the middle of a batch (looked at before each change, and what the sink raises as
+    DeliveryStoppedError) leaves the batch uncommitted, so the rest is delivered after the
+    restart, at least once.
 
     While Kafka does not take a batch's dead letters, they are sent again with backoff (up to
     `DLQ_RETRY_MAX_S` apart) until it does or `stopping` is set; nothing of the batch is
@@ -119,29 +135,19 @@ def tail(
                     break
                 continue
             last_message = time.monotonic()
-            dead: list[dict[str, Any]] = []
-            for message in messages:
-                raw = message.value() or b""
-                try:
-                    change = DECODER.decode(raw)
-                except msgspec.DecodeError as exc:  # not a change event: dead-lettered, never a crash
-                    report.unreadable += 1
-                    dead.append(_dead_letter(raw, f"unreadable: {exc}"))
-                    continue
-                try:
-                    sink(change)
-                    report.delivered += 1
-                except DeliveryFailedError as exc:
-                    report.dead_lettered += 1
-                    log.warning("change of user %s dead-lettered: %s", change.user_id, exc)
-                    dead.append(_dead_letter(raw, str(exc), key=change.user_id.encode()))
+            dead, complete = _hand_over(messages, sink, stop, report)
+            if not complete:
+                # Stopped before the sink had taken the whole batch: it is not committed, and
+                # after the restart it is delivered again from its start (at least once).
+                report.stopped_mid_batch = True
+                break
             # Every dead letter acknowledged (not only sent) before the commit: one lost after its
             # batch was committed would be lost for good.
             if dead and not _deliver_dead_letters(dlq, dlq_topic, dead, stop):
                 break  # stopped before Kafka took them: the batch is not committed
             try:
                 committed = _commit(consumer, stop)
-            except KeyboardInterrupt:  # Ctrl-C (the CLI's SIGTERM too) while the commit waits
+            except KeyboardInterrupt:  # the CLI's second Ctrl-C or SIGTERM while the commit waits
                 report.commit_abandoned = True
                 raise
             if not committed:
@@ -151,6 +157,36 @@ def tail(
         if not report.commit_abandoned:  # closing under the abandoned commit would be unsafe
             consumer.close()
     return report
+
+
+def _hand_over(
+    messages: list[Any], sink: Callable[[TierChange], None], stop: threading.Event, report: TailReport
+) -> tuple[list[dict[str, Any]], bool]:
+    """Hands a batch's changes to `sink` in order, counting them in `report`; returns the dead
+    letters (unreadable messages, changes the sink gave up on) and whether the whole batch was
+    handled (False: a stop signal came first, before a change or during the sink's retries)."""
+    dead: list[dict[str, Any]] = []
+    for message in messages:
+        if stop.is_set():
+            return dead, False
+        raw = message.value() or b""
+        try:
+            change = DECODER.decode(raw)
+        except msgspec.DecodeError as exc:  # not a change event: dead-lettered, never a crash
+            report.unreadable += 1
+            dead.append(_dead_letter(raw, f"unreadable: {exc}"))
+            continue
+        try:
+            sink(change)
+            report.delivered += 1
+        except DeliveryFailedError as exc:
+            report.dead_lettered += 1
+            log.warning("change of user %s dead-lettered: %s", change.user_id, exc)
+            dead.append(_dead_letter(raw, str(exc), key=change.user_id.encode()))
+        except DeliveryStoppedError as exc:
+            log.info("change of user %s not delivered: %s", change.user_id, exc)
+            return dead, False
+    return dead, True
 
 
 def _deliver_dead_letters(

@@ -263,6 +263,69 @@ def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
     assert sorted(line["user_id"] for line in lines) == sorted(c.user_id for c in changes)
 
 
+class _Down(BaseHTTPRequestHandler):
+    """A CRM webhook down for maintenance: 503 to every change."""
+
+    posts: ClassVar[int] = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        type(self).posts += 1
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_webhook_retries_stops_the_tail_and_the_restart_delivers_every_change(
+    settings: Settings, topic: str, unique: str
+) -> None:
+    own = settings.model_copy(update={"events_topic": topic})
+    ensure_changes_topic(own)
+    changes = [
+        TierChange(
+            user_id=f"s{i}", old_tier=None, new_tier="high", churn_probability=0.9, reasons=[],
+            model_name="churn-lightgbm", model_version="1", event_time_ms=1_767_225_600_000 + i,
+            prediction_id=prediction_id("1", f"s{i}", i, i), source_partition=0, source_offset=i,
+        )
+        for i in range(10)
+    ]  # fmt: skip
+    log = KafkaChangeLog(own, own.tier_changes_topic)
+    log.publish(changes)
+    log.close()
+    group = f"crm-stop{unique}"
+    down = ThreadingHTTPServer(("127.0.0.1", 0), _Down)
+    threading.Thread(target=down.serve_forever, daemon=True).start()
+    try:
+        tailing = subprocess.Popen(
+            [CHURN, "actions", "tail", "--group", group, "--webhook", f"http://127.0.0.1:{down.server_address[1]}/"],
+            env={**os.environ, "CHURN_EVENTS_TOPIC": topic}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait_for(lambda: _Down.posts >= 2, 60, "the tail retrying the first change")  # in its backoff
+        tailing.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, err = tailing.communicate(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        down.shutdown()
+    assert tailing.returncode == 0, err.decode()[-2000:]
+    assert took < 5  # not the rest of the 5 attempts' backoff per change of the batch
+    assert "delivered 0, dead-lettered 0; stopped within a batch" in err.decode()
+    # Stopped, not refused: nothing was dead-lettered or committed, so a restart delivers every change.
+    _Receiver.attempts, _Receiver.accepted = {}, []
+    up = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{up.server_address[1]}/", backoff_s=0.01)
+        report = tail(own, sink, group=group, idle_exit_s=2.0)
+    finally:
+        up.shutdown()
+    assert sorted(str(b["user_id"]) for b in _Receiver.accepted) == sorted(c.user_id for c in changes)
+    assert (report.delivered, report.dead_lettered, report.unreadable) == (10, 0, 0)
+
+
 @pytest.mark.slow
 def test_canary_serves_a_stable_slice_from_the_challenger_in_stream_and_api(
     settings: Settings, topic: str, unique: str, tmp_path: Path

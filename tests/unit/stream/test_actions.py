@@ -1,7 +1,8 @@
 """The tier-change tail's offset commit: a stop signal (or Ctrl-C, as the CLI maps SIGTERM) ends
 it while Kafka does not answer and leaves the consumer unclosed, and a refused commit does not
 stop the tail; dead letters Kafka does not take are sent again until it does, and nothing is
-committed before."""
+committed before; a stop within a batch (in the webhook's backoff or between changes) leaves the
+batch uncommitted and gives nothing up to the dead-letter topic."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from core.errors import ServiceUnavailableError
@@ -154,4 +156,53 @@ def test_a_stop_while_kafka_does_not_take_the_dead_letters_ends_the_tail_and_com
     loop.join(5)
     assert not loop.is_alive()
     assert consumer.commits == 0  # the batch is read again after the restart
+    assert consumer.closed
+
+
+def test_a_stop_signal_ends_the_webhook_backoff_without_giving_the_change_up() -> None:
+    attempts: list[int] = []
+
+    def unavailable(_request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        return httpx.Response(503, text="busy")
+
+    stopping = threading.Event()
+    sink = actions.WebhookSink(
+        "http://crm.test/changes",
+        backoff_s=30,
+        client=httpx.Client(transport=httpx.MockTransport(unavailable)),
+        stopping=stopping,
+    )
+    threading.Timer(0.3, stopping.set).start()
+    started = time.monotonic()
+    # Stopped, not refused: the change must not go to the dead-letter topic.
+    with pytest.raises(actions.DeliveryStoppedError, match=r"stopped after 1 attempt\(s\): HTTP 503: busy"):
+        sink(tier_change("u1"))
+    assert time.monotonic() - started < 5  # not the 30 s backoff
+    assert len(attempts) == 1
+
+
+@pytest.mark.parametrize("stop_in", ["the sink's retries", "between changes"])
+def test_a_stop_within_a_batch_leaves_it_uncommitted_and_dead_letters_nothing(
+    stop_in: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = CommitRefusedOnce(batches=[_changes(0, ["u1", "u2", "u3"])])
+    _use(consumer, monkeypatch)
+    dlq = DeadLetterTopicDown(refusals=0)
+    _with_dlq(dlq, monkeypatch)
+    stopping = threading.Event()
+    delivered: list[str] = []
+
+    def sink(change: TierChange) -> None:
+        if change.user_id == "u2":
+            stopping.set()  # the signal arrives while u2 is being delivered
+            if stop_in == "the sink's retries":
+                raise actions.DeliveryStoppedError("stopped after 1 attempt(s)")
+        delivered.append(change.user_id)
+
+    report = actions.tail(Settings(kafka_bootstrap="127.0.0.1:1"), sink, group="g", stopping=stopping)
+    assert delivered == (["u1"] if stop_in == "the sink's retries" else ["u1", "u2"])
+    assert report.stopped_mid_batch
+    assert consumer.commits == 0  # the whole batch goes again after the restart
+    assert dlq.tries == 0
     assert consumer.closed
