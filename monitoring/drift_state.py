@@ -94,8 +94,8 @@ class DriftPublisher:
         """Publishes `report` (of model `name` v`version`); returns the state written, or None if
         Redis refused it. Never raises: monitoring must not stop scoring."""
         try:
-            self._set_gauges(report)
             state = report.to_dict()
+            self._set_gauges(state)
             state["model"] = {"name": name, "version": version}
             state["thresholds"] = {"warn": self.thresholds.warn, "alert": self.thresholds.alert}
             state = with_alert_history(state, read_drift(self.client, self.prefix))
@@ -133,29 +133,47 @@ class DriftPublisher:
             if np.isfinite(value):
                 m.shadow_agreement.labels(name).set(value)
 
-    def _set_gauges(self, report: DriftReport) -> None:
+    def mirror(self) -> None:
+        """Sets the drift gauges from the state in Redis (the latest snapshot any scorer took).
+        Never raises.
+
+        Why: one scorer takes each daily snapshot and the others skip it, so their gauges kept
+        the last snapshot they took themselves, and a restarted scorer had none until the next
+        midnight. The alert rules take the max over scorers: a stale high PSI kept an alert
+        firing after the drift was gone, and a restart resolved a real one."""
+        try:
+            state = read_drift(self.client, self.prefix)
+            if state is not None:
+                self._set_gauges(state)
+        except Exception:  # Redis down: the gauges stay as they were until the next snapshot
+            log.exception("could not read the drift state for the gauges")
+
+    def _set_gauges(self, state: dict[str, Any]) -> None:
+        """Sets the gauges from a drift state (`DriftReport.to_dict`: a figure it could not
+        compute is None). Every labelled series is replaced, so a feature without a figure in
+        this snapshot has none, rather than the value of an earlier day under a newer as-of."""
         m = self.metrics
-        for feature, drift in report.features.items():
-            for gauge, value in (
-                (m.feature_psi, drift.psi),
-                (m.feature_ks, drift.ks_statistic),
-                (m.feature_ks_pvalue, drift.ks_pvalue),
-            ):
-                if np.isfinite(value):  # an empty column has no KS; leave the gauge unset
-                    gauge.labels(feature).set(value)
-        if report.score is not None:
-            m.score_psi.set(report.score.psi)
-        m.drift_window_rows.set(report.rows)
-        if report.as_of_ms is not None:
-            m.snapshot_as_of.set(report.as_of_ms / 1000)
+        gauges = {"psi": m.feature_psi, "ks_statistic": m.feature_ks, "ks_pvalue": m.feature_ks_pvalue}
+        for gauge in gauges.values():
+            gauge.clear()
+        for feature, drift in state["features"].items():
+            for field, gauge in gauges.items():
+                if drift.get(field) is not None:  # e.g. an empty column has no KS
+                    gauge.labels(feature).set(drift[field])
+        score = state.get("score") or {}
+        m.score_psi.set(score["psi"] if score.get("psi") is not None else float("nan"))
+        m.drift_window_rows.set(state["rows"])
+        if state.get("as_of_ms") is not None:
+            m.snapshot_as_of.set(state["as_of_ms"] / 1000)
         m.segment_feature_psi_max.clear()
         m.segment_score_psi.clear()
-        for segment, part in report.segments.items():
-            if not part.judged:  # too few rows: its PSI is noise, so no gauge an alert could read
+        for segment, part in (state.get("segments") or {}).items():
+            if not part["judged"]:  # too few rows: its PSI is noise, so no gauge an alert could read
                 continue
-            m.segment_feature_psi_max.labels(segment).set(max((d.psi for d in part.features.values()), default=0.0))
-            if part.score is not None:
-                m.segment_score_psi.labels(segment).set(part.score.psi)
+            psis = [d["psi"] for d in part["features"].values() if d.get("psi") is not None]
+            m.segment_feature_psi_max.labels(segment).set(max(psis, default=0.0))
+            if (part.get("score") or {}).get("psi") is not None:
+                m.segment_score_psi.labels(segment).set(part["score"]["psi"])
 
 
 def retrain_decision(state: dict[str, Any] | None, minutes: float, now: float) -> tuple[bool, str]:

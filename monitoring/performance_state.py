@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+from prometheus_client import Gauge
 
 from monitoring.metrics import Metrics
 from monitoring.prediction_log import day_of
@@ -40,6 +44,16 @@ def _clean(figures: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in figures.items()}
 
 
+def _set_figures(gauge: Gauge, figures: Mapping[str, float | None]) -> None:
+    """Replaces every series of `gauge` (label: the metric) with the figures that are numbers:
+    one that could not be computed (e.g. ROC-AUC of a day without churners) has no series,
+    rather than an earlier day's value under a newer as-of. Counts are not gauged."""
+    gauge.clear()
+    for name, value in figures.items():
+        if name not in ("rows", "churners") and value is not None and math.isfinite(value):
+            gauge.labels(name).set(value)
+
+
 @dataclass
 class PerformancePublisher:
     """Writes expected and realized figures to Redis and the gauges; `floor` is the promotion
@@ -55,18 +69,38 @@ class PerformancePublisher:
 
     def expected(self, as_of_ms: int, version: str, figures: dict[str, float]) -> None:
         """Records the figures a snapshot's probabilities imply; never raises."""
-        for name, value in figures.items():
-            if name != "rows" and math.isfinite(value):
-                self.metrics.expected.labels(name).set(value)
+        _set_figures(self.metrics.expected, figures)
         self._update(as_of_ms, {"as_of_ms": as_of_ms, "model_version": version, "expected": _clean(figures)})
 
     def realized(self, as_of_ms: int, figures: dict[str, float]) -> None:
         """Records a labelled snapshot's realized figures; never raises."""
-        for name, value in figures.items():
-            if name not in ("rows", "churners") and math.isfinite(value):
-                self.metrics.realized.labels(name).set(value)
+        _set_figures(self.metrics.realized, figures)
         self.metrics.realized_as_of.set(as_of_ms / 1000)
         self._update(as_of_ms, {"realized": _clean(figures)})
+
+    def mirror(self) -> None:
+        """Sets the expected and realized gauges from the state in Redis (the latest snapshot any
+        scorer took and labelled). Never raises.
+
+        Why: one scorer takes each daily snapshot and the others skip it, so their gauges kept
+        the figures of the last one they took themselves (the alert takes the max over scorers:
+        a stale high realized ROC-AUC hid a drop below the floor), and a restarted scorer had
+        none until the next midnight."""
+        try:
+            state = read_performance(self.client, self.prefix)
+        except Exception:  # Redis down: the gauges stay as they were until the next snapshot
+            log.exception("could not read the performance state for the gauges")
+            return
+        if state is None:
+            return
+        days = state["days"]
+        if state.get("latest_expected") in days:
+            _set_figures(self.metrics.expected, days[state["latest_expected"]]["expected"])
+        if state.get("latest_realized") in days:
+            day = state["latest_realized"]
+            _set_figures(self.metrics.realized, days[day]["realized"])
+            midnight = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
+            self.metrics.realized_as_of.set(midnight.timestamp())
 
     def model_figures(self, kind: str, as_of_ms: int, role: str, version: str, figures: dict[str, float]) -> None:
         """Records one model's `kind` ("expected" or "realized") figures over every user of a

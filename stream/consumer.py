@@ -367,6 +367,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         lookback_days=settings.lookback_days,
         min_segment_rows=settings.drift_min_segment_rows,
     )
+    snapshots.show_latest()  # a restarted scorer exports the latest figures, not none until midnight
     processor = BatchProcessor(
         engine,
         states,

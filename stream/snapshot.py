@@ -240,12 +240,19 @@ class DailySnapshots:
         for midnight, kept in captured.items():
             self.activity.capture(midnight, kept)
 
+    def show_latest(self) -> None:
+        """Sets the drift and performance gauges from the shared state in Redis: the latest
+        snapshot any scorer took (see `DriftPublisher.mirror`). Never raises."""
+        self.drift.mirror()
+        self.performance.mirror()
+
     def take(
         self, as_of_ms: int, loaded: LoadedModel | None, challenger: LoadedModel | None = None, canary: float = 0.0
     ) -> None:
         """Takes, publishes and logs the snapshot of `as_of_ms` served by `loaded` (the canary's
         `canary` % of users by a distinct `challenger`, which otherwise scores every user in
-        shadow; skipped without a model or when already taken), then labels the snapshot of
+        shadow; skipped without a model, and when another scorer took it, whose figures the
+        gauges then show), then labels the snapshot of
         `as_of_ms` - H.
 
         Raises:
@@ -255,6 +262,7 @@ class DailySnapshots:
             log.info("no champion at %s: no snapshot", ms_to_iso(as_of_ms))
             return
         if self.activity.taken(as_of_ms):
+            self.show_latest()  # another scorer took it: its figures, not this one's last
             return
         started = time.perf_counter()
         model = loaded.model

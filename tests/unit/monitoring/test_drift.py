@@ -274,6 +274,85 @@ def test_publisher_sets_gauges_and_writes_the_state() -> None:
     assert "level_paid/x" in sustained_alerts(stored, 0, now=20.0)
 
 
+def _series(metrics: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    """Returns every sample of metric family `name` as {label values: value}."""
+    return {
+        tuple(sample.labels.values()): sample.value
+        for family in metrics.registry.collect()
+        if family.name == name
+        for sample in family.samples
+    }
+
+
+DRIFT_GAUGES = (
+    "churn_feature_psi", "churn_feature_ks_statistic", "churn_feature_ks_pvalue", "churn_score_psi",
+    "churn_drift_window_rows", "churn_snapshot_as_of_seconds", "churn_segment_feature_psi_max",
+    "churn_segment_score_psi",
+)  # fmt: skip
+
+
+def test_every_scorer_and_a_restarted_one_show_the_latest_snapshot_whoever_took_it() -> None:
+    """Scorer A takes day 1 (x drifted) and day 2 (no drift, one feature without values);
+    scorer B took day 1 itself and skips day 2. Its gauges must follow day 2, with no series
+    left for what day 2 could not compute, and a restarted scorer must show day 2 at once."""
+    reference_rows = segment_rows(5000, seed=1)
+    reference = references(reference_rows, FEATURES3, reference_rows[:, 0])
+    drifted = segment_rows(500, seed=2, paid_shift=3.0)
+    calm = segment_rows(500, seed=3)
+    calm[:, 2] = np.nan  # days_since_registration missing for every user: no KS that day
+    client = DictRedis()
+    a, b, restarted = (DriftPublisher(TH, Metrics(), client, "p:") for _ in range(3))
+    day1 = snapshot_drift(reference, FEATURES3, drifted, drifted[:, 0], TH, now=10.0, as_of_ms=86_400_000)
+    day2 = snapshot_drift(reference, FEATURES3, calm, calm[:, 0], TH, now=20.0, as_of_ms=2 * 86_400_000)
+    a.publish(day1)
+    b.publish(day1)
+    assert b.metrics.registry.get_sample_value("churn_feature_psi", {"feature": "x"}) > 0.25  # type: ignore[operator]
+    a.publish(day2)
+    b.mirror()
+    restarted.mirror()
+    for name in DRIFT_GAUGES:
+        assert _series(b.metrics, name) == _series(a.metrics, name), name
+        assert _series(restarted.metrics, name) == _series(a.metrics, name), name
+    assert b.metrics.registry.get_sample_value("churn_feature_psi", {"feature": "x"}) < 0.1  # type: ignore[operator]
+    assert b.metrics.registry.get_sample_value("churn_snapshot_as_of_seconds") == 2 * 86_400
+    gone = {"feature": "days_since_registration"}
+    assert b.metrics.registry.get_sample_value("churn_feature_ks_statistic", gone) is None  # not day 1's
+
+
+def test_a_scorer_that_finds_the_snapshot_taken_shows_the_taker_s_figures(tmp_path: Any) -> None:
+    reference_rows = segment_rows(5000, seed=1)
+    reference = references(reference_rows, FEATURES3, reference_rows[:, 0])
+    live = segment_rows(500, seed=2, paid_shift=3.0)
+    client, activity = DictRedis(), InMemoryActivity()
+    taker = DriftPublisher(TH, Metrics(), client, "p:")
+    taker.publish(snapshot_drift(reference, FEATURES3, live, live[:, 0], TH, now=10.0, as_of_ms=86_400_000))
+    activity.mark_taken(86_400_000)
+    metrics = Metrics()
+    other = DailySnapshots(
+        activity, InMemoryStateStore(), OnlineEngine(), DriftPublisher(TH, metrics, client, "p:"),
+        PerformancePublisher(metrics, client, "p:", 0.7), tmp_path, lookback_days=5,
+    )  # fmt: skip
+    other.take(86_400_000, LoadedModel(FirstFeatureModel(), "m", "1"))
+    for name in DRIFT_GAUGES:
+        assert _series(metrics, name) == _series(taker.metrics, name), name
+    assert metrics.registry.get_sample_value("churn_snapshot_as_of_seconds") == 86_400
+
+
+def test_a_realized_figure_that_cannot_be_computed_has_no_series_and_scorers_follow_the_latest() -> None:
+    client = DictRedis()
+    a, b = (PerformancePublisher(Metrics(), client, "p:", 0.7) for _ in range(2))
+    for publisher in (a, b):
+        publisher.realized(86_400_000, {"roc_auc": 0.61, "brier": 0.2, "rows": 100, "churners": 9})
+    # Day 2's labelled snapshot has no churners: no ROC-AUC, not day 1's under day 2's as-of.
+    a.realized(2 * 86_400_000, {"roc_auc": float("nan"), "brier": 0.1, "rows": 90, "churners": 0})
+    b.mirror()
+    for publisher in (a, b):
+        registry = publisher.metrics.registry
+        assert registry.get_sample_value("churn_realized_performance", {"metric": "roc_auc"}) is None
+        assert registry.get_sample_value("churn_realized_performance", {"metric": "brier"}) == 0.1
+        assert registry.get_sample_value("churn_realized_as_of_seconds") == 2 * 86_400
+
+
 class FirstFeatureModel(StandInModel):
     meta: ClassVar[dict[str, Any]] = {"horizon_days": 3, "metrics": {}, "data_window": {}}
     horizon_days = 3
