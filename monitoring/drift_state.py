@@ -90,6 +90,12 @@ class DriftPublisher:
     client: Any
     prefix: str
 
+    def __post_init__(self) -> None:
+        # Exported so the alert rules compare against the configured levels, as the API's
+        # statuses and `churn retrain --if-drift` do, not a number written into the rules.
+        self.metrics.drift_psi_threshold.labels("warn").set(self.thresholds.warn)
+        self.metrics.drift_psi_threshold.labels("alert").set(self.thresholds.alert)
+
     def publish(self, report: DriftReport, name: str = "", version: str = "") -> dict[str, Any] | None:
         """Publishes `report` (of model `name` v`version`); returns the state written, or None if
         Redis refused it. Never raises: monitoring must not stop scoring."""

@@ -150,6 +150,12 @@ class Metrics:
         self.drift_window_rows = Gauge(
             "churn_drift_window_rows", "Users in the latest daily drift snapshot", registry=r
         )
+        self.drift_psi_threshold = Gauge(
+            "churn_drift_psi_threshold",
+            "PSI at which a drift status reaches a level (warn, alert): CHURN_DRIFT_PSI_WARN and _ALERT",
+            ["level"],
+            registry=r,
+        )
         # Daily snapshot: per-segment drift, realized and expected performance (stream/snapshot.py)
         self.snapshot_as_of = Gauge(
             "churn_snapshot_as_of_seconds", "Event time (UTC midnight) of the latest daily snapshot", registry=r
