@@ -264,6 +264,9 @@ def test_publisher_sets_gauges_and_writes_the_state() -> None:
         stored["features"]["x"]["psi"]
     )
     assert registry.get_sample_value("churn_drift_window_rows") == 500
+    # The alert rules read the configured levels from here.
+    assert registry.get_sample_value("churn_drift_psi_threshold", {"level": "alert"}) == TH.alert
+    assert registry.get_sample_value("churn_drift_psi_threshold", {"level": "warn"}) == TH.warn
     assert registry.get_sample_value("churn_snapshot_as_of_seconds") == 86_400
     assert (registry.get_sample_value("churn_segment_feature_psi_max", {"segment": "level_paid"}) or 0) > 0.25
     assert (registry.get_sample_value("churn_segment_feature_psi_max", {"segment": "level_free"}) or 1) < 0.25
