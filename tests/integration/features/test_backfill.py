@@ -6,10 +6,12 @@ from pathlib import Path
 
 import msgspec
 import polars as pl
+import pytest
 import redis
 
 from core.settings import Settings, load_settings
 from events.schema import CHURN_PAGE
+from features import backfill
 from features.backfill import materialize
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
@@ -24,7 +26,10 @@ def _canonical(row: FeatureRow | None) -> str:
     return repr((row.user_id, row.last_event_ms, sorted(row.values.items())))  # repr: NaN equals NaN
 
 
-def test_materialize_matches_the_engines(settings: Settings, unique: str, tmp_path: Path) -> None:
+def test_materialize_matches_the_engines(
+    settings: Settings, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "SAVE_CHUNK_USERS", 7)  # 30 users: the states go in five scripts
     events = random_events(5, users=30, days=20, per_user=150)
     log = tmp_path / "log.parquet"
     wire_frame(events).write_parquet(log)
@@ -47,6 +52,7 @@ def test_materialize_matches_the_engines(settings: Settings, unique: str, tmp_pa
         users
     )
     assert set(saved) == set(users)
+    assert all(STATE_ENCODER.encode(saved[u]) == STATE_ENCODER.encode(engine.states[u]) for u in users)
 
 
 def test_materialize_with_late_events_equals_the_engine_fed_in_offset_order(
