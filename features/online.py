@@ -322,10 +322,16 @@ class OnlineEngine:
 
 
 def state_layout(lateness_ms: int) -> str:
-    """Returns a short tag of the state layout (granularities, ring sizes, slots) of engines with
-    this lateness. Saved states are keyed by it, so a changed spec or lateness never reads a
-    state laid out for another: those users start empty until `churn materialize` rebuilds them."""
-    shape = [(g.ms, g.keep_tiles, g.slots) for g in _build_plan(lateness_ms).granularities]
+    """Returns a short tag of the state layout of engines with this lateness: granularities, ring
+    sizes, and what each slot sums (its aggregate's measure and pages, not only its name: an
+    edited definition under the same name reused the saved sums with the old meaning). Saved
+    states are keyed by it, so a changed spec or lateness never reads a state laid out for
+    another: those users start empty until `churn materialize` rebuilds them."""
+    aggregates = {a.name: a for a in spec.AGGREGATES}
+    shape = [
+        (g.ms, g.keep_tiles, [(n, aggregates[n].measure, sorted(aggregates[n].pages or ())) for n in g.slots])
+        for g in _build_plan(lateness_ms).granularities
+    ]
     return "r" + hashlib.blake2b(repr(shape).encode(), digest_size=4).hexdigest()
 
 

@@ -3,6 +3,10 @@ a state never grows, and saved states are keyed by their layout."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from events.schema import Event
 from features import spec
 from features.online import STATE_ENCODER, OnlineEngine, state_layout
@@ -54,3 +58,15 @@ def test_state_size_does_not_grow_with_history() -> None:
 def test_layout_tag_follows_the_lateness() -> None:
     assert OnlineEngine().state_layout == state_layout(3_600_000)
     assert state_layout(3_600_000) != state_layout(7_200_000)
+
+
+def test_layout_tag_follows_what_a_slot_sums_not_only_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aggregate redefined under the same name (other pages) must not read the saved sums."""
+    before = state_layout(3_600_000)
+    edited = tuple(
+        dataclasses.replace(a, pages=frozenset({"Settings"})) if a.name == "settings_visits" else a
+        for a in spec.AGGREGATES
+    )
+    assert edited != spec.AGGREGATES
+    monkeypatch.setattr(spec, "AGGREGATES", edited)
+    assert state_layout(3_600_000) != before
