@@ -9,7 +9,9 @@ users (`training.backtest.paired_auc_difference`: a user's days stay together) b
 (challenger) - ROC-AUC(champion); the challenger is promoted when the one-sided 95% lower bound
 is at least -`promote_auc_margin` (non-inferiority: "not worse" must be shown, not assumed).
 Fewer than `promote_min_users` paired users or `promote_min_churners` churners among them is too
-little evidence: refused, saying how many there are. `--force` (with a reason) overrides the
+little evidence: refused, saying how many there are. With no champion to compare with, the
+challenger must pass the floors its training gates apply, on its recorded backtests
+(`judge_against_floors`). `--force` (with a reason) overrides the
 rule, never the spec check. A refusal leaves every alias as it was. The aliases are read again
 just before the move: if a `churn train` registered a new challenger or promoted a champion while
 the step judged, the step is refused (MLflow has no compare-and-set of an alias, so the window
@@ -33,6 +35,7 @@ import polars as pl
 from core.errors import InvalidInputError, NotFoundError, ServiceUnavailableError
 from core.settings import Settings, mask_url
 from models import audit
+from models.artifact import ChurnModel
 from models.registry import CHALLENGER, champion_version, check_against_spec, load_version, registry_client
 from monitoring.prediction_log import read_log
 from training import backtest, metrics
@@ -150,14 +153,36 @@ def judge(
     return Judgement(promote, reason, figures)
 
 
-def _checked(settings: Settings, version: str) -> None:
-    """Loads `version` and checks it against the running spec (the holders would refuse it).
+def _checked(settings: Settings, version: str) -> ChurnModel:
+    """Loads `version`, checks it against the running spec (the holders would refuse it) and
+    returns it.
 
     Raises:
         ModelRefusedError: it does not fit the running spec.
         ServiceUnavailableError: the registry cannot be reached.
     """
-    check_against_spec(load_version(settings, version), version)
+    model = load_version(settings, version)
+    check_against_spec(model, version)
+    return model
+
+
+def judge_against_floors(settings: Settings, meta: dict[str, Any]) -> Judgement:
+    """Returns the judgement of a challenger when there is no champion to compare it with: the
+    floors the training gates apply (`CHURN_GATE_MIN_ROC_AUC`, `CHURN_GATE_MIN_PR_AUC`) on the
+    backtest means its training recorded (`meta["metrics"]["backtest"]`). Without it, a version
+    its training refused for a floor became champion through `churn promote` as "accepted"."""
+    backtest = (meta.get("metrics") or {}).get("backtest") or {}
+    figures: dict[str, float] = {}
+    verdicts: list[str] = []
+    for metric, floor in (("roc_auc", settings.gate_min_roc_auc), ("pr_auc", settings.gate_min_pr_auc)):
+        mean = (backtest.get(metric) or {}).get("mean")
+        if mean is None:
+            verdicts.append(f"fail: no backtest {metric} recorded")
+            continue
+        figures[f"backtest_{metric}"] = float(mean)
+        verdicts.append(f"{'pass' if mean >= floor else 'fail'}: backtest {metric} {mean:.4f} vs floor {floor:.4f}")
+    passed = all(v.startswith("pass") for v in verdicts)
+    return Judgement(passed, "; ".join(["no current champion", *verdicts]), figures)
 
 
 def _moved_since(settings: Settings, champion: str | None, challenger: str) -> str | None:
@@ -204,9 +229,9 @@ def promote(settings: Settings, *, force: bool = False, reason: str = "", actor:
     if challenger == current:
         msg = f"challenger v{challenger} is already the champion: nothing to promote"
         raise InvalidInputError(msg)
-    _checked(settings, challenger)
+    model = _checked(settings, challenger)
     if current is None:
-        judgement = Judgement(True, "no current champion")
+        judgement = judge_against_floors(settings, model.meta or {})
     else:
         pairs = paired_outcomes(settings.predictions_dir, current, challenger)
         judgement = judge(

@@ -22,7 +22,7 @@ from models import registry as model_registry
 from models.artifact import load_artifact
 from sim.simulator import simulate
 from training import card as model_card
-from training import dataset, fit, registry
+from training import dataset, fit, promotion, registry
 from training.pipeline import TrainResult, build_training_set, train
 from training.report import format_summary
 
@@ -84,6 +84,23 @@ def test_no_promote_keeps_a_model_the_gates_pass_as_challenger(log: Path, state:
     assert model_registry.champion_version(state) == champion
     assert model_registry.champion_version(state, model_registry.CHALLENGER) == held.version
     assert "held" in format_summary(held)
+
+
+def test_churn_promote_with_no_champion_applies_the_floors_the_training_refused_for(log: Path, tmp_path: Path) -> None:
+    strict = load_settings(state_dir=tmp_path, gate_min_roc_auc=0.99, gate_min_pr_auc=0.02)
+    first_ever = train(strict, log, OPTIONS)
+    assert first_ever.registered and not first_ever.promoted
+    assert model_registry.champion_version(strict) is None
+    refused = promotion.promote(strict)
+    assert refused.entry["outcome"] == "refused"
+    assert "fail: backtest roc_auc" in refused.entry["rule"]
+    assert model_registry.champion_version(strict) is None
+    # The same version under floors it meets (the deployment lowered them) is promoted.
+    lenient = load_settings(state_dir=tmp_path, gate_min_roc_auc=0.55, gate_min_pr_auc=0.02)
+    accepted = promotion.promote(lenient)
+    assert accepted.entry["outcome"] == "accepted", accepted.entry["rule"]
+    assert accepted.entry["rule"].startswith("no current champion; pass: backtest roc_auc")
+    assert model_registry.champion_version(strict) == first_ever.version
 
 
 def test_worse_model_is_not_promoted(first: TrainResult, log: Path, state: Settings) -> None:
