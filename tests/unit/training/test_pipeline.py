@@ -89,7 +89,8 @@ def test_no_promote_keeps_a_model_the_gates_pass_as_challenger(log: Path, state:
 def test_churn_promote_with_no_champion_applies_the_floors_the_training_refused_for(log: Path, tmp_path: Path) -> None:
     strict = load_settings(state_dir=tmp_path, gate_min_roc_auc=0.99, gate_min_pr_auc=0.02)
     first_ever = train(strict, log, OPTIONS)
-    assert first_ever.registered and not first_ever.promoted
+    assert first_ever.registered
+    assert not first_ever.promoted
     assert model_registry.champion_version(strict) is None
     refused = promotion.promote(strict)
     assert refused.entry["outcome"] == "refused"
