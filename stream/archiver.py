@@ -5,7 +5,9 @@ Layout: `<root>/date=YYYY-MM-DD/p<partition>-<first offset>-<last offset>.parque
 file appears atomically (temp name, then rename) and offsets are committed after the files.
 A crash between the two leaves files whose offsets Kafka will deliver again; on assignment
 the archiver reads the offsets already archived at or after the committed position (file
-names tell which files can hold them) and skips those messages. While the group's coordinator
+names tell which files can hold them) and skips those messages. It keeps the events the scorer
+accepts: guests, invalid events and events dated more than `CHURN_MAX_FUTURE_SKEW_SECONDS`
+after their Kafka append time are left out (the scorer dead-letters the latter two). While the group's coordinator
 does not answer for the committed positions, it asks again until it does or a stop comes, and
 after a stop it archives nothing it is unsure of.
 """
@@ -27,7 +29,7 @@ import polars as pl
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from core.settings import Settings
-from events.schema import Event, parse_event
+from events.schema import Event, future_skew_reason, parse_event
 from monitoring.metrics import Metrics
 from stream.kafka import commit_unless_stopped, committing_consumer, report_lag
 
@@ -139,6 +141,7 @@ class Archiver:
     def run(self, *, max_batch: int = 20_000, max_idle_s: float | None = None) -> None:
         """Archives until stopped (or `max_idle_s` without messages)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        skew_ms = self.settings.max_future_skew_seconds * 1000
         self.consumer.subscribe([self.settings.events_topic], on_assign=self._on_assign)
         last_message = last_lag = time.monotonic()
         try:
@@ -162,10 +165,14 @@ class Archiver:
                     if offset in self.already_archived.get(partition, ()):
                         continue
                     event = parse_event(m.value() or b"", max_bytes=self.settings.max_event_bytes)
-                    if isinstance(event, Event):
+                    if isinstance(event, Event) and future_skew_reason(event, m.timestamp()[1], skew_ms) is None:
                         rows.append((partition, offset, event))
                     else:
-                        self.skipped += 1  # guests and invalid events: the scorer dead-letters the latter
+                        # Guests, invalid events and events dated too far ahead of their append
+                        # time: the scorer dead-letters the latter two. The log holds what the
+                        # scorer accepts (training and `churn materialize` read it): one event
+                        # dated in 2099 made training take every point's label window as ended.
+                        self.skipped += 1
                 files, size = write_batch(self.root, rows)
                 self.metrics.archiver_files_total.inc(files)
                 self.metrics.archiver_bytes_total.inc(size)

@@ -24,7 +24,14 @@ from typing import Any, ClassVar, Literal, TypeVar
 import lightgbm as lgb
 import numpy as np
 import polars as pl
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_LOG_APPEND_TIME,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
 from core.kafka import kafka_config
@@ -604,10 +611,11 @@ STAND_IN_TOPIC = "events"  # the topic the stand-in consumers read
 
 
 class KafkaMessage:
-    """What `Consumer.consume` returns, for one message without error."""
+    """What `Consumer.consume` returns, for one message without error; `append_ms` is its Kafka
+    append time (-1: none, as librdkafka reports a message without a timestamp)."""
 
-    def __init__(self, partition: int, offset: int, value: bytes = b"{}") -> None:
-        self._partition, self._offset, self._value = partition, offset, value
+    def __init__(self, partition: int, offset: int, value: bytes = b"{}", append_ms: int = -1) -> None:
+        self._partition, self._offset, self._value, self._append_ms = partition, offset, value, append_ms
 
     def error(self) -> None:
         return None
@@ -625,7 +633,9 @@ class KafkaMessage:
         return self._offset
 
     def timestamp(self) -> tuple[int, int]:
-        return (1, 0)
+        if self._append_ms < 0:
+            return (TIMESTAMP_NOT_AVAILABLE, -1)
+        return (TIMESTAMP_LOG_APPEND_TIME, self._append_ms)
 
 
 class ScriptedConsumer:

@@ -1,4 +1,5 @@
-"""One far-future event on the real broker, Redis and Feast: dead-lettered, and nothing moves."""
+"""One far-future event on the real broker, Redis and Feast: dead-lettered, nothing moves, and the
+archived log leaves it out."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import msgspec
 
 from core.redis import redis_client
 from core.settings import Settings
+from events.log import load_events
 from serving.risk import build_clock
+from stream.archiver import Archiver
 from stream.risk_store import RedisRiskStore
 from tests.support import Deployment, produce_paced, random_events, read_dlq, register_champion
 
@@ -49,5 +52,14 @@ def test_a_2099_event_is_dead_lettered_and_moves_nothing(
         assert risks.watermark() == watermark
         assert build_clock("event", risks)() == watermark
         client.close()
+        # The archiver, reading the same topic in its own group, leaves it out of the log that
+        # training and `churn materialize` read: the log holds what the scorer accepted.
+        own = deployment.settings.model_copy(update={"archiver_group": f"skew-archive{unique}"})
+        archive = Archiver(own, tmp_path / "archive", lag_every_s=3600)
+        archive.run(max_idle_s=2)
+        archived = load_events(tmp_path / "archive").collect()
+        assert archived.height == len(events)
+        assert archived["ts"].max() == watermark
+        assert archive.skipped == 1
     finally:
         deployment.cleanup()

@@ -101,6 +101,27 @@ def test_a_refused_commit_is_counted_and_logged_and_the_next_batch_commits_past_
     assert _archived_rows(tmp_path / "log") == 7
 
 
+def test_an_event_dated_too_far_past_its_append_time_is_not_archived_as_the_scorer_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training reads the log, and its labels end at the log's newest event time: one event the
+    scorer dead-letters for a wrong clock (here a year ahead) must not be in it."""
+    events = random_events(5, users=3, days=1, per_user=4)[:4]
+    appended = max(e.ts for e in events)
+    skew_ms = Settings().max_future_skew_seconds * 1000
+    future = msgspec.structs.replace(events[3], ts=appended + 365 * 86_400_000)
+    just_within = msgspec.structs.replace(events[2], ts=appended + skew_ms)
+    batch = [
+        KafkaMessage(0, i, msgspec.json.encode(e), append_ms=appended)
+        for i, e in enumerate([events[0], events[1], just_within, future])
+    ]
+    worker = _archiver(tmp_path, CommitRefusedOnce(batches=[batch]), monkeypatch)
+    worker.run(max_idle_s=0.2)
+    archived = pl.concat([pl.read_parquet(f) for f in (tmp_path / "log").rglob("*.parquet")])
+    assert sorted(archived["kafkaOffset"].to_list()) == [0, 1, 2]
+    assert worker.skipped == 1
+
+
 class CoordinatorSilent(ScriptedConsumer):
     """A consumer whose lookup of committed offsets times out `silent_tries` times (as while the
     group's coordinator is down) and then answers `committed_offset` for each partition. Like
