@@ -526,7 +526,8 @@ def score(
     ] = 0,
 ) -> None:
     """Score every known user (or every user active in the last --active-days) as of a time with the champion."""
-    from events.log import load_events  # heavy: see the module docstring
+    from events.log import load_events_with_positions  # heavy: see the module docstring
+    from features.offline import as_streamed  # heavy: see the module docstring
     from models.registry import load_champion  # heavy: see the module docstring
     from training.scoring import score_users, write_scores  # heavy: see the module docstring
 
@@ -539,7 +540,9 @@ def score(
             msg = f"no champion version of {settings.model_name} at {where}; run `churn train` first"
             raise NotFoundError(msg)
         model, version = champion
-        scores = score_users(model, load_events(events), to_ms(moment), version, active_days=active_days)
+        # The events the scorer applies (late ones left out), so that the rows are the stream's.
+        applied = as_streamed(load_events_with_positions(events), settings.allowed_lateness_seconds * 1000)
+        scores = score_users(model, applied, to_ms(moment), version, active_days=active_days)
         write_scores(scores, out)
     except ChurnError as exc:
         _fail(exc)

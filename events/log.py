@@ -57,6 +57,27 @@ _WIRE_SCHEMA = {
 _REQUIRED = ("ts", "userId", "sessionId", "itemInSession", "page", "level")
 
 
+def load_events_with_positions(path: Path | str) -> pl.LazyFrame:
+    """Returns the logged-in events at `path` (see `load_events`) plus `partition` and `offset`:
+    their Kafka position where the log has one (the archiver's `kafkaPartition`/`kafkaOffset`),
+    else -1 in both.
+
+    Raises:
+        InvalidInputError: as `load_events`.
+    """
+    path = Path(path)
+    events = load_events(path)  # validates the log and gives the engine columns
+    if path.is_dir():
+        raw = pl.scan_parquet(sorted(path.rglob("*.parquet")), extra_columns="ignore", missing_columns="insert")
+        if {"kafkaPartition", "kafkaOffset"} <= set(raw.collect_schema().names()):
+            raw = raw.with_columns(
+                pl.col("kafkaPartition").cast(pl.Int64).alias("partition"),
+                pl.col("kafkaOffset").cast(pl.Int64).alias("offset"),
+            )
+            return events_frame(raw, keep=("partition", "offset"))
+    return events.with_columns(pl.lit(-1, pl.Int64).alias("partition"), pl.lit(-1, pl.Int64).alias("offset"))
+
+
 def load_events(path: Path | str) -> pl.LazyFrame:
     """Returns the logged-in events at `path` in the offline engine's columns (see
     `events_frame`: user_id, ts, session_id, item_in_session, page, level,

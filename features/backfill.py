@@ -25,7 +25,7 @@ from core.errors import InvalidInputError
 from core.redis import redis_client
 from core.settings import Settings
 from core.timeutil import to_ms
-from events.log import events_frame, load_events
+from events.log import load_events_with_positions
 from events.schema import Event
 from features import offline, spec
 from features.feast_repo import batch_source_path, key_ttl_seconds, open_feature_store
@@ -37,25 +37,6 @@ from features.state_store import RedisStateStore, remove_old_layouts
 # script 4.8 s in all, worst PING 1.8 s; chunks of 5,000: 3.4 s, worst 52 ms; of 1,000: 2.7 s,
 # worst 17 ms.
 SAVE_CHUNK_USERS = 1_000
-
-
-def _log_with_positions(path: Path) -> pl.LazyFrame:
-    """Returns the log in engine columns plus `partition`/`offset` (-1 when not from Kafka).
-
-    Raises:
-        InvalidInputError: the log cannot be read or is empty.
-    """
-
-    events = load_events(path)  # validates the log and gives the engine columns
-    if path.is_dir():
-        raw = pl.scan_parquet(sorted(path.rglob("*.parquet")), extra_columns="ignore", missing_columns="insert")
-        if {"kafkaPartition", "kafkaOffset"} <= set(raw.collect_schema().names()):
-            raw = raw.with_columns(
-                pl.col("kafkaPartition").cast(pl.Int64).alias("partition"),
-                pl.col("kafkaOffset").cast(pl.Int64).alias("offset"),
-            )
-            return events_frame(raw, keep=("partition", "offset"))
-    return events.with_columns(pl.lit(-1, pl.Int64).alias("partition"), pl.lit(-1, pl.Int64).alias("offset"))
 
 
 def offline_rows(log: pl.LazyFrame, as_of_ms: int) -> pl.DataFrame:
@@ -125,7 +106,7 @@ def materialize(
     Returns counts and timings. Raises InvalidInputError (bad log) or ServiceUnavailableError.
     """
 
-    log = _log_with_positions(path)
+    log = load_events_with_positions(path)
     last_ms = log.select(pl.col("ts").max()).collect().item()
     as_of_ms = to_ms(as_of) if as_of else int(last_ms)
     started = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from events.log import events_frame
+from events.log import EVENT_COLUMNS, events_frame
 from features import spec
 
 
@@ -113,4 +113,23 @@ def compute(events: pl.DataFrame | pl.LazyFrame, points: pl.DataFrame) -> pl.Dat
         .sort("_row")
         .select(*point_columns, "last_event_ms", *spec.STORED_FEATURES, "seconds_since_last_event")
         .collect()
+    )
+
+
+def as_streamed(log: pl.LazyFrame, lateness_ms: int) -> pl.LazyFrame:
+    """Returns the events of `log` (engine columns plus `partition`/`offset`, see
+    `events.log.load_events_with_positions`) that the stream applies, in the engine columns:
+    an event older than its user's newest earlier event by more than `lateness_ms` is left
+    out, as `features.online.OnlineEngine.apply` ignores it (LATE). "Earlier" is Kafka's order,
+    offsets within a partition (a user's events share one partition); events without offsets
+    (-1) come in event-time order, where none is late.
+
+    Why: the stream ignores such an event for good, so a model trained on rows that count it
+    sees features the scorer never computes (one Thumbs Down two hours late moved
+    `thumbs_down_7d` from 0 to 1 offline)."""
+    newest_before = pl.col("ts").cum_max().shift(1).over("user_id")
+    return (
+        log.sort("partition", "offset", "ts", maintain_order=True)
+        .filter(newest_before.is_null() | (pl.col("ts") >= newest_before - lateness_ms))
+        .select(EVENT_COLUMNS)
     )

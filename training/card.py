@@ -124,7 +124,8 @@ def render(meta: dict[str, Any]) -> str:
         f"- {report.get('events')} events, {report.get('users')} users",
         f"- duplicated events {report.get('duplicated_events')}, sessions out of order"
         f" {report.get('sessions_out_of_order')}, unknown pages {sum((report.get('unknown_pages') or {}).values())},"
-        f" users active after cancelling {report.get('users_active_after_cancellation')}",
+        f" users active after cancelling {report.get('users_active_after_cancellation')},"
+        f" late events left out {report.get('late_events', 0)}",
         f"- churners per split: {report.get('churners_per_split')}",
         *([f"- warning: {w}" for w in warnings] or ["- no warnings"]),
         "",

@@ -37,6 +37,9 @@ class DataReport:
     null_rates: dict[str, float]
     users_active_after_cancellation: int
     churners_per_split: dict[str, int] = field(default_factory=dict)
+    # Events the stream ignores (older than their user's newest earlier event by more than the
+    # allowed lateness, in Kafka order), left out of training as well (`record_late`).
+    late_events: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +53,7 @@ class DataReport:
             "null_rates": dict(self.null_rates),
             "users_active_after_cancellation": self.users_active_after_cancellation,
             "churners_per_split": dict(self.churners_per_split),
+            "late_events": self.late_events,
             "warnings": list(self.warnings),
         }
 
@@ -105,3 +109,16 @@ def record_churners(report: DataReport, split_name: str, churners: int, rows: in
     report.churners_per_split[split_name] = churners
     if 0 < churners < 10:
         report.warnings.append(f"split {split_name}: only {churners} churner(s) in {rows} rows; its metrics are noisy")
+
+
+def record_late(report: DataReport, late: int, lateness_ms: int) -> None:
+    """Records how many events training left out as late (see `features.offline.as_streamed`),
+    with a warning line when there are any: a producer that delivers that late loses events in
+    the stream as well."""
+    report.late_events = late
+    if late:
+        report.warnings.append(
+            f"{late} event(s) arrived more than the allowed lateness ({lateness_ms // 1000} s,"
+            " CHURN_ALLOWED_LATENESS_SECONDS) after their user's newest event: the scorer ignores them,"
+            " and so does training"
+        )

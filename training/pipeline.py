@@ -19,8 +19,9 @@ import polars as pl
 from core.errors import InvalidInputError
 from core.settings import Settings, mask_url
 from core.timeutil import ms_to_iso
-from events.log import load_events
+from events.log import load_events_with_positions
 from features import spec
+from features.offline import as_streamed
 from models import registry as model_registry
 from models.artifact import ChurnModel, save_artifact, tier_cuts
 from training import backtest, card, checks, dataset, evaluate, fit, reference, registry, search, split
@@ -174,8 +175,13 @@ def train(
     horizon = resolved.horizon
     started = time.perf_counter()
     progress(f"reading events from {events_path}")
-    events = load_events(events_path)
+    logged = load_events_with_positions(events_path)
+    # The events the scorer applies: features trained on must be those it computes.
+    lateness_ms = settings.allowed_lateness_seconds * 1000
+    events = as_streamed(logged, lateness_ms).collect().lazy()
     report = checks.check_events(events)
+    late = logged.select(pl.len()).collect().item() - events.select(pl.len()).collect().item()
+    checks.record_late(report, late, lateness_ms)
     for warning in report.warnings:
         progress(f"data warning: {warning}")
     checks_seconds = time.perf_counter() - started
@@ -378,6 +384,7 @@ def _register(
             "data_sessions_out_of_order": report["sessions_out_of_order"],
             "data_unknown_page_events": sum(report["unknown_pages"].values()),
             "data_users_active_after_cancellation": report["users_active_after_cancellation"],
+            "data_late_events": report.get("late_events", 0),
             "data_warnings": len(report["warnings"]),
             **{f"data_null_rate_{k}": v for k, v in report["null_rates"].items()},
         }

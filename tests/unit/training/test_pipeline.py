@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import polars as pl
 import pytest
@@ -17,7 +18,9 @@ from bench.harness import SMALL_SIMULATION, SMALL_TRAIN_OPTIONS
 from core.settings import Settings, load_settings
 from core.timeutil import parse_utc, to_ms
 from events.log import load_events, write_partitioned
+from events.schema import Event, parse_event
 from features import spec
+from features.online import LATE, OnlineEngine
 from models import registry as model_registry
 from models.artifact import load_artifact
 from sim.simulator import simulate
@@ -102,6 +105,33 @@ def test_churn_promote_with_no_champion_applies_the_floors_the_training_refused_
     assert accepted.entry["outcome"] == "accepted", accepted.entry["rule"]
     assert accepted.entry["rule"].startswith("no current champion; pass: backtest roc_auc")
     assert model_registry.champion_version(strict) == first_ever.version
+
+
+def test_training_leaves_out_the_events_the_scorer_ignores_as_late(log: Path, tmp_path: Path) -> None:
+    """The archived log in Kafka order, where a few users' Thumbs Down arrive three hours late
+    (the allowed lateness is one): the scorer ignores them (LATE), and so must training."""
+    wire = pl.read_parquet(sorted(log.rglob("*.parquet"))).sort("ts", maintain_order=True)
+    late_rows = wire.with_row_index("row").filter(pl.col("page") == "Thumbs Down")["row"].to_list()[:25:5]
+    arrival = (
+        wire.with_row_index("row")
+        .with_columns(arrives=pl.col("ts") + pl.when(pl.col("row").is_in(late_rows)).then(3 * 3_600_000).otherwise(0))
+        .sort("arrives", "row")
+    )
+    positioned = arrival.with_columns(
+        kafkaPartition=pl.lit(0, pl.Int64), kafkaOffset=pl.int_range(pl.len(), dtype=pl.Int64)
+    ).drop("row", "arrives")
+    write_partitioned(positioned, tmp_path / "events")
+    engine = OnlineEngine()  # the default lateness, as the settings below
+    ignored = 0
+    for offset, row in enumerate(positioned.drop("kafkaPartition", "kafkaOffset").iter_rows(named=True)):
+        event = parse_event(msgspec.json.encode(row))
+        if isinstance(event, Event):
+            ignored += engine.apply(event, 0, offset) == LATE
+    assert ignored > 0
+    settings = load_settings(state_dir=tmp_path / "state", gate_min_roc_auc=0.55, gate_min_pr_auc=0.02)
+    result = train(settings, tmp_path / "events", OPTIONS)
+    assert result.data_report["late_events"] == ignored
+    assert any("the scorer ignores them, and so does training" in w for w in result.data_report["warnings"])
 
 
 def test_worse_model_is_not_promoted(first: TrainResult, log: Path, state: Settings) -> None:
