@@ -14,6 +14,7 @@ from core.kafka import kafka_config
 from core.settings import Settings
 from infra import local as infra
 from stream.topics import delete_topics
+from tests.support import wait_for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,6 +40,14 @@ def topic(settings: Settings, unique: str) -> Iterator[str]:
     admin.create_topics([NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=1)])[name].result(
         30
     )
+
+    def visible() -> bool:
+        # Created is not yet visible: a metadata request right after the creation can miss the
+        # topic (one `ensure_changes_topic` found "events topic does not exist").
+        meta = admin.list_topics(name, timeout=5).topics.get(name)
+        return meta is not None and meta.error is None and len(meta.partitions) == settings.topic_partitions
+
+    wait_for(visible, 30, f"topic {name} in the metadata")
     yield name
     admin.delete_topics([name])[name].result(30)
     delete_topics(
