@@ -182,6 +182,28 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_key(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # A blank key used to be dropped, so `[""]` (an unset template variable, say) passed the
+        # "keys configured" check and left the API open without CHURN_API_OPEN.
+        blank = [i for i, key in enumerate(value) if not key.get_secret_value().strip()]
+        if blank:
+            msg = f"key(s) at position {blank} are blank: an empty key would leave the API open"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("max_future_skew_seconds")
+    @classmethod
+    def _skew_within_lateness(cls, value: int, info: ValidationInfo) -> int:
+        # An event accepted up to the skew ahead of the broker moves its user's latest time that
+        # far: beyond the lateness, the user's next real events would be dropped as late.
+        lateness = info.data.get("allowed_lateness_seconds")
+        if lateness is not None and value > lateness:
+            msg = f"must be at most CHURN_ALLOWED_LATENESS_SECONDS ({lateness})"
+            raise ValueError(msg)
+        return value
+
     @field_validator("drift_psi_alert")
     @classmethod
     def _alert_above_warn(cls, value: float, info: ValidationInfo) -> float:

@@ -51,3 +51,19 @@ def test_an_invalid_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings(api_keys="secret-as-a-string")
     assert "secret-as-a-string" not in str(raised.value)
     assert raised.value.__cause__ is None  # a traceback would print pydantic's error, input included
+
+
+@pytest.mark.parametrize("keys", ['[""]', '["real", "  "]'])
+def test_a_blank_api_key_is_refused_not_dropped(keys: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`["${KEY}"]` with KEY unset gave `[""]`, which passed the keys-required check and left the
+    API open (blank keys were dropped) without CHURN_API_OPEN."""
+    monkeypatch.setenv("CHURN_API_KEYS", keys)
+    with pytest.raises(ConfigError, match="CHURN_API_KEYS.*blank"):
+        load_settings()
+
+
+def test_the_future_skew_allowance_cannot_exceed_the_lateness() -> None:
+    """An event accepted that far ahead would make its user's real events late."""
+    with pytest.raises(ConfigError, match="CHURN_MAX_FUTURE_SKEW_SECONDS.*at most CHURN_ALLOWED_LATENESS_SECONDS"):
+        load_settings(allowed_lateness_seconds=60)
+    assert load_settings(allowed_lateness_seconds=60, max_future_skew_seconds=60).max_future_skew_seconds == 60
