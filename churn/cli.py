@@ -434,8 +434,9 @@ def actions_tail(
     try:
         ensure_changes_topic(settings)
         report = tail(settings, sink, group=group, stopping=stopping, idle_exit_s=idle_exit or None)
-    except KeyboardInterrupt:  # the second signal: at once
-        return
+    except KeyboardInterrupt:  # the second signal: at once, and not as a success
+        typer.echo("interrupted: the batch in hand is delivered again from its start after a restart", err=True)
+        raise typer.Exit(130) from None
     except ChurnError as exc:
         _fail(exc)
     summary = f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}"

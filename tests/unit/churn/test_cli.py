@@ -9,8 +9,10 @@ import threading
 import time
 
 import pytest
+from typer.testing import CliRunner
 
 from churn import cli
+from stream import actions, changes
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -26,3 +28,14 @@ def test_the_first_signal_sets_the_stop_event_and_the_second_interrupts(sig: sig
 def _signal_and_wait(sig: signal.Signals) -> None:
     os.kill(os.getpid(), sig)
     time.sleep(5)  # the handler runs here at the latest
+
+
+def test_a_forced_stop_of_the_tail_is_not_reported_as_a_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt  # the second signal, in the middle of a batch
+
+    monkeypatch.setattr(actions, "tail", interrupted)
+    monkeypatch.setattr(changes, "ensure_changes_topic", lambda _settings: None)
+    result = CliRunner().invoke(cli.app, ["actions", "tail"])
+    assert result.exit_code == 130
+    assert "interrupted: the batch in hand is delivered again" in result.output
