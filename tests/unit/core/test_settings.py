@@ -58,12 +58,12 @@ def test_a_blank_api_key_is_refused_not_dropped(keys: str, monkeypatch: pytest.M
     """`["${KEY}"]` with KEY unset gave `[""]`, which passed the keys-required check and left the
     API open (blank keys were dropped) without CHURN_API_OPEN."""
     monkeypatch.setenv("CHURN_API_KEYS", keys)
-    with pytest.raises(ConfigError, match="CHURN_API_KEYS.*blank"):
+    with pytest.raises(ConfigError, match=r"CHURN_API_KEYS.*blank"):
         load_settings()
 
 
 def test_the_future_skew_allowance_cannot_exceed_the_lateness() -> None:
     """An event accepted that far ahead would make its user's real events late."""
-    with pytest.raises(ConfigError, match="CHURN_MAX_FUTURE_SKEW_SECONDS.*at most CHURN_ALLOWED_LATENESS_SECONDS"):
+    with pytest.raises(ConfigError, match=r"CHURN_MAX_FUTURE_SKEW_SECONDS.*at most CHURN_ALLOWED_LATENESS_SECONDS"):
         load_settings(allowed_lateness_seconds=60)
     assert load_settings(allowed_lateness_seconds=60, max_future_skew_seconds=60).max_future_skew_seconds == 60
