@@ -7,9 +7,11 @@ The write side (runs, new versions, gates, promotion) is `training.registry`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,13 @@ def champion_version(settings: Settings, alias: str = CHAMPION) -> str | None:
 
 def load_version(settings: Settings, version: str) -> ChurnModel:
     """Returns the model of registry `version`, downloaded once into the local cache
-    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>/).
+    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>-<source hash>/).
+
+    The cache is keyed by the version's artifact source as well as its number: a registry that
+    was re-created (or a model deleted and registered again) numbers from 1 again, and keyed by
+    number alone the old v1's files were served as the new v1. Processes that start together
+    (API workers, scorers) may download the same version at once: each downloads beside the
+    cache and renames its copy into place; the first rename wins and the others keep its copy.
 
     Raises:
         ServiceUnavailableError: the registry or artifact store cannot be reached.
@@ -62,24 +70,49 @@ def load_version(settings: Settings, version: str) -> ChurnModel:
 
     # Keyed by registry too: two registries sharing a state folder each number from 1.
     registry = hashlib.sha256(settings.tracking_uri.encode()).hexdigest()[:12]
-    cache = settings.state_dir.resolve() / "model_cache" / registry / settings.model_name / version
+    try:
+        source = registry_client(settings).get_model_version(settings.model_name, version).source
+    except MlflowException as exc:
+        msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot read {settings.model_name} v{version}: {exc}"
+        raise ServiceUnavailableError(msg) from exc
+    of_source = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    cache = settings.state_dir.resolve() / "model_cache" / registry / settings.model_name / f"{version}-{of_source}"
     if not (cache / "meta.json").exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}-"))
         try:
-            source = registry_client(settings).get_model_version(settings.model_name, version).source
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            # Download beside the cache and rename: a reader never sees a half-written folder.
-            staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{version}-"))
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=source, dst_path=str(staging), tracking_uri=settings.tracking_uri
             )
-            if cache.exists():
-                shutil.rmtree(cache)
-            Path(local).rename(cache)
-            shutil.rmtree(staging, ignore_errors=True)
+            _install(Path(local), cache)
         except MlflowException as exc:
             msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot fetch {settings.model_name} v{version}: {exc}"
             raise ServiceUnavailableError(msg) from exc
+        finally:  # a failed download leaves nothing behind (the holder tries again at each poll)
+            shutil.rmtree(staging, ignore_errors=True)
     return load_artifact(cache)
+
+
+def _install(downloaded: Path, cache: Path) -> None:
+    """Renames the complete `downloaded` folder to `cache` (atomic: a reader never sees a
+    half-written folder). When another process's copy got there first, keeps that one; a
+    leftover without `meta.json` (an interrupted older install) is set aside first.
+
+    Raises:
+        OSError: the folder cannot be renamed into place.
+    """
+    for _ in range(3):
+        try:
+            downloaded.rename(cache)  # refused when `cache` is a non-empty folder
+            return
+        except OSError:
+            if (cache / "meta.json").exists():
+                return  # another process installed the same version first
+            aside = cache.with_name(f".{cache.name}-leftover-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(FileNotFoundError):  # another process may have moved it
+                cache.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    downloaded.rename(cache)
 
 
 def load_champion(settings: Settings, alias: str = CHAMPION) -> tuple[ChurnModel, str] | None:

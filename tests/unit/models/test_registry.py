@@ -1,0 +1,82 @@
+"""The local model cache of `models.registry.load_version`: processes that start together all get
+a complete copy, a failed download leaves nothing behind, and a re-created registry's v1 is not
+the old v1's files."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+
+from core.errors import ServiceUnavailableError
+from core.settings import Settings, load_settings
+from features import spec
+from models import registry
+from tests.support import register_champion, small_model
+
+
+def _scratch(folder: Path) -> Settings:
+    """The settings `register_champion` registers with (its SQLite store and state folder)."""
+    return load_settings(mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", state_dir=folder / "state")
+
+
+def _cached(settings: Settings) -> list[str]:
+    """Returns the entries of the model's cache folder (version folders, and any leftovers)."""
+    return sorted(p.name for p in (settings.state_dir / "model_cache").glob(f"*/{settings.model_name}/*"))
+
+
+def test_loaders_starting_together_all_get_a_complete_copy_and_leave_nothing_else(tmp_path: Path) -> None:
+    """API workers and scorers starting together on an empty cache (threads here, the same
+    folders): before, each removed and renamed the same folder, and loads failed with
+    `Directory not empty` or found no artifact between another's remove and rename."""
+    register_champion(tmp_path, load_settings())
+    settings = _scratch(tmp_path)
+    registry.champion_version(settings)  # the SQLite store opened before the race
+    start = threading.Barrier(8)
+    failures: list[str] = []
+
+    def load() -> None:
+        start.wait()
+        try:
+            registry.load_version(settings, "1")
+        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    loaders = [threading.Thread(target=load) for _ in range(8)]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.join(120)
+    assert failures == []
+    assert len(_cached(settings)) == 1  # one version folder, no download left beside it
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    register_champion(tmp_path, load_settings())
+
+    def half_then_fail(artifact_uri: str, dst_path: str, tracking_uri: str) -> str:
+        (Path(dst_path) / "model.txt").write_text("half a booster")
+        msg = "connection reset while downloading"
+        raise MlflowException(msg)
+
+    monkeypatch.setattr("mlflow.artifacts.download_artifacts", half_then_fail)
+    with pytest.raises(ServiceUnavailableError, match="connection reset"):
+        registry.load_version(_scratch(tmp_path), "1")
+    assert _cached(_scratch(tmp_path)) == []
+
+
+def test_a_re_created_registry_s_v1_is_its_own_model_not_the_cached_one(tmp_path: Path) -> None:
+    settings = _scratch(tmp_path)
+    first, second = small_model(rounds=5), small_model(rounds=40)
+    x = np.random.default_rng(1).random((20, len(spec.MODEL_FEATURES))) * 10
+    assert not np.allclose(first.predict(x), second.predict(x))
+    register_champion(tmp_path, load_settings(), first)
+    assert np.allclose(registry.load_version(settings, "1").predict(x), first.predict(x))
+    # The model is deleted and registered again (numbering restarts); the state folder stays.
+    registry.registry_client(settings).delete_registered_model(settings.model_name)
+    register_champion(tmp_path, load_settings(), second)
+    assert registry.champion_version(settings) == "1"
+    assert np.allclose(registry.load_version(settings, "1").predict(x), second.predict(x))
