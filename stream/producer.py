@@ -52,6 +52,10 @@ PRODUCER_TUNING: Final[dict[str, object]] = {
     "message.timeout.ms": 60_000,
 }
 FLUSH_TIMEOUT_SECONDS: Final = 90.0
+# After Ctrl-C or SIGTERM the flush waits at most this long: with the broker down it would wait
+# out the message timeout (60 s), past `docker stop`'s 10 s grace, and gain nothing.
+STOPPED_FLUSH_SECONDS: Final = 5.0
+FLUSH_SLICE_SECONDS: Final = 0.25  # a flush is a blocking C call: a signal is handled between slices
 MAX_REPORTED_LINES: Final = 1000  # line numbers kept per run; the counts stay exact beyond it
 _POLL_EVERY: Final = 8192  # messages between polls for failed-delivery reports and progress
 
@@ -157,8 +161,9 @@ def publish(
     `producer` comes from `build_producer(settings, report.failure_reasons)`, so failed
     deliveries land in `report`. Lines may end in a newline (stripped); blank lines are
     skipped. `progress` is called with the running report about every `progress_interval`
-    seconds and once at the end. Ctrl-C stops reading, flushes what was queued and returns
-    the report with `interrupted` set.
+    seconds and once at the end. Ctrl-C stops reading, waits up to `STOPPED_FLUSH_SECONDS`
+    for what was queued (a second Ctrl-C ends that wait) and returns the report with
+    `interrupted` set; what is unacknowledged then counts as failed.
 
     Returns:
         `report`, filled in; `sent + failed` equals the number of lines published.
@@ -225,12 +230,14 @@ def publish(
         report.interrupted = True
     except BaseException:
         # The input failed mid-way (e.g. a truncated gzip file): deliver what was queued first.
-        producer.flush(flush_timeout)
+        _flush(producer, flush_timeout)
         raise
     # Anything not acknowledged by now (broker gone past the timeout) counts as failed.
-    undelivered = producer.flush(flush_timeout)
+    undelivered, stopped = _flush(producer, STOPPED_FLUSH_SECONDS if report.interrupted else flush_timeout)
+    report.interrupted = report.interrupted or stopped
     if undelivered:
-        failures["not acknowledged before the flush timeout"] += undelivered
+        why = "not acknowledged when stopped" if report.interrupted else "not acknowledged before the flush timeout"
+        failures[why] += undelivered
     _fill(report, queued, guests, line_no, time.monotonic() - started, 0)
     if progress is not None:
         progress(report)
@@ -238,6 +245,20 @@ def publish(
         msg = f"the Kafka producer failed for good after {report.sent} events: {fatal.args[0].str()}"
         raise ServiceUnavailableError(msg) from fatal
     return report
+
+
+def _flush(producer: Producer, timeout_s: float) -> tuple[int, bool]:
+    """Waits up to `timeout_s` for the queued messages' acknowledgements, in short slices so that
+    Ctrl-C or SIGTERM (KeyboardInterrupt) ends the wait; returns how many are unacknowledged and
+    whether a stop ended the wait."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            left = int(producer.flush(max(0.0, min(deadline - time.monotonic(), FLUSH_SLICE_SECONDS))))
+            if not left or time.monotonic() >= deadline:
+                return left, False
+    except KeyboardInterrupt:  # a (second) stop: what is queued is given up
+        return len(producer), True
 
 
 def _fill(report: ProduceReport, queued: int, guests: int, lines: int, elapsed: float, in_flight: int) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from stream import producer as producer_module
 from stream.pacing import Pacer, Pacing
 from stream.producer import ProduceReport, publish
 
@@ -82,7 +84,8 @@ def test_full_queue_waits_and_retries() -> None:
 
 
 def test_unacknowledged_messages_count_as_failed() -> None:
-    report = _publish(FakeProducer(undelivered=2), [_event("1"), _event("2"), _event("3")])
+    # flush_timeout: the stand-in's flush answers at once, where librdkafka's waits its slice.
+    report = _publish(FakeProducer(undelivered=2), [_event("1"), _event("2"), _event("3")], flush_timeout=0.1)
     assert (report.sent, report.failed) == (1, 2)
     assert report.failure_reasons == {"not acknowledged before the flush timeout": 2}
 
@@ -171,3 +174,50 @@ def test_paced_publish_waits_between_events(monkeypatch: pytest.MonkeyPatch) -> 
     assert report.sent == 3
     # Sleeping is stubbed out, so the schedule runs ahead of the clock: ~10 ms, then ~20 ms.
     assert [round(w, 2) for w in waits] == [0.01, 0.02]
+
+
+class BrokerDown(FakeProducer):
+    """A producer whose broker does not answer: every flush slice waits its whole timeout and
+    nothing is acknowledged; `interrupt_at` raises KeyboardInterrupt (a signal) in that flush."""
+
+    def __init__(self, interrupt_at: int = 0) -> None:
+        super().__init__()
+        self.slices: list[float] = []
+        self.interrupt_at = interrupt_at
+
+    def flush(self, timeout: float) -> int:
+        self.slices.append(timeout)
+        if len(self.slices) == self.interrupt_at:
+            raise KeyboardInterrupt
+        time.sleep(timeout)
+        return len(self.sent)
+
+    def __len__(self) -> int:
+        return len(self.sent)
+
+
+def test_after_a_stop_the_flush_waits_seconds_not_the_message_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker stop` gives 10 s: waiting out the 60 s message timeout for a dead broker gained
+    nothing and lost the summary to SIGKILL."""
+    monkeypatch.setattr(producer_module, "STOPPED_FLUSH_SECONDS", 0.6)
+
+    def lines() -> Iterator[bytes]:
+        yield _event("1")
+        yield _event("2")
+        raise KeyboardInterrupt
+
+    producer = BrokerDown()
+    started = time.monotonic()
+    report = _publish(producer, lines(), flush_timeout=90)
+    assert time.monotonic() - started < 3
+    assert report.interrupted
+    assert report.failure_reasons == {"not acknowledged when stopped": 2}
+    assert max(producer.slices) <= producer_module.FLUSH_SLICE_SECONDS
+
+
+def test_a_signal_during_the_final_flush_ends_it_and_counts_as_a_stop() -> None:
+    producer = BrokerDown(interrupt_at=2)
+    report = _publish(producer, [_event("1")], flush_timeout=90)
+    assert report.interrupted
+    assert len(producer.slices) == 2
+    assert report.failure_reasons == {"not acknowledged when stopped": 1}
