@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -193,7 +195,34 @@ def test_sigkilled_scorer_announces_each_change_once(
         d.cleanup()
 
 
-class _Receiver(BaseHTTPRequestHandler):
+class _Webhook(BaseHTTPRequestHandler):
+    """A CRM webhook stand-in that does not log each request."""
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@contextmanager
+def _serving(handler: type[_Webhook]) -> Iterator[str]:
+    """Serves `handler` on a free local port; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/changes"
+    finally:
+        server.shutdown()
+
+
+def _change(user: str, i: int, partition: int, reasons: list[ChangeReason] | None = None) -> TierChange:
+    """Returns user `user`'s change into `high`, caused by offset `i` of `partition`."""
+    return TierChange(
+        user_id=user, old_tier=None, new_tier="high", churn_probability=0.9, reasons=reasons or [],
+        model_name="churn-lightgbm", model_version="1", event_time_ms=1_767_225_600_000 + i,
+        prediction_id=prediction_id("1", user, i, i), source_partition=partition, source_offset=i,
+    )  # fmt: skip
+
+
+class _Receiver(_Webhook):
     """A CRM webhook: refuses user a5 (500, always) and a7 (400); every other change fails its
     first attempt (503) and is accepted on the next."""
 
@@ -210,9 +239,6 @@ class _Receiver(BaseHTTPRequestHandler):
         self.send_response(status)
         self.end_headers()
 
-    def log_message(self, *_: object) -> None:
-        pass
-
 
 @pytest.mark.slow
 def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
@@ -220,27 +246,14 @@ def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
 ) -> None:
     own = settings.model_copy(update={"events_topic": topic})
     ensure_changes_topic(own)
-    changes = [
-        TierChange(
-            user_id=f"a{i}", old_tier=None, new_tier="high", churn_probability=0.9,
-            reasons=[ChangeReason("songs_played_7d", 3.0, -0.5)], model_name="churn-lightgbm", model_version="1",
-            event_time_ms=1_767_225_600_000 + i, prediction_id=prediction_id("1", f"a{i}", i, i),
-            source_partition=i % own.topic_partitions, source_offset=i,
-        )
-        for i in range(30)
-    ]  # fmt: skip
+    scored_by = [ChangeReason("songs_played_7d", 3.0, -0.5)]
+    changes = [_change(f"a{i}", i, i % own.topic_partitions, scored_by) for i in range(30)]
     log = KafkaChangeLog(own, own.tier_changes_topic)
     log.publish(changes)
     log.producer.produce(own.tier_changes_topic, value=b"{not a change", partition=0)
     log.close()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/changes"
-        sink = WebhookSink(url, max_attempts=3, backoff_s=0.01)
-        report = tail(own, sink, group=f"crm{unique}", idle_exit_s=2.0)
-    finally:
-        server.shutdown()
+    with _serving(_Receiver) as url:
+        report = tail(own, WebhookSink(url, max_attempts=3, backoff_s=0.01), group=f"crm{unique}", idle_exit_s=2.0)
     good = sorted(c.user_id for c in changes if c.user_id not in ("a5", "a7"))
     assert sorted(str(b["user_id"]) for b in _Receiver.accepted) == good  # each once, after one retry
     assert all(_Receiver.attempts[u] == 2 for u in good)
@@ -263,7 +276,7 @@ def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
     assert sorted(line["user_id"] for line in lines) == sorted(c.user_id for c in changes)
 
 
-class _Down(BaseHTTPRequestHandler):
+class _Down(_Webhook):
     """A CRM webhook down for maintenance: 503 to every change."""
 
     posts: ClassVar[int] = 0
@@ -274,9 +287,6 @@ class _Down(BaseHTTPRequestHandler):
         self.send_response(503)
         self.end_headers()
 
-    def log_message(self, *_: object) -> None:
-        pass
-
 
 @pytest.mark.slow
 def test_sigterm_in_the_webhook_retries_stops_the_tail_and_the_restart_delivers_every_change(
@@ -284,23 +294,14 @@ def test_sigterm_in_the_webhook_retries_stops_the_tail_and_the_restart_delivers_
 ) -> None:
     own = settings.model_copy(update={"events_topic": topic})
     ensure_changes_topic(own)
-    changes = [
-        TierChange(
-            user_id=f"s{i}", old_tier=None, new_tier="high", churn_probability=0.9, reasons=[],
-            model_name="churn-lightgbm", model_version="1", event_time_ms=1_767_225_600_000 + i,
-            prediction_id=prediction_id("1", f"s{i}", i, i), source_partition=0, source_offset=i,
-        )
-        for i in range(10)
-    ]  # fmt: skip
+    changes = [_change(f"s{i}", i, 0) for i in range(10)]
     log = KafkaChangeLog(own, own.tier_changes_topic)
     log.publish(changes)
     log.close()
     group = f"crm-stop{unique}"
-    down = ThreadingHTTPServer(("127.0.0.1", 0), _Down)
-    threading.Thread(target=down.serve_forever, daemon=True).start()
-    try:
+    with _serving(_Down) as url:
         tailing = subprocess.Popen(
-            [CHURN, "actions", "tail", "--group", group, "--webhook", f"http://127.0.0.1:{down.server_address[1]}/"],
+            [CHURN, "actions", "tail", "--group", group, "--webhook", url],
             env={**os.environ, "CHURN_EVENTS_TOPIC": topic}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
         wait_for(lambda: _Down.posts >= 2, 60, "the tail retrying the first change")  # in its backoff
@@ -308,20 +309,13 @@ def test_sigterm_in_the_webhook_retries_stops_the_tail_and_the_restart_delivers_
         stopped = time.monotonic()
         _, err = tailing.communicate(timeout=30)
         took = time.monotonic() - stopped
-    finally:
-        down.shutdown()
     assert tailing.returncode == 0, err.decode()[-2000:]
     assert took < 5  # not the rest of the 5 attempts' backoff per change of the batch
     assert "delivered 0, dead-lettered 0; stopped within a batch" in err.decode()
     # Stopped, not refused: nothing was dead-lettered or committed, so a restart delivers every change.
     _Receiver.attempts, _Receiver.accepted = {}, []
-    up = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=up.serve_forever, daemon=True).start()
-    try:
-        sink = WebhookSink(f"http://127.0.0.1:{up.server_address[1]}/", backoff_s=0.01)
-        report = tail(own, sink, group=group, idle_exit_s=2.0)
-    finally:
-        up.shutdown()
+    with _serving(_Receiver) as url:
+        report = tail(own, WebhookSink(url, backoff_s=0.01), group=group, idle_exit_s=2.0)
     assert sorted(str(b["user_id"]) for b in _Receiver.accepted) == sorted(c.user_id for c in changes)
     assert (report.delivered, report.dead_lettered, report.unreadable) == (10, 0, 0)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -115,35 +116,35 @@ def test_the_change_log_fails_the_batch_on_a_fatal_delivery_and_its_retry_publis
     log.reader.close()
 
 
-def test_a_stop_signal_ends_a_publish_waiting_for_a_broker_that_does_not_answer() -> None:
-    # Nothing listens on port 1: librdkafka queues the change and no acknowledgement ever comes.
+def _seconds_to_stop(call: Callable[[KafkaChangeLog], object], refusal: str) -> float:
+    """Runs `call` on a change log whose broker does not answer (nothing listens on port 1),
+    with a 30 s timeout and a stop signal 0.5 s in; checks that it raises ServiceUnavailableError
+    matching `refusal` and returns how long it took."""
     stop = threading.Event()
     log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=30, interrupt=stop)
     threading.Timer(0.5, stop.set).start()
     started = time.monotonic()
     try:
-        with pytest.raises(ServiceUnavailableError, match=r"did not acknowledge 1 change\(s\) \(stopping\)"):
-            log.publish([tier_change("u1")])
-        waited = time.monotonic() - started
+        with pytest.raises(ServiceUnavailableError, match=refusal):
+            call(log)
+        return time.monotonic() - started
     finally:
         log.producer.producer.purge()
         log.reader.close()
+
+
+def test_a_stop_signal_ends_a_publish_waiting_for_a_broker_that_does_not_answer() -> None:
+    # librdkafka queues the change and no acknowledgement ever comes.
+    waited = _seconds_to_stop(
+        lambda log: log.publish([tier_change("u1")]), r"did not acknowledge 1 change\(s\) \(stopping\)"
+    )
     assert 0.5 <= waited < 10  # after the signal, long before the 30 s timeout
 
 
 def test_a_stop_signal_ends_a_read_of_the_published_tail_while_no_broker_answers() -> None:
     # The scorer reads the tail when it retries a batch after an outage: with Kafka still down,
     # each metadata or watermark request would wait out its whole timeout.
-    stop = threading.Event()
-    log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=30, interrupt=stop)
-    threading.Timer(0.5, stop.set).start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(ServiceUnavailableError, match=r"cannot read the ends of changes\[0\] \(stopping\)"):
-            log.published(0, 0)
-        waited = time.monotonic() - started
-    finally:
-        log.reader.close()
+    waited = _seconds_to_stop(lambda log: log.published(0, 0), r"cannot read the ends of changes\[0\] \(stopping\)")
     assert 0.5 <= waited < 5  # within a try of the signal, long before the 30 s timeout
 
 
