@@ -322,12 +322,19 @@ def cpu_model() -> str:
 
 
 def measure_mode(
-    port: int, pid: int, users: int, mode: Mode, plan: LoadPlan, say: Callable[[str], None]
+    port: int,
+    pid: int,
+    users: int,
+    mode: Mode,
+    plan: LoadPlan,
+    say: Callable[[str], None],
+    probe: Callable[[], dict[str, Any]] = dict,
 ) -> dict[str, Any]:
     """Returns a mode's capacity (see `find_capacity`), the latencies and CPU ms per request of
-    the server process tree at 50% and 100% of it, and its CPU ms per request over the whole
-    search with the rate one core would sustain at that cost (`cpu_bound_per_core_per_second`:
-    CPU time hardly depends on how busy a shared machine is, unlike p99)."""
+    the server process tree at 50% and 100% of it (with what `probe` returns right after each of
+    those runs), and its CPU ms per request over the whole search with the rate one core would
+    sustain at that cost (`cpu_bound_per_core_per_second`: CPU time hardly depends on how busy a
+    shared machine is, unlike p99)."""
     spent = [0.0, 0.0]  # CPU seconds of the server, requests sent
 
     def run(rate: float, seconds: float = plan.step_seconds) -> dict[str, Any]:
@@ -366,6 +373,7 @@ def measure_mode(
             "cpu_ms_per_request": result["cpu_ms_per_request"],
             "steal_share": result["steal_share"],
             "tries": result["tries"],
+            **probe(),
         }
         say(f"  at {share}%: {rate:.0f}/s p50 {result['latency']['p50_ms']} p99 {result['latency']['p99_ms']} ms")
     figures["search"] = found["search"]
@@ -387,6 +395,21 @@ def open_api_env(scratch: Settings, port: int) -> dict[str, str]:
         "CHURN_API_KEYS": "[]",
         "CHURN_API_OPEN": "true",
     }
+
+
+def in_flight_limit(port: int) -> dict[str, Any]:
+    """Returns `churn serve`'s in-flight limit (`churn_api_in_flight_limit` of its /metrics; with
+    several workers, that of the one which answered) as `{"in_flight_limit": n}`, or {} if the
+    gauge cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        if line.startswith("churn_api_in_flight_limit "):
+            return {"in_flight_limit": int(float(line.split()[1]))}
+    return {}
 
 
 @contextmanager
@@ -460,14 +483,22 @@ def bench_api(
         load_before = round(os.getloadavg()[0], 2)
 
         port = free_port()
-        env = {**open_api_env(scratch, port), "CHURN_MLFLOW_TRACKING_URI": scratch.tracking_uri, "CHURN_CLOCK": "event"}
+        env = {
+            **open_api_env(scratch, port),
+            "CHURN_MLFLOW_TRACKING_URI": scratch.tracking_uri,
+            "CHURN_CLOCK": "event",
+            # The budget a derived in-flight limit fills half of: the one the search holds it to.
+            "CHURN_API_LATENCY_BUDGET_MS": str(plan.budget_ms),
+        }
         began = time.perf_counter()
         with running([CHURN, "serve", "--workers", str(workers)], env, folder / "serve.log") as server:
             wait_ready(port, server, folder / "serve.log")
             timings["serve_start_seconds"] = round(time.perf_counter() - began, 1)
             for mode in modes:
                 say(f"churn serve, {mode}:")
-                results[mode] = measure_mode(port, server.pid, users, MODES[mode], plan, say)
+                results[mode] = measure_mode(
+                    port, server.pid, users, MODES[mode], plan, say, probe=lambda: in_flight_limit(port)
+                )
         if anchor:
             port = free_port()
             # Feast's server as a user starts it, but without its default worker recycling

@@ -149,14 +149,15 @@ class Settings(BaseSettings):
     # API capacity (issue 20). A worker with this many requests in flight answers any other at once
     # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
     # this many others' CPU time; during a standing overload (over 5% of a second's requests
-    # refused) the limit is half of this. Derived from measured cost: a score request takes
-    # 1.5-2.5 ms of CPU through the whole ASGI app in process (3.5 ms per request in `churn bench
-    # api` on the shared, loaded 2-core machine), so 4 in flight queue ~5-10 ms, within the 10 ms
-    # p99 budget below, and one request waiting on Redis still leaves three for the CPU. With 8, the
-    # overload test (3x capacity) saw accepted p99 at 2.9x the p99 at capacity.
-    api_max_in_flight: int = Field(default=4, ge=1, le=1000)
-    # The latency budget `churn bench api` searches capacity against: the highest open-loop rate
-    # whose p99 stays under it.
+    # refused) the limit is half of this. 0 (the default): derived in each worker from its measured
+    # CPU time per request, as many as fit in half the latency budget below (at least 4, the fixed
+    # default before, at most 64). A score request costs 0.4-1.2 ms of CPU on machines of this kind,
+    # so one fixed number either queues past the budget on the slow ones or refuses bursts that the
+    # fast ones serve within it. Fix it only with slower dependencies (more requests waiting on
+    # Redis per worker than on the CPU).
+    api_max_in_flight: int = Field(default=0, ge=0, le=1000)
+    # The latency budget `churn bench api` searches capacity against (the highest open-loop rate
+    # whose p99 stays under it), and half of which a derived in-flight limit (above) fills.
     api_latency_budget_ms: float = Field(default=10.0, gt=0)
 
     # Promotion and rollback (issue 22; `churn promote`, `churn rollback`, training/promotion.py).

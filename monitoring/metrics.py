@@ -128,7 +128,8 @@ class Metrics:
         )
         self.api_in_flight_limit = Gauge(
             "churn_api_in_flight_limit",
-            "The worker's in-flight limit: CHURN_API_MAX_IN_FLIGHT, or half of it during a standing overload",
+            "The worker's in-flight limit: derived from its CPU per request and the latency budget, or"
+            " CHURN_API_MAX_IN_FLIGHT; half of it during a standing overload",
             registry=r,
         )
         # Model

@@ -1,10 +1,10 @@
-"""Admission control: at most `max_in_flight` requests in flight per worker, the rest refused at once.
+"""Admission control: at most `limit` requests in flight per worker, the rest refused at once.
 
 Without a bound, a worker past its capacity queues every request (in its thread pool, its event
 loop and the kernel's socket buffers) and answers all of them, ever later: the latency of every
-request grows with the overload. Here a request that finds `max_in_flight` others in flight is
+request grows with the overload. Here a request that finds `limit` others in flight is
 answered 503 with `Retry-After` before any routing, validation or I/O, so the requests that are
-accepted wait behind at most `max_in_flight - 1` others and their latency stays bounded; the client
+accepted wait behind at most `limit - 1` others and their latency stays bounded; the client
 (or a load balancer) retries elsewhere or later. `/health/*` and `/metrics` are never refused: an
 orchestrator must not restart a worker for being busy, and Prometheus must see the overload.
 
@@ -15,11 +15,20 @@ at capacity it waits for one or two: with 4 the overload test measured the accep
 kept that to 0.9-1.3x, but a burst at capacity likely finds both slots taken sooner: the rate
 served without a refusal came out at 300 and 375/s in its two runs, against 325-800/s (mean
 500/s) in seven runs with 4 (a suggestive, not a conclusive, difference). So the worker keeps
-`max_in_flight` for bursts, and halves it after a window of `WINDOW_SECONDS` that refused more
+its full limit for bursts, and halves it after a window of `WINDOW_SECONDS` that refused more
 than `STANDING_SHED_SHARE` of its data requests. Once halved, it stays halved only while a window
 refuses more than `STAY_HALVED_SHARE`: judged by the first share, a load that the full limit serves
 with a few refusals (and the halved one with some more, as bursts find both slots taken) would keep
 the limit halved for as long as that load lasts.
+
+The full limit is derived from what requests cost in this worker, unless `CHURN_API_MAX_IN_FLIGHT`
+fixes it: as many as fit in `WAIT_SHARE` of the latency budget at the CPU time per request
+measured in the last windows that refused little (an accepted request waits for the CPU of those
+ahead of it; I/O waits overlap). Machines of one kind differ by up to 3x in speed, so one fixed
+number either queues past the budget on a slow machine or refuses bursts that a fast one serves
+well within it: a score request cost 1.2 ms of CPU on one 2-core machine of this kind and 0.37 ms
+on another, where a fixed 4 refused 1-2% of the requests at 3,200/s although, with 16 admitted,
+the p99 at that rate was 4.5 ms and none was refused (README, *Capacity, overload and sizing*).
 
 A plain ASGI middleware (like `serving.timing`): the refusal costs no task, no routing and no
 thread hop. It runs on the event loop only, so the counters need no lock.
@@ -48,6 +57,24 @@ STANDING_SHED_SHARE = 0.05
 # A halved limit is kept while a window refuses more than this: a standing overload refuses much
 # more (the overload test at 3x: 55-80%), a load near capacity much less.
 STAY_HALVED_SHARE = 0.20
+# The derived full limit: the requests ahead of an accepted one may cost at most this share of the
+# latency budget in CPU time (the rest is left to the network, the kernel and the machine's stalls).
+WAIT_SHARE = 0.5
+# It starts at the fixed default of earlier versions and never goes below it, so a derived limit
+# never refuses more than that default did; the cap bounds what one worker holds in memory.
+DERIVED_START = 4
+DERIVED_MAX = 64
+# A window's CPU time per request counts only with this many requests completed in it (at a few
+# requests per second the process's idle work, such as the model poller, would dominate it), and
+# is smoothed with the earlier ones by this weight.
+MIN_MEASURED = 50
+SMOOTHING = 0.5
+
+
+def initial_limit(max_in_flight: int) -> int:
+    """Returns the in-flight limit a worker starts with: `max_in_flight`, or `DERIVED_START` when
+    it is 0 (derived)."""
+    return max_in_flight or DERIVED_START
 
 
 def never_shed(path: str) -> bool:
@@ -57,10 +84,16 @@ def never_shed(path: str) -> bool:
 
 class AdmissionControl:
     """Answers 503 with `Retry-After` to an HTTP request that arrives while `limit` others are
-    in flight in this worker (paths of `never_shed` excepted, and not counted). `limit` is
-    `max_in_flight`, or half of it (at least 1) for the window after one that refused more than
+    in flight in this worker (paths of `never_shed` excepted, and not counted). `limit` is the
+    full limit, or half of it (at least 1) for the window after one that refused more than
     `STANDING_SHED_SHARE` of its requests at the full limit, or more than `STAY_HALVED_SHARE`
     at the halved one.
+
+    The full limit is `max_in_flight` when it is positive. With 0 it is derived: `DERIVED_START`
+    until a recent window that refused at most `STANDING_SHED_SHARE` has completed `MIN_MEASURED`
+    requests, then as many requests as fit in `WAIT_SHARE` of `latency_budget_s` at the smoothed
+    CPU time per request of such windows (`cpu_clock`: the process's CPU seconds), between
+    `DERIVED_START` and `DERIVED_MAX`.
 
     `metrics` returns the process's Metrics, or None before the lifespan has built them (then
     nothing is recorded); refusals go to `churn_api_shed_requests_total`, the count in flight to
@@ -74,17 +107,25 @@ class AdmissionControl:
         max_in_flight: int,
         metrics: Callable[[], Metrics | None],
         clock: Callable[[], float] = time.monotonic,
+        latency_budget_s: float = 0.010,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.app = app
-        self.max_in_flight = max_in_flight
-        self.standing_in_flight = max(1, max_in_flight // 2)
-        self.limit = max_in_flight
+        self.derived = max_in_flight == 0
+        self.full_limit = initial_limit(max_in_flight)
+        self.limit = self.full_limit
+        self.halved = False
+        self.wait_budget_s = WAIT_SHARE * latency_budget_s
+        self.cpu_per_request: float | None = None  # smoothed, of the windows measured (derived limit only)
         self.metrics = metrics
         self.clock = clock
+        self.cpu_clock = cpu_clock
         self.in_flight = 0
         self._window_start = float("-inf")  # the first request opens the first window
+        self._window_cpu = 0.0
         self._arrivals = 0
         self._refused = 0
+        self._completed = 0
         detail = "the API worker has as many requests in flight as it admits now: retry later"
         self._body = json.dumps({"detail": detail}).encode()
         self._headers = [
@@ -114,23 +155,41 @@ class AdmissionControl:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self._completed += 1
             if metrics is not None:
                 metrics.api_in_flight.set(self.in_flight)
 
     def _arrived(self, metrics: Metrics | None) -> None:
         """Counts a data request in the current window, first closing the window if it has ended:
-        the next one's limit is halved if the closed one refused more than its share
-        (`STANDING_SHED_SHARE` at the full limit, `STAY_HALVED_SHARE` at the halved one; a window
-        followed by a silent one says nothing of now: full limit), and shown in
-        `churn_api_in_flight_limit`."""
+        a derived full limit is measured again (`_measure`), and the next window's limit is
+        halved if the closed one refused more than its share (`STANDING_SHED_SHARE` at the full
+        limit, `STAY_HALVED_SHARE` at the halved one; a window followed by a silent one says
+        nothing of now: full limit), and shown in `churn_api_in_flight_limit`."""
         now = self.clock()
         elapsed = now - self._window_start
         if elapsed >= WINDOW_SECONDS:
             recent = elapsed < 2 * WINDOW_SECONDS
-            share = STAY_HALVED_SHARE if self.limit < self.max_in_flight else STANDING_SHED_SHARE
+            share = STAY_HALVED_SHARE if self.halved else STANDING_SHED_SHARE
             overloaded = self._refused > share * self._arrivals
-            self.limit = self.standing_in_flight if recent and overloaded else self.max_in_flight
+            if self.derived:
+                cpu_now = self.cpu_clock()
+                if recent and self._refused <= STANDING_SHED_SHARE * self._arrivals:
+                    self._measure(cpu_now - self._window_cpu)
+                self._window_cpu = cpu_now
+            self.halved = recent and overloaded
+            self.limit = max(1, self.full_limit // 2) if self.halved else self.full_limit
             if metrics is not None:
                 metrics.api_in_flight_limit.set(self.limit)
-            self._window_start, self._arrivals, self._refused = now, 0, 0
+            self._window_start, self._arrivals, self._refused, self._completed = now, 0, 0, 0
         self._arrivals += 1
+
+    def _measure(self, cpu_seconds: float) -> None:
+        """Derives the full limit again from a calm window that used `cpu_seconds` of the
+        process's CPU time, if it completed at least `MIN_MEASURED` requests."""
+        if self._completed < MIN_MEASURED or cpu_seconds <= 0:
+            return
+        per_request = cpu_seconds / self._completed
+        if self.cpu_per_request is not None:
+            per_request = SMOOTHING * per_request + (1 - SMOOTHING) * self.cpu_per_request
+        self.cpu_per_request = per_request
+        self.full_limit = min(DERIVED_MAX, max(DERIVED_START, int(self.wait_budget_s / per_request)))

@@ -19,7 +19,7 @@ from core.errors import ChurnError
 from core.gc_policy import freeze_survivors
 from core.settings import Settings
 from monitoring.metrics import Metrics
-from serving.admission import AdmissionControl
+from serving.admission import AdmissionControl, initial_limit
 from serving.auth import ApiKeys
 from serving.deps import Deps, build_deps
 from serving.limits import BodySizeLimit
@@ -43,7 +43,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         app.state.deps = d
         # AdmissionControl sets the limit when a window closes; until the first data request
         # closes one, the dashboard would read 0.
-        d.metrics.api_in_flight_limit.set(settings.api_max_in_flight)
+        d.metrics.api_in_flight_limit.set(initial_limit(settings.api_max_in_flight))
         d.refresh_models()
         # Feast, MLflow and pandas leave ~400k long-lived objects: full collections walking them
         # would stall requests (see core.gc_policy).
@@ -79,7 +79,12 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
     app.add_middleware(RequestTimer, metrics=current_metrics)
     # Added last, so it runs first: a refused request costs nothing else and is counted in
     # churn_api_shed_requests_total, not as a failed request in the latency histogram.
-    app.add_middleware(AdmissionControl, max_in_flight=settings.api_max_in_flight, metrics=current_metrics)
+    app.add_middleware(
+        AdmissionControl,
+        max_in_flight=settings.api_max_in_flight,
+        metrics=current_metrics,
+        latency_budget_s=settings.api_latency_budget_ms / 1000,
+    )
     _add_error_handlers(app)
 
     # Without keys the routes declare no security scheme: the document describes this deployment.

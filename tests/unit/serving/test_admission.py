@@ -10,6 +10,9 @@ from prometheus_client import generate_latest
 from core.settings import load_settings
 from monitoring.metrics import Metrics
 from serving.admission import (
+    DERIVED_MAX,
+    DERIVED_START,
+    MIN_MEASURED,
     RETRY_AFTER_SECONDS,
     STANDING_SHED_SHARE,
     STAY_HALVED_SHARE,
@@ -29,6 +32,20 @@ class _Held:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.entered += 1
         await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+class _Costly:
+    """An ASGI app that answers 200 at once, each request adding `cost` seconds to `cpu[0]` (the
+    process CPU clock of the admission control under test)."""
+
+    def __init__(self, cpu: list[float], cost: float) -> None:
+        self.cpu = cpu
+        self.cost = cost
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.cpu[0] += self.cost
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
@@ -155,11 +172,119 @@ def test_the_limit_halves_after_a_window_that_refused_a_large_share_and_comes_ba
     asyncio.run(scenario())
 
 
-def test_the_app_is_wrapped_first_with_the_setting_and_the_metrics_are_exposed() -> None:
-    app = create_app(load_settings(api_max_in_flight=5))
+def test_a_derived_limit_fits_half_the_budget_at_the_measured_cpu_per_request() -> None:
+    now, cpu = [100.0], [5.0]
+    inner = _Costly(cpu, cost=0.0003)
+    app = AdmissionControl(
+        inner,
+        max_in_flight=0,
+        metrics=lambda: None,
+        clock=lambda: now[0],
+        latency_budget_s=0.010,
+        cpu_clock=lambda: cpu[0],
+    )
+
+    async def window(requests: int, cost: float) -> None:
+        """Sends `requests` requests costing `cost` CPU seconds each in one window, then opens the next."""
+        inner.cost = cost
+        for i in range(requests):
+            assert (await _request(app, f"/users/u{i}/risk"))[0] == 200
+        now[0] += WINDOW_SECONDS
+
+    async def scenario() -> None:
+        assert app.limit == DERIVED_START  # nothing measured yet
+        await window(60, 0.0003)
+        await window(1, 0.0003)  # its first request closed the window before: 5 ms / 0.3 ms
+        assert (app.full_limit, app.limit) == (16, 16)
+        # Smoothed with the window before: (0.3 + 0.6) / 2 = 0.45 ms, 11 fit.
+        await window(MIN_MEASURED, 0.0006)
+        await window(1, 0.0006)
+        assert app.limit == 11
+        # Too few requests to measure (the process's idle work would dominate): kept.
+        await window(MIN_MEASURED - 2, 0.002)
+        await window(1, 0.002)
+        assert app.limit == 11
+        # Dearer requests: never fewer than the start (0.45 and 4 ms smoothed: 2.2 ms, 2.2 fit).
+        await window(MIN_MEASURED, 0.004)
+        await window(1, 0.004)
+        assert app.limit == DERIVED_START
+        # A window long past says nothing of the CPU now (its span holds idle time): kept.
+        await window(MIN_MEASURED, 0.00001)
+        now[0] += 5 * WINDOW_SECONDS
+        await window(1, 0.00001)
+        assert app.limit == DERIVED_START
+        # Very cheap requests: capped.
+        for _ in range(10):
+            await window(MIN_MEASURED, 0.00001)
+        assert app.limit == DERIVED_MAX
+
+    asyncio.run(scenario())
+
+
+def test_a_window_that_refused_many_does_not_move_the_derived_limit_and_halves_it() -> None:
+    now, cpu = [100.0], [5.0]
+    inner = _Held()
+    app = AdmissionControl(
+        inner,
+        max_in_flight=0,
+        metrics=lambda: None,
+        clock=lambda: now[0],
+        latency_budget_s=0.010,
+        cpu_clock=lambda: cpu[0],
+    )
+
+    async def scenario() -> None:
+        # 52 completed at 0.1 ms each (50 ms would fit), but 4 of 56 (7%) refused: an overload.
+        for _ in range(13):
+            held = [asyncio.create_task(_request(app, f"/users/u{i}/risk")) for i in range(4)]
+            while inner.entered % 4:
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            cpu[0] += 4 * 0.0001
+            inner.release.set()
+            await asyncio.gather(*held)
+            inner.release = asyncio.Event()
+        held = [asyncio.create_task(_request(app, f"/users/u{i}/risk")) for i in range(8)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert [task.done() for task in held] == [False] * 4 + [True] * 4
+        inner.release.set()
+        await asyncio.gather(*held)
+        now[0] += WINDOW_SECONDS
+        assert (await _request(app, "/users/u0/risk"))[0] == 200
+        assert app.cpu_per_request is None
+        assert (app.full_limit, app.limit) == (DERIVED_START, DERIVED_START // 2)
+
+    asyncio.run(scenario())
+
+
+def test_a_fixed_limit_is_not_derived() -> None:
+    now, cpu = [100.0], [5.0]
+    app = AdmissionControl(
+        _Costly(cpu, cost=0.00001),
+        max_in_flight=3,
+        metrics=lambda: None,
+        clock=lambda: now[0],
+        cpu_clock=lambda: cpu[0],
+    )
+
+    async def scenario() -> None:
+        for _ in range(3):
+            for i in range(MIN_MEASURED * 2):
+                assert (await _request(app, f"/users/u{i}/risk"))[0] == 200
+            now[0] += WINDOW_SECONDS
+        assert (app.limit, app.cpu_per_request) == (3, None)
+
+    asyncio.run(scenario())
+
+
+def test_the_app_is_wrapped_first_with_the_settings_and_the_metrics_are_exposed() -> None:
+    app = create_app(load_settings(api_max_in_flight=5, api_latency_budget_ms=20))
     outermost = app.user_middleware[0]  # the last added runs first: nothing else is spent on a refusal
     assert outermost.cls is AdmissionControl
     assert outermost.kwargs["max_in_flight"] == 5
+    assert outermost.kwargs["latency_budget_s"] == 0.020
+    assert load_settings().api_max_in_flight == 0  # derived by default
     text = generate_latest(Metrics().registry).decode()
     assert "churn_api_shed_requests_total 0.0" in text
     assert "churn_api_requests_in_flight 0.0" in text

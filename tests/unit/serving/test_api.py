@@ -16,6 +16,7 @@ from features.store import InMemoryFeatureStore
 from models.holder import ModelHolder
 from models.runtime import LoadedModel
 from monitoring.metrics import Metrics
+from serving.admission import initial_limit
 from serving.app import create_app
 from serving.deps import Deps
 from serving.risk import RiskService
@@ -141,7 +142,7 @@ def test_auth(client: Any) -> None:
 
 def test_metrics_show_the_in_flight_limit_before_any_data_request(client: Any) -> None:
     http, _, _ = client
-    limit = load_settings().api_max_in_flight
+    limit = initial_limit(load_settings().api_max_in_flight)
     assert f"churn_api_in_flight_limit {float(limit)}" in http.get("/metrics").text
 
 
