@@ -27,6 +27,8 @@ def test_the_api_bench_reports_capacity_latency_and_cpu_for_ours_and_feast_serve
                 assert found[share]["cpu_ms_per_request"] > 0
                 assert found[share]["p50_ms"] <= found[share]["p99_ms"] <= found[share]["p999_ms"]
                 assert set(found[share]["statuses"]) <= {"200", "503"}
+                # Ours reports the in-flight limit it ran with (derived: at least the start of 4).
+                assert (found[share].get("in_flight_limit", 0) >= 2) == (mode != "feast_serve")
     assert figures["batch_100"]["capacity_users_per_second"] == 100 * figures["batch_100"]["capacity_per_second"]
     measures = ("users_per_second", "cpu_bound_users")
     ratios = {f"{mode}_{measure}_vs_feast_serve" for mode in ("score", "batch_100") for measure in measures}
