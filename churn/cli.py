@@ -419,7 +419,7 @@ def actions_tail(
     idle_exit: Annotated[float, typer.Option(help="Exit after this many seconds without changes (0: never).")] = 0.0,
 ) -> None:
     """Print the tier changes (one JSON line each), or deliver them to a webhook with retries and a DLQ."""
-    from stream.actions import WebhookSink, tail  # heavy: see the module docstring
+    from stream.actions import TailReport, WebhookSink, tail  # heavy: see the module docstring
     from stream.changes import ENCODER, ensure_changes_topic  # heavy: see the module docstring
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -431,18 +431,28 @@ def actions_tail(
         typer.echo(ENCODER.encode(change).decode())
 
     sink = WebhookSink(webhook, max_attempts=max_attempts, stopping=stopping) if webhook else show
+    report = TailReport()
     try:
         ensure_changes_topic(settings)
-        report = tail(settings, sink, group=group, stopping=stopping, idle_exit_s=idle_exit or None)
+        tail(settings, sink, group=group, stopping=stopping, idle_exit_s=idle_exit or None, report=report)
     except KeyboardInterrupt:  # the second signal: at once, and not as a success
-        typer.echo("interrupted: the batch in hand is delivered again from its start after a restart", err=True)
+        typer.echo(
+            f"interrupted after {_tail_counts(report)}: the batch in hand is delivered again from its start"
+            " after a restart",
+            err=True,
+        )
         raise typer.Exit(130) from None
     except ChurnError as exc:
         _fail(exc)
-    summary = f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}"
+    summary = _tail_counts(report)
     if report.stopped_mid_batch:
         summary += "; stopped within a batch: it is delivered again from its start after a restart"
     typer.echo(summary, err=True)
+
+
+def _tail_counts(report: Any) -> str:
+    """Returns a tail report's counts as the summary line starts ("delivered N, dead-lettered M")."""
+    return f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}"
 
 
 def _stop_on_signals(stopping: threading.Event) -> None:

@@ -106,9 +106,11 @@ def tail(
     stopping: threading.Event | None = None,
     idle_exit_s: float | None = None,
     batch: int = 500,
+    report: TailReport | None = None,
 ) -> TailReport:
     """Consumes the tier-change topic in `group` (from its start for a new group) and hands each
-    change to `sink`, committing after each batch; returns the counts. A change the sink gives
+    change to `sink`, committing after each batch; returns the counts (in `report` when given,
+    so a caller whose run is interrupted still has them). A change the sink gives
     up on (DeliveryFailedError), or an unreadable message, goes to `<topic>.dlq` with a
     `reason` header. Stops when `stopping` is set or after `idle_exit_s` without messages; a
     stop in the middle of a batch (looked at before each change, and what the sink raises as
@@ -122,7 +124,7 @@ def tail(
     topic = settings.tier_changes_topic
     dlq_topic = f"{topic}.dlq"
     consumer = committing_consumer(settings, group)
-    report = TailReport()
+    report = report if report is not None else TailReport()
     stop = stopping or threading.Event()
     dlq = IdempotentProducer(kafka_config(settings, acks="all"), interrupt=stop)
     consumer.subscribe([topic])

@@ -30,12 +30,15 @@ def _signal_and_wait(sig: signal.Signals) -> None:
     time.sleep(5)  # the handler runs here at the latest
 
 
-def test_a_forced_stop_of_the_tail_is_not_reported_as_a_success(monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(*_args: object, **_kwargs: object) -> None:
+def test_a_forced_stop_of_the_tail_is_not_reported_as_a_success_and_gives_the_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(*_args: object, report: actions.TailReport, **_kwargs: object) -> None:
+        report.delivered, report.dead_lettered, report.unreadable = 7, 2, 1
         raise KeyboardInterrupt  # the second signal, in the middle of a batch
 
     monkeypatch.setattr(actions, "tail", interrupted)
     monkeypatch.setattr(changes, "ensure_changes_topic", lambda _settings: None)
     result = CliRunner().invoke(cli.app, ["actions", "tail"])
     assert result.exit_code == 130
-    assert "interrupted: the batch in hand is delivered again" in result.output
+    assert "interrupted after delivered 7, dead-lettered 3: the batch in hand is delivered again" in result.output
