@@ -148,9 +148,9 @@ class Settings(BaseSettings):
 
     # API capacity (issue 20). A worker with this many requests in flight answers any other at once
     # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
-    # this many others' CPU time; during a standing overload (over 5% of a second's requests
+    # this many others' service time; during a standing overload (over 5% of a second's requests
     # refused) the limit is half of this. 0 (the default): derived in each worker from its measured
-    # CPU time per request, as many as fit in half the latency budget below (at least 4, the fixed
+    # service time per request, as many as fit in half the latency budget below (at least 4, the fixed
     # default before, at most 64). A score request costs 0.4-1.2 ms of CPU on machines of this kind,
     # so one fixed number either queues past the budget on the slow ones or refuses bursts that the
     # fast ones serve within it. Fix it only with slower dependencies (more requests waiting on

@@ -128,7 +128,7 @@ class Metrics:
         )
         self.api_in_flight_limit = Gauge(
             "churn_api_in_flight_limit",
-            "The worker's in-flight limit: derived from its CPU per request and the latency budget, or"
+            "The worker's in-flight limit: derived from its service time per request and the latency budget, or"
             " CHURN_API_MAX_IN_FLIGHT; half of it during a standing overload",
             registry=r,
         )

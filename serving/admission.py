@@ -22,13 +22,17 @@ with a few refusals (and the halved one with some more, as bursts find both slot
 the limit halved for as long as that load lasts.
 
 The full limit is derived from what requests cost in this worker, unless `CHURN_API_MAX_IN_FLIGHT`
-fixes it: as many as fit in `WAIT_SHARE` of the latency budget at the CPU time per request
-measured in the last windows that refused little (an accepted request waits for the CPU of those
-ahead of it; I/O waits overlap). Machines of one kind differ by up to 3x in speed, so one fixed
-number either queues past the budget on a slow machine or refuses bursts that a fast one serves
-well within it: a score request cost 1.2 ms of CPU on one 2-core machine of this kind and 0.37 ms
-on another, where a fixed 4 refused 1-2% of the requests at 3,200/s although, with 16 admitted,
-the p99 at that rate was 4.5 ms and none was refused (README, *Capacity, overload and sizing*).
+fixes it: as many as fit in `WAIT_SHARE` of the latency budget at the worker's service time per
+request, measured each window as the wall time during which it had a request in flight divided by
+the requests it completed (the inverse of its throughput while busy, so by Little's law n requests
+ahead of an admitted one make it wait about n of those). Wall time, not CPU time: it includes the
+CPU that other processes on the host take from the worker and the waits on Redis that requests do
+not overlap, both of which delay the requests queued behind. Machines of one kind differ by up to
+3x in speed, so one fixed number either queues past the budget on a slow machine or refuses
+bursts that a fast one serves well within it: a score request cost 1.2 ms of CPU on one 2-core
+machine of this kind and 0.37 ms on another, where a fixed 4 refused 1.8-20% of the requests at
+3,200/s although, with 16 admitted, that rate was served with a p99 of 4.5 ms and none refused
+(README, *Capacity, overload and sizing*).
 
 A plain ASGI middleware (like `serving.timing`): the refusal costs no task, no routing and no
 thread hop. It runs on the event loop only, so the counters need no lock.
@@ -57,17 +61,19 @@ STANDING_SHED_SHARE = 0.05
 # A halved limit is kept while a window refuses more than this: a standing overload refuses much
 # more (the overload test at 3x: 55-80%), a load near capacity much less.
 STAY_HALVED_SHARE = 0.20
-# The derived full limit: the requests ahead of an accepted one may cost at most this share of the
-# latency budget in CPU time (the rest is left to the network, the kernel and the machine's stalls).
+# The derived full limit: the requests ahead of an accepted one may take at most this share of the
+# latency budget (the rest is left to the request itself, the network and the machine's stalls).
 WAIT_SHARE = 0.5
 # It starts at the fixed default of earlier versions and never goes below it, so a derived limit
 # never refuses more than that default did; the cap bounds what one worker holds in memory.
 DERIVED_START = 4
 DERIVED_MAX = 64
-# A window's CPU time per request counts only with this many requests completed in it (at a few
-# requests per second the process's idle work, such as the model poller, would dominate it), and
-# is smoothed with the earlier ones by this weight.
+# A window's service time per request counts once it completed this many requests or was busy this
+# long (a few cheap requests say little; a few batches of 1,000 ids, tens of milliseconds each, say
+# enough), and is smoothed with the earlier windows' by this weight. Windows that refused requests
+# count too: a worker that starts during an overload learns its limit there.
 MIN_MEASURED = 50
+MIN_BUSY_SECONDS = 0.25
 SMOOTHING = 0.5
 
 
@@ -90,15 +96,15 @@ class AdmissionControl:
     at the halved one.
 
     The full limit is `max_in_flight` when it is positive. With 0 it is derived: `DERIVED_START`
-    until a recent window that refused at most `STANDING_SHED_SHARE` has completed `MIN_MEASURED`
-    requests, then as many requests as fit in `WAIT_SHARE` of `latency_budget_s` at the smoothed
-    CPU time per request of such windows (`cpu_clock`: the process's CPU seconds), between
-    `DERIVED_START` and `DERIVED_MAX`.
+    until a recent window has completed `MIN_MEASURED` requests or been busy `MIN_BUSY_SECONDS`,
+    then as many requests as fit in `WAIT_SHARE` of `latency_budget_s` at the smoothed service
+    time per request (busy wall time over requests completed), between `DERIVED_START` and
+    `DERIVED_MAX`.
 
     `metrics` returns the process's Metrics, or None before the lifespan has built them (then
     nothing is recorded); refusals go to `churn_api_shed_requests_total`, the count in flight to
     `churn_api_requests_in_flight`, the limit to `churn_api_in_flight_limit`. `clock` gives
-    monotonic seconds (the windows').
+    monotonic seconds (the windows' and the busy time's).
     """
 
     def __init__(
@@ -108,7 +114,6 @@ class AdmissionControl:
         metrics: Callable[[], Metrics | None],
         clock: Callable[[], float] = time.monotonic,
         latency_budget_s: float = 0.010,
-        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.app = app
         self.derived = max_in_flight == 0
@@ -116,16 +121,16 @@ class AdmissionControl:
         self.limit = self.full_limit
         self.halved = False
         self.wait_budget_s = WAIT_SHARE * latency_budget_s
-        self.cpu_per_request: float | None = None  # smoothed, of the windows measured (derived limit only)
+        self.service_seconds: float | None = None  # smoothed, of the windows measured (derived limit only)
         self.metrics = metrics
         self.clock = clock
-        self.cpu_clock = cpu_clock
         self.in_flight = 0
         self._window_start = float("-inf")  # the first request opens the first window
-        self._window_cpu = 0.0
         self._arrivals = 0
         self._refused = 0
         self._completed = 0
+        self._busy = 0.0  # wall seconds of the window with a data request in flight, until _busy_since
+        self._busy_since = 0.0
         detail = "the API worker has as many requests in flight as it admits now: retry later"
         self._body = json.dumps({"detail": detail}).encode()
         self._headers = [
@@ -140,7 +145,7 @@ class AdmissionControl:
             await self.app(scope, receive, send)
             return
         metrics = self.metrics()
-        self._arrived(metrics)
+        now = self._arrived(metrics)
         if self.in_flight >= self.limit:
             self._refused += 1
             if metrics is not None:
@@ -148,6 +153,8 @@ class AdmissionControl:
             await send({"type": "http.response.start", "status": 503, "headers": self._headers})
             await send({"type": "http.response.body", "body": self._body})
             return
+        if self.in_flight == 0:
+            self._busy_since = now
         self.in_flight += 1
         if metrics is not None:
             metrics.api_in_flight.set(self.in_flight)
@@ -156,15 +163,18 @@ class AdmissionControl:
         finally:
             self.in_flight -= 1
             self._completed += 1
+            if self.in_flight == 0:
+                self._busy += self.clock() - self._busy_since
             if metrics is not None:
                 metrics.api_in_flight.set(self.in_flight)
 
-    def _arrived(self, metrics: Metrics | None) -> None:
-        """Counts a data request in the current window, first closing the window if it has ended:
-        a derived full limit is measured again (`_measure`), and the next window's limit is
-        halved if the closed one refused more than its share (`STANDING_SHED_SHARE` at the full
-        limit, `STAY_HALVED_SHARE` at the halved one; a window followed by a silent one says
-        nothing of now: full limit), and shown in `churn_api_in_flight_limit`."""
+    def _arrived(self, metrics: Metrics | None) -> float:
+        """Counts a data request in the current window and returns the clock's time, first
+        closing the window if it has ended: a derived full limit is measured again (`_measure`),
+        and the next window's limit is halved if the closed one refused more than its share
+        (`STANDING_SHED_SHARE` at the full limit, `STAY_HALVED_SHARE` at the halved one; a window
+        followed by a silent one says nothing of now: full limit), and shown in
+        `churn_api_in_flight_limit`."""
         now = self.clock()
         elapsed = now - self._window_start
         if elapsed >= WINDOW_SECONDS:
@@ -172,24 +182,30 @@ class AdmissionControl:
             share = STAY_HALVED_SHARE if self.halved else STANDING_SHED_SHARE
             overloaded = self._refused > share * self._arrivals
             if self.derived:
-                cpu_now = self.cpu_clock()
-                if recent and self._refused <= STANDING_SHED_SHARE * self._arrivals:
-                    self._measure(cpu_now - self._window_cpu)
-                self._window_cpu = cpu_now
+                busy = self._busy
+                if self.in_flight > 0:  # the busy stretch goes on: count its part in this window
+                    busy += now - self._busy_since
+                    self._busy_since = now
+                if recent:
+                    self._measure(busy)
+                self._busy = 0.0
             self.halved = recent and overloaded
             self.limit = max(1, self.full_limit // 2) if self.halved else self.full_limit
             if metrics is not None:
                 metrics.api_in_flight_limit.set(self.limit)
             self._window_start, self._arrivals, self._refused, self._completed = now, 0, 0, 0
         self._arrivals += 1
+        return now
 
-    def _measure(self, cpu_seconds: float) -> None:
-        """Derives the full limit again from a calm window that used `cpu_seconds` of the
-        process's CPU time, if it completed at least `MIN_MEASURED` requests."""
-        if self._completed < MIN_MEASURED or cpu_seconds <= 0:
+    def _measure(self, busy_seconds: float) -> None:
+        """Derives the full limit again from a window that was busy `busy_seconds`, if it
+        completed `MIN_MEASURED` requests or was busy `MIN_BUSY_SECONDS`."""
+        if self._completed == 0 or busy_seconds <= 0:
             return
-        per_request = cpu_seconds / self._completed
-        if self.cpu_per_request is not None:
-            per_request = SMOOTHING * per_request + (1 - SMOOTHING) * self.cpu_per_request
-        self.cpu_per_request = per_request
+        if self._completed < MIN_MEASURED and busy_seconds < MIN_BUSY_SECONDS:
+            return
+        per_request = busy_seconds / self._completed
+        if self.service_seconds is not None:
+            per_request = SMOOTHING * per_request + (1 - SMOOTHING) * self.service_seconds
+        self.service_seconds = per_request
         self.full_limit = min(DERIVED_MAX, max(DERIVED_START, int(self.wait_budget_s / per_request)))

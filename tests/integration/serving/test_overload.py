@@ -21,8 +21,8 @@ be one: at least 10% shed (`MIN_SHED_SHARE`). A run that sheds less is run again
 rate, up to 12x capacity. "As fast as at capacity" means within 2x of the p99 at capacity or of
 the latency budget, whichever is higher: the search holds capacity to "99% within the budget", so
 a p99 at capacity far below the budget (2.8 ms against 10 ms in that run) is a calm window, not
-the speed the server promises; an accepted request waits behind at most `limit - 1` others, whose
-CPU time the derived limit keeps within half the budget, and that run's accepted p99 was 13.1 ms
+the speed the server promises; an accepted request waits behind at most `limit - 1` others, about
+half the budget of service time with the derived limit, and that run's accepted p99 was 13.1 ms
 (with 4 in flight).
 
 The p99 at capacity is measured in two 10 s runs at capacity, one just before the overload and one
@@ -119,7 +119,7 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
         at_capacity = run(searched, 10.0)  # as long as `churn bench api` measures it: a steadier p99
         capacity = sustained(at_capacity, searched)
         calm_before = run(capacity / 2, 5.0)
-        limit_when_calm = in_flight_limit(port)  # derived from the CPU per request by now
+        limit_when_calm = in_flight_limit(port)  # derived from the service time per request by now
         overloads = []
         for multiple in OVERLOAD_MULTIPLES:
             overloads.append(run(multiple * capacity, OVERLOAD_SECONDS))
