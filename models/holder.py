@@ -18,33 +18,37 @@ class ModelHolder:
 
     def __init__(
         self,
-        version_of_champion: Callable[[], str | None],
+        identity_of_champion: Callable[[], str | None],
         load: Callable[[], LoadedModel | None],
         on_swap: Callable[[LoadedModel], None] = lambda _: None,
         on_refuse: Callable[[str, str], None] = lambda _version, _reason: None,
     ) -> None:
-        self._version_of_champion = version_of_champion
+        self._identity_of_champion = identity_of_champion
         self._load = load
         self._on_swap = on_swap  # e.g. the model-version gauge of the process
         self._on_refuse = on_refuse  # (version, reason), e.g. the refused-models counter
         self.current: LoadedModel | None = None
-        self.refused: str | None = None  # the champion version refused last (not loaded again)
+        self.refused: str | None = None  # the champion identity refused last (not loaded again)
 
     def refresh(self) -> bool:
-        """Loads the champion if its version changed; returns True on a swap. A champion that
-        does not fit the running spec is refused once (logged, `on_refuse`) and the current
-        model keeps serving. Never raises."""
+        """Loads the champion if its identity changed (`identity_of_champion`: its version, or
+        `<version>@<source key>`, which also tells a re-created registry's v1 from the old v1);
+        returns True on a swap. A champion that does not fit the running spec is refused once
+        (logged, `on_refuse` with its version number) and the current model keeps serving. Never
+        raises."""
         try:
-            version = self._version_of_champion()
-            if version is None or (self.current is not None and self.current.version == version):
+            identity = self._identity_of_champion()
+            if identity is None or (
+                self.current is not None and (self.current.identity or self.current.version) == identity
+            ):
                 return False
-            if version == self.refused:
+            if identity == self.refused:
                 return False
             loaded = self._load()
         except ModelRefusedError as exc:
-            self.refused = version
+            self.refused = identity
             log.error("%s; keeping %s", exc, self.current and self.current.version)
-            self._on_refuse(str(version), str(exc))
+            self._on_refuse(str(identity).partition("@")[0], str(exc))
             return False
         except Exception:  # a registry hiccup must not stop scoring with the model we have
             log.exception("could not refresh the champion model; keeping %s", self.current and self.current.version)

@@ -35,7 +35,36 @@ def registry_client(settings: Settings) -> Any:
 
 def champion_version(settings: Settings, alias: str = CHAMPION) -> str | None:
     """Returns the version number the `champion` alias (or `alias`) points at, or None if there is none.
-    One registry lookup: cheap enough to poll for hot reload.
+    One registry lookup.
+
+    Raises:
+        ServiceUnavailableError: the tracking store cannot be reached.
+    """
+    found = _aliased(settings, alias)
+    return None if found is None else str(found.version)
+
+
+def champion_identity(settings: Settings, alias: str = CHAMPION) -> str | None:
+    """Returns `<version>@<source key>` of the version the `champion` alias (or `alias`) points
+    at, or None if there is none: what a running process polls for hot reload (one registry
+    lookup). The version number alone does not tell models apart: a registry that was re-created
+    (or a model deleted and registered again) numbers from 1 again.
+
+    Raises:
+        ServiceUnavailableError: the tracking store cannot be reached.
+    """
+    found = _aliased(settings, alias)
+    return None if found is None else f"{found.version}@{source_key(found.source)}"
+
+
+def source_key(source: object) -> str:
+    """Returns the short digest of a model version's artifact source that tells versions of the
+    same number apart (in the model cache's folder names and in `champion_identity`)."""
+    return hashlib.sha256(str(source).encode()).hexdigest()[:12]
+
+
+def _aliased(settings: Settings, alias: str) -> Any:
+    """Returns the registry's model version that `alias` points at, or None.
 
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached.
@@ -43,7 +72,7 @@ def champion_version(settings: Settings, alias: str = CHAMPION) -> str | None:
     from mlflow.exceptions import MlflowException  # heavy: imported on first use
 
     try:
-        return str(registry_client(settings).get_model_version_by_alias(settings.model_name, alias).version)
+        return registry_client(settings).get_model_version_by_alias(settings.model_name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -52,8 +81,9 @@ def champion_version(settings: Settings, alias: str = CHAMPION) -> str | None:
 
 
 def load_version(settings: Settings, version: str) -> ChurnModel:
-    """Returns the model of registry `version`, downloaded once into the local cache
-    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>-<source hash>/).
+    """Returns the model of registry `version` (its `meta["source_key"]`: `source_key` of its
+    artifact source), downloaded once into the local cache
+    (<state_dir>/model_cache/<registry hash>/<model_name>/<version>-<source key>/).
 
     The cache is keyed by the version's artifact source as well as its number: a registry that
     was re-created (or a model deleted and registered again) numbers from 1 again, and keyed by
@@ -75,7 +105,7 @@ def load_version(settings: Settings, version: str) -> ChurnModel:
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: cannot read {settings.model_name} v{version}: {exc}"
         raise ServiceUnavailableError(msg) from exc
-    of_source = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    of_source = source_key(source)
     cache = settings.state_dir.resolve() / "model_cache" / registry / settings.model_name / f"{version}-{of_source}"
     if not (cache / "meta.json").exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +120,9 @@ def load_version(settings: Settings, version: str) -> ChurnModel:
             raise ServiceUnavailableError(msg) from exc
         finally:  # a failed download leaves nothing behind (the holder tries again at each poll)
             shutil.rmtree(staging, ignore_errors=True)
-    return load_artifact(cache)
+    model = load_artifact(cache)
+    model.meta["source_key"] = of_source
+    return model
 
 
 def _install(downloaded: Path, cache: Path) -> None:
@@ -163,8 +195,8 @@ def check_against_spec(model: ChurnModel, version: str) -> None:
 
 
 def champion_loader(settings: Settings, threads: int = 0, alias: str = CHAMPION) -> tuple[Any, Any]:
-    """Returns (version_of_champion, load) for a `models.holder.ModelHolder`: the registry
-    lookup to poll and the loader of the champion (or of `alias`, e.g. the challenger) as a
+    """Returns (identity_of_champion, load) for a `models.holder.ModelHolder`: the registry
+    lookup to poll (`champion_identity`) and the loader of the champion (or of `alias`, e.g. the challenger) as a
     `LoadedModel` (with `threads` OpenMP threads per predict; 0 = LightGBM's default). The loader
     raises ModelRefusedError for a model that does not fit the running spec (see `check_against_spec`)."""
 
@@ -174,6 +206,7 @@ def champion_loader(settings: Settings, threads: int = 0, alias: str = CHAMPION)
             return None
         model, version = found
         check_against_spec(model, version)
-        return LoadedModel(replace(model, threads=threads) if threads else model, settings.model_name, str(version))
+        loaded = replace(model, threads=threads) if threads else model
+        return LoadedModel(loaded, settings.model_name, str(version), f"{version}@{model.meta['source_key']}")
 
-    return (lambda: champion_version(settings, alias)), load
+    return (lambda: champion_identity(settings, alias)), load

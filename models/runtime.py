@@ -47,11 +47,13 @@ class Model(Protocol):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model together with its registry identity."""
+    """A model together with its registry identity: `identity` tells versions of one number apart
+    (`models.registry.champion_identity`); empty, the version number stands for it."""
 
     model: Model
     name: str
     version: str
+    identity: str = ""
 
 
 def feature_matrix(rows: Sequence[FeatureRow], now_ms: Sequence[int] | None = None) -> np.ndarray:

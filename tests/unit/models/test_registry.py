@@ -15,6 +15,7 @@ from core.errors import ServiceUnavailableError
 from core.settings import Settings, load_settings
 from features import spec
 from models import registry
+from models.holder import ModelHolder
 from tests.support import register_champion, small_model
 
 
@@ -80,3 +81,22 @@ def test_a_re_created_registry_s_v1_is_its_own_model_not_the_cached_one(tmp_path
     register_champion(tmp_path, load_settings(), second)
     assert registry.champion_version(settings) == "1"
     assert np.allclose(registry.load_version(settings, "1").predict(x), second.predict(x))
+
+
+def test_a_running_holder_swaps_to_a_re_created_registry_s_v1(tmp_path: Path) -> None:
+    """A scorer or API that polled v1, then the registry is re-created and a new v1 promoted:
+    before, the holder compared version numbers, saw "1" again and kept the old model until a
+    restart."""
+    settings = _scratch(tmp_path)
+    first, second = small_model(rounds=5), small_model(rounds=40)
+    x = np.random.default_rng(1).random((20, len(spec.MODEL_FEATURES))) * 10
+    register_champion(tmp_path, load_settings(), first)
+    holder = ModelHolder(*registry.champion_loader(settings))
+    assert holder.refresh()
+    assert not holder.refresh()  # the same champion: nothing to load
+    registry.registry_client(settings).delete_registered_model(settings.model_name)
+    register_champion(tmp_path, load_settings(), second)
+    assert holder.refresh()
+    assert holder.current is not None
+    assert holder.current.version == "1"
+    assert np.allclose(holder.current.model.predict(x), second.predict(x))

@@ -165,7 +165,7 @@ def test_no_model_is_503(client: Any) -> None:
 def test_model_swap_is_picked_up(client: Any) -> None:
     http, models, _ = client
     assert http.get("/models/current", headers=KEY).json()["version"] == "1"
-    models._version_of_champion = lambda: "2"
+    models._identity_of_champion = lambda: "2"
     models._load = lambda: LoadedModel(IdleModel(), "churn-lightgbm", "2")
     assert models.refresh()
     assert http.get("/users/u1/risk", headers=KEY).json()["model"]["version"] == "2"
@@ -181,7 +181,7 @@ def test_model_card_is_markdown_and_clear_when_missing(client: Any) -> None:
     assert missing.status_code == 404
     assert "no model card" in missing.json()["detail"]
     assert http.get("/models/current/card").status_code == 401
-    models._version_of_champion = lambda: "2"
+    models._identity_of_champion = lambda: "2"
     models._load = lambda: LoadedModel(CardModel(), "churn-lightgbm", "2")
     assert models.refresh()
     card = http.get("/models/current/card", headers=KEY)
