@@ -150,14 +150,14 @@ class Settings(BaseSettings):
     # with 503 and Retry-After (serving/admission.py), so an accepted request waits behind at most
     # this many others' service time; during a standing overload (over 5% of a second's requests
     # refused) the limit is half of this. 0 (the default): derived in each worker from its measured
-    # service time per request, as many as fit in half the latency budget below (at least 4, the fixed
+    # service time per request, as many as fit in a quarter of the latency budget below (at least 4, the fixed
     # default before, at most 64). A score request costs 0.4-1.2 ms of CPU on machines of this kind,
     # so one fixed number either queues past the budget on the slow ones or refuses bursts that the
     # fast ones serve within it. Fix it only with slower dependencies (more requests waiting on
     # Redis per worker than on the CPU).
     api_max_in_flight: int = Field(default=0, ge=0, le=1000)
     # The latency budget `churn bench api` searches capacity against (the highest open-loop rate
-    # whose p99 stays under it), and half of which a derived in-flight limit (above) fills.
+    # whose p99 stays under it), and a quarter of which a derived in-flight limit (above) fills.
     api_latency_budget_ms: float = Field(default=10.0, gt=0)
 
     # Promotion and rollback (issue 22; `churn promote`, `churn rollback`, training/promotion.py).

@@ -22,7 +22,7 @@ rate, up to 12x capacity. "As fast as at capacity" means within 2x of the p99 at
 the latency budget, whichever is higher: the search holds capacity to "99% within the budget", so
 a p99 at capacity far below the budget (2.8 ms against 10 ms in that run) is a calm window, not
 the speed the server promises; an accepted request waits behind at most `limit - 1` others, about
-half the budget of service time with the derived limit, and that run's accepted p99 was 13.1 ms
+a quarter of the budget of service time with the derived limit, and that run's accepted p99 was 13.1 ms
 (with 4 in flight).
 
 The p99 at capacity is measured in two 10 s runs at capacity, one just before the overload and one

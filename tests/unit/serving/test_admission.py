@@ -176,7 +176,7 @@ def test_the_limit_halves_after_a_window_that_refused_a_large_share_and_comes_ba
 def test_a_derived_limit_fits_half_the_budget_at_the_measured_service_time() -> None:
     now = [100.0]
     inner = _Costly(now, cost=0.0003)
-    app = AdmissionControl(inner, max_in_flight=0, metrics=lambda: None, clock=lambda: now[0], latency_budget_s=0.010)
+    app = AdmissionControl(inner, max_in_flight=0, metrics=lambda: None, clock=lambda: now[0], latency_budget_s=0.020)
 
     async def window(requests: int, cost: float) -> None:
         """Sends `requests` requests one after the other, each busy for `cost` seconds, in one
@@ -190,7 +190,7 @@ def test_a_derived_limit_fits_half_the_budget_at_the_measured_service_time() -> 
     async def scenario() -> None:
         assert app.limit == DERIVED_START  # nothing measured yet
         await window(60, 0.0003)
-        await window(1, 0.0003)  # its first request closed the window before: 5 ms / 0.3 ms
+        await window(1, 0.0003)  # its first request closed the window before: 20 ms / 4 / 0.3 ms
         assert (app.full_limit, app.limit) == (16, 16)
         # Smoothed with the window before: (0.3 + 0.6) / 2 = 0.45 ms, 11 fit.
         await window(MIN_MEASURED, 0.0006)
@@ -225,7 +225,7 @@ def test_a_derived_limit_fits_half_the_budget_at_the_measured_service_time() -> 
 def test_a_worker_that_starts_in_an_overload_learns_its_limit_there() -> None:
     now = [100.0]
     inner = _Held()
-    app = AdmissionControl(inner, max_in_flight=0, metrics=lambda: None, clock=lambda: now[0], latency_budget_s=0.010)
+    app = AdmissionControl(inner, max_in_flight=0, metrics=lambda: None, clock=lambda: now[0], latency_budget_s=0.020)
 
     async def scenario() -> None:
         # Each round: 8 arrive together, 4 are admitted and complete after 1.2 ms, 4 are refused
