@@ -55,7 +55,7 @@ def test_a_champion_unlike_the_spec_is_refused_and_the_old_one_serves(
         assert not holder.refresh()
         assert not holder.refresh()  # refused once: not downloaded, logged or counted again
     assert holder.current is good
-    assert holder.refused == "2"
+    assert str(holder.refused).startswith("2@")  # version 2, told apart by its artifact source
     refusals = [r.getMessage() for r in caplog.records if r.name == "models.holder"]
     assert len(refusals) == 1
     assert "model version 2 refused" in refusals[0]
