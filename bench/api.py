@@ -487,7 +487,7 @@ def bench_api(
             **open_api_env(scratch, port),
             "CHURN_MLFLOW_TRACKING_URI": scratch.tracking_uri,
             "CHURN_CLOCK": "event",
-            # The budget a derived in-flight limit fills half of: the one the search holds it to.
+            # A derived in-flight limit fills a quarter of the budget: the one the search holds it to.
             "CHURN_API_LATENCY_BUDGET_MS": str(plan.budget_ms),
         }
         began = time.perf_counter()
