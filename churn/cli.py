@@ -437,22 +437,16 @@ def actions_tail(
         tail(settings, sink, group=group, stopping=stopping, idle_exit_s=idle_exit or None, report=report)
     except KeyboardInterrupt:  # the second signal: at once, and not as a success
         typer.echo(
-            f"interrupted after {_tail_counts(report)}: the batch in hand is delivered again from its start"
-            " after a restart",
+            f"interrupted after {report.counts()}: the batch in hand is delivered again from its start after a restart",
             err=True,
         )
         raise typer.Exit(130) from None
     except ChurnError as exc:
         _fail(exc)
-    summary = _tail_counts(report)
+    summary = report.counts()
     if report.stopped_mid_batch:
         summary += "; stopped within a batch: it is delivered again from its start after a restart"
     typer.echo(summary, err=True)
-
-
-def _tail_counts(report: Any) -> str:
-    """Returns a tail report's counts as the summary line starts ("delivered N, dead-lettered M")."""
-    return f"delivered {report.delivered}, dead-lettered {report.dead_lettered + report.unreadable}"
 
 
 def _stop_on_signals(stopping: threading.Event) -> None:

@@ -97,6 +97,10 @@ class TailReport:
     commit_abandoned: bool = False  # stopped while the last batch's commit waited for Kafka
     stopped_mid_batch: bool = False  # stopped before the sink had taken the whole batch (not committed)
 
+    def counts(self) -> str:
+        """Returns the counts as the CLI's summary line starts: "delivered N, dead-lettered M"."""
+        return f"delivered {self.delivered}, dead-lettered {self.dead_lettered + self.unreadable}"
+
 
 def tail(
     settings: Settings,
