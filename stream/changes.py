@@ -180,7 +180,17 @@ class KafkaChangeLog:
     def published(self, partition: int, since_offset: int) -> list[TierChange]:
         """See `ChangeLog.published`: reads the partition backwards in growing windows until a
         change older than `since_offset` (or the start) is reached, since every change published
-        after the states holding `since_offset` were saved comes after all earlier ones."""
+        after the states holding `since_offset` were saved comes after all earlier ones.
+
+        Raises:
+            ServiceUnavailableError: the ends cannot be read, or changes of an earlier publish
+                are still in flight after `timeout_s` (read before they land, the tail would
+                miss them and the retry would announce them again).
+        """
+        in_flight = self.producer.flush(self.timeout_s)
+        if in_flight:
+            msg = f"{in_flight} change(s) published to {self.topic!r} earlier are still in flight: the tail waits"
+            raise ServiceUnavailableError(msg)
         low, high = self._ends(TopicPartition(self.topic, partition))
         window = 256
         while True:

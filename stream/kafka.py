@@ -196,7 +196,8 @@ class IdempotentProducer:
     def deliver(self, topic: str, messages: Iterable[dict[str, Any]], timeout_s: float, what: str) -> None:
         """Produces each of `messages` (`Producer.produce` keyword arguments) to `topic` and waits
         up to `timeout_s` for every acknowledgement (less once `interrupt` is set); `what` names
-        them in the error.
+        them in the error. What was not yet sent when the wait ends is dropped (`drop_unsent`),
+        so the caller's retry does not queue a second copy; what is in flight may still land.
 
         Raises:
             ServiceUnavailableError: one was refused, failed or not acknowledged in time (a fatal
@@ -205,7 +206,7 @@ class IdempotentProducer:
         failures: list[KafkaError] = []
 
         def delivered(error: KafkaError | None, _message: Any) -> None:
-            if error is not None:
+            if error is not None and error.code() != KafkaError._PURGE_QUEUE:  # dropped unsent: in `left`
                 failures.append(error)
 
         try:
@@ -215,6 +216,8 @@ class IdempotentProducer:
             # Also after a refusal: what was queued is delivered (or failed) before the caller's
             # retry, which may read the topic to learn what is already there.
             left = self.flush(timeout_s)
+            if left:
+                self.drop_unsent()
         if left or failures:
             self.recover_from(failures)
             stopped = " (stopping)" if left and self.interrupt.is_set() else ""
@@ -230,6 +233,15 @@ class IdempotentProducer:
             left = int(self.producer.flush(max(0.0, min(ACK_WAIT_SLICE_S, deadline - time.monotonic()))))
             if not left or self.interrupt.is_set() or time.monotonic() >= deadline:
                 return left
+
+    def drop_unsent(self) -> None:
+        """Drops the queued messages not yet sent to a broker (those in flight stay: the broker
+        may have written them). Why: librdkafka keeps a message for `message.timeout.ms` (5
+        minutes) after a wait gave up on it, so the caller's retry, which produces it again,
+        would put a second copy behind the first and both would land once Kafka is back (a tier
+        change announced twice, a dead letter once per retry of an outage)."""
+        self.producer.purge(in_queue=True, in_flight=False)
+        self.producer.poll(0)  # their delivery callbacks (purged) run now, not in a later wait
 
     def recover_from(self, errors: list[KafkaError]) -> bool:
         """Replaces the producer if any of `errors` (from `produce` or delivery callbacks) is

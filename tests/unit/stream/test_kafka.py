@@ -30,13 +30,18 @@ TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT, "message timed out")
 
 class _Producer:
     """Queues messages; `refuse` makes `produce` raise it, `fail_deliveries` fails every queued
-    message with it at the next flush (delivery callbacks run there, as in librdkafka)."""
+    message with it at the next flush (delivery callbacks run there, as in librdkafka). While
+    `unanswered`, a flush sends nothing and returns how many it holds (a broker that does not
+    answer); `in_flight` holds sent messages awaiting their acknowledgement, which a purge of
+    the queue alone keeps (as librdkafka does)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.refuse: KafkaError | None = None
         self.fail_deliveries: KafkaError | None = None
+        self.unanswered = False
         self.queued: list[tuple[str, dict[str, Any]]] = []
+        self.in_flight: list[tuple[str, dict[str, Any]]] = []
         self.delivered: list[tuple[str, dict[str, Any]]] = []
         self.purged = False
 
@@ -46,16 +51,34 @@ class _Producer:
         self.queued.append((topic, message))
 
     def flush(self, _timeout: float) -> int:
-        for topic, message in self.queued:
+        if self.unanswered:
+            return len(self)
+        for topic, message in self.in_flight + self.queued:
             if callback := message.get("on_delivery"):
                 callback(self.fail_deliveries, None)
             if self.fail_deliveries is None:
                 self.delivered.append((topic, message))
-        self.queued = []
+        self.queued, self.in_flight = [], []
         return 0
 
-    def purge(self) -> None:
+    def send_without_answer(self) -> None:
+        """Moves the queue in flight: sent, not yet acknowledged."""
+        self.in_flight, self.queued = self.in_flight + self.queued, []
+
+    def purge(self, in_queue: bool = True, in_flight: bool = True) -> None:
         self.purged = True
+        dropped = (self.queued if in_queue else []) + (self.in_flight if in_flight else [])
+        for _, message in dropped:
+            if callback := message.get("on_delivery"):
+                callback(KafkaError(KafkaError._PURGE_QUEUE), None)
+        self.queued = [] if in_queue else self.queued
+        self.in_flight = [] if in_flight else self.in_flight
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.queued) + len(self.in_flight)
 
 
 def _producer() -> tuple[IdempotentProducer, list[_Producer]]:
@@ -114,6 +137,52 @@ def test_the_change_log_fails_the_batch_on_a_fatal_delivery_and_its_retry_publis
     log.publish([tier_change("u1")])  # the scorer's retry of the batch
     assert [m["key"] for _, m in made[1].delivered] == [b"u1"]
     log.reader.close()
+
+
+def _log_with_empty_tail(monkeypatch: pytest.MonkeyPatch) -> tuple[KafkaChangeLog, list[_Producer]]:
+    """Returns a change log on a stand-in producer whose topic's tail reads as empty."""
+    log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=0.1)
+    log.reader.close()
+    log.producer, made = _producer()
+    monkeypatch.setattr(log, "_ends", lambda _tp: (0, 0))
+    monkeypatch.setattr(log, "_read", lambda _partition, _start, _end: [])
+    return log, made
+
+
+def test_a_publish_that_timed_out_leaves_no_copy_queued_behind_its_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker takes nothing for the whole wait, then comes back: the batch's retry reads the
+    tail (empty) and publishes the change again, which must land once (before, the first copy
+    waited in librdkafka's queue for 5 minutes and landed too: a change announced twice)."""
+    log, made = _log_with_empty_tail(monkeypatch)
+    made[0].unanswered = True
+    with pytest.raises(ServiceUnavailableError, match="did not acknowledge 1 change"):
+        log.publish([tier_change("u1")])
+    made[0].unanswered = False  # Kafka is back
+    assert log.published(0, 0) == []
+    log.publish([tier_change("u1")])
+    assert [m["key"] for _, m in made[0].delivered] == [b"u1"]
+
+
+def test_the_tail_is_read_only_once_an_earlier_publish_in_flight_has_landed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes sent but not yet acknowledged may still land: a tail read before then would miss
+    them and the retry would announce them again, so the read waits, and refuses at its timeout."""
+    log, made = _log_with_empty_tail(monkeypatch)
+    made[0].produce("changes", value=b"{}")
+    made[0].send_without_answer()
+    made[0].unanswered = True
+    with pytest.raises(ServiceUnavailableError, match=r"1 change.* still in flight"):
+        log.published(0, 0)
+    made[0].unanswered = False
+    assert log.published(0, 0) == []  # landed: the tail is read
+
+
+def test_a_wait_that_ends_unacknowledged_drops_what_was_not_sent() -> None:
+    """A real librdkafka producer whose broker does not answer: after the wait nothing of the
+    deliver stays queued (librdkafka would keep it for `message.timeout.ms`, 5 minutes)."""
+    producer = IdempotentProducer(kafka_config(load_settings(kafka_bootstrap="127.0.0.1:1")))
+    with pytest.raises(ServiceUnavailableError, match=r"did not acknowledge 2 dead letter\(s\): \[\]"):
+        producer.deliver("events.dlq", [{"value": b"a"}, {"value": b"b"}], 0.2, "dead letter(s)")
+    assert len(producer.producer) == 0  # librdkafka counts what it still holds
 
 
 def _seconds_to_stop(call: Callable[[KafkaChangeLog], object], refusal: str) -> float:
