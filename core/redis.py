@@ -28,6 +28,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,7 +37,7 @@ from redis.retry import Retry
 
 from core.errors import ConfigError, ServiceUnavailableError, StoreRefusedError
 from core.redis_pipeline import AsyncPipelineClient
-from core.settings import Settings
+from core.settings import Settings, mask_url
 
 Purpose = Literal["batch", "request", "probe"]
 # (socket timeout, connect timeout) in seconds.
@@ -46,8 +47,11 @@ UNREACHABLE: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     ClusterDownError,
-    RedisClusterException,
+    SlotNotCoveredError,
 )
+# How redis-py says that no node of a cluster answered (a RedisClusterException, which is not a
+# RedisError; its other uses are refusals of the client itself, e.g. keys of several slots).
+CLUSTER_UNREACHABLE = "cannot be connected"
 
 
 # A client of one Redis server, or of a Redis Cluster (`CHURN_REDIS_CLUSTER`).
@@ -56,21 +60,26 @@ Client = redis.Redis | RedisCluster
 
 
 def redis_client(settings: Settings, purpose: Purpose = "batch") -> Client:
-    """Returns a client of `settings.redis_address` with the timeouts of `purpose` (no I/O yet):
-    a `RedisCluster` seeded from that address when `settings.redis_cluster` is set (it finds the
-    other nodes, and follows a failover), else a `redis.Redis`."""
+    """Returns a client of `settings.redis_address` with the timeouts of `purpose`: a
+    `RedisCluster` seeded from that address when `settings.redis_cluster` is set (it asks for the
+    other nodes at once, and follows a failover), else a `redis.Redis` (no I/O yet).
+
+    Raises:
+        ServiceUnavailableError: a cluster whose seed node does not answer.
+    """
     socket_timeout, connect_timeout = TIMEOUTS[purpose]
     if settings.redis_cluster:
         # No retries inside the client (its default sleeps up to ~7 s in one command while a
         # master fails over): the error reaches the caller at once, the scorer reports not ready
         # and retries the batch with its own backoff, the API answers 503. The client still
         # refreshes its slot map after each failed command, so it finds the promoted replica.
-        return RedisCluster.from_url(
-            settings.redis_address,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=FAIL_FAST,
-        )
+        with redis_errors("asking for its nodes", f"Redis Cluster at {mask_url(settings.redis_address)}"):
+            return RedisCluster.from_url(
+                settings.redis_address,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=FAIL_FAST,
+            )
     return redis.Redis.from_url(
         settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
     )
@@ -163,6 +172,8 @@ def classify(exc: Exception) -> str | None:
     code = words[0].upper() if words else ""
     if isinstance(exc, TRANSIENT) or code in _TRANSIENT_CODES:
         return None
+    if isinstance(exc, RedisClusterException) and CLUSTER_UNREACHABLE in str(exc):
+        return None
     if isinstance(exc, ResponseError):
         return code if code.isalpha() and code.isupper() else "ERR"
     return type(exc).__name__
@@ -190,7 +201,7 @@ def redis_errors(action: str, where: str = "Redis") -> Iterator[None]:
     """
     try:
         yield
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         reason = classify(exc)
         if reason is None:
             msg = f"{where} unavailable while {action}: {exc}"

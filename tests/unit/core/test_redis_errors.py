@@ -6,7 +6,8 @@ import pytest
 import redis.exceptions as rex
 
 from core.errors import ServiceUnavailableError, StoreRefusedError
-from core.redis import classify, redis_errors
+from core.redis import classify, redis_client, redis_errors
+from core.settings import load_settings
 
 TRANSIENT = [
     rex.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused."),
@@ -14,6 +15,9 @@ TRANSIENT = [
     rex.BusyLoadingError("Redis is loading the dataset in memory"),
     rex.ResponseError("BUSY Redis is busy running a script."),
     rex.TryAgainError("Multiple keys request during rehashing of slot"),
+    # Cluster client errors are not RedisErrors: these two escaped as unknown exceptions.
+    rex.SlotNotCoveredError('Slot "42" is not covered by the cluster.'),
+    rex.RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node: x"),
 ]
 # (error as redis-py raises it, expected code): redis-py strips the code of the errors it has a class for.
 REFUSED = [
@@ -24,6 +28,7 @@ REFUSED = [
     (rex.AuthenticationError("Authentication required."), "AUTH"),
     (rex.NoPermissionError("this user has no permissions to run the 'set' command"), "NOPERM"),
     (rex.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), "WRONGTYPE"),
+    (rex.RedisClusterException("Keys in request don't hash to the same slot"), "RedisClusterException"),
 ]
 
 
@@ -50,3 +55,11 @@ def test_lasting_refusals_carry_their_code(error: Exception, code: str) -> None:
 def test_client_side_errors_are_not_redis_answers() -> None:
     with pytest.raises(ValueError, match="bad"), redis_errors("anything"):
         raise ValueError("bad")
+
+
+def test_a_cluster_no_node_of_which_answers_is_unavailable_not_an_unknown_error() -> None:
+    """redis-py's own words for it (a contract test): a cluster client asks its seed node for the
+    slot map when it is built, and again after a failed command."""
+    settings = load_settings(redis_cluster=True, redis_url="redis://:secret@127.0.0.1:1/0")
+    with pytest.raises(ServiceUnavailableError, match=r"Redis Cluster at redis://:\*\*\*@127.0.0.1:1/0 unavailable"):
+        redis_client(settings, "probe")
