@@ -80,8 +80,10 @@ def prediction_id(model_version: str, user_id: str, features_at_ms: int, as_of_m
     (the model version, the user, the event time of the features and the clock used).
 
     Deterministic on purpose: the same prediction made again (a replayed batch, a snapshot taken
-    again after a crash) carries the same id, so a tier-change event, a stored risk row and a
-    prediction-log row that share an id are the same answer, traced without a lookup table."""
+    again after a crash) carries the same id, so an answer is traced to its model, user, features'
+    event time and clock without a lookup table. The event time stands for the features: a late
+    event that changes them without a newer event time keeps the id, so it is not a key for tier
+    changes (each has its own `source_partition`, `source_offset`)."""
     key = f"{model_version}|{user_id}|{features_at_ms}|{as_of_ms}".encode()
     return hashlib.blake2b(key, digest_size=12).hexdigest()
 

@@ -4,7 +4,9 @@ It reads `risk.changes` in its own consumer group and hands each change to a sin
 (one JSON line), or POSTing it to a webhook. Offsets are committed after the sink has taken a
 batch, so a crash re-delivers what came after the last commit Kafka accepted (normally at most
 the last batch; more if Kafka refused commits since): a receiver deduplicates by
-`prediction_id` (with `user_id`; the same score gives the same id). A webhook that keeps
+(`source_partition`, `source_offset`), which each change has alone (`prediction_id` does not
+tell two changes apart: a late event can change a user's features, and tier, without a newer
+event time). A webhook that keeps
 failing (`max_attempts`, exponential backoff) or answers 4xx does not stop the stream: the
 change goes to the dead-letter topic `<changes topic>.dlq` with the reason, and the consumer
 moves on.
@@ -27,13 +29,16 @@ from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
 from stream.changes import DECODER, ENCODER, TierChange
-from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer
+from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer, dead_letter
 
 log = logging.getLogger(__name__)
 # The pause before a batch's dead letters are sent again while Kafka does not take them: it
 # doubles from the first to the last.
 DLQ_RETRY_FIRST_S = 1.0
 DLQ_RETRY_MAX_S = 30.0
+# The 4xx answers that say "not now" rather than "not this change" (request timeout, too early,
+# too many requests): retried like a 5xx; any other 4xx refuses the change for good.
+RETRIED_4XX = frozenset({408, 425, 429})
 
 
 class DeliveryFailedError(Exception):
@@ -47,8 +52,9 @@ class DeliveryStoppedError(Exception):
 
 @dataclass
 class WebhookSink:
-    """POSTs each change as JSON to `url`; retries connection errors, timeouts and 5xx/429 up to
-    `max_attempts` times with exponential backoff from `backoff_s`; a 4xx is final at once.
+    """POSTs each change as JSON to `url`; retries connection errors, timeouts, 5xx and
+    `RETRIED_4XX` up to `max_attempts` times with exponential backoff from `backoff_s`; any other
+    4xx is final at once.
     `stopping` (the process's stop signal) ends the backoff between attempts."""
 
     url: str
@@ -78,7 +84,7 @@ class WebhookSink:
                 if answer.status_code < 300:
                     return
                 reason = f"HTTP {answer.status_code}: {answer.text[:200]}"
-                if 400 <= answer.status_code < 500 and answer.status_code != 429:
+                if 400 <= answer.status_code < 500 and answer.status_code not in RETRIED_4XX:
                     break  # the receiver refuses this change: retrying cannot help
             if attempt < self.max_attempts and self.stopping.wait(self.backoff_s * 2 ** (attempt - 1)):
                 msg = f"webhook {self.url}: stopped after {attempt} attempt(s): {reason}"
@@ -180,7 +186,7 @@ def _hand_over(
             change = DECODER.decode(raw)
         except msgspec.DecodeError as exc:  # not a change event: dead-lettered, never a crash
             report.unreadable += 1
-            dead.append(_dead_letter(raw, f"unreadable: {exc}"))
+            dead.append(_dead_letter(message, f"unreadable: {exc}"))
             continue
         try:
             sink(change)
@@ -188,7 +194,7 @@ def _hand_over(
         except DeliveryFailedError as exc:
             report.dead_lettered += 1
             log.warning("change of user %s dead-lettered: %s", change.user_id, exc)
-            dead.append(_dead_letter(raw, str(exc), key=change.user_id.encode()))
+            dead.append(_dead_letter(message, str(exc)))
         except DeliveryStoppedError as exc:
             log.info("change of user %s not delivered: %s", change.user_id, exc)
             return dead, False
@@ -201,7 +207,8 @@ def _deliver_dead_letters(
     """Delivers a batch's dead letters and returns True once Kafka acknowledged every one; while
     it does not (down, or refusing), sends them again after a pause that doubles from
     `DLQ_RETRY_FIRST_S` to `DLQ_RETRY_MAX_S` (a dependency's failure is retried, never fatal);
-    returns False once `stopping` is set. A retry may write a dead letter twice."""
+    returns False once `stopping` is set. A dead letter in flight when a wait gave up may land
+    twice (what was not yet sent is dropped before the retry)."""
     pause = DLQ_RETRY_FIRST_S
     while not stopping.is_set():
         try:
@@ -229,10 +236,17 @@ def _commit(consumer: Consumer, stopping: threading.Event) -> bool:
     return True
 
 
-def _dead_letter(raw: bytes, reason: str, key: bytes | None = None) -> dict[str, Any]:
-    """Returns the `Producer.produce` arguments of one dead letter: the message as it came, with
-    a `reason` header."""
-    return {"value": raw, "key": key, "headers": [("reason", reason[:1024].encode())]}
+def _dead_letter(message: Any, reason: str) -> dict[str, Any]:
+    """Returns the `Producer.produce` arguments of the dead letter of a tier-change topic's
+    `message`: as it came (key and value, the value cut if too large: `dead_letter`), with a
+    `reason` header and where it came from."""
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("reason", reason[:1024].encode()),
+        ("source_topic", str(message.topic()).encode()),
+        ("source_partition", str(message.partition()).encode()),
+        ("source_offset", str(message.offset()).encode()),
+    ]
+    return dead_letter(message.value() or b"", headers, message.key())
 
 
 def _usable(message: object) -> bool:

@@ -45,7 +45,7 @@ from monitoring.metrics import Metrics
 from monitoring.performance_state import PerformancePublisher
 from stream.at_risk import RedisAtRiskIndex
 from stream.changes import KafkaChangeLog, ensure_changes_topic
-from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer, report_lag
+from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer, dead_letter, report_lag
 from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
@@ -128,8 +128,10 @@ class ScoringConsumer:
         self.processor.partitions_changed([], [p.partition for p in partitions])
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT finish the current batch, commit and leave the group; SIGUSR1 writes
-        every thread's stack to stderr (where a scorer that stopped moving is stuck)."""
+        """SIGTERM/SIGINT end the loop after the current batch and leave the group (a batch still
+        waiting for Kafka's acknowledgements, or a commit waiting for a broker, is abandoned and
+        replayed after the restart: docs/invariants.md, 13); SIGUSR1 writes every thread's stack
+        to stderr (where a scorer that stopped moving is stuck)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -235,7 +237,7 @@ class ScoringConsumer:
             self.expected.update(applied_offsets(messages))  # Redis holds them now
             if result.dead_letters:  # acknowledged before the commit, or the batch is retried
                 dead = result.dead_letters
-                messages_out = ({"value": r.raw, "headers": dlq_headers(r)} for r in dead)
+                messages_out = (dead_letter(r.raw, dlq_headers(r)) for r in dead)
                 self.dlq.deliver(self.settings.dlq_topic, messages_out, 30, "dead letter(s)")
                 self.metrics.dlq_total.inc(len(dead))
             self.metrics.batch_events.observe(len(messages))

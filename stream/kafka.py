@@ -143,6 +143,25 @@ def report_lag(consumer: Consumer, gauge: Gauge) -> None:
                 gauge.remove(*labels)
 
 
+# librdkafka refuses a message larger than `message.max.bytes` (1,000,000 by default; brokers take
+# about 1 MiB) for good. A dead letter is its source message plus headers, so one whose source
+# was near the limit could never be written, and its batch would be retried forever: one
+# oversized event would stall its partition. Above this size its value is cut.
+DEAD_LETTER_MAX_VALUE_BYTES = 900_000
+
+
+def dead_letter(
+    value: bytes, headers: list[tuple[str, str | bytes | None]], key: bytes | None = None
+) -> dict[str, Any]:
+    """Returns the `Producer.produce` arguments of one dead letter: `value` as it came, or its
+    first `DEAD_LETTER_MAX_VALUE_BYTES` with a `truncated_from_bytes` header giving its size (the
+    source coordinates in `headers` say where the whole message is, for the topic's retention)."""
+    if len(value) > DEAD_LETTER_MAX_VALUE_BYTES:
+        headers = [*headers, ("truncated_from_bytes", str(len(value)).encode())]
+        value = value[:DEAD_LETTER_MAX_VALUE_BYTES]
+    return {"value": value, "key": key, "headers": headers}
+
+
 def is_fatal(error: KafkaError) -> bool:
     """Returns whether `error` leaves its client unusable for good (librdkafka's fatal errors)."""
     return bool(error.fatal()) or error.code() == KafkaError._FATAL

@@ -614,14 +614,20 @@ class KafkaMessage:
     """What `Consumer.consume` returns, for one message without error; `append_ms` is its Kafka
     append time (-1: none, as librdkafka reports a message without a timestamp)."""
 
-    def __init__(self, partition: int, offset: int, value: bytes = b"{}", append_ms: int = -1) -> None:
+    def __init__(
+        self, partition: int, offset: int, value: bytes = b"{}", append_ms: int = -1, key: bytes | None = None
+    ) -> None:
         self._partition, self._offset, self._value, self._append_ms = partition, offset, value, append_ms
+        self._key = key
 
     def error(self) -> None:
         return None
 
     def value(self) -> bytes:
         return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
 
     def topic(self) -> str:
         return STAND_IN_TOPIC

@@ -137,6 +137,19 @@ def test_dead_letters_kafka_does_not_take_are_sent_again_before_the_commit(
     assert (report.unreadable, report.delivered) == (1, 1)
 
 
+def test_a_dead_letter_keeps_the_message_its_key_and_where_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    consumer = CommitRefusedOnce(batches=[[KafkaMessage(3, 41, b"not a change", key=b"u9")]])
+    _use(consumer, monkeypatch)
+    dlq = DeadLetterTopicDown(refusals=0)
+    _with_dlq(dlq, monkeypatch)
+    actions.tail(Settings(kafka_bootstrap="127.0.0.1:1"), lambda _change: None, group="g", idle_exit_s=0.2)
+    [letter] = dlq.delivered
+    assert (letter["value"], letter["key"]) == (b"not a change", b"u9")
+    headers = dict(letter["headers"])
+    assert headers["reason"].startswith(b"unreadable: ")
+    assert (headers["source_partition"], headers["source_offset"]) == (b"3", b"41")
+
+
 def test_a_stop_while_kafka_does_not_take_the_dead_letters_ends_the_tail_and_commits_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -180,6 +193,24 @@ def test_a_stop_signal_ends_the_webhook_backoff_without_giving_the_change_up() -
         sink(tier_change("u1"))
     assert time.monotonic() - started < 5  # not the 30 s backoff
     assert len(attempts) == 1
+
+
+@pytest.mark.parametrize(("status", "attempts"), [(408, 2), (425, 2), (429, 2), (503, 2), (400, 1), (422, 1)])
+def test_a_webhook_retries_a_not_now_answer_and_gives_up_on_a_refusal_at_once(status: int, attempts: int) -> None:
+    answers = [status, 200]
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(answers.pop(0), text="answer")
+
+    sink = actions.WebhookSink(
+        "http://crm.test/changes", backoff_s=0.001, client=httpx.Client(transport=httpx.MockTransport(receiver))
+    )
+    if attempts == 1:
+        with pytest.raises(actions.DeliveryFailedError, match=f"after 1 attempt\\(s\\): HTTP {status}"):
+            sink(tier_change("u1"))
+    else:
+        sink(tier_change("u1"))
+    assert len(answers) == 2 - attempts
 
 
 @pytest.mark.parametrize("stop_in", ["the sink's retries", "between changes"])

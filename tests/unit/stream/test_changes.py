@@ -168,6 +168,37 @@ def test_a_batch_replayed_after_a_crash_publishes_nothing_twice(
     assert states.blobs == clean_states.blobs  # the announced tier is saved like the rest
 
 
+class HighFromThreeAnHour(StandInModel):
+    """High from 3 events in the user's last hour (the stand-in's probability grows with them)."""
+
+    def tier(self, probability: float) -> str:
+        return "high" if probability >= 1 - 1 / (1 + 3 / 100) - 1e-9 else "low"
+
+
+def test_a_late_event_that_changes_the_tier_is_a_change_with_its_own_key() -> None:
+    """A late event (within the allowed lateness) raises the user's count without a newer event
+    time: a real change, which the key README tells a receiver to deduplicate on
+    (source_partition, source_offset) keeps apart from the first one."""
+    changes = InMemoryChangeLog()
+    model = LoadedModel(HighFromThreeAnHour(), "churn-lightgbm", "1")
+    processor = BatchProcessor(
+        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(),
+        lambda: model, wall_clock_ms=lambda: 0, changes=changes,
+    )  # fmt: skip
+    t = 1_767_225_600_000
+    times = [t, t - 60_000, t - 120_000]  # the third comes 2 minutes late, in the next batch
+    events = [
+        Event(ts=ts, user_id="u1", session_id=1, item_in_session=5 - i, page="Home", auth="Logged In", level="free")
+        for i, ts in enumerate(times)
+    ]
+    batch = [Message(e.to_json(), "events", 0, offset, t) for offset, e in enumerate(events)]
+    processor.process(batch[:2])
+    processor.process(batch[2:])
+    published = changes.published(0, 0)
+    assert [(c.old_tier, c.new_tier) for c in published] == [(None, "low"), ("low", "high")]
+    assert len({(c.source_partition, c.source_offset) for c in published}) == 2
+
+
 def test_at_risk_list_ranks_the_stored_scores() -> None:
     msgs = messages(30)
     states, risks, changes, at_risk = (

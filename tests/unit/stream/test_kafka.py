@@ -21,7 +21,7 @@ from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import load_settings
 from stream.changes import KafkaChangeLog
-from stream.kafka import IdempotentProducer, commit_unless_stopped, report_lag
+from stream.kafka import DEAD_LETTER_MAX_VALUE_BYTES, IdempotentProducer, commit_unless_stopped, dead_letter, report_lag
 from tests.support import tier_change
 
 FATAL = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
@@ -183,6 +183,25 @@ def test_a_wait_that_ends_unacknowledged_drops_what_was_not_sent() -> None:
     with pytest.raises(ServiceUnavailableError, match=r"did not acknowledge 2 dead letter\(s\): \[\]"):
         producer.deliver("events.dlq", [{"value": b"a"}, {"value": b"b"}], 0.2, "dead letter(s)")
     assert len(producer.producer) == 0  # librdkafka counts what it still holds
+
+
+def test_the_dead_letter_of_an_event_near_the_size_limit_can_be_written() -> None:
+    """A 999,500-byte event passes the broker's limit and is dead-lettered for its size; its dead
+    letter (the event plus headers) was over librdkafka's 1,000,000 bytes, refused for good at
+    every retry of its batch: the partition stalled. Cut, it is accepted (here it only waits for
+    a broker that does not answer); the header keeps its size."""
+    producer = IdempotentProducer(kafka_config(load_settings(kafka_bootstrap="127.0.0.1:1")))
+    event = b"x" * 999_500
+    headers: list[tuple[str, str | bytes | None]] = [("reason", b"r" * 1024), ("source_offset", b"7")]
+    with pytest.raises(ServiceUnavailableError, match="MSG_SIZE_TOO_LARGE"):  # as it came
+        producer.deliver("events.dlq", [{"value": event, "headers": headers}], 0.1, "dead letter(s)")
+    with pytest.raises(ServiceUnavailableError, match="did not acknowledge 1 dead letter"):
+        producer.deliver("events.dlq", [dead_letter(event, headers)], 0.1, "dead letter(s)")
+    letter = dead_letter(event, headers, b"k")
+    assert letter["value"] == event[:DEAD_LETTER_MAX_VALUE_BYTES]
+    assert letter["headers"] == [*headers, ("truncated_from_bytes", b"999500")]
+    assert letter["key"] == b"k"
+    assert dead_letter(b"{}", headers) == {"value": b"{}", "key": None, "headers": headers}
 
 
 def _seconds_to_stop(call: Callable[[KafkaChangeLog], object], refusal: str) -> float:
