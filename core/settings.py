@@ -183,6 +183,17 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return value
 
+    @field_validator("redis_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        # Redis Cluster hashes the first `{...}` of a key: a brace in the prefix would replace the
+        # per-user slot-group tag, putting every user in one slot (one master) or splitting a
+        # user's keys from their group's applied offsets.
+        if "{" in value or "}" in value:
+            msg = "must not contain { or }: the keys' own hash tags spread users over the cluster's slots"
+            raise ValueError(msg)
+        return value
+
     @field_validator("api_keys")
     @classmethod
     def _no_blank_key(cls, value: list[SecretStr]) -> list[SecretStr]:

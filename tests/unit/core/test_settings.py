@@ -62,6 +62,14 @@ def test_a_blank_api_key_is_refused_not_dropped(keys: str, monkeypatch: pytest.M
         load_settings()
 
 
+@pytest.mark.parametrize("prefix", ["{churn}:", "churn{:", "churn}:"])
+def test_a_redis_prefix_with_a_hash_tag_brace_is_refused(prefix: str) -> None:
+    """`{churn}:` (a common cluster habit) put every user in one slot of one master."""
+    with pytest.raises(ConfigError, match=r"CHURN_REDIS_PREFIX.*must not contain \{ or \}"):
+        load_settings(redis_prefix=prefix)
+    assert load_settings(redis_prefix="prod:churn:").redis_prefix == "prod:churn:"
+
+
 def test_the_future_skew_allowance_cannot_exceed_the_lateness() -> None:
     """An event accepted that far ahead would make its user's real events late."""
     with pytest.raises(ConfigError, match=r"CHURN_MAX_FUTURE_SKEW_SECONDS.*at most CHURN_ALLOWED_LATENESS_SECONDS"):
