@@ -7,9 +7,10 @@ the last batch; more if Kafka refused commits since): a receiver deduplicates by
 (`source_partition`, `source_offset`), which each change has alone (`prediction_id` does not
 tell two changes apart: a late event can change a user's features, and tier, without a newer
 event time). A webhook that keeps
-failing (`max_attempts`, exponential backoff) or answers 4xx does not stop the stream: the
-change goes to the dead-letter topic `<changes topic>.dlq` with the reason, and the consumer
-moves on.
+failing (`max_attempts`, exponential backoff) or refuses a change (4xx) does not stop the
+stream: the change goes to the dead-letter topic `<changes topic>.dlq` with the reason, and the
+consumer moves on. One that answers as if it were misconfigured (401, 403, 404, 405, 407)
+stops it, the batch uncommitted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import httpx
 import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from core.errors import ServiceUnavailableError
+from core.errors import ConfigError, ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
 from stream.changes import DECODER, ENCODER, TierChange
@@ -39,6 +40,10 @@ DLQ_RETRY_MAX_S = 30.0
 # The 4xx answers that say "not now" rather than "not this change" (request timeout, too early,
 # too many requests): retried like a 5xx; any other 4xx refuses the change for good.
 RETRIED_4XX = frozenset({408, 425, 429})
+# The answers that say the webhook itself is wrong (credentials, URL, method), not this change:
+# every change would get the same, so the tail stops with the error (the batch uncommitted)
+# rather than send the whole stream to the dead-letter topic.
+MISCONFIGURED_4XX = frozenset({401, 403, 404, 405, 407})
 
 
 class DeliveryFailedError(Exception):
@@ -53,8 +58,8 @@ class DeliveryStoppedError(Exception):
 @dataclass
 class WebhookSink:
     """POSTs each change as JSON to `url`; retries connection errors, timeouts, 5xx and
-    `RETRIED_4XX` up to `max_attempts` times with exponential backoff from `backoff_s`; any other
-    4xx is final at once.
+    `RETRIED_4XX` up to `max_attempts` times with exponential backoff from `backoff_s`; stops at
+    `MISCONFIGURED_4XX`; any other 4xx is final at once.
     `stopping` (the process's stop signal) ends the backoff between attempts."""
 
     url: str
@@ -70,6 +75,7 @@ class WebhookSink:
         Raises:
             DeliveryFailedError: it gave up (the reason says why).
             DeliveryStoppedError: a stop signal came during the backoff before another attempt.
+            ConfigError: the webhook answered one of `MISCONFIGURED_4XX`.
         """
         body = ENCODER.encode(change)
         reason = ""
@@ -84,6 +90,12 @@ class WebhookSink:
                 if answer.status_code < 300:
                     return
                 reason = f"HTTP {answer.status_code}: {answer.text[:200]}"
+                if answer.status_code in MISCONFIGURED_4XX:
+                    msg = (
+                        f"webhook {self.url} answered {reason}: check the URL and the receiver's credentials"
+                        " (the batch in hand is not committed: it is delivered again after a restart)"
+                    )
+                    raise ConfigError(msg)
                 if 400 <= answer.status_code < 500 and answer.status_code not in RETRIED_4XX:
                     break  # the receiver refuses this change: retrying cannot help
             if attempt < self.max_attempts and self.stopping.wait(self.backoff_s * 2 ** (attempt - 1)):

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.errors import ServiceUnavailableError
+from core.errors import ConfigError, ServiceUnavailableError
 from core.settings import Settings
 from stream import actions
 from stream.changes import ENCODER, TierChange
@@ -211,6 +211,29 @@ def test_a_webhook_retries_a_not_now_answer_and_gives_up_on_a_refusal_at_once(st
     else:
         sink(tier_change("u1"))
     assert len(answers) == 2 - attempts
+
+
+def test_a_webhook_answering_as_if_misconfigured_stops_the_tail_and_gives_nothing_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong token (401) would send every change to the dead-letter topic, one after another:
+    the tail stops instead, with nothing committed and nothing dead-lettered."""
+    posts: list[int] = []
+
+    def receiver(_request: httpx.Request) -> httpx.Response:
+        posts.append(1)
+        return httpx.Response(401, text="token expired")
+
+    consumer = CommitRefusedOnce(batches=[_changes(0, ["u1", "u2"])])
+    _use(consumer, monkeypatch)
+    dlq = DeadLetterTopicDown(refusals=0)
+    _with_dlq(dlq, monkeypatch)
+    sink = actions.WebhookSink("http://crm.test/changes", client=httpx.Client(transport=httpx.MockTransport(receiver)))
+    with pytest.raises(ConfigError, match=r"answered HTTP 401: token expired: check the URL"):
+        actions.tail(Settings(kafka_bootstrap="127.0.0.1:1"), sink, group="g", idle_exit_s=0.2)
+    assert posts == [1]  # not retried: every attempt would get the same
+    assert (consumer.commits, dlq.tries) == (0, 0)
+    assert consumer.closed
 
 
 @pytest.mark.parametrize("stop_in", ["the sink's retries", "between changes"])
