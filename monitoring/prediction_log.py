@@ -11,20 +11,21 @@ have no `role` column: every row of them is "served" (`with_role`). Readers use 
 unless they ask for the shadow ones (`read_snapshot`, `read_log`). Once the labels
 are known (`stream.snapshot`) the same folder gets `labels.parquet` (user_id, churned) and
 `performance.json`; `drift.json` is the snapshot's drift report (the history the Redis state,
-which holds the latest only, does not keep). Files appear atomically (temp name, then rename), so a reader never sees
-half a file and a snapshot taken again after a crash replaces the first one whole.
+which holds the latest only, does not keep). Files appear atomically and durably
+(`core.durable`), so a reader never sees half a file, not even after a power loss, and a
+snapshot taken again after a crash replaces the first one whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from core.durable import write_atomically
 from core.errors import InvalidInputError
 
 SNAPSHOT = "snapshot.parquet"
@@ -46,19 +47,28 @@ def folder(root: Path, as_of_ms: int) -> Path:
 
 
 def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary name per process: two scorers sharing the folder may take the same snapshot
-    # (the same rows) at once; each renames its own file, the last one wins.
-    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(temp)
-    temp.replace(path)
+    # Two scorers sharing the folder may take the same snapshot (the same rows) at once: each
+    # renames its own temporary file, and the last one wins.
+    write_atomically(path, write)
 
 
-def write_snapshot(root: Path, frame: pl.DataFrame) -> Path:
-    """Writes one snapshot (columns as in the module doc, one as_of) to its date folder; returns
-    the file."""
-    as_of = int(frame["as_of"][0]) if frame.height else 0
-    path = folder(root, as_of) / SNAPSHOT
+def _read(path: Path) -> pl.DataFrame:
+    """Returns the Parquet file at `path`.
+
+    Raises:
+        InvalidInputError: it cannot be read (truncated or corrupt), naming the file.
+    """
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        msg = f"cannot read the prediction log file {path}: {exc}"
+        raise InvalidInputError(msg) from exc
+
+
+def write_snapshot(root: Path, as_of_ms: int, frame: pl.DataFrame) -> Path:
+    """Writes the snapshot of `as_of_ms` (columns as in the module doc; no row when nobody was
+    active) to its date folder; returns the file."""
+    path = folder(root, as_of_ms) / SNAPSHOT
     _atomic(path, frame.write_parquet)
     return path
 
@@ -96,9 +106,13 @@ def _roles(frame: pl.DataFrame, role: str | None) -> pl.DataFrame:
 
 def read_snapshot(root: Path, as_of_ms: int, role: str | None = SERVED) -> pl.DataFrame | None:
     """Returns the rows of `role` ("served" by default, "shadow", or None for both) of the
-    snapshot taken at `as_of_ms`, with the `role` column; None if no snapshot was logged."""
+    snapshot taken at `as_of_ms`, with the `role` column; None if no snapshot was logged.
+
+    Raises:
+        InvalidInputError: the logged file cannot be read.
+    """
     path = folder(root, as_of_ms) / SNAPSHOT
-    return _roles(pl.read_parquet(path), role) if path.exists() else None
+    return _roles(_read(path), role) if path.exists() else None
 
 
 def read_log(
@@ -109,7 +123,8 @@ def read_log(
     optionally for one user and/or one date (YYYY-MM-DD).
 
     Raises:
-        InvalidInputError: no snapshot is logged under `root` (for that date).
+        InvalidInputError: no snapshot is logged under `root` (for that date), or a logged file
+            cannot be read.
     """
     pattern = f"date={date}" if date else "date=*"
     days = sorted(p for p in root.glob(pattern) if (p / SNAPSHOT).exists())
@@ -118,9 +133,9 @@ def read_log(
         raise InvalidInputError(msg)
     parts = []
     for day in days:
-        frame = _roles(pl.read_parquet(day / SNAPSHOT), role)
+        frame = _roles(_read(day / SNAPSHOT), role)
         if (day / LABELS).exists():
-            frame = frame.join(pl.read_parquet(day / LABELS), on="user_id", how="left")
+            frame = frame.join(_read(day / LABELS), on="user_id", how="left")
         else:
             frame = frame.with_columns(pl.lit(None, pl.Boolean).alias("churned"))
         parts.append(frame)

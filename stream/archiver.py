@@ -15,7 +15,6 @@ after a stop it archives nothing it is unsure of.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -28,6 +27,7 @@ import msgspec
 import polars as pl
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from core.durable import fsync_path
 from core.settings import Settings
 from events.schema import Event, future_skew_reason, parse_event
 from monitoring.metrics import Metrics
@@ -51,15 +51,6 @@ def archived_since(root: Path, partition: int, committed: int) -> set[int]:
             offsets = pl.read_parquet(path, columns=["kafkaOffset"])["kafkaOffset"]
             found.update(o for o in offsets.to_list() if o >= committed)
     return found
-
-
-def fsync_path(path: Path) -> None:
-    """Flushes `path` (a file, or a folder's entries) to disk; raises OSError."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_batch(root: Path, rows: list[tuple[int, int, Event]]) -> tuple[int, int]:

@@ -274,7 +274,7 @@ class DailySnapshots:
         canary_users = np.array([in_canary(u, canary) for u in users], dtype=bool)
         roles = [(SERVED, canary_users), (SHADOW, ~canary_users)] if shadow is not None else [(SERVED, None)]
         frame = pl.concat([self._frame(as_of_ms, users, loaded, shadow, scored, role, mask) for role, mask in roles])
-        write_snapshot(self.log_root, frame)
+        write_snapshot(self.log_root, as_of_ms, frame)
         reference = (model.meta or {}).get("reference")
         if reference is not None and users:
             report = snapshot_drift(

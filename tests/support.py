@@ -238,7 +238,9 @@ def write_shadow_log(
                 }
             )
 
-        write_snapshot(root, pl.concat([rows(served, served_skill, "served"), rows(shadow, shadow_skill, "shadow")]))
+        write_snapshot(
+            root, as_of, pl.concat([rows(served, served_skill, "served"), rows(shadow, shadow_skill, "shadow")])
+        )
         write_labels(root, as_of, pl.DataFrame({"user_id": ids, "churned": churned}), {"rows": users})
 
 

@@ -75,6 +75,7 @@ def _old_snapshot(root: Path, as_of: int) -> None:
     """A snapshot as logged before shadow scoring: no `role` column."""
     write_snapshot(
         root,
+        as_of,
         pl.DataFrame(
             {"user_id": ["a", "b"], "as_of": [as_of, as_of], "churn_probability": [0.2, 0.8],
              "risk_tier": ["low", "high"], "model_version": ["1", "1"], "prediction_id": ["x", "y"]}

@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from core import durable
 from core.settings import Settings
 from events.schema import Event
 from monitoring.metrics import Metrics
@@ -41,7 +42,7 @@ def test_each_file_and_its_folder_are_fsynced_after_the_write(tmp_path: Path, mo
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(archiver.os, "fsync", recording_fsync)
+    monkeypatch.setattr(durable.os, "fsync", recording_fsync)
     events = random_events(3, users=4, days=3, per_user=20)
     rows = [(int(e.user_id[1:]) % 2, i, e) for i, e in enumerate(events)]
     written, _ = archiver.write_batch(tmp_path, rows)

@@ -29,6 +29,7 @@ def test_pairs_are_the_labelled_users_both_versions_scored_whatever_the_role(tmp
     canary_day = START_MS + 5 * 86_400_000
     write_snapshot(
         tmp_path,
+        canary_day,
         pl.DataFrame(
             {
                 "user_id": ["a", "b"],

@@ -1,0 +1,28 @@
+"""The prediction log's files (`monitoring.prediction_log`): where a snapshot goes, and what a
+reader says of a file it cannot read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from core.errors import InvalidInputError
+from monitoring.prediction_log import read_log, read_snapshot, write_snapshot
+
+MIDNIGHT = 1_767_312_000_000  # 2026-01-02T00:00:00Z
+
+
+def test_a_snapshot_with_nobody_active_is_logged_under_its_own_day(tmp_path: Path) -> None:
+    empty = pl.DataFrame(schema={"user_id": pl.String, "as_of": pl.Int64})
+    assert write_snapshot(tmp_path, MIDNIGHT, empty).parent.name == "date=2026-01-02"  # was 1970-01-01
+
+
+def test_a_log_file_that_cannot_be_read_is_named_in_a_clear_error(tmp_path: Path) -> None:
+    path = write_snapshot(tmp_path, MIDNIGHT, pl.DataFrame({"user_id": ["a"], "as_of": [MIDNIGHT]}))
+    path.write_bytes(b"")  # what a power loss can leave behind a rename that was not flushed
+    with pytest.raises(InvalidInputError, match=r"cannot read the prediction log file .*snapshot.parquet"):
+        read_log(tmp_path)
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        read_snapshot(tmp_path, MIDNIGHT)
