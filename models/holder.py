@@ -22,7 +22,13 @@ class ModelHolder:
         load: Callable[[], LoadedModel | None],
         on_swap: Callable[[LoadedModel], None] = lambda _: None,
         on_refuse: Callable[[str, str], None] = lambda _version, _reason: None,
+        drop_when_unset: bool = False,
     ) -> None:
+        """`drop_when_unset`: when the alias points nowhere any more, let the model go (the
+        challenger: `churn rollback` and a promotion that ends a trial remove its alias, and it
+        must stop serving the canary slice and shadow scores); else keep the one it has (the
+        champion: a process never stops answering for want of an alias)."""
+        self._drop_when_unset = drop_when_unset
         self._identity_of_champion = identity_of_champion
         self._load = load
         self._on_swap = on_swap  # e.g. the model-version gauge of the process
@@ -32,12 +38,17 @@ class ModelHolder:
 
     def refresh(self) -> bool:
         """Loads the champion if its identity changed (`identity_of_champion`: its version, or
-        `<version>@<source key>`, which also tells a re-created registry's v1 from the old v1);
-        returns True on a swap. A champion that does not fit the running spec is refused once
-        (logged, `on_refuse` with its version number) and the current model keeps serving. Never
-        raises."""
+        `<version>@<source key>`, which also tells a re-created registry's v1 from the old v1), or
+        drops it when its alias is gone and `drop_when_unset`; returns True on a swap or a drop.
+        A champion that does not fit the running spec is refused once (logged, `on_refuse` with
+        its version number) and the current model keeps serving. Never raises."""
         try:
             identity = self._identity_of_champion()
+            if identity is None and self._drop_when_unset and self.current is not None:
+                log.info("%s version %s withdrawn (its alias was removed)", self.current.name, self.current.version)
+                self.current = None
+                release_frozen()
+                return True
             if identity is None or (
                 self.current is not None and (self.current.identity or self.current.version) == identity
             ):

@@ -73,7 +73,9 @@ def build_deps(settings: Settings) -> Deps:
     )
     # The challenger serves the canary slice and scores every answer in shadow (when distinct).
     challengers = ModelHolder(
-        *champion_loader(settings, threads=1, alias=CHALLENGER), on_refuse=metrics.model_refused("api-challenger")
+        *champion_loader(settings, threads=1, alias=CHALLENGER),
+        on_refuse=metrics.model_refused("api-challenger"),
+        drop_when_unset=True,
     )
 
     def read_together(user_ids: Sequence[str]) -> tuple[list[FeatureRow | None], list[RiskRow | None]] | None:

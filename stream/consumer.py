@@ -353,7 +353,9 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     )
     # The challenger serves the canary slice and scores every user in shadow (when distinct).
     challengers = ModelHolder(
-        *champion_loader(settings, alias=CHALLENGER), on_refuse=metrics.model_refused("scorer-challenger")
+        *champion_loader(settings, alias=CHALLENGER),
+        on_refuse=metrics.model_refused("scorer-challenger"),
+        drop_when_unset=True,
     )
     engine = OnlineEngine(lateness_ms=settings.allowed_lateness_seconds * 1000)
     ttl = key_ttl_seconds(settings)

@@ -117,6 +117,7 @@ def test_promote_refuses_worse_accepts_better_and_rollback_restores_the_previous
             wait_for(lambda: stored_by("1", 1), 120, "the stream's scores of wave 1 by v1")  # the stream scores with v1
             answers = api.post("/users/risk", json={"user_ids": ids}).json()["results"]
             assert {a["model"]["version"] for a in answers} == {"1"}  # and so does the API
+            assert [a for a in answers if a.get("shadow") is not None] == []  # v3 withdrawn: no shadow of it
             again = _churn(env, "rollback")
             assert again.returncode == 2
             assert "records no previous champion" in again.stderr
