@@ -244,17 +244,19 @@ class RiskService:
 def at_risk_page(index: AtRiskIndex, risks: RiskStore, tier: Tier, order: Order, offset: int, limit: int) -> AtRiskPage:
     """Returns one page of the at-risk list of `tier`: the index's members joined with their
     stored risk rows. Members whose row expired or left the tier since (the index is updated
-    after the rows) are left out of the page and removed from the index.
+    after the rows) are left out of the page and pruned from the index (unless re-added since);
+    `next_offset` and `total` count the members pruned out of the ranks, so paging on skips
+    nobody.
 
     Raises:
         ServiceUnavailableError: Redis is down.
     """
-    total, members = index.page(tier, order, offset, limit)
-    rows = risks.read(members)
-    users, stale = [], []
-    for member, row in zip(members, rows, strict=True):
+    total, ranked = index.page(tier, order, offset, limit)
+    rows = risks.read([member for member, _ in ranked])
+    users, stale = [], {}
+    for (member, score), row in zip(ranked, rows, strict=True):
         if row is None or row.risk_tier != tier or row.churn_probability is None:
-            stale.append(member)
+            stale[member] = score
             continue
         users.append(
             AtRiskUser(
@@ -267,8 +269,10 @@ def at_risk_page(index: AtRiskIndex, risks: RiskStore, tier: Tier, order: Order,
                 prediction_id=row.prediction_id,
             )
         )
-    index.remove(tier, stale)
-    following = offset + len(members)
+    # Every member ranked after a pruned one moved up a rank: the next page starts that much earlier.
+    pruned = index.prune(tier, order, stale)
+    total -= pruned
+    following = offset + len(ranked) - pruned
     return AtRiskPage(
         tier=tier, order=order, offset=offset, limit=limit, total=total,
         next_offset=following if following < total else None, users=users,

@@ -7,12 +7,13 @@ is one key, so the structure works the same on Redis Cluster. A user is added to
 sets and removed from the others' in one pipeline per batch (ZADD and ZREM are idempotent: a
 replayed batch writes the same members). The risk rows stay the truth: a reader joins the page
 with them and drops members whose row expired or moved (`RiskRow` expiry is a key TTL, members
-of a set cannot expire), removing them from the set.
+of a set cannot expire), pruning them from the set it paged: a member goes only if its score is
+still the one the page saw, so a user the scorer re-added meanwhile (a new score) stays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from core.redis import Client, redis_errors
@@ -35,13 +36,15 @@ class AtRiskIndex(Protocol):
         raises ServiceUnavailableError."""
         ...
 
-    def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[str]]:
-        """Returns (users in the tier, the user ids ranked `offset`..`offset + limit - 1`, highest
-        first, ties by user id descending); raises ServiceUnavailableError."""
+    def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[tuple[str, float]]]:
+        """Returns (users in the tier, the (user id, score) ranked `offset`..`offset + limit - 1`
+        in `order`, highest first, ties by user id descending); raises ServiceUnavailableError."""
         ...
 
-    def remove(self, tier: str, user_ids: Sequence[str]) -> None:
-        """Takes users out of a tier (stale members found by a reader); raises ServiceUnavailableError."""
+    def prune(self, tier: str, order: Order, seen: Mapping[str, float]) -> int:
+        """Takes the stale members a reader found out of the tier's `order` set, each only if
+        its score is still the one in `seen` (else the scorer re-added it since); returns how
+        many went. Raises ServiceUnavailableError."""
         ...
 
 
@@ -59,15 +62,18 @@ class InMemoryAtRiskIndex:
             if row.risk_tier is not None and row.cancelled_ms is None:
                 self.members[row.risk_tier][row.user_id] = row
 
-    def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[str]]:
+    def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[tuple[str, float]]]:
         """See `AtRiskIndex.page`."""
         ranked = sorted(self.members[tier].values(), key=lambda r: (_rank_score(r, order), r.user_id), reverse=True)
-        return len(ranked), [r.user_id for r in ranked[offset : offset + limit]]
+        return len(ranked), [(r.user_id, _rank_score(r, order)) for r in ranked[offset : offset + limit]]
 
-    def remove(self, tier: str, user_ids: Sequence[str]) -> None:
-        """See `AtRiskIndex.remove`."""
-        for user in user_ids:
-            self.members[tier].pop(user, None)
+    def prune(self, tier: str, order: Order, seen: Mapping[str, float]) -> int:
+        """See `AtRiskIndex.prune` (one set per tier here: both orders are pruned)."""
+        members = self.members[tier]
+        gone = [u for u, score in seen.items() if u in members and _rank_score(members[u], order) == score]
+        for user in gone:
+            del members[user]
+        return len(gone)
 
 
 class RedisAtRiskIndex:
@@ -76,6 +82,8 @@ class RedisAtRiskIndex:
     def __init__(self, client: Client, prefix: str = "churn:") -> None:
         self.client = client
         self.prefix = f"{prefix}atrisk:"
+        # RedisCluster has `register_script` too (redis-py types it for Redis only).
+        self._prune = client.register_script(_PRUNE_IF_UNCHANGED)  # type: ignore[union-attr]
 
     def key(self, tier: str, order: Order) -> str:
         """Returns the sorted set of one tier and order."""
@@ -103,22 +111,35 @@ class RedisAtRiskIndex:
                         pipe.zrem(self.key(tier, order), *others)
             pipe.execute()
 
-    def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[str]]:
-        """See `AtRiskIndex.page` (ZCARD and ZREVRANGE: O(log n + limit))."""
+    def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[tuple[str, float]]]:
+        """See `AtRiskIndex.page` (ZCARD and ZREVRANGE WITHSCORES: O(log n + limit))."""
         key = self.key(tier, order)
         with redis_errors("reading the at-risk list"):
             pipe = self.client.pipeline(transaction=False)
             pipe.zcard(key)
-            pipe.zrevrange(key, offset, offset + limit - 1)
+            pipe.zrevrange(key, offset, offset + limit - 1, withscores=True)
             total, members = pipe.execute()
-        return int(total), [m.decode() if isinstance(m, bytes) else m for m in members]
+        return int(total), [(m.decode() if isinstance(m, bytes) else m, float(score)) for m, score in members]
 
-    def remove(self, tier: str, user_ids: Sequence[str]) -> None:
-        """See `AtRiskIndex.remove`."""
-        if not user_ids:
-            return
+    def prune(self, tier: str, order: Order, seen: Mapping[str, float]) -> int:
+        """See `AtRiskIndex.prune`: one script on the one key (so it works on Redis Cluster),
+        comparing each member's score with the one seen before removing it. The other order's
+        set keeps its stale members until a reader pages that one."""
+        if not seen:
+            return 0
+        args = [value for user, score in seen.items() for value in (user, repr(score))]
         with redis_errors("pruning the at-risk list"):
-            pipe = self.client.pipeline(transaction=False)
-            for order in ORDERS:
-                pipe.zrem(self.key(tier, order), *user_ids)
-            pipe.execute()
+            return int(self._prune(keys=[self.key(tier, order)], args=args))
+
+
+# ARGV: member, score seen, member, score seen, ...: ZREM each member whose score is unchanged.
+_PRUNE_IF_UNCHANGED = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+        removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    end
+end
+return removed
+"""

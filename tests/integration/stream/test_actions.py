@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
 import pytest
 from fastapi.testclient import TestClient
 
@@ -26,6 +27,7 @@ from models.runtime import in_canary, prediction_id
 from monitoring.metrics import Metrics
 from serving.app import create_app
 from stream.actions import WebhookSink, tail
+from stream.at_risk import RedisAtRiskIndex
 from stream.changes import ChangeReason, KafkaChangeLog, TierChange, ensure_changes_topic
 from stream.consumer import build_scorer
 from stream.risk_store import RedisRiskStore, RiskRow
@@ -154,6 +156,32 @@ def test_at_risk_pages_equal_a_brute_force_ranking_and_answers_carry_prediction_
             assert api.get("/users/at-risk?tier=urgent").status_code == 422
             assert api.get("/users/at-risk?limit=0").status_code == 422
             assert api.get("/users/at-risk?limit=1001").status_code == 422
+
+            # Rows expire (their TTL) while the members stay: paging on prunes them and skips no
+            # live user (before, each pruned member hid the live one ranked next after the page).
+            high = sorted(
+                (r for r in stored.values() if r.risk_tier == "high"), key=lambda r: r.churn_probability or 0.0
+            )
+            expired = {r.user_id for r in high[::3]}
+            client = redis_client(d.settings)
+            risks = RedisRiskStore(client, d.settings.redis_prefix)
+            client.delete(*(risks.key(u) for u in expired))
+            listed, offset = [], 0
+            while offset is not None:
+                page = api.get(f"/users/at-risk?tier=high&limit=3&offset={offset}").json()
+                listed += [u["user_id"] for u in page["users"]]
+                offset = page["next_offset"]
+            live = [r.user_id for r in sorted(high, key=lambda r: (r.churn_probability, r.user_id), reverse=True)]
+            assert listed == [u for u in live if u not in expired]
+            assert page["total"] == len(high) - len(expired)
+
+            # A member the scorer re-adds (a new score) after a reader found it stale stays.
+            index = RedisAtRiskIndex(client, d.settings.redis_prefix)
+            back = high[-1]
+            index.update([msgspec.structs.replace(back, churn_probability=0.999)])
+            assert index.prune("high", "probability", {back.user_id: float(back.churn_probability or 0)}) == 0
+            assert index.prune("high", "probability", {back.user_id: 0.999}) == 1
+            client.close()
     finally:
         d.cleanup()
 

@@ -214,4 +214,5 @@ def test_at_risk_list_ranks_the_stored_scores() -> None:
         rows = [r for r in risks.rows.values() if r.risk_tier == tier]
         total, page = at_risk.page(tier, "probability", 0, 1000)
         assert total == len(rows) > 0
-        assert page == [r.user_id for r in sorted(rows, key=lambda r: (r.churn_probability, r.user_id), reverse=True)]
+        ranked = sorted(rows, key=lambda r: (r.churn_probability, r.user_id), reverse=True)
+        assert page == [(r.user_id, r.churn_probability) for r in ranked]
