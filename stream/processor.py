@@ -56,6 +56,10 @@ class Snapshots(Protocol):
         by `loaded` (the canary's `canary` % by `challenger`), the other model in shadow."""
         ...
 
+    def first_due(self) -> int | None:
+        """Returns the earliest midnight no scorer has passed yet (None before the first)."""
+        ...
+
 
 @dataclass
 class BatchResult:
@@ -150,9 +154,13 @@ class BatchProcessor:
         cpu.mark("state_load")
         loaded = self.current_model()
         if self.snapshots is not None and self._open is None and parsed.events:
-            # The first midnight not yet snapshotted: the one at or after the shared watermark.
-            start = self.risks.watermark()
-            start = start if start is not None else min(e.ts for e in parsed.events)
+            # The first midnight not yet passed, as the scorers recorded it. Not the one after the
+            # shared watermark: that follows the partition furthest ahead, and a restart while
+            # another partition was still before a midnight skipped that midnight for good.
+            start = self.snapshots.first_due()
+            if start is None:  # the first run on this Redis
+                start = self.risks.watermark()
+                start = start if start is not None else min(e.ts for e in parsed.events)
             self._open = -(-start // DAY_MS) * DAY_MS
         self._apply(messages, parsed, result, loaded, applied_offsets(messages), expected or {})
         # Counted as soon as the states are saved: if a later step (the snapshot) fails, the retry

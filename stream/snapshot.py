@@ -89,6 +89,15 @@ class Activity(Protocol):
         """Records that the snapshot of `as_of_ms` is taken and drops its kept rows."""
         ...
 
+    def mark_passed(self, as_of_ms: int) -> None:
+        """Records that `as_of_ms` is done with (taken, or skipped without a model): drops its
+        kept rows, and the first midnight due moves past it (never back)."""
+        ...
+
+    def first_due(self) -> int | None:
+        """Returns the earliest midnight not yet passed (`mark_passed`), or None before any."""
+        ...
+
 
 class InMemoryActivity:
     """An `Activity` in dicts (unit tests)."""
@@ -98,6 +107,7 @@ class InMemoryActivity:
         self.churned: dict[str, int] = {}
         self.done: set[int] = set()
         self.rows: dict[int, dict[str, FeatureRow]] = {}
+        self.due: int | None = None
 
     def track(self, latest: dict[str, int], churned: dict[str, int]) -> None:
         """See `Activity.track`."""
@@ -133,17 +143,29 @@ class InMemoryActivity:
     def mark_taken(self, as_of_ms: int) -> None:
         """See `Activity.mark_taken`."""
         self.done.add(as_of_ms)
+        self.mark_passed(as_of_ms)
+
+    def mark_passed(self, as_of_ms: int) -> None:
+        """See `Activity.mark_passed`."""
         self.rows.pop(as_of_ms, None)
+        self.due = max(as_of_ms + DAY_MS, self.due or 0)
+
+    def first_due(self) -> int | None:
+        """See `Activity.first_due`."""
+        return self.due
 
 
 class RedisActivity:
     """An `Activity` in Redis: `<prefix>active` (ZSET user -> latest ts), `<prefix>churned`
-    (HASH user -> churn ts), `<prefix>snapshot:<as_of_ms>` markers. Raises ServiceUnavailableError."""
+    (HASH user -> churn ts), `<prefix>snapshot:<as_of_ms>` markers, `<prefix>snapshot:due` (the
+    first midnight due, the score of its one member: ZADD GT only raises it, whichever scorer
+    writes last). Raises ServiceUnavailableError."""
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
         self.active_key = f"{prefix}active"
         self.churned_key = f"{prefix}churned"
+        self.due_key = f"{prefix}snapshot:due"
         self.prefix = prefix
 
     def track(self, latest: dict[str, int], churned: dict[str, int]) -> None:
@@ -202,10 +224,22 @@ class RedisActivity:
     def mark_taken(self, as_of_ms: int) -> None:
         """See `Activity.mark_taken`."""
         with redis_errors("writing a snapshot marker"):
+            self.client.set(f"{self.prefix}snapshot:{as_of_ms}", int(time.time()))
+        self.mark_passed(as_of_ms)
+
+    def mark_passed(self, as_of_ms: int) -> None:
+        """See `Activity.mark_passed`."""
+        with redis_errors("moving the first snapshot due"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(f"{self.prefix}snapshot:{as_of_ms}", int(time.time()))
             pipe.delete(f"{self.prefix}capture:{as_of_ms}")
+            pipe.zadd(self.due_key, {"next": as_of_ms + DAY_MS}, gt=True)
             pipe.execute()
+
+    def first_due(self) -> int | None:
+        """See `Activity.first_due`."""
+        with redis_errors("reading the first snapshot due"):
+            score = self.client.zscore(self.due_key, "next")
+        return None if score is None else int(score)
 
 
 class DailySnapshots:
@@ -240,6 +274,10 @@ class DailySnapshots:
         for midnight, kept in captured.items():
             self.activity.capture(midnight, kept)
 
+    def first_due(self) -> int | None:
+        """Returns the earliest midnight no scorer has passed yet (`Activity.first_due`)."""
+        return self.activity.first_due()
+
     def show_latest(self) -> None:
         """Sets the drift and performance gauges from the shared state in Redis: the latest
         snapshot any scorer took (see `DriftPublisher.mirror`). Never raises."""
@@ -260,9 +298,11 @@ class DailySnapshots:
         """
         if loaded is None:
             log.info("no champion at %s: no snapshot", ms_to_iso(as_of_ms))
+            self.activity.mark_passed(as_of_ms)  # its kept rows would stay in Redis for good
             return
         if self.activity.taken(as_of_ms):
             self.show_latest()  # another scorer took it: its figures, not this one's last
+            self.activity.mark_passed(as_of_ms)
             return
         started = time.perf_counter()
         model = loaded.model

@@ -14,6 +14,7 @@ import training.pipeline
 import training.report
 from churn.cli import app
 from core.settings import load_settings
+from core.timeutil import DAY_MS
 from events.log import events_frame
 from features import offline
 from features.online import OnlineEngine
@@ -486,3 +487,80 @@ def test_retrain_command_trains_only_after_sustained_drift(monkeypatch: pytest.M
     result = runner.invoke(app, ["retrain", "--events", events])  # without --if-drift: always
     assert result.exit_code == 0, result.output
     assert len(calls) == 2
+
+
+def test_a_restart_while_one_partition_is_past_midnight_still_takes_that_midnight(tmp_path: Any) -> None:
+    """Partition 0 replays two days ahead of partition 1; the scorer restarts halfway (a deploy,
+    a crash). Before, the restart began at the first midnight after the shared watermark, which
+    partition 0 had carried past midnights partition 1 had not reached: those were never taken,
+    and their t - H labels never written."""
+    events = random_events(5, users=30, days=8, per_user=80)
+    partition_of = {u: int(u[1:]) % 2 for u in {e.user_id for e in events}}
+    ahead = {0: 2 * DAY_MS, 1: 0}  # partition 0 replays two days ahead of partition 1
+    arrival = sorted(events, key=lambda e: e.ts - ahead[partition_of[e.user_id]])
+    offsets = dict.fromkeys(ahead, 0)
+    msgs = []
+    for e in arrival:
+        p = partition_of[e.user_id]
+        msgs.append(Message(e.to_json(), "events", p, offsets[p], e.ts))
+        offsets[p] += 1
+    states, risks, activity = InMemoryStateStore(), InMemoryRiskStore(), InMemoryActivity()  # all shared (Redis)
+    metrics, client = Metrics(), DictRedis()
+    root = tmp_path / "predictions"
+
+    def scorer() -> BatchProcessor:  # a fresh process on the shared state
+        snapshots = DailySnapshots(
+            activity, states, OnlineEngine(), DriftPublisher(TH, metrics, client, "p:"),
+            PerformancePublisher(metrics, client, "p:", 0.7), root, lookback_days=5,
+        )  # fmt: skip
+        model = LoadedModel(FirstFeatureModel(), "m", "1")
+        return BatchProcessor(
+            OnlineEngine(), states, InMemoryFeatureStore(), risks, metrics, lambda: model, snapshots=snapshots
+        )
+
+    half = len(msgs) // 2
+    first = scorer()
+    for i in range(0, half, 500):
+        first.process(msgs[i : min(i + 500, half)])
+    taken_before = set(activity.done)
+    second = scorer()  # SIGTERM/SIGKILL + restart: nothing else changes
+    for i in range(half, len(msgs), 500):
+        second.process(msgs[i : i + 500])
+
+    slowest = min(max(e.ts for e in events if partition_of[e.user_id] == p) for p in ahead)
+    first_midnight = -(-min(e.ts for e in events) // DAY_MS) * DAY_MS
+    midnights = set(range(first_midnight, slowest, DAY_MS))
+    missing = sorted(midnights - activity.done)
+    assert taken_before < activity.done
+    assert missing == [], f"never snapshotted: {missing}; no prediction log for them: " + str(
+        [read_snapshot(root, t) is None for t in missing]
+    )
+
+
+def test_midnights_passed_without_a_model_leave_no_kept_rows(tmp_path: Any) -> None:
+    """Rows kept for a midnight live in Redis (`capture:<t>`, no TTL) until it is done with: a
+    midnight passed before any model was registered (the demo) kept them for good."""
+    events = random_events(5, users=30, days=6, per_user=60)
+    partition_of = {u: int(u[1:]) % 2 for u in {e.user_id for e in events}}
+    arrival = sorted(events, key=lambda e: e.ts - (3_600_000 if partition_of[e.user_id] == 0 else 0))
+    offsets = dict.fromkeys((0, 1), 0)
+    msgs = []
+    for e in arrival:
+        p = partition_of[e.user_id]
+        msgs.append(Message(e.to_json(), "events", p, offsets[p], e.ts))
+        offsets[p] += 1
+    states, activity, metrics, client = InMemoryStateStore(), InMemoryActivity(), Metrics(), DictRedis()
+    snapshots = DailySnapshots(
+        activity, states, OnlineEngine(), DriftPublisher(TH, metrics, client, "p:"),
+        PerformancePublisher(metrics, client, "p:", 0.7), tmp_path, lookback_days=5,
+    )  # fmt: skip
+    processor = BatchProcessor(
+        OnlineEngine(), states, InMemoryFeatureStore(), InMemoryRiskStore(), metrics, lambda: None, snapshots=snapshots
+    )
+    for i in range(0, len(msgs), 200):
+        processor.process(msgs[i : i + 200])
+    # Every partition has an event past these midnights: each is done with (the open one keeps).
+    passed = min(max(e.ts for e in events if partition_of[e.user_id] == p) for p in (0, 1))
+    kept = {t: len(rows) for t, rows in activity.rows.items() if rows}
+    assert [t for t in kept if t < passed - DAY_MS] == [], f"kept rows of midnights passed never dropped: {kept}"
+    assert len({t for t in range(0, passed, DAY_MS) if t > min(e.ts for e in events)}) >= 3
