@@ -782,18 +782,26 @@ def materialize(
     """Cold start: load the online store through Feast, and the scorer states, from an event log."""
     from features import backfill  # heavy: see the module docstring
     from stream.risk_store import RedisRiskStore, RiskRow  # heavy: see the module docstring
+    from stream.snapshot import RedisActivity  # heavy: see the module docstring
 
     settings = _settings()
 
-    def mark_cancelled(users: list[tuple[str, int, int]]) -> None:
+    def record_users(users: backfill.BackfilledUsers) -> None:
+        # What the scorer keeps beside the states: cancelled users answered as cancelled, the
+        # daily snapshot's population (who is active, who churned), and the stream's clock.
+        client = redis_client(settings)
         now = time.time_ns() // 1_000_000
-        risks = RedisRiskStore(redis_client(settings), settings.redis_prefix)
-        risks.write([RiskRow.cancelled(user, cancelled_ms, last_ms, now) for user, cancelled_ms, last_ms in users])
+        risks = RedisRiskStore(client, settings.redis_prefix)
+        risks.write([RiskRow.cancelled(user, cancelled, last, now) for user, cancelled, last in users.cancelled])
+        RedisActivity(client, settings.redis_prefix).track(
+            users.latest, {user: cancelled for user, cancelled, _ in users.cancelled}
+        )
+        risks.advance_watermark(users.as_of_ms)
 
     try:
         moment = parse_utc(as_of, "--as-of") if as_of else None
         summary = backfill.materialize(
-            settings, events, moment, progress=lambda line: typer.echo(line, err=True), mark_cancelled=mark_cancelled
+            settings, events, moment, progress=lambda line: typer.echo(line, err=True), record_users=record_users
         )
     except ChurnError as exc:
         _fail(exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -92,16 +93,29 @@ def rebuild_states(log: pl.LazyFrame, as_of_ms: int, lateness_ms: int) -> tuple[
     return engine, ordered.filter(pl.Series(applied, dtype=pl.Boolean))
 
 
+@dataclass(frozen=True)
+class BackfilledUsers:
+    """The users a backfill saved: latest event time of each one not cancelled, (user,
+    cancellation ms, latest event ms) of each cancelled one, and the backfill's instant."""
+
+    latest: dict[str, int]
+    cancelled: list[tuple[str, int, int]]
+    as_of_ms: int
+
+
 def materialize(
     settings: Settings,
     path: Path,
     as_of: datetime | None = None,
     progress: Callable[[str], None] = lambda _: None,
-    mark_cancelled: Callable[[list[tuple[str, int, int]]], None] = lambda _: None,
+    record_users: Callable[[BackfilledUsers], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Loads the online store (through Feast) and the scorer states from the event log at `path`
-    (applied as the stream applies it: see `rebuild_states`); `mark_cancelled` gets
-    (user, cancellation ms, latest event ms) of every user who has cancelled.
+    (applied as the stream applies it: see `rebuild_states`); `record_users` gets the users'
+    latest event times and cancellations, for what the stream keeps beside the states (in
+    `stream`, above this layer): the cancelled users' risk rows, the snapshot's population
+    (without it, users whose last event the topic no longer holds were left out of every daily
+    snapshot until they came back), and the stream's clock.
 
     Returns counts and timings. Raises InvalidInputError (bad log) or ServiceUnavailableError.
     """
@@ -145,9 +159,13 @@ def materialize(
             progress(f"scorer states: {start} of {len(users)} users saved")
     removed = remove_old_layouts(client, settings.redis_prefix, engine.state_layout)
     progress(f"removed {removed} keys of older state layouts")
-    # Cancelled users must be answered as cancelled, as the scorer marks them (in `stream`,
-    # above this layer: the caller passes the marker).
-    mark_cancelled([(u, s.cancelled_ms, s.last_ts) for u, s in engine.states.items() if s.cancelled_ms >= 0])
+    record_users(
+        BackfilledUsers(
+            latest={u: s.last_ts for u, s in engine.states.items() if s.cancelled_ms < 0},
+            cancelled=[(u, s.cancelled_ms, s.last_ts) for u, s in engine.states.items() if s.cancelled_ms >= 0],
+            as_of_ms=as_of_ms,
+        )
+    )
     progress(
         f"scorer states: {len(engine.states)} users, {written / max(len(engine.states), 1):.0f} bytes each, "
         f"{time.perf_counter() - started:.1f}s"

@@ -8,16 +8,20 @@ import msgspec
 import polars as pl
 import pytest
 import redis
+from typer.testing import CliRunner
 
+from churn.cli import app
 from core.settings import Settings, load_settings
 from events.schema import CHURN_PAGE
 from features import backfill
-from features.backfill import materialize
+from features.backfill import BackfilledUsers, materialize
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import LATE, STATE_ENCODER, OnlineEngine
 from features.state_store import RedisStateStore
 from features.store import FeatureRow
+from stream.risk_store import RedisRiskStore
+from stream.snapshot import RedisActivity
 from tests.support import random_events, wire_frame
 
 
@@ -85,8 +89,8 @@ def test_materialize_with_late_events_equals_the_engine_fed_in_offset_order(
         kafka_port=settings.kafka_port, redis_port=settings.redis_port,
     )  # fmt: skip
     apply_repo(local)
-    marked: list[tuple[str, int, int]] = []
-    materialize(local, log, mark_cancelled=marked.extend)
+    recorded: list[BackfilledUsers] = []
+    materialize(local, log, record_users=recorded.append)
 
     engine = OnlineEngine()
     outcomes = [engine.apply(e, p, o) for e, (p, o) in zip(arrival, positions, strict=True)]
@@ -100,5 +104,42 @@ def test_materialize_with_late_events_equals_the_engine_fed_in_offset_order(
     assert {u: STATE_ENCODER.encode(s) for u, s in saved.items()} == {
         u: STATE_ENCODER.encode(s) for u, s in engine.states.items()
     }
-    assert marked == [("u3", cancel.ts, cancel.ts)]
+    [users_saved] = recorded
+    assert users_saved.cancelled == [("u3", cancel.ts, cancel.ts)]
+    assert users_saved.latest == {u: s.last_ts for u, s in engine.states.items() if u != "u3"}
     assert saved["u3"].cancelled_ms == cancel.ts
+
+
+def test_churn_materialize_fills_the_snapshot_population_and_the_stream_clock(
+    settings: Settings, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a cold start the scorer replays only what Kafka still holds: users whose last event
+    is older than the topic's retention were missing from every daily snapshot until they came
+    back, because the snapshot's population (`<prefix>active`) was left empty."""
+    events = random_events(6, users=10, days=5, per_user=40)
+    cancel = msgspec.structs.replace(
+        max((e for e in events if e.user_id == "u4"), key=lambda e: e.ts), page=CHURN_PAGE, length=None
+    )
+    cancel = msgspec.structs.replace(cancel, ts=cancel.ts + 60_000)
+    events.append(cancel)
+    log = tmp_path / "log.parquet"
+    wire_frame(events).write_parquet(log)
+    env = {
+        "CHURN_STATE_DIR": str(tmp_path), "CHURN_FEAST_PROJECT": f"p{unique}", "CHURN_REDIS_PREFIX": f"test:p{unique}:",
+        "CHURN_REDIS_PORT": str(settings.redis_port), "CHURN_KAFKA_PORT": str(settings.kafka_port),
+    }  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    local = load_settings()
+    apply_repo(local)
+    result = CliRunner().invoke(app, ["materialize", "--events", str(log)])
+    assert result.exit_code == 0, result.output
+
+    engine = OnlineEngine()
+    engine.apply_all(events)
+    client = redis.Redis.from_url(local.redis_address)
+    activity = RedisActivity(client, local.redis_prefix)
+    last = max(e.ts for e in events)
+    assert activity.active(0, last) == sorted(u for u in engine.states if u != "u4")
+    assert activity.churn_times(["u4", "u1"]) == {"u4": cancel.ts}
+    assert RedisRiskStore(client, local.redis_prefix).watermark() == last
