@@ -6,8 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-USER_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}$"
-UserId = Annotated[str, Field(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")]
+from events.schema import USER_ID_PATTERN
+
+USER_ID_DESCRIPTION = "1-64 characters, no control character (the stream's rule: `events.schema`)"
+UserId = Annotated[str, Field(pattern=USER_ID_PATTERN, description=USER_ID_DESCRIPTION)]
 
 Tier = Literal["low", "medium", "high"]
 

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
 from core.errors import NotFoundError
+from events.schema import USER_ID_PATTERN
 from serving.deps import DepsDep
 from serving.risk import at_risk_page
 from serving.routes.errors import ERRORS
-from serving.schemas import USER_ID_PATTERN, AtRiskPage, BatchAnswer, BatchRequest, Problem, Tier, UserAnswer
+from serving.schemas import USER_ID_DESCRIPTION, AtRiskPage, BatchAnswer, BatchRequest, Problem, Tier, UserAnswer
 
 router = APIRouter(tags=["risk"])
 
@@ -24,7 +25,7 @@ router = APIRouter(tags=["risk"])
 )
 async def user_risk(
     deps: DepsDep,
-    user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="1-64 of A-Z a-z 0-9 _ . : @ -")],
+    user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description=USER_ID_DESCRIPTION)],
     explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
 ) -> Response:
     """Churn probability within the horizon for one user, with tier and reasons; a user who has

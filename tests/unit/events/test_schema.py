@@ -16,6 +16,7 @@ from events.schema import (
     MAX_SONG_SECONDS,
     MAX_TS_MS,
     MIN_TS_MS,
+    USER_ID_PATTERN,
     ErrorRecord,
     Event,
     parse_batch,
@@ -88,6 +89,8 @@ BROKEN: list[tuple[str, dict[str, Any], str]] = [
     ("ts as float", {"ts": 1538352117000.0}, "Expected `int`, got `float` - at `$.ts`"),
     ("bool instead of int", {"sessionId": True}, "Expected `int`, got `bool` - at `$.sessionId`"),
     ("userId as int", {"userId": 30}, "Expected `str`, got `int` - at `$.userId`"),
+    # The API could never look such a user up (one id rule for both: `USER_ID_PATTERN`).
+    ("userId with a control character", {"userId": "u\n1"}, "userId 'u\\n1' has a control character - at `$.userId`"),
     ("ts in year 9999", {"ts": 253_402_300_799_000}, f"Expected `int` <= {MAX_TS_MS} - at `$.ts`"),
     ("ts before 2000", {"ts": 1}, f"Expected `int` >= {MIN_TS_MS} - at `$.ts`"),
     ("negative length", {"length": -1.5}, "Expected `float` >= 0.0 - at `$.length`"),
@@ -264,7 +267,7 @@ def test_any_field_of_a_real_row_replaced_by_any_json_never_raises(
 valid_events: st.SearchStrategy[dict[str, Any]] = st.builds(
     dict,
     ts=st.integers(MIN_TS_MS, MAX_TS_MS),
-    userId=st.text(min_size=1, max_size=64),
+    userId=st.from_regex(USER_ID_PATTERN, fullmatch=True),
     sessionId=st.integers(0, 2**62),
     itemInSession=st.integers(0, 2**31),
     page=st.sampled_from(sorted(KNOWN_PAGES)),

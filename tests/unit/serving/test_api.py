@@ -120,9 +120,14 @@ def test_errors_are_clear_4xx(client: Any) -> None:
     http, _, _ = client
     assert http.get("/users/nobody/risk", headers=KEY).status_code == 404
     assert "unknown user" in http.get("/users/nobody/risk", headers=KEY).json()["detail"]
-    bad = http.get("/users/bad%20id!/risk", headers=KEY)
+    bad = http.get("/users/bad%0Aid/risk", headers=KEY)  # a control character: never an id
     assert bad.status_code == 422
     assert "user_id" in bad.json()["detail"]
+    # Ids the stream scores can be looked up (before, only A-Z a-z 0-9 _ . : @ - could).
+    for odd in ("jos%C3%A9", "user%207", "jane+churn@example.com"):
+        assert http.get(f"/users/{odd}/risk", headers=KEY).status_code == 404, odd  # unknown, not refused
+    assert http.post("/users/risk", json={"user_ids": ["a/b", "José"]}, headers=KEY).status_code == 200
+    assert http.post("/users/risk", json={"user_ids": ["a\u0000"]}, headers=KEY).status_code == 422
     assert http.get("/users/" + "x" * 65 + "/risk", headers=KEY).status_code == 422
     assert http.post("/users/risk", json={"user_ids": []}, headers=KEY).status_code == 422
     assert http.post("/users/risk", json={"user_ids": ["u"] * 1001}, headers=KEY).status_code == 422
