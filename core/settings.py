@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list)
     # Larger request bodies are refused with 413 before they are read (1,000 ids of 64 characters fit).
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # A body not received this long after its first read is refused with 408 (it holds a slot).
+    api_body_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     open_health_and_metrics: bool = True  # health and /metrics answer without an API key
     scorer_metrics_port: int = Field(default=9108, ge=0, le=65535)
     archiver_metrics_port: int = Field(default=9109, ge=0, le=65535)

@@ -20,7 +20,7 @@ from core.gc_policy import freeze_survivors
 from core.settings import Settings
 from monitoring.metrics import Metrics
 from serving.admission import AdmissionControl, initial_limit
-from serving.auth import ApiKeys
+from serving.auth import ApiKeys, KeyGate
 from serving.deps import Deps, build_deps
 from serving.limits import BodySizeLimit
 from serving.routes import health, history, models, monitoring, risk
@@ -75,7 +75,9 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         return found.metrics if found is not None else None
 
     # Added first, so it runs inside the timer: refused bodies are timed and counted as 413s.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.api_max_body_bytes, read_timeout_s=settings.api_body_timeout_seconds
+    )
     app.add_middleware(RequestTimer, metrics=current_metrics)
     # Added last, so it runs first: a refused request costs nothing else and is counted in
     # churn_api_shed_requests_total, not as a failed request in the latency histogram.
@@ -85,6 +87,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         metrics=current_metrics,
         latency_budget_s=settings.api_latency_budget_ms / 1000,
     )
+    # Added after admission, so it runs before it: a keyless request with a body takes no slot.
+    app.add_middleware(KeyGate, keys=keys)
     _add_error_handlers(app)
 
     # Without keys the routes declare no security scheme: the document describes this deployment.

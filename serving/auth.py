@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import HTTPException, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -46,22 +47,64 @@ class ApiKeys:
         Raises:
             HTTPException: 401 when keys are configured and none of them matches.
         """
-        if not self._keys:
-            return
         given = api_key if api_key is not None else bearer.credentials if bearer is not None else None
-        if given is not None:
-            candidate = _digest(given)
-            # Compare with every key, without stopping early, so timing says nothing about which matched.
-            matched = False
-            for key in self._keys:
-                matched |= hmac.compare_digest(candidate, key)
-            if matched:
-                return
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail="missing or invalid API key (send X-API-Key or Authorization: Bearer)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        if not self.accepts(given):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail=UNAUTHORIZED, headers=CHALLENGE)
+
+    def accepts(self, given: str | None) -> bool:
+        """Returns True if no keys are configured or `given` is one of them."""
+        if not self._keys:
+            return True
+        if given is None:
+            return False
+        candidate = _digest(given)
+        # Compare with every key, without stopping early, so timing says nothing about which matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+
+UNAUTHORIZED = "missing or invalid API key (send X-API-Key or Authorization: Bearer)"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# Methods whose requests carry a body: the ones a slow sender could hold an in-flight slot with.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class KeyGate:
+    """A plain ASGI middleware in front of admission control: a request with a body but without
+    a valid key gets its 401 from the headers alone, before it takes an in-flight slot and before
+    anything reads its body. Why: admission takes a slot on arrival and the route checks the key
+    only after reading the body, so four keyless requests that declared a body and never sent it
+    held every slot of a worker, and keyed traffic was shed (503). Other requests are checked by
+    the routes (`ApiKeys` as a dependency), which also keeps the OpenAPI document's schemes."""
+
+    def __init__(self, app: Any, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Answers 401 to a keyless request with a body; passes everything else on."""
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS and not self.keys.accepts(_key_of(scope)):
+            body = json.dumps({"detail": UNAUTHORIZED}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(b"www-authenticate", b"Bearer"), (b"connection", b"close")]  # the body goes unread
+            await send({"type": "http.response.start", "status": status.HTTP_401_UNAUTHORIZED, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def _key_of(scope: dict[str, Any]) -> str | None:
+    """Returns the key a request's headers carry (`X-API-Key`, else a bearer token), or None."""
+    bearer = None
+    for name, value in scope.get("headers", ()):
+        if name == b"x-api-key":
+            return bytes(value).decode("latin-1")  # as Starlette decodes header values
+        if name == b"authorization":
+            scheme, _, token = bytes(value).decode("latin-1").partition(" ")
+            bearer = token.strip() if scheme.lower() == "bearer" and token.strip() else bearer
+    return bearer
 
 
 def _digest(key: str) -> bytes:

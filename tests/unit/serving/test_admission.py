@@ -21,6 +21,7 @@ from serving.admission import (
     AdmissionControl,
 )
 from serving.app import create_app
+from serving.auth import KeyGate
 
 
 class _Held:
@@ -265,7 +266,8 @@ def test_a_fixed_limit_is_not_derived() -> None:
 
 def test_the_app_is_wrapped_first_with_the_settings_and_the_metrics_are_exposed() -> None:
     app = create_app(load_settings(api_max_in_flight=5, api_latency_budget_ms=20))
-    outermost = app.user_middleware[0]  # the last added runs first: nothing else is spent on a refusal
+    gate, outermost = app.user_middleware[:2]  # the last added runs first: nothing else is spent on a refusal
+    assert gate.cls is KeyGate  # only a keyless request with a body is refused before admission
     assert outermost.cls is AdmissionControl
     assert outermost.kwargs["max_in_flight"] == 5
     assert outermost.kwargs["latency_budget_s"] == 0.020

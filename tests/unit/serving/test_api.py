@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -256,3 +257,56 @@ def test_a_distinct_challenger_answers_in_shadow_beside_the_unchanged_served_ans
         assert shadow["model"]["version"] == "2"
         assert shadow["churn_probability"] != plain["churn_probability"]
         assert shadow["prediction_id"] != plain["prediction_id"]
+
+
+def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """An ASGI HTTP scope, as uvicorn hands a request to the app."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("1.2.3.4", 1), "server": ("test", 80),
+    }  # fmt: skip
+
+
+def test_keyless_requests_that_never_send_their_body_take_no_in_flight_slot(client: Any) -> None:
+    """Four keyless POSTs declare a body and never send it (4: where the derived in-flight limit
+    starts, and its floor). Before, they held every slot (admission comes before the key check,
+    which came after the body was read) and a keyed request was shed with 503."""
+    http, _, _ = client
+    app = http.app
+
+    async def scenario() -> tuple[list[int], int]:
+        never = asyncio.Event()
+
+        async def stalled() -> dict[str, Any]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        keyless_answers: list[int] = []
+
+        async def note_keyless(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                keyless_answers.append(message["status"])
+
+        declared = [(b"content-type", b"application/json"), (b"content-length", b"200000")]
+        uploads = [
+            asyncio.create_task(app(_scope("POST", "/users/risk", declared), stalled, note_keyless)) for _ in range(4)
+        ]
+        await asyncio.sleep(0.05)
+        answered: list[int] = []
+
+        async def empty() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def note(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(message["status"])
+
+        await app(_scope("GET", "/users/u1/risk", [(b"x-api-key", b"k1")]), empty, note)
+        never.set()
+        await asyncio.gather(*uploads, return_exceptions=True)
+        return keyless_answers, answered[0]
+
+    keyless_answers, keyed = asyncio.run(scenario())
+    assert keyless_answers == [401] * 4  # answered from the headers, the body never read
+    assert keyed == 200

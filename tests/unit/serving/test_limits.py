@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import pytest
 from fastapi import Depends, FastAPI, Request
@@ -75,3 +78,38 @@ def test_keys_are_compared_as_equal_length_digests(monkeypatch: pytest.MonkeyPat
         assert http.get("/data", headers={"X-API-Key": "x" * 10_000}).status_code == 401
     # Both keys compared each time (no early exit on a match), always as two 32-byte digests.
     assert compared == [(32, 32)] * 4
+
+
+def test_a_body_that_does_not_arrive_in_time_is_refused_with_408() -> None:
+    """A client that declared a body and never sent it held its in-flight slot for as long as
+    it liked (uvicorn has no body-read timeout)."""
+    app = FastAPI()
+    app.add_middleware(BodySizeLimit, max_bytes=LIMIT, read_timeout_s=0.2)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    async def scenario() -> tuple[list[int], float]:
+        answers: list[int] = []
+
+        async def never() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        async def note(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answers.append(message["status"])
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/echo", "raw_path": b"/echo", "query_string": b"", "root_path": "",
+            "headers": [(b"content-length", b"100")], "client": ("1.2.3.4", 1), "server": ("test", 80),
+        }  # fmt: skip
+        started = time.monotonic()
+        await asyncio.wait_for(app(scope, never, note), 5)
+        return answers, time.monotonic() - started
+
+    answers, waited = asyncio.run(scenario())
+    assert answers == [408]
+    assert 0.2 <= waited < 2
