@@ -16,6 +16,7 @@ from core.errors import ConfigError
 URL_SETTINGS = frozenset({"kafka_bootstrap", "redis_url", "mlflow_tracking_uri"})
 # Settings that are secrets as a whole: never echoed, not even in a validation error.
 SECRET_SETTINGS = frozenset({"api_keys", "kafka_sasl_password"})
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
 
 
@@ -204,6 +205,12 @@ class Settings(BaseSettings):
         blank = [i for i, key in enumerate(value) if not key.get_secret_value().strip()]
         if blank:
             msg = f"key(s) at position {blank} are blank: an empty key would leave the API open"
+            raise ValueError(msg)
+        # A header carries visible ASCII only: servers strip surrounding spaces and Starlette reads
+        # header bytes as latin-1, so a key with other characters could never match a request.
+        unusable = [i for i, key in enumerate(value) if not _VISIBLE_ASCII.fullmatch(key.get_secret_value())]
+        if unusable:
+            msg = f"key(s) at position {unusable} have characters other than visible ASCII: no request could send them"
             raise ValueError(msg)
         return value
 

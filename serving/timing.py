@@ -17,6 +17,10 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[..., Any]
 
+# The method label takes these values only: a client's own method name (some HTTP servers pass
+# any token) would add a series per name.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class RequestTimer:
     """Observes each HTTP request's duration by route template, method and status code.
@@ -48,6 +52,5 @@ class RequestTimer:
             metrics = self.metrics()
             if metrics is not None:
                 route = getattr(scope.get("route"), "path", "unmatched")
-                metrics.request_seconds.labels(route, scope["method"], str(status[0])).observe(
-                    time.perf_counter() - started
-                )
+                method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+                metrics.request_seconds.labels(route, method, str(status[0])).observe(time.perf_counter() - started)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from core.errors import ConfigError
@@ -68,6 +70,16 @@ def test_a_redis_prefix_with_a_hash_tag_brace_is_refused(prefix: str) -> None:
     with pytest.raises(ConfigError, match=r"CHURN_REDIS_PREFIX.*must not contain \{ or \}"):
         load_settings(redis_prefix=prefix)
     assert load_settings(redis_prefix="prod:churn:").redis_prefix == "prod:churn:"
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", " padded ", "two words"])
+def test_an_api_key_no_request_could_send_is_refused(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette reads header bytes as latin-1 and servers strip surrounding spaces: such a key
+    never matched, and every request was refused 401."""
+    monkeypatch.setenv("CHURN_API_KEYS", json.dumps(["fine-key", key]))
+    with pytest.raises(ConfigError, match=r"CHURN_API_KEYS.*position \[1\].*visible ASCII") as raised:
+        load_settings()
+    assert key.strip() not in str(raised.value)  # the secret is not echoed
 
 
 def test_the_future_skew_allowance_cannot_exceed_the_lateness() -> None:
