@@ -160,9 +160,10 @@ def test_errors_are_clear(api: TestClient) -> None:
     unknown = api.get("/users/nobody-here/risk")
     assert unknown.status_code == 404
     assert "unknown user" in unknown.json()["detail"]
-    bad = api.get("/users/bad%20id!/risk")
+    bad = api.get("/users/bad%0Aid/risk")  # a control character: never an id
     assert bad.status_code == 422
     assert "user_id" in bad.json()["detail"]
+    assert api.get("/users/bad%20id!/risk").status_code == 404  # odd but valid: looked up, unknown
     assert api.get("/health/ready").json()["status"] == "ok"
     current = api.get("/models/current").json()
     assert current["horizon_days"] == SMALL_TRAIN_OPTIONS.horizon_days
