@@ -13,8 +13,10 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
+from monitoring.metrics import Metrics
 from serving.auth import ApiKeys
 from serving.limits import BodySizeLimit
+from serving.timing import RequestTimer
 
 LIMIT = 4096
 
@@ -113,3 +115,22 @@ def test_a_body_that_does_not_arrive_in_time_is_refused_with_408() -> None:
     answers, waited = asyncio.run(scenario())
     assert answers == [408]
     assert 0.2 <= waited < 2
+
+
+def test_an_unknown_method_is_one_label_value_not_one_per_name() -> None:
+    """Some HTTP servers pass any method token through: each name was a new series."""
+    metrics = Metrics()
+
+    async def app(_scope: dict[str, Any], _receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(_message: dict[str, Any]) -> None:
+        return None
+
+    timer = RequestTimer(app, lambda: metrics)
+    for method in ("BREW", "PROPFIND", "GET"):
+        scope: dict[str, Any] = {"type": "http", "method": method, "path": "/x", "headers": []}
+        asyncio.run(timer(scope, lambda: None, ignore))
+    methods = {s.labels["method"] for m in metrics.request_seconds.collect() for s in m.samples}
+    assert methods == {"other", "GET"}
