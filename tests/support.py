@@ -8,6 +8,7 @@ changes, and stand-ins for a Kafka consumer for unit tests of the consuming loop
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import lightgbm as lgb
 import numpy as np
 import polars as pl
+import pytest
 from confluent_kafka import (
     TIMESTAMP_LOG_APPEND_TIME,
     TIMESTAMP_NOT_AVAILABLE,
@@ -736,3 +738,17 @@ def seconds_to_stop_during_commit(
         consumer.answer.set()
         stopping.set()
         loop.join(5)
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes every `os.fsync` also record the path of the file or folder it flushes; returns the
+    list they are recorded in, in order."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced

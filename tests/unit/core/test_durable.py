@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core import durable
+from tests.support import record_fsyncs
 
 
 def test_the_data_is_flushed_before_the_rename_and_the_rename_after(
@@ -15,14 +16,7 @@ def test_the_data_is_flushed_before_the_rename_and_the_rename_after(
 ) -> None:
     """Without the flushes a power loss after the rename could leave a zero-length file under the
     final name, which a reader takes for the real one (the prediction log renamed without them)."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(durable.os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     path = tmp_path / "date=2026-01-02" / "snapshot.parquet"
     durable.write_atomically(path, lambda temp: temp.write_bytes(b"rows"))
     temp = synced.index(str(path.with_name(f"{path.name}.{os.getpid()}.tmp")))

@@ -376,13 +376,9 @@ class RecordingSnapshots(DailySnapshots):
         super().take(as_of_ms, loaded, challenger, canary)
 
 
-def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> None:
-    """Three partitions, one running two days ahead of the others (a replayed backlog), batches
-    of every size spanning several midnights: each snapshot holds exactly the users and rows
-    `training.dataset` builds for that midnight (offline engine)."""
-    events = random_events(5, users=30, days=12, per_user=120)
-    partition_of = {u: int(u[1:]) % 3 for u in {e.user_id for e in events}}
-    ahead = {0: 2 * 86_400_000, 1: 0, 2: 3_600_000}
+def _arrival(events: list[Any], partition_of: dict[str, int], ahead: dict[int, int]) -> list[Message]:
+    """Returns the events as Kafka messages in arrival order, partition p running `ahead[p]` ms
+    ahead of event time (a replayed backlog), offsets counted per partition."""
     arrival = sorted(events, key=lambda e: e.ts - ahead[partition_of[e.user_id]])  # stable: ties keep order
     offsets = dict.fromkeys(ahead, 0)
     msgs = []
@@ -390,6 +386,17 @@ def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> N
         partition = partition_of[e.user_id]
         msgs.append(Message(e.to_json(), "events", partition, offsets[partition], e.ts))
         offsets[partition] += 1
+    return msgs
+
+
+def test_daily_snapshots_are_the_training_observation_points(tmp_path: Any) -> None:
+    """Three partitions, one running two days ahead of the others (a replayed backlog), batches
+    of every size spanning several midnights: each snapshot holds exactly the users and rows
+    `training.dataset` builds for that midnight (offline engine)."""
+    events = random_events(5, users=30, days=12, per_user=120)
+    partition_of = {u: int(u[1:]) % 3 for u in {e.user_id for e in events}}
+    ahead = {0: 2 * 86_400_000, 1: 0, 2: 3_600_000}
+    msgs = _arrival(events, partition_of, ahead)
     states = InMemoryStateStore()
     metrics, client = Metrics(), DictRedis()
     snapshots = RecordingSnapshots(
@@ -497,13 +504,7 @@ def test_a_restart_while_one_partition_is_past_midnight_still_takes_that_midnigh
     events = random_events(5, users=30, days=8, per_user=80)
     partition_of = {u: int(u[1:]) % 2 for u in {e.user_id for e in events}}
     ahead = {0: 2 * DAY_MS, 1: 0}  # partition 0 replays two days ahead of partition 1
-    arrival = sorted(events, key=lambda e: e.ts - ahead[partition_of[e.user_id]])
-    offsets = dict.fromkeys(ahead, 0)
-    msgs = []
-    for e in arrival:
-        p = partition_of[e.user_id]
-        msgs.append(Message(e.to_json(), "events", p, offsets[p], e.ts))
-        offsets[p] += 1
+    msgs = _arrival(events, partition_of, ahead)
     states, risks, activity = InMemoryStateStore(), InMemoryRiskStore(), InMemoryActivity()  # all shared (Redis)
     metrics, client = Metrics(), DictRedis()
     root = tmp_path / "predictions"
@@ -542,13 +543,7 @@ def test_midnights_passed_without_a_model_leave_no_kept_rows(tmp_path: Any) -> N
     midnight passed before any model was registered (the demo) kept them for good."""
     events = random_events(5, users=30, days=6, per_user=60)
     partition_of = {u: int(u[1:]) % 2 for u in {e.user_id for e in events}}
-    arrival = sorted(events, key=lambda e: e.ts - (3_600_000 if partition_of[e.user_id] == 0 else 0))
-    offsets = dict.fromkeys((0, 1), 0)
-    msgs = []
-    for e in arrival:
-        p = partition_of[e.user_id]
-        msgs.append(Message(e.to_json(), "events", p, offsets[p], e.ts))
-        offsets[p] += 1
+    msgs = _arrival(events, partition_of, {0: 3_600_000, 1: 0})
     states, activity, metrics, client = InMemoryStateStore(), InMemoryActivity(), Metrics(), DictRedis()
     snapshots = DailySnapshots(
         activity, states, OnlineEngine(), DriftPublisher(TH, metrics, client, "p:"),

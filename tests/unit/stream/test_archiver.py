@@ -6,7 +6,6 @@ stop during that wait it archives nothing."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ import polars as pl
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from core import durable
 from core.settings import Settings
 from events.schema import Event
 from monitoring.metrics import Metrics
@@ -29,20 +27,14 @@ from tests.support import (
     KafkaMessage,
     ScriptedConsumer,
     random_events,
+    record_fsyncs,
     seconds_to_stop_during_commit,
     wait_for,
 )
 
 
 def test_each_file_and_its_folder_are_fsynced_after_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(durable.os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     events = random_events(3, users=4, days=3, per_user=20)
     rows = [(int(e.user_id[1:]) % 2, i, e) for i, e in enumerate(events)]
     written, _ = archiver.write_batch(tmp_path, rows)
