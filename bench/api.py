@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.feast_write import synthetic_rows
 from bench.harness import CHURN, delete_prefix, free_port, machine_steal_seconds, train_small_champion
 from core.errors import ServiceUnavailableError
@@ -398,14 +400,23 @@ def open_api_env(scratch: Settings, port: int) -> dict[str, str]:
 
 
 def in_flight_limit(port: int) -> dict[str, Any]:
-    """Returns `churn serve`'s in-flight limit (`churn_api_in_flight_limit` of its /metrics; with
-    several workers, that of the one which answered) as `{"in_flight_limit": n}`, or {} if the
-    gauge cannot be read."""
+    """Returns `churn serve`'s in-flight limit (`churn_api_in_flight_limit` of its /metrics) as
+    `{"in_flight_limit": n}`, the lowest of the workers' with several (each worker derives its
+    own; `in_flight_limits` then lists them all), or {} if the gauge cannot be read."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except OSError:
         return {}
+    limits = [
+        int(sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "churn_api_in_flight_limit"
+        for sample in family.samples
+    ]
+    if not limits:
+        return {}
+    return {"in_flight_limit": min(limits)} | ({"in_flight_limits": limits} if len(limits) > 1 else {})
     for line in text.splitlines():
         if line.startswith("churn_api_in_flight_limit "):
             return {"in_flight_limit": int(float(line.split()[1]))}

@@ -594,9 +594,14 @@ def serve(
     """Run the risk API (FastAPI under uvicorn) on CHURN_API_HOST:CHURN_API_PORT."""
     import uvicorn
 
-    from monitoring.server import registered  # heavy: see the module docstring
+    from monitoring import multiprocess  # heavy: see the module docstring
+    from monitoring.server import registered  # heavy
 
     settings = _settings()
+    processes = workers or settings.api_workers
+    if processes > 1:
+        # One `/metrics` for all workers (monitoring.multiprocess); set before uvicorn starts them.
+        multiprocess.prepare(settings.state_dir / "api-metrics" / str(settings.api_port))
     # uvicorn ends `run` on SIGTERM/SIGINT (graceful shutdown), so the target file goes with it.
     with registered(settings, "api", settings.api_port, settings.api_host):
         uvicorn.run(
@@ -604,7 +609,7 @@ def serve(
             factory=True,
             host=settings.api_host,
             port=settings.api_port,
-            workers=workers or settings.api_workers,
+            workers=processes,
             log_level="warning",
             access_log=False,
         )

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from models.runtime import LoadedModel
+from monitoring import multiprocess
 
 # Sub-millisecond to seconds: request, batch and store latencies.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -30,11 +31,18 @@ FRESHNESS_BUCKETS = (
 SCORE_BUCKETS = tuple(round(x * 0.05, 2) for x in range(1, 20))
 
 
+def _gauge(name: str, documentation: str, labelnames: Sequence[str] = (), *, registry: CollectorRegistry) -> Gauge:
+    """Returns a gauge that, with several API workers (`monitoring.multiprocess`), is exported
+    per live worker (label `pid`): a worker that stopped leaves no value behind."""
+    return Gauge(name, documentation, labelnames, registry=registry, multiprocess_mode="liveall")
+
+
 class Metrics:
     """The metric objects of one process; `registry` is what `/metrics` exposes."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._model_labels: dict[str, tuple[str, str, str]] = {}  # component -> its churn_model_info labels
         r = self.registry
         # Stream scorer
         self.events_total = Counter(
@@ -64,25 +72,25 @@ class Metrics:
             FRESHNESS_BUCKETS,
             r,
         )
-        self.consumer_lag = Gauge(
+        self.consumer_lag = _gauge(
             "churn_consumer_lag_messages", "Messages behind the partition end", ["topic", "partition"], registry=r
         )
         self.users_scored_total = Counter("churn_users_scored_total", "Risk rows written", registry=r)
         self.score = BulkHistogram("churn_score", "Churn probabilities written", SCORE_BUCKETS, r)
         self.tier_total = Counter("churn_risk_tier_total", "Risk rows written by tier", ["tier"], registry=r)
-        self.scorer_ready = Gauge(
+        self.scorer_ready = _gauge(
             "churn_scorer_ready", "1 while the scorer can write to its stores, 0 during an outage", registry=r
         )
-        self.state_bytes = Gauge(
+        self.state_bytes = _gauge(
             "churn_state_bytes_per_user", "Mean serialised feature-state size per user in the last batch", registry=r
         )
         # Redis faults (issue #18): every failed attempt is classified by `core.redis.classify`.
-        self.store_failures = Gauge(
+        self.store_failures = _gauge(
             "churn_scorer_store_failures",
             "Consecutive failed attempts of the current batch (0 once a batch is written)",
             registry=r,
         )
-        self.redis_refusing = Gauge(
+        self.redis_refusing = _gauge(
             "churn_scorer_redis_refusing",
             "1 while Redis refuses the scorer's commands with this error code (OOM, READONLY, MISCONF, AUTH...)",
             ["reason"],
@@ -121,22 +129,22 @@ class Metrics:
             "Requests answered 503 with Retry-After because the worker had its in-flight limit in flight",
             registry=r,
         )
-        self.api_in_flight = Gauge(
+        self.api_in_flight = _gauge(
             "churn_api_requests_in_flight",
             "Requests in flight in this API worker (health and metrics aside)",
             registry=r,
         )
-        self.api_in_flight_limit = Gauge(
+        self.api_in_flight_limit = _gauge(
             "churn_api_in_flight_limit",
             "The worker's in-flight limit: derived from its service time per request and the latency budget, or"
             " CHURN_API_MAX_IN_FLIGHT; half of it during a standing overload",
             registry=r,
         )
         # Model
-        self.model_info = Gauge(
+        self.model_info = _gauge(
             "churn_model_info", "The loaded model (value 1)", ["component", "name", "version"], registry=r
         )
-        self.model_loaded = Gauge("churn_model_loaded", "1 if a champion model is loaded", ["component"], registry=r)
+        self.model_loaded = _gauge("churn_model_loaded", "1 if a champion model is loaded", ["component"], registry=r)
         self.model_refused_total = Counter(
             "churn_model_refused_total",
             "Champion versions refused because their features or spec version differ from the running spec",
@@ -144,50 +152,50 @@ class Metrics:
             registry=r,
         )
         # Drift
-        self.feature_psi = Gauge("churn_feature_psi", "PSI of a feature vs its reference", ["feature"], registry=r)
-        self.feature_ks = Gauge("churn_feature_ks_statistic", "Two-sample KS statistic", ["feature"], registry=r)
-        self.feature_ks_pvalue = Gauge("churn_feature_ks_pvalue", "Two-sample KS p-value", ["feature"], registry=r)
-        self.score_psi = Gauge("churn_score_psi", "PSI of the score vs its reference", registry=r)
-        self.drift_window_rows = Gauge(
+        self.feature_psi = _gauge("churn_feature_psi", "PSI of a feature vs its reference", ["feature"], registry=r)
+        self.feature_ks = _gauge("churn_feature_ks_statistic", "Two-sample KS statistic", ["feature"], registry=r)
+        self.feature_ks_pvalue = _gauge("churn_feature_ks_pvalue", "Two-sample KS p-value", ["feature"], registry=r)
+        self.score_psi = _gauge("churn_score_psi", "PSI of the score vs its reference", registry=r)
+        self.drift_window_rows = _gauge(
             "churn_drift_window_rows", "Users in the latest daily drift snapshot", registry=r
         )
-        self.drift_psi_threshold = Gauge(
+        self.drift_psi_threshold = _gauge(
             "churn_drift_psi_threshold",
             "PSI at which a drift status reaches a level (warn, alert): CHURN_DRIFT_PSI_WARN and _ALERT",
             ["level"],
             registry=r,
         )
         # Daily snapshot: per-segment drift, realized and expected performance (stream/snapshot.py)
-        self.snapshot_as_of = Gauge(
+        self.snapshot_as_of = _gauge(
             "churn_snapshot_as_of_seconds", "Event time (UTC midnight) of the latest daily snapshot", registry=r
         )
-        self.segment_feature_psi_max = Gauge(
+        self.segment_feature_psi_max = _gauge(
             "churn_segment_feature_psi_max",
             "Highest feature PSI within a segment (level_free/paid, tenure band) of the snapshot",
             ["segment"],
             registry=r,
         )
-        self.segment_score_psi = Gauge(
+        self.segment_score_psi = _gauge(
             "churn_segment_score_psi", "Score PSI within a segment of the snapshot", ["segment"], registry=r
         )
-        self.realized = Gauge(
+        self.realized = _gauge(
             "churn_realized_performance",
             "Realized figure (roc_auc, pr_auc, high_precision, high_recall, brier, observed_rate, predicted_rate)"
             " of the latest labelled snapshot",
             ["metric"],
             registry=r,
         )
-        self.realized_as_of = Gauge(
+        self.realized_as_of = _gauge(
             "churn_realized_as_of_seconds", "Event time of the latest snapshot with realized figures", registry=r
         )
-        self.expected = Gauge(
+        self.expected = _gauge(
             "churn_expected_performance",
             "Figure the calibrated probabilities of the latest snapshot imply (roc_auc, high_precision,"
             " high_recall, predicted_rate)",
             ["metric"],
             registry=r,
         )
-        self.performance_floor = Gauge(
+        self.performance_floor = _gauge(
             "churn_performance_floor", "The promotion floor of a metric (roc_auc)", ["metric"], registry=r
         )
         # Shadow scoring (issue #22): a distinct `challenger` scored beside the serving model
@@ -210,43 +218,43 @@ class Metrics:
             ["component"],
             registry=r,
         )
-        self.shadow_agreement = Gauge(
+        self.shadow_agreement = _gauge(
             "churn_shadow_agreement",
             "Agreement of the served and shadow scores over the latest daily snapshot (metric: same_tier,"
             " spearman, mean_abs_delta)",
             ["metric"],
             registry=r,
         )
-        self.shadow_snapshot_rows = Gauge(
+        self.shadow_snapshot_rows = _gauge(
             "churn_shadow_snapshot_rows", "Users scored by both models in the latest daily snapshot", registry=r
         )
-        self.model_score_psi = Gauge(
+        self.model_score_psi = _gauge(
             "churn_model_score_psi",
             "Score PSI of each model of the latest snapshot against its own reference (role: served = the"
             " champion, shadow = the challenger)",
             ["role", "version"],
             registry=r,
         )
-        self.model_feature_psi_max = Gauge(
+        self.model_feature_psi_max = _gauge(
             "churn_model_feature_psi_max",
             "Highest feature PSI of the latest snapshot against each model's own reference",
             ["role", "version"],
             registry=r,
         )
-        self.model_expected = Gauge(
+        self.model_expected = _gauge(
             "churn_model_expected_performance",
             "Figure each model's probabilities over every user of the latest snapshot imply",
             ["role", "version", "metric"],
             registry=r,
         )
-        self.model_realized = Gauge(
+        self.model_realized = _gauge(
             "churn_model_realized_performance",
             "Realized figure of each model over every user of the latest labelled snapshot",
             ["role", "version", "metric"],
             registry=r,
         )
         # Archiver
-        self.archiver_lag = Gauge(
+        self.archiver_lag = _gauge(
             "churn_archiver_lag_messages",
             "Archiver messages behind the partition end",
             ["topic", "partition"],
@@ -255,7 +263,7 @@ class Metrics:
         self.archiver_files_total = Counter("churn_archiver_files_total", "Parquet files written", registry=r)
         self.archiver_bytes_total = Counter("churn_archiver_bytes_total", "Parquet bytes written", registry=r)
         self.archiver_events_total = Counter("churn_archiver_events_total", "Events archived", registry=r)
-        self.archiver_last_commit = Gauge(
+        self.archiver_last_commit = _gauge(
             "churn_archiver_last_commit_timestamp_seconds", "Wall time of the archiver's last offset commit", registry=r
         )
         self.archiver_commit_failures_total = Counter(
@@ -264,10 +272,23 @@ class Metrics:
             registry=r,
         )
 
+    def exposition(self) -> bytes:
+        """Returns the text exposition `/metrics` answers: this registry, or every worker's
+        values in multiprocess mode (`monitoring.multiprocess`)."""
+        return multiprocess.exposition(self.registry)
+
     def set_model(self, component: str, name: str, version: str | None) -> None:
-        """Records which model `component` (scorer or api) now serves; version None = no model."""
-        self.model_info.clear()
+        """Records which model `component` (scorer or api) now serves; version None = no model.
+        The series of the model it served before is removed (set to 0 in multiprocess mode,
+        which cannot remove a series: dashboards read `churn_model_info > 0`)."""
+        previous = self._model_labels.pop(component, None)
+        if previous is not None:
+            if multiprocess.active_dir() is None:
+                self.model_info.remove(*previous)
+            else:
+                self.model_info.labels(*previous).set(0)
         if version is not None:
+            self._model_labels[component] = (component, name, version)
             self.model_info.labels(component, name, version).set(1)
         self.model_loaded.labels(component).set(0 if version is None else 1)
 

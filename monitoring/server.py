@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 from core.settings import Settings
 from infra.local import prometheus_targets_dir
 from monitoring.metrics import Metrics
+from monitoring.multiprocess import process_alive
 
 log = logging.getLogger(__name__)
 _TARGET_FILE = re.compile(r"^[a-z]+-\d+-(\d+)\.json$")
@@ -38,22 +39,12 @@ def start_metrics_server(metrics: Metrics, port: int, host: str = "127.0.0.1") -
         start_http_server(port, addr=host, registry=metrics.registry)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def remove_stale_targets(folder: Path) -> list[Path]:
     """Deletes target files whose process no longer runs; returns them."""
     removed = []
     for path in folder.glob("*.json"):
         match = _TARGET_FILE.match(path.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from core.errors import ChurnError
 from core.gc_policy import freeze_survivors
 from core.settings import Settings
+from monitoring import multiprocess
 from monitoring.metrics import Metrics
 from serving.admission import AdmissionControl, initial_limit
 from serving.auth import ApiKeys, KeyGate
@@ -39,6 +40,8 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A worker uvicorn started in place of a killed one clears the killed one's gauges.
+        multiprocess.forget_dead_workers()
         d = deps or build_deps(settings)
         app.state.deps = d
         # AdmissionControl sets the limit when a window closes; until the first data request
@@ -61,6 +64,7 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         d.close()
         if d.aclose is not None:
             await d.aclose()
+        multiprocess.leave()
 
     app = FastAPI(
         title="Churn risk API",

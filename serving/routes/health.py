@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.errors import ChurnError
 from serving.deps import DepsDep
@@ -42,5 +42,5 @@ def ready(deps: DepsDep) -> Any:
 
 @router.get("/metrics", response_class=Response)
 def metrics(deps: DepsDep) -> Response:
-    """Prometheus metrics of this process."""
-    return Response(generate_latest(deps.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus metrics of this process (of every worker, with several)."""
+    return Response(deps.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

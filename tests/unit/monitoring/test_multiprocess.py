@@ -1,0 +1,127 @@
+"""Metrics of several API workers (`monitoring.multiprocess`): one merged `/metrics` whichever
+worker answers, counts kept across a worker's death, gauges of dead workers dropped, and a model
+swap that leaves no second "current" model. Workers are real processes writing real
+prometheus-client files; the merge is read as Prometheus would parse it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitoring import multiprocess
+from monitoring.metrics import Metrics
+
+ROUTE = "/users/{user_id}/risk"
+# A worker: serves `requests` requests, derives its limit, swaps its model from v1 to v2, then
+# (with `wait`) stays up until its stdin closes.
+WORKER = """
+import sys
+from monitoring.metrics import Metrics
+requests, limit, wait = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "wait"
+m = Metrics()
+for _ in range(requests):
+    m.request_seconds.labels("/users/{user_id}/risk", "GET", "200").observe(0.002)
+m.api_in_flight_limit.set(limit)
+m.set_model("api", "churn", "1")
+m.set_model("api", "churn", "2")
+print("ready", flush=True)
+if wait:
+    sys.stdin.read()
+"""
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Returns the (labels, value) samples named `name` in a text exposition."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def start_worker(folder: Path, requests: int, limit: int, wait: bool) -> subprocess.Popen[str]:
+    env = {**os.environ, multiprocess.ENV: str(folder)}
+    args = [sys.executable, "-c", WORKER, str(requests), str(limit), "wait" if wait else "exit"]
+    worker = subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    assert worker.stdout.readline().strip() == "ready"
+    return worker
+
+
+def test_every_worker_is_in_one_exposition_and_a_dead_workers_counts_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(multiprocess.ENV, "")  # recorded: what `prepare` sets is undone after the test
+    folder = tmp_path / "api-metrics"
+    multiprocess.prepare(folder)
+    ended = start_worker(folder, requests=3, limit=6, wait=False)
+    ended.wait(30)
+    running = start_worker(folder, requests=5, limit=9, wait=True)
+    try:
+        merged = Metrics().exposition()  # as a third worker answering the scrape
+        counts = [v for labels, v in samples(merged.decode(), "churn_api_request_duration_seconds_count")]
+        assert counts == [8.0]  # 3 + 5, whichever worker answers
+        limits = {labels["pid"]: v for labels, v in samples(merged.decode(), "churn_api_in_flight_limit")}
+        assert limits == {str(ended.pid): 6.0, str(running.pid): 9.0}
+        # A swapped model cannot be removed from the files: the old one reads 0, the current 1.
+        info = {(labels["version"], labels["pid"]): v for labels, v in samples(merged.decode(), "churn_model_info")}
+        assert info[("1", str(running.pid))] == 0.0
+        assert info[("2", str(running.pid))] == 1.0
+
+        assert multiprocess.forget_dead_workers() == [ended.pid]
+        after = Metrics().exposition().decode()
+        assert [v for _, v in samples(after, "churn_api_request_duration_seconds_count")] == [8.0]
+        assert {labels["pid"] for labels, _ in samples(after, "churn_api_in_flight_limit")} == {str(running.pid)}
+    finally:
+        assert running.stdin is not None
+        running.stdin.close()
+        running.wait(30)
+
+
+def test_prepare_empties_the_folder_of_an_earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(multiprocess.ENV, "")  # recorded: what `prepare` sets is undone after the test
+    folder = tmp_path / "api-metrics"
+    folder.mkdir()
+    (folder / "counter_123.db").write_bytes(b"old counts")
+    multiprocess.prepare(folder)
+    assert list(folder.iterdir()) == []
+    assert os.environ[multiprocess.ENV] == str(folder)
+
+
+def test_one_process_exposes_its_own_registry_without_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(multiprocess.ENV, raising=False)
+    monkeypatch.delenv(multiprocess.ENV.lower(), raising=False)
+    metrics = Metrics()
+    metrics.request_seconds.labels(ROUTE, "GET", "200").observe(0.001)
+    assert multiprocess.forget_dead_workers() == []
+    counts = samples(metrics.exposition().decode(), "churn_api_request_duration_seconds_count")
+    assert [v for _, v in counts] == [1.0]
+
+
+def test_a_swapped_model_leaves_one_series_per_component(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(multiprocess.ENV, raising=False)
+    metrics = Metrics()
+    metrics.set_model("scorer", "churn", "3")
+    metrics.set_model("api", "churn", "1")
+    metrics.set_model("api", "churn", "2")
+    info = {
+        (labels["component"], labels["version"]): v
+        for labels, v in samples(metrics.exposition().decode(), "churn_model_info")
+    }
+    assert info == {("scorer", "3"): 1.0, ("api", "2"): 1.0}
+    metrics.set_model("api", "churn", None)
+    info = {
+        (labels["component"], labels["version"]): v
+        for labels, v in samples(metrics.exposition().decode(), "churn_model_info")
+    }
+    assert info == {("scorer", "3"): 1.0}
+
+
+def test_no_test_leaves_the_folder_set() -> None:
+    assert multiprocess.active_dir() is None  # runs after the tests above (file order)
