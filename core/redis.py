@@ -69,20 +69,35 @@ def redis_client(settings: Settings, purpose: Purpose = "batch") -> Client:
     """
     socket_timeout, connect_timeout = TIMEOUTS[purpose]
     if settings.redis_cluster:
-        # No retries inside the client (its default sleeps up to ~7 s in one command while a
-        # master fails over): the error reaches the caller at once, the scorer reports not ready
-        # and retries the batch with its own backoff, the API answers 503. The client still
-        # refreshes its slot map after each failed command, so it finds the promoted replica.
         with redis_errors("asking for its nodes", f"Redis Cluster at {mask_url(settings.redis_address)}"):
-            return RedisCluster.from_url(
-                settings.redis_address,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                retry=FAIL_FAST,
+            return fail_fast(
+                RedisCluster.from_url(
+                    settings.redis_address,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=connect_timeout,
+                    retry=FAIL_FAST,  # from the first command: the seed node is asked once
+                )
             )
     return redis.Redis.from_url(
         settings.redis_address, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
     )
+
+
+def fail_fast(cluster: RedisCluster) -> RedisCluster:
+    """Returns `cluster` set to fail fast and to learn a failover at the first failure:
+    - no retries inside the client (`FAIL_FAST`): its default sleeps up to ~7 s in one command
+      while a master fails over; the error reaches the caller at once, the scorer reports not
+      ready and retries the batch with its own backoff, the API answers 503;
+    - the slot map is asked again after every failed command (`reinitialize_steps` 1; redis-py
+      asks after every fifth). A pipeline re-sends, one by one, the commands a node failed: with
+      the map of before a failover, each one went to the old master, and a hung (not dead) one
+      made each wait out the socket timeout. Asked again first, they go to the promoted replica.
+    """
+    anything: Any = cluster  # redis-py's stubs lack `retry` / `set_retry`
+    if anything.retry is not FAIL_FAST:
+        anything.set_retry(FAIL_FAST)
+    cluster.reinitialize_steps = 1
+    return cluster
 
 
 def async_redis_client(settings: Settings, purpose: Purpose = "request") -> AsyncPipelineClient:

@@ -47,7 +47,7 @@ from redis import Redis
 from redis.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from core.redis import FAIL_FAST
+from core.redis import fail_fast
 
 # One row as `online_write_batch` takes it; values are ValueProtos or their serialized bytes.
 WriteRow = tuple[EntityKeyProto, Mapping[str, "ValueProto | bytes"], datetime, datetime | None]
@@ -249,14 +249,10 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         self._writers: dict[tuple[Any, ...], HashWriter] = {}
 
     def _get_client(self, online_store_config: RedisOnlineStoreConfig) -> Any:
-        """Feast's client; a `RedisCluster` one without its own retries (see `core.redis.FAIL_FAST`:
+        """Feast's client; a `RedisCluster` one set as the project's own (`core.redis.fail_fast`:
         Feast's connection string cannot say so)."""
         client = super()._get_client(online_store_config)
-        if isinstance(client, RedisCluster):
-            cluster: Any = client  # redis-py's stubs lack `retry` / `set_retry`
-            if cluster.retry is not FAIL_FAST:
-                cluster.set_retry(FAIL_FAST)
-        return client
+        return fail_fast(client) if isinstance(client, RedisCluster) else client
 
     def layout(self, config: RepoConfig, table: FeatureView) -> _ViewLayout:
         """Returns the (cached) key and field layout of `table` in `config.project`."""

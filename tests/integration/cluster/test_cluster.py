@@ -11,6 +11,8 @@ go to `<state_dir>/fault-figures.json` (`FAULT <name>: {...}` with `-s`).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from redis.cluster import RedisCluster
 
 from bench.harness import ScorerProcess, free_port, wait_for
 from core.kafka import kafka_config
-from core.redis import redis_client, user_key
+from core.redis import FAIL_FAST, TIMEOUTS, redis_client, user_key
 from core.settings import Settings
 from features.feast_store import FeastFeatureStore
 from infra import cluster as infra_cluster
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.cluster
 
 RATE = 400.0  # events/s while the faults happen: the stream flows before, during and after each
 READY_AGAIN_SPREAD_S = 30.0  # how long after the first scorer the others may come back
+SOCKET_TIMEOUT_S = TIMEOUTS["batch"][0]  # the scorer's Redis socket timeout
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +263,75 @@ def test_three_scorers_lose_nothing_when_a_broker_and_a_redis_master_are_sigkill
     assert faulted.final_state(users) == reference
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_hung_redis_master_stalls_the_scorer_only_until_its_replica_takes_over(
+    settings: Settings, cluster: Settings, pair: tuple[Deployment, Deployment]
+) -> None:
+    """A Redis master that hangs (SIGSTOP: its sockets accept and never answer) rather than dies.
+    The cluster fails it over after its node timeout; the scorer must write again soon after
+    (within its socket timeout, backoff and a batch), not wait out the socket timeout once per
+    slot group of the hung master. Then the old master resumes (SIGCONT) and rejoins as a
+    replica; the end state equals the single-node run."""
+    faulted, single = pair
+    events = random_events(23, users=640, days=20, per_user=10)
+    users = sorted({e.user_id for e in events})
+    assert produce_paced(single.settings, events, 50_000.0).sent == len(events)
+    single.run_uninterrupted()
+    reference = single.final_state(users)
+
+    scorer = faulted.start_scorer(free_port())
+    figures: dict[str, Any] = {"events": len(events)}
+    first_key = user_key(f"{faulted.settings.redis_prefix}risk:", users[0])
+    master = _redis_port_of(faulted.settings, first_key)
+    pid = infra_cluster.running_pid(
+        settings, infra_cluster.redis_name(infra_cluster.ports(settings).redis.index(master))
+    )
+    assert pid is not None
+    resumed = False
+    try:
+        progress: list[tuple[float, int]] = []
+        producing = _in_background(produce_paced, faulted.settings, events, RATE, progress)
+        wait_for(lambda: scorer.events("ok") > len(events) // 5, 300, "a fifth of the events to be applied")
+        applied_at, produced_at = scorer.events("ok"), progress[-1][1]
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for(lambda: _redis_port_of(faulted.settings, first_key) != master, 120, "the replica to take over")
+        took_over = time.monotonic() - stopped_at
+        wait_for(lambda: scorer.events("ok") > applied_at + 500, 300, "the scorer to apply 500 more events")
+        writing_again = time.monotonic() - stopped_at
+        ready = scorer.value("churn_scorer_ready")
+        os.kill(pid, signal.SIGCONT)
+        resumed = True
+        figures |= {
+            "produced_at_stop": produced_at,
+            "applied_at_stop": applied_at,
+            "seconds_to_replica_taking_over": round(took_over, 2),
+            "seconds_to_500_more_applied": round(writing_again, 2),
+        }
+        report = producing.result(300)
+        wait_for(partial(drained, faulted.settings), 300, "the scorer to apply the whole topic")
+        alive = scorer.proc.poll() is None
+    finally:
+        if not resumed:
+            os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            scorer.stop()
+    record_figures(settings, "cluster_redis_master_sigstop", figures)
+
+    assert report.sent == len(events)
+    assert produced_at < len(events)
+    assert applied_at < len(events)  # the hang landed while events were being applied
+    # The replica took over during the first write's socket timeout (5 s; node timeout 2 s). Each
+    # of the scorer's two cluster clients (its own, Feast's) waits out one socket timeout, then
+    # asks for the slot map and re-sends to the promoted replica: ~10 s. Re-sending with the
+    # old map first waited out a second timeout per client (20.6 s measured).
+    assert writing_again < took_over + 2 * SOCKET_TIMEOUT_S + 3.0, figures
+    assert ready == 1
+    assert alive
+    assert faulted.final_state(users) == reference
+
+
 @pytest.mark.timeout(300)
 def test_tier_change_reader_asks_the_new_leader_after_the_old_one_is_sigkilled(
     settings: Settings, cluster: Settings, unique: str
@@ -290,6 +362,23 @@ def test_tier_change_reader_asks_the_new_leader_after_the_old_one_is_sigkilled(
         changes.close()
         delete_topics(cluster, [topic])
     assert elapsed < 5.0  # asked there, the dead leader made it wait out the whole timeout (15 s)
+
+
+def test_cluster_clients_fail_fast_and_ask_for_the_slot_map_after_each_failure(cluster: Settings) -> None:
+    """A contract with redis-py (`core.redis.fail_fast`): the client and the pipelines it makes
+    retry nothing themselves and ask for the slot map after every failure (the hung-master test
+    above depends on it)."""
+    client = redis_client(cluster)
+    assert isinstance(client, RedisCluster)
+    try:
+        anything: Any = client
+        assert anything.retry is FAIL_FAST
+        assert client.reinitialize_steps == 1
+        pipe: Any = client.pipeline(transaction=False)
+        assert pipe.reinitialize_steps == 1
+        assert pipe._should_reinitialized()  # the pipeline's own check, before it re-sends
+    finally:
+        client.close()
 
 
 def _change(user_id: str, partition: int, offset: int) -> TierChange:
