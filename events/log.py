@@ -60,7 +60,11 @@ _REQUIRED = ("ts", "userId", "sessionId", "itemInSession", "page", "level")
 def load_events_with_positions(path: Path | str) -> pl.LazyFrame:
     """Returns the logged-in events at `path` (see `load_events`) plus `partition` and `offset`:
     their Kafka position where the log has one (the archiver's `kafkaPartition`/`kafkaOffset`),
-    else -1 in both.
+    else -1 in both. A Kafka position is one event however many files hold it: the first file
+    (in path order) counts, later copies are left out. (An archiver that stalls past the poll
+    interval has its partitions moved while it still holds a batch, and can write a file over
+    offsets its successor archived too: training and `churn materialize` would count those
+    events twice.)
 
     Raises:
         InvalidInputError: as `load_events`.
@@ -74,7 +78,11 @@ def load_events_with_positions(path: Path | str) -> pl.LazyFrame:
                 pl.col("kafkaPartition").cast(pl.Int64).alias("partition"),
                 pl.col("kafkaOffset").cast(pl.Int64).alias("offset"),
             )
-            return events_frame(raw, keep=("partition", "offset"))
+            positioned = events_frame(raw, keep=("partition", "offset"))
+            unpositioned = pl.col("offset").is_null() | (pl.col("offset") < 0)
+            # One int per position (offsets stay far below 2**40): less than half the cost of a struct (measured).
+            position = pl.col("partition") * 2**40 + pl.col("offset")
+            return positioned.filter(unpositioned | position.is_first_distinct())
     return events.with_columns(pl.lit(-1, pl.Int64).alias("partition"), pl.lit(-1, pl.Int64).alias("offset"))
 
 

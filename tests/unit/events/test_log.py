@@ -1,0 +1,31 @@
+"""Reading the archived event log with its Kafka positions (`events.log`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from events.log import load_events_with_positions
+from tests.support import random_events, wire_frame
+
+
+def test_a_kafka_position_archived_twice_is_one_event(tmp_path: Path) -> None:
+    """Two archivers wrote offsets 2-3 of partition 0 (one had stalled past the poll interval with
+    them in hand, its successor archived them too): they load once. Events without a position
+    (a log from elsewhere in the same folder) are all kept."""
+    events = wire_frame(random_events(3, users=2, days=2, per_user=4))[:6]
+    positioned = events.with_columns(
+        kafkaPartition=pl.lit(0, pl.Int64), kafkaOffset=pl.int_range(pl.len(), dtype=pl.Int64)
+    )
+    folder = tmp_path / "date=2026-01-01"
+    folder.mkdir(parents=True)
+    positioned[:4].write_parquet(folder / "p0-0-3.parquet")
+    positioned[2:].write_parquet(folder / "p0-2-5.parquet")  # the stalled archiver's late copy
+    events[:2].vstack(events[:2]).write_parquet(folder / "without-positions.parquet")
+
+    loaded = load_events_with_positions(tmp_path).collect()
+
+    with_position = loaded.filter(pl.col("offset").is_not_null())
+    assert sorted(with_position["offset"].to_list()) == [0, 1, 2, 3, 4, 5]
+    assert loaded.filter(pl.col("offset").is_null()).height == 4
