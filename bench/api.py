@@ -401,8 +401,8 @@ def open_api_env(scratch: Settings, port: int) -> dict[str, str]:
 
 def in_flight_limit(port: int) -> dict[str, Any]:
     """Returns `churn serve`'s in-flight limit (`churn_api_in_flight_limit` of its /metrics) as
-    `{"in_flight_limit": n}`, the lowest of the workers' with several (each worker derives its
-    own; `in_flight_limits` then lists them all), or {} if the gauge cannot be read."""
+    `{"in_flight_limit": n}`, the lowest of the started workers' with several (each worker derives
+    its own; `in_flight_limits` then lists them all), or {} if the gauge cannot be read."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
@@ -413,14 +413,11 @@ def in_flight_limit(port: int) -> dict[str, Any]:
         for family in text_string_to_metric_families(text)
         if family.name == "churn_api_in_flight_limit"
         for sample in family.samples
+        if sample.value > 0  # 0: a worker still starting (its limit is set when it has started)
     ]
     if not limits:
         return {}
     return {"in_flight_limit": min(limits)} | ({"in_flight_limits": limits} if len(limits) > 1 else {})
-    for line in text.splitlines():
-        if line.startswith("churn_api_in_flight_limit "):
-            return {"in_flight_limit": int(float(line.split()[1]))}
-    return {}
 
 
 @contextmanager

@@ -9,6 +9,7 @@ status` should not wait for. The layer test reads these imports too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -599,11 +600,14 @@ def serve(
 
     settings = _settings()
     processes = workers or settings.api_workers
-    if processes > 1:
-        # One `/metrics` for all workers (monitoring.multiprocess); set before uvicorn starts them.
-        multiprocess.prepare(settings.state_dir / "api-metrics" / str(settings.api_port))
+    # One `/metrics` for all workers (monitoring.multiprocess), set up before uvicorn starts them.
+    shared = (
+        multiprocess.workers_folder(settings.state_dir / "api-metrics", settings.api_port)
+        if processes > 1
+        else contextlib.nullcontext()
+    )
     # uvicorn ends `run` on SIGTERM/SIGINT (graceful shutdown), so the target file goes with it.
-    with registered(settings, "api", settings.api_port, settings.api_host):
+    with shared, registered(settings, "api", settings.api_port, settings.api_host):
         uvicorn.run(
             "serving.main:app_from_env",
             factory=True,

@@ -92,6 +92,8 @@ def fail_fast(cluster: RedisCluster) -> RedisCluster:
       asks after every fifth). A pipeline re-sends, one by one, the commands a node failed: with
       the map of before a failover, each one went to the old master, and a hung (not dead) one
       made each wait out the socket timeout. Asked again first, they go to the promoted replica.
+      The cost: while an operator moves slots, each MOVED reply also asks for the whole map
+      (CLUSTER SLOTS) instead of patching one slot, at most once per moved slot per client.
     """
     anything: Any = cluster  # redis-py's stubs lack `retry` / `set_retry`
     if anything.retry is not FAIL_FAST:

@@ -4,50 +4,82 @@ Each uvicorn worker is its own process, and a scrape of `/metrics` reaches which
 accepts it: with one registry per worker, counters would jump between the workers' values and
 look like resets to Prometheus. prometheus-client's multiprocess mode keeps every worker's
 values in files of one folder (`PROMETHEUS_MULTIPROC_DIR`, read when prometheus-client is
-imported: it must be set before the workers start), and `/metrics` merges them: counters and
-histograms summed over every worker that ever ran (a restarted worker's counts stay), gauges
-per live worker (label `pid`) or summed over them (see `monitoring.metrics`).
+imported: `churn serve` sets it before it starts the workers), and `/metrics` merges them:
+counters and histograms summed over every worker of the run (a replaced worker's counts stay),
+gauges one series per live worker (label `pid`; see `monitoring.metrics`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Metric, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
-# The variable prometheus-client reads (it also accepts the deprecated lower-case one).
+# The variable prometheus-client reads when it is imported (it also accepts a lower-case one).
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The variable `churn serve` hands its workers: the only sign of multiprocess mode this module
+# trusts. Importing Feast sets `ENV` to a folder of its own in every process (feast.metrics), the
+# API's single worker included, long after prometheus-client chose to keep values in memory.
+FOLDER_ENV = "CHURN_API_METRICS_FOLDER"
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 
 
 def active_dir() -> Path | None:
-    """Returns the multiprocess folder this process's metric values are kept in, or None (the
-    values are in memory: one process, one registry)."""
-    found = os.environ.get(ENV) or os.environ.get(ENV.lower())
+    """Returns the folder this process's metric values are kept in when `churn serve` started it
+    as one of several workers, else None (the values are in memory: one registry)."""
+    found = os.environ.get(FOLDER_ENV)
     return Path(found) if found else None
 
 
-def prepare(folder: Path) -> None:
-    """Empties `folder` (values of an earlier run would be added to this one's) and sets it as the
-    multiprocess folder of the worker processes this process starts from now on."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    os.environ[ENV] = str(folder)
+@contextlib.contextmanager
+def workers_folder(parent: Path, port: int) -> Iterator[Path]:
+    """Makes a new, empty folder under `parent` for the worker processes started inside the block
+    (one per run: a second server started on the same port, or a replica sharing the state
+    volume, never shares or empties a running server's files) and removes it afterwards."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{port}-", dir=parent))
+    before = {name: os.environ.get(name) for name in (ENV, FOLDER_ENV)}
+    os.environ[ENV] = os.environ[FOLDER_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _ProjectMetrics(Collector):
+    """The project's metrics (`churn_*`) merged from every worker's files. Feast's metrics,
+    created when a worker imports it, land in the same files and are left out, as they are
+    with one worker (they live in prometheus-client's default registry, not the project's)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.merged = MultiProcessCollector(None, path=str(folder))
+
+    def collect(self) -> Iterator[Metric]:
+        return (family for family in self.merged.collect() if family.name.startswith("churn_"))
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
-    """Returns the text exposition of this process's metrics: `registry` itself, or in
-    multiprocess mode every worker's values merged from the folder (custom collectors of
+    """Returns the text exposition of this process's metrics: `registry` itself, or with
+    several workers every worker's values merged from their folder (custom collectors of
     `registry`, which keep their values in memory, are then left out)."""
     folder = active_dir()
     if folder is None:
         return generate_latest(registry)
     merged = CollectorRegistry()
-    MultiProcessCollector(merged, path=str(folder))
+    merged.register(_ProjectMetrics(folder))
     return generate_latest(merged)
 
 

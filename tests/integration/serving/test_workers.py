@@ -116,3 +116,4 @@ def test_metrics_of_two_workers_add_up_across_scrapes_and_a_killed_worker(
 
     assert alive
     assert "Traceback" not in log.read_text(errors="replace")
+    assert list((tmp_path / "state" / "api-metrics").iterdir()) == []  # the run's folder went with it

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring import multiprocess
@@ -46,7 +45,7 @@ def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
 
 
 def start_worker(folder: Path, requests: int, limit: int, wait: bool) -> subprocess.Popen[str]:
-    env = {**os.environ, multiprocess.ENV: str(folder)}
+    env = {**os.environ, multiprocess.ENV: str(folder), multiprocess.FOLDER_ENV: str(folder)}
     args = [sys.executable, "-c", WORKER, str(requests), str(limit), "wait" if wait else "exit"]
     worker = subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert worker.stdout is not None
@@ -54,74 +53,66 @@ def start_worker(folder: Path, requests: int, limit: int, wait: bool) -> subproc
     return worker
 
 
-def test_every_worker_is_in_one_exposition_and_a_dead_workers_counts_stay(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(multiprocess.ENV, "")  # recorded: what `prepare` sets is undone after the test
-    folder = tmp_path / "api-metrics"
-    multiprocess.prepare(folder)
-    ended = start_worker(folder, requests=3, limit=6, wait=False)
-    ended.wait(30)
-    running = start_worker(folder, requests=5, limit=9, wait=True)
-    try:
-        merged = Metrics().exposition()  # as a third worker answering the scrape
-        counts = [v for labels, v in samples(merged.decode(), "churn_api_request_duration_seconds_count")]
-        assert counts == [8.0]  # 3 + 5, whichever worker answers
-        limits = {labels["pid"]: v for labels, v in samples(merged.decode(), "churn_api_in_flight_limit")}
-        assert limits == {str(ended.pid): 6.0, str(running.pid): 9.0}
-        # A swapped model cannot be removed from the files: the old one reads 0, the current 1.
-        info = {(labels["version"], labels["pid"]): v for labels, v in samples(merged.decode(), "churn_model_info")}
-        assert info[("1", str(running.pid))] == 0.0
-        assert info[("2", str(running.pid))] == 1.0
+def test_every_worker_is_in_one_exposition_and_a_dead_workers_counts_stay(tmp_path: Path) -> None:
+    with multiprocess.workers_folder(tmp_path / "api-metrics", 8000) as folder:
+        ended = start_worker(folder, requests=3, limit=6, wait=False)
+        ended.wait(30)
+        running = start_worker(folder, requests=5, limit=9, wait=True)
+        try:
+            merged = Metrics().exposition().decode()  # as a third worker answering the scrape
+            counts = [v for labels, v in samples(merged, "churn_api_request_duration_seconds_count")]
+            assert counts == [8.0]  # 3 + 5, whichever worker answers
+            limits = {labels["pid"]: v for labels, v in samples(merged, "churn_api_in_flight_limit")}
+            assert limits == {str(ended.pid): 6.0, str(running.pid): 9.0}
+            # A swapped model cannot be removed from the files: the old one reads 0, the current 1.
+            info = {(labels["version"], labels["pid"]): v for labels, v in samples(merged, "churn_model_info")}
+            assert info[("1", str(running.pid))] == 0.0
+            assert info[("2", str(running.pid))] == 1.0
 
-        assert multiprocess.forget_dead_workers() == [ended.pid]
-        after = Metrics().exposition().decode()
-        assert [v for _, v in samples(after, "churn_api_request_duration_seconds_count")] == [8.0]
-        assert {labels["pid"] for labels, _ in samples(after, "churn_api_in_flight_limit")} == {str(running.pid)}
-    finally:
-        assert running.stdin is not None
-        running.stdin.close()
-        running.wait(30)
+            assert multiprocess.forget_dead_workers() == [ended.pid]
+            after = Metrics().exposition().decode()
+            assert [v for _, v in samples(after, "churn_api_request_duration_seconds_count")] == [8.0]
+            assert {labels["pid"] for labels, _ in samples(after, "churn_api_in_flight_limit")} == {str(running.pid)}
+        finally:
+            assert running.stdin is not None
+            running.stdin.close()
+            running.wait(30)
+    assert not folder.exists()
+    assert multiprocess.active_dir() is None
 
 
-def test_prepare_empties_the_folder_of_an_earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(multiprocess.ENV, "")  # recorded: what `prepare` sets is undone after the test
-    folder = tmp_path / "api-metrics"
-    folder.mkdir()
-    (folder / "counter_123.db").write_bytes(b"old counts")
-    multiprocess.prepare(folder)
-    assert list(folder.iterdir()) == []
-    assert os.environ[multiprocess.ENV] == str(folder)
+def test_a_second_server_on_the_port_gets_its_own_folder(tmp_path: Path) -> None:
+    with multiprocess.workers_folder(tmp_path, 8000) as first:
+        (first / "counter_123.db").write_bytes(b"the running server's counts")
+        with multiprocess.workers_folder(tmp_path, 8000) as second:
+            assert second != first
+            assert list(second.iterdir()) == []
+        assert (first / "counter_123.db").exists()
 
 
-def test_one_process_exposes_its_own_registry_without_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(multiprocess.ENV, raising=False)
-    monkeypatch.delenv(multiprocess.ENV.lower(), raising=False)
+def test_feast_setting_prometheus_s_folder_does_not_empty_one_worker_s_metrics() -> None:
+    """Importing Feast (as the API does when it opens the feature store) sets
+    PROMETHEUS_MULTIPROC_DIR to a folder of its own; one worker's /metrics is still its registry."""
+    import feast.feature_store  # noqa: F401 - the import under test sets the variable
+
+    assert os.environ.get(multiprocess.ENV)
     metrics = Metrics()
     metrics.request_seconds.labels(ROUTE, "GET", "200").observe(0.001)
-    assert multiprocess.forget_dead_workers() == []
+    assert multiprocess.active_dir() is None
     counts = samples(metrics.exposition().decode(), "churn_api_request_duration_seconds_count")
     assert [v for _, v in counts] == [1.0]
 
 
-def test_a_swapped_model_leaves_one_series_per_component(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(multiprocess.ENV, raising=False)
+def test_a_swapped_model_leaves_one_series_per_component() -> None:
     metrics = Metrics()
     metrics.set_model("scorer", "churn", "3")
     metrics.set_model("api", "churn", "1")
     metrics.set_model("api", "churn", "2")
-    info = {
-        (labels["component"], labels["version"]): v
-        for labels, v in samples(metrics.exposition().decode(), "churn_model_info")
+    exposed = samples(metrics.exposition().decode(), "churn_model_info")
+    assert {(labels["component"], labels["version"]): v for labels, v in exposed} == {
+        ("scorer", "3"): 1.0,
+        ("api", "2"): 1.0,
     }
-    assert info == {("scorer", "3"): 1.0, ("api", "2"): 1.0}
     metrics.set_model("api", "churn", None)
-    info = {
-        (labels["component"], labels["version"]): v
-        for labels, v in samples(metrics.exposition().decode(), "churn_model_info")
-    }
-    assert info == {("scorer", "3"): 1.0}
-
-
-def test_no_test_leaves_the_folder_set() -> None:
-    assert multiprocess.active_dir() is None  # runs after the tests above (file order)
+    exposed = samples(metrics.exposition().decode(), "churn_model_info")
+    assert {(labels["component"], labels["version"]): v for labels, v in exposed} == {("scorer", "3"): 1.0}
