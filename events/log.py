@@ -79,7 +79,7 @@ def load_events_with_positions(path: Path | str) -> pl.LazyFrame:
                 pl.col("kafkaOffset").cast(pl.Int64).alias("offset"),
             )
             positioned = events_frame(raw, keep=("partition", "offset"))
-            unpositioned = pl.col("offset").is_null() | (pl.col("offset") < 0)
+            unpositioned = pl.col("partition").is_null() | pl.col("offset").is_null() | (pl.col("offset") < 0)
             # One int per position (offsets stay far below 2**40): less than half the cost of a struct (measured).
             position = pl.col("partition") * 2**40 + pl.col("offset")
             return positioned.filter(unpositioned | position.is_first_distinct())

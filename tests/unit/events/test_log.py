@@ -12,8 +12,8 @@ from tests.support import random_events, wire_frame
 
 def test_a_kafka_position_archived_twice_is_one_event(tmp_path: Path) -> None:
     """Two archivers wrote offsets 2-3 of partition 0 (one had stalled past the poll interval with
-    them in hand, its successor archived them too): they load once. Events without a position
-    (a log from elsewhere in the same folder) are all kept."""
+    them in hand, its successor archived them too): they load once. Events without a whole
+    position (a log from elsewhere in the same folder) are all kept."""
     events = wire_frame(random_events(3, users=2, days=2, per_user=4))[:6]
     positioned = events.with_columns(
         kafkaPartition=pl.lit(0, pl.Int64), kafkaOffset=pl.int_range(pl.len(), dtype=pl.Int64)
@@ -23,9 +23,10 @@ def test_a_kafka_position_archived_twice_is_one_event(tmp_path: Path) -> None:
     positioned[:4].write_parquet(folder / "p0-0-3.parquet")
     positioned[2:].write_parquet(folder / "p0-2-5.parquet")  # the stalled archiver's late copy
     events[:2].vstack(events[:2]).write_parquet(folder / "without-positions.parquet")
+    events[:2].with_columns(kafkaOffset=pl.lit(7, pl.Int64)).write_parquet(folder / "without-partition.parquet")
 
     loaded = load_events_with_positions(tmp_path).collect()
 
-    with_position = loaded.filter(pl.col("offset").is_not_null())
+    with_position = loaded.filter(pl.col("partition").is_not_null())
     assert sorted(with_position["offset"].to_list()) == [0, 1, 2, 3, 4, 5]
-    assert loaded.filter(pl.col("offset").is_null()).height == 4
+    assert loaded.filter(pl.col("partition").is_null()).height == 6  # 4 without a position, 2 with half of one
