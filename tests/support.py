@@ -199,7 +199,10 @@ def register_challenger(folder: Path, base: Settings, model: ChurnModel) -> str:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     scratch = base.model_copy(update={"mlflow_tracking_uri": uri, "state_dir": folder / "state"})
     artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
-    return registry.log_run(scratch, artifact, {}, {}, {})[1]
+    run_id, version = registry.log_run(scratch, artifact, {}, {}, {})
+    judged = registry.Decision(True, champion_version=champion_version(scratch))
+    registry.apply_decision(scratch, run_id, version, judged, hold=True)  # the gates passed; held
+    return version
 
 
 def write_shadow_log(

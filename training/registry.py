@@ -75,8 +75,8 @@ def log_run(
 ) -> tuple[str, str]:
     """Logs one training run (params, metrics, tags, the artifact directory under `model/`)
     with `children` as nested runs (name, params, metrics; e.g. the search trials), and
-    registers the artifact as a new version of `settings.model_name` with alias
-    `challenger`. Returns (run_id, version).
+    registers the artifact as a new version of `settings.model_name`, with no alias yet
+    (`apply_decision` names it `challenger` unless the gates refused it). Returns (run_id, version).
 
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached.
@@ -102,7 +102,6 @@ def log_run(
         version = client.create_model_version(
             settings.model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run_id
         ).version
-        client.set_registered_model_alias(settings.model_name, CHALLENGER, str(version))
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc
@@ -211,8 +210,10 @@ def decide(
 
 
 def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision, *, hold: bool = False) -> None:
-    """Records the decision as run tags and in the audit log (action `promote`, trigger `train`)
-    and, if it promotes, moves the `champion` alias to `version` (`move_champion`). A promotion
+    """Records the decision as run tags and in the audit log (action `promote`, trigger `train`),
+    names `version` `challenger` unless the decision refuses it while there is a champion (the
+    alias then stays where it was), and, if it promotes, moves the `champion` alias to `version`
+    (`move_champion`). A promotion
     is refused instead when the champion is no longer the one the decision judged against
     (`decision.champion_version`): another run promoted meanwhile, and this model was never
     compared with it (`churn promote` judges it again). With `hold`, a version the gates would
@@ -248,6 +249,12 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         client.set_tag(run_id, "promotion.reasons", "; ".join(decision.reasons)[:5000])
         client.set_tag(run_id, "promotion.previous_champion", decision.champion_version or "")
         client.set_tag(run_id, "registry.version", version)
+        # With a champion, a refused version is never `challenger`: scorers and APIs serve the
+        # challenger to the canary slice and score it in shadow, and `churn promote` judges it
+        # on that shadow evidence alone. With none, nothing is served, and `churn promote` judges
+        # a refused first model against the floors again (say, after they were lowered).
+        if outcome != "refused" or champion_version(settings) is None:
+            client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc

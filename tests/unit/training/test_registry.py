@@ -61,9 +61,13 @@ def test_a_promotion_judged_against_a_champion_whose_alias_was_removed_is_refuse
 
 
 def _register(settings: Settings, folder: Path) -> tuple[str, str]:
+    """Registers a version as a training whose gates passed does with --no-promote: `challenger`."""
     model = small_model()
     artifact = save_artifact(folder / f"artifact-{time.time_ns()}", model.booster, model.meta)
-    return registry.log_run(settings, artifact, {}, {}, {})
+    run, version = registry.log_run(settings, artifact, {}, {}, {})
+    held = registry.Decision(True, champion_version=champion_version(settings))
+    registry.apply_decision(settings, run, version, held, hold=True)
+    return run, version
 
 
 @pytest.mark.parametrize("meanwhile", ["a training registered a challenger", "a training promoted its model"])
@@ -108,7 +112,8 @@ def test_a_hold_keeps_the_champion_and_records_what_the_gates_said(tmp_path: Pat
     registry.apply_decision(settings, run, version, decision, hold=True)
 
     assert champion_version(settings) == first
-    assert champion_version(settings, CHALLENGER) == version
+    # A refused version is not served as the challenger (canary, shadow) nor promotable.
+    assert champion_version(settings, CHALLENGER) == (version if gates_pass else first)
     assert (decision.promote, decision.held) == (False, gates_pass)
     outcome = "held" if gates_pass else "refused"
     assert registry_client(settings).get_run(run).data.tags["promotion.decision"] == (
@@ -116,3 +121,21 @@ def test_a_hold_keeps_the_champion_and_records_what_the_gates_said(tmp_path: Pat
     )
     entries, _ = audit.read(settings.audit_log_path, limit=1)
     assert (entries[0]["to_version"], entries[0]["outcome"]) == (version, outcome)
+
+
+def test_a_version_the_gates_refuse_does_not_replace_the_held_challenger(tmp_path: Path) -> None:
+    """v1 champion, v2 held for a staged rollout, v3 refused by the gates: the canary slice and
+    the shadow scores keep v2, and `churn promote` cannot move v3 to champion."""
+    settings = load_settings(state_dir=tmp_path / "state")
+    first_run, first = _register(settings, tmp_path)
+    registry.apply_decision(settings, first_run, first, registry.Decision(True))
+    _, held = _register(settings, tmp_path)
+    model = small_model()
+    run, refused = registry.log_run(
+        settings, save_artifact(tmp_path / "refused", model.booster, model.meta), {}, {}, {}
+    )
+    registry.apply_decision(
+        settings, run, refused, registry.Decision(False, reasons=["fail: floor"], champion_version=first)
+    )
+
+    assert (champion_version(settings), champion_version(settings, CHALLENGER)) == (first, held)
