@@ -385,6 +385,7 @@ def retrain(
     promote: _PromoteOption = True,
 ) -> None:
     """Retrain (as `churn train`), always, or only after sustained drift and/or degraded realized performance."""
+    from models.registry import champion_version  # heavy: see the module docstring
     from monitoring.drift_state import read_drift, retrain_decision  # heavy: see the module docstring
     from monitoring.performance_state import degraded_decision, read_performance  # heavy: see the module docstring
     from training.pipeline import TrainOptions  # heavy: see the module docstring
@@ -394,13 +395,17 @@ def retrain(
         minutes = settings.drift_sustained_minutes if sustained_minutes is None else sustained_minutes
         decisions = []
         try:
+            champion = champion_version(settings)  # the states' figures count only when they are its
             with redis_errors("reading the drift and performance states"):
                 client = redis_client(settings)
                 if if_drift:
-                    decisions.append(retrain_decision(read_drift(client, settings.redis_prefix), minutes, time.time()))
+                    drift = read_drift(client, settings.redis_prefix)
+                    decisions.append(retrain_decision(drift, minutes, time.time(), champion))
                 if if_degraded:
                     state = read_performance(client, settings.redis_prefix)
-                    decisions.append(degraded_decision(state, settings.gate_min_roc_auc, settings.degraded_days))
+                    decisions.append(
+                        degraded_decision(state, settings.gate_min_roc_auc, settings.degraded_days, champion)
+                    )
         except ChurnError as exc:
             _fail(exc)
         go = any(decision for decision, _ in decisions)

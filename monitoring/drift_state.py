@@ -31,7 +31,11 @@ def drift_key(prefix: str) -> str:
 
 def with_alert_history(report: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
     """Returns `report` (DriftReport.to_dict) with `alert_since` on every feature and the score:
-    the start of the current run of "alert" statuses (kept from `previous`), or None."""
+    the start of the current run of "alert" statuses (kept from `previous` when that was a
+    report of the same model: a new model's drift is against its own reference and starts its
+    own run), or None."""
+    if previous is not None and previous.get("model") != report.get("model"):
+        previous = None
     old_features = (previous or {}).get("features") or {}
     old_score = (previous or {}).get("score") or {}
 
@@ -182,10 +186,21 @@ class DriftPublisher:
                 m.segment_score_psi.labels(segment).set(part["score"]["psi"])
 
 
-def retrain_decision(state: dict[str, Any] | None, minutes: float, now: float) -> tuple[bool, str]:
-    """Returns (retrain?, why) for `churn retrain --if-drift` from the drift state (or None)."""
+def retrain_decision(
+    state: dict[str, Any] | None, minutes: float, now: float, champion: str | None = None
+) -> tuple[bool, str]:
+    """Returns (retrain?, why) for `churn retrain --if-drift` from the drift state (or None). With
+    `champion` (its version), a report of another model does not count: after a promotion the
+    state describes the replaced model until the first daily snapshot the new one scores, and
+    a retrain on it would retrain (and promote) again at every check until then."""
     if state is None:
         return False, "no drift report in Redis yet (is the scorer running with a champion?)"
+    reported = (state.get("model") or {}).get("version")
+    if champion is not None and reported != champion:
+        return False, (
+            f"the latest drift report is of v{reported}, not of the champion v{champion}: waiting for the"
+            " champion's first daily snapshot"
+        )
     sustained = sustained_alerts(state, minutes, now)
     if sustained:
         listed = ", ".join(f"{name} {held:.1f} min" for name, held in sorted(sustained.items(), key=lambda kv: -kv[1]))

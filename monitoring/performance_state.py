@@ -138,14 +138,23 @@ class PerformancePublisher:
             log.exception("could not publish the performance state")
 
 
-def degraded_decision(state: dict[str, Any] | None, floor: float, days: int) -> tuple[bool, str]:
+def degraded_decision(
+    state: dict[str, Any] | None, floor: float, days: int, champion: str | None = None
+) -> tuple[bool, str]:
     """Returns (retrain?, why) for `churn retrain --if-degraded`: retrain when the realized ROC-AUC
-    of each of the latest `days` labelled snapshots is below `floor`."""
+    of each of the latest `days` labelled snapshots is below `floor`. With `champion` (its
+    version), only snapshots it scored count: a replaced model's labelled days (they keep coming
+    for H days after a promotion) say nothing of the new one, and would retrain at every check."""
     if state is None:
         return False, "no performance state in Redis yet (is the scorer running with a champion?)"
-    labelled = [(d, e["realized"].get("roc_auc")) for d, e in sorted(state["days"].items()) if e.get("realized")]
+    labelled = [
+        (d, e["realized"].get("roc_auc"))
+        for d, e in sorted(state["days"].items())
+        if e.get("realized") and (champion is None or e.get("model_version") == champion)
+    ]
     if not labelled:
-        return False, "no snapshot is labelled yet (labels arrive H days after each snapshot)"
+        whose = "" if champion is None else f" scored by the champion v{champion}"
+        return False, f"no snapshot{whose} is labelled yet (labels arrive H days after each snapshot)"
     recent = labelled[-days:]
     listed = ", ".join(f"{d} {'n/a' if v is None else f'{v:.3f}'}" for d, v in recent)
     if len(recent) == days and all(v is not None and v < floor for _, v in recent):

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import models.registry
 import training.pipeline
 import training.report
 from churn.cli import app
@@ -214,6 +215,26 @@ def test_retrain_decision_needs_sustained_alerts() -> None:
     assert retrain_decision(None, 30, now=0)[0] is False
     calm = with_alert_history(state({"a": 0.05}, 0.05, at=0.0), None)
     assert retrain_decision(calm, 0, now=10)[0] is False
+
+
+def of_model(report: dict[str, Any], version: str) -> dict[str, Any]:
+    return {**report, "model": {"name": "churn", "version": version}}
+
+
+def test_a_promoted_model_starts_its_own_alert_run_and_the_old_report_does_not_retrain() -> None:
+    """v1 held a feature at alert level for a day, and `--if-drift` retrained and promoted v2.
+    Until v2's first snapshot, the state is v1's: it must not retrain (and promote) again at
+    every check. v2's first report starts its own run: no retrain before it is sustained."""
+    held = with_alert_history(of_model(state({"a": 0.4}, 0.05, at=0.0), "1"), None)
+    held = with_alert_history(of_model(state({"a": 0.4}, 0.05, at=1440 * 60.0), "1"), held)
+    now = 1441 * 60.0
+    assert retrain_decision(held, 30, now, champion="1")[0] is True
+    go, why = retrain_decision(held, 30, now, champion="2")
+    assert not go
+    assert "not of the champion v2" in why
+    first_of_v2 = with_alert_history(of_model(state({"a": 0.4}, 0.05, at=now), "2"), held)
+    assert first_of_v2["features"]["a"]["alert_since"] == now  # not v1's 0.0
+    assert retrain_decision(first_of_v2, 30, now + 60, champion="2")[0] is False
 
 
 class DictRedis:
@@ -461,6 +482,7 @@ def test_retrain_command_trains_only_after_sustained_drift(monkeypatch: pytest.M
 
     client = DictRedis()
     monkeypatch.setattr(redis.Redis, "from_url", staticmethod(lambda *a, **k: client))
+    monkeypatch.setattr(models.registry, "champion_version", lambda settings, alias="champion": None)
     calls: list[Any] = []
 
     def fake_train(settings: Any, events: Any, **kwargs: Any) -> dict[str, Any]:

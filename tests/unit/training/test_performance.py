@@ -66,3 +66,20 @@ def test_degraded_decision_needs_the_latest_days_all_below_the_floor() -> None:
     assert "0.650" in why
     assert "0.600" in why
     assert degraded_decision(state(0.6, None), 0.7, 2)[0] is False
+
+
+def test_degraded_decision_counts_only_the_champions_labelled_days() -> None:
+    """After a promotion, the replaced model's labelled days keep arriving for H days: they must
+    not retrain again at every check (until the new champion's own days are labelled)."""
+    days = {
+        "2026-02-10": {"model_version": "1", "realized": {"roc_auc": 0.60}},
+        "2026-02-11": {"model_version": "1", "realized": {"roc_auc": 0.61}},
+        "2026-02-12": {"model_version": "2", "expected": {"roc_auc": 0.8}},  # not labelled yet
+    }
+    assert degraded_decision({"days": days}, 0.7, 2, champion="1")[0] is True
+    go, why = degraded_decision({"days": days}, 0.7, 2, champion="2")
+    assert not go
+    assert "scored by the champion v2" in why
+    days["2026-02-12"]["realized"] = {"roc_auc": 0.65}
+    days["2026-02-13"] = {"model_version": "2", "realized": {"roc_auc": 0.66}}
+    assert degraded_decision({"days": days}, 0.7, 2, champion="2")[0] is True  # its own days count
