@@ -175,9 +175,10 @@ def test_force_needs_a_reason_overrides_too_little_evidence_and_rollback_walks_b
     lines = [json.loads(line) for line in scratch.audit_log_path.read_text().splitlines()]
     assert [(e["action"], e["trigger"], e["outcome"], e["to_version"]) for e in lines] == [
         ("promote", "train", "accepted", "1"),  # register_champion applies the training gates' decision
+        ("promote", "train", "held", "2"),  # register_challenger: gates passed, held (--no-promote)
         ("promote", "command", "refused", "2"),
         ("promote", "command", "forced", "2"),
         ("rollback", "command", "done", "1"),
     ]
-    assert [e["actor"] for e in lines[1:]] == ["alice", "alice", "bob"]
+    assert [e["actor"] for e in lines[2:]] == ["alice", "alice", "bob"]
     assert lines[-1]["challenger_withdrawn"] is True
