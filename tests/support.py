@@ -7,6 +7,7 @@ changes, and stand-ins for a Kafka consumer for unit tests of the consuming loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from bench.harness import ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
+from bench.api import START_MS as BENCH_START_MS
+from bench.api import _rows as bench_api_rows
+from bench.api import wait_ready
+from bench.harness import CHURN, ScorerProcess, delete_prefix, free_port, scratch_settings, wait_for
 from core.kafka import kafka_config
 from core.redis import mget, redis_client
 from core.settings import Settings
@@ -394,6 +398,59 @@ def record_figures(settings: Settings, fault: str, figures: dict[str, Any]) -> N
     known = json.loads(path.read_text()) if path.exists() else {}
     known[fault] = figures
     path.write_text(json.dumps(known, indent=2, sort_keys=True))
+
+
+# --- `churn serve` as a subprocess on the real Redis ----------------------------------------
+
+
+@dataclass
+class ServedApi:
+    """A running `churn serve` (see `churn_serve`): its port, process and log file."""
+
+    port: int
+    server: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextlib.contextmanager
+def churn_serve(settings: Settings, folder: Path, name: str, users: int, workers: int = 1) -> Iterator[ServedApi]:
+    """Starts `churn serve --workers N` without keys, on its own Feast project and Redis prefix
+    (named `name`) holding the feature rows of `users` users (`bench.api._rows`) and a watermark
+    31 days in, with a small champion registered in `folder`; waits until it is ready; stops it
+    (SIGTERM) and deletes its data afterwards.
+
+    Raises:
+        ServiceUnavailableError: the server exited or was not ready within 240 s.
+    """
+    uri = register_champion(folder / "champion", settings)
+    port = free_port()
+    scratch, env = scratch_settings(
+        settings,
+        state_dir=folder / "state",
+        feast_project=name,
+        feast_repo=folder / "feast",
+        mlflow_tracking_uri=uri,
+        redis_prefix=f"test:{name}:",
+        api_port=port,
+        clock="event",
+    )
+    env |= {"CHURN_API_KEYS": "[]", "CHURN_API_OPEN": "true"}
+    feast = apply_repo(scratch)
+    FeastFeatureStore(feast).write_rows(bench_api_rows(users))
+    client = redis_client(scratch)
+    RedisRiskStore(client, scratch.redis_prefix).advance_watermark(BENCH_START_MS + 31 * 86_400_000)
+    log = folder / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([CHURN, "serve", "--workers", str(workers)], env=env, stdout=out, stderr=out)
+    try:
+        wait_ready(port, server, log, timeout_s=240)
+        yield ServedApi(port, server, log)
+    finally:
+        server.terminate()
+        server.wait(30)
+        feast.teardown()
+        client.close()
+        delete_prefix(scratch, scratch.redis_prefix)
 
 
 # --- killing a scorer inside a batch -----------------------------------------------------------

@@ -46,21 +46,15 @@ counting (`bench.api.undisturbed`): the dev VM's calm windows took 0.1-0.5% on a
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from bench.api import MODES, START_MS, LoadPlan, _rows, find_capacity, in_flight_limit, load, undisturbed, wait_ready
-from bench.harness import CHURN, free_port, scratch_settings
+from bench.api import MODES, LoadPlan, find_capacity, in_flight_limit, load, undisturbed
 from core.settings import Settings
-from features.feast_repo import apply_repo
-from features.feast_store import FeastFeatureStore
-from stream.risk_store import RedisRiskStore
-from tests.support import record_figures, register_champion
+from tests.support import churn_serve, record_figures
 
 USERS = 2000
 OVERLOAD_SECONDS = 20.0
@@ -80,34 +74,14 @@ KEPT_FIGURES = ("achieved_rate", "statuses", "latency", "ok_latency", "ok_servic
 def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_shed(
     settings: Settings, tmp_path: Path, unique: str
 ) -> None:
-    uri = register_champion(tmp_path / "champion", settings)
-    port = free_port()
-    scratch, env = scratch_settings(
-        settings,
-        state_dir=tmp_path / "state",
-        feast_project=f"overload{unique}",
-        feast_repo=tmp_path / "feast",
-        mlflow_tracking_uri=uri,
-        redis_prefix=f"test:overload{unique}:",
-        api_port=port,
-        clock="event",
-    )
-    env |= {"CHURN_API_KEYS": "[]", "CHURN_API_OPEN": "true"}
-    feast = apply_repo(scratch)
-    FeastFeatureStore(feast).write_rows(_rows(USERS))
-    client = redis.Redis.from_url(scratch.redis_address)
-    RedisRiskStore(client, scratch.redis_prefix).advance_watermark(START_MS + 31 * 86_400_000)
     mode = MODES["score"]
+    with churn_serve(settings, tmp_path, f"overload{unique}", USERS) as served:
+        port = served.port
 
-    def run(rate: float, seconds: float, warmup: float = 0.5) -> dict[str, Any]:
-        budget = settings.api_latency_budget_ms
-        return undisturbed(lambda: load(port, USERS, mode, rate, seconds, CONNECTIONS, warmup, budget))
+        def run(rate: float, seconds: float, warmup: float = 0.5) -> dict[str, Any]:
+            budget = settings.api_latency_budget_ms
+            return undisturbed(lambda: load(port, USERS, mode, rate, seconds, CONNECTIONS, warmup, budget))
 
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([CHURN, "serve", "--workers", "1"], env=env, stdout=out, stderr=out)
-    try:
-        wait_ready(port, server, log, timeout_s=180)
         # Warm: the first requests import and compile. 10 s, not 2: one CI run's search began while the
         # server (or the machine) was still slow, failed at 200/s and 100/s (p99 34 and 11 ms), then
         # passed 50-94/s with p99 4-8 ms, so "3x capacity" was 281/s and nothing was shed.
@@ -133,14 +107,8 @@ def test_at_three_times_capacity_accepted_requests_stay_fast_and_the_rest_are_sh
         if not back_to_normal(calm_after[0], calm_before):
             calm_after.append(run(capacity / 2, 5.0))
         at_capacity_after = run(capacity, 10.0)
-        alive = server.poll() is None
-    finally:
-        server.terminate()
-        server.wait(30)
-        feast.teardown()
-        for key in client.scan_iter(f"{scratch.redis_prefix}*"):
-            client.delete(key)
-        client.close()
+        alive = served.server.poll() is None
+    log = served.log
 
     p99_at_capacity = max(at_capacity["ok_latency"]["p99_ms"], at_capacity_after["ok_latency"]["p99_ms"])
     accepted_p99_bound = 2 * max(p99_at_capacity, settings.api_latency_budget_ms)

@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.api import START_MS, _rows, wait_ready
-from bench.harness import CHURN, free_port, scratch_settings, wait_for
+from bench.harness import wait_for
 from core.settings import Settings
-from features.feast_repo import apply_repo
-from features.feast_store import FeastFeatureStore
-from stream.risk_store import RedisRiskStore
-from tests.support import register_champion
+from tests.support import churn_serve
 
 USERS = 50
 ROUTE = "/users/{user_id}/risk"
@@ -61,28 +55,8 @@ def scrape(port: int) -> tuple[float, dict[str, float]]:
 def test_metrics_of_two_workers_add_up_across_scrapes_and_a_killed_worker(
     settings: Settings, tmp_path: Path, unique: str
 ) -> None:
-    uri = register_champion(tmp_path / "champion", settings)
-    port = free_port()
-    scratch, env = scratch_settings(
-        settings,
-        state_dir=tmp_path / "state",
-        feast_project=f"workers{unique}",
-        feast_repo=tmp_path / "feast",
-        mlflow_tracking_uri=uri,
-        redis_prefix=f"test:workers{unique}:",
-        api_port=port,
-        clock="event",
-    )
-    env |= {"CHURN_API_KEYS": "[]", "CHURN_API_OPEN": "true"}
-    feast = apply_repo(scratch)
-    FeastFeatureStore(feast).write_rows(_rows(USERS))
-    client = redis.Redis.from_url(scratch.redis_address)
-    RedisRiskStore(client, scratch.redis_prefix).advance_watermark(START_MS + 31 * 86_400_000)
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([CHURN, "serve", "--workers", "2"], env=env, stdout=out, stderr=out)
-    try:
-        wait_ready(port, server, log, timeout_s=240)
+    with churn_serve(settings, tmp_path, f"workers{unique}", USERS, workers=2) as served:
+        port, log = served.port, served.log
 
         def both_loaded() -> dict[str, float]:
             limits = scrape(port)[1]
@@ -105,14 +79,7 @@ def test_metrics_of_two_workers_add_up_across_scrapes_and_a_killed_worker(
         assert scrape(port)[0] == 200.0  # the killed worker's counts stay in the total
         ask(port, 100)
         assert [scrape(port)[0] for _ in range(5)] == [300.0] * 5
-        alive = server.poll() is None
-    finally:
-        server.terminate()
-        server.wait(30)
-        feast.teardown()
-        for key in client.scan_iter(f"{scratch.redis_prefix}*"):
-            client.delete(key)
-        client.close()
+        alive = served.server.poll() is None
 
     assert alive
     assert "Traceback" not in log.read_text(errors="replace")
