@@ -82,18 +82,35 @@ def run_folds(
     for fold in folds:
         train = split.take(labelled, fold.train)
         test = split.take(labelled, fold.test)
-        y = train["label"].to_numpy().astype(bool)
         labels = test["label"].to_numpy().astype(bool)
-        if not y.any() or not labels.any():
+        if not (train["label"] == 1).any() or not labels.any():
             continue
-        params = fit.booster_params(config, features, imbalance, train.height)
-        booster = fit.fit_rounds(
-            dataset.feature_matrix(train, features), y, train["weight"].to_numpy(), params, rounds, features
-        )
-        raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
-        scores = apply_calibration(calibration, raw)
+        scores = fit_and_score(train, test, config, imbalance, rounds, calibration, features)
         results.append(FoldResult(fold.train, fold.test, train.height, test, scores, figures(labels, scores)))
     return results
+
+
+def fit_and_score(
+    train: pl.DataFrame,
+    test: pl.DataFrame,
+    config: fit.FitConfig,
+    imbalance: str,
+    rounds: int,
+    calibration: dict[str, Any],
+    features: tuple[str, ...] = spec.MODEL_FEATURES,
+) -> np.ndarray:
+    """Returns the calibrated scores of `test` by a booster of `rounds` trees with `config` and
+    `imbalance`, fitted on `train` (weighted by its `weight` column) over `features`."""
+    params = fit.booster_params(config, features, imbalance, train.height)
+    booster = fit.fit_rounds(
+        dataset.feature_matrix(train, features),
+        train["label"].to_numpy().astype(bool),
+        train["weight"].to_numpy(),
+        params,
+        rounds,
+        features,
+    )
+    return apply_calibration(calibration, np.asarray(booster.predict(dataset.feature_matrix(test, features))))
 
 
 def _user_codes(frames: list[pl.DataFrame]) -> tuple[list[np.ndarray], int]:

@@ -332,7 +332,7 @@ def train(
         card=meta["card"],
     )
     if options.register:
-        gate_rows = registry.GateRows(latest.test, latest.scores, model.predict(latest_x))
+        gate_rows = registry.GateRows(split.take(labelled, latest.train_times), latest.test, latest.scores)
         trained = _register(settings, options, resolved, trained, gate_rows, progress)
     trained.seconds["total"] = time.perf_counter() - started
     return trained

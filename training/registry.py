@@ -27,11 +27,12 @@ import polars as pl
 
 from core.errors import InvalidInputError, ServiceUnavailableError
 from core.settings import Settings, mask_url
-from core.timeutil import parse_utc, to_ms
+from core.timeutil import ms_to_iso, parse_utc, to_ms
+from features.spec import DAY_MS
 from models import audit
 from models.artifact import ChurnModel
 from models.registry import CHALLENGER, CHAMPION, PROMOTED_AT_TAG, champion_version, registry_client
-from training import backtest, metrics
+from training import backtest, fit, metrics
 from training.dataset import feature_matrix
 
 EXPERIMENT = "churn"
@@ -122,13 +123,15 @@ def _log_values(client: Any, run_id: str, params: dict[str, Any], run_metrics: d
 
 @dataclass(frozen=True)
 class GateRows:
-    """The rows the champion/challenger gate compares on (the latest backtest fold's test rows:
-    user_id, as_of, label and the feature columns) with the challenger's scores on them: out of
-    sample (the fold's booster, trained at least H before) and in sample (the final model)."""
+    """What the champion/challenger gate compares on: the latest backtest fold's test rows
+    (user_id, as_of, label and the feature columns), the challenger's out-of-sample scores on
+    them (the fold's booster) and the fold's training rows (every labelled point at least H
+    before the test rows, with their `weight`), on which the champion's settings are refitted
+    when the champion itself learned from the test period (see `decide`)."""
 
-    frame: pl.DataFrame
-    out_of_sample: np.ndarray
-    in_sample: np.ndarray
+    train: pl.DataFrame
+    test: pl.DataFrame
+    scores: np.ndarray
 
 
 def champion_last_point_ms(meta: dict[str, Any]) -> int | None:
@@ -146,6 +149,37 @@ def champion_last_point_ms(meta: dict[str, Any]) -> int | None:
     return None
 
 
+def knew_outcomes_until_ms(meta: dict[str, Any]) -> int | None:
+    """Returns the end (epoch ms) of the latest label window a model was fitted on: its last
+    observation point + its horizon. Rows observed at or after it are new to the model: it knew
+    neither them nor any outcome in their label windows. None when its meta does not say."""
+    last = champion_last_point_ms(meta)
+    horizon = meta.get("horizon_days")
+    if last is None or not isinstance(horizon, int | float):
+        return None
+    return last + int(horizon) * DAY_MS
+
+
+def recorded_settings(meta: dict[str, Any]) -> tuple[fit.FitConfig, str, int, dict[str, Any]] | None:
+    """Returns how a model was fitted, from its meta: (booster settings, imbalance, tree count,
+    calibration), to fit the same procedure on other rows; None when its meta lacks any of them
+    (a model from before the search). The leaf size recorded is the one its final fit used;
+    `fit.booster_params` caps it again for fewer rows, which gives the value the training's own
+    backtests used."""
+    params = meta.get("params") or {}
+    try:
+        config = fit.FitConfig(
+            seed=int(params["seed"]),
+            learning_rate=float(params["learning_rate"]),
+            num_leaves=int(params["num_leaves"]),
+            min_data_in_leaf=int(params["min_data_in_leaf"]),
+            feature_fraction=float(params["feature_fraction"]),
+        )
+        return config, str(meta["imbalance"]), int(meta["best_iteration"]), dict(meta["calibration"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def decide(
     settings: Settings,
     backtest_summary: dict[str, Any],
@@ -157,12 +191,20 @@ def decide(
     """Returns the promotion decision for a challenger. Gates: backtest mean ROC-AUC >=
     settings.gate_min_roc_auc and PR-AUC >= settings.gate_min_pr_auc (`backtest_summary` as
     `backtest.summarize` gives it), and, against the champion, a paired bootstrap of the
-    ROC-AUC difference on the same `gate_rows` (users resampled, `samples` replicates): the
-    challenger is refused when it is significantly worse, i.e. the one-sided 95% upper bound of
-    challenger - champion is below -settings.gate_auc_tolerance. The challenger's scores are
-    out of sample when the champion never trained on those rows, in sample (its final model)
-    when the champion did, so both sides see the rows alike. Skipped, with a reason, when there
-    is no champion or it needs features the rows lack."""
+    ROC-AUC difference on the same test rows of `gate_rows` (users resampled, `samples`
+    replicates): the challenger is refused when it is significantly worse, i.e. the one-sided
+    95% upper bound of challenger - champion is below -settings.gate_auc_tolerance.
+
+    Both sides are scored with equal information, never in sample:
+    - when every test row is new to the champion (observed at or after the end of its latest
+      label window, `knew_outcomes_until_ms`), the champion as served against the challenger's
+      out-of-sample scores: is the retrained model at least as good as the one it replaces;
+    - otherwise (a retrain sooner than H after the champion's, or on the same log) the
+      champion learned the outcomes of those rows' users, and would win on memory. Its recorded
+      settings (`recorded_settings`) are fitted on the fold's training rows instead, and both
+      procedures are compared out of sample on the same information.
+    Skipped, with a reason, when there is no champion, it needs features the rows lack, or it
+    must be refitted but records no settings."""
     decision = Decision(promote=True)
     roc, pr = backtest_summary["roc_auc"], backtest_summary["pr_auc"]
 
@@ -184,29 +226,46 @@ def decide(
         return decision
     model, version = champion
     decision.champion_version = version
-    frame = gate_rows.frame
-    missing = [name for name in model.features if name not in frame.columns]
+    test = gate_rows.test
+    missing = [name for name in model.features if name not in test.columns]
     if missing:
         decision.reasons.append(f"skip: champion v{version} needs features the new rows lack: {missing[:5]}")
         return decision
-    labels = frame["label"].to_numpy().astype(bool)
-    champion_scores = model.predict(feature_matrix(frame, model.features))
-    last_seen = champion_last_point_ms(model.meta)
-    saw_rows = last_seen is not None and last_seen >= int(frame["as_of"].min())  # type: ignore[arg-type]
-    challenger = gate_rows.in_sample if saw_rows else gate_rows.out_of_sample
+    features = tuple(model.features)
+    known_until = knew_outcomes_until_ms(model.meta)
+    if known_until is not None and known_until <= int(test["as_of"].min()):  # type: ignore[arg-type]
+        champion_scores = model.predict(feature_matrix(test, model.features))
+        how = f"champion v{version} as served; rows new to both"
+    else:
+        recorded = recorded_settings(model.meta)
+        if recorded is None:
+            decision.reasons.append(
+                f"skip: champion v{version} learned from the period of the rows (labels to"
+                f" {_iso(known_until)}) and records no settings to refit on earlier rows"
+            )
+            return decision
+        config, imbalance, rounds, calibration = recorded
+        champion_scores = backtest.fit_and_score(
+            gate_rows.train, test, config, imbalance, rounds, calibration, features
+        )
+        how = f"champion v{version}'s settings refitted on the same {gate_rows.train.height} earlier rows"
+    labels = test["label"].to_numpy().astype(bool)
     paired = backtest.paired_auc_difference(
-        labels, challenger, champion_scores, frame["user_id"].to_numpy(), samples, seed
+        labels, gate_rows.scores, champion_scores, test["user_id"].to_numpy(), samples, seed
     )
     decision.champion_roc_auc = metrics.roc_auc(labels, champion_scores)
     decision.paired = paired
     tolerance = settings.gate_auc_tolerance
-    how = "both fitted on them" if saw_rows else "challenger out of sample"
     gate(
         bool(paired["high"] >= -tolerance),
-        f"ROC-AUC challenger - champion v{version} on the same {frame.height} rows ({how}):"
+        f"ROC-AUC challenger - champion v{version} on the same {test.height} rows, out of sample ({how}):"
         f" {paired['difference']:+.4f}, 95% upper bound {paired['high']:+.4f} vs -{tolerance}",
     )
     return decision
+
+
+def _iso(ms: int | None) -> str:
+    return ms_to_iso(ms) if ms is not None else "an unrecorded time"
 
 
 def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision, *, hold: bool = False) -> None:

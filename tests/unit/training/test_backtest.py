@@ -16,7 +16,7 @@ from core.timeutil import ms_to_iso
 from features import spec
 from models.artifact import ChurnModel
 from tests.support import START_MS
-from training import backtest, registry, split
+from training import backtest, fit, metrics, registry, split
 
 DAY = spec.DAY_MS
 
@@ -70,17 +70,49 @@ def _rows(users: int = 400, seed: int = 0) -> tuple[pl.DataFrame, np.ndarray]:
     as_of = np.tile(START_MS + np.arange(3) * DAY, users)
     frame = pl.DataFrame(
         {"user_id": user, "as_of": as_of, "label": label, "a": risk + rng.normal(scale=0.3, size=3 * users),
-         "b": rng.normal(size=3 * users)}
+         "b": rng.normal(size=3 * users), "weight": np.ones(3 * users)}
     )  # fmt: skip
     return frame, risk
 
 
-def _champion(frame: pl.DataFrame, last_point_ms: int | None) -> ChurnModel:
-    x = frame.select("a", "b").to_numpy()
-    data = lgb.Dataset(x, frame["label"].to_numpy(), feature_name=["a", "b"])
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 4, "seed": 1}, data, num_boost_round=30)
-    window = {} if last_point_ms is None else {"final_points": [ms_to_iso(START_MS), ms_to_iso(last_point_ms)]}
-    return ChurnModel(booster, {"features": ["a", "b"], "calibration": {"method": "none"}, "data_window": window})
+FEATURES = ("a", "b")
+SOUND = fit.FitConfig(seed=1, learning_rate=0.1, num_leaves=4, min_data_in_leaf=20, feature_fraction=1.0)
+OVERFIT = fit.FitConfig(seed=1, learning_rate=0.3, num_leaves=255, min_data_in_leaf=2, feature_fraction=1.0)
+NO_CALIBRATION = {"method": "none"}
+
+
+def _procedure(config: fit.FitConfig, train: pl.DataFrame, rounds: int = 30) -> lgb.Booster:
+    """Returns what a training with `config` fits on `train` (the pipeline's own fitting step)."""
+    params = fit.booster_params(config, FEATURES, "none", train.height)
+    x = train.select(FEATURES).to_numpy()
+    return fit.fit_rounds(
+        x, train["label"].to_numpy().astype(bool), train["weight"].to_numpy(), params, rounds, FEATURES
+    )
+
+
+def _champion(train: pl.DataFrame, config: fit.FitConfig = SOUND, horizon_days: int = 7) -> ChurnModel:
+    """Returns a champion fitted on `train` with `config`, its meta recording its settings and
+    its last observation point as a training writes them."""
+    last = int(train["as_of"].max())  # type: ignore[arg-type]
+    meta = {
+        "features": list(FEATURES),
+        "calibration": NO_CALIBRATION,
+        "horizon_days": horizon_days,
+        "imbalance": "none",
+        "best_iteration": 30,
+        "params": fit.booster_params(config, FEATURES, "none", train.height),
+        "data_window": {"final_points": [ms_to_iso(int(train["as_of"].min())), ms_to_iso(last)]},  # type: ignore[arg-type]
+    }
+    return ChurnModel(_procedure(config, train), meta)
+
+
+def _earlier(frame: pl.DataFrame, days: int) -> pl.DataFrame:
+    """Returns `frame` moved `days` days back in time."""
+    return frame.with_columns(pl.col("as_of") - days * DAY)
+
+
+def _scores(booster: lgb.Booster, frame: pl.DataFrame) -> np.ndarray:
+    return np.asarray(booster.predict(frame.select(FEATURES).to_numpy()))
 
 
 SUMMARY = {"roc_auc": {"mean": 0.8, "low": 0.75, "high": 0.85}, "pr_auc": {"mean": 0.3, "low": 0.2, "high": 0.4}}
@@ -88,35 +120,112 @@ SUMMARY = {"roc_auc": {"mean": 0.8, "low": 0.75, "high": 0.85}, "pr_auc": {"mean
 
 def test_paired_gate_accepts_an_equal_challenger_and_refuses_a_worse_one() -> None:
     frame, _ = _rows()
+    older, _ = _rows(seed=9)
     settings = load_settings(gate_min_roc_auc=0.6, gate_min_pr_auc=0.05)
-    # A champion from an older log: the challenger's out-of-sample scores are compared.
-    champion = _champion(frame, START_MS - 30 * DAY)
-    same = champion.predict(frame.select("a", "b").to_numpy())
+    # A champion from an older log: it knew no outcome of these rows, and is compared as served.
+    champion = _champion(_earlier(older, 30))
+    same = champion.predict(frame.select(FEATURES).to_numpy())
     rng = np.random.default_rng(5)
     worse = same + rng.normal(scale=3 * same.std(), size=len(same))  # same rows, much noisier ranking
-    equal = registry.decide(settings, SUMMARY, registry.GateRows(frame, same, worse), (champion, "3"))
+    equal = registry.decide(settings, SUMMARY, registry.GateRows(older, frame, same), (champion, "3"))
     assert equal.promote, equal.reasons
     assert equal.paired is not None
     assert equal.paired["difference"] == 0.0
-    assert any("challenger out of sample" in r for r in equal.reasons)
-    refused = registry.decide(settings, SUMMARY, registry.GateRows(frame, worse, same), (champion, "3"))
+    assert any("champion v3 as served" in r for r in equal.reasons)
+    refused = registry.decide(settings, SUMMARY, registry.GateRows(older, frame, worse), (champion, "3"))
     assert not refused.promote
     assert refused.paired is not None
     assert refused.paired["high"] < 0
     assert any(r.startswith("fail: ROC-AUC challenger - champion v3") for r in refused.reasons)
 
 
-def test_paired_gate_compares_in_sample_scores_when_the_champion_saw_the_rows() -> None:
-    frame, _ = _rows(seed=1)
+def test_paired_gate_refits_a_champion_that_saw_the_rows_and_refuses_an_overfit_challenger() -> None:
+    """A daily retrain: the champion was fitted on the gate rows themselves. Compared as served,
+    it wins on memory; its settings refitted on the fold's earlier rows judge the procedures."""
+    frame, _ = _rows(users=600, seed=11)
+    train, _ = _rows(users=600, seed=12)
+    train = _earlier(train, 10)  # the fold's training rows, more than H before the gate rows
     settings = load_settings(gate_min_roc_auc=0.6, gate_min_pr_auc=0.05)
-    champion = _champion(frame, START_MS + 2 * DAY)  # fitted on these very rows
-    seen = champion.predict(frame.select("a", "b").to_numpy())
-    noise = np.random.default_rng(2).random(frame.height)
-    decision = registry.decide(settings, SUMMARY, registry.GateRows(frame, noise, seen), (champion, "4"))
-    assert decision.promote, decision.reasons
-    assert any("both fitted on them" in r for r in decision.reasons)
+    champion = _champion(pl.concat([train, frame]))
+    labels = frame["label"].to_numpy()
+    # The same procedure as the champion's: equal on the same information.
+    equal = registry.decide(
+        settings, SUMMARY, registry.GateRows(train, frame, _scores(_procedure(SOUND, train), frame)), (champion, "4")
+    )
+    assert equal.promote, equal.reasons
+    assert equal.paired is not None
+    assert equal.paired["difference"] == 0.0
+    assert any(f"settings refitted on the same {train.height} earlier rows" in r for r in equal.reasons)
+    # A challenger that memorises its training rows: worse on rows it never saw.
+    overfit = _scores(_procedure(OVERFIT, train, rounds=300), frame)
+    sound = _scores(_procedure(SOUND, train), frame)
+    assert metrics.roc_auc(labels, overfit) < metrics.roc_auc(labels, sound) - 0.03
+    refused = registry.decide(settings, SUMMARY, registry.GateRows(train, frame, overfit), (champion, "4"))
+    assert not refused.promote, refused.reasons
+    assert refused.paired is not None
+    assert refused.paired["high"] < -settings.gate_auc_tolerance
     low = {**SUMMARY, "roc_auc": {"mean": 0.55, "low": 0.5, "high": 0.6}}
-    assert not registry.decide(settings, low, registry.GateRows(frame, seen, seen), None).promote
+    assert not registry.decide(settings, low, registry.GateRows(train, frame, sound), None).promote
+
+
+def _user_world(users: int, seed: int, horizon_days: int, times: list[int]) -> pl.DataFrame:
+    """Observation points of `users` users at `times`: a risk seen through noise (`a`) and a
+    per-user quirk with no bearing on churn (`b`), which a model can use to recognise a user."""
+    rng = np.random.default_rng(seed)
+    risk, quirk = rng.normal(size=users), rng.normal(size=users)
+    churns = rng.random(users) < 1 / (1 + np.exp(1.0 - 0.8 * risk))
+    churn_at = np.where(churns, START_MS + rng.uniform(-20, 30, users) * DAY, np.inf)
+    parts = []
+    for t in times:
+        alive = np.flatnonzero(churn_at > t)
+        parts.append(
+            pl.DataFrame(
+                {
+                    "user_id": [f"u{i}" for i in alive],
+                    "as_of": np.full(len(alive), t, dtype=np.int64),
+                    "label": (churn_at[alive] <= t + horizon_days * DAY).astype(np.int8),
+                    "a": risk[alive] + rng.normal(scale=1.0, size=len(alive)),
+                    "b": quirk[alive] + rng.normal(scale=0.02, size=len(alive)),
+                    "weight": np.ones(len(alive)),
+                }
+            )
+        )
+    return pl.concat(parts)
+
+
+def test_paired_gate_refits_a_champion_whose_labels_reach_into_the_rows() -> None:
+    """A weekly retrain with H = 14: the champion's last point is a day before the gate rows, so
+    its labels told it which of these users churn. The same procedure must not be refused."""
+    horizon = 14
+    days = [START_MS + d * DAY for d in range(-horizon - 9, 3)]
+    world = _user_world(3000, seed=21, horizon_days=horizon, times=days)
+    frame = world.filter(pl.col("as_of") >= START_MS)
+    train = world.filter(pl.col("as_of") <= START_MS - horizon * DAY)  # the fold: labels end by START_MS
+    memory = fit.FitConfig(seed=1, learning_rate=0.1, num_leaves=63, min_data_in_leaf=5, feature_fraction=1.0)
+    champion = _champion(world.filter(pl.col("as_of") < START_MS), memory, horizon_days=horizon)
+    challenger = _scores(_procedure(memory, train), frame)
+    labels = frame["label"].to_numpy()
+    as_served = champion.predict(frame.select(FEATURES).to_numpy())
+    assert metrics.roc_auc(labels, as_served) > metrics.roc_auc(labels, challenger) + 0.03  # it remembers
+    settings = load_settings(gate_min_roc_auc=0.5, gate_min_pr_auc=0.0)
+    decision = registry.decide(settings, SUMMARY, registry.GateRows(train, frame, challenger), (champion, "5"))
+    assert decision.promote, decision.reasons
+    assert decision.paired is not None
+    assert decision.paired["difference"] == 0.0
+    assert any("settings refitted" in r for r in decision.reasons)
+
+
+def test_paired_gate_is_skipped_for_a_champion_it_cannot_refit() -> None:
+    frame, _ = _rows(seed=4)
+    champion = _champion(frame)
+    champion.meta.pop("params")  # a model from before the search recorded its settings
+    settings = load_settings(gate_min_roc_auc=0.6, gate_min_pr_auc=0.05)
+    decision = registry.decide(
+        settings, SUMMARY, registry.GateRows(frame, frame, np.zeros(frame.height)), (champion, "6")
+    )
+    assert decision.promote
+    assert decision.paired is None
+    assert decision.reasons[-1].startswith("skip: champion v6 learned from the period of the rows")
 
 
 def test_bootstrap_intervals_cover_the_mean_and_narrow_with_more_users() -> None:

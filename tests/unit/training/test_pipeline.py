@@ -24,8 +24,8 @@ from features.online import LATE, OnlineEngine
 from models import registry as model_registry
 from models.artifact import load_artifact
 from sim.simulator import simulate
+from training import backtest, dataset, fit, promotion, registry
 from training import card as model_card
-from training import dataset, fit, promotion, registry
 from training.pipeline import TrainResult, build_training_set, train
 from training.report import format_summary
 
@@ -72,9 +72,10 @@ def test_same_seed_same_metrics_and_champion_kept(first: TrainResult, log: Path,
     assert second.metrics == first.metrics
     assert second.backtest == first.backtest
     assert second.version != first.version
-    # Both fitted on the gate rows: the same final model, so the paired difference is zero.
+    # The champion saw the gate rows: its settings, refitted on the fold's earlier rows, give the
+    # challenger's own fold booster, so the paired difference is zero.
     assert second.promoted, second.reasons
-    assert any("both fitted on them" in reason and "+0.0000" in reason for reason in second.reasons)
+    assert any("settings refitted" in reason and ": +0.0000" in reason for reason in second.reasons)
 
 
 def test_no_promote_keeps_a_model_the_gates_pass_as_challenger(log: Path, state: Settings) -> None:
@@ -135,20 +136,17 @@ def test_training_leaves_out_the_events_the_scorer_ignores_as_late(log: Path, tm
 
 
 def test_worse_model_is_not_promoted(first: TrainResult, log: Path, state: Settings) -> None:
-    labelled, _, times = build_training_set(load_events(log), OPTIONS, 7)
-    parts = {name: labelled.filter(pl.col("as_of").is_in(list(getattr(times, name)))) for name in ("train", "valid")}
-    test = labelled.filter(pl.col("as_of").is_in(list(times.test)))
-    shuffled = np.random.default_rng(0).permutation(parts["train"]["label"].to_numpy()).astype(bool)
-    result = fit.fit(
-        dataset.feature_matrix(parts["train"]),
-        shuffled,
-        dataset.feature_matrix(parts["valid"]),
-        parts["valid"]["label"].to_numpy().astype(bool),
-        parts["valid"]["user_id"].to_numpy(),
-        replace(OPTIONS.fit, refit=False),  # a refit would learn the real validation labels
+    labelled, _, _ = build_training_set(load_events(log), OPTIONS, 7)
+    latest = first.folds[-1]  # the gate's rows: the latest backtest fold
+    as_of = pl.col("as_of")
+    train = labelled.filter(as_of <= to_ms(parse_utc(latest["train_last"])))
+    test = labelled.filter(
+        as_of.is_between(to_ms(parse_utc(latest["test_first"])), to_ms(parse_utc(latest["test_last"])))
     )
-    scores = np.asarray(result.booster.predict(dataset.feature_matrix(test)))
-    rows = registry.GateRows(test, scores, scores)
+    # A challenger with its labels inverted (a bug in the label join): it ranks backwards.
+    inverted = train.with_columns(label=1 - pl.col("label"))
+    scores = backtest.fit_and_score(inverted, test, OPTIONS.fit, "none", first.best_iteration, {"method": "none"})
+    rows = registry.GateRows(train, test, scores)
     decision = registry.decide(state, first.backtest, rows, model_registry.load_champion(state))
     assert not decision.promote
     assert any(reason.startswith("fail: ROC-AUC challenger - champion") for reason in decision.reasons)
