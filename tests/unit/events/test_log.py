@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from events.log import load_events_with_positions
+from events.log import load_events, load_events_with_positions
 from tests.support import random_events, wire_frame
 
 
@@ -30,3 +30,21 @@ def test_a_kafka_position_archived_twice_is_one_event(tmp_path: Path) -> None:
     with_position = loaded.filter(pl.col("partition").is_not_null())
     assert sorted(with_position["offset"].to_list()) == [0, 1, 2, 3, 4, 5]
     assert loaded.filter(pl.col("partition").is_null()).height == 6  # 4 without a position, 2 with half of one
+
+
+def test_a_folder_whose_first_file_lacks_the_kafka_columns_is_read_whole(tmp_path: Path) -> None:
+    """An export without Kafka positions sorts before the archiver's files: its rows are read
+    without a position, the archived rows keep theirs (the first file does not set the columns)."""
+    events = wire_frame(random_events(5, users=2, days=2, per_user=4))[:6]
+    positioned = events.with_columns(
+        kafkaPartition=pl.lit(1, pl.Int64), kafkaOffset=pl.int_range(pl.len(), dtype=pl.Int64)
+    )
+    events[:2].write_parquet(tmp_path / "a-export.parquet")
+    positioned.write_parquet(tmp_path / "b-archive.parquet")
+    positioned[4:].write_parquet(tmp_path / "c-archive-copy.parquet")
+
+    assert load_events(tmp_path).collect().height == 10
+    loaded = load_events_with_positions(tmp_path).collect()
+
+    assert loaded.filter(pl.col("partition").is_null()).height == 2
+    assert sorted(loaded.filter(pl.col("partition") == 1)["offset"].to_list()) == [0, 1, 2, 3, 4, 5]
