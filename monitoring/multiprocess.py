@@ -12,9 +12,11 @@ gauges one series per live worker (label `pid`; see `monitoring.metrics`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,8 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 # trusts. Importing Feast sets `ENV` to a folder of its own in every process (feast.metrics), the
 # API's single worker included, long after prometheus-client chose to keep values in memory.
 FOLDER_ENV = "CHURN_API_METRICS_FOLDER"
+# Who made a run's folder (host and pid of `churn serve`), to find folders of killed runs.
+OWNER_FILE = "owner.json"
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 
 
@@ -43,9 +47,13 @@ def active_dir() -> Path | None:
 def workers_folder(parent: Path, port: int) -> Iterator[Path]:
     """Makes a new, empty folder under `parent` for the worker processes started inside the block
     (one per run: a second server started on the same port, or a replica sharing the state
-    volume, never shares or empties a running server's files) and removes it afterwards."""
+    volume, never shares or empties a running server's files) and removes it afterwards.
+    Folders left by earlier runs on this host that were killed before they could remove theirs
+    are removed first (`remove_abandoned`)."""
     parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(parent)
     folder = Path(tempfile.mkdtemp(prefix=f"{port}-", dir=parent))
+    (folder / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     before = {name: os.environ.get(name) for name in (ENV, FOLDER_ENV)}
     os.environ[ENV] = os.environ[FOLDER_ENV] = str(folder)
     try:
@@ -57,6 +65,25 @@ def workers_folder(parent: Path, port: int) -> Iterator[Path]:
             else:
                 os.environ[name] = value
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_abandoned(parent: Path) -> list[Path]:
+    """Removes the folders under `parent` whose server ran on this host and no longer runs (a
+    `churn serve` killed with SIGKILL leaves its folder); returns them. A folder of another host
+    (a replica in another container sharing the state volume, where pids mean other processes)
+    or without a readable owner stays."""
+    host = socket.gethostname()
+    removed = []
+    for owner_file in sorted(parent.glob(f"*/{OWNER_FILE}")):
+        try:
+            owner = json.loads(owner_file.read_text())
+            ours, pid = owner["host"] == host, int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ours and not process_alive(pid):
+            shutil.rmtree(owner_file.parent, ignore_errors=True)
+            removed.append(owner_file.parent)
+    return removed
 
 
 class _ProjectMetrics(Collector):

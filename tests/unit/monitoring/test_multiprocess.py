@@ -5,7 +5,9 @@ prometheus-client files; the merge is read as Prometheus would parse it."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,8 +88,34 @@ def test_a_second_server_on_the_port_gets_its_own_folder(tmp_path: Path) -> None
         (first / "counter_123.db").write_bytes(b"the running server's counts")
         with multiprocess.workers_folder(tmp_path, 8000) as second:
             assert second != first
-            assert list(second.iterdir()) == []
+            assert [path.name for path in second.iterdir()] == [multiprocess.OWNER_FILE]
         assert (first / "counter_123.db").exists()
+
+
+def test_folders_of_killed_servers_on_this_host_are_removed_at_the_next_start(tmp_path: Path) -> None:
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    host = socket.gethostname()
+
+    def left(name: str, owner: dict[str, object]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"counts")
+        (folder / multiprocess.OWNER_FILE).write_text(json.dumps(owner))
+        return folder
+
+    killed = left("8000-killed", {"host": host, "pid": dead_pid})
+    running = left("8000-running", {"host": host, "pid": os.getpid()})
+    elsewhere = left("8000-other-container", {"host": f"{host}-replica", "pid": dead_pid})
+    unknown = tmp_path / "8000-no-owner"
+    unknown.mkdir()
+
+    with multiprocess.workers_folder(tmp_path, 8000) as mine:
+        assert not killed.exists()
+        assert running.exists()
+        assert elsewhere.exists()  # its pids are another container's
+        assert unknown.exists()
+        assert json.loads((mine / multiprocess.OWNER_FILE).read_text()) == {"host": host, "pid": os.getpid()}
 
 
 def test_feast_setting_prometheus_s_folder_does_not_empty_one_worker_s_metrics() -> None:
