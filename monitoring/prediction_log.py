@@ -6,7 +6,10 @@ that serves the user: the champion, or the challenger for the canary slice), pre
 (`models.runtime.prediction_id` of that version, the user and the midnight), role = "served".
 When a distinct `challenger` exists, each user has a second row, role = "shadow", with the OTHER
 model's churn_probability, risk_tier, model_version and prediction_id (the challenger's for a
-user the champion serves, the champion's for a canary user). Files written before shadow scoring
+user the champion serves, the champion's for a canary user). Every row also names the champion of
+the snapshot (`champion_version`) and its horizon (`horizon_days`): the snapshot is labelled H
+days later with that H, and that model's realized figures are the served ones (files written
+before had neither). Files written before shadow scoring
 have no `role` column: every row of them is "served" (`with_role`). Readers use the served rows
 unless they ask for the shadow ones (`read_snapshot`, `read_log`). Once the labels
 are known (`stream.snapshot`) the same folder gets `labels.parquet` (user_id, churned) and
@@ -34,6 +37,7 @@ SHADOW_DRIFT = "shadow_drift.json"  # the shadow model's drift report against it
 LABELS = "labels.parquet"
 PERFORMANCE = "performance.json"
 DRIFT = "drift.json"
+CHAMPION_VERSION, HORIZON_DAYS = "champion_version", "horizon_days"  # the snapshot's champion and its H
 
 
 def day_of(as_of_ms: int) -> str:
@@ -113,6 +117,42 @@ def read_snapshot(root: Path, as_of_ms: int, role: str | None = SERVED) -> pl.Da
     """
     path = folder(root, as_of_ms) / SNAPSHOT
     return _roles(_read(path), role) if path.exists() else None
+
+
+def unlabelled_snapshots(root: Path) -> list[int]:
+    """Returns the instants (epoch ms, oldest first) of the snapshots logged under `root` that
+    have no labels yet."""
+    stamps = []
+    for day in sorted(root.glob("date=*")):
+        if not (day / SNAPSHOT).exists() or (day / LABELS).exists():
+            continue
+        try:
+            stamp = datetime.strptime(day.name.removeprefix("date="), "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:  # not a folder of the log's
+            continue
+        stamps.append(int(stamp.timestamp() * 1000))
+    return stamps
+
+
+def snapshot_champion(root: Path, as_of_ms: int) -> tuple[str, int] | None:
+    """Returns (champion version, horizon in days) the snapshot of `as_of_ms` records, reading
+    one row of it; None when no snapshot was logged then, it has no row, or it was logged before
+    snapshots recorded them.
+
+    Raises:
+        InvalidInputError: the logged file cannot be read.
+    """
+    path = folder(root, as_of_ms) / SNAPSHOT
+    if not path.exists():
+        return None
+    try:
+        first = pl.scan_parquet(path).head(1).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        msg = f"cannot read the prediction log file {path}: {exc}"
+        raise InvalidInputError(msg) from exc
+    if first.is_empty() or HORIZON_DAYS not in first.columns:
+        return None
+    return str(first[CHAMPION_VERSION][0]), int(first[HORIZON_DAYS][0])
 
 
 def read_log(

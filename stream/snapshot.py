@@ -13,9 +13,12 @@ row as of it (`Activity.capture`), the others' saved state is still as of it.
 Each snapshot: drift overall and per segment (`monitoring.drift.snapshot_drift`, the champion's),
 the prediction log (`monitoring.prediction_log`), the expected figures of the served rows; per
 model, its drift against its own reference and its expected figures over every user, and the
-agreement of served and shadow scores (`monitoring.agreement`); and the snapshot of t - H, now that
-every label of it is known, is labelled from the cancellations the stream carried and its
-realized figures published (`training.performance`).
+agreement of served and shadow scores (`monitoring.agreement`); and every logged snapshot whose
+horizon has passed by t (its own: the H of the champion that took it, kept in its rows with that
+champion's version), now that every label of it is known, is labelled from the cancellations the
+stream carried and its realized figures published (`training.performance`). A promotion that
+changes H thus neither skips nor mislabels a snapshot, and the model that served a snapshot keeps
+role "served" in its realized figures after it is replaced.
 
 Activity lives in Redis: a sorted set of users by latest event time (`<prefix>active`, churned
 users removed) and a hash of churn times (`<prefix>churned`), both updated with every batch.
@@ -45,10 +48,14 @@ from monitoring.drift import snapshot_drift
 from monitoring.drift_state import DriftPublisher
 from monitoring.performance_state import PerformancePublisher
 from monitoring.prediction_log import (
+    CHAMPION_VERSION,
+    HORIZON_DAYS,
     SERVED,
     SHADOW,
     SHADOW_DRIFT,
     read_snapshot,
+    snapshot_champion,
+    unlabelled_snapshots,
     write_drift,
     write_labels,
     write_snapshot,
@@ -314,6 +321,11 @@ class DailySnapshots:
         canary_users = np.array([in_canary(u, canary) for u in users], dtype=bool)
         roles = [(SERVED, canary_users), (SHADOW, ~canary_users)] if shadow is not None else [(SERVED, None)]
         frame = pl.concat([self._frame(as_of_ms, users, loaded, shadow, scored, role, mask) for role, mask in roles])
+        # Which model was champion, and its horizon: how and when the snapshot is labelled.
+        frame = frame.with_columns(
+            pl.lit(loaded.version, pl.String).alias(CHAMPION_VERSION),
+            pl.lit(model.horizon_days, pl.Int32).alias(HORIZON_DAYS),
+        )
         write_snapshot(self.log_root, as_of_ms, frame)
         reference = (model.meta or {}).get("reference")
         if reference is not None and users:
@@ -334,7 +346,7 @@ class DailySnapshots:
             self._shadow(as_of_ms, users, matrix, shadow, scored, frame)
         else:
             self.drift.publish_agreement(None)
-        self.label(as_of_ms - model.horizon_days * DAY_MS, model.horizon_days, loaded.version)
+        self.label_due(as_of_ms, model.horizon_days, loaded.version)
         self.activity.mark_taken(as_of_ms)
         log.info(
             "snapshot %s: %d users, model v%s%s, %.2f s",
@@ -422,12 +434,32 @@ class DailySnapshots:
         rows = sorted([*rows, *kept.values()], key=lambda r: r.user_id)
         return [r.user_id for r in rows], feature_matrix(rows, [as_of_ms] * len(rows))
 
-    def label(self, as_of_ms: int, horizon_days: int, champion: str | None = None) -> dict[str, float] | None:
-        """Labels the logged snapshot of `as_of_ms` now that its horizon has passed (churned = a
-        churn time in (as_of, as_of + H]) and publishes its realized figures: of the served rows,
-        and of each model over every user it scored (served or in shadow; role "served" for the
-        `champion` version of now, "shadow" for any other); returns the served rows' figures, or
-        None when no snapshot was logged for that instant."""
+    def label_due(self, now_ms: int, horizon_days: int, champion: str) -> list[int]:
+        """Labels, oldest first, every logged snapshot without labels whose horizon has passed by
+        `now_ms` (see `label`; `horizon_days` and `champion` stand in for a snapshot logged
+        before its rows recorded them); returns the instants labelled."""
+        done = []
+        for as_of_ms in unlabelled_snapshots(self.log_root):
+            if as_of_ms >= now_ms:
+                break
+            if self.label(as_of_ms, horizon_days, champion, until_ms=now_ms) is not None:
+                done.append(as_of_ms)
+        return done
+
+    def label(
+        self, as_of_ms: int, horizon_days: int, champion: str | None = None, until_ms: int | None = None
+    ) -> dict[str, float] | None:
+        """Labels the logged snapshot of `as_of_ms` (churned = a churn time in (as_of, as_of + H],
+        H the horizon recorded in its rows, else `horizon_days`) and publishes its realized
+        figures: of the served rows, and of each model over every user it scored (served or in
+        shadow; role "served" for the champion recorded in its rows, else `champion`, "shadow"
+        for any other); returns the served rows' figures, or None when no snapshot was logged for
+        that instant, or its horizon has not passed by `until_ms`."""
+        recorded = snapshot_champion(self.log_root, as_of_ms)
+        if recorded is not None:
+            champion, horizon_days = recorded
+        if until_ms is not None and as_of_ms + horizon_days * DAY_MS > until_ms:
+            return None  # read one row, not the whole snapshot: every day asks for each of the last H
         snapshot = read_snapshot(self.log_root, as_of_ms, role=None)
         if snapshot is None or snapshot.is_empty():
             return None

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from core.timeutil import ms_to_iso
 from features.online import OnlineEngine
 from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
@@ -218,3 +219,49 @@ def test_a_per_model_gauge_keeps_one_version_per_role() -> None:
     assert series() == {("served", "2", "roc_auc"), ("shadow", "2", "roc_auc")}
     metrics.set_model_figures(gauge, "shadow", None, {})  # no challenger any more
     assert series() == {("served", "2", "roc_auc")}
+
+
+class OneDayModel(StandInModel):
+    meta: ClassVar[dict[str, Any]] = {"horizon_days": 1, "metrics": {}, "data_window": {}}
+    horizon_days = 1
+
+
+@pytest.mark.parametrize("first_horizon", [3, 1])
+def test_each_snapshot_is_labelled_once_with_the_horizon_and_champion_that_took_it(
+    tmp_path: Path, first_horizon: int
+) -> None:
+    """A promotion mid-stream changes H (3 -> 1 days, or 1 -> 3). Every snapshot whose own
+    horizon has passed is labelled with it, none is skipped or labelled with the new H, and the
+    model that served it is "served" in its realized figures after it was replaced."""
+    models = {1: LoadedModel(OneDayModel(), "m", "1"), 3: LoadedModel(ThreeDayModel(), "m", "3")}
+    first, second = models[first_horizon], models[4 - first_horizon]
+    serving = [first]
+    events = random_events(11, users=30, days=12, per_user=100)
+    msgs = [Message(e.to_json(), "events", 0, i, e.ts) for i, e in enumerate(events)]
+    metrics, client = Metrics(), DictRedis()
+    snapshots = DailySnapshots(
+        InMemoryActivity(), InMemoryStateStore(), OnlineEngine(), DriftPublisher(Thresholds(), metrics, client, "p:"),
+        PerformancePublisher(metrics, client, "p:", 0.7), tmp_path, lookback_days=5,
+    )  # fmt: skip
+    p = BatchProcessor(
+        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), metrics,
+        lambda: serving[0], wall_clock_ms=lambda: 0, snapshots=snapshots,
+    )  # fmt: skip
+    for start in range(0, len(msgs), 250):
+        if start >= len(msgs) // 2:
+            serving[0] = second  # promoted
+        p.process(msgs[start : start + 250])
+
+    log = read_log(tmp_path, role=None)
+    taken = sorted(log["as_of"].unique().to_list())
+    champions = {row["as_of"]: row["champion_version"] for row in log.iter_rows(named=True)}
+    assert set(champions.values()) == {"1", "3"}
+    for as_of in taken:
+        horizon = int(champions[as_of])  # the version names its horizon here
+        performance = tmp_path / f"date={ms_to_iso(as_of)[:10]}" / "performance.json"
+        if as_of + horizon * DAY > taken[-1]:
+            assert not performance.exists()
+            continue
+        labelled = json.loads(performance.read_text())
+        assert labelled["horizon_days"] == horizon
+        assert labelled["by_model"][champions[as_of]]["role"] == "served"
