@@ -163,16 +163,17 @@ def knew_outcomes_until_ms(meta: dict[str, Any]) -> int | None:
 def recorded_settings(meta: dict[str, Any]) -> tuple[fit.FitConfig, str, int, dict[str, Any]] | None:
     """Returns how a model was fitted, from its meta: (booster settings, imbalance, tree count,
     calibration), to fit the same procedure on other rows; None when its meta lacks any of them
-    (a model from before the search). The leaf size recorded is the one its final fit used;
-    `fit.booster_params` caps it again for fewer rows, which gives the value the training's own
-    backtests used."""
+    (a model registered by other means than `churn train`). The leaf size is the search's
+    setting before `fit.booster_params` capped it for the final fit's rows (capped again for
+    the rows it is fitted on); without it, the final fit's."""
     params = meta.get("params") or {}
+    chosen = ((meta.get("search") or {}).get("chosen") or {}).get("params") or {}
     try:
         config = fit.FitConfig(
             seed=int(params["seed"]),
             learning_rate=float(params["learning_rate"]),
             num_leaves=int(params["num_leaves"]),
-            min_data_in_leaf=int(params["min_data_in_leaf"]),
+            min_data_in_leaf=int(chosen.get("min_data_in_leaf", params["min_data_in_leaf"])),
             feature_fraction=float(params["feature_fraction"]),
         )
         return config, str(meta["imbalance"]), int(meta["best_iteration"]), dict(meta["calibration"])
@@ -195,16 +196,19 @@ def decide(
     replicates): the challenger is refused when it is significantly worse, i.e. the one-sided
     95% upper bound of challenger - champion is below -settings.gate_auc_tolerance.
 
-    Both sides are scored with equal information, never in sample:
+    The challenger is scored out of sample, and the champion, wherever it can be, too:
     - when every test row is new to the champion (observed at or after the end of its latest
-      label window, `knew_outcomes_until_ms`), the champion as served against the challenger's
-      out-of-sample scores: is the retrained model at least as good as the one it replaces;
-    - otherwise (a retrain sooner than H after the champion's, or on the same log) the
-      champion learned the outcomes of those rows' users, and would win on memory. Its recorded
-      settings (`recorded_settings`) are fitted on the fold's training rows instead, and both
-      procedures are compared out of sample on the same information.
-    Skipped, with a reason, when there is no champion, it needs features the rows lack, or it
-    must be refitted but records no settings."""
+      label window, `knew_outcomes_until_ms`: a retrain about H + the test block's days
+      after the champion's), the champion as served: is the retrained model at least as good
+      as the one it replaces;
+    - otherwise (a daily, weekly or fortnightly retrain, or one on the same log) the champion
+      learned the outcomes of those rows' users, and would win on memory. Its recorded settings
+      (`recorded_settings`) are fitted on the fold's training rows instead, and both procedures
+      are compared out of sample on the same information;
+    - a champion whose training end or settings are not recorded (registered by other means
+      than `churn train`) is compared as served, which can only favour it.
+    `champion_roc_auc` is that of the champion's side as compared. Skipped, with a reason, when
+    there is no champion or it needs features the rows lack."""
     decision = Decision(promote=True)
     roc, pr = backtest_summary["roc_auc"], backtest_summary["pr_auc"]
 
@@ -233,17 +237,17 @@ def decide(
         return decision
     features = tuple(model.features)
     known_until = knew_outcomes_until_ms(model.meta)
+    recorded = recorded_settings(model.meta)
     if known_until is not None and known_until <= int(test["as_of"].min()):  # type: ignore[arg-type]
         champion_scores = model.predict(feature_matrix(test, model.features))
         how = f"champion v{version} as served; rows new to both"
+    elif recorded is None:
+        champion_scores = model.predict(feature_matrix(test, model.features))
+        how = (
+            f"champion v{version} as served: it records no settings to refit, and its labels may reach into"
+            f" the rows (to {_iso(known_until)}), which can only favour it"
+        )
     else:
-        recorded = recorded_settings(model.meta)
-        if recorded is None:
-            decision.reasons.append(
-                f"skip: champion v{version} learned from the period of the rows (labels to"
-                f" {_iso(known_until)}) and records no settings to refit on earlier rows"
-            )
-            return decision
         config, imbalance, rounds, calibration = recorded
         champion_scores = backtest.fit_and_score(
             gate_rows.train, test, config, imbalance, rounds, calibration, features

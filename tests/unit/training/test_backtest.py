@@ -215,17 +215,52 @@ def test_paired_gate_refits_a_champion_whose_labels_reach_into_the_rows() -> Non
     assert any("settings refitted" in r for r in decision.reasons)
 
 
-def test_paired_gate_is_skipped_for_a_champion_it_cannot_refit() -> None:
-    frame, _ = _rows(seed=4)
-    champion = _champion(frame)
-    champion.meta.pop("params")  # a model from before the search recorded its settings
-    settings = load_settings(gate_min_roc_auc=0.6, gate_min_pr_auc=0.05)
-    decision = registry.decide(
-        settings, SUMMARY, registry.GateRows(frame, frame, np.zeros(frame.height)), (champion, "6")
-    )
-    assert decision.promote
-    assert decision.paired is None
-    assert decision.reasons[-1].startswith("skip: champion v6 learned from the period of the rows")
+def test_paired_gate_compares_as_served_a_champion_that_records_neither_its_window_nor_its_settings() -> None:
+    """A champion registered by other means than `churn train`: compared as served (which can
+    only favour it), so a challenger of noise is still refused."""
+    frame, _ = _rows(users=600, seed=4)
+    champion = _champion(_earlier(_rows(users=600, seed=5)[0], 60))
+    for key in ("params", "data_window"):
+        champion.meta.pop(key)
+    settings = load_settings(gate_min_roc_auc=0.5, gate_min_pr_auc=0.0)
+    noise = np.random.default_rng(3).random(frame.height)
+    decision = registry.decide(settings, SUMMARY, registry.GateRows(frame, frame, noise), (champion, "6"))
+    assert not decision.promote, decision.reasons
+    assert "champion v6 as served: it records no settings" in decision.reasons[-1]
+
+
+def test_paired_gate_meets_the_champion_as_served_from_the_end_of_its_last_label_window() -> None:
+    frame, _ = _rows(seed=6)
+    older = _earlier(_rows(seed=7)[0], 9)  # last point START - 7 d: labels to START exactly
+    champion = _champion(older, horizon_days=7)
+    settings = load_settings(gate_min_roc_auc=0.5, gate_min_pr_auc=0.0)
+    scores = champion.predict(frame.select(FEATURES).to_numpy())
+    decision = registry.decide(settings, SUMMARY, registry.GateRows(older, frame, scores), (champion, "7"))
+    assert "champion v7 as served; rows new to both" in decision.reasons[-1]
+    later = frame.filter(pl.col("as_of") > START_MS)  # one day in: still new
+    later_rows = registry.GateRows(older, later, champion.predict(later.select(FEATURES).to_numpy()))
+    assert "as served" in registry.decide(settings, SUMMARY, later_rows, (champion, "7")).reasons[-1]
+    earlier = _earlier(frame, 1)  # its first day is inside the champion's last label window
+    earlier_rows = registry.GateRows(older, earlier, champion.predict(earlier.select(FEATURES).to_numpy()))
+    assert "settings refitted" in registry.decide(settings, SUMMARY, earlier_rows, (champion, "7")).reasons[-1]
+
+
+def test_the_refit_champion_keeps_its_imbalance_and_its_search_leaf_size() -> None:
+    """The champion's procedure as its training ran it on a fold: class weights as chosen, and
+    the leaf size of its search setting (its final fit on fewer rows than the fold capped it)."""
+    frame, _ = _rows(users=400, seed=31)
+    train = _earlier(_rows(users=1500, seed=32)[0], 20)  # 4,500 rows: leaf min(1000, 90) = 90
+    config = fit.FitConfig(seed=1, learning_rate=0.1, num_leaves=7, min_data_in_leaf=1000, feature_fraction=1.0)
+    champion = _champion(frame, config)  # 1,200 rows: its final fit's leaf was 24
+    champion.meta["imbalance"] = "balanced"
+    champion.meta["search"] = {"chosen": {"params": {"min_data_in_leaf": 1000}}}
+    assert champion.meta["params"]["min_data_in_leaf"] == 24
+    challenger = backtest.fit_and_score(train, frame, config, "balanced", 30, NO_CALIBRATION, FEATURES)
+    settings = load_settings(gate_min_roc_auc=0.5, gate_min_pr_auc=0.0)
+    decision = registry.decide(settings, SUMMARY, registry.GateRows(train, frame, challenger), (champion, "8"))
+    assert "settings refitted" in decision.reasons[-1]
+    assert decision.paired is not None
+    assert decision.paired["difference"] == 0.0, decision.reasons
 
 
 def test_bootstrap_intervals_cover_the_mean_and_narrow_with_more_users() -> None:
