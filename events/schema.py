@@ -150,19 +150,35 @@ def future_skew_reason(event: Event, append_ms: int, max_future_skew_ms: int) ->
     )
 
 
+def key_mismatch_reason(event: Event, key: bytes | None) -> str | None:
+    """Returns why `event` is refused when its Kafka message key is not its userId (the key
+    decides the partition, and one user's events must reach the one scorer that owns the user:
+    another scorer applying it would overwrite, or be overwritten by, the owner's saved state),
+    or None when it is (or the message has no key)."""
+    if key is None or key == event.user_id.encode():
+        return None
+    shown = key[:80].decode("utf-8", "replace")
+    return f"message key {shown!r} is not the event's userId {event.user_id!r} (the key must be the userId)"
+
+
 def parse_batch(
     messages: Sequence[tuple[Any, ...]], *, max_bytes: int = 64 * 1024, max_future_skew_ms: int | None = None
 ) -> ParsedBatch:
-    """Parses messages that start with (value, topic, partition, offset[, append_ms]) into events,
-    errors and counts; `sources` says which message each event came from. With
+    """Parses messages that start with (value, topic, partition, offset[, append_ms[, key]]) into
+    events, errors and counts; `sources` says which message each event came from. With
     `max_future_skew_ms`, an event dated more than that after its message's `append_ms` is an
-    error (one bad clock must not move event time for everyone). Never raises."""
+    error (one bad clock must not move event time for everyone); so is an event whose message
+    key is not its userId (`key_mismatch_reason`). Never raises."""
     batch = ParsedBatch()
     events, sources, errors = batch.events, batch.sources, batch.errors
     for index, message in enumerate(messages):
         result = parse_event(message[0], max_bytes=max_bytes)
         if max_future_skew_ms is not None and type(result) is Event and len(message) > 4:
             reason = future_skew_reason(result, message[4], max_future_skew_ms)
+            if reason is not None:
+                result = ErrorRecord(message[0], reason)
+        if type(result) is Event and len(message) > 5:
+            reason = key_mismatch_reason(result, message[5])
             if reason is not None:
                 result = ErrorRecord(message[0], reason)
         if result is None:

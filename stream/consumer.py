@@ -67,10 +67,21 @@ class LoopConfig:
     applied_check_every_s: float = 1.0  # while idle: has Redis gone back in time?
 
 
+def header_text(text: str, limit: int = 1024) -> bytes:
+    """Returns `text` as UTF-8 of at most `limit` bytes: whole when it fits, else its start and
+    its last 120 characters (where the parser names the field, "- at `$.level`") around an
+    ellipsis, never cutting a character in two."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return encoded
+    tail = (" … " + text[-120:]).encode()
+    return encoded[: limit - len(tail)].decode("utf-8", "ignore").encode() + tail
+
+
 def dlq_headers(record: ErrorRecord) -> list[tuple[str, str | bytes | None]]:
     """Returns the DLQ message headers that say why and where a message failed."""
     return [
-        ("reason", record.reason.encode()[:1024]),
+        ("reason", header_text(record.reason)),
         ("source_topic", record.topic.encode()),
         ("source_partition", str(record.partition).encode()),
         ("source_offset", str(record.offset).encode()),
@@ -226,7 +237,9 @@ class ScoringConsumer:
         for m in raw:
             error = m.error()
             if error is None:
-                messages.append(Message(m.value() or b"", m.topic(), m.partition(), m.offset(), m.timestamp()[1]))
+                messages.append(
+                    Message(m.value() or b"", m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key())
+                )
             elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", error)
         return messages

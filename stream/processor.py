@@ -39,6 +39,7 @@ class Message(NamedTuple):
     partition: int
     offset: int
     append_ms: int  # broker append (or create) timestamp
+    key: bytes | None = None  # the Kafka message key: the userId (None: a message without one)
 
 
 class Snapshots(Protocol):
@@ -221,7 +222,8 @@ class BatchProcessor:
             changed = False
             for j in indexes:
                 event = events[j]
-                _, _, partition, offset, append_ms = messages[sources[j]]
+                message = messages[sources[j]]
+                partition, offset, append_ms = message[2], message[3], message[4]
                 if open_midnight is not None:
                     _capture(engine, user, event.ts, open_midnight, captured)
                 outcome = engine.apply(event, partition, offset)

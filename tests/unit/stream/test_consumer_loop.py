@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
-from stream.consumer import LoopConfig, ScoringConsumer
+from events.schema import parse_batch
+from stream.consumer import LoopConfig, ScoringConsumer, dlq_headers, header_text
+from tests.support import random_events
 
 
 class RecordingConsumer:
@@ -35,3 +38,19 @@ def test_an_idle_loop_waits_up_to_max_wait() -> None:
     consumer = RecordingConsumer([[], ["m1"]])
     assert next_batch(consumer) == ["m1"]
     assert consumer.timeouts == [0, 0.1]
+
+
+def test_the_dead_letter_reason_header_stays_utf8_and_keeps_the_field_it_names() -> None:
+    """The parser echoes a bad value into its reason: a long multi-byte one is shortened at a
+    character boundary, and the end of the reason, which names the field, is kept."""
+    raw = json.dumps(
+        {**json.loads(random_events(1, users=1, days=1, per_user=1)[0].to_json()), "level": "é" * 1000}
+    ).encode()
+    [record] = parse_batch([(raw, "events", 0, 5)]).errors
+    assert len(record.reason.encode()) > 1024
+    reason = dict(dlq_headers(record))["reason"]
+    assert isinstance(reason, bytes)
+    assert len(reason) <= 1024
+    assert reason.decode("utf-8").endswith(record.reason[-40:])
+    assert "$.level" in reason.decode("utf-8")
+    assert header_text("short reason") == b"short reason"
