@@ -134,6 +134,30 @@ def test_an_event_far_ahead_of_its_append_time_is_dead_lettered_and_moves_nothin
     assert (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows), risks.watermark()) == before
 
 
+def test_an_event_keyed_by_another_user_is_dead_lettered_and_moves_nothing() -> None:
+    """The key picks the partition, and so the scorer: another scorer's copy of the user's state
+    would overwrite this one's (or be overwritten). A message whose key is not its userId is
+    refused; one with the right key, or with none, is applied."""
+    msgs = messages(4)[:-2]  # events only: no malformed message, no guest
+    states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
+    p = processor(states, features, risks)
+    p.process(msgs[:-3])
+    before = (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows))
+    event, following = parse_event(msgs[-3].value), parse_event(msgs[-2].value)
+    assert isinstance(event, Event)
+    assert isinstance(following, Event)
+
+    refused = p.process([msgs[-3]._replace(key=b"not-" + event.user_id.encode())])
+
+    assert refused.applied == 0
+    assert [d.offset for d in refused.dead_letters] == [msgs[-3].offset]
+    assert f"is not the event's userId '{event.user_id}'" in refused.dead_letters[0].reason
+    assert (repr(sorted(features.rows.items())), dict(states.blobs), dict(risks.rows)) == before
+    right_key = p.process([msgs[-2]._replace(key=following.user_id.encode())])
+    assert (right_key.applied, right_key.dead_letters) == (1, [])
+    assert p.process([msgs[-1]]).applied == 1  # no key
+
+
 def test_an_event_ahead_of_the_broker_within_the_skew_does_not_move_the_watermark_past_the_broker() -> None:
     msgs = messages(2)[:-2]
     states, features, risks = InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore()
