@@ -161,7 +161,8 @@ class BatchProcessor:
             start = self.snapshots.first_due()
             if start is None:  # the first run on this Redis
                 start = self.risks.watermark()
-                start = start if start is not None else min(e.ts for e in parsed.events)
+                if start is None:
+                    start = _first_clock(messages, parsed)
             self._open = -(-start // DAY_MS) * DAY_MS
         self._apply(messages, parsed, result, loaded, applied_offsets(messages), expected or {})
         # Counted as soon as the states are saved: if a later step (the snapshot) fails, the retry
@@ -460,6 +461,18 @@ def batch_watermark(events: Sequence[Event], append_ms: Sequence[int]) -> int | 
     latest = max(e.ts for e in events)
     broker = max(append_ms, default=-1)
     return min(latest, broker) if broker >= 0 else latest
+
+
+def _first_clock(messages: Sequence[Message], parsed: ParsedBatch) -> int:
+    """Returns where the snapshot clock starts on a Redis no scorer has used: the earliest of the
+    partitions' median event times in the batch (`parsed.events`, at least one). Not the
+    earliest event: one valid but ancient event (a user's in 2000) would start the clock then,
+    and the batch would take a snapshot for every midnight since. Per partition, as partitions
+    replay at their own pace."""
+    times: dict[int, list[int]] = {}
+    for event, source in zip(parsed.events, parsed.sources, strict=True):
+        times.setdefault(messages[source][2], []).append(event.ts)
+    return min(sorted(ts)[len(ts) // 2] for ts in times.values())
 
 
 def _capture(engine: OnlineEngine, user: str, ts: int, first_open: int, captured: dict[int, list[FeatureRow]]) -> None:

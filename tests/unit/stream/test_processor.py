@@ -258,3 +258,42 @@ def test_every_stage_of_a_batch_is_charged_cpu() -> None:
     processor_stages = ("parse", "state_load", "engine", "feast_write", "score", "risk_write", "state_write")
     assert all(charged.get(stage, 0.0) > 0 for stage in processor_stages), charged
     assert set(charged) <= set(SCORER_STAGES)
+
+
+class RecordedSnapshots:
+    """The processor's side of the daily snapshots: which midnights it takes."""
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+
+    def track(self, rows: object, churned: object, captured: object) -> None:
+        pass
+
+    def take(self, as_of_ms: int, loaded: object, challenger: object = None, canary: float = 0.0) -> None:
+        self.taken.append(as_of_ms)
+
+    def first_due(self) -> None:
+        return None  # a Redis no scorer has used
+
+
+def test_one_ancient_event_in_the_first_batch_does_not_start_the_snapshot_clock_years_back() -> None:
+    """A valid event of a user dated 2000 among days of events (not late: the user is new): the
+    clock starts at the batch's own time, so the batch takes the snapshots of its days, not one
+    for each of ~9,500 midnights since 2000."""
+    day = messages(4)[:-2]
+    ancient = parse_event(day[0].value)
+    assert isinstance(ancient, Event)
+    stale = msgspec.structs.replace(ancient, user_id="stale", ts=946_771_200_000)  # 2000-01-02
+    batch = [Message(stale.to_json(), "events", day[0].partition, 10**6, day[0].append_ms), *day[:200]]
+    snapshots = RecordedSnapshots()
+    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
+    p = BatchProcessor(
+        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
+        wall_clock_ms=lambda: 0, snapshots=snapshots,
+    )  # fmt: skip
+
+    assert p.process(batch).applied == 201
+    fresh = [m.append_ms for m in day[:200]]  # their event times
+    assert snapshots.taken
+    assert min(snapshots.taken) > min(fresh)  # none before the batch's own days
+    assert len(snapshots.taken) <= (max(fresh) - min(fresh)) // 86_400_000 + 1
