@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from starlette.convertors import Convertor, register_url_convertor
 
-from core.errors import NotFoundError
+from core.errors import InvalidInputError, NotFoundError
 from events.schema import USER_ID_PATTERN
 from serving.deps import DepsDep
 from serving.risk import at_risk_page
@@ -18,18 +20,37 @@ from serving.schemas import USER_ID_DESCRIPTION, AtRiskPage, BatchAnswer, BatchR
 router = APIRouter(tags=["risk"])
 
 
+class AnyTextConvertor(Convertor[str]):
+    """A path parameter of any characters, "/" and line breaks included (Starlette's `path`
+    stops at a line break, and its default at "/"): the pattern of the parameter judges it."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any", AnyTextConvertor())
+
+
 @router.get(
-    "/users/{user_id}/risk",
+    # `any`: an id with "/" (the stream accepts it) is sent as %2F, which arrives decoded.
+    "/users/{user_id:any}/risk",
     response_model=UserAnswer,
     responses={**ERRORS, 404: {"model": Problem, "description": "Unknown user"}},
 )
 async def user_risk(
+    request: Request,
     deps: DepsDep,
     user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description=USER_ID_DESCRIPTION)],
     explain: Annotated[bool, Query(description="Include the top 5 reasons")] = True,
 ) -> Response:
     """Churn probability within the horizon for one user, with tier and reasons; a user who has
     cancelled is answered with `status: "cancelled"` and the cancellation time, no probability."""
+    _require_utf8_path(request)
     # Redis is read without blocking the event loop (an asyncio client, or the blocking clients
     # in a worker thread where there is none: see `RiskService.answer_async`), so a slow Redis
     # cannot stall `/health/live` or other requests.
@@ -40,6 +61,21 @@ async def user_risk(
     # The answer was validated when it was built: serialise it once, without FastAPI's
     # second validation pass through `response_model` (which stays for the document).
     return Response(answers[0].model_dump_json(), media_type="application/json")
+
+
+def _require_utf8_path(request: Request) -> None:
+    """Refuses a path whose percent-escapes are not UTF-8 (/users/%FF/risk): Starlette decodes
+    them with replacement characters, which would ask for another user ("\ufffd").
+
+    Raises:
+        InvalidInputError: they are not.
+    """
+    raw = request.scope.get("raw_path") or b""
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = f"invalid request: the path {raw[:120].decode('ascii', 'replace')!r} is not UTF-8 once unescaped"
+        raise InvalidInputError(msg) from exc
 
 
 @router.post(

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import msgspec
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -310,3 +311,29 @@ def test_keyless_requests_that_never_send_their_body_take_no_in_flight_slot(clie
     keyless_answers, keyed = asyncio.run(scenario())
     assert keyless_answers == [401] * 4  # answered from the headers, the body never read
     assert keyed == 200
+
+
+def test_a_user_id_with_a_slash_is_looked_up_and_a_path_that_is_not_utf8_is_refused() -> None:
+    """Every id the stream scores can be looked up: "a/b" is sent as a%2Fb, which arrives
+    decoded. /users/%FF/risk is no id at all (Starlette would read it as the user "\ufffd")."""
+    engine = OnlineEngine()
+    events = random_events(3, users=2, days=3, per_user=20)
+    first, second = sorted({e.user_id for e in events})
+    renamed = {first: "a/b", second: "\ufffd"}
+    engine.apply_all([msgspec.structs.replace(e, user_id=renamed.get(e.user_id, e.user_id)) for e in events])
+    features = InMemoryFeatureStore()
+    features.write_rows([engine.row(u) for u in engine.states])
+    metrics = Metrics()
+    models = ModelHolder(lambda: "1", lambda: LoadedModel(IdleModel(), "churn-lightgbm", "1"))
+    now = max(row.last_event_ms for row in features.rows.values())
+    deps = Deps(service=RiskService(features, InMemoryRiskStore(), lambda: models.current, lambda: now, metrics),
+                models=models, metrics=metrics)  # fmt: skip
+    with TestClient(create_app(load_settings(api_keys=["k2"]), deps)) as http:
+        slash = http.get("/users/a%2Fb/risk", headers=KEY)
+        assert slash.status_code == 200, slash.text
+        assert slash.json()["user_id"] == "a/b"
+        assert http.get("/users/%EF%BF%BD/risk", headers=KEY).json()["user_id"] == "\ufffd"  # a real id
+        refused = http.get("/users/%FF/risk", headers=KEY)
+        assert refused.status_code == 422
+        assert "is not UTF-8" in refused.json()["detail"]
+        assert http.get("/users/at-risk?tier=high", headers=KEY).status_code == 200  # still its own route
