@@ -51,6 +51,7 @@ class RequestTimer:
         finally:
             metrics = self.metrics()
             if metrics is not None:
-                route = getattr(scope.get("route"), "path", "unmatched")
+                # `path_format` drops a convertor ("{user_id:any}" is named "{user_id}").
+                route = getattr(scope.get("route"), "path_format", "unmatched")
                 method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
                 metrics.request_seconds.labels(route, method, str(status[0])).observe(time.perf_counter() - started)

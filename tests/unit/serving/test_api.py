@@ -337,3 +337,6 @@ def test_a_user_id_with_a_slash_is_looked_up_and_a_path_that_is_not_utf8_is_refu
         assert refused.status_code == 422
         assert "is not UTF-8" in refused.json()["detail"]
         assert http.get("/users/at-risk?tier=high", headers=KEY).status_code == 200  # still its own route
+    # The latency series keeps the route's documented name (dashboards and alerts select it).
+    series = {"route": "/users/{user_id}/risk", "method": "GET", "status": "200"}
+    assert metrics.registry.get_sample_value("churn_api_request_duration_seconds_count", series) == 2
