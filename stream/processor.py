@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from core.timeutil import DAY_MS
 from events.schema import CHURN_PAGE, ErrorRecord, Event, ParsedBatch, parse_batch
 from features.online import APPLIED, DUPLICATE, LATE, STATE_ENCODER, OnlineEngine
-from features.spec import MODEL_FEATURES
+from features.spec import MODEL_FEATURES, W28D
 from features.state_store import StateStore
 from features.store import FeatureRow, FeatureStore
 from models.runtime import LoadedModel, feature_matrix, prediction_id, shadow_of, split_canary
@@ -162,7 +163,7 @@ class BatchProcessor:
             if start is None:  # the first run on this Redis
                 start = self.risks.watermark()
                 if start is None:
-                    start = _first_clock(messages, parsed)
+                    start = _first_clock(parsed.events)
             self._open = -(-start // DAY_MS) * DAY_MS
         self._apply(messages, parsed, result, loaded, applied_offsets(messages), expected or {})
         # Counted as soon as the states are saved: if a later step (the snapshot) fails, the retry
@@ -463,16 +464,22 @@ def batch_watermark(events: Sequence[Event], append_ms: Sequence[int]) -> int | 
     return min(latest, broker) if broker >= 0 else latest
 
 
-def _first_clock(messages: Sequence[Message], parsed: ParsedBatch) -> int:
-    """Returns where the snapshot clock starts on a Redis no scorer has used: the earliest of the
-    partitions' median event times in the batch (`parsed.events`, at least one). Not the
-    earliest event: one valid but ancient event (a user's in 2000) would start the clock then,
-    and the batch would take a snapshot for every midnight since. Per partition, as partitions
-    replay at their own pace."""
-    times: dict[int, list[int]] = {}
-    for event, source in zip(parsed.events, parsed.sources, strict=True):
-        times.setdefault(messages[source][2], []).append(event.ts)
-    return min(sorted(ts)[len(ts) // 2] for ts in times.values())
+def _first_clock(events: Sequence[Event]) -> int:
+    """Returns where the snapshot clock starts on a Redis no scorer has used: the earliest event
+    of the batch's run of events (no gap between consecutive event times longer than the longest
+    feature window, 28 days) that holds its median event. One valid but ancient event (a new
+    user's in 2000) would otherwise start the clock then, and the batch would take a snapshot for
+    each of the ~9,500 midnights since, all but the first few empty; a replay whose first batch
+    spans days still starts at its first event, so its first midnight is taken."""
+    times = sorted(e.ts for e in events)
+    median = times[len(times) // 2]
+    start = times[0]
+    for before, after in pairwise(times):
+        if after > median:
+            break
+        if after - before > W28D.size_ms:
+            start = after
+    return start
 
 
 def _capture(engine: OnlineEngine, user: str, ts: int, first_open: int, captured: dict[int, list[FeatureRow]]) -> None:

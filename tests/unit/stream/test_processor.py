@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import msgspec
 
 from events.schema import CHURN_PAGE, Event, parse_event
@@ -297,3 +299,40 @@ def test_one_ancient_event_in_the_first_batch_does_not_start_the_snapshot_clock_
     assert snapshots.taken
     assert min(snapshots.taken) > min(fresh)  # none before the batch's own days
     assert len(snapshots.taken) <= (max(fresh) - min(fresh)) // 86_400_000 + 1
+
+
+def _snapshotting_processor(snapshots: RecordedSnapshots) -> BatchProcessor:
+    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
+    return BatchProcessor(
+        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
+        wall_clock_ms=lambda: 0, snapshots=snapshots,
+    )  # fmt: skip
+
+
+def test_a_replay_whose_first_batch_spans_days_takes_its_first_midnight() -> None:
+    """A replay from the start of the log on a fresh Redis: the first batch spans days, and the
+    first midnight after its first event is snapshotted, as training has it (a start at each
+    partition's median skipped one midnight with 1,000 users, two with 300)."""
+    events = random_events(7, users=20, days=6, per_user=300)
+    batch = [Message(e.to_json(), "events", zlib.crc32(e.user_id.encode()) % 3, i, e.ts) for i, e in enumerate(events)]
+    snapshots = RecordedSnapshots()
+    _snapshotting_processor(snapshots).process(batch)
+    first_midnight = min(e.ts for e in events) // 86_400_000 * 86_400_000 + 86_400_000
+    assert min(snapshots.taken) == first_midnight
+
+
+def test_an_ancient_event_alone_in_its_partition_does_not_start_the_clock_years_back() -> None:
+    """The ancient event is the only message of its partition in the first batch (a quiet
+    partition): the clock still starts at the batch's own days once that partition moves on."""
+    day = random_events(4, users=12, days=6, per_user=80)
+    stale = msgspec.structs.replace(day[0], user_id="stale", ts=946_771_200_000)  # 2000-01-02
+    first = [Message(stale.to_json(), "events", 2, 0, day[0].ts)]
+    first += [Message(e.to_json(), "events", i % 2, i, e.ts) for i, e in enumerate(day[: len(day) // 2])]
+    later = [Message(e.to_json(), "events", 2, 1 + i, e.ts) for i, e in enumerate(day[len(day) // 2 :])]
+    snapshots = RecordedSnapshots()
+    p = _snapshotting_processor(snapshots)
+    p.process(first)
+    p.process(later)
+    assert snapshots.taken
+    assert min(snapshots.taken) > min(e.ts for e in day)
+    assert len(snapshots.taken) <= 6  # the days of its events, not ~9,500
