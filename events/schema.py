@@ -161,26 +161,39 @@ def key_mismatch_reason(event: Event, key: bytes | None) -> str | None:
     return f"message key {shown!r} is not the event's userId {event.user_id!r} (the key must be the userId)"
 
 
+def parse_message(
+    value: bytes,
+    append_ms: int = -1,
+    key: bytes | None = None,
+    *,
+    max_bytes: int = 64 * 1024,
+    max_future_skew_ms: int | None = None,
+) -> Event | ErrorRecord | None:
+    """Returns one Kafka message's event as the scorer judges it (`parse_event`, then, with
+    `max_future_skew_ms`, `future_skew_reason` against `append_ms`, then `key_mismatch_reason`):
+    the event it applies, the error it dead-letters, or None for a guest. The archiver judges
+    with the same function, so the log holds exactly what the scorer applies. Never raises."""
+    result = parse_event(value, max_bytes=max_bytes)
+    if type(result) is not Event:
+        return result
+    reason = key_mismatch_reason(result, key)
+    if reason is None and max_future_skew_ms is not None:
+        reason = future_skew_reason(result, append_ms, max_future_skew_ms)
+    return result if reason is None else ErrorRecord(value, reason)
+
+
 def parse_batch(
     messages: Sequence[tuple[Any, ...]], *, max_bytes: int = 64 * 1024, max_future_skew_ms: int | None = None
 ) -> ParsedBatch:
     """Parses messages that start with (value, topic, partition, offset[, append_ms[, key]]) into
-    events, errors and counts; `sources` says which message each event came from. With
-    `max_future_skew_ms`, an event dated more than that after its message's `append_ms` is an
-    error (one bad clock must not move event time for everyone); so is an event whose message
-    key is not its userId (`key_mismatch_reason`). Never raises."""
+    events, errors and counts with `parse_message`; `sources` says which message each event came
+    from. Never raises."""
     batch = ParsedBatch()
     events, sources, errors = batch.events, batch.sources, batch.errors
     for index, message in enumerate(messages):
-        result = parse_event(message[0], max_bytes=max_bytes)
-        if max_future_skew_ms is not None and type(result) is Event and len(message) > 4:
-            reason = future_skew_reason(result, message[4], max_future_skew_ms)
-            if reason is not None:
-                result = ErrorRecord(message[0], reason)
-        if type(result) is Event and len(message) > 5:
-            reason = key_mismatch_reason(result, message[5])
-            if reason is not None:
-                result = ErrorRecord(message[0], reason)
+        append_ms = message[4] if len(message) > 4 else -1
+        key = message[5] if len(message) > 5 else None
+        result = parse_message(message[0], append_ms, key, max_bytes=max_bytes, max_future_skew_ms=max_future_skew_ms)
         if result is None:
             batch.guests += 1
         elif type(result) is Event:

@@ -6,8 +6,9 @@ file appears atomically (temp name, then rename) and offsets are committed after
 A crash between the two leaves files whose offsets Kafka will deliver again; on assignment
 the archiver reads the offsets already archived at or after the committed position (file
 names tell which files can hold them) and skips those messages. It keeps the events the scorer
-accepts: guests, invalid events and events dated more than `CHURN_MAX_FUTURE_SKEW_SECONDS`
-after their Kafka append time are left out (the scorer dead-letters the latter two). While the group's coordinator
+applies, judged by the scorer's own `parse_message`: guests and what the scorer dead-letters
+(invalid, dated more than `CHURN_MAX_FUTURE_SKEW_SECONDS` after the Kafka append time, keyed by
+another user) are left out. While the group's coordinator
 does not answer for the committed positions, it asks again until it does or a stop comes, and
 after a stop it archives nothing it is unsure of.
 """
@@ -29,7 +30,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from core.durable import fsync_path
 from core.settings import Settings
-from events.schema import Event, future_skew_reason, parse_event
+from events.schema import Event, parse_message
 from monitoring.metrics import Metrics
 from stream.kafka import commit_unless_stopped, committing_consumer, report_lag
 
@@ -155,13 +156,16 @@ class Archiver:
                     partition, offset = m.partition() or 0, m.offset() or 0
                     if offset in self.already_archived.get(partition, ()):
                         continue
-                    event = parse_event(m.value() or b"", max_bytes=self.settings.max_event_bytes)
-                    if isinstance(event, Event) and future_skew_reason(event, m.timestamp()[1], skew_ms) is None:
+                    event = parse_message(
+                        m.value() or b"", m.timestamp()[1], m.key(),
+                        max_bytes=self.settings.max_event_bytes, max_future_skew_ms=skew_ms,
+                    )  # fmt: skip
+                    if isinstance(event, Event):
                         rows.append((partition, offset, event))
                     else:
-                        # Guests, invalid events and events dated too far ahead of their append
-                        # time: the scorer dead-letters the latter two. The log holds what the
-                        # scorer accepts (training and `churn materialize` read it): one event
+                        # Guests and what the scorer dead-letters (invalid, dated too far ahead
+                        # of its append time, keyed by another user). The log holds what the
+                        # scorer applies (training and `churn materialize` read it): one event
                         # dated in 2099 made training take every point's label window as ended.
                         self.skipped += 1
                 files, size = write_batch(self.root, rows)

@@ -18,14 +18,21 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from core.settings import Settings
 from events.schema import Event
+from features.online import OnlineEngine
+from features.state_store import InMemoryStateStore
+from features.store import InMemoryFeatureStore
+from models.runtime import LoadedModel
 from monitoring.metrics import Metrics
 from stream import archiver
+from stream.processor import BatchProcessor, Message
+from stream.risk_store import InMemoryRiskStore
 from tests.support import (
     STAND_IN_TOPIC,
     CommitRefusedOnce,
     CommitWaitsForBroker,
     KafkaMessage,
     ScriptedConsumer,
+    StandInModel,
     random_events,
     record_fsyncs,
     seconds_to_stop_during_commit,
@@ -179,3 +186,35 @@ def test_a_stop_while_the_coordinator_is_silent_ends_the_archiver_and_archives_n
     assert time.monotonic() - stopped_at < archiver.COMMITTED_TRY_S + archiver.COMMITTED_RETRY_PAUSE_S + 0.5
     assert worker.already_archived == {}
     assert not (tmp_path / "log").exists() or _archived_rows(tmp_path / "log") == 0
+
+
+def test_the_archive_holds_exactly_the_events_the_scorer_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same messages through the scorer's batch path and the archiver: an event keyed by
+    another user, dated a year past its append time or not JSON is dead-lettered by the one and
+    left out by the other; the right key and no key are applied and archived."""
+    events = random_events(5, users=3, days=1, per_user=4)[:5]
+    appended = max(e.ts for e in events)
+    future = msgspec.structs.replace(events[3], ts=appended + 365 * 86_400_000)
+    batch = [
+        KafkaMessage(0, 0, msgspec.json.encode(events[0]), appended, key=events[0].user_id.encode()),
+        KafkaMessage(0, 1, msgspec.json.encode(events[1]), appended, key=b"not-" + events[1].user_id.encode()),
+        KafkaMessage(0, 2, msgspec.json.encode(events[2]), appended),
+        KafkaMessage(0, 3, msgspec.json.encode(future), appended, key=future.user_id.encode()),
+        KafkaMessage(0, 4, b"{not json", appended),
+        KafkaMessage(0, 5, msgspec.json.encode(events[4]), appended, key=events[4].user_id.encode()),
+    ]
+    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
+    scorer = BatchProcessor(
+        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
+        max_future_skew_ms=Settings().max_future_skew_seconds * 1000,
+    )  # fmt: skip
+    verdict = scorer.process([Message(m.value(), "events", 0, m.offset(), appended, m.key()) for m in batch])
+    dead = {d.offset for d in verdict.dead_letters}
+    assert dead == {1, 3, 4}
+
+    worker = _archiver(tmp_path, CommitRefusedOnce(batches=[batch]), monkeypatch)
+    worker.run(max_idle_s=0.2)
+    archived = pl.concat([pl.read_parquet(f) for f in (tmp_path / "log").rglob("*.parquet")])
+    assert sorted(archived["kafkaOffset"].to_list()) == sorted({m.offset() for m in batch} - dead)
