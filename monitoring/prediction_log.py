@@ -71,8 +71,13 @@ def _read(path: Path) -> pl.DataFrame:
 
 def write_snapshot(root: Path, as_of_ms: int, frame: pl.DataFrame) -> Path:
     """Writes the snapshot of `as_of_ms` (columns as in the module doc; no row when nobody was
-    active) to its date folder; returns the file."""
+    active) to its date folder; returns the file. Labels of an earlier take of the same snapshot
+    (a replay after Redis was lost) are removed first, so the new rows are labelled in turn."""
     path = folder(root, as_of_ms) / SNAPSHOT
+    # Before the write: a crash in between leaves the old snapshot unlabelled, never new rows
+    # with the old rows' labels.
+    for stale in (LABELS, PERFORMANCE):
+        (path.parent / stale).unlink(missing_ok=True)
     _atomic(path, frame.write_parquet)
     return path
 

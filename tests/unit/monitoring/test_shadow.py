@@ -22,7 +22,7 @@ from monitoring.agreement import agreement, spearman
 from monitoring.drift import Thresholds
 from monitoring.drift_state import DriftPublisher
 from monitoring.metrics import Metrics
-from monitoring.performance_state import PerformancePublisher
+from monitoring.performance_state import PerformancePublisher, read_performance
 from monitoring.prediction_log import read_log, read_snapshot, with_role, write_labels, write_snapshot
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore, RiskRow
@@ -265,3 +265,41 @@ def test_each_snapshot_is_labelled_once_with_the_horizon_and_champion_that_took_
         labelled = json.loads(performance.read_text())
         assert labelled["horizon_days"] == horizon
         assert labelled["by_model"][champions[as_of]]["role"] == "served"
+
+
+def test_a_snapshot_taken_again_after_redis_was_lost_is_labelled_again(tmp_path: Path) -> None:
+    """Redis is lost while the prediction log stays: the scorer replays from the start and takes
+    every snapshot again (here served by a new champion v2). Each one is labelled again, with
+    the rows it now holds, and its realized figures reach the new Redis; the labels of the
+    replaced snapshot (of v1's rows) are not kept."""
+    events = random_events(11, users=30, days=12, per_user=100)
+    msgs = [Message(e.to_json(), "events", 0, i, e.ts) for i, e in enumerate(events)]
+
+    def stream(model: LoadedModel, client: DictRedis) -> None:
+        metrics = Metrics()
+        snapshots = DailySnapshots(
+            InMemoryActivity(), InMemoryStateStore(), OnlineEngine(),
+            DriftPublisher(Thresholds(), metrics, client, "p:"), PerformancePublisher(metrics, client, "p:", 0.7),
+            tmp_path, lookback_days=5,
+        )  # fmt: skip
+        p = BatchProcessor(
+            OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), metrics,
+            lambda: model, wall_clock_ms=lambda: 0, snapshots=snapshots,
+        )  # fmt: skip
+        for start in range(0, len(msgs), 250):
+            p.process(msgs[start : start + 250])
+
+    stream(LoadedModel(ThreeDayModel(), "m", "1"), DictRedis())
+    labelled_before = sorted(p.parent.name for p in tmp_path.glob("date=*/performance.json"))
+    assert labelled_before
+    fresh = DictRedis()
+    stream(LoadedModel(ReversedModel(), "m", "2"), fresh)
+
+    labelled_after = sorted(p.parent.name for p in tmp_path.glob("date=*/performance.json"))
+    assert labelled_after == labelled_before
+    for day in labelled_after:
+        assert set(json.loads((tmp_path / day / "performance.json").read_text())["by_model"]) == {"2"}
+    state = read_performance(fresh, "p:")
+    assert state is not None
+    realized_days = {day for day, entry in state["days"].items() if entry.get("realized")}
+    assert realized_days == {day.removeprefix("date=") for day in labelled_after}
