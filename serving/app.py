@@ -10,10 +10,13 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ChurnError
 from core.gc_policy import freeze_survivors
@@ -116,12 +119,37 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = "; ".join(_problem(e, request.headers.get("content-type", "")) for e in exc.errors()[:5])
         return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers 400 "There was an error parsing the body" for a body that is not UTF-8
+        # or is nested too deeply, and 422 for other malformed JSON: one mistake, one answer.
+        cause = exc.__cause__
+        why = _UNPARSEABLE.get(type(cause)) if cause is not None and exc.status_code == 400 else None
+        if why is None:
+            return await http_exception_handler(request, exc)
+        return JSONResponse({"detail": f"invalid request: the body is not JSON: {why}"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
+
+
+_UNPARSEABLE: dict[type[BaseException], str] = {
+    UnicodeDecodeError: "it is not UTF-8",
+    RecursionError: "it is nested too deeply",
+}
+
+
+def _problem(error: Any, content_type: str) -> str:
+    """Returns one validation error as "where: what" (a malformed JSON body or one sent as
+    another content type said in words, not as a character offset or a type name)."""
+    where = ".".join(str(p) for p in error["loc"] if p != "body")
+    if error["type"] == "json_invalid":
+        return f"the body is not JSON: {error['ctx']['error']} at character {where}"
+    if error["loc"] == ("body",) and "json" not in content_type.lower():
+        return f"the body must be JSON sent as content-type application/json, not {content_type or 'none'!r}"
+    return f"{where}: {error['msg']}"

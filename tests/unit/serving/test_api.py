@@ -340,3 +340,22 @@ def test_a_user_id_with_a_slash_is_looked_up_and_a_path_that_is_not_utf8_is_refu
     # The latency series keeps the route's documented name (dashboards and alerts select it).
     series = {"route": "/users/{user_id}/risk", "method": "GET", "status": "200"}
     assert metrics.registry.get_sample_value("churn_api_request_duration_seconds_count", series) == 2
+
+
+def test_a_body_that_is_not_json_gets_one_status_and_says_why(client: Any) -> None:
+    """Malformed JSON, a body that is not UTF-8, one nested too deeply and one sent as text are
+    the same mistake: each gets 422 with what was wrong (FastAPI answered 400 "There was an
+    error parsing the body" for the second and third, "14: JSON decode error" for the first)."""
+    http, _, _ = client
+    as_json = {**KEY, "content-type": "application/json"}
+    bodies = {
+        b'{"user_ids": [': (as_json, "the body is not JSON"),
+        b'{"user_ids": ["\xff"]}': (as_json, "not UTF-8"),
+        b"[" * 100_000 + b"]" * 100_000: (as_json, "nested too deeply"),
+        b'{"user_ids": ["u1"]}': ({**KEY, "content-type": "text/plain"}, "content-type application/json"),
+    }
+    for body, (headers, why) in bodies.items():
+        answer = http.post("/users/risk", content=body, headers=headers)
+        assert answer.status_code == 422, (body[:20], answer.text)
+        assert why in answer.json()["detail"], answer.text
+    assert http.get("/no/such/route", headers=KEY).status_code == 404  # other HTTP errors unchanged
