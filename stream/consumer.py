@@ -50,7 +50,7 @@ from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.snapshot import DailySnapshots, RedisActivity
-from stream.topics import ensure_topics
+from stream.topics import ensure_topics, producer_clock_warning
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,8 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
 
     metrics = metrics or Metrics()
     ensure_topics(settings)
+    if (warning := producer_clock_warning(settings)) is not None:
+        log.warning(warning)
     ensure_changes_topic(settings)
     client = redis_client(settings)
     stopping = threading.Event()  # the stop signal, for the loop and the producers' waits alike

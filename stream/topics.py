@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
@@ -65,6 +65,27 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
         request_timeout=timeout,
     )
     return _await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout)
+
+
+def producer_clock_warning(settings: Settings, *, timeout: float = 10.0) -> str | None:
+    """Returns a warning when the existing events topic stamps messages with the producer's
+    clock (`message.timestamp.type=CreateTime`: a topic made before `ensure_topics` set
+    LogAppendTime, or by hand), under which the future-event guard trusts each producer's clock;
+    None when it uses the broker's, or the broker does not say (no DescribeConfigs right)."""
+    admin = _admin(settings)
+    resource = ConfigResource(ResourceType.TOPIC, settings.events_topic)
+    try:
+        described = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+    except (KafkaException, TimeoutError):
+        return None
+    entry = described.get("message.timestamp.type")
+    if entry is None or entry.value != "CreateTime":
+        return None
+    return (
+        f"topic {settings.events_topic!r} stamps messages with the producer's clock (CreateTime): an event "
+        "dated ahead is refused against that clock, not the broker's. Set it with: kafka-configs.sh --alter "
+        f"--entity-type topics --entity-name {settings.events_topic} --add-config message.timestamp.type=LogAppendTime"
+    )
 
 
 def delete_topics(settings: Settings, names: list[str], *, timeout: float = 30.0) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewTopic
 from typer.testing import CliRunner
 
 from churn.cli import app
@@ -18,7 +19,7 @@ from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings, load_settings
 from stream.producer import publish_lines, replay_file
-from stream.topics import delete_topics, ensure_topics
+from stream.topics import delete_topics, ensure_topics, producer_clock_warning
 
 # (line number in the file, content, reason prefix): placed between real rows.
 MALFORMED = [
@@ -143,8 +144,6 @@ def test_ensure_topics_is_idempotent(settings: Settings, unique: str) -> None:
     try:
         assert sorted(ensure_topics(admin_settings)) == [name, f"{name}.dlq"]
         assert ensure_topics(admin_settings) == []
-        from confluent_kafka.admin import AdminClient
-
         topics = AdminClient(kafka_config(settings)).list_topics(timeout=10).topics
         assert len(topics[name].partitions) == 3
         assert len(topics[f"{name}.dlq"].partitions) == 3
@@ -178,3 +177,22 @@ def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["produce", "--replay", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 2
     assert "cannot open the replay file" in result.output
+
+
+def test_an_events_topic_on_the_producers_clock_is_reported(settings: Settings, unique: str) -> None:
+    """The future-event guard compares event times with the broker's clock only on a topic that
+    stamps LogAppendTime (those `ensure_topics` creates); one made with CreateTime is reported."""
+    created = load_settings(events_topic=f"test-events-{unique}", dlq_topic=f"test-events-{unique}.dlq")
+    by_hand = load_settings(events_topic=f"test-create-time-{unique}", dlq_topic=f"test-create-time-{unique}.dlq")
+    admin = AdminClient(kafka_config(settings))
+    futures = admin.create_topics([NewTopic(by_hand.events_topic, 1, config={"message.timestamp.type": "CreateTime"})])
+    try:
+        futures[by_hand.events_topic].result(10)
+        ensure_topics(created)
+        assert producer_clock_warning(created) is None
+        warning = producer_clock_warning(by_hand)
+        assert warning is not None
+        assert "CreateTime" in warning
+        assert by_hand.events_topic in warning
+    finally:
+        delete_topics(settings, [created.events_topic, created.dlq_topic, by_hand.events_topic])
