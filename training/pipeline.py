@@ -332,7 +332,12 @@ def train(
         card=meta["card"],
     )
     if options.register:
-        gate_rows = registry.GateRows(split.take(labelled, latest.train_times), latest.test, latest.scores)
+        learned_until = registry.knew_outcomes_until_ms(
+            {"data_window": trained.data_window, "horizon_days": trained.horizon_days}
+        )
+        gate_rows = registry.GateRows(
+            split.take(labelled, latest.train_times), latest.test, latest.scores, learned_until
+        )
         trained = _register(settings, options, resolved, trained, gate_rows, progress)
     trained.seconds["total"] = time.perf_counter() - started
     return trained

@@ -132,6 +132,9 @@ class GateRows:
     train: pl.DataFrame
     test: pl.DataFrame
     scores: np.ndarray
+    # The end of the latest label window the challenger's final model learned from (see
+    # `knew_outcomes_until_ms`); None when unknown.
+    knew_outcomes_until_ms: int | None = None
 
 
 def champion_last_point_ms(meta: dict[str, Any]) -> int | None:
@@ -207,6 +210,8 @@ def decide(
       are compared out of sample on the same information;
     - a champion whose training end or settings are not recorded (registered by other means
       than `churn train`) is compared as served, which can only favour it.
+    A challenger whose final model learned outcomes only up to more than a day before the
+    champion's (`gate_rows.knew_outcomes_until_ms`: trained on an older log) is refused.
     `champion_roc_auc` is that of the champion's side as compared. Skipped, with a reason, when
     there is no champion or it needs features the rows lack."""
     decision = Decision(promote=True)
@@ -238,6 +243,16 @@ def decide(
     features = tuple(model.features)
     known_until = knew_outcomes_until_ms(model.meta)
     recorded = recorded_settings(model.meta)
+    learned_until = gate_rows.knew_outcomes_until_ms
+    if learned_until is not None and known_until is not None and learned_until < known_until - DAY_MS:
+        # The comparisons below judge procedures on the same rows; a challenger from an older
+        # log would pass with an equal procedure and replace a model that knows later outcomes.
+        # A day's slack: on the same log, observation grids of 1-24 hours end up to a day apart.
+        gate(
+            False,
+            f"challenger learned outcomes up to {_iso(learned_until)}, champion v{version} up to"
+            f" {_iso(known_until)}: its log is older; train on the current log",
+        )
     if known_until is not None and known_until <= int(test["as_of"].min()):  # type: ignore[arg-type]
         champion_scores = model.predict(feature_matrix(test, model.features))
         how = f"champion v{version} as served; rows new to both"

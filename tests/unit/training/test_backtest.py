@@ -275,3 +275,29 @@ def test_bootstrap_intervals_cover_the_mean_and_narrow_with_more_users() -> None
             assert summary[name]["low"] <= summary[name]["mean"] <= summary[name]["high"], name
         widths.append(summary["roc_auc"]["high"] - summary["roc_auc"]["low"])
     assert widths[1] < widths[0] / 2  # 16 x the users: about a quarter of the width
+
+
+def test_a_challenger_from_an_older_log_is_refused_even_with_an_equal_procedure() -> None:
+    """A retrain on a stale export: the challenger's procedure equals the champion's (the refit
+    comparison is +0.0000), but its final model learned outcomes a week less recent than the
+    champion's; replacing the champion would serve older knowledge. The same challenger with
+    the champion's learning end (within a day: another grid on the same log), or an unknown
+    one, passes."""
+    frame, _ = _rows(users=600, seed=11)
+    train, _ = _rows(users=600, seed=12)
+    train = _earlier(train, 10)
+    settings = load_settings(gate_min_roc_auc=0.6, gate_min_pr_auc=0.05)
+    champion = _champion(pl.concat([train, frame]))
+    champion_until = registry.knew_outcomes_until_ms(champion.meta)
+    assert champion_until is not None
+    scores = _scores(_procedure(SOUND, train), frame)
+    older = registry.GateRows(train, frame, scores, champion_until - 7 * DAY)
+    refused = registry.decide(settings, SUMMARY, older, (champion, "9"))
+    assert not refused.promote
+    assert any(r.startswith("fail: challenger learned outcomes up to") for r in refused.reasons), refused.reasons
+    assert refused.paired is not None
+    assert refused.paired["difference"] == 0.0  # refused for its data, not its procedure
+    for until in (champion_until, champion_until - DAY + 1, None):  # the same log on another grid; unknown
+        assert registry.decide(
+            settings, SUMMARY, registry.GateRows(train, frame, scores, until), (champion, "9")
+        ).promote
