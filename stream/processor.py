@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -112,6 +111,9 @@ class BatchProcessor:
         self.wall_clock_ms = wall_clock_ms
         self.snapshots = snapshots  # the daily snapshot at each UTC midnight of event time
         self._open: int | None = None  # the earliest midnight not yet snapshotted
+        # On a Redis no scorer has used, until the first midnight passes: the event runs seen
+        # (`event_runs`), whose latest run starts the clock.
+        self._runs: list[tuple[int, int]] | None = None
         self._progress: dict[int, int] = {}  # partition -> latest event time applied from it
         self._partitions: set[int] | None = None  # owned partitions (None: not told yet)
         self.changes = changes  # where tier changes are announced (None: not announced)
@@ -162,9 +164,15 @@ class BatchProcessor:
             start = self.snapshots.first_due()
             if start is None:  # the first run on this Redis
                 start = self.risks.watermark()
-                if start is None:
-                    start = _first_clock(parsed.events)
-            self._open = -(-start // DAY_MS) * DAY_MS
+            if start is None:
+                self._runs = []  # the start is decided from the events, until a midnight passes
+            else:
+                self._open = -(-start // DAY_MS) * DAY_MS
+        if self._runs is not None and parsed.events:
+            # Every batch until then may move it: a partition whose first fetch came late may
+            # hold earlier events, and a later batch shows an ancient first batch for what it was.
+            self._runs = event_runs(self._runs, [e.ts for e in parsed.events])
+            self._open = -(-self._runs[-1][0] // DAY_MS) * DAY_MS
         self._apply(messages, parsed, result, loaded, applied_offsets(messages), expected or {})
         # Counted as soon as the states are saved: if a later step (the snapshot) fails, the retry
         # finds these events applied and counts them as duplicates, so "ok" counts each event once.
@@ -176,6 +184,7 @@ class BatchProcessor:
             while self._open is not None and self._passed(self._open):
                 self.snapshots.take(self._open, loaded, self.challenger(), self.canary_percent)
                 self._open += DAY_MS
+                self._runs = None  # a midnight has passed: the clock is set for good
             cpu.mark("snapshot")
         return result
 
@@ -464,22 +473,22 @@ def batch_watermark(events: Sequence[Event], append_ms: Sequence[int]) -> int | 
     return min(latest, broker) if broker >= 0 else latest
 
 
-def _first_clock(events: Sequence[Event]) -> int:
-    """Returns where the snapshot clock starts on a Redis no scorer has used: the earliest event
-    of the batch's run of events (no gap between consecutive event times longer than the longest
-    feature window, 28 days) that holds its median event. One valid but ancient event (a new
-    user's in 2000) would otherwise start the clock then, and the batch would take a snapshot for
-    each of the ~9,500 midnights since, all but the first few empty; a replay whose first batch
-    spans days still starts at its first event, so its first midnight is taken."""
-    times = sorted(e.ts for e in events)
-    median = times[len(times) // 2]
-    start = times[0]
-    for before, after in pairwise(times):
-        if after > median:
-            break
-        if after - before > W28D.size_ms:
-            start = after
-    return start
+def event_runs(runs: Sequence[tuple[int, int]], times: Sequence[int]) -> list[tuple[int, int]]:
+    """Returns `runs` (first, last event time; oldest first) with `times` added: the spans of
+    event time in which no two consecutive events are further apart than the longest feature
+    window (28 days). The snapshot clock of a fresh Redis starts at the latest run's first
+    event: one device's events dated in 2000 (valid, ancient) would otherwise make a batch take
+    a snapshot for each of the ~9,500 midnights since, all but the first few empty, while a
+    replay whose first batches span days starts at its first event, as training's first
+    observation point does. Runs are few, however many events they hold."""
+    spans = sorted([*runs, *((t, t) for t in times)])
+    merged = [spans[0]]
+    for first, last in spans[1:]:
+        if first - merged[-1][1] > W28D.size_ms:
+            merged.append((first, last))
+        else:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+    return merged
 
 
 def _capture(engine: OnlineEngine, user: str, ts: int, first_open: int, captured: dict[int, list[FeatureRow]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 import msgspec
+import polars as pl
 
 from events.schema import CHURN_PAGE, Event, parse_event
 from features.online import STATE_DECODER, STATE_ENCODER, OnlineEngine
@@ -15,6 +16,7 @@ from monitoring.metrics import SCORER_STAGES, Metrics
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
 from tests.support import StandInModel, random_events
+from training.dataset import GridConfig, observation_points
 
 
 def messages(n_users: int = 20) -> list[Message]:
@@ -336,3 +338,41 @@ def test_an_ancient_event_alone_in_its_partition_does_not_start_the_clock_years_
     assert snapshots.taken
     assert min(snapshots.taken) > min(e.ts for e in day)
     assert len(snapshots.taken) <= 6  # the days of its events, not ~9,500
+
+
+def test_an_ancient_backlog_filling_half_the_first_batch_does_not_start_the_clock_years_back() -> None:
+    """A small first batch on a quiet topic, most of it one device's backlog dated 2000 (valid):
+    the next batch shows those events for what they are, and the clock starts at the stream's days."""
+    fresh = random_events(4, users=12, days=3, per_user=40)
+    backlog = [msgspec.structs.replace(fresh[0], user_id="reset", ts=946_684_800_000 + i * 60_000) for i in range(3)]
+    first = [Message(e.to_json(), "events", 0, i, fresh[0].ts) for i, e in enumerate([*backlog, *fresh[:2]])]
+    later = [Message(e.to_json(), "events", 0, 10 + i, e.ts) for i, e in enumerate(fresh[2:])]
+    snapshots = RecordedSnapshots()
+    p = _snapshotting_processor(snapshots)
+    p.process(first)
+    p.process(later)
+    assert snapshots.taken
+    assert min(snapshots.taken) > min(e.ts for e in fresh)
+    assert len(snapshots.taken) <= 3  # the days of its events, not ~9,500
+
+
+def test_a_partition_whose_first_fetch_comes_late_still_gets_trainings_first_midnight() -> None:
+    """The first batch of a replay holds only partition 0; partition 1, fetched later, holds the
+    log's first events. Training's first observation point (the first midnight after the first
+    event) is still snapshotted: the start moves until a midnight has passed."""
+    events = random_events(7, users=20, days=4, per_user=60)
+    frame = pl.DataFrame({"user_id": [e.user_id for e in events], "ts": [e.ts for e in events],
+                          "page": [e.page for e in events]})  # fmt: skip
+    points, _ = observation_points(frame.lazy(), GridConfig())
+    first_point = int(points["as_of"].min())  # type: ignore[arg-type]
+    early = {e.user_id for e in events if e.ts < first_point}
+    msgs = [Message(e.to_json(), "events", int(e.user_id in early), i, e.ts) for i, e in enumerate(events)]
+    only_p0 = [m for m in msgs if m.partition == 0]
+    assert min(m.append_ms for m in only_p0) > first_point  # partition 0 alone starts a day late
+    snapshots = RecordedSnapshots()
+    p = _snapshotting_processor(snapshots)
+    p.partitions_changed([0, 1], [])
+    p.process(only_p0[: len(only_p0) // 2])
+    p.process([m for m in msgs if m.partition == 1])
+    p.process(only_p0[len(only_p0) // 2 :])
+    assert min(snapshots.taken) == first_point
