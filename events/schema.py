@@ -176,9 +176,9 @@ def parse_message(
     result = parse_event(value, max_bytes=max_bytes)
     if type(result) is not Event:
         return result
-    reason = key_mismatch_reason(result, key)
-    if reason is None and max_future_skew_ms is not None:
-        reason = future_skew_reason(result, append_ms, max_future_skew_ms)
+    reason = None if max_future_skew_ms is None else future_skew_reason(result, append_ms, max_future_skew_ms)
+    if reason is None:
+        reason = key_mismatch_reason(result, key)
     return result if reason is None else ErrorRecord(value, reason)
 
 

@@ -129,7 +129,8 @@ def unlabelled_snapshots(root: Path) -> list[int]:
     have no labels yet."""
     stamps = []
     for day in sorted(root.glob("date=*")):
-        if not (day / SNAPSHOT).exists() or (day / LABELS).exists():
+        # performance.json is written last: a crash after labels.parquet leaves it unlabelled.
+        if not (day / SNAPSHOT).exists() or (day / PERFORMANCE).exists():
             continue
         try:
             stamp = datetime.strptime(day.name.removeprefix("date="), "%Y-%m-%d").replace(tzinfo=UTC)

@@ -83,8 +83,9 @@ def producer_clock_warning(settings: Settings, *, timeout: float = 10.0) -> str 
         return None
     return (
         f"topic {settings.events_topic!r} stamps messages with the producer's clock (CreateTime): an event "
-        "dated ahead is refused against that clock, not the broker's. Set it with: kafka-configs.sh --alter "
-        f"--entity-type topics --entity-name {settings.events_topic} --add-config message.timestamp.type=LogAppendTime"
+        "dated ahead is refused against that clock, not the broker's. Set it with: kafka-configs.sh "
+        f"--bootstrap-server {settings.bootstrap_servers} --alter --entity-type topics "
+        f"--entity-name {settings.events_topic} --add-config message.timestamp.type=LogAppendTime"
     )
 
 

@@ -194,5 +194,6 @@ def test_an_events_topic_on_the_producers_clock_is_reported(settings: Settings, 
         assert warning is not None
         assert "CreateTime" in warning
         assert by_hand.events_topic in warning
+        assert f"--bootstrap-server {settings.bootstrap_servers}" in warning  # kafka-configs.sh needs it
     finally:
         delete_topics(settings, [created.events_topic, created.dlq_topic, by_hand.events_topic])

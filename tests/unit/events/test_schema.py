@@ -21,6 +21,7 @@ from events.schema import (
     Event,
     parse_batch,
     parse_event,
+    parse_message,
 )
 from tests.support import FIXTURES
 
@@ -289,3 +290,19 @@ def test_every_valid_event_is_accepted_unchanged(row: dict[str, Any]) -> None:
     if row["length"] is not None:
         assert event.length is not None
         assert math.isclose(event.length, row["length"])
+
+
+def test_a_message_both_dated_ahead_and_keyed_by_another_user_is_refused_for_its_time(
+    valid_row: dict[str, Any],
+) -> None:
+    """The checks run in their documented order (format, then the clock, then the key), so the
+    DLQ reason of a message with both faults names the clock."""
+    event = parse_event(_encode(valid_row))
+    assert isinstance(event, Event)
+    appended = event.ts - 365 * 86_400_000
+    both = parse_message(event.to_json(), appended, b"someone-else", max_future_skew_ms=300_000)
+    assert isinstance(both, ErrorRecord)
+    assert "ahead of its Kafka append time" in both.reason
+    keyed = parse_message(event.to_json(), event.ts, b"someone-else", max_future_skew_ms=300_000)
+    assert isinstance(keyed, ErrorRecord)
+    assert "is not the event's userId" in keyed.reason

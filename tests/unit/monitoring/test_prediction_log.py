@@ -9,7 +9,15 @@ import polars as pl
 import pytest
 
 from core.errors import InvalidInputError
-from monitoring.prediction_log import read_log, read_snapshot, write_snapshot
+from monitoring.prediction_log import (
+    LABELS,
+    folder,
+    read_log,
+    read_snapshot,
+    unlabelled_snapshots,
+    write_labels,
+    write_snapshot,
+)
 
 MIDNIGHT = 1_767_312_000_000  # 2026-01-02T00:00:00Z
 
@@ -26,3 +34,15 @@ def test_a_log_file_that_cannot_be_read_is_named_in_a_clear_error(tmp_path: Path
         read_log(tmp_path)
     with pytest.raises(InvalidInputError, match="cannot read"):
         read_snapshot(tmp_path, MIDNIGHT)
+
+
+def test_a_snapshot_whose_labelling_stopped_before_its_performance_file_is_labelled_again(tmp_path: Path) -> None:
+    """The labels are written before performance.json, whose presence marks the step done: a
+    crash in between (labels.parquet alone) leaves the snapshot to be labelled again."""
+    as_of = 1_767_312_000_000
+    write_snapshot(tmp_path, as_of, pl.DataFrame({"user_id": ["u1"], "as_of": [as_of]}))
+    assert unlabelled_snapshots(tmp_path) == [as_of]
+    pl.DataFrame({"user_id": ["u1"], "churned": [False]}).write_parquet(folder(tmp_path, as_of) / LABELS)
+    assert unlabelled_snapshots(tmp_path) == [as_of]
+    write_labels(tmp_path, as_of, pl.DataFrame({"user_id": ["u1"], "churned": [False]}), {"as_of_ms": as_of})
+    assert unlabelled_snapshots(tmp_path) == []
