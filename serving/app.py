@@ -150,6 +150,15 @@ def _problem(error: Any, content_type: str) -> str:
     where = ".".join(str(p) for p in error["loc"] if p != "body")
     if error["type"] == "json_invalid":
         return f"the body is not JSON: {error['ctx']['error']} at character {where}"
-    if error["loc"] == ("body",) and "json" not in content_type.lower():
-        return f"the body must be JSON sent as content-type application/json, not {content_type or 'none'!r}"
+    if error["loc"] == ("body",) and content_type and not _parsed_as_json(content_type):
+        return f"the body must be JSON sent as content-type application/json, not {content_type!r}"
+    if error["loc"] == ("body",) and error["type"] == "missing":
+        return "the body is empty: send a JSON object"
     return f"{where}: {error['msg']}"
+
+
+def _parsed_as_json(content_type: str) -> bool:
+    """Returns True for the content types FastAPI parses as JSON (application/json and
+    application/*+json); it hands any other body to validation unparsed."""
+    main, _, sub = content_type.split(";", 1)[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))

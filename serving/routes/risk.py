@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -63,6 +63,27 @@ async def user_risk(
     return Response(answers[0].model_dump_json(), media_type="application/json")
 
 
+async def _require_utf8_body(request: Request) -> None:
+    """Refuses a body that is not UTF-8 (RFC 8259): the JSON parser also reads UTF-16 and
+    UTF-32, with or without a byte order mark. A NUL byte, which UTF-8 JSON never holds raw,
+    marks those without one. The body is already read: FastAPI keeps it on the request.
+
+    Raises:
+        InvalidInputError: it is not.
+    """
+    body = await request.body()
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        body = b"\x00"
+    if b"\x00" in body:
+        msg = "invalid request: the body is not JSON: it is not UTF-8"
+        raise InvalidInputError(msg)
+
+
+Utf8Body = Annotated[None, Depends(_require_utf8_body)]
+
+
 def _require_utf8_path(request: Request) -> None:
     """Refuses a path whose percent-escapes are not UTF-8 (/users/%FF/risk): Starlette decodes
     them with replacement characters, which would ask for another user ("\ufffd").
@@ -83,11 +104,10 @@ def _require_utf8_path(request: Request) -> None:
     response_model=BatchAnswer,
     responses={
         **ERRORS,
-        400: {"model": Problem, "description": "The body cannot be parsed"},
         413: {"model": Problem, "description": "The body is larger than CHURN_API_MAX_BODY_BYTES"},
     },
 )
-def users_risk(deps: DepsDep, body: BatchRequest) -> Response:
+def users_risk(deps: DepsDep, body: BatchRequest, _: Utf8Body) -> Response:
     """Up to 1,000 users in one call (one feature read, one predict); unknown ids are listed;
     cancelled users are answered as in the single-user route."""
     ids = list(dict.fromkeys(body.user_ids))

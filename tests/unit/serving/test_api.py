@@ -343,8 +343,9 @@ def test_a_user_id_with_a_slash_is_looked_up_and_a_path_that_is_not_utf8_is_refu
 
 
 def test_a_body_that_is_not_json_gets_one_status_and_says_why(client: Any) -> None:
-    """Malformed JSON, a body that is not UTF-8, one nested too deeply and one sent as text are
-    the same mistake: each gets 422 with what was wrong (FastAPI answered 400 "There was an
+    """Malformed JSON, a body that is not UTF-8 (UTF-16 and UTF-32 too, which the JSON parser
+    would read), one nested too deeply, an empty one and one sent as text are the same mistake:
+    each gets 422 with what was wrong (FastAPI answered 400 "There was an
     error parsing the body" for the second and third, "14: JSON decode error" for the first)."""
     http, _, _ = client
     as_json = {**KEY, "content-type": "application/json"}
@@ -353,9 +354,15 @@ def test_a_body_that_is_not_json_gets_one_status_and_says_why(client: Any) -> No
         b'{"user_ids": ["\xff"]}': (as_json, "not UTF-8"),
         b"[" * 100_000 + b"]" * 100_000: (as_json, "nested too deeply"),
         b'{"user_ids": ["u1"]}': ({**KEY, "content-type": "text/plain"}, "content-type application/json"),
+        b'{"user_ids": ["u1"]} ': ({**KEY, "content-type": "text/json"}, "content-type application/json"),
+        b"": (as_json, "the body is empty"),
+        '{"user_ids": ["u1"]}'.encode("utf-16"): (as_json, "not UTF-8"),  # the parser would read it
+        '{"user_ids": ["u1"]}'.encode("utf-32-le"): (as_json, "not UTF-8"),  # no byte order mark
     }
     for body, (headers, why) in bodies.items():
         answer = http.post("/users/risk", content=body, headers=headers)
         assert answer.status_code == 422, (body[:20], answer.text)
         assert why in answer.json()["detail"], answer.text
     assert http.get("/no/such/route", headers=KEY).status_code == 404  # other HTTP errors unchanged
+    assert http.post("/users/risk", json={"user_ids": ["u1"]}, headers=KEY).status_code == 200
+    assert "400" not in http.app.openapi()["paths"]["/users/risk"]["post"]["responses"]
