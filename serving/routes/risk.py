@@ -74,9 +74,10 @@ async def _require_utf8_body(request: Request) -> None:
     body = await request.body()
     try:
         body.decode("utf-8")
+        utf8 = b"\x00" not in body
     except UnicodeDecodeError:
-        body = b"\x00"
-    if b"\x00" in body:
+        utf8 = False
+    if not utf8:
         msg = "invalid request: the body is not JSON: it is not UTF-8"
         raise InvalidInputError(msg)
 

@@ -289,26 +289,27 @@ def test_one_ancient_event_in_the_first_batch_does_not_start_the_snapshot_clock_
     assert isinstance(ancient, Event)
     stale = msgspec.structs.replace(ancient, user_id="stale", ts=946_771_200_000)  # 2000-01-02
     batch = [Message(stale.to_json(), "events", day[0].partition, 10**6, day[0].append_ms), *day[:200]]
+    taken = midnights_taken([batch])
+    fresh = [m.append_ms for m in day[:200]]  # their event times
+    assert taken
+    assert min(taken) > min(fresh)  # none before the batch's own days
+    assert len(taken) <= (max(fresh) - min(fresh)) // 86_400_000 + 1
+
+
+def midnights_taken(batches: list[list[Message]], partitions: list[int] | None = None) -> list[int]:
+    """Returns the midnights a processor on a Redis no scorer has used snapshots while it
+    processes `batches` in order (owning `partitions`, when given)."""
     snapshots = RecordedSnapshots()
     model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
     p = BatchProcessor(
         OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
         wall_clock_ms=lambda: 0, snapshots=snapshots,
     )  # fmt: skip
-
-    assert p.process(batch).applied == 201
-    fresh = [m.append_ms for m in day[:200]]  # their event times
-    assert snapshots.taken
-    assert min(snapshots.taken) > min(fresh)  # none before the batch's own days
-    assert len(snapshots.taken) <= (max(fresh) - min(fresh)) // 86_400_000 + 1
-
-
-def _snapshotting_processor(snapshots: RecordedSnapshots) -> BatchProcessor:
-    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
-    return BatchProcessor(
-        OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
-        wall_clock_ms=lambda: 0, snapshots=snapshots,
-    )  # fmt: skip
+    if partitions is not None:
+        p.partitions_changed(partitions, [])
+    for batch in batches:
+        p.process(batch)
+    return snapshots.taken
 
 
 def test_a_replay_whose_first_batch_spans_days_takes_its_first_midnight() -> None:
@@ -317,10 +318,8 @@ def test_a_replay_whose_first_batch_spans_days_takes_its_first_midnight() -> Non
     partition's median skipped one midnight with 1,000 users, two with 300)."""
     events = random_events(7, users=20, days=6, per_user=300)
     batch = [Message(e.to_json(), "events", zlib.crc32(e.user_id.encode()) % 3, i, e.ts) for i, e in enumerate(events)]
-    snapshots = RecordedSnapshots()
-    _snapshotting_processor(snapshots).process(batch)
     first_midnight = min(e.ts for e in events) // 86_400_000 * 86_400_000 + 86_400_000
-    assert min(snapshots.taken) == first_midnight
+    assert min(midnights_taken([batch])) == first_midnight
 
 
 def test_an_ancient_event_alone_in_its_partition_does_not_start_the_clock_years_back() -> None:
@@ -331,13 +330,10 @@ def test_an_ancient_event_alone_in_its_partition_does_not_start_the_clock_years_
     first = [Message(stale.to_json(), "events", 2, 0, day[0].ts)]
     first += [Message(e.to_json(), "events", i % 2, i, e.ts) for i, e in enumerate(day[: len(day) // 2])]
     later = [Message(e.to_json(), "events", 2, 1 + i, e.ts) for i, e in enumerate(day[len(day) // 2 :])]
-    snapshots = RecordedSnapshots()
-    p = _snapshotting_processor(snapshots)
-    p.process(first)
-    p.process(later)
-    assert snapshots.taken
-    assert min(snapshots.taken) > min(e.ts for e in day)
-    assert len(snapshots.taken) <= 6  # the days of its events, not ~9,500
+    taken = midnights_taken([first, later])
+    assert taken
+    assert min(taken) > min(e.ts for e in day)
+    assert len(taken) <= 6  # the days of its events, not ~9,500
 
 
 def test_an_ancient_backlog_filling_half_the_first_batch_does_not_start_the_clock_years_back() -> None:
@@ -347,13 +343,10 @@ def test_an_ancient_backlog_filling_half_the_first_batch_does_not_start_the_cloc
     backlog = [msgspec.structs.replace(fresh[0], user_id="reset", ts=946_684_800_000 + i * 60_000) for i in range(3)]
     first = [Message(e.to_json(), "events", 0, i, fresh[0].ts) for i, e in enumerate([*backlog, *fresh[:2]])]
     later = [Message(e.to_json(), "events", 0, 10 + i, e.ts) for i, e in enumerate(fresh[2:])]
-    snapshots = RecordedSnapshots()
-    p = _snapshotting_processor(snapshots)
-    p.process(first)
-    p.process(later)
-    assert snapshots.taken
-    assert min(snapshots.taken) > min(e.ts for e in fresh)
-    assert len(snapshots.taken) <= 3  # the days of its events, not ~9,500
+    taken = midnights_taken([first, later])
+    assert taken
+    assert min(taken) > min(e.ts for e in fresh)
+    assert len(taken) <= 3  # the days of its events, not ~9,500
 
 
 def test_a_partition_whose_first_fetch_comes_late_still_gets_trainings_first_midnight() -> None:
@@ -369,10 +362,5 @@ def test_a_partition_whose_first_fetch_comes_late_still_gets_trainings_first_mid
     msgs = [Message(e.to_json(), "events", int(e.user_id in early), i, e.ts) for i, e in enumerate(events)]
     only_p0 = [m for m in msgs if m.partition == 0]
     assert min(m.append_ms for m in only_p0) > first_point  # partition 0 alone starts a day late
-    snapshots = RecordedSnapshots()
-    p = _snapshotting_processor(snapshots)
-    p.partitions_changed([0, 1], [])
-    p.process(only_p0[: len(only_p0) // 2])
-    p.process([m for m in msgs if m.partition == 1])
-    p.process(only_p0[len(only_p0) // 2 :])
-    assert min(snapshots.taken) == first_point
+    batches = [only_p0[: len(only_p0) // 2], [m for m in msgs if m.partition == 1], only_p0[len(only_p0) // 2 :]]
+    assert min(midnights_taken(batches, partitions=[0, 1])) == first_point
