@@ -367,8 +367,14 @@ class StageCpu:
         self._ns = dict.fromkeys(SCORER_STAGES, 0)
         self._last = time.thread_time_ns()
 
+    def start(self) -> None:
+        """Starts the clock on the calling thread, which must take every later mark: a thread's
+        CPU clock is its own, so a loop run on another thread than the one that built this
+        would charge a negative time (and the counter refuses it)."""
+        self._last = time.thread_time_ns()
+
     def mark(self, stage: str) -> None:
-        """Charges the loop thread's CPU since the previous mark to `stage`."""
+        """Charges the loop thread's CPU since the previous mark (or `start`) to `stage`."""
         now = time.thread_time_ns()
         self._ns[stage] += now - self._last
         self._last = now

@@ -157,6 +157,7 @@ class ScoringConsumer:
         last_lag = last_model = last_message = last_check = time.monotonic()
         outage = StoreOutage(self.metrics, self.loop.max_backoff_s)
         cpu = self.processor.cpu
+        cpu.start()
         try:
             while not self.stopping.is_set():
                 raw = self._next_batch()
@@ -253,6 +254,7 @@ class ScoringConsumer:
                 messages_out = (dead_letter(r.raw, dlq_headers(r)) for r in dead)
                 self.dlq.deliver(self.settings.dlq_topic, messages_out, 30, "dead letter(s)")
                 self.metrics.dlq_total.inc(len(dead))
+            self.processor.count_unapplied(result)
             self.metrics.batch_events.observe(len(messages))
             # Commit the next offset to read per partition, only now that every write is done.
             # A partition's messages arrive in offset order, so its last one in the batch is its end.

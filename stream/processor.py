@@ -67,6 +67,7 @@ class BatchResult:
     """What one batch did; `dead_letters` must reach the DLQ before offsets are committed."""
 
     dead_letters: list[ErrorRecord] = field(default_factory=list)
+    unknown_pages: int = 0  # valid events whose page is not a known page
     applied: int = 0
     duplicates: int = 0
     late: int = 0
@@ -148,7 +149,7 @@ class BatchProcessor:
         """
         cpu = self.cpu
         parsed = parse_batch(messages, max_bytes=self.max_event_bytes, max_future_skew_ms=self.max_future_skew_ms)
-        result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests)
+        result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests, unknown_pages=parsed.unknown_pages)
         cpu.mark("parse")
         engine = self.engine
         if len(engine.states) > self.max_cached_users:
@@ -174,9 +175,11 @@ class BatchProcessor:
             self._runs = event_runs(self._runs, [e.ts for e in parsed.events])
             self._open = -(-self._runs[-1][0] // DAY_MS) * DAY_MS
         self._apply(messages, parsed, result, loaded, applied_offsets(messages), expected or {})
-        # Counted as soon as the states are saved: if a later step (the snapshot) fails, the retry
-        # finds these events applied and counts them as duplicates, so "ok" counts each event once.
-        self._count(result, parsed.unknown_pages)
+        # Counted as soon as the states are saved: if a later step (the snapshot, the dead
+        # letters) fails, the retry finds these events applied and counts them as duplicates, so
+        # "ok" counts each event once. What the states do not record is counted by
+        # `count_unapplied`, once the batch's dead letters are delivered.
+        self._count_applied(result)
         if self.snapshots is not None:
             for i, event in enumerate(parsed.events):
                 partition = messages[parsed.sources[i]].partition
@@ -433,14 +436,21 @@ class BatchProcessor:
         self.changes.publish(events)
         return len(events)
 
-    def _count(self, result: BatchResult, unknown_pages: int) -> None:
+    def _count_applied(self, result: BatchResult) -> None:
         m = self.metrics
         m.events_total.labels("ok").inc(result.applied)
-        m.events_total.labels("invalid").inc(len(result.dead_letters))
-        m.events_total.labels("guest").inc(result.guests)
         m.events_total.labels("late").inc(result.late)
         m.events_total.labels("duplicate").inc(result.duplicates)
-        m.unknown_pages_total.inc(unknown_pages)
+
+    def count_unapplied(self, result: BatchResult) -> None:
+        """Counts the batch's invalid and guest messages and its unknown pages. Call it once the
+        batch's dead letters are delivered: a batch retried after an outage parses them again,
+        and nothing in the states tells a retry from a first attempt (a crash between the
+        delivery and the commit still counts them twice, as the dead letters are then sent twice)."""
+        m = self.metrics
+        m.events_total.labels("invalid").inc(len(result.dead_letters))
+        m.events_total.labels("guest").inc(result.guests)
+        m.unknown_pages_total.inc(result.unknown_pages)
 
 
 def _value(x: float) -> float | None:

@@ -1,16 +1,17 @@
 """BulkHistogram exposes exactly what a prometheus_client Histogram would; the GC policy frees
-cyclic garbage before freezing."""
+cyclic garbage before freezing; the scorer's stage CPU clock works on the loop's own thread."""
 
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from core.gc_policy import freeze_survivors, release_frozen
-from monitoring.metrics import FRESHNESS_BUCKETS, BulkHistogram
+from monitoring.metrics import FRESHNESS_BUCKETS, BulkHistogram, StageCpu
 
 
 def test_bulk_histogram_exposition_equals_histogram() -> None:
@@ -50,3 +51,28 @@ def test_freeze_survivors_collects_new_cycles_and_freezes_the_rest() -> None:
     finally:
         release_frozen()
         gc.unfreeze()
+
+
+def test_a_loop_on_another_thread_than_its_builder_charges_its_own_cpu() -> None:
+    """Thread CPU clocks are per thread: a scorer built on one thread and run on another starts
+    the clock there, or its first mark is negative (this test thread has used seconds of CPU)."""
+    registry = CollectorRegistry()
+    cpu = StageCpu(Counter("stage_cpu_seconds", "doc", ["stage"], registry=registry))
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            cpu.start()
+            sum(range(100_000))
+            cpu.mark("engine")
+            cpu.flush()
+        except BaseException as exc:  # noqa: BLE001 (reported to the test thread)
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    thread.join()
+    assert errors == []
+    charged = registry.get_sample_value("stage_cpu_seconds_total", {"stage": "engine"})
+    assert charged is not None
+    assert 0 < charged < 1

@@ -10,12 +10,29 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from confluent_kafka import TopicPartition
+
 from core.errors import ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
+from events.schema import parse_batch
+from features.online import OnlineEngine
+from features.state_store import InMemoryStateStore
+from features.store import InMemoryFeatureStore
+from models.runtime import LoadedModel
 from monitoring.metrics import Metrics
 from stream.consumer import LoopConfig, ScoringConsumer
 from stream.outage import FIRST_BACKOFF_S, StoreOutage
-from tests.support import STAND_IN_TOPIC, CommitWaitsForBroker, ScriptedConsumer, seconds_to_stop_during_commit
+from stream.processor import BatchProcessor, partition_key
+from stream.risk_store import InMemoryRiskStore
+from tests.support import (
+    STAND_IN_TOPIC,
+    CommitWaitsForBroker,
+    KafkaMessage,
+    ScriptedConsumer,
+    StandInModel,
+    random_events,
+    seconds_to_stop_during_commit,
+)
 
 TOPIC = STAND_IN_TOPIC
 
@@ -68,6 +85,9 @@ class StoreDown:
     """A batch processor whose stores are down: every batch raises `ServiceUnavailableError`."""
 
     class Cpu:
+        def start(self) -> None:
+            pass
+
         def mark(self, stage: str) -> None:
             pass
 
@@ -102,10 +122,11 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def start_loop(
-    consumer: ScriptedConsumer, processor: StoreDown, metrics: Metrics
+    consumer: ScriptedConsumer, processor: StoreDown, metrics: Metrics, dlq: Any = None
 ) -> tuple[ScoringConsumer, threading.Thread]:
-    """Starts a scorer loop on `consumer` and `processor` in a thread of its own; returns the
-    scorer (set its `stopping` to end the loop) and the thread."""
+    """Starts a scorer loop on `consumer` and `processor` (and `dlq` as its dead-letter
+    producer, if given) in a thread of its own; returns the scorer (set its `stopping` to end
+    the loop) and the thread."""
     scorer = ScoringConsumer(
         Settings(kafka_bootstrap="127.0.0.1:1"),  # nothing listens there: no service is used
         processor,  # type: ignore[arg-type]
@@ -115,6 +136,8 @@ def start_loop(
     )
     scorer.consumer.close()
     scorer.consumer = consumer  # type: ignore[assignment]
+    if dlq is not None:
+        scorer.dlq = dlq
     loop = threading.Thread(target=scorer.run)
     loop.start()
     return scorer, loop
@@ -164,6 +187,9 @@ class StoresUp(StoreDown):
     def process(self, messages: Any, expected: Any) -> Any:
         return SimpleNamespace(dead_letters=[])
 
+    def count_unapplied(self, result: Any) -> None:
+        pass
+
 
 def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_loop_and_leaves_the_consumer() -> None:
     consumer = CommitWaitsForBroker()
@@ -172,3 +198,79 @@ def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_loop_and_leaves_t
     assert waited < 2  # one wait slice, not the broker's silence
     assert scorer.commit_abandoned
     assert not consumer.closed  # closing under the abandoned commit would be unsafe
+
+
+class ReadsAgainAfterSeek(ScriptedConsumer):
+    """A consumer of one batch on partition 0 that delivers it again after each seek (as Kafka
+    does for a rewound partition) and accepts every commit."""
+
+    def __init__(self, batch: list[KafkaMessage]) -> None:
+        super().__init__(assigned=[0], batches=[batch])
+        self.batch = batch
+        self.commits = 0
+
+    def seek(self, partition: TopicPartition) -> None:
+        super().seek(partition)
+        self.batches.append(self.batch)
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> list[TopicPartition]:
+        self.commits += 1
+        return []
+
+
+class DeadLetterTopicDownOnce:
+    """The dead-letter producer of a scorer whose first delivery is not acknowledged."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.delivered: list[dict[str, Any]] = []
+
+    def deliver(self, topic: str, messages: Any, timeout_s: float, what: str) -> None:
+        self.attempts += 1
+        letters = list(messages)
+        if self.attempts == 1:
+            raise ServiceUnavailableError(f"topic {topic!r} did not acknowledge {len(letters)} {what}")
+        self.delivered += letters
+
+    def flush(self, timeout_s: float) -> int:
+        return 0
+
+
+def test_a_batch_retried_after_a_dead_letter_outage_counts_each_message_once() -> None:
+    """The batch's states are saved before its dead letters fail: the retry finds its events
+    applied (duplicates), and its invalid, guest and unknown-page messages are counted once."""
+    events = [e.to_json() for e in random_events(3, users=4, days=2, per_user=10)]
+    guest = (
+        b'{"ts":1538352117000,"userId":"","sessionId":1,"itemInSession":0,'
+        b'"page":"Home","auth":"Logged Out","level":"free"}'
+    )
+    unknown_page = events[0].replace(b'"page":"', b'"page":"Podcast', 1)
+    values = [*events, b"{not json", guest, unknown_page]
+    batch = [KafkaMessage(0, 7 + i, value) for i, value in enumerate(values)]
+    metrics = Metrics()
+    model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
+    states = InMemoryStateStore()
+    states.offsets[partition_key(TOPIC, 0)] = 7  # where the batch starts: Redis is not behind
+    processor = BatchProcessor(
+        OnlineEngine(), states, InMemoryFeatureStore(), InMemoryRiskStore(), metrics, lambda: model,
+        wall_clock_ms=lambda: 0,
+    )  # fmt: skip
+    consumer = ReadsAgainAfterSeek(batch)
+    dlq = DeadLetterTopicDownOnce()
+    scorer, loop = start_loop(consumer, processor, metrics, dlq)  # type: ignore[arg-type]
+    try:
+        wait_until(lambda: consumer.commits == 1, "the retried batch's commit")
+    finally:
+        scorer.stopping.set()
+        loop.join(5)
+    assert consumer.seeks == [(0, 7)]  # the fault landed: the batch was rewound and retried
+    assert dlq.attempts == 2
+    assert len(dlq.delivered) == 1
+    counted = {
+        o: gauge(metrics, "churn_events_consumed_total", outcome=o) for o in ("ok", "invalid", "guest", "duplicate")
+    }
+    applied = len(events) + 1  # the unknown page is applied too
+    assert counted == {"ok": applied, "invalid": 1, "guest": 1, "duplicate": applied}
+    unknown_pages = parse_batch([(v, TOPIC, 0, 7 + i) for i, v in enumerate(values)]).unknown_pages
+    assert unknown_pages >= 1
+    assert gauge(metrics, "churn_unknown_pages_total") == unknown_pages
