@@ -87,6 +87,7 @@ class TrainResult:
     reasons: tuple[str, ...] = ()
     previous_champion: str | None = None
     previous_champion_roc_auc: float | None = None
+    previous_champion_compared_as: str | None = None  # "served" or "refitted" (`registry.Decision`)
 
     @property
     def registered(self) -> bool:
@@ -416,6 +417,7 @@ def _register(
         reasons=tuple(decision.reasons),
         previous_champion=decision.champion_version,
         previous_champion_roc_auc=decision.champion_roc_auc,
+        previous_champion_compared_as=decision.champion_compared_as,
     )
 
 

@@ -49,6 +49,9 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     champion_version: str | None = None
     champion_roc_auc: float | None = None
+    # How the champion's side was scored: "served" (its registered model) or "refitted" (its
+    # recorded settings fitted on the gate's training rows), so `champion_roc_auc` reads right.
+    champion_compared_as: str | None = None
     paired: dict[str, float] | None = None  # the paired bootstrap of the ROC-AUC difference
     # The gates passed but the training was told not to promote (`churn train --no-promote`).
     held: bool = False
@@ -255,9 +258,11 @@ def decide(
         )
     if known_until is not None and known_until <= int(test["as_of"].min()):  # type: ignore[arg-type]
         champion_scores = model.predict(feature_matrix(test, model.features))
+        decision.champion_compared_as = "served"
         how = f"champion v{version} as served; rows new to both"
     elif recorded is None:
         champion_scores = model.predict(feature_matrix(test, model.features))
+        decision.champion_compared_as = "served"
         how = (
             f"champion v{version} as served: it records no settings to refit, and its labels may reach into"
             f" the rows (to {_iso(known_until)}), which can only favour it"
@@ -267,6 +272,7 @@ def decide(
         champion_scores = backtest.fit_and_score(
             gate_rows.train, test, config, imbalance, rounds, calibration, features
         )
+        decision.champion_compared_as = "refitted"
         how = f"champion v{version}'s settings refitted on the same {gate_rows.train.height} earlier rows"
     labels = test["label"].to_numpy().astype(bool)
     paired = backtest.paired_auc_difference(
@@ -346,7 +352,11 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         "reason": "; ".join(decision.reasons),
         "from_version": decision.champion_version,
         "to_version": version,
-        "figures": {"champion_roc_auc": decision.champion_roc_auc, **(decision.paired or {})},
+        "figures": {
+            "champion_roc_auc": decision.champion_roc_auc,
+            "champion_compared_as": decision.champion_compared_as,
+            **(decision.paired or {}),
+        },
     }
     record_step(settings, entry, [version])
 

@@ -156,6 +156,7 @@ def test_paired_gate_refits_a_champion_that_saw_the_rows_and_refuses_an_overfit_
     assert equal.paired is not None
     assert equal.paired["difference"] == 0.0
     assert any(f"settings refitted on the same {train.height} earlier rows" in r for r in equal.reasons)
+    assert equal.champion_compared_as == "refitted"
     # A challenger that memorises its training rows: worse on rows it never saw.
     overfit = _scores(_procedure(OVERFIT, train, rounds=300), frame)
     sound = _scores(_procedure(SOUND, train), frame)
@@ -227,6 +228,7 @@ def test_paired_gate_compares_as_served_a_champion_that_records_neither_its_wind
     decision = registry.decide(settings, SUMMARY, registry.GateRows(frame, frame, noise), (champion, "6"))
     assert not decision.promote, decision.reasons
     assert "champion v6 as served: it records no settings" in decision.reasons[-1]
+    assert decision.champion_compared_as == "served"
 
 
 def test_paired_gate_meets_the_champion_as_served_from_the_end_of_its_last_label_window() -> None:
@@ -237,6 +239,7 @@ def test_paired_gate_meets_the_champion_as_served_from_the_end_of_its_last_label
     scores = champion.predict(frame.select(FEATURES).to_numpy())
     decision = registry.decide(settings, SUMMARY, registry.GateRows(older, frame, scores), (champion, "7"))
     assert "champion v7 as served; rows new to both" in decision.reasons[-1]
+    assert decision.champion_compared_as == "served"
     later = frame.filter(pl.col("as_of") > START_MS)  # one day in: still new
     later_rows = registry.GateRows(older, later, champion.predict(later.select(FEATURES).to_numpy()))
     assert "as served" in registry.decide(settings, SUMMARY, later_rows, (champion, "7")).reasons[-1]

@@ -31,7 +31,9 @@ def test_a_promotion_judged_against_a_replaced_champion_is_refused(tmp_path: Pat
     # Two trainings judged against the first champion; the second one's decision lands last.
     (early_run, early), (late_run, late) = register(), register()
     registry.apply_decision(settings, early_run, early, registry.Decision(True, champion_version=first))
-    decision = registry.Decision(True, reasons=["pass: gates"], champion_version=first)
+    decision = registry.Decision(
+        True, reasons=["pass: gates"], champion_version=first, champion_roc_auc=0.8, champion_compared_as="refitted"
+    )
     registry.apply_decision(settings, late_run, late, decision)
 
     assert champion_version(settings) == early
@@ -40,6 +42,7 @@ def test_a_promotion_judged_against_a_replaced_champion_is_refused(tmp_path: Pat
     assert registry_client(settings).get_run(late_run).data.tags["promotion.decision"] == "rejected"
     entries, _ = audit.read(settings.audit_log_path, limit=1)
     assert (entries[0]["to_version"], entries[0]["outcome"]) == (late, "refused")
+    assert entries[0]["figures"] == {"champion_roc_auc": 0.8, "champion_compared_as": "refitted"}
 
 
 def test_a_promotion_judged_against_a_champion_whose_alias_was_removed_is_refused(tmp_path: Path) -> None:
