@@ -71,12 +71,13 @@ def _read(path: Path) -> pl.DataFrame:
 
 def write_snapshot(root: Path, as_of_ms: int, frame: pl.DataFrame) -> Path:
     """Writes the snapshot of `as_of_ms` (columns as in the module doc; no row when nobody was
-    active) to its date folder; returns the file. Labels of an earlier take of the same snapshot
-    (a replay after Redis was lost) are removed first, so the new rows are labelled in turn."""
+    active) to its date folder; returns the file. The labels and drift reports of an earlier
+    take of the same snapshot (a replay after Redis was lost) are removed first: the new rows
+    are labelled in turn, and their drift is reported again when their model has a reference."""
     path = folder(root, as_of_ms) / SNAPSHOT
     # Before the write: a crash in between leaves the old snapshot unlabelled, never new rows
-    # with the old rows' labels.
-    for stale in (LABELS, PERFORMANCE):
+    # with the old rows' labels or drift.
+    for stale in (LABELS, PERFORMANCE, DRIFT, SHADOW_DRIFT):
         (path.parent / stale).unlink(missing_ok=True)
     _atomic(path, frame.write_parquet)
     return path

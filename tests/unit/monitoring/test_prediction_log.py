@@ -11,10 +11,13 @@ import pytest
 from core.errors import InvalidInputError
 from monitoring.prediction_log import (
     LABELS,
+    SHADOW_DRIFT,
     folder,
+    read_drift_history,
     read_log,
     read_snapshot,
     unlabelled_snapshots,
+    write_drift,
     write_labels,
     write_snapshot,
 )
@@ -46,3 +49,17 @@ def test_a_snapshot_whose_labelling_stopped_before_its_performance_file_is_label
     assert unlabelled_snapshots(tmp_path) == [as_of]
     write_labels(tmp_path, as_of, pl.DataFrame({"user_id": ["u1"], "churned": [False]}), {"as_of_ms": as_of})
     assert unlabelled_snapshots(tmp_path) == []
+
+
+def test_a_snapshot_taken_again_drops_the_earlier_take_s_labels_and_drift(tmp_path: Path) -> None:
+    """A replay after Redis was lost takes the snapshot again, perhaps under a model without a
+    reference (no drift report then): nothing of the earlier take's rows may stay beside it."""
+    rows = pl.DataFrame({"user_id": ["u1"], "as_of": [MIDNIGHT]})
+    write_snapshot(tmp_path, MIDNIGHT, rows)
+    write_drift(tmp_path, MIDNIGHT, {"alerts": []})
+    write_drift(tmp_path, MIDNIGHT, {"alerts": []}, SHADOW_DRIFT)
+    write_labels(tmp_path, MIDNIGHT, pl.DataFrame({"user_id": ["u1"], "churned": [False]}), {"as_of_ms": MIDNIGHT})
+    write_snapshot(tmp_path, MIDNIGHT, rows)
+    assert sorted(p.name for p in folder(tmp_path, MIDNIGHT).iterdir()) == ["snapshot.parquet"]
+    assert read_drift_history(tmp_path) == {}
+    assert unlabelled_snapshots(tmp_path) == [MIDNIGHT]
