@@ -150,12 +150,20 @@ def future_skew_reason(event: Event, append_ms: int, max_future_skew_ms: int) ->
     )
 
 
-def key_mismatch_reason(event: Event, key: bytes | None) -> str | None:
+def key_mismatch_reason(event: Event, key: bytes | None, *, key_required: bool = False) -> str | None:
     """Returns why `event` is refused when its Kafka message key is not its userId (the key
     decides the partition, and one user's events must reach the one scorer that owns the user:
     another scorer applying it would overwrite, or be overwritten by, the owner's saved state),
-    or None when it is (or the message has no key)."""
-    if key is None or key == event.user_id.encode():
+    or when it has no key and `key_required` (a topic of several partitions, where a keyless
+    message lands on any of them); None when the key is the userId, or absent and not required."""
+    if key is None:
+        if not key_required:
+            return None
+        return (
+            f"message has no key; on a topic of several partitions the key must be the userId"
+            f" {event.user_id!r} (so that one user's events share a partition and its scorer)"
+        )
+    if key == event.user_id.encode():
         return None
     shown = key[:80].decode("utf-8", "replace")
     return f"message key {shown!r} is not the event's userId {event.user_id!r} (the key must be the userId)"
@@ -168,22 +176,28 @@ def parse_message(
     *,
     max_bytes: int = 64 * 1024,
     max_future_skew_ms: int | None = None,
+    key_required: bool = False,
 ) -> Event | ErrorRecord | None:
     """Returns one Kafka message's event as the scorer judges it (`parse_event`, then, with
-    `max_future_skew_ms`, `future_skew_reason` against `append_ms`, then `key_mismatch_reason`):
-    the event it applies, the error it dead-letters, or None for a guest. The archiver judges
-    with the same function, so the log holds exactly what the scorer applies. Never raises."""
+    `max_future_skew_ms`, `future_skew_reason` against `append_ms`, then `key_mismatch_reason`
+    with `key_required`): the event it applies, the error it dead-letters, or None for a guest.
+    The archiver judges with the same function, so the log holds exactly what the scorer
+    applies. Never raises."""
     result = parse_event(value, max_bytes=max_bytes)
     if type(result) is not Event:
         return result
     reason = None if max_future_skew_ms is None else future_skew_reason(result, append_ms, max_future_skew_ms)
     if reason is None:
-        reason = key_mismatch_reason(result, key)
+        reason = key_mismatch_reason(result, key, key_required=key_required)
     return result if reason is None else ErrorRecord(value, reason)
 
 
 def parse_batch(
-    messages: Sequence[tuple[Any, ...]], *, max_bytes: int = 64 * 1024, max_future_skew_ms: int | None = None
+    messages: Sequence[tuple[Any, ...]],
+    *,
+    max_bytes: int = 64 * 1024,
+    max_future_skew_ms: int | None = None,
+    key_required: bool = False,
 ) -> ParsedBatch:
     """Parses messages that start with (value, topic, partition, offset[, append_ms[, key]]) into
     events, errors and counts with `parse_message`; `sources` says which message each event came
@@ -193,7 +207,10 @@ def parse_batch(
     for index, message in enumerate(messages):
         append_ms = message[4] if len(message) > 4 else -1
         key = message[5] if len(message) > 5 else None
-        result = parse_message(message[0], append_ms, key, max_bytes=max_bytes, max_future_skew_ms=max_future_skew_ms)
+        result = parse_message(
+            message[0], append_ms, key,
+            max_bytes=max_bytes, max_future_skew_ms=max_future_skew_ms, key_required=key_required,
+        )  # fmt: skip
         if result is None:
             batch.guests += 1
         elif type(result) is Event:

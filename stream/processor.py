@@ -92,6 +92,7 @@ class BatchProcessor:
         *,
         max_event_bytes: int = 64 * 1024,
         max_future_skew_ms: int = 300_000,
+        key_required: bool = False,
         max_cached_users: int = 200_000,
         wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         snapshots: Snapshots | None = None,
@@ -108,6 +109,8 @@ class BatchProcessor:
         self.current_model = current_model
         self.max_event_bytes = max_event_bytes
         self.max_future_skew_ms = max_future_skew_ms
+        # A keyless event is dead-lettered on a topic of several partitions (`key_mismatch_reason`).
+        self.key_required = key_required
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
         self.snapshots = snapshots  # the daily snapshot at each UTC midnight of event time
@@ -148,7 +151,12 @@ class BatchProcessor:
                 committed, the partitions must be replayed from the offsets the store holds.
         """
         cpu = self.cpu
-        parsed = parse_batch(messages, max_bytes=self.max_event_bytes, max_future_skew_ms=self.max_future_skew_ms)
+        parsed = parse_batch(
+            messages,
+            max_bytes=self.max_event_bytes,
+            max_future_skew_ms=self.max_future_skew_ms,
+            key_required=self.key_required,
+        )
         result = BatchResult(dead_letters=parsed.errors, guests=parsed.guests, unknown_pages=parsed.unknown_pages)
         cpu.mark("parse")
         engine = self.engine

@@ -1,12 +1,14 @@
-"""One far-future event on the real broker, Redis and Feast: dead-lettered, nothing moves, and the
-archived log leaves it out."""
+"""One far-future event, and one event without a key on the topic of several partitions, on the
+real broker, Redis and Feast: dead-lettered, nothing moves, and the archived log leaves them out."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import msgspec
+from confluent_kafka import Producer
 
+from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
 from events.log import load_events
@@ -37,15 +39,23 @@ def test_a_2099_event_is_dead_lettered_and_moves_nothing(
         target = next(e for e in reversed(events) if e.user_id == "u1")
         future = msgspec.structs.replace(target, ts=YEAR_2099_MS, item_in_session=target.item_in_session + 1)
         produce_paced(deployment.settings, [future], rate=1000)
+        # The next event of u2, published without a key: it may land on any of the partitions.
+        unkeyed = next(e for e in reversed(events) if e.user_id == "u2")
+        unkeyed = msgspec.structs.replace(unkeyed, item_in_session=unkeyed.item_in_session + 1)
+        producer = Producer(kafka_config(deployment.settings))
+        producer.produce(topic, value=unkeyed.to_json())
+        assert producer.flush(30) == 0
+        assert deployment.settings.topic_partitions > 1
         second = deployment.run_uninterrupted()
 
-        assert second.events_total.labels("invalid")._value.get() == 1
+        assert second.events_total.labels("invalid")._value.get() == 2
         assert second.events_total.labels("ok")._value.get() == 0
-        dead = read_dlq(deployment.settings, topic, expected=1)
-        assert [value for value, _ in dead] == [future.to_json()]
-        reason = dead[0][1]["reason"].decode()
+        dead = dict(read_dlq(deployment.settings, topic, expected=2))
+        assert sorted(dead) == sorted([future.to_json(), unkeyed.to_json()])
+        reason = dead[future.to_json()]["reason"].decode()
         assert "ahead of its Kafka append time" in reason
         assert "CHURN_MAX_FUTURE_SKEW_SECONDS" in reason
+        assert "message has no key" in dead[unkeyed.to_json()]["reason"].decode()
         # Nothing else moved: u1's state, every user's row, state and risk, the watermark and
         # so the API's event-mode clock (every user's `as_of`).
         assert deployment.final_state(users) == before
@@ -60,6 +70,6 @@ def test_a_2099_event_is_dead_lettered_and_moves_nothing(
         archived = load_events(tmp_path / "archive").collect()
         assert archived.height == len(events)
         assert archived["ts"].max() == watermark
-        assert archive.skipped == 1
+        assert archive.skipped == 2
     finally:
         deployment.cleanup()

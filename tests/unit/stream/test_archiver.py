@@ -188,12 +188,14 @@ def test_a_stop_while_the_coordinator_is_silent_ends_the_archiver_and_archives_n
     assert not (tmp_path / "log").exists() or _archived_rows(tmp_path / "log") == 0
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
 def test_the_archive_holds_exactly_the_events_the_scorer_applies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partitions: int
 ) -> None:
     """The same messages through the scorer's batch path and the archiver: an event keyed by
     another user, dated a year past its append time or not JSON is dead-lettered by the one and
-    left out by the other; the right key and no key are applied and archived."""
+    left out by the other; the right key is applied and archived, and so is no key on a topic
+    of one partition (on several, a keyless event is refused by both)."""
     events = random_events(5, users=3, days=1, per_user=4)[:5]
     appended = max(e.ts for e in events)
     future = msgspec.structs.replace(events[3], ts=appended + 365 * 86_400_000)
@@ -208,13 +210,16 @@ def test_the_archive_holds_exactly_the_events_the_scorer_applies(
     model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
     scorer = BatchProcessor(
         OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
-        max_future_skew_ms=Settings().max_future_skew_seconds * 1000,
+        max_future_skew_ms=Settings().max_future_skew_seconds * 1000, key_required=partitions > 1,
     )  # fmt: skip
     verdict = scorer.process([Message(m.value(), "events", 0, m.offset(), appended, m.key()) for m in batch])
     dead = {d.offset for d in verdict.dead_letters}
-    assert dead == {1, 3, 4}
+    assert dead == ({1, 3, 4} if partitions == 1 else {1, 2, 3, 4})
 
-    worker = _archiver(tmp_path, CommitRefusedOnce(batches=[batch]), monkeypatch)
+    consumer = CoordinatorSilent(batches=[batch], silent_tries=0, committed_offset=0)
+    consumer.topic_partitions = partitions
+    worker = _archiver(tmp_path, consumer, monkeypatch)
     worker.run(max_idle_s=0.2)
+    assert worker.key_required == (partitions > 1)  # read from the metadata at the assignment
     archived = pl.concat([pl.read_parquet(f) for f in (tmp_path / "log").rglob("*.parquet")])
     assert sorted(archived["kafkaOffset"].to_list()) == sorted({m.offset() for m in batch} - dead)
