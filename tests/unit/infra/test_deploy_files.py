@@ -207,6 +207,17 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
     assert alerts - quiet == set(), "alerts without a not-firing case"
 
 
+def test_every_alert_has_a_runbook_row_in_the_readme() -> None:
+    """The README's runbook says what each alert means and what to do (a row per alert; two
+    alerts may share a row, as `A` / `B`)."""
+    readme = (ROOT / "README.md").read_text()
+    runbook = readme[readme.index("### Runbook") :]
+    runbook = runbook[: runbook.index("\n## ")]
+    rows = [line for line in runbook.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`(Churn\w+)`", row.split(" | ")[0])}
+    assert {rule["alert"] for rule in _alert_rules()} - named == set(), "alerts without a runbook row"
+
+
 # --- Grafana -------------------------------------------------------------------------------
 
 
