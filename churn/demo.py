@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
+from core.errors import InvalidInputError
 from core.kafka import kafka_config
 from core.redis import redis_client
 from core.settings import Settings
@@ -113,6 +114,25 @@ def _wait_for_groups(settings: Settings, say: Say, procs: Processes) -> None:
         time.sleep(5)
 
 
+def min_history_days(horizon_days: int) -> int:
+    """Returns the fewest days of history the first training needs: its observation points run
+    from the log's second day to H days before its end (labels complete), and train, validation
+    and test need H days between them, so (days - H - 2) >= 2 H."""
+    return 3 * horizon_days + 2
+
+
+def _prometheus_page(base: str, name: str) -> str:
+    """Returns the URL of Prometheus's `name` page (targets, alerts): `/<name>` in the web UI of
+    upstream builds, `/classic/<name>` in Debian's, which is built without that UI."""
+    for path in (f"/{name}", f"/classic/{name}"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=5):  # noqa: S310 - loopback URL
+                return base + path
+        except OSError:
+            continue
+    return base
+
+
 def _get(url: str, key: str | None) -> Any:
     request = urllib.request.Request(url, headers={"X-API-Key": key} if key else {})  # noqa: S310 - loopback URL
     with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
@@ -169,8 +189,18 @@ def run_demo(
     settings: Settings, *, users: int, days: int, rate: int, duration: float | None, say: Say, drift: bool = False
 ) -> None:
     """Runs the demo; returns when `duration` seconds of live scoring have passed or on Ctrl-C.
-    With `drift`, the live part drifts from its first instant (see `DEMO_DRIFT_STRENGTH`)."""
+    With `drift`, the live part drifts from its first instant (see `DEMO_DRIFT_STRENGTH`).
 
+    Raises:
+        InvalidInputError: `days` is too short for the first training (`min_history_days`).
+    """
+    needed = min_history_days(settings.horizon_days)
+    if days < needed:
+        msg = (
+            f"--days {days}: the first training needs at least {needed} days of history with a"
+            f" {settings.horizon_days}-day horizon (CHURN_HORIZON_DAYS)"
+        )
+        raise InvalidInputError(msg)
     t0 = time.monotonic()
     data = settings.data_dir / "demo"
     data.mkdir(parents=True, exist_ok=True)
@@ -252,11 +282,17 @@ def run_demo(
         say(f"  API docs:      {base}/docs")
         say(f"  API metrics:   {base}/metrics")
         say(f"  scorer metrics: http://127.0.0.1:{settings.scorer_metrics_port}/metrics")
-        say(f"  Prometheus:    http://127.0.0.1:{settings.prometheus_port} (targets: /targets, alerts: /alerts)")
+        prometheus = f"http://127.0.0.1:{settings.prometheus_port}"
+        say(f"  Prometheus:    {_prometheus_page(prometheus, 'targets')}, {_prometheus_page(prometheus, 'alerts')}")
         say(f"  drift:         {base}/monitoring/drift (a snapshot at each UTC midnight of event time)")
         say(f"  performance:   {base}/monitoring/performance; prediction log: churn predictions")
-        say(f"  MLflow UI:     .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri}")
+        say(f"  MLflow UI:     .venv/bin/mlflow ui --workers 1 --backend-store-uri {settings.tracking_uri}")
         say(f"  logs:          {logs}")
+        until = "until Ctrl-C (or kill)" if duration is None else f"for {duration:g} s"
+        say(
+            f"  the demo runs {until}, then stops what it started;"
+            " `.venv/bin/churn infra down` stops Kafka, Redis and Prometheus"
+        )
         _show_answers(settings, say)
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
