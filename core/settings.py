@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     # topic uses LogAppendTime) is dead-lettered: one bad device clock must not move event time.
     # Below the allowed lateness, so an accepted early event never makes a user's real ones late.
     max_future_skew_seconds: int = Field(default=300, ge=0, le=86_400)
+    # An event whose message has no key is dead-lettered: on a topic of several partitions it
+    # lands on any of them, so on a scorer that does not own the user. `false` accepts keyless
+    # events, safe only on a topic of one partition. The scorer and the archiver read the same
+    # setting, so the archived log holds what the scorer applied.
+    require_event_key: bool = True
     # `churn serve` refuses to start without API keys unless this is set: open is a decision.
     api_open: bool = False
     # Kafka client security, passed to every client by `core.kafka.kafka_config`.

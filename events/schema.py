@@ -154,14 +154,14 @@ def key_mismatch_reason(event: Event, key: bytes | None, *, key_required: bool =
     """Returns why `event` is refused when its Kafka message key is not its userId (the key
     decides the partition, and one user's events must reach the one scorer that owns the user:
     another scorer applying it would overwrite, or be overwritten by, the owner's saved state),
-    or when it has no key and `key_required` (a topic of several partitions, where a keyless
-    message lands on any of them); None when the key is the userId, or absent and not required."""
+    or when it has no key and `key_required` (a keyless message lands on any partition of the
+    topic); None when the key is the userId, or absent and not required."""
     if key is None:
         if not key_required:
             return None
         return (
-            f"message has no key; on a topic of several partitions the key must be the userId"
-            f" {event.user_id!r} (so that one user's events share a partition and its scorer)"
+            f"message has no key; the key must be the userId {event.user_id!r} (one user's events must"
+            " share a partition; on a topic of one partition, CHURN_REQUIRE_EVENT_KEY=false accepts keyless events)"
         )
     if key == event.user_id.encode():
         return None

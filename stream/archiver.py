@@ -8,7 +8,7 @@ the archiver reads the offsets already archived at or after the committed positi
 names tell which files can hold them) and skips those messages. It keeps the events the scorer
 applies, judged by the scorer's own `parse_message`: guests and what the scorer dead-letters
 (invalid, dated more than `CHURN_MAX_FUTURE_SKEW_SECONDS` after the Kafka append time, keyed by
-another user) are left out. While the group's coordinator
+another user, or not keyed unless `CHURN_REQUIRE_EVENT_KEY=false`) are left out. While the group's coordinator
 does not answer for the committed positions, it asks again until it does or a stop comes, and
 after a stop it archives nothing it is unsure of.
 """
@@ -32,7 +32,7 @@ from core.durable import fsync_path
 from core.settings import Settings
 from events.schema import Event, parse_message
 from monitoring.metrics import Metrics
-from stream.kafka import commit_unless_stopped, committing_consumer, partition_count, report_lag
+from stream.kafka import commit_unless_stopped, committing_consumer, report_lag
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,6 @@ class Archiver:
         self.skipped = 0
         self.commit_abandoned = False
         self.already_archived: dict[int, set[int]] = {}
-        self.key_required = False  # as the scorer: a keyless event is left out on a topic of several partitions
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Loads, for each newly assigned partition, the offsets already archived at or after its
@@ -121,7 +120,6 @@ class Archiver:
         while not self.stopping.is_set():
             try:
                 committed = consumer.committed(partitions, timeout=COMMITTED_TRY_S)
-                self.key_required = partition_count(consumer, self.settings.events_topic, COMMITTED_TRY_S) > 1
             except KafkaException as exc:
                 tries += 1
                 log.warning("committed offsets unavailable (try %d), asking again: %s", tries, exc)
@@ -161,14 +159,13 @@ class Archiver:
                     event = parse_message(
                         m.value() or b"", m.timestamp()[1], m.key(),
                         max_bytes=self.settings.max_event_bytes, max_future_skew_ms=skew_ms,
-                        key_required=self.key_required,
+                        key_required=self.settings.require_event_key,
                     )  # fmt: skip
                     if isinstance(event, Event):
                         rows.append((partition, offset, event))
                     else:
                         # Guests and what the scorer dead-letters (invalid, dated too far ahead
-                        # of its append time, keyed by another user or not keyed on a topic of
-                        # several partitions). The log holds what the
+                        # of its append time, keyed by another user or not keyed). The log holds what the
                         # scorer applies (training and `churn materialize` read it): one event
                         # dated in 2099 made training take every point's label window as ended.
                         self.skipped += 1

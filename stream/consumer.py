@@ -45,23 +45,14 @@ from monitoring.metrics import Metrics
 from monitoring.performance_state import PerformancePublisher
 from stream.at_risk import RedisAtRiskIndex
 from stream.changes import KafkaChangeLog, ensure_changes_topic
-from stream.kafka import (
-    IdempotentProducer,
-    commit_unless_stopped,
-    committing_consumer,
-    dead_letter,
-    partition_count,
-    report_lag,
-)
+from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer, dead_letter, report_lag
 from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.snapshot import DailySnapshots, RedisActivity
-from stream.topics import ensure_topics, events_topic_partitions, producer_clock_warning
+from stream.topics import ensure_topics, producer_clock_warning
 
 log = logging.getLogger(__name__)
-# How long a rebalance waits for the events topic's metadata (the partition count).
-ASSIGN_METADATA_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -137,14 +128,6 @@ class ScoringConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
         self.processor.partitions_changed([p.partition for p in partitions], [])
-        # Partitions added to the topic come with a rebalance: a keyless event is refused once
-        # there are several (the count read at start holds if the broker does not answer now).
-        try:
-            count = partition_count(consumer, self.settings.events_topic, ASSIGN_METADATA_TIMEOUT_S)
-        except KafkaException as exc:
-            log.info("could not read the events topic's partition count (%s); keeping the last one", exc)
-        else:
-            self.processor.key_required = count > 1
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Batches are committed synchronously before the next poll, so nothing is pending here;
@@ -379,8 +362,6 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
     ensure_topics(settings)
     if (warning := producer_clock_warning(settings)) is not None:
         log.warning(warning)
-    # Read once: partitions added later (which also move users between partitions) need a restart.
-    key_required = events_topic_partitions(settings) > 1
     ensure_changes_topic(settings)
     client = redis_client(settings)
     stopping = threading.Event()  # the stop signal, for the loop and the producers' waits alike
@@ -417,7 +398,7 @@ def build_scorer(settings: Settings, metrics: Metrics | None = None) -> ScoringC
         lambda: models.current,
         max_event_bytes=settings.max_event_bytes,
         max_future_skew_ms=settings.max_future_skew_seconds * 1000,
-        key_required=key_required,
+        key_required=settings.require_event_key,
         snapshots=snapshots,
         changes=KafkaChangeLog(settings, settings.tier_changes_topic, interrupt=stopping),
         at_risk=RedisAtRiskIndex(client, settings.redis_prefix),

@@ -24,17 +24,6 @@ SESSION_TIMEOUT_MS = 10_000
 ACK_WAIT_SLICE_S = 0.25
 
 
-def partition_count(client: Any, topic: str, timeout: float) -> int:
-    """Returns how many partitions `topic` has in the broker's metadata, asked through `client`
-    (a Consumer or an AdminClient); 0 when the topic does not exist.
-
-    Raises:
-        KafkaException: no broker answered within `timeout`.
-    """
-    found = client.list_topics(topic, timeout=timeout).topics.get(topic)
-    return 0 if found is None or found.error is not None else len(found.partitions)
-
-
 def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | None = None) -> Consumer:
     """Returns a consumer in `group` that starts at the earliest offset when the group has none
     and never commits by itself (the caller commits after its writes); `extra` overrides."""

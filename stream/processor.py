@@ -453,8 +453,9 @@ class BatchProcessor:
     def count_unapplied(self, result: BatchResult) -> None:
         """Counts the batch's invalid and guest messages and its unknown pages. Call it once the
         batch's dead letters are delivered: a batch retried after an outage parses them again,
-        and nothing in the states tells a retry from a first attempt (a crash between the
-        delivery and the commit still counts them twice, as the dead letters are then sent twice)."""
+        and nothing in the states tells a retry from a first attempt. A batch read again after
+        its delivery (a crash before the commit, or a commit Kafka refused) counts them twice, as
+        its dead letters are then sent twice."""
         m = self.metrics
         m.events_total.labels("invalid").inc(len(result.dead_letters))
         m.events_total.labels("guest").inc(result.guests)

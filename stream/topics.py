@@ -14,7 +14,6 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
-from stream.kafka import partition_count
 
 
 def _admin(settings: Settings, errors: list[KafkaError] | None = None) -> AdminClient:
@@ -88,20 +87,6 @@ def producer_clock_warning(settings: Settings, *, timeout: float = 10.0) -> str 
         f"--bootstrap-server {settings.bootstrap_servers} --alter --entity-type topics "
         f"--entity-name {settings.events_topic} --add-config message.timestamp.type=LogAppendTime"
     )
-
-
-def events_topic_partitions(settings: Settings, *, timeout: float = 10.0) -> int:
-    """Returns the events topic's partition count, as the broker's metadata has it (0 if the
-    topic does not exist).
-
-    Raises:
-        ServiceUnavailableError: the broker cannot be reached.
-    """
-    try:
-        return partition_count(_admin(settings), settings.events_topic, timeout)
-    except KafkaException as exc:
-        msg = f"Kafka at {settings.bootstrap_servers} cannot be reached: {exc.args[0].str()}"
-        raise ServiceUnavailableError(msg) from exc
 
 
 def delete_topics(settings: Settings, names: list[str], *, timeout: float = 30.0) -> None:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import lightgbm as lgb
@@ -719,11 +718,6 @@ class ScriptedConsumer:
         self.batches = batches if batches is not None else [[KafkaMessage(0, 7)]]
         self.seeks: list[tuple[int, int]] = []
         self.idle_polls = 0
-        self.topic_partitions = 1  # what the metadata says of any topic asked for
-
-    def list_topics(self, topic: str, timeout: float) -> Any:
-        found = SimpleNamespace(error=None, partitions=dict.fromkeys(range(self.topic_partitions)))
-        return SimpleNamespace(topics={topic: found})
 
     def subscribe(self, topics: list[str], **_: Any) -> None:
         pass

@@ -59,16 +59,21 @@ def test_each_file_and_its_folder_are_fsynced_after_the_write(tmp_path: Path, mo
 def _messages(first_offset: int, count: int) -> list[KafkaMessage]:
     """Returns `count` valid events of partition 0 as the consumer hands them over."""
     events = random_events(5, users=3, days=1, per_user=count)[:count]
-    return [KafkaMessage(0, first_offset + i, msgspec.json.encode(e)) for i, e in enumerate(events)]
+    return [
+        KafkaMessage(0, first_offset + i, msgspec.json.encode(e), key=e.user_id.encode()) for i, e in enumerate(events)
+    ]
 
 
 def _archived_rows(root: Path) -> int:
     return sum(pl.read_parquet(file).height for file in root.rglob("*.parquet"))
 
 
-def _archiver(tmp_path: Path, consumer: object, monkeypatch: pytest.MonkeyPatch) -> archiver.Archiver:
+def _archiver(
+    tmp_path: Path, consumer: object, monkeypatch: pytest.MonkeyPatch, *, require_event_key: bool = True
+) -> archiver.Archiver:
     monkeypatch.setattr(archiver, "committing_consumer", lambda *_args, **_kw: consumer)
-    return archiver.Archiver(Settings(), tmp_path / "log", metrics=Metrics(), lag_every_s=3600)
+    settings = Settings(require_event_key=require_event_key)
+    return archiver.Archiver(settings, tmp_path / "log", metrics=Metrics(), lag_every_s=3600)
 
 
 def test_a_stop_signal_while_a_commit_waits_for_kafka_ends_the_archiver_and_leaves_the_consumer(
@@ -112,7 +117,7 @@ def test_an_event_dated_too_far_past_its_append_time_is_not_archived_as_the_scor
     future = msgspec.structs.replace(events[3], ts=appended + 365 * 86_400_000)
     just_within = msgspec.structs.replace(events[2], ts=appended + skew_ms)
     batch = [
-        KafkaMessage(0, i, msgspec.json.encode(e), append_ms=appended)
+        KafkaMessage(0, i, msgspec.json.encode(e), append_ms=appended, key=e.user_id.encode())
         for i, e in enumerate([events[0], events[1], just_within, future])
     ]
     worker = _archiver(tmp_path, CommitRefusedOnce(batches=[batch]), monkeypatch)
@@ -188,14 +193,14 @@ def test_a_stop_while_the_coordinator_is_silent_ends_the_archiver_and_archives_n
     assert not (tmp_path / "log").exists() or _archived_rows(tmp_path / "log") == 0
 
 
-@pytest.mark.parametrize("partitions", [1, 3])
+@pytest.mark.parametrize("key_required", [True, False])
 def test_the_archive_holds_exactly_the_events_the_scorer_applies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partitions: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_required: bool
 ) -> None:
     """The same messages through the scorer's batch path and the archiver: an event keyed by
     another user, dated a year past its append time or not JSON is dead-lettered by the one and
-    left out by the other; the right key is applied and archived, and so is no key on a topic
-    of one partition (on several, a keyless event is refused by both)."""
+    left out by the other; the right key is applied and archived, and so is no key when
+    `CHURN_REQUIRE_EVENT_KEY=false` (by default both refuse it)."""
     events = random_events(5, users=3, days=1, per_user=4)[:5]
     appended = max(e.ts for e in events)
     future = msgspec.structs.replace(events[3], ts=appended + 365 * 86_400_000)
@@ -210,16 +215,13 @@ def test_the_archive_holds_exactly_the_events_the_scorer_applies(
     model = LoadedModel(StandInModel(), "churn-lightgbm", "1")
     scorer = BatchProcessor(
         OnlineEngine(), InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore(), Metrics(), lambda: model,
-        max_future_skew_ms=Settings().max_future_skew_seconds * 1000, key_required=partitions > 1,
+        max_future_skew_ms=Settings().max_future_skew_seconds * 1000, key_required=key_required,
     )  # fmt: skip
     verdict = scorer.process([Message(m.value(), "events", 0, m.offset(), appended, m.key()) for m in batch])
     dead = {d.offset for d in verdict.dead_letters}
-    assert dead == ({1, 3, 4} if partitions == 1 else {1, 2, 3, 4})
+    assert dead == ({1, 2, 3, 4} if key_required else {1, 3, 4})
 
-    consumer = CoordinatorSilent(batches=[batch], silent_tries=0, committed_offset=0)
-    consumer.topic_partitions = partitions
-    worker = _archiver(tmp_path, consumer, monkeypatch)
+    worker = _archiver(tmp_path, CommitRefusedOnce(batches=[batch]), monkeypatch, require_event_key=key_required)
     worker.run(max_idle_s=0.2)
-    assert worker.key_required == (partitions > 1)  # read from the metadata at the assignment
     archived = pl.concat([pl.read_parquet(f) for f in (tmp_path / "log").rglob("*.parquet")])
     assert sorted(archived["kafkaOffset"].to_list()) == sorted({m.offset() for m in batch} - dead)

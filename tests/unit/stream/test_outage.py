@@ -260,6 +260,8 @@ def test_a_batch_retried_after_a_dead_letter_outage_counts_each_message_once() -
     scorer, loop = start_loop(consumer, processor, metrics, dlq)  # type: ignore[arg-type]
     try:
         wait_until(lambda: consumer.commits == 1, "the retried batch's commit")
+        polls = consumer.idle_polls
+        wait_until(lambda: consumer.idle_polls > polls, "the loop to go on after the batch")  # it did not die
     finally:
         scorer.stopping.set()
         loop.join(5)

@@ -162,18 +162,17 @@ def test_an_event_keyed_by_another_user_is_dead_lettered_and_moves_nothing() -> 
     assert p.process([msgs[-1]]).applied == 1  # no key
 
 
-def test_a_keyless_event_is_dead_lettered_on_a_topic_of_several_partitions() -> None:
-    """There a keyless message lands on any partition, so on any scorer; on a topic of one
-    partition it is applied (one scorer owns every user)."""
+def test_a_keyless_event_is_dead_lettered_unless_keys_are_not_required() -> None:
+    """A keyless message lands on any partition, so on any scorer (the default refuses it); with
+    `CHURN_REQUIRE_EVENT_KEY=false`, for a topic of one partition, it is applied."""
     [first, second] = messages(1)[:2]
     p = processor(InMemoryStateStore(), InMemoryFeatureStore(), InMemoryRiskStore())
     p.key_required = True
     refused = p.process([first])
     assert refused.applied == 0
     assert [d.offset for d in refused.dead_letters] == [first.offset]
-    assert "message has no key; on a topic of several partitions the key must be the userId 'u0'" in (
-        refused.dead_letters[0].reason
-    )
+    assert "message has no key; the key must be the userId 'u0'" in refused.dead_letters[0].reason
+    assert "CHURN_REQUIRE_EVENT_KEY=false" in refused.dead_letters[0].reason
     assert p.process([first._replace(key=b"u0")]).applied == 1
     p.key_required = False
     assert p.process([second]).applied == 1
