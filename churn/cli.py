@@ -628,7 +628,7 @@ def serve(
 def demo(
     users: int = typer.Option(2000, min=10, help="Simulated listeners."),
     days: int = typer.Option(
-        60, min=1, help="Days of history before live scoring (at least 3 x the horizon + 2: 44 with 14 days)."
+        60, min=1, help="Days of history before live scoring (at least what the first training needs: 44 by default)."
     ),
     rate: int = typer.Option(200, min=1, help="Live events per second."),
     duration: float = typer.Option(0.0, help="Seconds of live scoring before stopping (0: until Ctrl-C)."),

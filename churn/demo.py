@@ -30,7 +30,7 @@ from sim.simulator import SimConfig, simulate
 from stream.producer import publish_lines
 from stream.risk_store import RedisRiskStore, RiskRow
 from stream.topics import ensure_topics
-from training.pipeline import TrainOptions, train
+from training.pipeline import TrainOptions, min_log_days, train
 
 Say = Callable[[str], None]
 
@@ -114,13 +114,6 @@ def _wait_for_groups(settings: Settings, say: Say, procs: Processes) -> None:
         time.sleep(5)
 
 
-def min_history_days(horizon_days: int) -> int:
-    """Returns the fewest days of history the first training needs: its observation points run
-    from the log's second day to H days before its end (labels complete), and train, validation
-    and test need H days between them, so (days - H - 2) >= 2 H."""
-    return 3 * horizon_days + 2
-
-
 def _prometheus_page(base: str, name: str) -> str:
     """Returns the URL of Prometheus's `name` page (targets, alerts): `/<name>` in the web UI of
     upstream builds, `/classic/<name>` in Debian's, which is built without that UI."""
@@ -192,13 +185,14 @@ def run_demo(
     With `drift`, the live part drifts from its first instant (see `DEMO_DRIFT_STRENGTH`).
 
     Raises:
-        InvalidInputError: `days` is too short for the first training (`min_history_days`).
+        InvalidInputError: `days` is too short for the first training (`min_log_days`: it reads
+            the history only, the live days come later).
     """
-    needed = min_history_days(settings.horizon_days)
+    needed = min_log_days(settings)
     if days < needed:
         msg = (
-            f"--days {days}: the first training needs at least {needed} days of history with a"
-            f" {settings.horizon_days}-day horizon (CHURN_HORIZON_DAYS)"
+            f"--days {days}: the first training needs at least {needed} days of history with these"
+            f" settings (a {settings.horizon_days}-day horizon, {settings.train_backtest_days}-day backtests)"
         )
         raise InvalidInputError(msg)
     t0 = time.monotonic()

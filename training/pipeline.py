@@ -145,6 +145,33 @@ def _resolve(settings: Settings, options: TrainOptions) -> _Resolved:
     )
 
 
+def min_log_days(settings: Settings, options: TrainOptions | None = None) -> int:
+    """Returns the fewest whole days an event log must span (from a UTC midnight to the end of
+    its last day) for `train` to pass its split and backtest checks with these settings: each
+    length is tried on the observation grid such a log gives (from the end of its first grid
+    step to H days before its end), by the same `split` functions training calls.
+
+    Raises:
+        InvalidInputError: no log of up to ten years would do (settings that cannot train).
+    """
+    options = options or TrainOptions()
+    resolved = _resolve(settings, options)
+    step = resolved.grid_hours * spec.HOUR_MS
+    for days in range(1, 3651):
+        last_event_ms = days * spec.DAY_MS - 1
+        times = np.arange(step, last_event_ms - resolved.horizon * spec.DAY_MS + 1, step, dtype=np.int64)
+        try:
+            split.split_times(times, resolved.horizon, options.valid_share, options.test_share)
+            split.backtest_folds(
+                times, resolved.horizon, resolved.backtest_days, options.min_train_days, resolved.backtest_folds
+            )
+        except InvalidInputError:
+            continue
+        return days
+    msg = f"no event log of up to ten years can be trained on with a {resolved.horizon}-day horizon"
+    raise InvalidInputError(msg)
+
+
 def _size(frame: pl.DataFrame) -> dict[str, int]:
     positive = frame.filter(pl.col("label") == 1)
     return {"rows": frame.height, "positives": positive.height, "churners": positive["user_id"].n_unique()}

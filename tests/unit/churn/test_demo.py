@@ -6,24 +6,39 @@ from datetime import UTC, datetime
 
 import pytest
 
-from churn.demo import min_history_days, run_demo
+from churn.demo import run_demo
 from core.errors import InvalidInputError
 from core.settings import Settings
 from events.log import events_frame
 from sim.simulator import SimConfig, simulate
-from training.pipeline import TrainOptions, build_training_set
+from training import split
+from training.pipeline import TrainOptions, build_training_set, min_log_days
 
 
-@pytest.mark.parametrize("horizon_days", [7, 14])
-def test_the_shortest_history_allowed_is_the_shortest_the_training_splits(horizon_days: int) -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    needed = min_history_days(horizon_days)
-    enough = simulate(SimConfig(users=300, days=needed, start=start, seed=3)).events
-    _, _, split = build_training_set(events_frame(enough), TrainOptions(), horizon_days)
-    assert all(len(times) > 0 for times in (split.train, split.valid, split.test))
-    short = simulate(SimConfig(users=300, days=needed - 1, start=start, seed=3)).events
-    with pytest.raises(InvalidInputError, match="too short for train, validation and test"):
-        build_training_set(events_frame(short), TrainOptions(), horizon_days)
+def passes_the_training_checks(settings: Settings, days: int) -> bool:
+    """Returns True when a simulated history of `days` days passes what `train` checks before
+    its search: the selection split and at least one backtest fold."""
+    history = simulate(SimConfig(users=200, days=days, start=datetime(2026, 1, 1, tzinfo=UTC), seed=3)).events
+    options = TrainOptions()
+    try:
+        labelled, _, _ = build_training_set(events_frame(history), options, settings.horizon_days)
+        split.backtest_folds(
+            labelled["as_of"].to_numpy(), settings.horizon_days, settings.train_backtest_days,
+            options.min_train_days, settings.train_backtest_folds,
+        )  # fmt: skip
+    except InvalidInputError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("horizon_days", "backtest_days"), [(14, 3), (7, 3), (3, 3), (14, 20)])
+def test_the_shortest_history_allowed_is_the_shortest_the_training_accepts(
+    horizon_days: int, backtest_days: int
+) -> None:
+    settings = Settings(horizon_days=horizon_days, train_backtest_days=backtest_days)
+    needed = min_log_days(settings)
+    assert passes_the_training_checks(settings, needed)
+    assert not passes_the_training_checks(settings, needed - 1)
 
 
 def test_a_history_too_short_to_train_on_is_refused_before_anything_starts() -> None:
