@@ -8,9 +8,9 @@ the archiver reads the offsets already archived at or after the committed positi
 names tell which files can hold them) and skips those messages. It keeps the events the scorer
 applies, judged by the scorer's own `parse_message`: guests and what the scorer dead-letters
 (invalid, dated more than `CHURN_MAX_FUTURE_SKEW_SECONDS` after the Kafka append time, keyed by
-another user, or not keyed unless `CHURN_REQUIRE_EVENT_KEY=false`) are left out. While the group's coordinator
-does not answer for the committed positions, it asks again until it does or a stop comes, and
-after a stop it archives nothing it is unsure of.
+another user, or not keyed unless `CHURN_REQUIRE_EVENT_KEY=false`) are left out. While the
+group's coordinator does not answer for the committed positions, it asks again until it does or
+a stop comes, and after a stop it archives nothing it is unsure of.
 """
 
 from __future__ import annotations
@@ -165,9 +165,9 @@ class Archiver:
                         rows.append((partition, offset, event))
                     else:
                         # Guests and what the scorer dead-letters (invalid, dated too far ahead
-                        # of its append time, keyed by another user or not keyed). The log holds what the
-                        # scorer applies (training and `churn materialize` read it): one event
-                        # dated in 2099 made training take every point's label window as ended.
+                        # of its append time, keyed by another user or not keyed). The log holds
+                        # what the scorer applies (training and `churn materialize` read it): one
+                        # event dated in 2099 made training take every point's label window as ended.
                         self.skipped += 1
                 files, size = write_batch(self.root, rows)
                 self.metrics.archiver_files_total.inc(files)

@@ -109,7 +109,7 @@ class BatchProcessor:
         self.current_model = current_model
         self.max_event_bytes = max_event_bytes
         self.max_future_skew_ms = max_future_skew_ms
-        # A keyless event is dead-lettered on a topic of several partitions (`key_mismatch_reason`).
+        # With it (`CHURN_REQUIRE_EVENT_KEY`), a keyless event is dead-lettered (`key_mismatch_reason`).
         self.key_required = key_required
         self.max_cached_users = max_cached_users
         self.wall_clock_ms = wall_clock_ms
