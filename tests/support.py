@@ -672,6 +672,10 @@ def tier_change(user: str) -> TierChange:
 # --- stand-ins for a Kafka consumer, for unit tests of the consuming loops ---------------------
 
 STAND_IN_TOPIC = "events"  # the topic the stand-in consumers read
+# A guest's event (no userId) as a producer publishes it: skipped by the scorer, not dead-lettered.
+GUEST_EVENT_JSON = (
+    b'{"ts":1538352117000,"userId":"","sessionId":1,"itemInSession":0,"page":"Home","auth":"Logged Out","level":"free"}'
+)
 
 
 class KafkaMessage:

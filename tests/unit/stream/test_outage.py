@@ -25,6 +25,7 @@ from stream.outage import FIRST_BACKOFF_S, StoreOutage
 from stream.processor import BatchProcessor, partition_key
 from stream.risk_store import InMemoryRiskStore
 from tests.support import (
+    GUEST_EVENT_JSON,
     STAND_IN_TOPIC,
     CommitWaitsForBroker,
     KafkaMessage,
@@ -240,12 +241,8 @@ def test_a_batch_retried_after_a_dead_letter_outage_counts_each_message_once() -
     """The batch's states are saved before its dead letters fail: the retry finds its events
     applied (duplicates), and its invalid, guest and unknown-page messages are counted once."""
     events = [e.to_json() for e in random_events(3, users=4, days=2, per_user=10)]
-    guest = (
-        b'{"ts":1538352117000,"userId":"","sessionId":1,"itemInSession":0,'
-        b'"page":"Home","auth":"Logged Out","level":"free"}'
-    )
     unknown_page = events[0].replace(b'"page":"', b'"page":"Podcast', 1)
-    values = [*events, b"{not json", guest, unknown_page]
+    values = [*events, b"{not json", GUEST_EVENT_JSON, unknown_page]
     batch = [KafkaMessage(0, 7 + i, value) for i, value in enumerate(values)]
     metrics = Metrics()
     model = LoadedModel(StandInModel(), "churn-lightgbm", "1")

@@ -15,7 +15,7 @@ from models.runtime import LoadedModel
 from monitoring.metrics import SCORER_STAGES, Metrics
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
-from tests.support import StandInModel, random_events
+from tests.support import GUEST_EVENT_JSON, StandInModel, random_events
 from training.dataset import GridConfig, observation_points
 
 
@@ -26,11 +26,7 @@ def messages(n_users: int = 20) -> list[Message]:
         partition = hash(e.user_id) % 3
         out.append(Message(e.to_json(), "events", partition, i, e.ts))
     out.append(Message(b"{not json", "events", 0, len(out), 0))
-    guest = (
-        b'{"ts":1538352117000,"userId":"","sessionId":1,"itemInSession":0,'
-        b'"page":"Home","auth":"Logged Out","level":"free"}'
-    )
-    out.append(Message(guest, "events", 1, len(out), 0))
+    out.append(Message(GUEST_EVENT_JSON, "events", 1, len(out), 0))
     return out
 
 
