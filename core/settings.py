@@ -93,8 +93,10 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_workers: int = Field(default=1, ge=1, le=64)
     api_keys: list[SecretStr] = Field(default_factory=list)
-    # Larger request bodies are refused with 413 before they are read (1,000 ids of 64 characters fit).
-    api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Larger request bodies are refused with 413 before they are read. The largest valid batch
+    # fits: 1,000 ids of 64 characters, each escaped as JSON encoders do by default (Python's
+    # `json.dumps`: a character outside the BMP is a surrogate pair, 12 bytes), ~772 KB.
+    api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # A body not received this long after its first read is refused with 408 (it holds a slot).
     api_body_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     open_health_and_metrics: bool = True  # health and /metrics answer without an API key

@@ -78,6 +78,9 @@ def read(path: Path, limit: int, offset: int = 0) -> tuple[list[dict[str, Any]],
         except json.JSONDecodeError:
             log.warning("%s line %d is not JSON (cut short by a crash?); skipped", path, number)
             continue
+        except RecursionError:  # valid JSON, nested deeper than the parser goes: no entry anyway
+            log.warning("%s line %d is nested too deeply to read; skipped", path, number)
+            continue
         if isinstance(entry, dict):
             entries.append(entry)
     entries.reverse()

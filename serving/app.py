@@ -28,9 +28,11 @@ from serving.auth import ApiKeys, KeyGate
 from serving.deps import Deps, build_deps
 from serving.limits import BodySizeLimit
 from serving.routes import health, history, models, monitoring, risk
+from serving.routes.errors import ERRORS
 from serving.timing import RequestTimer
 
 log = logging.getLogger(__name__)
+ROUTERS = (risk.router, models.router, history.router, monitoring.router, health.router)
 
 
 def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
@@ -95,17 +97,18 @@ def create_app(settings: Settings, deps: Deps | None = None) -> FastAPI:
         latency_budget_s=settings.api_latency_budget_ms / 1000,
     )
     # Added after admission, so it runs before it: a keyless request with a body takes no slot.
-    app.add_middleware(KeyGate, keys=keys)
+    app.add_middleware(KeyGate, keys=keys, metrics=current_metrics, routes=[r for rt in ROUTERS for r in rt.routes])
     _add_error_handlers(app)
 
     # Without keys the routes declare no security scheme: the document describes this deployment.
     auth = [Depends(keys)] if keys.enabled else []
-    open_or_auth = [] if settings.open_health_and_metrics else auth
-    app.include_router(risk.router, dependencies=auth)
-    app.include_router(models.router, dependencies=auth)
-    app.include_router(history.router, dependencies=auth)
-    app.include_router(monitoring.router, dependencies=auth)
-    app.include_router(health.router, dependencies=open_or_auth)
+    for router in ROUTERS:
+        if router is not health.router:
+            app.include_router(router, dependencies=auth)  # their routes document 401 (ERRORS)
+        elif settings.open_health_and_metrics or not keys.enabled:
+            app.include_router(router)
+        else:
+            app.include_router(router, dependencies=auth, responses={401: ERRORS[401]})
     return app
 
 
@@ -154,6 +157,8 @@ def _problem(error: Any, content_type: str) -> str:
         return f"the body must be JSON sent as content-type application/json, not {content_type!r}"
     if error["loc"] == ("body",) and error["type"] == "missing":
         return "the body is empty: send a JSON object"
+    if error["loc"] == ("body",) and not content_type:  # FastAPI parses no body without the header
+        return "the body must be JSON sent as content-type application/json (the request has no content-type)"
     return f"{where}: {error['msg']}"
 
 

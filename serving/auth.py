@@ -9,10 +9,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import HTTPException, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.routing import BaseRoute
+
+from monitoring.metrics import Metrics
+from serving.timing import observe_request
 
 # auto_error=False: they only read the header; a missing or wrong key is one 401 from ApiKeys.
 API_KEY_HEADER = APIKeyHeader(
@@ -79,32 +85,44 @@ class KeyGate:
     held every slot of a worker, and keyed traffic was shed (503). Other requests are checked by
     the routes (`ApiKeys` as a dependency), which also keeps the OpenAPI document's schemes."""
 
-    def __init__(self, app: Any, keys: ApiKeys) -> None:
+    def __init__(
+        self, app: Any, keys: ApiKeys, metrics: Callable[[], Metrics | None], routes: Sequence[BaseRoute]
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.metrics = metrics
+        self.routes = routes  # the app's routes, to label a refusal with its route's template
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Answers 401 to a keyless request with a body; passes everything else on."""
+        """Answers 401 to a keyless request with a body (counted in the request histogram as
+        the routes' 401s are: outside the timer, it would be missing from the dashboards);
+        passes everything else on."""
         if scope["type"] == "http" and scope["method"] in BODY_METHODS and not self.keys.accepts(_key_of(scope)):
+            started = time.perf_counter()
             body = json.dumps({"detail": UNAUTHORIZED}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             headers += [(b"www-authenticate", b"Bearer"), (b"connection", b"close")]  # the body goes unread
             await send({"type": "http.response.start", "status": status.HTTP_401_UNAUTHORIZED, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+            observe_request(
+                self.metrics(), scope, status.HTTP_401_UNAUTHORIZED, time.perf_counter() - started, self.routes
+            )
             return
         await self.app(scope, receive, send)
 
 
 def _key_of(scope: dict[str, Any]) -> str | None:
-    """Returns the key a request's headers carry (`X-API-Key`, else a bearer token), or None."""
-    bearer = None
+    """Returns the key a request's headers carry (`X-API-Key`, else a bearer token), or None:
+    read as the routes' `ApiKeys` reads them (the first of each header counts, and an empty
+    `X-API-Key` is absent), so the gate and the routes accept the same requests."""
+    api_key = bearer = None
     for name, value in scope.get("headers", ()):
-        if name == b"x-api-key":
-            return bytes(value).decode("latin-1")  # as Starlette decodes header values
-        if name == b"authorization":
+        if name == b"x-api-key" and api_key is None:
+            api_key = bytes(value).decode("latin-1") or None  # as Starlette decodes header values
+        elif name == b"authorization" and bearer is None:
             scheme, _, token = bytes(value).decode("latin-1").partition(" ")
-            bearer = token.strip() if scheme.lower() == "bearer" and token.strip() else bearer
-    return bearer
+            bearer = token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+    return api_key if api_key is not None else bearer or None
 
 
 def _digest(key: str) -> bytes:

@@ -8,8 +8,10 @@ middleware only notes the status code as the response starts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from starlette.routing import BaseRoute, Match
 
 from monitoring.metrics import Metrics
 
@@ -23,10 +25,11 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 
 
 class RequestTimer:
-    """Observes each HTTP request's duration by route template, method and status code.
+    """Observes each HTTP request's duration by route template, method and status code
+    (`observe_request`).
 
     `metrics` returns the process's Metrics, or None before the lifespan has built them (then
-    nothing is recorded). Unmatched paths are labelled "unmatched" so ids never become labels.
+    nothing is recorded).
     """
 
     def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics | None]) -> None:
@@ -49,9 +52,20 @@ class RequestTimer:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            metrics = self.metrics()
-            if metrics is not None:
-                # `path_format` drops a convertor ("{user_id:any}" is named "{user_id}").
-                route = getattr(scope.get("route"), "path_format", "unmatched")
-                method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-                metrics.request_seconds.labels(route, method, str(status[0])).observe(time.perf_counter() - started)
+            observe_request(self.metrics(), scope, status[0], time.perf_counter() - started)
+
+
+def observe_request(
+    metrics: Metrics | None, scope: Scope, status: int, seconds: float, routes: Sequence[BaseRoute] = ()
+) -> None:
+    """Records one answered request in `churn_api_request_duration_seconds` (nothing while
+    `metrics` is None), labelled by its route's template ("unmatched" for a path no route
+    takes, so ids never become labels), method and status code. A request answered before
+    routing (`serving.auth.KeyGate`) is matched against `routes` here."""
+    if metrics is None:
+        return
+    route = scope.get("route") or next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+    # `path_format` drops a convertor ("{user_id:any}" is named "{user_id}").
+    template = getattr(route, "path_format", "unmatched")
+    method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+    metrics.request_seconds.labels(template, method, str(status)).observe(seconds)

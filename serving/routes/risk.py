@@ -22,9 +22,10 @@ router = APIRouter(tags=["risk"])
 
 class AnyTextConvertor(Convertor[str]):
     """A path parameter of any characters, "/" and line breaks included (Starlette's `path`
-    stops at a line break, and its default at "/"): the pattern of the parameter judges it."""
+    stops at a line break, and its default at "/"), or none: the pattern of the parameter judges
+    it (an empty id gets its 422, not a 404 for a route that does not exist)."""
 
-    regex = r"[\s\S]+"
+    regex = r"[\s\S]*"
 
     def convert(self, value: str) -> str:
         return value
@@ -105,6 +106,7 @@ def _require_utf8_path(request: Request) -> None:
     response_model=BatchAnswer,
     responses={
         **ERRORS,
+        408: {"model": Problem, "description": "The body did not arrive within CHURN_API_BODY_TIMEOUT_SECONDS"},
         413: {"model": Problem, "description": "The body is larger than CHURN_API_MAX_BODY_BYTES"},
     },
 )

@@ -163,6 +163,9 @@ def test_errors_are_clear(api: TestClient) -> None:
     bad = api.get("/users/bad%0Aid/risk")  # a control character: never an id
     assert bad.status_code == 422
     assert "user_id" in bad.json()["detail"]
+    empty = api.get("/users//risk")  # no id at all: refused as one, not a route that is missing
+    assert empty.status_code == 422
+    assert "user_id" in empty.json()["detail"]
     assert api.get("/users/bad%20id!/risk").status_code == 404  # odd but valid: looked up, unknown
     assert api.get("/health/ready").json()["status"] == "ok"
     current = api.get("/models/current").json()
@@ -172,6 +175,8 @@ def test_errors_are_clear(api: TestClient) -> None:
     assert card.status_code == 200
     assert card.headers["content-type"].startswith("text/markdown")
     assert [line[3:] for line in card.text.splitlines() if line.startswith("## ")] == list(SECTIONS)
+    assert card.headers["x-model-version"] == current["version"]
+    assert f"version {current['version']}" in card.text.splitlines()[2]
 
 
 def test_no_champion_is_503(world: World, tmp_path: Path) -> None:

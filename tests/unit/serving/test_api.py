@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -194,7 +195,10 @@ def test_model_card_is_markdown_and_clear_when_missing(client: Any) -> None:
     card = http.get("/models/current/card", headers=KEY)
     assert card.status_code == 200
     assert card.headers["content-type"].startswith("text/markdown")
-    assert card.text == CardModel.meta["card"]
+    # Which version it describes, as the first line under the title and in a header.
+    served = "_The champion this API serves: churn-lightgbm version 2._"
+    assert card.text == f"# Model card: churn-lightgbm\n\n{served}\n\n## Intended use\n"
+    assert card.headers["x-model-version"] == "2"
     models.current = None
     assert http.get("/models/current/card", headers=KEY).status_code == 503
 
@@ -216,6 +220,18 @@ def test_api_keys_are_declared_security_schemes(client: Any) -> None:
     assert document["paths"]["/users/{user_id}/risk"]["get"]["security"] == either
     assert document["paths"]["/users/risk"]["post"]["security"] == either
     assert "security" not in document["paths"]["/health/live"]["get"]  # open by default
+
+
+def test_every_answer_of_the_document_is_declared_closed_health_and_slow_bodies_included() -> None:
+    """A slow body's 408 and, with `CHURN_OPEN_HEALTH_AND_METRICS=false`, the 401 of the health
+    and metrics routes are answers the document listed nowhere."""
+    closed = create_app(load_settings(api_keys=["k"], open_health_and_metrics=False)).openapi()["paths"]
+    assert {"408", "413", "401"} <= set(closed["/users/risk"]["post"]["responses"])
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert "401" in closed[path]["get"]["responses"], path
+        assert closed[path]["get"]["security"] == [{"ApiKey": []}, {"Bearer": []}], path
+    opened = create_app(load_settings(api_keys=["k"])).openapi()["paths"]
+    assert "401" not in opened["/health/live"]["get"]["responses"]
 
 
 def test_an_open_api_declares_no_security() -> None:
@@ -313,6 +329,46 @@ def test_keyless_requests_that_never_send_their_body_take_no_in_flight_slot(clie
     assert keyed == 200
 
 
+def test_the_largest_valid_batch_fits_the_default_body_limit_as_a_default_json_encoder_writes_it(
+    client: Any,
+) -> None:
+    """1,000 distinct ids of 64 characters outside the BMP, as `json.dumps` escapes them (12
+    bytes each): 772 KB, refused with 413 under the former 256 KiB limit."""
+    http, _, _ = client
+    ids = ["".join(chr(0x1F600 + (i >> (2 * k) & 3)) for k in range(5)) + "\U0001f600" * 59 for i in range(1000)]
+    assert len(set(ids)) == 1000
+    body = json.dumps({"user_ids": ids, "explain": False}).encode()
+    assert len(body) > 770_000
+    answer = http.post("/users/risk", content=body, headers={**KEY, "content-type": "application/json"})
+    assert answer.status_code == 200, answer.text[:200]
+    assert len(answer.json()["unknown_user_ids"]) == 1000
+
+
+def test_the_key_gate_and_the_routes_accept_the_same_keys_and_its_refusals_are_counted(client: Any) -> None:
+    """A POST's key is judged by `KeyGate` from its headers, a GET's by the routes' `ApiKeys`:
+    each way of sending a key gets one answer from both. Before, an empty `X-API-Key` beside a
+    valid bearer token was accepted on GET and refused on POST; and the gate's 401s were missing
+    from `churn_api_request_duration_seconds` (it sits outside the timer)."""
+    http, _, _ = client
+    ways: list[tuple[list[tuple[str, str]], int]] = [
+        ([("X-API-Key", "k1")], 200),
+        ([("Authorization", "Bearer k1")], 200),
+        ([("X-API-Key", ""), ("Authorization", "Bearer k1")], 200),  # an empty X-API-Key is absent
+        ([("X-API-Key", "wrong"), ("Authorization", "Bearer k1")], 401),  # X-API-Key comes first
+        ([("X-API-Key", "k1"), ("X-API-Key", "wrong")], 200),  # the first of a repeated header
+        ([("Authorization", "Basic k1"), ("Authorization", "Bearer k1")], 401),
+        ([("Authorization", "Bearer ")], 401),
+        ([], 401),
+    ]
+    for headers, expected in ways:
+        get = http.get("/users/u1/risk", headers=headers)
+        post = http.post("/users/risk", json={"user_ids": ["u1"]}, headers=headers)
+        assert (get.status_code, post.status_code) == (expected, expected), headers
+    registry = http.app.state.deps.metrics.registry
+    refused = {"route": "/users/risk", "method": "POST", "status": "401"}
+    assert registry.get_sample_value("churn_api_request_duration_seconds_count", refused) == 4
+
+
 def test_a_user_id_with_a_slash_is_looked_up_and_a_path_that_is_not_utf8_is_refused() -> None:
     """Every id the stream scores can be looked up: "a/b" is sent as a%2Fb, which arrives
     decoded. /users/%FF/risk is no id at all (Starlette would read it as the user "\ufffd")."""
@@ -344,7 +400,8 @@ def test_a_user_id_with_a_slash_is_looked_up_and_a_path_that_is_not_utf8_is_refu
 
 def test_a_body_that_is_not_json_gets_one_status_and_says_why(client: Any) -> None:
     """Malformed JSON, a body that is not UTF-8 (UTF-16 and UTF-32 too, which the JSON parser
-    would read), one nested too deeply, an empty one and one sent as text are the same mistake:
+    would read), one nested too deeply, an empty one and one sent as text or without a content
+    type are the same mistake:
     each gets 422 with what was wrong (FastAPI answered 400 "There was an
     error parsing the body" for the second and third, "14: JSON decode error" for the first)."""
     http, _, _ = client
@@ -355,6 +412,7 @@ def test_a_body_that_is_not_json_gets_one_status_and_says_why(client: Any) -> No
         b"[" * 100_000 + b"]" * 100_000: (as_json, "nested too deeply"),
         b'{"user_ids": ["u1"]}': ({**KEY, "content-type": "text/plain"}, "content-type application/json"),
         b'{"user_ids": ["u1"]} ': ({**KEY, "content-type": "text/json"}, "content-type application/json"),
+        b' {"user_ids": ["u1"]}': (KEY, "content-type application/json (the request has no content-type)"),
         b"": (as_json, "the body is empty"),
         '{"user_ids": ["u1"]}'.encode("utf-16"): (as_json, "not UTF-8"),  # the parser would read it
         '{"user_ids": ["u1"]}'.encode("utf-32-le"): (as_json, "not UTF-8"),  # no byte order mark

@@ -59,3 +59,18 @@ def test_a_line_that_does_not_fit_the_schema_is_shown_as_unreadable_and_the_page
     assert "actor" in unreadable["reason"]
     assert "figures" in unreadable["reason"]
     assert unreadable["line"]["actor"] == ["ops"]
+
+
+def test_a_line_nested_too_deeply_to_parse_is_skipped_and_the_page_answers(tmp_path: Path) -> None:
+    """Valid JSON nested deeper than the parser goes raised RecursionError out of
+    `audit.read` (only JSONDecodeError was caught): `GET /models/history` answered 500."""
+    log = tmp_path / "audit.jsonl"
+    settings = load_settings(api_keys=["k1"], model_audit_log=log)
+    deps = Deps(service=cast(Any, None), models=ModelHolder(lambda: None, lambda: None), metrics=Metrics())
+    audit.append(log, {"action": "promote", "outcome": "accepted", "to_version": "3"})
+    with log.open("a") as lines:
+        lines.write('{"figures": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with TestClient(create_app(settings, deps)) as http:
+        answer = http.get("/models/history", headers=KEY)
+    assert answer.status_code == 200, answer.text
+    assert [e["to_version"] for e in answer.json()["entries"]] == ["3"]
