@@ -9,8 +9,10 @@ the events the saved states do not reflect (offsets >= the saved applied offset 
 partition) are replayed, and the changes published for them before the crash are exactly the
 tail of that partition of `risk.changes` with `source_offset` >= the saved applied offset. The
 processor reads that tail (`ChangeLog.published`) and announces a change only when the new tier
-differs from the tier last announced for the user, there or in the saved state: a replayed
-batch publishes nothing twice, and what it announces continues each user's chain of tiers.
+differs from the tier last announced for the user, there or in the saved state, and not for an
+event before the user's latest published one (a replay cut into other batches scores the user
+at other events): a replayed batch publishes nothing twice, and what it announces continues
+each user's chain of tiers, whatever crashes follow.
 """
 
 from __future__ import annotations
@@ -261,7 +263,9 @@ class KafkaChangeLog:
                         continue
                     position = at + 1
                     if at < end:
-                        out.append(DECODER.decode(message.value() or b""))
+                        change = _decoded(message.value() or b"", f"{self.topic}[{partition}]@{at}")
+                        if change is not None:
+                            out.append(change)
         finally:
             self.reader.unassign()
         return out
@@ -270,3 +274,14 @@ class KafkaChangeLog:
         """Flushes the producer and closes the reader."""
         self.producer.flush(self.timeout_s)
         self.reader.close()
+
+
+def _decoded(value: bytes, where: str) -> TierChange | None:
+    """Returns the change `value` holds, or None (logged) for a message that is not one: another
+    producer's message on the topic is no change this scorer published, and failing on it made
+    every start, rebalance and outage retry fail again (a crash loop)."""
+    try:
+        return DECODER.decode(value)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        log.warning("%s is not a tier change (%s): not one this scorer published; skipped", where, exc)
+        return None

@@ -390,8 +390,9 @@ class BatchProcessor:
     ) -> int:
         """Publishes the tier changes of the scored rows (see `stream.changes`): a change when the
         new tier differs from the one last announced for the user (published for an unsaved
-        event, else saved in the state); sets the states' tiers (re-encoding their blobs).
-        Returns how many changes were published.
+        event, else saved in the state), unless a change for a later event of the user is
+        published already (a replay); sets the states' tiers to the last announced (re-encoding
+        their blobs). Returns how many changes were published.
 
         Raises:
             ServiceUnavailableError: the changes topic cannot be read or did not acknowledge.
@@ -410,12 +411,20 @@ class BatchProcessor:
         for i, (risk, (partition, offset)) in enumerate(zip(risk_rows, positions, strict=True)):
             state = states[risk.user_id]
             known = self._announced[partition].get(risk.user_id)
-            before = known[1] if known is not None else state.tier
             tier = risk.risk_tier or ""
-            if tier != before:
-                changed.append(i)
-                olds.append(before)
-                self._announced[partition][risk.user_id] = (offset, tier)
+            if known is not None and offset < known[0]:
+                # A replay cut where the crashed batch was not: a change for a later event of
+                # this user is already published. Announcing this earlier score would put a
+                # second change on an event, or a change the receiver never sees superseded
+                # (the topic's tail would end on the older one). The published one stands: the
+                # replay announces again from its event on.
+                tier = known[1]
+            else:
+                before = known[1] if known is not None else state.tier
+                if tier != before:
+                    changed.append(i)
+                    olds.append(before)
+                    self._announced[partition][risk.user_id] = (offset, tier)
             if state.tier != tier:
                 state.tier = tier
                 blobs[risk.user_id] = STATE_ENCODER.encode(state)

@@ -123,16 +123,42 @@ def test_one_event_per_change_equals_the_offline_count_of_scores() -> None:
     )
 
 
+def clean_run(msgs: list[Message]) -> tuple[InMemoryStateStore, InMemoryRiskStore]:
+    """Returns the states and risk rows of an uninterrupted run in batches of 40."""
+    states, risks = InMemoryStateStore(), InMemoryRiskStore()
+    clean = processor(states, risks, InMemoryChangeLog(), InMemoryAtRiskIndex())
+    for i in range(0, len(msgs), 40):
+        clean.process(msgs[i : i + 40])
+    return states, risks
+
+
+def assert_one_chain_per_user(changes: InMemoryChangeLog, risks: InMemoryRiskStore) -> None:
+    """Checks what a receiver of the topic relies on: consistent chains (nothing repeated,
+    nothing missing), one change per (source_partition, source_offset), the topic's last tier
+    of each user equal to the stored one, and the topic read in order with no deduplication
+    ending on the same tiers."""
+    chains = chains_of(changes.all())
+    keys = [(c.source_partition, c.source_offset) for c in changes.all()]
+    assert len(keys) == len(set(keys))
+    final = {u: r.risk_tier for u, r in risks.rows.items()}
+    assert {u: chain[-1] for u, chain in chains.items()} == final
+    in_topic_order = {c.user_id: c.new_tier for c in changes.all()}
+    assert in_topic_order == final
+
+
+@pytest.mark.parametrize("replay_batch", [57, 13, 1])
 @pytest.mark.parametrize("crash_at", [3, 7, 12])
 @pytest.mark.parametrize("published_before_crash", [0, 1, None])
 def test_a_batch_replayed_after_a_crash_publishes_nothing_twice(
-    crash_at: int, published_before_crash: int | None
+    crash_at: int, published_before_crash: int | None, replay_batch: int
 ) -> None:
+    """The replay cuts its batches elsewhere than the crashed run: bigger, smaller (a user's
+    change published for an event the replay reaches only batches later), one event each.
+    Before, a smaller replay announced the user's earlier scores again: a second change on the
+    same event, and the one published first superseded where a receiver deduplicating on
+    (source_partition, source_offset) dropped it."""
     msgs = messages()
-    clean_states, clean_risks, clean_changes = InMemoryStateStore(), InMemoryRiskStore(), InMemoryChangeLog()
-    clean = processor(clean_states, clean_risks, clean_changes, InMemoryAtRiskIndex())
-    for i in range(0, len(msgs), 40):
-        clean.process(msgs[i : i + 40])
+    clean_states, clean_risks = clean_run(msgs)
 
     states, risks, changes = CrashingStates(), InMemoryRiskStore(), InMemoryChangeLog()
     first = processor(states, risks, changes, InMemoryAtRiskIndex())
@@ -155,17 +181,44 @@ def test_a_batch_replayed_after_a_crash_publishes_nothing_twice(
     # A new process replays from the start of the crashed batch with other batch boundaries.
     replay = processor(states, risks, changes, InMemoryAtRiskIndex())
     published_at_crash = len(changes.all())
-    for i in range(done, len(msgs), 57):
-        replay.process(msgs[i : i + 57])
+    for i in range(done, len(msgs), replay_batch):
+        replay.process(msgs[i : i + replay_batch])
     assert published_at_crash > 0
 
-    chains = chains_of(changes.all())  # consistent chains: nothing repeated, nothing missing
-    keys = [(c.source_partition, c.source_offset) for c in changes.all()]
-    assert len(keys) == len(set(keys))
-    final = {u: r.risk_tier for u, r in risks.rows.items()}
-    assert {u: chain[-1] for u, chain in chains.items()} == final
-    assert final == {u: r.risk_tier for u, r in clean_risks.rows.items()}
+    assert_one_chain_per_user(changes, risks)
+    assert {u: r.risk_tier for u, r in risks.rows.items()} == {u: r.risk_tier for u, r in clean_risks.rows.items()}
     assert states.blobs == clean_states.blobs  # the announced tier is saved like the rest
+
+
+@pytest.mark.parametrize("first_replay_batch", [1, 3])
+@pytest.mark.parametrize("second_crash_after_saves", [1, 3, 15])
+@pytest.mark.parametrize("crash_at", [1, 3, 7])
+def test_two_crashes_in_a_row_leave_one_chain_per_user(
+    crash_at: int, second_crash_after_saves: int, first_replay_batch: int
+) -> None:
+    """A crash between a 40-event batch's publication and its save, a replay in smaller batches
+    killed the same way, then a replay of the rest. Before, the second replay read a tail still
+    holding the first crash's change for a later event, published before the first replay's
+    changes that superseded it: it announced nothing more, and the topic ended on a tier the
+    stored rows no longer had."""
+    msgs = messages()
+    clean_states, clean_risks = clean_run(msgs)
+    states, risks, changes = CrashingStates(), InMemoryRiskStore(), InMemoryChangeLog()
+    at = 0
+    for size, crash_after in ((40, crash_at), (first_replay_batch, second_crash_after_saves), (40, None)):
+        run = processor(states, risks, changes, InMemoryAtRiskIndex())  # a new process
+        states.crash_at = None if crash_after is None else states.saves + crash_after + 1
+        while at < len(msgs):
+            try:
+                run.process(msgs[at : at + size])
+            except ServiceUnavailableError:
+                break
+            at += size
+        assert crash_after is None or at < len(msgs)  # the crash landed mid-stream
+        assert changes.all()  # the first crash came after changes were published
+    assert_one_chain_per_user(changes, risks)
+    assert {u: r.risk_tier for u, r in risks.rows.items()} == {u: r.risk_tier for u, r in clean_risks.rows.items()}
+    assert states.blobs == clean_states.blobs
 
 
 class HighFromThreeAnHour(StandInModel):
