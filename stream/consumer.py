@@ -166,23 +166,7 @@ class ScoringConsumer:
                 cpu.mark("consume")
                 if messages:
                     last_message = last_check = now
-                    try:
-                        applied_ok = self._check_applied(messages)
-                        cpu.mark("offset_check")
-                        if not applied_ok:
-                            continue  # rewound to what Redis holds: the replay comes in the next batches
-                        self._process(messages)
-                        freeze_survivors()  # the batch's survivors (user states mostly)
-                        cpu.mark("gc")
-                        outage.applied(time.monotonic())
-                    except StateRolledBackError as exc:  # Redis restarted from older files while the batch ran
-                        self._replay(exc.behind, messages)
-                        continue
-                    except ServiceUnavailableError as exc:
-                        wait = outage.failed(exc, now, {(m.topic, m.partition) for m in messages})
-                        self._rewind(messages)
-                        self.stopping.wait(wait)
-                        continue
+                    self._handle(messages, now, outage)
                 else:
                     if outage.ongoing:
                         outage.moved((p.topic, p.partition) for p in self.consumer.assignment())
@@ -217,6 +201,28 @@ class ScoringConsumer:
             # letters are acknowledged before its commit): it is replayed after a restart, so
             # after a stop signal this waits one slice, not 10 s.
             self.dlq.flush(10)
+
+    def _handle(self, messages: list[Message], now: float, outage: StoreOutage) -> None:
+        """Applies one batch, or rewinds it: to what Redis holds when that is behind (the replay
+        comes in the next batches), or for a retry after an outage's backoff. Returns either
+        way, so the loop's housekeeping (the lag above all, which grows most in an outage, and
+        the model poll) runs after every batch."""
+        cpu = self.processor.cpu
+        try:
+            applied_ok = self._check_applied(messages)
+            cpu.mark("offset_check")
+            if not applied_ok:
+                return
+            self._process(messages)
+            freeze_survivors()  # the batch's survivors (user states mostly)
+            cpu.mark("gc")
+            outage.applied(time.monotonic())
+        except StateRolledBackError as exc:  # Redis restarted from older files while the batch ran
+            self._replay(exc.behind, messages)
+        except ServiceUnavailableError as exc:
+            wait = outage.failed(exc, now, {(m.topic, m.partition) for m in messages})
+            self._rewind(messages)
+            self.stopping.wait(wait)
 
     def _refresh_models(self) -> None:
         self.models.refresh()

@@ -123,22 +123,28 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def start_loop(
-    consumer: ScriptedConsumer, processor: StoreDown, metrics: Metrics, dlq: Any = None
+    consumer: ScriptedConsumer,
+    processor: StoreDown,
+    metrics: Metrics,
+    dlq: Any = None,
+    report_lag: Callable[[], None] | None = None,
 ) -> tuple[ScoringConsumer, threading.Thread]:
     """Starts a scorer loop on `consumer` and `processor` (and `dlq` as its dead-letter
-    producer, if given) in a thread of its own; returns the scorer (set its `stopping` to end
-    the loop) and the thread."""
+    producer, `report_lag` as its lag report at every pass, if given) in a thread of its own;
+    returns the scorer (set its `stopping` to end the loop) and the thread."""
     scorer = ScoringConsumer(
         Settings(kafka_bootstrap="127.0.0.1:1"),  # nothing listens there: no service is used
         processor,  # type: ignore[arg-type]
         NoModels(),  # type: ignore[arg-type]
         metrics,
-        LoopConfig(max_wait_s=0.01, lag_every_s=3600),
+        LoopConfig(max_wait_s=0.01, lag_every_s=0 if report_lag else 3600),
     )
     scorer.consumer.close()
     scorer.consumer = consumer  # type: ignore[assignment]
     if dlq is not None:
         scorer.dlq = dlq
+    if report_lag is not None:
+        scorer.report_lag = report_lag  # type: ignore[method-assign]
     loop = threading.Thread(target=scorer.run)
     loop.start()
     return scorer, loop
@@ -180,6 +186,22 @@ def test_a_scorer_still_holding_the_retried_partition_stays_not_ready_while_idle
     metrics, seen = run_scorer(consumer, revoke_after_failure=False)
     assert seen == [0, 0]
     assert gauge(metrics, "churn_scorer_store_failures") == 1
+
+
+def test_the_lag_is_reported_while_every_batch_fails() -> None:
+    """An outage is when the lag grows most, and `ChurnConsumerLagHigh` reads it: the loop's
+    housekeeping was skipped after a failed batch, so the gauges kept their last value (0 in a
+    live test, 21,205 messages behind) until a batch was applied again."""
+    consumer = ScriptedConsumer(assigned=[0], batches=[[KafkaMessage(0, 7)] for _ in range(1000)])
+    reports: list[int] = []
+    scorer, loop = start_loop(consumer, StoreDown(), Metrics(), report_lag=lambda: reports.append(len(consumer.seeks)))
+    try:
+        wait_until(lambda: len(consumer.seeks) >= 3, "three failed attempts")
+    finally:
+        scorer.stopping.set()
+        loop.join(5)
+    assert consumer.idle_polls == 0  # every pass held the retried batch
+    assert {1, 2} <= set(reports)  # reported after the first and the second failed attempts
 
 
 class StoresUp(StoreDown):
