@@ -320,6 +320,13 @@ def test_processes_are_scraped_by_default_no_false_drift_and_realized_equals_off
                 nan.append((board, title, expr))
         assert not empty, f"panels without data: {empty}"
         assert not nan, f"panels with only NaN: {nan}"
+        # Every process exports the API's gauges (0 outside it): its per-worker panel shows the
+        # API alone, not the scorer and the archiver as idle workers.
+        for _, title, expr in panel_expressions():
+            if "churn_api_requests_in_flight" in expr or "churn_api_in_flight_limit" in expr:
+                shown = {r["metric"].get("instance") for r in query(settings, expr)}
+                assert deployment.instance("api") in shown, (title, expr, shown)
+                assert not shown & {deployment.instance("scorer"), deployment.instance("archiver")}, (title, shown)
     finally:
         stop.set()
         traffic.join(10)
