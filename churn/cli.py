@@ -436,9 +436,9 @@ def actions_tail(
     def show(change: Any) -> None:
         typer.echo(ENCODER.encode(change).decode())
 
-    sink = WebhookSink(webhook, max_attempts=max_attempts, stopping=stopping) if webhook else show
     report = TailReport()
     try:
+        sink = WebhookSink(webhook, max_attempts=max_attempts, stopping=stopping) if webhook else show
         ensure_changes_topic(settings)
         tail(settings, sink, group=group, stopping=stopping, idle_exit_s=idle_exit or None, report=report)
     except KeyboardInterrupt:  # the second signal: at once, and not as a success

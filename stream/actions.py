@@ -69,6 +69,22 @@ class WebhookSink:
     client: httpx.Client = field(default_factory=lambda: httpx.Client())
     stopping: threading.Event = field(default_factory=threading.Event)
 
+    def __post_init__(self) -> None:
+        """Refuses a URL no POST can go to (no scheme, another scheme, no host).
+
+        Raises:
+            ConfigError: it is one. Found only at the first delivery, each change failed its
+                attempts as if the receiver were down and went to the DLQ, the stream committed.
+        """
+        try:
+            url = httpx.URL(self.url)
+            why = "" if url.scheme in ("http", "https") and url.host else "it needs http:// or https:// and a host"
+        except httpx.InvalidURL as exc:
+            why = str(exc)
+        if why:
+            msg = f"webhook {self.url!r} is not a URL changes can be POSTed to: {why} (e.g. https://crm.example/hooks/churn)"
+            raise ConfigError(msg)
+
     def __call__(self, change: TierChange) -> None:
         """Delivers one change.
 

@@ -213,6 +213,15 @@ def test_a_webhook_retries_a_not_now_answer_and_gives_up_on_a_refusal_at_once(st
     assert len(answers) == 2 - attempts
 
 
+@pytest.mark.parametrize("url", ["localhost:18999/hook", "htp://crm.test/changes", "http:///changes", "crm.test"])
+def test_a_webhook_url_no_post_can_go_to_is_refused_before_any_change_is_taken(url: str) -> None:
+    """Found only at the first POST, each change failed its attempts as if the receiver were
+    down, went to the dead-letter topic and was committed: the whole stream, exit 0."""
+    with pytest.raises(ConfigError, match="is not a URL changes can be POSTed to"):
+        actions.WebhookSink(url)
+    actions.WebhookSink("https://crm.test:8443/hooks/churn?token=t")  # what is accepted
+
+
 def test_a_webhook_answering_as_if_misconfigured_stops_the_tail_and_gives_nothing_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
