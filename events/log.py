@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from pathlib import Path
 
 import polars as pl
@@ -139,8 +140,14 @@ def _scan(path: Path) -> pl.LazyFrame:
     if name.endswith((".jsonl", ".ndjson", ".json")):
         return _read_json_lines(path.read_bytes())
     if name.endswith((".jsonl.gz", ".ndjson.gz", ".json.gz")):
-        with gzip.open(path, "rb") as handle:
-            return _read_json_lines(handle.read())
+        try:
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        except (EOFError, OSError, zlib.error) as exc:  # cut short, or not gzip (BadGzipFile is an OSError)
+            # EOFError escaped as is, and the command line read it as a Ctrl-D: "Aborted.", exit 1.
+            msg = f"{path}: not a whole gzip file ({type(exc).__name__}: {exc}): a copy cut short, or not gzip at all"
+            raise InvalidInputError(msg) from exc
+        return _read_json_lines(data)
     msg = f"{path}: unknown event log format; expected a Parquet directory, .parquet, .jsonl or .jsonl.gz"
     raise InvalidInputError(msg)
 

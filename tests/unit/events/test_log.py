@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import polars as pl
+import pytest
 
+from core.errors import InvalidInputError
 from events.log import load_events, load_events_with_positions
 from tests.support import random_events, wire_frame
 
@@ -48,3 +51,13 @@ def test_a_folder_whose_first_file_lacks_the_kafka_columns_is_read_whole(tmp_pat
 
     assert loaded.filter(pl.col("partition").is_null()).height == 2
     assert sorted(loaded.filter(pl.col("partition") == 1)["offset"].to_list()) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not gzip"])
+def test_a_gzip_log_that_is_not_whole_is_a_clear_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    """gzip's EOFError escaped as is; the command line took it for a Ctrl-D ("Aborted.", exit 1)."""
+    whole = b"".join(e.to_json() + b"\n" for e in random_events(3, users=2, days=2, per_user=50))
+    path = tmp_path / "events.jsonl.gz"
+    path.write_bytes(gzip.compress(whole)[:200] if damage == "cut short" else whole)
+    with pytest.raises(InvalidInputError, match=r"events\.jsonl\.gz: not a whole gzip file"):
+        load_events(path)
