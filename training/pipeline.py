@@ -84,6 +84,7 @@ class TrainResult:
     run_id: str | None = None
     version: str | None = None
     promoted: bool = False
+    challenger: bool = False  # named `challenger` (not promoted: canary, shadow, `churn promote`)
     reasons: tuple[str, ...] = ()
     previous_champion: str | None = None
     previous_champion_roc_auc: float | None = None
@@ -434,13 +435,20 @@ def _register(
     ]
     run_id, version = registry.log_run(settings, trained.artifact_dir, params, run_metrics, tags, children)
     registry.apply_decision(settings, run_id, version, decision, hold=not options.promote)
-    done = "held as challenger (--no-promote)" if decision.held else "challenger only, not promoted"
+    done = (
+        "held as challenger (--no-promote)"
+        if decision.held
+        else "challenger, not promoted"
+        if decision.challenger
+        else "refused, not served (the challenger alias stays where it was)"
+    )
     progress(f"registered {settings.model_name} v{version}: " + ("promoted to champion" if decision.promote else done))
     return replace(
         trained,
         run_id=run_id,
         version=version,
         promoted=decision.promote,
+        challenger=decision.challenger,
         reasons=tuple(decision.reasons),
         previous_champion=decision.champion_version,
         previous_champion_roc_auc=decision.champion_roc_auc,

@@ -55,6 +55,9 @@ class Decision:
     paired: dict[str, float] | None = None  # the paired bootstrap of the ROC-AUC difference
     # The gates passed but the training was told not to promote (`churn train --no-promote`).
     held: bool = False
+    # The version was named `challenger` (set by `apply_decision`): served to the canary slice
+    # and in shadow, and what `churn promote` judges next.
+    challenger: bool = False
 
 
 def _experiment_id(client: Any, settings: Settings) -> str:
@@ -295,7 +298,7 @@ def _iso(ms: int | None) -> str:
 
 def apply_decision(settings: Settings, run_id: str, version: str, decision: Decision, *, hold: bool = False) -> None:
     """Records the decision as run tags and in the audit log (action `promote`, trigger `train`),
-    names `version` `challenger` unless the decision refuses it while there is a champion (the
+    names `version` `challenger` unless the gates refuse it while there is a champion (the
     alias then stays where it was), and, if it promotes, moves the `champion` alias to `version`
     (`move_champion`). A promotion
     is refused instead when the champion is no longer the one the decision judged against
@@ -303,16 +306,18 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
     compared with it (`churn promote` judges it again). With `hold`, a version the gates would
     promote stays `challenger` (outcome `held`: a staged rollout, where `churn promote` moves it
     after its shadow or canary period). `decision` is updated to what was done (`promote` False
-    and the reason, then; `held` True when held).
+    and the reason, then; `held` True when held; `challenger` True when named so).
 
     Raises:
         ServiceUnavailableError: the tracking store cannot be reached or the audit log written.
     """
     from mlflow.exceptions import MlflowException  # heavy (seconds): imported on first use
 
+    champion_moved = False
     if decision.promote:
         current = champion_version(settings)
         if current != decision.champion_version:
+            champion_moved = True
             judged = f"v{decision.champion_version}" if decision.champion_version else "no champion"
             now = f"became v{current}" if current else "alias was removed"
             decision.promote = False
@@ -333,12 +338,15 @@ def apply_decision(settings: Settings, run_id: str, version: str, decision: Deci
         client.set_tag(run_id, "promotion.reasons", "; ".join(decision.reasons)[:5000])
         client.set_tag(run_id, "promotion.previous_champion", decision.champion_version or "")
         client.set_tag(run_id, "registry.version", version)
-        # With a champion, a refused version is never `challenger`: scorers and APIs serve the
-        # challenger to the canary slice and score it in shadow, and `churn promote` judges it
-        # on that shadow evidence alone. With none, nothing is served, and `churn promote` judges
-        # a refused first model against the floors again (say, after they were lowered).
-        if outcome != "refused" or champion_version(settings) is None:
+        # With a champion, a version the gates refused is never `challenger`: scorers and APIs
+        # serve the challenger to the canary slice and score it in shadow, and `churn promote`
+        # judges it on that shadow evidence alone. With none, nothing is served, and `churn
+        # promote` judges a refused first model against the floors again (say, after they were
+        # lowered). One the gates passed but whose champion moved meanwhile is a challenger
+        # (its refusal says `churn promote` judges it again: that needs the alias).
+        if outcome != "refused" or champion_moved or champion_version(settings) is None:
             client.set_registered_model_alias(settings.model_name, CHALLENGER, version)
+            decision.challenger = True
     except MlflowException as exc:
         msg = f"MLflow at {mask_url(settings.tracking_uri)}: {exc}"
         raise ServiceUnavailableError(msg) from exc

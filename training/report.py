@@ -18,7 +18,13 @@ def format_summary(summary: TrainResult) -> str:
     m = summary.metrics
     rows: list[tuple[str, str]] = []
     if summary.registered:
-        decision = "promoted to champion" if summary.promoted else "challenger only (not promoted)"
+        decision = (
+            "promoted to champion"
+            if summary.promoted
+            else "challenger (not promoted)"
+            if summary.challenger
+            else "refused (not served, not challenger)"
+        )
         rows.append(("model version", f"{summary.version}  {decision}"))
         rows.extend(("  gate", reason) for reason in summary.reasons)
         rows.append(("run id", str(summary.run_id)))

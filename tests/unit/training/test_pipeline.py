@@ -88,6 +88,10 @@ def test_no_promote_keeps_a_model_the_gates_pass_as_challenger(log: Path, state:
     assert model_registry.champion_version(state) == champion
     assert model_registry.champion_version(state, model_registry.CHALLENGER) == held.version
     assert "held" in format_summary(held)
+    assert held.challenger
+    assert "challenger (not promoted)" in format_summary(held)
+    # One the gates refused while there is a champion is not named challenger: not said to be.
+    assert "refused (not served, not challenger)" in format_summary(replace(held, challenger=False))
 
 
 def test_churn_promote_with_no_champion_applies_the_floors_the_training_refused_for(log: Path, tmp_path: Path) -> None:

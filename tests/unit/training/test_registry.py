@@ -39,6 +39,10 @@ def test_a_promotion_judged_against_a_replaced_champion_is_refused(tmp_path: Pat
     assert champion_version(settings) == early
     assert not decision.promote
     assert decision.reasons[-1].startswith(f"refused: the champion became v{early}")
+    # It passed its gates, and its refusal says `churn promote` judges it again: it needs the
+    # alias (before, none was set, and `churn promote` answered "no challenger version").
+    assert champion_version(settings, CHALLENGER) == late
+    assert decision.challenger
     assert registry_client(settings).get_run(late_run).data.tags["promotion.decision"] == "rejected"
     entries, _ = audit.read(settings.audit_log_path, limit=1)
     assert (entries[0]["to_version"], entries[0]["outcome"]) == (late, "refused")
@@ -117,7 +121,7 @@ def test_a_hold_keeps_the_champion_and_records_what_the_gates_said(tmp_path: Pat
     assert champion_version(settings) == first
     # A refused version is not served as the challenger (canary, shadow) nor promotable.
     assert champion_version(settings, CHALLENGER) == (version if gates_pass else first)
-    assert (decision.promote, decision.held) == (False, gates_pass)
+    assert (decision.promote, decision.held, decision.challenger) == (False, gates_pass, gates_pass)
     outcome = "held" if gates_pass else "refused"
     assert registry_client(settings).get_run(run).data.tags["promotion.decision"] == (
         "held" if gates_pass else "rejected"
