@@ -611,7 +611,10 @@ def serve(
         if processes > 1
         else contextlib.nullcontext()
     )
-    # uvicorn ends `run` on SIGTERM/SIGINT (graceful shutdown), so the target file goes with it.
+    # uvicorn ends `run` on SIGTERM/SIGINT (graceful shutdown), then raises the signal again under
+    # the handler it found. SIGTERM's default ended the process there, before the `with` blocks
+    # removed the Prometheus target file (left as a down target); this one leaves through them.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     with shared, registered(settings, "api", settings.api_port, settings.api_host):
         uvicorn.run(
             "serving.main:app_from_env",
@@ -622,6 +625,15 @@ def serve(
             log_level="warning",
             access_log=False,
         )
+
+
+def _exit_cleanly(*_: object) -> None:
+    """A SIGTERM handler: ends the process through its cleanup (`finally`, `with`), exit 0.
+
+    Raises:
+        SystemExit: always.
+    """
+    raise SystemExit(0)
 
 
 @app.command("demo")

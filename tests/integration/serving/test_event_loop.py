@@ -21,6 +21,7 @@ from core.settings import Settings
 from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine
+from infra.local import prometheus_targets_dir
 from tests.support import random_events
 
 STALL_SECONDS = 3
@@ -137,6 +138,15 @@ def test_a_stalled_redis_leaves_liveness_answering(
         assert status == 503
         assert checks["feature_view"] != "ok"
         assert "unavailable" in checks["feature_view"]
+
+        # SIGTERM ends it through its cleanup: its Prometheus target file goes with it (uvicorn
+        # raised the signal again after its shutdown, and the default handler left the file, a
+        # down target for Prometheus and `churn alerts --check`).
+        target = list(prometheus_targets_dir(scratch).glob(f"api-{api_port}-{server.pid}.json"))
+        assert target
+        server.terminate()
+        assert server.wait(30) == 0
+        assert not target[0].exists()
     finally:
         server.terminate()
         server.wait(30)
