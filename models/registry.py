@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core.errors import ModelRefusedError, ServiceUnavailableError
+from core.errors import ConfigError, ModelRefusedError, ServiceUnavailableError
 from core.settings import Settings, mask_url
 from features.spec import MODEL_FEATURES, spec_version
 from models.artifact import ChurnModel, load_artifact
@@ -27,10 +27,45 @@ PROMOTED_AT_TAG = "promoted_at"  # model-version tag: when the version became ch
 
 
 def registry_client(settings: Settings) -> Any:
-    """Returns an MLflow client on the settings' tracking store and registry."""
+    """Returns an MLflow client on the settings' tracking store and registry.
+
+    Raises:
+        ConfigError: the store is a SQLite file that is not a database (`check_sqlite_store`).
+    """
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported on first use, not by every command
 
+    check_sqlite_store(settings.tracking_uri)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_store(uri: str) -> None:
+    """Checks that a `sqlite:///` store's file, if it exists and is not empty, is a SQLite
+    database (one that does not exist or is empty is created by MLflow).
+
+    Raises:
+        ConfigError: it is not, or cannot be read. MLflow's own error for it is a SQLAlchemy
+            `DatabaseError` no caller maps: a traceback of hundreds of lines from every command.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    try:
+        with path.open("rb") as store:
+            head = store.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        msg = f"the MLflow store {path} cannot be read: {exc}"
+        raise ConfigError(msg) from exc
+    if head and head != SQLITE_HEADER:
+        msg = (
+            f"the MLflow store {path} is not a SQLite database (damaged, or another file): restore it from a"
+            " backup, or move it away to start an empty registry (CHURN_MLFLOW_TRACKING_URI)"
+        )
+        raise ConfigError(msg)
 
 
 def champion_version(settings: Settings, alias: str = CHAMPION) -> str | None:

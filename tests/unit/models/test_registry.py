@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from core.errors import ServiceUnavailableError
+from core.errors import ConfigError, ServiceUnavailableError
 from core.settings import Settings, load_settings
 from features import spec
 from models import registry
@@ -100,3 +100,15 @@ def test_a_running_holder_swaps_to_a_re_created_registry_s_v1(tmp_path: Path) ->
     assert holder.current is not None
     assert holder.current.version == "1"
     assert np.allclose(holder.current.model.predict(x), second.predict(x))
+
+
+def test_a_store_file_that_is_not_a_database_is_a_one_line_config_error(tmp_path: Path) -> None:
+    """MLflow's own error for it is a SQLAlchemy DatabaseError nothing mapped: every command
+    (train, retrain, promote, rollback, score) printed hundreds of lines of traceback, exit 1."""
+    settings = _scratch(tmp_path)
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"\x93not a database" * 300)
+    with pytest.raises(ConfigError, match=r"mlflow\.db is not a SQLite database"):
+        registry.champion_version(settings)
+    store.write_bytes(b"")  # empty: MLflow creates its tables in it
+    assert registry.champion_version(settings) is None
