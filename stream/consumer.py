@@ -167,6 +167,8 @@ class ScoringConsumer:
                 if messages:
                     last_message = last_check = now
                     self._handle(messages, now, outage)
+                    if self.stopping.is_set():
+                        break  # stopped in the batch or its backoff: no lag report against a dead Kafka
                 else:
                     if outage.ongoing:
                         outage.moved((p.topic, p.partition) for p in self.consumer.assignment())
