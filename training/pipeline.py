@@ -435,14 +435,15 @@ def _register(
     ]
     run_id, version = registry.log_run(settings, trained.artifact_dir, params, run_metrics, tags, children)
     registry.apply_decision(settings, run_id, version, decision, hold=not options.promote)
-    done = (
-        "held as challenger (--no-promote)"
-        if decision.held
-        else "challenger, not promoted"
-        if decision.challenger
-        else "refused, not served (the challenger alias stays where it was)"
-    )
-    progress(f"registered {settings.model_name} v{version}: " + ("promoted to champion" if decision.promote else done))
+    if decision.promote:
+        done = "promoted to champion"
+    elif decision.held:
+        done = "held as challenger (--no-promote)"
+    elif decision.challenger:
+        done = "challenger, not promoted"
+    else:
+        done = "refused, not served (the challenger alias stays where it was)"
+    progress(f"registered {settings.model_name} v{version}: {done}")
     return replace(
         trained,
         run_id=run_id,

@@ -18,13 +18,12 @@ def format_summary(summary: TrainResult) -> str:
     m = summary.metrics
     rows: list[tuple[str, str]] = []
     if summary.registered:
-        decision = (
-            "promoted to champion"
-            if summary.promoted
-            else "challenger (not promoted)"
-            if summary.challenger
-            else "refused (not served, not challenger)"
-        )
+        if summary.promoted:
+            decision = "promoted to champion"
+        elif summary.challenger:
+            decision = "challenger (not promoted)"
+        else:
+            decision = "refused (not served, not challenger)"
         rows.append(("model version", f"{summary.version}  {decision}"))
         rows.extend(("  gate", reason) for reason in summary.reasons)
         rows.append(("run id", str(summary.run_id)))
