@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     gate_min_roc_auc: float = Field(default=0.70, ge=0.0, le=1.0)
     gate_min_pr_auc: float = Field(default=0.05, ge=0.0, le=1.0)
     gate_auc_tolerance: float = Field(default=0.005, ge=0.0, le=1.0)
+    # How much worse (relative) than a constant forecast of the training churn rate the backtest
+    # mean Brier score may be: calibrated probabilities far off the base rate are refused.
+    gate_brier_tolerance: float = Field(default=0.10, ge=0.0)
     # Training (training/pipeline.py): hours between observation points (each user-day weighs 1
     # whatever the grid), the hyper-parameter search's time budget and trial cap, the
     # rolling-origin backtests (days per test period, at most this many, the latest) and the

@@ -182,14 +182,16 @@ class ChurnModel:
         return np.asarray(TIERS, dtype=object)[index]
 
 
-def tier_cuts(validation_scores: np.ndarray, high_share: float = 0.1, medium_share: float = 0.2) -> dict[str, Any]:
+def tier_cuts(
+    scores: np.ndarray, high_share: float = 0.1, medium_share: float = 0.2, source: str = "validation scores"
+) -> dict[str, Any]:
     """Returns the tier cut points from a score distribution: the top `high_share` are high,
-    the next `medium_share` medium."""
-    scores = np.asarray(validation_scores, dtype=np.float64)
+    the next `medium_share` medium; `source` names the scores in the rule's text."""
+    values = np.asarray(scores, dtype=np.float64)
     return {
-        "high": float(np.quantile(scores, 1 - high_share)),
-        "medium": float(np.quantile(scores, 1 - high_share - medium_share)),
-        "rule": f"high: top {high_share:.0%} of validation scores; medium: next {medium_share:.0%}",
+        "high": float(np.quantile(values, 1 - high_share)),
+        "medium": float(np.quantile(values, 1 - high_share - medium_share)),
+        "rule": f"high: top {high_share:.0%} of {source}; medium: next {medium_share:.0%}",
     }
 
 

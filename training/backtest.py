@@ -9,23 +9,30 @@ consecutive days are strongly correlated, so a row bootstrap would be too narrow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import polars as pl
+from scipy import special
 
 from features import spec
+from models.calibration import EPS
 from models.calibration import apply as apply_calibration
+from training import calibration as calibration_fit
 from training import dataset, fit, metrics, split
 
-# The figures every fold reports; the backtest summary gives each as mean and interval.
+# The figures every fold reports; the backtest summary gives each as mean and interval, and
+# `NO_SKILL` too when every fold knows its training base rate.
 METRICS = ("roc_auc", "pr_auc", "recall_top10", "precision_top10", "brier")
+# The Brier score of a constant forecast of the fold's training base rate (the calibration gate).
+NO_SKILL = "brier_no_skill"
 
 
 @dataclass
 class FoldResult:
-    """One fold's out-of-sample scores (calibrated) on its test rows, and their figures."""
+    """One fold's out-of-sample scores (calibrated) on its test rows, their figures, the
+    booster's uncalibrated scores and its training rows' (weighted) base rate."""
 
     train_times: tuple[int, ...]
     test_times: tuple[int, ...]
@@ -33,6 +40,11 @@ class FoldResult:
     test: pl.DataFrame  # the test rows (user_id, as_of, features, label)
     scores: np.ndarray
     figures: dict[str, float]
+    raw: np.ndarray | None = None  # None: `scores` are raw
+    train_base_rate: float = float("nan")
+    # The booster's weighted mean log-odds on its own training rows (`center`): where its raw
+    # scores sit, which moves with the training rows' churn rate and class weighting.
+    center: float = float("nan")
 
     @property
     def labels(self) -> np.ndarray:
@@ -53,8 +65,9 @@ class FoldResult:
         }
 
 
-def figures(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Returns the backtest figures (`METRICS`) of one set of scores."""
+def figures(labels: np.ndarray, scores: np.ndarray, prior: float = float("nan")) -> dict[str, float]:
+    """Returns the backtest figures (`METRICS`) of one set of scores; `prior` is the constant
+    forecast `brier_no_skill` is computed for (NaN: NaN)."""
     top = metrics.top_fraction(labels, scores, 0.1)
     return {
         "roc_auc": metrics.roc_auc(labels, scores),
@@ -62,6 +75,7 @@ def figures(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         "recall_top10": top["recall"],
         "precision_top10": top["precision"],
         "brier": metrics.brier(labels, scores),
+        NO_SKILL: metrics.brier(labels, np.full(len(labels), prior)),
     }
 
 
@@ -85,9 +99,69 @@ def run_folds(
         labels = test["label"].to_numpy().astype(bool)
         if not (train["label"] == 1).any() or not labels.any():
             continue
-        scores = fit_and_score(train, test, config, imbalance, rounds, calibration, features)
-        results.append(FoldResult(fold.train, fold.test, train.height, test, scores, figures(labels, scores)))
+        params = fit.booster_params(config, features, imbalance, train.height)
+        x_train = dataset.feature_matrix(train, features)
+        weight = train["weight"].to_numpy()
+        booster = fit.fit_rounds(x_train, train["label"].to_numpy().astype(bool), weight, params, rounds, features)
+        raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
+        scores = apply_calibration(calibration, raw)
+        prior = float(np.sum(weight * (train["label"].to_numpy() == 1)) / np.sum(weight))
+        results.append(
+            FoldResult(
+                train_times=fold.train,
+                test_times=fold.test,
+                train_rows=train.height,
+                test=test,
+                scores=scores,
+                figures=figures(labels, scores, prior),
+                raw=raw,
+                train_base_rate=prior,
+                center=center(np.asarray(booster.predict(x_train)), weight),
+            )
+        )
     return results
+
+
+def center(raw: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Returns the (weighted) mean log-odds of a booster's raw probabilities on its training rows."""
+    logit = special.logit(np.clip(np.asarray(raw, dtype=np.float64), EPS, 1 - EPS))
+    return float(np.average(logit, weights=weight))
+
+
+def aligned(result: FoldResult, target: float | None) -> np.ndarray:
+    """Returns a fold's raw scores moved onto the scale of a booster whose `center` is `target`
+    (unchanged when either center is unknown)."""
+    raw = result.scores if result.raw is None else result.raw
+    if target is None or not np.isfinite(result.center):
+        return raw
+    logit = special.logit(np.clip(raw, EPS, 1 - EPS))
+    return np.asarray(special.expit(logit - result.center + target))
+
+
+def calibrate(results: list[FoldResult], target: float | None = None) -> tuple[dict[str, Any], list[FoldResult]]:
+    """Returns (the calibration for a model fitted by the folds' procedure, the folds with
+    their scores calibrated out of fold). The folds' boosters are fitted as the final model is
+    (every labelled point at least H before the scored rows, the same tree count, imbalance and
+    leaf-size rule), so their pooled raw scores on later rows are what the calibration must map:
+    the method is chosen and each fold's scores calibrated leaving that fold out (folds are
+    the blocks); the returned calibration is fitted on every fold's rows. Given `target`, the
+    `center` of the booster the calibration is for (the final model), each fold's raw scores
+    are first shifted in log-odds by target - its own center: the boosters' intercepts follow
+    their training rows' churn rate, and a calibration fitted on one intercept and applied to
+    another would carry (and, with a Platt slope above 1, amplify) the difference."""
+    labels = np.concatenate([r.labels for r in results])
+    raw = np.concatenate([aligned(r, target) for r in results])
+    users = np.concatenate([r.test["user_id"].to_numpy() for r in results])
+    blocks = np.concatenate([np.full(r.test.height, i) for i, r in enumerate(results)])
+    if len(results) > 1:
+        chosen, scores = calibration_fit.choose_with_scores(labels, raw, users, blocks=blocks)
+    else:  # one fold: by user halves within it
+        chosen, scores = calibration_fit.choose_with_scores(labels, raw, users)
+    out = []
+    for i, result in enumerate(results):
+        own = scores[blocks == i]
+        out.append(replace(result, scores=own, figures=figures(result.labels, own, result.train_base_rate)))
+    return chosen, out
 
 
 def fit_and_score(
@@ -129,20 +203,21 @@ def summarize(results: list[FoldResult], samples: int = 200, seed: int = 0, leve
     """Returns {metric: {mean, low, high}} over the folds: the mean of the folds' figures and
     its `level` percentile interval from `samples` bootstrap replicates that draw users with
     replacement (the same draw for every fold, so a user keeps their weight across folds)."""
+    names = METRICS + ((NO_SKILL,) if all(np.isfinite(r.train_base_rate) for r in results) else ())
     codes, n_users = _user_codes([r.test for r in results])
     rng = np.random.default_rng(seed)
-    replicates = {name: np.empty(samples) for name in METRICS}
+    replicates = {name: np.empty(samples) for name in names}
     for b in range(samples):
         counts = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)
         per_fold = []
         for result, code in zip(results, codes, strict=True):
             rows = _resampled_rows(code, counts)
-            per_fold.append(figures(result.labels[rows], result.scores[rows]))
-        for name in METRICS:
+            per_fold.append(figures(result.labels[rows], result.scores[rows], result.train_base_rate))
+        for name in names:
             replicates[name][b] = np.nanmean([f[name] for f in per_fold])
     tail = (1 - level) / 2 * 100
     out: dict[str, Any] = {}
-    for name in METRICS:
+    for name in names:
         values = replicates[name][np.isfinite(replicates[name])]
         mean = float(np.nanmean([r.figures[name] for r in results]))
         low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (np.nan, np.nan)

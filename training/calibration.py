@@ -69,30 +69,49 @@ _FITTERS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, Any]]] = {
 }
 
 
-def choose(labels: np.ndarray, raw: np.ndarray, groups: np.ndarray, folds: int = 2) -> dict[str, Any]:
+def choose(
+    labels: np.ndarray, raw: np.ndarray, groups: np.ndarray, folds: int = 2, blocks: np.ndarray | None = None
+) -> dict[str, Any]:
     """Returns the calibration to use, fitted on all of (labels, raw), with how it was chosen.
 
-    Each method is scored by its out-of-fold Brier score (folds by `groups`, e.g. user ids, so
-    one user's rows never sit on both sides); a method is used only if it beats the raw
-    probabilities' Brier score, else `none`. The returned dict carries `method`, its
-    parameters and `selection` (the out-of-fold Brier and log loss of every candidate).
+    Each method is scored by its out-of-fold log loss (folds by `groups`, e.g. user ids, so
+    one user's rows never sit on both sides; or, given `blocks`, one fold per distinct block,
+    e.g. a backtest fold's index); a method is used only if it beats the raw probabilities'
+    log loss, else `none` (log loss, not Brier: an isotonic step of 0 on a few dozen positives
+    costs little Brier but is a certainty the model cannot have). The returned dict carries
+    `method`, its parameters and `selection` (the out-of-fold Brier and log loss of every
+    candidate).
     """
+    return choose_with_scores(labels, raw, groups, folds, blocks)[0]
+
+
+def choose_with_scores(
+    labels: np.ndarray, raw: np.ndarray, groups: np.ndarray, folds: int = 2, blocks: np.ndarray | None = None
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Returns (`choose`'s calibration, the chosen method's out-of-fold calibrated scores of the
+    rows): each row calibrated by the method fitted without its fold (raw where that is
+    impossible, and for `none`)."""
     y = np.asarray(labels, dtype=bool)
     raw = np.asarray(raw, dtype=np.float64)
-    fold = np.asarray([hash_group(g) % folds for g in groups])
+    if blocks is None:
+        fold = np.asarray([hash_group(g) % folds for g in groups])
+    else:
+        fold = np.unique(np.asarray(blocks), return_inverse=True)[1]
     scores = {"none": {"brier": metrics.brier(y, raw), "log_loss": metrics.log_loss(y, raw)}}
+    out_of_fold_scores = {"none": raw}
     for name, fit in _FITTERS.items():
         out_of_fold = np.empty_like(raw)
-        for k in range(folds):
+        for k in np.unique(fold):
             held = fold == k
             if held.all() or not held.any() or not y[~held].any():
                 out_of_fold[held] = raw[held]
                 continue
             out_of_fold[held] = apply(fit(y[~held], raw[~held]), raw[held])
         scores[name] = {"brier": metrics.brier(y, out_of_fold), "log_loss": metrics.log_loss(y, out_of_fold)}
-    best = min(scores, key=lambda name: (scores[name]["brier"], name != "none"))
+        out_of_fold_scores[name] = out_of_fold
+    best = min(scores, key=lambda name: (scores[name]["log_loss"], name != "none"))
     chosen = {"method": "none"} if best == "none" else _FITTERS[best](y, raw)
-    return {**chosen, "selection": scores}
+    return {**chosen, "selection": scores}, out_of_fold_scores[best]
 
 
 def hash_group(group: object) -> int:

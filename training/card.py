@@ -59,7 +59,7 @@ def render(meta: dict[str, Any]) -> str:
         f" {final.get('rows')} rows from {final.get('days')} distinct days,"
         f" {final.get('users')} users, {final.get('churners')} churners;"
         f" only points whose {horizon}-day label window ends within the log",
-        f"- model selection (tree count, calibration, imbalance) on train {_span(window.get('train_points'))},"
+        f"- model selection (tree count, imbalance) on train {_span(window.get('train_points'))},"
         f" validation {_span(window.get('valid_points'))}, gaps of {horizon} days",
         "",
     ]
@@ -70,7 +70,8 @@ def render(meta: dict[str, Any]) -> str:
         "## Backtest",
         "",
         f"Rolling origin over {len(folds)} test period(s), each after a {horizon}-day gap from its"
-        " training data; mean over the folds and 95% bootstrap interval over users.",
+        " training data; mean over the folds and 95% bootstrap interval over users (`brier_no_skill`:"
+        " the Brier score of a constant forecast of each fold's training churn rate).",
         "",
         "| metric | mean | 95% interval |",
         "| --- | --- | --- |",
@@ -90,8 +91,9 @@ def render(meta: dict[str, Any]) -> str:
     lines += [
         "## Calibration",
         "",
-        f"Method: **{calibration.get('method')}**, chosen on the validation period by out-of-fold Brier"
-        " score (a method is used only if it beats the raw probabilities).",
+        f"Method: **{calibration.get('method')}**, fitted on the backtest folds' out-of-sample scores (the"
+        " final model's procedure, moved to its intercept), chosen by leave-one-fold-out log loss"
+        " (a method is used only if it beats the raw probabilities).",
         "",
         *[
             f"- {name}: Brier {_number(s.get('brier'), 5)}, log loss {_number(s.get('log_loss'))}"
@@ -134,7 +136,9 @@ def render(meta: dict[str, Any]) -> str:
         "## Known limitations",
         "",
         "- Trained on one event log: behaviour changes after its last event are unseen (watch drift).",
-        "- Backtest folds reuse the tree count and calibration chosen on the selection split, and"
+        "- The calibration is fitted on the backtest folds' scores and each fold's figures use a map"
+        " fitted on the other folds, later ones included: the calibration figures are mildly optimistic.",
+        "- Backtest folds reuse the tree count chosen on the selection split, and"
         " the search picks the best of a few trials on the same folds: the figures are mildly optimistic.",
         "- Consecutive days of one user are correlated: the intervals resample users, and folds share users.",
         f"- The final model is fitted on the newest {horizon} labelled days too: no held-out figure"

@@ -24,6 +24,7 @@ from features import spec
 from features.offline import as_streamed
 from models import registry as model_registry
 from models.artifact import ChurnModel, save_artifact, tier_cuts
+from models.calibration import apply as calibration_apply
 from training import backtest, card, checks, dataset, evaluate, fit, reference, registry, search, split
 
 
@@ -249,8 +250,7 @@ def train(
     progress(
         f"search: {len(trials)} trial(s) in {search_seconds:.1f} s;"
         f" chose trial {chosen.number} ({choice.reason}):"
-        f" imbalance {selection.imbalance}, {selection.best_iteration} trees, calibration"
-        f" {selection.calibration['method']}"
+        f" imbalance {selection.imbalance}, {selection.best_iteration} trees"
     )
 
     final_started = time.perf_counter()
@@ -276,23 +276,35 @@ def train(
         f" ({ms_to_iso(int(final_times[0]))} .. {ms_to_iso(int(final_times[-1]))})"
     )
 
-    summary = backtest.summarize(chosen.folds, resolved.bootstrap_samples, seed=options.fit.seed)
-    latest = chosen.folds[-1]
+    # The selection split's calibration maps the early-stopped selection booster's scores (fitted
+    # on the train split alone); the final model is fitted by the backtest folds' procedure
+    # instead, so its calibration is fitted on their out-of-sample scores, and the folds'
+    # figures use scores calibrated without their own fold.
+    final_raw = np.asarray(booster.predict(dataset.feature_matrix(final_rows)))
+    final_center = backtest.center(final_raw, final_rows["weight"].to_numpy())
+    final_calibration, calibrated_folds = backtest.calibrate(chosen.folds, final_center)
+    summary = backtest.summarize(calibrated_folds, resolved.bootstrap_samples, seed=options.fit.seed)
+    latest = calibrated_folds[-1]
     oracle = options.oracle(latest.test, horizon) if options.oracle else None
     test_metrics = evaluate.evaluate(latest.labels, latest.scores, oracle)
-    fold_details = [_fold_row(result) for result in chosen.folds]
+    fold_details = [_fold_row(result) for result in calibrated_folds]
     meta: dict[str, Any] = {
         "model_name": settings.model_name,
         "features": list(spec.MODEL_FEATURES),
         "horizon_days": horizon,
         "spec_version": spec.spec_version(),
-        "calibration": selection.calibration,
+        "calibration": final_calibration,
         "best_iteration": selection.best_iteration,
         "refit": True,
         "imbalance": selection.imbalance,
         "params": final_params,
-        # Out-of-sample validation scores of the selection booster.
-        "tiers": tier_cuts(selection.valid_scores),
+        # The backtest folds' out-of-sample scores, calibrated as the final model's are.
+        "tiers": tier_cuts(
+            calibration_apply(
+                final_calibration, np.concatenate([backtest.aligned(r, final_center) for r in calibrated_folds])
+            ),
+            source="the backtest folds' scores",
+        ),
         "final": final,
         "data_report": report.to_dict(),
         "search": {
@@ -337,7 +349,7 @@ def train(
         horizon_days=horizon,
         spec_version=meta["spec_version"],
         imbalance=selection.imbalance,
-        calibration=selection.calibration["method"],
+        calibration=final_calibration["method"],
         best_iteration=selection.best_iteration,
         refit=True,
         tiers=meta["tiers"],
@@ -364,9 +376,10 @@ def train(
         learned_until = registry.knew_outcomes_until_ms(
             {"data_window": trained.data_window, "horizon_days": trained.horizon_days}
         )
-        gate_rows = registry.GateRows(
-            split.take(labelled, latest.train_times), latest.test, latest.scores, learned_until
-        )
+        # The final calibration on the fold booster's raw scores: what the champion's recorded
+        # procedure (settings and calibration) gives when refitted on the same rows.
+        gate_scores = calibration_apply(final_calibration, latest.raw if latest.raw is not None else latest.scores)
+        gate_rows = registry.GateRows(split.take(labelled, latest.train_times), latest.test, gate_scores, learned_until)
         trained = _register(settings, options, resolved, trained, gate_rows, progress)
     trained.seconds["total"] = time.perf_counter() - started
     return trained

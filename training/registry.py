@@ -203,7 +203,10 @@ def decide(
     `backtest.summarize` gives it), and, against the champion, a paired bootstrap of the
     ROC-AUC difference on the same test rows of `gate_rows` (users resampled, `samples`
     replicates): the challenger is refused when it is significantly worse, i.e. the one-sided
-    95% upper bound of challenger - champion is below -settings.gate_auc_tolerance.
+    95% upper bound of challenger - champion is below -settings.gate_auc_tolerance. Its
+    backtest mean Brier must not exceed that of a constant forecast of each fold's training
+    churn rate by more than settings.gate_brier_tolerance (relative): probabilities far off the
+    base rate are refused whatever their ranking.
 
     The challenger is scored out of sample, and the champion, wherever it can be, too:
     - when every test row is new to the champion (observed at or after the end of its latest
@@ -236,6 +239,14 @@ def decide(
         bool(pr["mean"] >= floor_pr),
         f"backtest PR-AUC {pr['mean']:.4f} [{pr['low']:.4f}, {pr['high']:.4f}] vs floor {floor_pr:.4f}",
     )
+    brier, no_skill = backtest_summary.get("brier"), backtest_summary.get("brier_no_skill")
+    if brier is not None and no_skill is not None and np.isfinite(no_skill["mean"]):
+        ceiling = no_skill["mean"] * (1 + settings.gate_brier_tolerance)
+        gate(
+            bool(brier["mean"] <= ceiling),
+            f"backtest Brier {brier['mean']:.4f} vs {ceiling:.4f} (a constant forecast of the training"
+            f" churn rate scores {no_skill['mean']:.4f}, tolerance {settings.gate_brier_tolerance:.0%})",
+        )
     if champion is None:
         decision.reasons.append("pass: no current champion")
         return decision

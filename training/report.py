@@ -10,6 +10,7 @@ _BACKTEST_LABELS = {
     "recall_top10": "recall top 10%",
     "precision_top10": "precision top 10%",
     "brier": "Brier",
+    "brier_no_skill": "Brier, base rate",  # a constant forecast of each fold's training churn rate
 }
 
 
