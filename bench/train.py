@@ -120,7 +120,8 @@ def compare_train(
     """Returns, per seed, the ROC-AUC of the model each procedure registers ("before": main's
     refit on train + valid; "after": this pipeline's final fit on every labelled point) on the
     same observation points of the `future_days` days after the training log ends (labels from
-    the simulation's continuation), the oracle's ROC-AUC and each model's ratio to it, and the
+    the simulation's continuation), the oracle's ROC-AUC and each model's ratio to it, each
+    model's mean probability over the oracle's (its calibration), and the
     paired bootstrap interval of after - before. Simulates `days + horizon + future_days` days
     and trains on the first `days`. Each seed's figures also go to `progress` as one JSON line
     as soon as they are known (a long comparison that is cut short keeps its finished seeds).
@@ -158,6 +159,8 @@ def compare_train(
         for name, score in scores.items():
             result[f"{name}_roc_auc"] = metrics.roc_auc(labels, score)
             result[f"{name}_vs_oracle"] = metrics.roc_auc(labels[known], score[known]) / oracle_auc
+            # Calibration: the mean served probability over the true one (1 is right).
+            result[f"{name}_mean_probability_vs_oracle"] = float(score[known].mean() / truth[known].mean())
         result["oracle_roc_auc"] = oracle_auc
         result["after_minus_before"] = backtest.paired_auc_difference(
             labels, scores["after"], scores["before"], rows["user_id"].to_numpy(), samples=200, seed=seed
