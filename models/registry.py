@@ -8,10 +8,12 @@ The write side (runs, new versions, gates, promotion) is `training.registry`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,33 @@ def registry_client(settings: Settings) -> Any:
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported on first use, not by every command
 
     check_sqlite_store(settings.tracking_uri)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    with _store_creation_lock(settings.tracking_uri):
+        return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Holds an exclusive lock beside a `sqlite:///` store's file (`<file>.lock`) while MLflow
+    opens it (nothing for other stores). Opening a store with no tables creates them, and
+    processes that open a new store together each found none and created them: all but one
+    failed (`table alembic_version already exists`). MLflow opens a store once per process."""
+    path = _sqlite_path(uri)
+    if path is None or not path.parent.is_dir():
+        yield
+        return
+    with path.with_name(path.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """Returns the file of a `sqlite:///` store, or None for another kind of store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -49,9 +77,9 @@ def check_sqlite_store(uri: str) -> None:
         ConfigError: it is not, or cannot be read. MLflow's own error for it is a SQLAlchemy
             `DatabaseError` no caller maps: a traceback of hundreds of lines from every command.
     """
-    if not uri.startswith("sqlite:///"):
+    path = _sqlite_path(uri)
+    if path is None:
         return
-    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
     try:
         with path.open("rb") as store:
             head = store.read(len(SQLITE_HEADER))

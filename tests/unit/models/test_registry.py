@@ -4,6 +4,8 @@ the old v1's files."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -112,3 +114,29 @@ def test_a_store_file_that_is_not_a_database_is_a_one_line_config_error(tmp_path
         registry.champion_version(settings)
     store.write_bytes(b"")  # empty: MLflow creates its tables in it
     assert registry.champion_version(settings) is None
+
+
+def test_processes_opening_a_new_store_together_all_open_it(tmp_path: Path) -> None:
+    """Two `churn train` started together on a new SQLite store: each found no tables and
+    created them, and the second failed with a traceback (`table alembic_version already
+    exists`). Four processes here, each opening the store once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys\n"
+        "from core.settings import load_settings\n"
+        "from models import registry\n"
+        f"settings = load_settings(mlflow_tracking_uri={uri!r}, state_dir=sys.argv[1])\n"
+        "print(registry.champion_version(settings))\n"
+    )
+    opened = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / f"state{i}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    outcomes = [process.communicate(timeout=120) for process in opened]
+    assert [process.returncode for process in opened] == [0] * 4, [err[-600:] for _, err in outcomes]
+    assert [out.strip() for out, _ in outcomes] == ["None"] * 4
