@@ -33,12 +33,21 @@ def registry_client(settings: Settings) -> Any:
 
     Raises:
         ConfigError: the store is a SQLite file that is not a database (`check_sqlite_store`).
+        ServiceUnavailableError: the SQL store cannot be opened (locked, unreachable).
     """
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported on first use, not by every command
+    from sqlalchemy.exc import SQLAlchemyError  # MLflow's SQL stores; imported with it
 
     check_sqlite_store(settings.tracking_uri)
     with _store_creation_lock(settings.tracking_uri):
-        return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        try:
+            return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        except SQLAlchemyError as exc:
+            # Opening the store checks its tables outside MLflow's error mapping: a locked
+            # store gave a traceback of a hundred lines from every command.
+            reason = str(exc).splitlines()[0]
+            msg = f"the MLflow store at {mask_url(settings.tracking_uri)} cannot be opened: {reason}"
+            raise ServiceUnavailableError(msg) from exc
 
 
 @contextlib.contextmanager

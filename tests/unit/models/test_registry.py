@@ -4,6 +4,7 @@ the old v1's files."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -140,3 +141,19 @@ def test_processes_opening_a_new_store_together_all_open_it(tmp_path: Path) -> N
     outcomes = [process.communicate(timeout=120) for process in opened]
     assert [process.returncode for process in opened] == [0] * 4, [err[-600:] for _, err in outcomes]
     assert [out.strip() for out, _ in outcomes] == ["None"] * 4
+
+
+def test_a_locked_store_is_a_one_line_unavailable_error_and_opens_once_released(tmp_path: Path) -> None:
+    """Opening a store checks its tables outside MLflow's error mapping: a store another
+    process held locked gave a SQLAlchemy traceback of a hundred lines from every command."""
+    settings = _scratch(tmp_path)
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"mlflow\.db cannot be opened: .*database is locked"):
+            registry.champion_version(settings)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert registry.champion_version(settings) is None  # not cached as failed: it opens now
