@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,18 @@ import numpy as np
 from monitoring.agreement import Agreement
 from monitoring.drift import DriftReport, Thresholds
 from monitoring.metrics import Metrics
+from monitoring.prediction_log import SERVED, SHADOW
 
 log = logging.getLogger(__name__)
 SCORE = "score"  # the name the score goes by in `sustained_alerts`
+# The state's per-model drift figures ({role: {version, feature_psi_max, score_psi}}) and the
+# shadow agreement ({rows, same_tier, spearman, mean_abs_delta} or None) of its snapshot.
+MODELS, AGREEMENT = "models", "shadow_agreement"
+
+
+def _json_number(value: float) -> float | None:
+    """Returns `value`, or None when it is not finite (JSON has no NaN)."""
+    return float(value) if np.isfinite(value) else None
 
 
 def drift_key(prefix: str) -> str:
@@ -118,29 +128,60 @@ class DriftPublisher:
     def publish_model(self, report: DriftReport, role: str, version: str) -> None:
         """Sets the per-model drift gauges (`churn_model_score_psi`, `churn_model_feature_psi_max`)
         of the model of `role` ("served": the champion, "shadow": the challenger) from its report
-        against its own reference. Never raises."""
+        against its own reference, and records them in the state (`models`) the gauges of
+        other and restarted scorers follow. Never raises."""
         try:
-            m = self.metrics
             psi_max = max((d.psi for d in report.features.values()), default=float("nan"))
-            m.set_model_figures(m.model_feature_psi_max, role, version, {"": psi_max})
             score = report.score.psi if report.score is not None else float("nan")
-            m.set_model_figures(m.model_score_psi, role, version, {"": score})
+            figures = {"version": version, "feature_psi_max": _json_number(psi_max), "score_psi": _json_number(score)}
+            self._set_model_gauges(role, figures)
+            self._amend(report.as_of_ms, lambda state: state.setdefault(MODELS, {}).update({role: figures}))
         except Exception:
-            log.exception("could not set the drift gauges of model v%s", version)
+            log.exception("could not publish the drift figures of model v%s", version)
 
-    def publish_agreement(self, figures: Agreement | None) -> None:
-        """Sets the agreement gauges of the latest snapshot (`monitoring.agreement`), or clears
-        them and the shadow model's per-model gauges for a snapshot without a shadow model."""
+    def publish_agreement(self, figures: Agreement | None, as_of_ms: int | None = None) -> None:
+        """Sets the agreement gauges of the snapshot of `as_of_ms` (`monitoring.agreement`), or
+        clears them and the shadow model's per-model gauges for a snapshot without a shadow
+        model, and records them in the state (`shadow_agreement`). Never raises."""
+        recorded = None
+        if figures is not None:
+            recorded = {"rows": figures.rows, **{k: _json_number(v) for k, v in figures.figures().items()}}
+        try:
+            self._set_agreement_gauges(recorded)
+            self._amend(as_of_ms, lambda state: state.update({AGREEMENT: recorded}))
+        except Exception:
+            log.exception("could not publish the shadow agreement")
+
+    def _amend(self, as_of_ms: int | None, change: Callable[[dict[str, Any]], None]) -> None:
+        """Applies `change` to the state in Redis if it is the snapshot of `as_of_ms` (publish
+        wrote it; when it could not, an older snapshot's state is left as it is)."""
+        state = read_drift(self.client, self.prefix)
+        if state is None or as_of_ms is None or state.get("as_of_ms") != as_of_ms:
+            return
+        change(state)
+        self.client.set(drift_key(self.prefix), json.dumps(state))
+
+    def _set_model_gauges(self, role: str, figures: dict[str, Any] | None) -> None:
+        """Sets (or, with None, removes) the per-model drift gauges of `role`'s model."""
+        m = self.metrics
+        version = None if figures is None else figures["version"]
+        for gauge, field in ((m.model_feature_psi_max, "feature_psi_max"), (m.model_score_psi, "score_psi")):
+            value = None if figures is None else figures.get(field)
+            m.set_model_figures(gauge, role, version, {"": float("nan") if value is None else value})
+
+    def _set_agreement_gauges(self, recorded: dict[str, Any] | None) -> None:
+        """Sets the shadow agreement gauges (None: no shadow model, so none, and no shadow
+        per-model series)."""
         m = self.metrics
         m.shadow_agreement.clear()
-        if figures is None:
+        if recorded is None:
             m.shadow_snapshot_rows.set(0)
             for gauge in (m.model_score_psi, m.model_feature_psi_max, m.model_expected):
                 m.set_model_figures(gauge, "shadow", None, {})
             return
-        m.shadow_snapshot_rows.set(figures.rows)
-        for name, value in figures.figures().items():
-            if np.isfinite(value):
+        m.shadow_snapshot_rows.set(recorded["rows"])
+        for name, value in recorded.items():
+            if name != "rows" and value is not None:
                 m.shadow_agreement.labels(name).set(value)
 
     def mirror(self) -> None:
@@ -153,8 +194,14 @@ class DriftPublisher:
         firing after the drift was gone, and a restart resolved a real one."""
         try:
             state = read_drift(self.client, self.prefix)
-            if state is not None:
-                self._set_gauges(state)
+            if state is None:
+                return
+            self._set_gauges(state)
+            if MODELS in state:  # a state written before the per-model figures were kept has none
+                for role in (SERVED, SHADOW):
+                    self._set_model_gauges(role, state[MODELS].get(role))
+            if AGREEMENT in state:
+                self._set_agreement_gauges(state[AGREEMENT])
         except Exception:  # Redis down: the gauges stay as they were until the next snapshot
             log.exception("could not read the drift state for the gauges")
 

@@ -96,11 +96,25 @@ class PerformancePublisher:
         days = state["days"]
         if state.get("latest_expected") in days:
             _set_figures(self.metrics.expected, days[state["latest_expected"]]["expected"])
+            self._mirror_models("expected", days[state["latest_expected"]])
         if state.get("latest_realized") in days:
             day = state["latest_realized"]
             _set_figures(self.metrics.realized, days[day]["realized"])
             midnight = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
             self.metrics.realized_as_of.set(midnight.timestamp())
+            self._mirror_models("realized", days[day])
+
+    def _mirror_models(self, kind: str, day: dict[str, Any]) -> None:
+        """Sets the per-model `kind` gauges from one day of the state (`model_figures` wrote it):
+        a restarted scorer had none until its next snapshot, and one that skipped a snapshot
+        kept the figures of the last one it took."""
+        gauge = self.metrics.model_expected if kind == "expected" else self.metrics.model_realized
+        for version, entry in (day.get("models") or {}).items():
+            if kind in entry:
+                figures = {
+                    k: (math.nan if v is None else v) for k, v in entry[kind].items() if k not in ("rows", "churners")
+                }
+                self.metrics.set_model_figures(gauge, entry["role"], version, figures)
 
     def model_figures(self, kind: str, as_of_ms: int, role: str, version: str, figures: dict[str, float]) -> None:
         """Records one model's `kind` ("expected" or "realized") figures over every user of a

@@ -345,7 +345,7 @@ class DailySnapshots:
         if shadow is not None:
             self._shadow(as_of_ms, users, matrix, shadow, scored, frame)
         else:
-            self.drift.publish_agreement(None)
+            self.drift.publish_agreement(None, as_of_ms)
         self.label_due(as_of_ms, model.horizon_days, loaded.version)
         self.activity.mark_taken(as_of_ms)
         log.info(
@@ -416,7 +416,7 @@ class DailySnapshots:
             served["churn_probability"].to_numpy(), other["churn_probability"].to_numpy(),
             served["risk_tier"].to_list(), other["risk_tier"].to_list(),
         )  # fmt: skip
-        self.drift.publish_agreement(figures)
+        self.drift.publish_agreement(figures, as_of_ms)
 
     def rows(self, as_of_ms: int) -> tuple[list[str], np.ndarray]:
         """Returns (users, matrix in `spec.MODEL_FEATURES` order) of the users active in the

@@ -158,6 +158,16 @@ class StandInModel:
         return "high" if probability > 0.5 else "low"
 
 
+def gauge_series(metrics: Metrics, name: str) -> dict[tuple[str, ...], float]:
+    """Returns every sample of metric family `name` in `metrics`' registry as {label values: value}."""
+    return {
+        tuple(sample.labels.values()): sample.value
+        for family in metrics.registry.collect()
+        if family.name == name
+        for sample in family.samples
+    }
+
+
 def small_model(
     *, missing_share: float = 0.0, rounds: int = 20, features: tuple[str, ...] = spec.MODEL_FEATURES, **meta: Any
 ) -> ChurnModel:

@@ -47,7 +47,7 @@ from monitoring.prediction_log import day_of, read_snapshot
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
 from stream.snapshot import DailySnapshots, InMemoryActivity
-from tests.support import StandInModel, random_events, wire_frame
+from tests.support import StandInModel, gauge_series, random_events, wire_frame
 from training import dataset
 from training.performance import realized
 from training.reference import distribution, references
@@ -299,16 +299,6 @@ def test_publisher_sets_gauges_and_writes_the_state() -> None:
     assert "level_paid/x" in sustained_alerts(stored, 0, now=20.0)
 
 
-def _series(metrics: Metrics, name: str) -> dict[tuple[str, ...], float]:
-    """Returns every sample of metric family `name` as {label values: value}."""
-    return {
-        tuple(sample.labels.values()): sample.value
-        for family in metrics.registry.collect()
-        if family.name == name
-        for sample in family.samples
-    }
-
-
 DRIFT_GAUGES = (
     "churn_feature_psi", "churn_feature_ks_statistic", "churn_feature_ks_pvalue", "churn_score_psi",
     "churn_drift_window_rows", "churn_snapshot_as_of_seconds", "churn_segment_feature_psi_max",
@@ -336,8 +326,8 @@ def test_every_scorer_and_a_restarted_one_show_the_latest_snapshot_whoever_took_
     b.mirror()
     restarted.mirror()
     for name in DRIFT_GAUGES:
-        assert _series(b.metrics, name) == _series(a.metrics, name), name
-        assert _series(restarted.metrics, name) == _series(a.metrics, name), name
+        assert gauge_series(b.metrics, name) == gauge_series(a.metrics, name), name
+        assert gauge_series(restarted.metrics, name) == gauge_series(a.metrics, name), name
     assert b.metrics.registry.get_sample_value("churn_feature_psi", {"feature": "x"}) < 0.1  # type: ignore[operator]
     assert b.metrics.registry.get_sample_value("churn_snapshot_as_of_seconds") == 2 * 86_400
     gone = {"feature": "days_since_registration"}
@@ -359,7 +349,7 @@ def test_a_scorer_that_finds_the_snapshot_taken_shows_the_taker_s_figures(tmp_pa
     )  # fmt: skip
     other.take(86_400_000, LoadedModel(FirstFeatureModel(), "m", "1"))
     for name in DRIFT_GAUGES:
-        assert _series(metrics, name) == _series(taker.metrics, name), name
+        assert gauge_series(metrics, name) == gauge_series(taker.metrics, name), name
     assert metrics.registry.get_sample_value("churn_snapshot_as_of_seconds") == 86_400
 
 

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from core.timeutil import ms_to_iso
+from features import spec
 from features.online import OnlineEngine
 from features.state_store import InMemoryStateStore
 from features.store import InMemoryFeatureStore
@@ -27,7 +28,8 @@ from monitoring.prediction_log import read_log, read_snapshot, with_role, write_
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore, RiskRow
 from stream.snapshot import DailySnapshots, InMemoryActivity
-from tests.support import StandInModel, random_events
+from tests.support import StandInModel, gauge_series, random_events
+from training.reference import references
 
 DAY = 86_400_000
 
@@ -126,9 +128,12 @@ class DictRedis:
         self.data[key] = value.encode()
 
 
-def _run(root: Path, challenger: LoadedModel | None, canary: float = 0.0) -> tuple[dict[str, RiskRow], Metrics, Any]:
-    """Streams 12 days of 30 users (one partition) through a processor with the champion v1 (and
-    `challenger`); returns the served risk rows, the metrics and the Redis stand-in."""
+def _run(
+    root: Path, challenger: LoadedModel | None, canary: float = 0.0, champion_model: Any = None
+) -> tuple[dict[str, RiskRow], Metrics, Any]:
+    """Streams 12 days of 30 users (one partition) through a processor with the champion v1
+    (`champion_model`, by default a `ThreeDayModel`; and `challenger`); returns the served risk
+    rows, the metrics and the Redis stand-in."""
     events = random_events(11, users=30, days=12, per_user=100)
     msgs = [Message(e.to_json(), "events", 0, i, e.ts) for i, e in enumerate(events)]
     metrics, client, risks, states = Metrics(), DictRedis(), InMemoryRiskStore(), InMemoryStateStore()
@@ -136,7 +141,7 @@ def _run(root: Path, challenger: LoadedModel | None, canary: float = 0.0) -> tup
         InMemoryActivity(), states, OnlineEngine(), DriftPublisher(Thresholds(), metrics, client, "p:"),
         PerformancePublisher(metrics, client, "p:", 0.7), root, lookback_days=5,
     )  # fmt: skip
-    champion = LoadedModel(ThreeDayModel(), "m", "1")
+    champion = LoadedModel(champion_model or ThreeDayModel(), "m", "1")
     p = BatchProcessor(
         OnlineEngine(), states, InMemoryFeatureStore(), risks, metrics, lambda: champion,
         wall_clock_ms=lambda: 0, snapshots=snapshots, challenger=lambda: challenger, canary_percent=canary,
@@ -203,6 +208,38 @@ def test_a_distinct_challenger_scores_in_shadow_and_changes_nothing_served(tmp_p
     assert all(entry["models"]["2"]["realized"]["rows"] == entry["realized"]["rows"] for entry in labelled)
     version_of = {s.labels["version"] for s in next(iter(metrics.model_realized.collect())).samples}
     assert version_of == {"1", "2"}
+
+
+def _with_reference(model: Any) -> Any:
+    """Returns `model` with a training reference in its meta (so snapshots compute its drift)."""
+    matrix = np.random.default_rng(5).gamma(2.0, 40.0, (2000, len(spec.MODEL_FEATURES)))
+    model.meta = {**model.meta, "reference": references(matrix, spec.MODEL_FEATURES, model.predict(matrix))}
+    return model
+
+
+PER_MODEL_SERIES = (
+    "churn_model_score_psi", "churn_model_feature_psi_max", "churn_model_expected_performance",
+    "churn_model_realized_performance", "churn_shadow_agreement", "churn_shadow_snapshot_rows",
+)  # fmt: skip
+
+
+def test_a_restarted_scorer_shows_the_per_model_and_shadow_figures_of_the_latest_snapshot(tmp_path: Path) -> None:
+    """Only the overall drift and performance gauges came back from Redis at a scorer's start:
+    the per-model ones (served and shadow) and the shadow agreement stayed absent until its next
+    daily snapshot, and a scorer that skipped a snapshot kept the ones it took itself."""
+    challenger = LoadedModel(_with_reference(ReversedModel()), "m", "2")
+    _, metrics, client = _run(tmp_path, challenger, champion_model=_with_reference(ThreeDayModel()))
+    restarted = Metrics()
+    snapshots = DailySnapshots(
+        InMemoryActivity(), InMemoryStateStore(), OnlineEngine(), DriftPublisher(Thresholds(), restarted, client, "p:"),
+        PerformancePublisher(restarted, client, "p:", 0.7), tmp_path, lookback_days=5,
+    )  # fmt: skip
+    snapshots.show_latest()
+    for name in PER_MODEL_SERIES:
+        assert gauge_series(metrics, name), name  # the run published it
+        assert gauge_series(restarted, name) == gauge_series(metrics, name), name
+    versions = {labels[:2] for labels in gauge_series(restarted, "churn_model_score_psi")}
+    assert versions == {("served", "1"), ("shadow", "2")}
 
 
 def test_a_per_model_gauge_keeps_one_version_per_role() -> None:
