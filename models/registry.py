@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import shutil
 import tempfile
 import uuid
@@ -39,6 +40,12 @@ def registry_client(settings: Settings) -> Any:
     from sqlalchemy.exc import SQLAlchemyError  # MLflow's SQL stores; imported with it
 
     check_sqlite_store(settings.tracking_uri)
+    if _sqlite_path(settings.tracking_uri) is not None:
+        # A SQLite store's file is opened by each query, not kept in MLflow's connection pool:
+        # a file removed and created again (by another process's training) was otherwise never
+        # seen, and a running scorer or API served the removed registry's champion until
+        # restarted. MLflow's documented setting; one an operator set is kept.
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     with _store_creation_lock(settings.tracking_uri):
         try:
             return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)

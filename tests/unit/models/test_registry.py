@@ -18,6 +18,7 @@ from core.errors import ConfigError, ServiceUnavailableError
 from core.settings import Settings, load_settings
 from features import spec
 from models import registry
+from models.artifact import save_artifact
 from models.holder import ModelHolder
 from tests.support import register_champion, small_model
 
@@ -99,6 +100,33 @@ def test_a_running_holder_swaps_to_a_re_created_registry_s_v1(tmp_path: Path) ->
     assert not holder.refresh()  # the same champion: nothing to load
     registry.registry_client(settings).delete_registered_model(settings.model_name)
     register_champion(tmp_path, load_settings(), second)
+    assert holder.refresh()
+    assert holder.current is not None
+    assert holder.current.version == "1"
+    assert np.allclose(holder.current.model.predict(x), second.predict(x))
+
+
+def test_a_running_holder_follows_a_store_file_removed_and_created_again(tmp_path: Path) -> None:
+    """The SQLite store removed (damaged, or to start afresh) and created again by another
+    process's training, with a new v1: a running scorer or API kept its pooled connection to
+    the removed file and served the old v1 until restarted."""
+    settings = _scratch(tmp_path)
+    first, second = small_model(rounds=5), small_model(rounds=40)
+    x = np.random.default_rng(1).random((20, len(spec.MODEL_FEATURES))) * 10
+    register_champion(tmp_path, load_settings(), first)
+    holder = ModelHolder(*registry.champion_loader(settings))
+    assert holder.refresh()
+    (tmp_path / "mlflow.db").unlink()
+    artifact = save_artifact(tmp_path / "second", second.booster, second.meta)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from core.settings import load_settings\n"
+        "from models.artifact import load_artifact\n"
+        "from tests.support import register_champion\n"
+        "register_champion(Path(sys.argv[1]), load_settings(), load_artifact(sys.argv[2]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(artifact)], check=True, timeout=120)
     assert holder.refresh()
     assert holder.current is not None
     assert holder.current.version == "1"
