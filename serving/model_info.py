@@ -9,7 +9,8 @@ from serving.schemas import ModelInfo
 
 
 def model_info(loaded: LoadedModel, meta: dict[str, Any], default_horizon_days: int) -> ModelInfo:
-    """Returns the model's identity, test metrics and training window.
+    """Returns the model's identity, test metrics, training window, calibration method and
+    tier cuts.
 
     The artifact keeps the test metrics under `metrics.test` (beside the per-candidate
     validation figures); a flat `metrics` dict is read as the test metrics. Only numbers are
@@ -31,6 +32,9 @@ def model_info(loaded: LoadedModel, meta: dict[str, Any], default_horizon_days: 
         elif value is None or isinstance(value, str | int | float):
             window[key] = None if value is None else str(value)
     promoted = meta.get("promoted_at")
+    calibration = (meta.get("calibration") or {}).get("method")
+    tiers = meta.get("tiers") or {}
+    cuts = {name: float(tiers[name]) for name in ("medium", "high") if isinstance(tiers.get(name), int | float)}
     return ModelInfo(
         name=loaded.name,
         version=loaded.version,
@@ -39,4 +43,6 @@ def model_info(loaded: LoadedModel, meta: dict[str, Any], default_horizon_days: 
         trained_window=window,
         spec_version=str(meta.get("spec_version", "")),
         promoted_at=None if promoted is None else str(promoted),
+        calibration=None if calibration is None else str(calibration),
+        tier_cuts=cuts or None,
     )

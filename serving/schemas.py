@@ -128,6 +128,10 @@ class ModelInfo(BaseModel):
     trained_window: dict[str, str | None]
     spec_version: str
     promoted_at: str | None = None
+    calibration: str | None = Field(default=None, description="`platt`, `isotonic` or `none` (null: not recorded)")
+    tier_cuts: dict[str, float] | None = Field(
+        default=None, description="The lowest probability of each tier above `low` (`medium`, `high`)"
+    )
 
 
 class HistoryEntry(BaseModel):

@@ -22,6 +22,7 @@ from monitoring.metrics import Metrics
 from serving.admission import initial_limit
 from serving.app import create_app
 from serving.deps import Deps
+from serving.model_info import model_info
 from serving.risk import RiskService
 from stream.risk_store import InMemoryRiskStore, RiskRow
 from tests.support import StandInModel, random_events
@@ -177,6 +178,17 @@ def test_model_swap_is_picked_up(client: Any) -> None:
     models._load = lambda: LoadedModel(IdleModel(), "churn-lightgbm", "2")
     assert models.refresh()
     assert http.get("/users/u1/risk", headers=KEY).json()["model"]["version"] == "2"
+
+
+def test_current_model_says_its_calibration_and_tier_cuts() -> None:
+    """A downstream tool acting on the probabilities needs the map and the cuts behind them;
+    only the Markdown card had them. An artifact without them answers null."""
+    meta = {**IdleModel.meta, "calibration": {"method": "platt", "a": 1.1, "b": -0.2}}
+    meta["tiers"] = {"high": 0.08, "medium": 0.035, "rule": "high: top 10% of the backtest folds' scores"}
+    info = model_info(LoadedModel(IdleModel(), "churn-lightgbm", "3"), meta, 14)
+    assert (info.calibration, info.tier_cuts) == ("platt", {"medium": 0.035, "high": 0.08})
+    bare = model_info(LoadedModel(IdleModel(), "churn-lightgbm", "3"), IdleModel.meta, 14)
+    assert (bare.calibration, bare.tier_cuts) == (None, None)
 
 
 class CardModel(IdleModel):
