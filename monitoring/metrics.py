@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
@@ -41,6 +42,13 @@ class Metrics:
     """The metric objects of one process; `registry` is what `/metrics` exposes."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if multiprocess.active_dir() is None:
+            # Values are in memory (`monitoring.multiprocess`), where clearing and removing series
+            # works; prometheus-client warns that it does not because Feast sets its folder
+            # variable in every process, and the warning came at every daily snapshot.
+            warnings.filterwarnings(
+                "ignore", message="(Clearing|Removal of) labels has not been implemented", category=UserWarning
+            )
         self.registry = registry or CollectorRegistry()
         self._model_labels: dict[str, tuple[str, str, str]] = {}  # component -> its churn_model_info labels
         r = self.registry

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -129,6 +130,22 @@ def test_feast_setting_prometheus_s_folder_does_not_empty_one_worker_s_metrics()
     assert multiprocess.active_dir() is None
     counts = samples(metrics.exposition().decode(), "churn_api_request_duration_seconds_count")
     assert [v for _, v in counts] == [1.0]
+
+
+def test_series_are_cleared_without_a_warning_when_feast_set_prometheus_s_folder() -> None:
+    """One process (the scorer) after Feast set PROMETHEUS_MULTIPROC_DIR: clearing a gauge's
+    series works (values are in memory), and prometheus-client's warning that it does not came
+    at every daily snapshot."""
+    import feast.feature_store  # noqa: F401 - the import under test sets the variable
+
+    assert os.environ.get(multiprocess.ENV)
+    metrics = Metrics()
+    metrics.feature_psi.labels("events_1h").set(0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test...
+        Metrics()  # ...except those a new Metrics() filters again
+        metrics.feature_psi.clear()
+    assert samples(metrics.exposition().decode(), "churn_feature_psi") == []
 
 
 def test_a_swapped_model_leaves_one_series_per_component() -> None:
