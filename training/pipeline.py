@@ -233,7 +233,10 @@ def train(
             raise InvalidInputError(msg)
     progress(
         f"training set built in {build_seconds:.1f} s: "
-        + ", ".join(f"{k} {v['rows']} rows / {v['churners']} churners" for k, v in sizes.items())
+        + ", ".join(
+            f"{k} {v['rows']} rows ({v['positives'] / max(v['rows'], 1):.1%} positive) / {v['churners']} churners"
+            for k, v in sizes.items()
+        )
     )
 
     search_started = time.perf_counter()
