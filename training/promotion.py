@@ -39,7 +39,7 @@ from models.artifact import ChurnModel
 from models.registry import CHALLENGER, champion_version, check_against_spec, load_version, registry_client
 from monitoring.prediction_log import read_log
 from training import backtest, metrics
-from training.registry import PREVIOUS_CHAMPION_TAG, move_champion, record_step
+from training.registry import PREVIOUS_CHAMPION_TAG, backtest_gates, move_champion, record_step
 
 PAIR_SCHEMA = {
     "as_of": pl.Int64,
@@ -168,20 +168,18 @@ def _checked(settings: Settings, version: str) -> ChurnModel:
 
 def judge_against_floors(settings: Settings, meta: dict[str, Any]) -> Judgement:
     """Returns the judgement of a challenger when there is no champion to compare it with: the
-    floors the training gates apply (`CHURN_GATE_MIN_ROC_AUC`, `CHURN_GATE_MIN_PR_AUC`) on the
-    backtest means its training recorded (`meta["metrics"]["backtest"]`). Without it, a version
-    its training refused for a floor became champion through `churn promote` as "accepted"."""
+    gates its training applied on its own backtest figures (`registry.backtest_gates`: the
+    ROC-AUC and PR-AUC floors, the calibration's Brier) on the backtest its training recorded
+    (`meta["metrics"]["backtest"]`). Without it, a version its training refused for a floor
+    became champion through `churn promote` as "accepted"."""
     backtest = (meta.get("metrics") or {}).get("backtest") or {}
-    figures: dict[str, float] = {}
-    verdicts: list[str] = []
-    for metric, floor in (("roc_auc", settings.gate_min_roc_auc), ("pr_auc", settings.gate_min_pr_auc)):
-        mean = (backtest.get(metric) or {}).get("mean")
-        if mean is None:
-            verdicts.append(f"fail: no backtest {metric} recorded")
-            continue
-        figures[f"backtest_{metric}"] = float(mean)
-        verdicts.append(f"{'pass' if mean >= floor else 'fail'}: backtest {metric} {mean:.4f} vs floor {floor:.4f}")
-    passed = all(v.startswith("pass") for v in verdicts)
+    figures = {
+        f"backtest_{metric}": float(backtest[metric]["mean"])
+        for metric in ("roc_auc", "pr_auc", "brier")
+        if (backtest.get(metric) or {}).get("mean") is not None
+    }
+    verdicts = backtest_gates(settings, backtest)
+    passed = not any(v.startswith("fail") for v in verdicts)
     return Judgement(passed, "; ".join(["no current champion", *verdicts]), figures)
 
 

@@ -190,6 +190,38 @@ def recorded_settings(meta: dict[str, Any]) -> tuple[fit.FitConfig, str, int, di
         return None
 
 
+def backtest_gates(settings: Settings, backtest_summary: dict[str, Any]) -> list[str]:
+    """Returns the verdicts ("pass: ...", "fail: ..." or "skip: ...") of the gates on a model's
+    own backtest figures (`backtest.summarize`: {metric: {mean, low, high}}): the ROC-AUC and
+    PR-AUC floors (a missing figure fails), and the Brier score at most
+    `gate_brier_tolerance` (relative) above that of a constant forecast of each fold's training
+    churn rate (skipped for a summary without that reference: trained before it was recorded).
+    `churn train` (`decide`) and `churn promote` with no champion apply the same gates."""
+    verdicts = []
+    for metric, label, floor in (
+        ("roc_auc", "ROC-AUC", settings.gate_min_roc_auc),
+        ("pr_auc", "PR-AUC", settings.gate_min_pr_auc),
+    ):
+        figure = backtest_summary.get(metric) or {}
+        if figure.get("mean") is None:
+            verdicts.append(f"fail: no backtest {label} recorded")
+            continue
+        mean, passed = float(figure["mean"]), float(figure["mean"]) >= floor
+        interval = f" [{figure['low']:.4f}, {figure['high']:.4f}]" if figure.get("low") is not None else ""
+        verdicts.append(f"{'pass' if passed else 'fail'}: backtest {label} {mean:.4f}{interval} vs floor {floor:.4f}")
+    brier = (backtest_summary.get("brier") or {}).get("mean")
+    no_skill = (backtest_summary.get(backtest.NO_SKILL) or {}).get("mean")
+    if brier is None or no_skill is None or not np.isfinite(no_skill):
+        verdicts.append("skip: no backtest Brier of a constant forecast recorded (the calibration gate)")
+        return verdicts
+    ceiling = no_skill * (1 + settings.gate_brier_tolerance)
+    verdicts.append(
+        f"{'pass' if brier <= ceiling else 'fail'}: backtest Brier {brier:.4f} vs {ceiling:.4f} (a constant"
+        f" forecast of the training churn rate scores {no_skill:.4f}, tolerance {settings.gate_brier_tolerance:.0%})"
+    )
+    return verdicts
+
+
 def decide(
     settings: Settings,
     backtest_summary: dict[str, Any],
@@ -224,29 +256,14 @@ def decide(
     `champion_roc_auc` is that of the champion's side as compared. Skipped, with a reason, when
     there is no champion or it needs features the rows lack."""
     decision = Decision(promote=True)
-    roc, pr = backtest_summary["roc_auc"], backtest_summary["pr_auc"]
 
     def gate(passed: bool, text: str) -> None:
         decision.reasons.append(("pass: " if passed else "fail: ") + text)
         decision.promote = decision.promote and passed
 
-    floor_roc, floor_pr = settings.gate_min_roc_auc, settings.gate_min_pr_auc
-    gate(
-        bool(roc["mean"] >= floor_roc),
-        f"backtest ROC-AUC {roc['mean']:.4f} [{roc['low']:.4f}, {roc['high']:.4f}] vs floor {floor_roc:.4f}",
-    )
-    gate(
-        bool(pr["mean"] >= floor_pr),
-        f"backtest PR-AUC {pr['mean']:.4f} [{pr['low']:.4f}, {pr['high']:.4f}] vs floor {floor_pr:.4f}",
-    )
-    brier, no_skill = backtest_summary.get("brier"), backtest_summary.get("brier_no_skill")
-    if brier is not None and no_skill is not None and np.isfinite(no_skill["mean"]):
-        ceiling = no_skill["mean"] * (1 + settings.gate_brier_tolerance)
-        gate(
-            bool(brier["mean"] <= ceiling),
-            f"backtest Brier {brier['mean']:.4f} vs {ceiling:.4f} (a constant forecast of the training"
-            f" churn rate scores {no_skill['mean']:.4f}, tolerance {settings.gate_brier_tolerance:.0%})",
-        )
+    for verdict in backtest_gates(settings, backtest_summary):
+        decision.reasons.append(verdict)
+        decision.promote = decision.promote and not verdict.startswith("fail")
     if champion is None:
         decision.reasons.append("pass: no current champion")
         return decision

@@ -20,7 +20,7 @@ from models.artifact import load_artifact
 from models.calibration import apply
 from sim.oracle import oracle_at
 from sim.simulator import SimConfig, simulate
-from training import backtest, dataset, registry
+from training import backtest, dataset, promotion, registry
 from training.pipeline import TrainOptions, train
 
 
@@ -62,10 +62,18 @@ def test_gate_refuses_a_backtest_brier_worse_than_the_base_rate() -> None:
     }
     rows = registry.GateRows(pl.DataFrame(), pl.DataFrame(), np.zeros(0))
     assert registry.decide(settings, summary, rows, None).promote
-    far_off = {**summary, "brier": {"mean": 0.634, "low": 0.6, "high": 0.65}}
-    refused = registry.decide(settings, far_off, rows, None)
+    just_above = {**summary, "brier": {"mean": 0.031 * 1.1 + 1e-4, "low": 0.02, "high": 0.04}}
+    refused = registry.decide(settings, just_above, rows, None)
     assert not refused.promote
     assert any(r.startswith("fail: backtest Brier") for r in refused.reasons)
+    # `churn promote` with no champion applies the same gates to the figures training recorded.
+    assert not promotion.judge_against_floors(settings, {"metrics": {"backtest": just_above}}).promote
+    assert promotion.judge_against_floors(settings, {"metrics": {"backtest": summary}}).promote
+    # A model trained before the reference was recorded is not refused for lacking it: the gate says so.
+    older = {k: v for k, v in summary.items() if k != backtest.NO_SKILL}
+    kept = registry.decide(settings, older, rows, None)
+    assert kept.promote
+    assert any(r.startswith("skip: no backtest Brier") for r in kept.reasons)
 
 
 @pytest.mark.parametrize("seed", [7, 12])

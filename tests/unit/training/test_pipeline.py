@@ -102,13 +102,13 @@ def test_churn_promote_with_no_champion_applies_the_floors_the_training_refused_
     assert model_registry.champion_version(strict) is None
     refused = promotion.promote(strict)
     assert refused.entry["outcome"] == "refused"
-    assert "fail: backtest roc_auc" in refused.entry["rule"]
+    assert "fail: backtest ROC-AUC" in refused.entry["rule"]
     assert model_registry.champion_version(strict) is None
     # The same version under floors it meets (the deployment lowered them) is promoted.
     lenient = load_settings(state_dir=tmp_path, gate_min_roc_auc=0.55, gate_min_pr_auc=0.02)
     accepted = promotion.promote(lenient)
     assert accepted.entry["outcome"] == "accepted", accepted.entry["rule"]
-    assert accepted.entry["rule"].startswith("no current champion; pass: backtest roc_auc")
+    assert accepted.entry["rule"].startswith("no current champion; pass: backtest ROC-AUC")
     assert model_registry.champion_version(strict) == first_ever.version
 
 
