@@ -64,10 +64,16 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
     processes that open a new store together each found none and created them: all but one
     failed (`table alembic_version already exists`). MLflow opens a store once per process."""
     path = _sqlite_path(uri)
-    if path is None or not path.parent.is_dir():
+    if path is None:
         yield
         return
-    with path.with_name(path.name + ".lock").open("a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would: a new store's folder
+        lock = path.with_name(path.name + ".lock").open("a")
+    except OSError:  # a read-only folder: nothing can create the store there, nothing to serialize
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -69,14 +69,29 @@ def with_alert_history(report: dict[str, Any], previous: dict[str, Any] | None) 
     return report
 
 
+def models_key(prefix: str) -> str:
+    """Returns the Redis key of the per-model drift figures and shadow agreement of a snapshot
+    (kept apart from the drift state, so amending them never rewrites a newer snapshot's state)."""
+    return f"{prefix}drift:models"
+
+
 def read_drift(client: Any, prefix: str) -> dict[str, Any] | None:
-    """Returns the latest drift state, or None if no scorer has published one yet.
+    """Returns the latest drift state, with the per-model figures and the shadow agreement of
+    the same snapshot (`models`, `shadow_agreement`) when they were recorded, or None if no
+    scorer has published one yet.
 
     Raises:
         redis.RedisError: Redis cannot be reached (callers map it to their own errors).
     """
     raw = client.get(drift_key(prefix))
-    return None if raw is None else json.loads(raw)
+    if raw is None:
+        return None
+    state: dict[str, Any] = json.loads(raw)
+    extra = client.get(models_key(prefix))
+    amended = {} if extra is None else json.loads(extra)
+    if amended.get("as_of_ms") == state.get("as_of_ms"):
+        state.update({key: amended[key] for key in (MODELS, AGREEMENT) if key in amended})
+    return state
 
 
 def sustained_alerts(state: dict[str, Any], minutes: float, now: float) -> dict[str, float]:
@@ -153,13 +168,17 @@ class DriftPublisher:
             log.exception("could not publish the shadow agreement")
 
     def _amend(self, as_of_ms: int | None, change: Callable[[dict[str, Any]], None]) -> None:
-        """Applies `change` to the state in Redis if it is the snapshot of `as_of_ms` (publish
-        wrote it; when it could not, an older snapshot's state is left as it is)."""
-        state = read_drift(self.client, self.prefix)
-        if state is None or as_of_ms is None or state.get("as_of_ms") != as_of_ms:
+        """Applies `change` to the per-model record of the snapshot of `as_of_ms` in Redis
+        (`models_key`; a record of another snapshot is replaced). `read_drift` shows it with the
+        drift state of the same snapshot only."""
+        if as_of_ms is None:
             return
-        change(state)
-        self.client.set(drift_key(self.prefix), json.dumps(state))
+        raw = self.client.get(models_key(self.prefix))
+        record = {} if raw is None else json.loads(raw)
+        if record.get("as_of_ms") != as_of_ms:
+            record = {"as_of_ms": as_of_ms}
+        change(record)
+        self.client.set(models_key(self.prefix), json.dumps(record))
 
     def _set_model_gauges(self, role: str, figures: dict[str, Any] | None) -> None:
         """Sets (or, with None, removes) the per-model drift gauges of `role`'s model."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import lightgbm as lgb
 import numpy as np
 import polars as pl
 from scipy import special
@@ -31,8 +32,8 @@ NO_SKILL = "brier_no_skill"
 
 @dataclass
 class FoldResult:
-    """One fold's out-of-sample scores (calibrated) on its test rows, their figures, the
-    booster's uncalibrated scores and its training rows' (weighted) base rate."""
+    """One fold's out-of-sample scores on its test rows (calibrated once `calibrate` has run),
+    their figures, the booster's own scores and where they sit, and its training churn rate."""
 
     train_times: tuple[int, ...]
     test_times: tuple[int, ...]
@@ -40,11 +41,11 @@ class FoldResult:
     test: pl.DataFrame  # the test rows (user_id, as_of, features, label)
     scores: np.ndarray
     figures: dict[str, float]
-    raw: np.ndarray | None = None  # None: `scores` are raw
-    train_base_rate: float = float("nan")
+    raw: np.ndarray  # the booster's own (uncalibrated) probabilities of the test rows
+    train_base_rate: float  # the training rows' weighted churn rate
     # The booster's weighted mean log-odds on its own training rows (`center`): where its raw
     # scores sit, which moves with the training rows' churn rate and class weighting.
-    center: float = float("nan")
+    center: float
 
     @property
     def labels(self) -> np.ndarray:
@@ -85,13 +86,12 @@ def run_folds(
     config: fit.FitConfig,
     imbalance: str,
     rounds: int,
-    calibration: dict[str, Any],
     features: tuple[str, ...] = spec.MODEL_FEATURES,
 ) -> list[FoldResult]:
     """Returns one result per fold whose training and test parts both hold a churner: a booster
     of `rounds` trees fitted on the fold's training rows (weighted by their `weight` column)
-    scores its test rows, calibrated with `calibration`. Folds without a churner on either
-    side are left out (their ROC-AUC is undefined)."""
+    scores its test rows (uncalibrated: `calibrate` fits the calibration on every fold's
+    scores). Folds without a churner on either side are left out (their ROC-AUC is undefined)."""
     results = []
     for fold in folds:
         train = split.take(labelled, fold.train)
@@ -99,24 +99,21 @@ def run_folds(
         labels = test["label"].to_numpy().astype(bool)
         if not (train["label"] == 1).any() or not labels.any():
             continue
-        params = fit.booster_params(config, features, imbalance, train.height)
-        x_train = dataset.feature_matrix(train, features)
-        weight = train["weight"].to_numpy()
-        booster = fit.fit_rounds(x_train, train["label"].to_numpy().astype(bool), weight, params, rounds, features)
+        booster = _fit(train, config, imbalance, rounds, features)
         raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
-        scores = apply_calibration(calibration, raw)
-        prior = float(np.sum(weight * (train["label"].to_numpy() == 1)) / np.sum(weight))
+        weight = train["weight"].to_numpy()
+        base_rate = float(np.sum(weight * (train["label"].to_numpy() == 1)) / np.sum(weight))
         results.append(
             FoldResult(
                 train_times=fold.train,
                 test_times=fold.test,
                 train_rows=train.height,
                 test=test,
-                scores=scores,
-                figures=figures(labels, scores, prior),
+                scores=raw,
+                figures=figures(labels, raw, base_rate),
                 raw=raw,
-                train_base_rate=prior,
-                center=center(np.asarray(booster.predict(x_train)), weight),
+                train_base_rate=base_rate,
+                center=center(np.asarray(booster.predict(dataset.feature_matrix(train, features))), weight),
             )
         )
     return results
@@ -130,11 +127,17 @@ def center(raw: np.ndarray, weight: np.ndarray | None = None) -> float:
 
 def aligned(result: FoldResult, target: float | None) -> np.ndarray:
     """Returns a fold's raw scores moved onto the scale of a booster whose `center` is `target`
-    (unchanged when either center is unknown)."""
-    raw = result.scores if result.raw is None else result.raw
-    if target is None or not np.isfinite(result.center):
-        return raw
-    logit = special.logit(np.clip(raw, EPS, 1 - EPS))
+    (None: unmoved).
+
+    Raises:
+        ValueError: `target` or the fold's center is not finite (scales would be mixed).
+    """
+    if target is None:
+        return result.raw
+    if not (np.isfinite(target) and np.isfinite(result.center)):
+        msg = f"cannot move a fold's scores between booster scales: centers {result.center} and {target}"
+        raise ValueError(msg)
+    logit = special.logit(np.clip(result.raw, EPS, 1 - EPS))
     return np.asarray(special.expit(logit - result.center + target))
 
 
@@ -155,8 +158,10 @@ def calibrate(results: list[FoldResult], target: float | None = None) -> tuple[d
     blocks = np.concatenate([np.full(r.test.height, i) for i, r in enumerate(results)])
     if len(results) > 1:
         chosen, scores = calibration_fit.choose_with_scores(labels, raw, users, blocks=blocks)
+        chosen["scheme"] = "leave-one-fold-out"
     else:  # one fold: by user halves within it
         chosen, scores = calibration_fit.choose_with_scores(labels, raw, users)
+        chosen["scheme"] = "two halves of the users of the only fold"
     out = []
     for i, result in enumerate(results):
         own = scores[blocks == i]
@@ -175,8 +180,17 @@ def fit_and_score(
 ) -> np.ndarray:
     """Returns the calibrated scores of `test` by a booster of `rounds` trees with `config` and
     `imbalance`, fitted on `train` (weighted by its `weight` column) over `features`."""
+    booster = _fit(train, config, imbalance, rounds, features)
+    return apply_calibration(calibration, np.asarray(booster.predict(dataset.feature_matrix(test, features))))
+
+
+def _fit(
+    train: pl.DataFrame, config: fit.FitConfig, imbalance: str, rounds: int, features: tuple[str, ...]
+) -> lgb.Booster:
+    """Returns a booster of `rounds` trees with `config` and `imbalance` fitted on `train`
+    (weighted by its `weight` column) over `features`."""
     params = fit.booster_params(config, features, imbalance, train.height)
-    booster = fit.fit_rounds(
+    return fit.fit_rounds(
         dataset.feature_matrix(train, features),
         train["label"].to_numpy().astype(bool),
         train["weight"].to_numpy(),
@@ -184,7 +198,6 @@ def fit_and_score(
         rounds,
         features,
     )
-    return apply_calibration(calibration, np.asarray(booster.predict(dataset.feature_matrix(test, features))))
 
 
 def _user_codes(frames: list[pl.DataFrame]) -> tuple[list[np.ndarray], int]:

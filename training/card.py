@@ -92,8 +92,9 @@ def render(meta: dict[str, Any]) -> str:
         "## Calibration",
         "",
         f"Method: **{calibration.get('method')}**, fitted on the backtest folds' out-of-sample scores (the"
-        " final model's procedure, moved to its intercept), chosen by leave-one-fold-out log loss"
-        " (a method is used only if it beats the raw probabilities).",
+        " final model's procedure, moved to its intercept), chosen by out-of-fold log loss"
+        f" ({calibration.get('scheme', 'leave-one-fold-out')}; a method is used only if it beats the raw"
+        " probabilities).",
         "",
         *[
             f"- {name}: Brier {_number(s.get('brier'), 5)}, log loss {_number(s.get('log_loss'))}"

@@ -18,7 +18,6 @@ import lightgbm as lgb
 import numpy as np
 
 from features import spec
-from models.calibration import apply as apply_calibration
 from training import calibration, metrics
 
 # Directions we are confident of for an otherwise identical user, on any service: a larger share
@@ -65,9 +64,8 @@ class FitConfig:
 @dataclass
 class FitResult:
     """The chosen booster and how it was chosen. `booster` is the refit on train + validation when
-    `FitConfig.refit`, else the early-stopped booster; `best_iteration` is its tree count.
-    `valid_scores` are the calibrated validation probabilities of the early-stopped booster
-    (out of sample, e.g. for tier cut points)."""
+    `FitConfig.refit`, else the early-stopped booster; `best_iteration` is its tree count;
+    `calibration` is fitted on the early-stopped booster's validation scores."""
 
     booster: lgb.Booster
     params: dict[str, Any]
@@ -75,7 +73,6 @@ class FitResult:
     best_iteration: int
     calibration: dict[str, Any]
     candidates: dict[str, dict[str, float]] = field(default_factory=dict)
-    valid_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     refit: bool = False
 
 
@@ -176,7 +173,6 @@ def fit(
         best_iteration=rounds,
         calibration=chosen,
         candidates=candidates,
-        valid_scores=apply_calibration(chosen, raw),
         refit=config.refit,
     )
 

@@ -192,9 +192,10 @@ def train(
     version, run id and promotion decision.
 
     Steps: data checks; observation points on the grid (weights: one per user-day); the
-    selection split (train | H | valid | H | test) chooses imbalance, tree count and
-    calibration for each search trial; every trial runs the rolling-origin backtests; the best
-    trial's choice is refitted on every point whose label window ends within the log.
+    selection split (train | H | valid | H | test) chooses imbalance and tree count for each
+    search trial; every trial runs the rolling-origin backtests; the best trial's choice is
+    refitted on every point whose label window ends within the log, and calibrated on the
+    chosen trial's backtest scores (`backtest.calibrate`).
 
     Raises:
         InvalidInputError: the event log is unreadable, empty, has no churner (in a split), or is too short.
@@ -381,7 +382,7 @@ def train(
         )
         # The final calibration on the fold booster's raw scores: what the champion's recorded
         # procedure (settings and calibration) gives when refitted on the same rows.
-        gate_scores = calibration_apply(final_calibration, latest.raw if latest.raw is not None else latest.scores)
+        gate_scores = calibration_apply(final_calibration, latest.raw)
         gate_rows = registry.GateRows(split.take(labelled, latest.train_times), latest.test, gate_scores, learned_until)
         trained = _register(settings, options, resolved, trained, gate_rows, progress)
     trained.seconds["total"] = time.perf_counter() - started
@@ -444,7 +445,7 @@ def _register(
     children = [
         (
             f"selection: search trial {t['number']}" + (" (chosen)" if t["number"] == trained.chosen_trial else ""),
-            {**t["params"], "imbalance": t["imbalance"], "calibration": t["calibration"]},
+            {**t["params"], "imbalance": t["imbalance"]},
             {k: float(t[k]) for k in ("backtest_roc_auc", "backtest_pr_auc", "best_iteration", "folds", "seconds")},
         )
         for t in trained.search

@@ -2,8 +2,9 @@
 
 Trial 0 is the configured `FitConfig` (the measured default); later trials draw distinct
 settings from `SPACE` with a seeded generator. Each trial early-stops on the selection split's
-validation period (tree count, imbalance, calibration), then runs every backtest fold with
-that choice; trial 0 is kept unless the trial with the best mean backtest ROC-AUC beats it
+validation period (tree count, imbalance), then runs every backtest fold with that choice
+(ranked by ROC-AUC on the folds' uncalibrated scores: the calibration is fitted after, for the
+chosen trial's final model); trial 0 is kept unless the trial with the best mean backtest ROC-AUC beats it
 beyond the bootstrap noise (`best`).
 A trial starts only while the slowest trial so far would still end within the time budget.
 """
@@ -49,7 +50,6 @@ class Trial:
             "params": {name: getattr(self.config, name) for name in SPACE},
             "imbalance": self.selection.imbalance,
             "best_iteration": self.selection.best_iteration,
-            "calibration": self.selection.calibration["method"],
             "backtest_roc_auc": self.score,
             "backtest_pr_auc": float(np.nanmean([f.figures["pr_auc"] for f in self.folds])),
             "folds": len(self.folds),
@@ -120,9 +120,7 @@ def search(
         chosen = fit.fit(
             x_train, y_train, x_valid, y_valid, groups, replace(config, refit=False), features, w_train, w_valid
         )
-        results = backtest.run_folds(
-            labelled, folds, config, chosen.imbalance, chosen.best_iteration, chosen.calibration, features
-        )
+        results = backtest.run_folds(labelled, folds, config, chosen.imbalance, chosen.best_iteration, features)
         score = float(np.nanmean([r.figures["roc_auc"] for r in results])) if results else float("nan")
         trial = Trial(number, config, chosen, results, score, time.perf_counter() - started)
         slowest = max(slowest, trial.seconds)

@@ -334,6 +334,31 @@ def test_every_scorer_and_a_restarted_one_show_the_latest_snapshot_whoever_took_
     assert b.metrics.registry.get_sample_value("churn_feature_ks_statistic", gone) is None  # not day 1's
 
 
+def test_a_late_per_model_record_never_rewrites_a_newer_snapshot_s_state() -> None:
+    """Scorer A publishes day 1 and, before it records day 1's per-model figures, scorer B
+    publishes day 2: A's record must not bring day 1's state back, and day 2's state shows no
+    per-model figures of day 1."""
+    reference_rows = segment_rows(5000, seed=1)
+    reference = references(reference_rows, FEATURES3, reference_rows[:, 0])
+    live = segment_rows(500, seed=2)
+    client = DictRedis()
+    a, b = (DriftPublisher(TH, Metrics(), client, "p:") for _ in range(2))
+    day1 = snapshot_drift(reference, FEATURES3, live, live[:, 0], TH, now=10.0, as_of_ms=86_400_000)
+    day2 = snapshot_drift(reference, FEATURES3, live, live[:, 0], TH, now=20.0, as_of_ms=2 * 86_400_000)
+    a.publish(day1, "m", "1")
+    b.publish(day2, "m", "1")
+    a.publish_model(day1, "served", "1")
+    a.publish_agreement(None, 86_400_000)
+    state = read_drift(client, "p:")
+    assert state is not None
+    assert state["as_of_ms"] == 2 * 86_400_000
+    assert "models" not in state
+    b.publish_model(day2, "served", "1")
+    state = read_drift(client, "p:")
+    assert state is not None
+    assert state["models"]["served"]["version"] == "1"
+
+
 def test_a_scorer_that_finds_the_snapshot_taken_shows_the_taker_s_figures(tmp_path: Any) -> None:
     reference_rows = segment_rows(5000, seed=1)
     reference = references(reference_rows, FEATURES3, reference_rows[:, 0])

@@ -173,7 +173,9 @@ def test_no_model_is_503(client: Any) -> None:
 
 def test_model_swap_is_picked_up(client: Any) -> None:
     http, models, _ = client
-    assert http.get("/models/current", headers=KEY).json()["version"] == "1"
+    current = http.get("/models/current", headers=KEY).json()
+    assert current["version"] == "1"
+    assert (current["calibration"], current["tier_cuts"]) == (None, None)  # not in this stand-in's meta
     models._identity_of_champion = lambda: "2"
     models._load = lambda: LoadedModel(IdleModel(), "churn-lightgbm", "2")
     assert models.refresh()

@@ -271,8 +271,8 @@ def test_bootstrap_intervals_cover_the_mean_and_narrow_with_more_users() -> None
     for users in (200, 3200):
         frame, _risk = _rows(users, seed=3)
         scores = 1 / (1 + np.exp(-frame["a"].to_numpy()))
-        fold = backtest.FoldResult((START_MS,), (START_MS + DAY,), 0, frame, scores, {})
-        fold.figures = backtest.figures(fold.labels, scores)
+        fold = backtest.FoldResult((START_MS,), (START_MS + DAY,), 0, frame, scores, {}, scores, 0.1, -2.0)
+        fold.figures = backtest.figures(fold.labels, scores, 0.1)
         summary = backtest.summarize([fold], samples=200, seed=0)
         for name in backtest.METRICS:
             assert summary[name]["low"] <= summary[name]["mean"] <= summary[name]["high"], name

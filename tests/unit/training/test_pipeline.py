@@ -254,8 +254,7 @@ def test_refit_uses_train_and_valid_with_the_early_stopped_tree_count() -> None:
     assert refit.best_iteration == plain.best_iteration
     assert refit.booster.num_trees() == refit.best_iteration
     assert refit.calibration == plain.calibration
-    # Tier cuts come from the early-stopped booster's out-of-sample validation scores.
-    assert np.allclose(refit.valid_scores, plain.valid_scores)
+    # The refit is another booster than the early-stopped one.
     early = plain.booster.predict(x[3000:], num_iteration=plain.best_iteration)
     assert not np.allclose(refit.booster.predict(x[3000:]), early)
     # The leaf size shrinks with small training sets (2% of rows, at least 20).
