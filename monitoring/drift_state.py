@@ -24,8 +24,8 @@ from monitoring.prediction_log import SERVED, SHADOW
 
 log = logging.getLogger(__name__)
 SCORE = "score"  # the name the score goes by in `sustained_alerts`
-# The state's per-model drift figures ({role: {version, feature_psi_max, score_psi}}) and the
-# shadow agreement ({rows, same_tier, spearman, mean_abs_delta} or None) of its snapshot.
+# A snapshot's per-model drift figures ({role: {version, feature_psi_max, score_psi}}) and its
+# shadow agreement ({rows, same_tier, spearman, mean_abs_delta} or None), kept under `models_key`.
 MODELS, AGREEMENT = "models", "shadow_agreement"
 
 
@@ -143,8 +143,9 @@ class DriftPublisher:
     def publish_model(self, report: DriftReport, role: str, version: str) -> None:
         """Sets the per-model drift gauges (`churn_model_score_psi`, `churn_model_feature_psi_max`)
         of the model of `role` ("served": the champion, "shadow": the challenger) from its report
-        against its own reference, and records them in the state (`models`) the gauges of
-        other and restarted scorers follow. Never raises."""
+        against its own reference, and records them for the snapshot (`models_key`; `read_drift`
+        shows them as `models`), which the gauges of other and restarted scorers follow. Never
+        raises."""
         try:
             psi_max = max((d.psi for d in report.features.values()), default=float("nan"))
             score = report.score.psi if report.score is not None else float("nan")
@@ -157,7 +158,8 @@ class DriftPublisher:
     def publish_agreement(self, figures: Agreement | None, as_of_ms: int | None = None) -> None:
         """Sets the agreement gauges of the snapshot of `as_of_ms` (`monitoring.agreement`), or
         clears them and the shadow model's per-model gauges for a snapshot without a shadow
-        model, and records them in the state (`shadow_agreement`). Never raises."""
+        model, and records them for the snapshot (`models_key`; `read_drift` shows them as
+        `shadow_agreement`). Never raises."""
         recorded = None
         if figures is not None:
             recorded = {"rows": figures.rows, **{k: _json_number(v) for k, v in figures.figures().items()}}
