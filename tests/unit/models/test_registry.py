@@ -18,7 +18,7 @@ from core.errors import ConfigError, ServiceUnavailableError
 from core.settings import Settings, load_settings
 from features import spec
 from models import registry
-from models.artifact import save_artifact
+from models.artifact import ChurnModel, save_artifact
 from models.holder import ModelHolder
 from tests.support import register_champion, small_model
 
@@ -87,37 +87,10 @@ def test_a_re_created_registry_s_v1_is_its_own_model_not_the_cached_one(tmp_path
     assert np.allclose(registry.load_version(settings, "1").predict(x), second.predict(x))
 
 
-def test_a_running_holder_swaps_to_a_re_created_registry_s_v1(tmp_path: Path) -> None:
-    """A scorer or API that polled v1, then the registry is re-created and a new v1 promoted:
-    before, the holder compared version numbers, saw "1" again and kept the old model until a
-    restart."""
-    settings = _scratch(tmp_path)
-    first, second = small_model(rounds=5), small_model(rounds=40)
-    x = np.random.default_rng(1).random((20, len(spec.MODEL_FEATURES))) * 10
-    register_champion(tmp_path, load_settings(), first)
-    holder = ModelHolder(*registry.champion_loader(settings))
-    assert holder.refresh()
-    assert not holder.refresh()  # the same champion: nothing to load
-    registry.registry_client(settings).delete_registered_model(settings.model_name)
-    register_champion(tmp_path, load_settings(), second)
-    assert holder.refresh()
-    assert holder.current is not None
-    assert holder.current.version == "1"
-    assert np.allclose(holder.current.model.predict(x), second.predict(x))
-
-
-def test_a_running_holder_follows_a_store_file_removed_and_created_again(tmp_path: Path) -> None:
-    """The SQLite store removed (damaged, or to start afresh) and created again by another
-    process's training, with a new v1: a running scorer or API kept its pooled connection to
-    the removed file and served the old v1 until restarted."""
-    settings = _scratch(tmp_path)
-    first, second = small_model(rounds=5), small_model(rounds=40)
-    x = np.random.default_rng(1).random((20, len(spec.MODEL_FEATURES))) * 10
-    register_champion(tmp_path, load_settings(), first)
-    holder = ModelHolder(*registry.champion_loader(settings))
-    assert holder.refresh()
-    (tmp_path / "mlflow.db").unlink()
-    artifact = save_artifact(tmp_path / "second", second.booster, second.meta)
+def _register_from_another_process(folder: Path, model: ChurnModel) -> None:
+    """Registers `model` as champion in the SQLite store in `folder` from a new process (as a
+    `churn train` would), so this process's cached MLflow store does not do it."""
+    artifact = save_artifact(folder / "second", model.booster, model.meta)
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -126,7 +99,29 @@ def test_a_running_holder_follows_a_store_file_removed_and_created_again(tmp_pat
         "from tests.support import register_champion\n"
         "register_champion(Path(sys.argv[1]), load_settings(), load_artifact(sys.argv[2]))\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(artifact)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code, str(folder), str(artifact)], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("recreated", ["model deleted", "store file removed"])
+def test_a_running_holder_swaps_to_a_re_created_registry_s_v1(tmp_path: Path, recreated: str) -> None:
+    """A scorer or API that polled v1, then the registry is re-created and a new v1 promoted:
+    before, the holder compared version numbers, saw "1" again and kept the old model until a
+    restart. When the SQLite store's file was removed (damaged, or to start afresh) and created
+    again by another process's training, the holder kept its pooled connection to the removed
+    file and served the old v1 until restarted."""
+    settings = _scratch(tmp_path)
+    first, second = small_model(rounds=5), small_model(rounds=40)
+    x = np.random.default_rng(1).random((20, len(spec.MODEL_FEATURES))) * 10
+    register_champion(tmp_path, load_settings(), first)
+    holder = ModelHolder(*registry.champion_loader(settings))
+    assert holder.refresh()
+    assert not holder.refresh()  # the same champion: nothing to load
+    if recreated == "model deleted":
+        registry.registry_client(settings).delete_registered_model(settings.model_name)
+        register_champion(tmp_path, load_settings(), second)
+    else:
+        (tmp_path / "mlflow.db").unlink()
+        _register_from_another_process(tmp_path, second)
     assert holder.refresh()
     assert holder.current is not None
     assert holder.current.version == "1"
