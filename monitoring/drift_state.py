@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from monitoring.agreement import Agreement
 from monitoring.drift import DriftReport, Thresholds
 from monitoring.metrics import Metrics
+from monitoring.performance_state import json_figures
 from monitoring.prediction_log import SERVED, SHADOW
 
 log = logging.getLogger(__name__)
@@ -27,11 +26,6 @@ SCORE = "score"  # the name the score goes by in `sustained_alerts`
 # A snapshot's per-model drift figures ({role: {version, feature_psi_max, score_psi}}) and its
 # shadow agreement ({rows, same_tier, spearman, mean_abs_delta} or None), kept under `models_key`.
 MODELS, AGREEMENT = "models", "shadow_agreement"
-
-
-def _json_number(value: float) -> float | None:
-    """Returns `value`, or None when it is not finite (JSON has no NaN)."""
-    return float(value) if np.isfinite(value) else None
 
 
 def drift_key(prefix: str) -> str:
@@ -149,7 +143,7 @@ class DriftPublisher:
         try:
             psi_max = max((d.psi for d in report.features.values()), default=float("nan"))
             score = report.score.psi if report.score is not None else float("nan")
-            figures = {"version": version, "feature_psi_max": _json_number(psi_max), "score_psi": _json_number(score)}
+            figures = {"version": version, **json_figures({"feature_psi_max": psi_max, "score_psi": score})}
             self._set_model_gauges(role, figures)
             self._amend(report.as_of_ms, lambda state: state.setdefault(MODELS, {}).update({role: figures}))
         except Exception:
@@ -162,7 +156,7 @@ class DriftPublisher:
         `shadow_agreement`). Never raises."""
         recorded = None
         if figures is not None:
-            recorded = {"rows": figures.rows, **{k: _json_number(v) for k, v in figures.figures().items()}}
+            recorded = {"rows": figures.rows, **json_figures(figures.figures())}
         try:
             self._set_agreement_gauges(recorded)
             self._amend(as_of_ms, lambda state: state.update({AGREEMENT: recorded}))

@@ -40,7 +40,8 @@ def read_performance(client: Any, prefix: str) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-def _clean(figures: dict[str, float]) -> dict[str, float | None]:
+def json_figures(figures: Mapping[str, float]) -> dict[str, float | None]:
+    """Returns `figures` with every value that is not finite as None (JSON has no NaN)."""
     return {k: (v if math.isfinite(v) else None) for k, v in figures.items()}
 
 
@@ -70,13 +71,13 @@ class PerformancePublisher:
     def expected(self, as_of_ms: int, version: str, figures: dict[str, float]) -> None:
         """Records the figures a snapshot's probabilities imply; never raises."""
         _set_figures(self.metrics.expected, figures)
-        self._update(as_of_ms, {"as_of_ms": as_of_ms, "model_version": version, "expected": _clean(figures)})
+        self._update(as_of_ms, {"as_of_ms": as_of_ms, "model_version": version, "expected": json_figures(figures)})
 
     def realized(self, as_of_ms: int, figures: dict[str, float]) -> None:
         """Records a labelled snapshot's realized figures; never raises."""
         _set_figures(self.metrics.realized, figures)
         self.metrics.realized_as_of.set(as_of_ms / 1000)
-        self._update(as_of_ms, {"realized": _clean(figures)})
+        self._update(as_of_ms, {"realized": json_figures(figures)})
 
     def mirror(self) -> None:
         """Sets the expected and realized gauges from the state in Redis (the latest snapshot any
@@ -133,7 +134,7 @@ class PerformancePublisher:
         except Exception:
             log.exception("could not read the performance state")
             return
-        models[version] = {**models.get(version, {}), "role": role, kind: _clean(figures)}
+        models[version] = {**models.get(version, {}), "role": role, kind: json_figures(figures)}
         self._update(as_of_ms, {"models": models})
 
     def _update(self, as_of_ms: int, entry: dict[str, Any]) -> None:
