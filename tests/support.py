@@ -140,6 +140,19 @@ def wire_frame(events: list[Event]) -> pl.DataFrame:
 # --- models ----------------------------------------------------------------------------------
 
 
+class DictRedis:
+    """The two Redis calls the drift and performance states use (`get`, `set`), on a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def set(self, key: str, value: str) -> None:
+        self.data[key] = value.encode()
+
+
 class StandInModel:
     """A transparent stand-in for `models.runtime.Model`: probability grows with the first
     feature; subclasses change `predict` or `tier`."""

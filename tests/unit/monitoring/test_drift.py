@@ -47,7 +47,7 @@ from monitoring.prediction_log import day_of, read_snapshot
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore
 from stream.snapshot import DailySnapshots, InMemoryActivity
-from tests.support import StandInModel, gauge_series, random_events, wire_frame
+from tests.support import DictRedis, StandInModel, gauge_series, random_events, wire_frame
 from training import dataset
 from training.performance import realized
 from training.reference import distribution, references
@@ -235,19 +235,6 @@ def test_a_promoted_model_starts_its_own_alert_run_and_the_old_report_does_not_r
     first_of_v2 = with_alert_history(of_model(state({"a": 0.4}, 0.05, at=now), "2"), held)
     assert first_of_v2["features"]["a"]["alert_since"] == now  # not v1's 0.0
     assert retrain_decision(first_of_v2, 30, now + 60, champion="2")[0] is False
-
-
-class DictRedis:
-    """The two Redis calls the drift state uses."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
-
-    def set(self, key: str, value: str) -> None:
-        self.data[key] = value.encode()
 
 
 class ConstantModel:

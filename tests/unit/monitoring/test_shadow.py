@@ -28,7 +28,7 @@ from monitoring.prediction_log import read_log, read_snapshot, with_role, write_
 from stream.processor import BatchProcessor, Message
 from stream.risk_store import InMemoryRiskStore, RiskRow
 from stream.snapshot import DailySnapshots, InMemoryActivity
-from tests.support import StandInModel, gauge_series, random_events
+from tests.support import DictRedis, StandInModel, gauge_series, random_events
 from training.reference import references
 
 DAY = 86_400_000
@@ -113,19 +113,6 @@ class ReversedModel(ThreeDayModel):
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         return 1 / (1 + matrix[:, 0] / 100)
-
-
-class DictRedis:
-    """The two Redis calls the drift and performance states use."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
-
-    def set(self, key: str, value: str) -> None:
-        self.data[key] = value.encode()
 
 
 def _run(
