@@ -36,6 +36,7 @@ def registry_client(settings: Settings) -> Any:
         ConfigError: the store is a SQLite file that is not a database (`check_sqlite_store`).
         ServiceUnavailableError: the SQL store cannot be opened (locked, unreachable).
     """
+    from mlflow.exceptions import MlflowException  # heavy: imported on first use
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported on first use, not by every command
     from sqlalchemy.exc import SQLAlchemyError  # MLflow's SQL stores; imported with it
 
@@ -48,8 +49,12 @@ def registry_client(settings: Settings) -> Any:
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     with _store_creation_lock(settings.tracking_uri):
         try:
-            return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-        except SQLAlchemyError as exc:
+            client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+            # The client opens the model-registry store at its first registry call, and that
+            # opening is as unmapped as the tracking store's: open it here, with one cheap query.
+            client.search_registered_models(max_results=1)
+            return client
+        except (SQLAlchemyError, MlflowException) as exc:
             # Opening the store checks its tables outside MLflow's error mapping: a locked
             # store gave a traceback of a hundred lines from every command.
             reason = str(exc).splitlines()[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from core.errors import ConfigError, ServiceUnavailableError
 from core.settings import Settings, load_settings
@@ -180,3 +181,20 @@ def test_a_locked_store_is_a_one_line_unavailable_error_and_opens_once_released(
         holder.execute("ROLLBACK")
         holder.close()
     assert registry.champion_version(settings) is None  # not cached as failed: it opens now
+
+
+def test_a_registry_store_locked_after_the_tracking_store_opened_is_an_unavailable_error(tmp_path: Path) -> None:
+    """MLflow opens the model-registry store at a client's first registry call, outside its
+    error mapping as the tracking store's opening is: a store locked between the two gave a raw
+    SQLAlchemy error from `champion_version` (the scorer's and the API's model polls)."""
+    settings = _scratch(tmp_path)
+    MlflowClient(tracking_uri=settings.tracking_uri)  # the tracking store opened (and cached), not the registry's
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"mlflow\.db cannot be opened: .*database is locked"):
+            registry.champion_version(settings)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert registry.champion_version(settings) is None
