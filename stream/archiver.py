@@ -33,6 +33,7 @@ from core.settings import Settings
 from events.schema import Event, parse_message
 from monitoring.metrics import Metrics
 from stream.kafka import commit_unless_stopped, committing_consumer, report_lag
+from stream.topics import keyless_events_warning
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Archiver:
         11: a dependency's failure is retried, never fatal). After a stop the partitions'
         archived offsets stay unknown, and `run` ends before archiving any message.
         """
+        if (warning := keyless_events_warning(self.settings, [p.partition for p in partitions])) is not None:
+            log.warning(warning)
         tries = 0
         while not self.stopping.is_set():
             try:

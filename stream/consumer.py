@@ -50,7 +50,7 @@ from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.snapshot import DailySnapshots, RedisActivity
-from stream.topics import ensure_topics, producer_clock_warning
+from stream.topics import ensure_topics, keyless_events_warning, producer_clock_warning
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ class ScoringConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", [p.partition for p in partitions])
+        if (warning := keyless_events_warning(self.settings, [p.partition for p in partitions])) is not None:
+            log.warning(warning)
         self.processor.partitions_changed([p.partition for p in partitions], [])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

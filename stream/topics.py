@@ -6,6 +6,7 @@ first; it is idempotent and safe to race with another process doing the same.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -86,6 +87,22 @@ def producer_clock_warning(settings: Settings, *, timeout: float = 10.0) -> str 
         "dated ahead is refused against that clock, not the broker's. Set it with: kafka-configs.sh "
         f"--bootstrap-server {settings.bootstrap_servers} --alter --entity-type topics "
         f"--entity-name {settings.events_topic} --add-config message.timestamp.type=LogAppendTime"
+    )
+
+
+def keyless_events_warning(settings: Settings, assigned: Iterable[int]) -> str | None:
+    """Returns a warning when keyless events are accepted (`CHURN_REQUIRE_EVENT_KEY=false`) while
+    the events topic has more than one partition, as a partition number above 0 among
+    `assigned` shows (every scorer or archiver given one reports it); None otherwise. Read
+    at each assignment: a topic that gains partitions rebalances its consumers."""
+    highest = max(assigned, default=0)
+    if settings.require_event_key or highest == 0:
+        return None
+    return (
+        f"CHURN_REQUIRE_EVENT_KEY=false on topic {settings.events_topic!r}, which has at least "
+        f"{highest + 1} partitions: a keyless event lands on any partition, so on a scorer that may "
+        "not own its user, whose copy of the user's state then overwrites the owner's. Key every "
+        "event by user id and set CHURN_REQUIRE_EVENT_KEY=true, or keep the topic at one partition"
     )
 
 
