@@ -443,6 +443,10 @@ def _loads(
                     "mean_batch_messages": interval["mean_batch_messages"],
                     "scorer_cores_busy": interval["scorer_cores_busy"],
                     "loop_thread_cpu_us_per_event": interval["cpu_us_per_event"]["scorer_loop_thread"],
+                    # Where a live batch's time goes: smaller batches pay each touched user's
+                    # row, Feast write, score and state for fewer events.
+                    "loop_thread_by_stage": interval["cpu_us_per_event"]["loop_thread_by_stage"],
+                    "redis_server_cpu_us_per_event": interval["cpu_us_per_event"]["redis_server"],
                     "stages_cover_share_of_loop_thread": interval["cpu_us_per_event"][
                         "stages_cover_share_of_loop_thread"
                     ],
