@@ -26,6 +26,8 @@ from models.artifact import ChurnModel, load_artifact
 from models.runtime import LoadedModel
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+# Tracking URIs whose model-registry store this process has opened (see `registry_client`).
+_REGISTRY_STORES_OPENED: set[str] = set()
 PROMOTED_AT_TAG = "promoted_at"  # model-version tag: when the version became champion (UTC ISO 8601)
 
 
@@ -36,7 +38,6 @@ def registry_client(settings: Settings) -> Any:
         ConfigError: the store is a SQLite file that is not a database (`check_sqlite_store`).
         ServiceUnavailableError: the SQL store cannot be opened (locked, unreachable).
     """
-    from mlflow.exceptions import MlflowException  # heavy: imported on first use
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported on first use, not by every command
     from sqlalchemy.exc import SQLAlchemyError  # MLflow's SQL stores; imported with it
 
@@ -50,11 +51,16 @@ def registry_client(settings: Settings) -> Any:
     with _store_creation_lock(settings.tracking_uri):
         try:
             client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-            # The client opens the model-registry store at its first registry call, and that
-            # opening is as unmapped as the tracking store's: open it here, with one cheap query.
-            client.search_registered_models(max_results=1)
+            if settings.tracking_uri not in _REGISTRY_STORES_OPENED:
+                # MLflow opens the model-registry store at a client's first registry call (once
+                # per process and URI; it keeps it), as unmapped as the tracking store's opening:
+                # opened here, by one cheap query. Only the first time: every later call would
+                # otherwise query a locked store while holding the creation lock, and other
+                # processes' calls would queue behind it.
+                client.search_registered_models(max_results=1)
+                _REGISTRY_STORES_OPENED.add(settings.tracking_uri)
             return client
-        except (SQLAlchemyError, MlflowException) as exc:
+        except SQLAlchemyError as exc:
             # Opening the store checks its tables outside MLflow's error mapping: a locked
             # store gave a traceback of a hundred lines from every command.
             reason = str(exc).splitlines()[0]
