@@ -17,9 +17,10 @@ import polars as pl
 from core.errors import InvalidInputError
 from core.settings import Settings
 from core.timeutil import to_ms
-from events.log import load_events, write_partitioned
+from events.log import load_events, load_events_with_positions, write_partitioned
 from features import offline, spec
 from models.artifact import ChurnModel, load_artifact
+from models.calibration import apply as apply_calibration
 from sim.ground_truth import save_truth
 from sim.oracle import oracle_for
 from sim.simulator import SimConfig, simulate
@@ -70,11 +71,12 @@ def bench_train(settings: Settings, users: int, days: int) -> dict[str, Any]:
     }
 
 
-def _before_model(events: pl.LazyFrame, horizon: int) -> ChurnModel:
+def _before_model(events: pl.LazyFrame, horizon: int, booster_seed: int = fit.FitConfig.seed) -> ChurnModel:
     """Returns the model main's procedure (before issue 21) registers for the log: daily grid,
     unweighted rows, split train | H | valid | H | test, early stopping on valid, calibration
-    on valid, refit on train + valid only (the test period and the gaps never reach it)."""
-    options = TrainOptions(horizon_days=horizon, grid_hours=24, fit=fit.FitConfig())
+    on valid, refit on train + valid only (the test period and the gaps never reach it).
+    `booster_seed` is LightGBM's (bagging and feature sampling)."""
+    options = TrainOptions(horizon_days=horizon, grid_hours=24, fit=fit.FitConfig(seed=booster_seed))
     labelled, _, times = build_training_set(events, options, horizon, 24)
     train_part, valid_part = split.take(labelled, times.train), split.take(labelled, times.valid)
     fitted = fit.fit(
@@ -86,6 +88,69 @@ def _before_model(events: pl.LazyFrame, horizon: int) -> ChurnModel:
         replace(options.fit, refit=True),
     )
     return ChurnModel(fitted.booster, {"features": list(spec.MODEL_FEATURES), "calibration": fitted.calibration})
+
+
+def _final_rows(settings: Settings, events_path: Path, horizon: int) -> pl.DataFrame:
+    """Returns the observation points `training.pipeline.train` fits its final model on for the
+    log at `events_path` (default options): every point whose label window ends within the log.
+    `_booster_draws` checks that the registered booster's own seed refits it exactly."""
+    logged = load_events_with_positions(events_path)
+    events = offline.as_streamed(logged, settings.allowed_lateness_seconds * 1000).collect().lazy()
+    options = TrainOptions(horizon_days=horizon)
+    labelled, window, _ = build_training_set(events, options, horizon, settings.train_grid_hours)
+    times = split.labelled_times(labelled["as_of"].to_numpy(), window.last_event_ms, horizon)
+    return split.take(labelled, tuple(int(t) for t in times))
+
+
+def _booster_draws(
+    settings: Settings,
+    root: Path,
+    models: dict[str, ChurnModel],
+    horizon: int,
+    x: np.ndarray,
+    seeds: tuple[int, ...],
+) -> dict[str, list[np.ndarray]]:
+    """Returns each procedure's probabilities for `x` from its model refitted with each LightGBM
+    seed of `seeds`; the first seed is the registered `models`' own, whose scores are used as
+    they are. "after" refits the registered booster's parameters and tree count on its final
+    rows and applies the registered calibration (monotone: the ranking is the booster's);
+    "before" reruns main's procedure, calibration included.
+
+    Raises:
+        RuntimeError: the registered booster's own seed does not refit it (the final rows or
+            parameters here are not the pipeline's).
+    """
+    after = models["after"]
+    rows = _final_rows(settings, root / "train", horizon)
+    matrix, labels = dataset.feature_matrix(rows), rows["label"].to_numpy().astype(bool)
+    weights = rows["weight"].to_numpy()
+    rounds = int(after.meta["best_iteration"])
+
+    def refit_after(seed: int) -> np.ndarray:
+        booster = fit.fit_rounds(matrix, labels, weights, {**after.meta["params"], "seed": seed}, rounds)
+        return np.asarray(booster.predict(x))
+
+    if not np.allclose(refit_after(seeds[0]), after.predict_raw(x), rtol=0, atol=1e-9):
+        msg = "the refit with the registered booster's seed differs from it: the bench's final rows are stale"
+        raise RuntimeError(msg)
+    events = load_events(root / "train")
+    draws = {name: [model.predict(x)] for name, model in models.items()}
+    for seed in seeds[1:]:
+        draws["after"].append(apply_calibration(after.meta["calibration"], refit_after(seed)))
+        draws["before"].append(_before_model(events, horizon, seed).predict(x))
+    return draws
+
+
+def _draw_spread(labels: np.ndarray, draws: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+    """Returns each procedure's ROC-AUC per booster seed and after - before over every pair of
+    draws: min, mean (the difference of the procedures' mean ROC-AUCs) and max."""
+    aucs = {name: [metrics.roc_auc(labels, scores) for scores in draws[name]] for name in draws}
+    pairs = [a - b for a in aucs["after"] for b in aucs["before"]]
+    return {
+        "after_roc_auc": aucs["after"],
+        "before_roc_auc": aucs["before"],
+        "after_minus_before": {"min": min(pairs), "mean": float(np.mean(pairs)), "max": max(pairs)},
+    }
 
 
 def _future_rows(events: pl.LazyFrame, start_ms: int, days: int, horizon: int) -> pl.DataFrame:
@@ -116,6 +181,7 @@ def compare_train(
     horizon: int = 14,
     future_days: int = 3,
     progress: Callable[[str], None] = lambda _: None,
+    booster_seeds: int = 1,
 ) -> dict[str, Any]:
     """Returns, per seed, the ROC-AUC of the model each procedure registers ("before": main's
     refit on train + valid; "after": this pipeline's final fit on every labelled point) on the
@@ -125,6 +191,10 @@ def compare_train(
     paired bootstrap interval of after - before. Simulates `days + horizon + future_days` days
     and trains on the first `days`. Each seed's figures also go to `progress` as one JSON line
     as soon as they are known (a long comparison that is cut short keeps its finished seeds).
+    Each model is one draw of LightGBM's random seed; with `booster_seeds` > 1 both procedures'
+    models are refitted with that many seeds from the registered one's (`booster_draws` of the result: each
+    draw's ROC-AUC, and after - before over every pair), so a difference can be read against
+    the draws' own spread.
 
     Raises:
         InvalidInputError: the population is too small or short to train on.
@@ -150,8 +220,18 @@ def compare_train(
             before_seconds = time.perf_counter() - began - after_seconds
             rows = _future_rows(load_events(root / "full"), cut_ms, future_days, horizon)
             truth = oracle(rows, horizon)
-        x = dataset.feature_matrix(rows)
-        labels = rows["label"].to_numpy().astype(bool)
+            x = dataset.feature_matrix(rows)
+            labels = rows["label"].to_numpy().astype(bool)
+            draws = None
+            draws_began = time.perf_counter()
+            if booster_seeds > 1:
+                first = int(after.meta["params"]["seed"])
+                seeds_drawn = tuple(range(first, first + booster_seeds))
+                draws = _draw_spread(
+                    labels, _booster_draws(settings, root, {"after": after, "before": before}, horizon, x, seeds_drawn)
+                )
+                draws["seeds"] = list(seeds_drawn)
+                draws["seconds"] = round(time.perf_counter() - draws_began, 1)
         known = ~np.isnan(truth)
         scores = {"before": before.predict(x), "after": after.predict(x)}
         oracle_auc = metrics.roc_auc(labels[known], truth[known])
@@ -168,6 +248,8 @@ def compare_train(
         result["after_final_days"] = after_run.final["days"]
         result["after_backtest_roc_auc"] = after_run.backtest["roc_auc"]
         result["after_search_trials"] = len(after_run.search)
+        if draws is not None:
+            result["booster_draws"] = draws
         result["seconds"] = {"after_train": round(after_seconds, 1), "before_train": round(before_seconds, 1)}
         runs.append(result)
         progress(json.dumps(result))
@@ -181,4 +263,14 @@ def compare_train(
         # The promotion gate's reading: worse only where the one-sided 95% upper bound of
         # after - before is below 0.
         "after_not_significantly_worse_on_every_seed": all(r["after_minus_before"]["high"] >= 0 for r in runs),
+        # Over the booster draws: the procedures' mean ROC-AUCs, not one draw of each.
+        **(
+            {
+                "after_mean_not_worse_on_every_seed": all(
+                    r["booster_draws"]["after_minus_before"]["mean"] >= 0 for r in runs
+                )
+            }
+            if booster_seeds > 1
+            else {}
+        ),
     }

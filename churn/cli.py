@@ -576,6 +576,12 @@ def bench_train(
     future_days: Annotated[
         int, typer.Option(min=1, help="Days after the log whose points --compare scores (labels from the simulation).")
     ] = 3,
+    booster_seeds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="With --compare: refit both models with this many LightGBM seeds (the spread of one draw)."
+        ),
+    ] = 1,
 ) -> None:
     """Seconds of each training step (checks, build, search, final fit) on a simulated
     date-partitioned log; with --compare, main's procedure against this one on the same seeds."""
@@ -586,7 +592,7 @@ def bench_train(
         say = lambda line: typer.echo(line, err=True)  # noqa: E731
         _print_figures(
             lambda: train_bench.compare_train(
-                _settings(), users, days, seeds_run, future_days=future_days, progress=say
+                _settings(), users, days, seeds_run, future_days=future_days, progress=say, booster_seeds=booster_seeds
             )
         )
     else:
