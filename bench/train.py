@@ -192,9 +192,9 @@ def compare_train(
     and trains on the first `days`. Each seed's figures also go to `progress` as one JSON line
     as soon as they are known (a long comparison that is cut short keeps its finished seeds).
     Each model is one draw of LightGBM's random seed; with `booster_seeds` > 1 both procedures'
-    models are refitted with that many seeds from the registered one's (`booster_draws` of the result: each
-    draw's ROC-AUC, and after - before over every pair), so a difference can be read against
-    the draws' own spread.
+    models are refitted with that many seeds from the registered one's, and each seed's result
+    gains `booster_draws` (each draw's ROC-AUC, and after - before over every pair), so a
+    difference can be read against the draws' own spread.
 
     Raises:
         InvalidInputError: the population is too small or short to train on.
