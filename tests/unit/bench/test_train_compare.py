@@ -22,10 +22,12 @@ def test_the_booster_draws_start_from_the_registered_models_and_refit_the_others
     assert draws["after_roc_auc"][0] == pytest.approx(run["after_roc_auc"], abs=1e-12)
     assert draws["before_roc_auc"][0] == pytest.approx(run["before_roc_auc"], abs=1e-12)
     # Other seeds are other boosters: bagging and feature sampling draw differently.
-    assert len(set(draws["after_roc_auc"])) == 3 and len(set(draws["before_roc_auc"])) == 3
+    assert len(set(draws["after_roc_auc"])) == 3
+    assert len(set(draws["before_roc_auc"])) == 3
     pairs = [a - b for a in draws["after_roc_auc"] for b in draws["before_roc_auc"]]
     spread = draws["after_minus_before"]
-    assert spread["min"] == min(pairs) and spread["max"] == max(pairs)
+    assert spread["min"] == min(pairs)
+    assert spread["max"] == max(pairs)
     assert spread["mean"] == pytest.approx(np.mean(draws["after_roc_auc"]) - np.mean(draws["before_roc_auc"]))
     assert result["after_mean_not_worse_on_every_seed"] == (spread["mean"] >= 0)
 
