@@ -4,10 +4,12 @@ the old v1's files."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,19 +169,33 @@ def test_processes_opening_a_new_store_together_all_open_it(tmp_path: Path) -> N
     assert [out.strip() for out, _ in outcomes] == ["None"] * 4
 
 
+LOCKED = r"mlflow\.db cannot be opened: .*database is locked"
+
+
+@contextlib.contextmanager
+def _locked(database: Path, *first: str) -> Iterator[None]:
+    """Holds `database` under an exclusive SQLite transaction (another process's lock), after
+    running the `first` statements; rolls back on the way out."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    for statement in first:
+        holder.execute(statement)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_a_locked_store_is_a_one_line_unavailable_error_and_opens_once_released(tmp_path: Path) -> None:
     """Opening a store checks its tables outside MLflow's error mapping: a store another
     process held locked gave a SQLAlchemy traceback of a hundred lines from every command."""
     settings = _scratch(tmp_path)
-    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
-    holder.execute("CREATE TABLE other (x)")
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        with pytest.raises(ServiceUnavailableError, match=r"mlflow\.db cannot be opened: .*database is locked"):
-            registry.champion_version(settings)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    with (
+        _locked(tmp_path / "mlflow.db", "CREATE TABLE other (x)"),
+        pytest.raises(ServiceUnavailableError, match=LOCKED),
+    ):
+        registry.champion_version(settings)
     assert registry.champion_version(settings) is None  # not cached as failed: it opens now
 
 
@@ -189,12 +205,6 @@ def test_a_registry_store_locked_after_the_tracking_store_opened_is_an_unavailab
     SQLAlchemy error from `champion_version` (the scorer's and the API's model polls)."""
     settings = _scratch(tmp_path)
     MlflowClient(tracking_uri=settings.tracking_uri)  # the tracking store opened (and cached), not the registry's
-    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        with pytest.raises(ServiceUnavailableError, match=r"mlflow\.db cannot be opened: .*database is locked"):
-            registry.champion_version(settings)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    with _locked(tmp_path / "mlflow.db"), pytest.raises(ServiceUnavailableError, match=LOCKED):
+        registry.champion_version(settings)
     assert registry.champion_version(settings) is None
