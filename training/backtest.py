@@ -99,7 +99,8 @@ def run_folds(
         labels = test["label"].to_numpy().astype(bool)
         if not (train["label"] == 1).any() or not labels.any():
             continue
-        booster = _fit(train, config, imbalance, rounds, features)
+        x_train = dataset.feature_matrix(train, features)
+        booster = _fit(train, x_train, config, imbalance, rounds, features)
         raw = np.asarray(booster.predict(dataset.feature_matrix(test, features)))
         weight = train["weight"].to_numpy()
         base_rate = float(np.sum(weight * (train["label"].to_numpy() == 1)) / np.sum(weight))
@@ -113,7 +114,7 @@ def run_folds(
                 figures=figures(labels, raw, base_rate),
                 raw=raw,
                 train_base_rate=base_rate,
-                center=center(np.asarray(booster.predict(dataset.feature_matrix(train, features))), weight),
+                center=center(np.asarray(booster.predict(x_train)), weight),
             )
         )
     return results
@@ -180,18 +181,23 @@ def fit_and_score(
 ) -> np.ndarray:
     """Returns the calibrated scores of `test` by a booster of `rounds` trees with `config` and
     `imbalance`, fitted on `train` (weighted by its `weight` column) over `features`."""
-    booster = _fit(train, config, imbalance, rounds, features)
+    booster = _fit(train, dataset.feature_matrix(train, features), config, imbalance, rounds, features)
     return apply_calibration(calibration, np.asarray(booster.predict(dataset.feature_matrix(test, features))))
 
 
 def _fit(
-    train: pl.DataFrame, config: fit.FitConfig, imbalance: str, rounds: int, features: tuple[str, ...]
+    train: pl.DataFrame,
+    x_train: np.ndarray,
+    config: fit.FitConfig,
+    imbalance: str,
+    rounds: int,
+    features: tuple[str, ...],
 ) -> lgb.Booster:
     """Returns a booster of `rounds` trees with `config` and `imbalance` fitted on `train`
-    (weighted by its `weight` column) over `features`."""
+    (`x_train`: its feature matrix over `features`; weighted by its `weight` column)."""
     params = fit.booster_params(config, features, imbalance, train.height)
     return fit.fit_rounds(
-        dataset.feature_matrix(train, features),
+        x_train,
         train["label"].to_numpy().astype(bool),
         train["weight"].to_numpy(),
         params,
