@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 import orjson
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Counter
@@ -256,6 +257,7 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
     )
     messages = _consumed(last) - _consumed(first)
     per_event = 1e6 / applied if applied else math.nan
+    scored = _total(last, "churn_users_scored_total") - _total(first, "churn_users_scored_total")
     stages = {
         stage: (_total(last, STAGE_CPU, stage=stage) - _total(first, STAGE_CPU, stage=stage)) * per_event
         for stage in SCORER_STAGES
@@ -272,6 +274,9 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
         "events_per_second": round(applied / seconds),
         "batches": round(batches),
         "mean_batch_messages": round(batch_messages / batches, 1) if batches else None,
+        # Risk rows written per applied event: each touched user's row, score and state are paid
+        # once per batch, so this is what makes a small batch cost more per event.
+        "users_scored_per_event": round(scored / applied, 3) if applied else None,
         "cpu_us_per_event": {
             "scorer_process": round(process_us, 2),
             "scorer_loop_thread": round(loop_us, 2),
@@ -441,6 +446,7 @@ def _loads(
                     "logged_in_events": interval["logged_in_events"],
                     "freshness": figures,
                     "mean_batch_messages": interval["mean_batch_messages"],
+                    "users_scored_per_event": interval["users_scored_per_event"],
                     "scorer_cores_busy": interval["scorer_cores_busy"],
                     "loop_thread_cpu_us_per_event": interval["cpu_us_per_event"]["scorer_loop_thread"],
                     # Where a live batch's time goes: smaller batches pay each touched user's
@@ -814,6 +820,8 @@ def _report(**parts: Any) -> dict[str, Any]:
             "measured_without_cpu_queueing_events_per_second": round(unqueued_rate),
             "measured_without_cpu_queueing_over_predicted": round(unqueued_rate / predicted, 3),
         },
+        # Why a live loop's batches cost more per event than a catch-up's (see `loop_cost_model`).
+        "live_loop_cost_model": loop_cost_model(_serial_intervals(one, capacity, loads)),
         "redis_memory_per_user": parts["memory"],
         "kafka_bytes_per_message": parts["kafka"],
         "instrumentation": {
@@ -839,6 +847,68 @@ def _report(**parts: Any) -> dict[str, Any]:
         "redis_keys_deleted": parts["deleted"],
         "scorer_logs": str(parts["logs"]),
     }
+
+
+def loop_cost_model(intervals: list[tuple[str, float, float, float]]) -> dict[str, Any]:
+    """Fits the scorer's serial cost per applied event (loop thread + Redis, which the loop waits
+    for) as `per_event + per_user * users scored per event + per_batch / events per batch` by
+    least squares over the intervals of one run, given as (name, users scored per event, applied
+    events per batch, serial us per event).
+
+    A batch pays each touched user's row, Feast write, score, risk row and state once, and its
+    own round trips and commit once, so a live loop whose small batches touch one user per event
+    pays both on every event, a catch-up whose large batches hold several events per user a
+    fraction of them.
+
+    Returns:
+        the three costs (us per event, per scored user, per batch) and, per interval, its
+        measured and predicted figure (the model's check); the costs are None unless there are
+        more intervals than costs.
+    """
+    if len(intervals) <= 3:
+        return {"per_event_us": None, "per_user_us": None, "per_batch_us": None, "intervals": []}
+    x = np.array([[1.0, users, 1.0 / per_batch] for _, users, per_batch, _ in intervals], dtype=np.float64)
+    y = np.array([serial for *_, serial in intervals], dtype=np.float64)
+    costs, *_ = np.linalg.lstsq(x, y, rcond=None)
+    predicted = x @ costs
+    return {
+        "per_event_us": round(float(costs[0]), 2),
+        "per_user_us": round(float(costs[1]), 2),
+        "per_batch_us": round(float(costs[2])),
+        "intervals": [
+            {
+                "interval": name,
+                "users_scored_per_event": users,
+                "events_per_batch": round(per_batch, 1),
+                "measured_us_per_event": round(serial, 2),
+                "predicted_us_per_event": round(float(guess), 2),
+            }
+            for (name, users, per_batch, serial), guess in zip(intervals, predicted, strict=True)
+        ],
+    }
+
+
+def _serial_intervals(
+    catch_up: dict[str, Any], capacity: dict[str, Any], loads: list[dict[str, Any]]
+) -> list[tuple[str, float, float, float]]:
+    """Returns (name, users scored per event, applied events per batch, loop thread + Redis us
+    per event) of the run's one-process intervals: the catch-up, the capacity drain, each load."""
+    out = []
+    for name, interval in (("catch_up_1_process", catch_up), ("capacity_at_live_batch", capacity)):
+        cpu = interval["cpu_us_per_event"]
+        serial = cpu["scorer_loop_thread"] + cpu["redis_server"]
+        out.append(
+            (name, interval["users_scored_per_event"], interval["logged_in_events"], interval["batches"], serial)
+        )
+    for load in loads:
+        serial = load["loop_thread_cpu_us_per_event"] + load["redis_server_cpu_us_per_event"]
+        name = f"load_{round(load['share_of_capacity'] * 100)}pct"
+        out.append((name, load["users_scored_per_event"], load["logged_in_events"], load["batches"], serial))
+    return [
+        (name, users, events / batches, serial)
+        for name, users, events, batches, serial in out
+        if users is not None and batches and events and math.isfinite(serial)
+    ]
 
 
 def _cost_share(cost: dict[str, Any], interval: dict[str, Any]) -> float | None:

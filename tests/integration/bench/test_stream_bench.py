@@ -48,6 +48,14 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
     for load in figures["loads"]:
         assert 0.98 <= load["stages_cover_share_of_loop_thread"] <= 1.02, load
 
+    # A batch writes at most one risk row per user, and only for users it applied events of (no
+    # replays here); the live loop's cost model is fitted on this run's intervals.
+    for interval in [figures["catch_up"][0], figures["capacity_at_live_batch"], *figures["loads"]]:
+        assert 0 < interval["users_scored_per_event"] <= 1, interval
+    model = figures["live_loop_cost_model"]
+    assert len(model["intervals"]) == 5
+    assert model["per_user_us"] is not None
+
     # Freshness counts every applied event of each load once, and only those.
     assert [load["share_of_capacity"] for load in figures["loads"]] == [0.25, 0.5, 0.75]
     for load in figures["loads"]:
