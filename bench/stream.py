@@ -18,9 +18,10 @@ Phases, in order (`bench_stream` returns them as JSON):
    and freshness measured per event at 25%, 50% and 75% of that capacity. One partition because
    a live batch holds the latest events of every partition, in time order, while a drain of a
    backlog on several partitions takes each partition's messages in long runs: its batches
-   touch a fraction of the users a live batch of the same size touches (0.21 against 0.47 per
-   event, measured), and each touched user's row, score and state are paid once per batch, so
-   it measured a capacity the live loop could not reach (`live_loop_cost_model`).
+   touch a fraction of the users a live batch of the same size touches (0.21 per event measured,
+   against 0.47 expected for uniform users), and each touched user's row, score and state are
+   paid once per batch, so it measured a capacity the live loop could not reach (the run's
+   `backlog_drain_at_live_batch` still shows it; `live_loop_cost_model` splits the costs).
 Throughput counts logged-in events only (guests are skipped by every consumer here).
 """
 
@@ -161,6 +162,11 @@ def _deployment(
     return Deployment(settings, env, logs)
 
 
+# Above it the cost model's intervals are too alike in shape to tell its costs apart (its columns
+# scaled to a maximum of 1; two runs' six intervals measured 7-11).
+MAX_CONDITION: Final = 1000.0
+
+
 # --- observation from outside --------------------------------------------------------------
 
 
@@ -281,7 +287,7 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
         "mean_batch_messages": round(batch_messages / batches, 1) if batches else None,
         # Risk rows written per applied event: each touched user's row, score and state are paid
         # once per batch, so this is what makes a small batch cost more per event.
-        "users_scored_per_event": round(scored / applied, 3) if applied else None,
+        "users_scored_per_event": round(scored / applied, 5) if applied else None,
         "cpu_us_per_event": {
             "scorer_process": round(process_us, 2),
             "scorer_loop_thread": round(loop_us, 2),
@@ -619,6 +625,7 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
     """
     sizes = sizes or Sizes()
     run = uuid.uuid4().hex[:10]
+    partitions = settings.topic_partitions
     topic, probe_topic, live_topic = f"bench-stream-{run}", f"bench-probe-{run}", f"bench-live-{run}"
     topics = [name for t in (topic, probe_topic, live_topic) for name in (t, f"{t}.dlq")]
     machine_before = machine()
@@ -695,6 +702,15 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
                 redis_cpu,
             )
             say(orjson.dumps(capacity).decode())
+            say(f"the same bound on a {partitions}-partition backlog (for comparison: read in runs per partition)")
+            backlog = _drain(
+                deploy(f"bench-cap{partitions}-{run}", f"cap{partitions}", max_batch_events=live_batch),
+                1,
+                lines[: sizes.capacity_events],
+                sizes.timeout_s,
+                redis_cpu,
+            )
+            say(orjson.dumps(backlog).decode())
             say(f"freshness at 25/50/75% of {capacity['events_per_second']:,} events/s")
             loads = _loads(deploy(live_topic, "loads"), capacity["events_per_second"], sizes, sizes.users, redis_cpu)
         finally:
@@ -718,6 +734,7 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
         naive=naive,
         probe=probe,
         capacity=capacity,
+        backlog=backlog,
         loads=loads,
         cost=cost,
         settings=settings,
@@ -752,7 +769,7 @@ def _naive(deployment: Deployment, sizes: Sizes) -> dict[str, Any]:
 def _report(**parts: Any) -> dict[str, Any]:
     """Assembles the JSON: phases, the capacity model's check, the goals as ratios."""
     sizes: Sizes = parts["sizes"]
-    one, capacity, loads = parts["catch_up"][0], parts["capacity"], parts["loads"]
+    one, capacity, backlog, loads = parts["catch_up"][0], parts["capacity"], parts["backlog"], parts["loads"]
     scorer_rate = one["events_per_second"]
     cpu = one["cpu_us_per_event"]
     # The loop thread waits for Redis on every round trip, so both are on the serial path; the
@@ -809,9 +826,22 @@ def _report(**parts: Any) -> dict[str, Any]:
         "throughput_counts": "logged-in events applied (outcome ok); guests are skipped by every consumer",
         "catch_up": parts["catch_up"],
         "scale_out": scale_out,
-        "capacity_at_live_batch": {**capacity, "probe_at_50pct_of_catch_up": parts["probe"]},
+        "capacity_at_live_batch": {
+            **capacity,
+            "probe_at_50pct_of_catch_up": parts["probe"],
+            # At or above 1 the probe was at or past this capacity: its batches had grown to what
+            # the loop needs to keep up at that rate, and the capacity at them is about the probe's.
+            "probe_rate_over_capacity": round(
+                parts["probe"]["target_events_per_second"] / capacity["events_per_second"], 3
+            )
+            if capacity["events_per_second"]
+            else None,
+        },
         "capacity_timed": "one scorer draining the events from a topic of one partition (batches in time order, "
         "as live batches are) with batches of at most the probe's mean batch",
+        # Not used for the loads: the same bound on a backlog of the usual partitions, whose
+        # batches take each partition's messages in long runs and touch fewer users per event.
+        "backlog_drain_at_live_batch": backlog,
         "freshness_timed": "per applied event: wall time its batch's risk rows were written minus its Kafka "
         "append time (LogAppendTime), from the scorer's histogram",
         "loads": loads,
@@ -828,7 +858,7 @@ def _report(**parts: Any) -> dict[str, Any]:
             "measured_without_cpu_queueing_over_predicted": round(unqueued_rate / predicted, 3),
         },
         # Why a live loop's batches cost more per event than a catch-up's (see `loop_cost_model`).
-        "live_loop_cost_model": loop_cost_model(_serial_intervals(one, capacity, loads)),
+        "live_loop_cost_model": loop_cost_model(_serial_intervals(one, capacity, backlog, loads)),
         "redis_memory_per_user": parts["memory"],
         "kafka_bytes_per_message": parts["kafka"],
         "instrumentation": {
@@ -869,39 +899,60 @@ def loop_cost_model(intervals: list[tuple[str, float, float, float]]) -> dict[st
 
     Returns:
         the three costs (us per event, per scored user, per batch) and, per interval, its
-        measured and predicted figure (the model's check); the costs are None unless there are
-        more intervals than costs.
+        measured figure, the fit's and the one fitted without that interval (its check); the
+        costs are None, with the reason, when the intervals cannot pin them down: no more
+        intervals than costs plus one, shapes too alike (the columns, scaled, have a condition
+        number above `MAX_CONDITION`), or a cost below zero.
     """
-    if len(intervals) <= 3:
-        return {"per_event_us": None, "per_user_us": None, "per_batch_us": None, "intervals": []}
-    x = np.array([[1.0, users, 1.0 / per_batch] for _, users, per_batch, _ in intervals], dtype=np.float64)
-    y = np.array([serial for *_, serial in intervals], dtype=np.float64)
-    costs, *_ = np.linalg.lstsq(x, y, rcond=None)
-    predicted = x @ costs
-    return {
-        "per_event_us": round(float(costs[0]), 2),
-        "per_user_us": round(float(costs[1]), 2),
-        "per_batch_us": round(float(costs[2])),
-        "intervals": [
+    unfit = {"per_event_us": None, "per_user_us": None, "per_batch_us": None}
+    if len(intervals) <= 3 + 1:  # each check fits the three costs without its own interval
+        return {**unfit, "why_not": f"{len(intervals)} intervals for 3 costs and their check", "intervals": []}
+    rows = intervals
+    x = np.array([[1.0, users, 1.0 / per_batch] for _, users, per_batch, _ in rows], dtype=np.float64)
+    y = np.array([serial for *_, serial in rows], dtype=np.float64)
+    scaled = x / np.abs(x).max(axis=0)
+    condition = float(np.linalg.cond(scaled))
+    if not condition < MAX_CONDITION:
+        return {**unfit, "why_not": f"the intervals' shapes are too alike (condition {condition:.3g})", "intervals": []}
+    costs = np.linalg.lstsq(x, y, rcond=None)[0]
+    if (costs < 0).any():
+        return {**unfit, "why_not": f"a fitted cost is below zero ({np.round(costs, 2).tolist()})", "intervals": []}
+    checks = []
+    for i, (name, users, per_batch, serial) in enumerate(rows):
+        others = np.arange(len(rows)) != i
+        without = np.linalg.lstsq(x[others], y[others], rcond=None)[0]
+        checks.append(
             {
                 "interval": name,
                 "users_scored_per_event": users,
                 "events_per_batch": round(per_batch, 1),
                 "measured_us_per_event": round(serial, 2),
-                "predicted_us_per_event": round(float(guess), 2),
+                "fitted_us_per_event": round(float(x[i] @ costs), 2),
+                "predicted_without_it_us_per_event": round(float(x[i] @ without), 2),
             }
-            for (name, users, per_batch, serial), guess in zip(intervals, predicted, strict=True)
-        ],
+        )
+    return {
+        "per_event_us": round(float(costs[0]), 2),
+        "per_user_us": round(float(costs[1]), 2),
+        "per_batch_us": round(float(costs[2])),
+        "condition": round(condition, 1),
+        "intervals": checks,
     }
 
 
 def _serial_intervals(
-    catch_up: dict[str, Any], capacity: dict[str, Any], loads: list[dict[str, Any]]
+    catch_up: dict[str, Any], capacity: dict[str, Any], backlog: dict[str, Any], loads: list[dict[str, Any]]
 ) -> list[tuple[str, float, float, float]]:
     """Returns (name, users scored per event, applied events per batch, loop thread + Redis us
-    per event) of the run's one-process intervals: the catch-up, the capacity drain, each load."""
+    per event) of the run's one-process intervals: the catch-up, the two drains at the live
+    batch, each load; intervals without events, batches or a figure are left out."""
     out = []
-    for name, interval in (("catch_up_1_process", catch_up), ("capacity_at_live_batch", capacity)):
+    drains = (
+        ("catch_up_1_process", catch_up),
+        ("capacity_at_live_batch", capacity),
+        ("backlog_at_live_batch", backlog),
+    )
+    for name, interval in drains:
         cpu = interval["cpu_us_per_event"]
         serial = cpu["scorer_loop_thread"] + cpu["redis_server"]
         out.append(

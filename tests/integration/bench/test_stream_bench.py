@@ -49,12 +49,20 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
         assert 0.98 <= load["stages_cover_share_of_loop_thread"] <= 1.02, load
 
     # A batch writes at most one risk row per user, and only for users it applied events of (no
-    # replays here); the live loop's cost model is fitted on this run's intervals.
-    for interval in [figures["catch_up"][0], figures["capacity_at_live_batch"], *figures["loads"]]:
+    # replays here). Under the same batch bound, the one-partition drain's batches (in time order,
+    # as live ones) touch at least as many users per event as the backlog's runs per partition.
+    capacity, backlog = figures["capacity_at_live_batch"], figures["backlog_drain_at_live_batch"]
+    for interval in [figures["catch_up"][0], capacity, backlog, *figures["loads"]]:
         assert 0 < interval["users_scored_per_event"] <= 1, interval
+    assert capacity["users_scored_per_event"] >= backlog["users_scored_per_event"]
+    # The cost model is fitted on the run's six one-process intervals, or says why it cannot be
+    # (tiny runs' intervals may be too alike in shape).
     model = figures["live_loop_cost_model"]
-    assert len(model["intervals"]) == 5
-    assert model["per_user_us"] is not None
+    if model["per_user_us"] is None:
+        assert model["why_not"]
+    else:
+        assert len(model["intervals"]) == 6
+        assert min(model["per_event_us"], model["per_user_us"], model["per_batch_us"]) >= 0
 
     # Freshness counts every applied event of each load once, and only those.
     assert [load["share_of_capacity"] for load in figures["loads"]] == [0.25, 0.5, 0.75]
