@@ -907,9 +907,8 @@ def loop_cost_model(intervals: list[tuple[str, float, float, float]]) -> dict[st
     unfit = {"per_event_us": None, "per_user_us": None, "per_batch_us": None}
     if len(intervals) <= 3 + 1:  # each check fits the three costs without its own interval
         return {**unfit, "why_not": f"{len(intervals)} intervals for 3 costs and their check", "intervals": []}
-    rows = intervals
-    x = np.array([[1.0, users, 1.0 / per_batch] for _, users, per_batch, _ in rows], dtype=np.float64)
-    y = np.array([serial for *_, serial in rows], dtype=np.float64)
+    x = np.array([[1.0, users, 1.0 / per_batch] for _, users, per_batch, _ in intervals], dtype=np.float64)
+    y = np.array([serial for *_, serial in intervals], dtype=np.float64)
     scaled = x / np.abs(x).max(axis=0)
     condition = float(np.linalg.cond(scaled))
     if not condition < MAX_CONDITION:
@@ -918,8 +917,8 @@ def loop_cost_model(intervals: list[tuple[str, float, float, float]]) -> dict[st
     if (costs < 0).any():
         return {**unfit, "why_not": f"a fitted cost is below zero ({np.round(costs, 2).tolist()})", "intervals": []}
     checks = []
-    for i, (name, users, per_batch, serial) in enumerate(rows):
-        others = np.arange(len(rows)) != i
+    for i, (name, users, per_batch, serial) in enumerate(intervals):
+        others = np.arange(len(intervals)) != i
         without = np.linalg.lstsq(x[others], y[others], rcond=None)[0]
         checks.append(
             {
