@@ -5,7 +5,8 @@ A calibrator maps the booster's raw probability to a calibrated one:
 - `platt`: sigmoid(a * logit(p) + b), two numbers;
 - `isotonic`: a non-decreasing step fit (pool adjacent violators), stored as breakpoints
   `x` (raw probabilities, increasing) and `y` (calibrated), applied with linear interpolation
-  between breakpoints and clamped beyond them, so it stays monotone and ranks are kept.
+  between breakpoints and clamped beyond them, so it stays monotone and ranks are kept; its
+  lowest and highest steps are never exactly 0 or 1 (`_off_the_bounds`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def fit_platt(labels: np.ndarray, raw: np.ndarray) -> dict[str, Any]:
 
 def fit_isotonic(labels: np.ndarray, raw: np.ndarray, max_points: int = 512) -> dict[str, Any]:
     """Returns an isotonic calibration {method, x, y}: pool adjacent violators on the rows
-    sorted by raw probability, one breakpoint per pooled block (at its mean raw probability),
-    thinned to at most `max_points` breakpoints to keep the artifact small."""
+    sorted by raw probability, one breakpoint per pooled block (at its mean raw probability and
+    churn rate, kept off 0 and 1 by `_off_the_bounds`), thinned to at most `max_points`
+    breakpoints to keep the artifact small."""
     order = np.argsort(raw, kind="mergesort")
     x_sorted = np.asarray(raw, dtype=np.float64)[order]
     y_sorted = np.asarray(labels, dtype=np.float64)[order]
@@ -56,11 +58,33 @@ def fit_isotonic(labels: np.ndarray, raw: np.ndarray, max_points: int = 512) -> 
             xs[-1] += x
             counts[-1] += c
     x_points = np.array(xs) / np.array(counts)
-    y_points = np.array(sums) / np.array(counts)
+    y_points = _off_the_bounds(np.array(sums), np.array(counts))
     if len(x_points) > max_points:
         keep = np.unique(np.linspace(0, len(x_points) - 1, max_points).round().astype(int))
         x_points, y_points = x_points[keep], y_points[keep]
     return {"method": "isotonic", "x": x_points.tolist(), "y": y_points.tolist()}
+
+
+def _off_the_bounds(positives: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Returns the pooled blocks' churn rates (`positives / counts`, increasing), with a first
+    block of no churners and a last block of only churners moved off 0 and 1.
+
+    Why: such a block's rate is a certainty that a few dozen rows cannot give, and it was served
+    as is: users scored up to the first breakpoint got a probability of exactly 0 (a log-odds of
+    minus infinity for anything downstream that takes one). They get the Jeffreys estimate
+    (positives + 1/2) / (count + 1) instead, at most the next block's rate (at least the previous
+    one's at the top), so the steps stay non-decreasing and the ranking is kept.
+    """
+    rates = positives / counts
+    if rates[0] == 0.0:
+        rates[0] = 0.5 / (counts[0] + 1.0)
+        if len(rates) > 1:
+            rates[0] = min(rates[0], rates[1])
+    if rates[-1] == 1.0:
+        rates[-1] = (counts[-1] + 0.5) / (counts[-1] + 1.0)
+        if len(rates) > 1:
+            rates[-1] = max(rates[-1], rates[-2])
+    return rates
 
 
 _FITTERS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, Any]]] = {

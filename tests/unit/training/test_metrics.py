@@ -72,3 +72,17 @@ def test_platt_never_reverses_the_ranking() -> None:
     assert fitted["a"] >= 0
     calibrated = apply_calibration(fitted, raw)
     assert np.all(np.diff(calibrated[np.argsort(raw)]) >= -1e-12)
+
+
+def test_isotonic_never_serves_a_certainty() -> None:
+    """The lowest-scored rows hold no churner and the highest only churners: pooled as they are,
+    those blocks' rates were 0 and 1, and every user scored below the first breakpoint was served
+    a probability of exactly 0."""
+    rng = np.random.default_rng(5)
+    raw = np.sort(rng.random(400))
+    labels = np.r_[np.zeros(40, dtype=bool), rng.random(320) < raw[40:360], np.ones(40, dtype=bool)]
+    fitted = calibration.fit_isotonic(labels, raw)
+    served = apply_calibration(fitted, np.r_[0.0, raw, 1.0])
+    assert 0.0 < served.min() <= 0.5 / 41  # at most the Jeffreys estimate of the first block
+    assert served.max() < 1.0
+    assert np.all(np.diff(served) >= 0)  # still non-decreasing: the ranking is kept
