@@ -72,18 +72,19 @@ def _off_the_bounds(positives: np.ndarray, counts: np.ndarray) -> np.ndarray:
     Why: such a block's rate is a certainty that a few dozen rows cannot give, and it was served
     as is: users scored up to the first breakpoint got a probability of exactly 0 (a log-odds of
     minus infinity for anything downstream that takes one). They get the Jeffreys estimate
-    (positives + 1/2) / (count + 1) instead, at most the next block's rate (at least the previous
-    one's at the top), so the steps stay non-decreasing and the ranking is kept.
+    (positives + 1/2) / (count + 1) instead, kept below the next block's rate (at most half of
+    it; at the top, above the previous one's), so the steps stay increasing and the ranking is
+    kept.
     """
     rates = positives / counts
     if rates[0] == 0.0:
         rates[0] = 0.5 / (counts[0] + 1.0)
         if len(rates) > 1:
-            rates[0] = min(rates[0], rates[1])
+            rates[0] = min(rates[0], rates[1] / 2)
     if rates[-1] == 1.0:
         rates[-1] = (counts[-1] + 0.5) / (counts[-1] + 1.0)
         if len(rates) > 1:
-            rates[-1] = max(rates[-1], rates[-2])
+            rates[-1] = max(rates[-1], (1.0 + rates[-2]) / 2)
     return rates
 
 

@@ -85,4 +85,10 @@ def test_isotonic_never_serves_a_certainty() -> None:
     served = apply_calibration(fitted, np.r_[0.0, raw, 1.0])
     assert 0.0 < served.min() <= 0.5 / 41  # at most the Jeffreys estimate of the first block
     assert served.max() < 1.0
-    assert np.all(np.diff(served) >= 0)  # still non-decreasing: the ranking is kept
+    assert np.all(np.diff(served) >= 0)  # still non-decreasing ...
+    assert fitted["y"][0] < fitted["y"][1]  # ... and no new ties
+    assert fitted["y"][-2] < fitted["y"][-1]
+    # Three certain non-churners below a block of 1 churner in 100: the Jeffreys estimate (1/8)
+    # would rank them above that block; they get half its rate.
+    few = calibration.fit_isotonic(np.r_[[0, 0, 0, 1], np.zeros(99)] > 0, np.linspace(0.0, 1.0, 103))
+    assert few["y"] == pytest.approx([0.005, 0.01])
