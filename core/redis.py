@@ -155,16 +155,21 @@ def user_key(prefix: str, user_id: str) -> str:
     return f"{prefix}{user_tag(user_id)}{user_id}"
 
 
-def mget(client: Client, keys: Sequence[str]) -> list[Any]:
-    """Returns the values of `keys` (None where missing), in order: one MGET on one server; on a
-    cluster, one MGET per slot, pipelined per node.
+def mget(client: Client, keys: Sequence[str | bytes]) -> list[Any]:
+    """Returns the values of `keys` (None where missing), in order: one MGET on one server or
+    for keys of one slot (one user's, say); else on a cluster, one MGET per slot, pipelined per
+    node.
+
+    Why one slot apart: redis-py's cluster pipeline re-sends, one by one, the commands of a node
+    that timed out, so a hung master made a request wait out the socket timeout twice (4 s for
+    one user's risk row, against the API's 2 s) before its 503.
 
     Raises:
         redis.exceptions.RedisError: Redis is unreachable or refused (wrap in `redis_errors`).
     """
     if not keys:
         return []
-    if isinstance(client, RedisCluster):
+    if isinstance(client, RedisCluster) and len({client.keyslot(key) for key in keys}) > 1:
         return client.mget_nonatomic(list(keys))
     return client.mget(list(keys))
 

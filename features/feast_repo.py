@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from core.errors import ConfigError
-from core.redis import redis_errors
+from core.redis import TIMEOUTS, Purpose, redis_errors
 from core.settings import Settings
 from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES, WINDOWS, spec_version
 
@@ -33,8 +33,6 @@ ENTITY_KEY_SERIALIZATION_VERSION = 3
 # Feast's Redis online store with a leaner write path (`features.redis_store`); Feast imports
 # `ChurnRedisOnlineStoreConfig` / `ChurnRedisOnlineStore` from this name.
 ONLINE_STORE_TYPE = "features.redis_store.ChurnRedisOnlineStore"
-# A Redis that hangs must fail a request quickly, not block the API or the scorer forever.
-REDIS_SOCKET_TIMEOUT_SECONDS = 5
 
 
 def view_feature_names() -> tuple[str, ...]:
@@ -53,8 +51,10 @@ def batch_source_path(settings: Settings) -> Path:
     return settings.data_dir / "features" / "user_features.parquet"
 
 
-def redis_connection_string(settings: Settings) -> str:
-    """Returns `settings.redis_address` in Feast's `host:port,key=value,...` form.
+def redis_connection_string(settings: Settings, purpose: Purpose = "batch") -> str:
+    """Returns `settings.redis_address` in Feast's `host:port,key=value,...` form, with the
+    socket timeouts of `purpose` (`core.redis.TIMEOUTS`: the API's Feast reads fail as fast as
+    its own, a hung Redis answering a request with a 503 after 2 s, not the scorer's 5 s).
 
     Redis Cluster has no databases, so `db` is left out when `settings.redis_cluster` is set.
 
@@ -79,8 +79,9 @@ def redis_connection_string(settings: Settings) -> str:
             parts.append(f"{key}={value}")
     if url.scheme == "rediss":
         parts.append("ssl=true")
-    parts.append(f"socket_timeout={REDIS_SOCKET_TIMEOUT_SECONDS}")
-    parts.append(f"socket_connect_timeout={REDIS_SOCKET_TIMEOUT_SECONDS}")
+    socket_timeout, connect_timeout = TIMEOUTS[purpose]
+    parts.append(f"socket_timeout={socket_timeout:g}")
+    parts.append(f"socket_connect_timeout={connect_timeout:g}")
     # Names the connections in CLIENT LIST, so an operator can tell who is connected.
     parts.append(f"client_name=churn-{settings.feast_project}")
     if not settings.redis_cluster:
@@ -101,8 +102,9 @@ def key_ttl_seconds(settings: Settings) -> int:
     return max(w.size_ms for w in WINDOWS) // 1000 + settings.allowed_lateness_seconds
 
 
-def repo_config_dict(settings: Settings) -> dict[str, Any]:
-    """Returns the `feature_store.yaml` content for these settings, as a dict."""
+def repo_config_dict(settings: Settings, purpose: Purpose = "batch") -> dict[str, Any]:
+    """Returns the `feature_store.yaml` content for these settings, as a dict (Redis timeouts
+    of `purpose`)."""
     return {
         "project": settings.feast_project,
         "provider": "local",
@@ -118,7 +120,7 @@ def repo_config_dict(settings: Settings) -> dict[str, Any]:
             # `online_write_batch`; the `feast` CLI needs this project importable to load it.
             "type": ONLINE_STORE_TYPE,
             "redis_type": "redis_cluster" if settings.redis_cluster else "redis",
-            "connection_string": redis_connection_string(settings),
+            "connection_string": redis_connection_string(settings, purpose),
             # One pipeline round trip per write instead of read-timestamps-then-write. It is
             # also required for correctness: a late event (ts < the user's latest event) changes
             # the row but not its timestamp, and Feast's dedup would drop that update. Each
@@ -132,8 +134,9 @@ def repo_config_dict(settings: Settings) -> dict[str, Any]:
     }
 
 
-def repo_config(settings: Settings) -> RepoConfig:
-    """Returns the Feast RepoConfig for these settings (no file is read or written).
+def repo_config(settings: Settings, purpose: Purpose = "batch") -> RepoConfig:
+    """Returns the Feast RepoConfig for these settings and Redis timeouts of `purpose` (no file
+    is read or written).
 
     Raises:
         ConfigError: the settings give an invalid Feast config (e.g. a bad project name).
@@ -141,7 +144,7 @@ def repo_config(settings: Settings) -> RepoConfig:
     from feast import RepoConfig
 
     try:
-        return RepoConfig(repo_path=settings.feast_repo_dir, **repo_config_dict(settings))
+        return RepoConfig(repo_path=settings.feast_repo_dir, **repo_config_dict(settings, purpose))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         msg = f"invalid Feast config from settings (CHURN_FEAST_PROJECT, CHURN_REDIS_URL?): {exc}"
         raise ConfigError(msg) from exc
@@ -196,8 +199,9 @@ def repo_objects(settings: Settings) -> tuple[Entity, FileSource, PushSource, Fe
     return user, batch, push, view
 
 
-def open_feature_store(settings: Settings) -> FeatureStore:
-    """Returns a Feast FeatureStore for processes that only read and write rows (no apply).
+def open_feature_store(settings: Settings, purpose: Purpose = "batch") -> FeatureStore:
+    """Returns a Feast FeatureStore for processes that only read and write rows (no apply),
+    whose Redis clients have the timeouts of `purpose` (the API: "request").
 
     Nothing connects yet: Feast opens Redis and loads the registry on first use.
 
@@ -206,7 +210,7 @@ def open_feature_store(settings: Settings) -> FeatureStore:
     """
     from feast import FeatureStore
 
-    return FeatureStore(repo_path=str(settings.feast_repo_dir), config=repo_config(settings))
+    return FeatureStore(repo_path=str(settings.feast_repo_dir), config=repo_config(settings, purpose))
 
 
 def apply_repo(settings: Settings) -> FeatureStore:

@@ -64,7 +64,7 @@ def build_deps(settings: Settings) -> Deps:
     metrics = Metrics()
     client = redis_client(settings, "request")
     risks = RedisRiskStore(client, settings.redis_prefix)
-    features = FeastFeatureStore(open_feature_store(settings))
+    features = FeastFeatureStore(open_feature_store(settings, "request"))
     # One OpenMP thread per predict: each request scores a few rows (see ChurnModel.threads).
     models = ModelHolder(
         *champion_loader(settings, threads=1),

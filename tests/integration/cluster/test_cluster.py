@@ -424,3 +424,85 @@ def test_api_answers_from_the_cluster_as_from_one_node(pair: tuple[Deployment, D
             reference.post("/users/risk", json=body).json()
         )
         assert api.get("/users/nobody/risk").status_code == 404
+
+
+def _timed_get(api: TestClient, path: str) -> tuple[int, Any, float]:
+    """Returns (status, JSON body, seconds taken) of a GET."""
+    started = time.monotonic()
+    answer = api.get(path)
+    return answer.status_code, answer.json(), time.monotonic() - started
+
+
+@pytest.mark.timeout(600)
+def test_the_api_answers_a_hung_masters_users_with_a_prompt_503_until_its_replica_takes_over(
+    settings: Settings, cluster: Settings, pair: tuple[Deployment, Deployment]
+) -> None:
+    """A Redis master hangs (SIGSTOP) under the API. Every user is asked at once: those whose
+    keys sit on the other masters are answered as before, the others get a 503 within the API's
+    request timeout (a request path fails fast; it must not wait out the scorer's longer one).
+    Once the replica takes over, every user is answered as before, without a restart."""
+    on_cluster, _ = pair
+    # 30 users asked at once: fewer than the API's worker threads (anyio's 40), so no request
+    # queues behind another's wait on the hung master.
+    events = random_events(29, users=30, days=10, per_user=20)
+    users = sorted({e.user_id for e in events})
+    assert produce_paced(on_cluster.settings, events, 50_000.0).sent == len(events)
+    on_cluster.run_uninterrupted()
+    request_timeout = TIMEOUTS["request"][0]
+    figures: dict[str, Any] = {"users": len(users), "request_timeout_s": request_timeout}
+
+    master = _redis_port_of(on_cluster.settings, user_key(f"{on_cluster.settings.redis_prefix}risk:", users[0]))
+    pid = infra_cluster.running_pid(
+        settings, infra_cluster.redis_name(infra_cluster.ports(settings).redis.index(master))
+    )
+    assert pid is not None
+    # Admission fixed above the users asked at once, so that none is shed while others wait on
+    # the hung master (what `CHURN_API_MAX_IN_FLIGHT` is for: a dependency that is slow, not the CPU).
+    admitting_all = on_cluster.settings.model_copy(update={"api_max_in_flight": len(users)})
+    with TestClient(create_app(admitting_all)) as api, ThreadPoolExecutor(len(users)) as pool:
+        before = {u: _without_write_times(api.get(f"/users/{u}/risk").json()) for u in users}
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            during = dict(zip(users, pool.map(lambda u: _timed_get(api, f"/users/{u}/risk"), users), strict=True))
+            wait_for(
+                lambda: (
+                    _redis_port_of(on_cluster.settings, user_key(f"{on_cluster.settings.redis_prefix}risk:", users[0]))
+                    != master
+                ),
+                120,
+                "the replica to take over",
+            )
+            took_over = time.monotonic() - stopped_at
+            # Answered as before within a few seconds of the takeover, by the same clients.
+            wait_for(
+                lambda: all(api.get(f"/users/{u}/risk").status_code == 200 for u in users), 30, "every user answered"
+            )
+            after = {u: _without_write_times(api.get(f"/users/{u}/risk").json()) for u in users}
+            answered_again = time.monotonic() - stopped_at
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    refused = {u: took for u, (status, _, took) in during.items() if status == 503}
+    served = {u: took for u, (status, _, took) in during.items() if status == 200}
+    figures |= {
+        "answered_during_hang": len(served),
+        "refused_during_hang": len(refused),
+        "slowest_answer_s": round(max(served.values(), default=0.0), 2),
+        "slowest_503_s": round(max(refused.values(), default=0.0), 2),
+        "503_details": sorted({str(during[u][1].get("detail"))[:300] for u in refused}),
+        "seconds_to_replica_taking_over": round(took_over, 2),
+        "seconds_to_every_user_answered": round(answered_again, 2),
+    }
+    record_figures(settings, "cluster_api_redis_master_sigstop", figures)
+
+    assert len(served) + len(refused) == len(users), {u: s for u, (s, _, _) in during.items()}
+    assert refused, figures  # the hang landed: some users' keys were on the hung master ...
+    assert served, figures  # ... and the others were still answered, as before
+    assert all(_without_write_times(during[u][1]) == before[u] for u in served)
+    assert all("unavailable" in during[u][1]["detail"] for u in refused)
+    assert max(refused.values()) < request_timeout + 1.5, figures  # Feast's reads waited 5 s
+    assert max(served.values()) < request_timeout, figures  # no other user waits on the hung one
+    # Back once each of the API's two cluster clients (its own, Feast's) has waited out one
+    # request timeout on the map of before the takeover and asked for the new one.
+    assert answered_again < took_over + 2 * request_timeout + 3.0, figures
+    assert after == before

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
+from core.redis import TIMEOUTS, Purpose
 from core.settings import Settings, load_settings
 from features.feast_repo import (
     FEATURE_VIEW_NAME,
@@ -127,3 +128,15 @@ def test_yaml_is_what_feast_loads(tmp_path: Path) -> None:
     assert loaded.online_store.type == ONLINE_STORE_TYPE
     assert loaded.registry.cache_ttl_seconds == 0
     assert loaded.entity_key_serialization_version == repo_config_dict(settings)["entity_key_serialization_version"]
+
+
+@pytest.mark.parametrize("purpose", ["batch", "request"])
+def test_connection_string_carries_the_timeouts_of_its_purpose(tmp_path: Path, purpose: Purpose) -> None:
+    """The API's Feast reads fail as fast as its own client's: with the scorer's timeouts, a hung
+    Redis held a request 5 s before its 503."""
+    parts = redis_connection_string(_settings(tmp_path), purpose).split(",")
+    socket_timeout, connect_timeout = TIMEOUTS[purpose]
+    assert f"socket_timeout={socket_timeout:g}" in parts
+    assert f"socket_connect_timeout={connect_timeout:g}" in parts
+    config = repo_config(_settings(tmp_path), purpose).online_store
+    assert f"socket_timeout={socket_timeout:g}" in config.connection_string.split(",")
