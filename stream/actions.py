@@ -31,6 +31,7 @@ from core.kafka import kafka_config
 from core.settings import Settings
 from stream.changes import DECODER, ENCODER, TierChange
 from stream.kafka import IdempotentProducer, commit_unless_stopped, committing_consumer, dead_letter
+from stream.topics import recreate_if_deleted
 
 log = logging.getLogger(__name__)
 # The pause before a batch's dead letters are sent again while Kafka does not take them: it
@@ -183,7 +184,7 @@ def tail(
                 break
             # Every dead letter acknowledged (not only sent) before the commit: one lost after its
             # batch was committed would be lost for good.
-            if dead and not _deliver_dead_letters(dlq, dlq_topic, dead, stop):
+            if dead and not _deliver_dead_letters(settings, dlq, dlq_topic, dead, stop):
                 break  # stopped before Kafka took them: the batch is not committed
             try:
                 committed = _commit(consumer, stop)
@@ -230,13 +231,15 @@ def _hand_over(
 
 
 def _deliver_dead_letters(
-    dlq: IdempotentProducer, topic: str, dead: list[dict[str, Any]], stopping: threading.Event
+    settings: Settings, dlq: IdempotentProducer, topic: str, dead: list[dict[str, Any]], stopping: threading.Event
 ) -> bool:
     """Delivers a batch's dead letters and returns True once Kafka acknowledged every one; while
     it does not (down, or refusing), sends them again after a pause that doubles from
-    `DLQ_RETRY_FIRST_S` to `DLQ_RETRY_MAX_S` (a dependency's failure is retried, never fatal);
-    returns False once `stopping` is set. A dead letter in flight when a wait gave up may land
-    twice (what was not yet sent is dropped before the retry)."""
+    `DLQ_RETRY_FIRST_S` to `DLQ_RETRY_MAX_S` (a dependency's failure is retried, never fatal;
+    a topic deleted meanwhile is created again first, with one partition as
+    `ensure_changes_topic` makes it); returns False once `stopping` is set. A dead letter in
+    flight when a wait gave up may land twice (what was not yet sent is dropped before the
+    retry)."""
     pause = DLQ_RETRY_FIRST_S
     while not stopping.is_set():
         try:
@@ -244,6 +247,8 @@ def _deliver_dead_letters(
             return True
         except ServiceUnavailableError as exc:
             log.warning("dead letters not acknowledged, sending them again in %.1f s: %s", pause, exc)
+            if not stopping.is_set():  # a stop must not wait on a broker that may be down
+                recreate_if_deleted(settings, topic, 1)
         stopping.wait(pause)
         pause = min(2 * pause, DLQ_RETRY_MAX_S)
     return False

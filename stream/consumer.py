@@ -22,7 +22,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -50,7 +52,7 @@ from stream.outage import StoreOutage
 from stream.processor import BatchProcessor, Message, applied_offsets, partition_key
 from stream.risk_store import RedisRiskStore
 from stream.snapshot import DailySnapshots, RedisActivity
-from stream.topics import ensure_topics, keyless_events_warning, producer_clock_warning
+from stream.topics import ensure_topics, keyless_events_warning, producer_clock_warning, recreate_if_deleted
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,12 @@ class ScoringConsumer:
         self.consumer = committing_consumer(settings, settings.scorer_group, tuning | (extra_config or {}))
         self.dlq = IdempotentProducer(
             kafka_config(settings, **{"acks": "all", "linger.ms": 5}), interrupt=self.stopping
+        )
+        # Called when the dead letters were not delivered: the topic may have been deleted
+        # while this ran (to purge it, say); then it is created again and the batch's retry
+        # delivers them. Returns whether it created the topic.
+        self.recreate_dlq: Callable[[], bool] = partial(
+            recreate_if_deleted, settings, settings.dlq_topic, settings.topic_partitions
         )
         # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
         # this process last saved, or what it found there. Less means Redis went back in time.
@@ -262,7 +270,12 @@ class ScoringConsumer:
             if result.dead_letters:  # acknowledged before the commit, or the batch is retried
                 dead = result.dead_letters
                 messages_out = (dead_letter(r.raw, dlq_headers(r)) for r in dead)
-                self.dlq.deliver(self.settings.dlq_topic, messages_out, 30, "dead letter(s)")
+                try:
+                    self.dlq.deliver(self.settings.dlq_topic, messages_out, 30, "dead letter(s)")
+                except ServiceUnavailableError:
+                    if not self.stopping.is_set():  # a stop must not wait on a broker that may be down
+                        self.recreate_dlq()
+                    raise
                 self.metrics.dlq_total.inc(len(dead))
             self.processor.count_unapplied(result)
             self.metrics.batch_events.observe(len(messages))

@@ -6,6 +6,7 @@ first; it is idempotent and safe to race with another process doing the same.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def _admin(settings: Settings, errors: list[KafkaError] | None = None) -> AdminClient:
@@ -66,6 +69,29 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
         request_timeout=timeout,
     )
     return _await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout)
+
+
+def recreate_if_deleted(settings: Settings, name: str, partitions: int, *, timeout: float = 5.0) -> bool:
+    """Creates topic `name` again, with `partitions` partitions, if the broker no longer knows
+    it; returns whether this call created it (logged at WARNING). For a topic the process only
+    writes to (a dead-letter topic), which an operator may delete while it runs: brokers here
+    never create a topic by themselves, so every delivery to it would fail until a restart.
+    Kafka down or refusing is logged at INFO and returns False: the caller's retry goes on."""
+    admin = _admin(settings)
+    try:
+        topic = admin.list_topics(topic=name, timeout=timeout).topics.get(name)
+        if topic is not None and (topic.error is None or topic.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART):
+            return False
+        futures = admin.create_topics(
+            [NewTopic(name, num_partitions=partitions)], operation_timeout=timeout, request_timeout=timeout
+        )
+        created = bool(_await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout))
+    except (KafkaException, ServiceUnavailableError) as exc:
+        log.info("could not check whether topic %r still exists: %s", name, exc)
+        return False
+    if created:
+        log.warning("topic %r was gone (deleted while this process ran?): created it again", name)
+    return created
 
 
 def producer_clock_warning(settings: Settings, *, timeout: float = 10.0) -> str | None:

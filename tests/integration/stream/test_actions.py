@@ -31,6 +31,7 @@ from stream.at_risk import RedisAtRiskIndex
 from stream.changes import ChangeReason, KafkaChangeLog, TierChange, ensure_changes_topic
 from stream.consumer import build_scorer
 from stream.risk_store import RedisRiskStore, RiskRow
+from stream.topics import delete_topics
 from tests.support import (
     Deployment,
     change_chains,
@@ -306,6 +307,31 @@ def test_actions_tail_delivers_each_change_to_a_webhook_with_retries_and_a_dlq(
     lines = [json.loads(line) for line in printed.stdout.decode().splitlines()]
     assert [line["prediction_id"] for line in lines if line["user_id"] == "a3"] == [changes[3].prediction_id]
     assert sorted(line["user_id"] for line in lines) == sorted(c.user_id for c in changes)
+
+
+@pytest.mark.soak  # waits out the 30 s delivery timeout
+@pytest.mark.slow
+def test_a_dead_letter_topic_deleted_while_the_tail_runs_is_created_again(
+    settings: Settings, topic: str, unique: str
+) -> None:
+    """`<changes topic>.dlq` deleted while `tail` runs, then an unreadable message: its letter
+    cannot be delivered (topics are never created automatically), so the tail creates the topic
+    again and delivers it, instead of retrying until a restart; the batch is then committed."""
+    own = settings.model_copy(update={"events_topic": topic})
+    ensure_changes_topic(own)
+    dlq = f"{own.tier_changes_topic}.dlq"
+    delete_topics(own, [dlq])
+    log = KafkaChangeLog(own, own.tier_changes_topic)
+    log.publish([_change("d1", 1, 0)])
+    log.producer.produce(own.tier_changes_topic, value=b"{not a change", partition=0)
+    log.close()
+    delivered: list[TierChange] = []
+    report = tail(own, delivered.append, group=f"dlqgone{unique}", idle_exit_s=2.0)
+    dead = read_dlq(own, own.tier_changes_topic, expected=1)
+    assert [c.user_id for c in delivered] == ["d1"]
+    assert report.unreadable == 1
+    assert not report.commit_abandoned
+    assert [value for value, _ in dead] == [b"{not a change"]
 
 
 class _Down(_Webhook):

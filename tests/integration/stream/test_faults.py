@@ -13,6 +13,7 @@ before the test ends, so the tests after these find every service up.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,7 +47,7 @@ from models import registry as model_registry
 from models.artifact import MODEL_FILE
 from serving.app import create_app
 from serving.deps import build_deps
-from stream.topics import delete_topics
+from stream.topics import delete_topics, ensure_topics
 from tests.support import (
     ROOT,
     Deployment,
@@ -496,6 +497,70 @@ def test_poison_is_dead_lettered_with_bounded_memory_and_no_crash(
     # raise the first half's peak by that much; it may move by the noise of buffers and allocator.
     assert second_half - first_half < poison_bytes / 6, (first_half, second_half)
     assert max(first_half, second_half) - at_rest < poison_bytes / 2, (first_half, second_half, at_rest)
+
+
+@pytest.mark.soak  # waits out the 30 s delivery timeout
+@pytest.mark.slow
+def test_a_dead_letter_topic_deleted_while_the_scorer_runs_is_created_again(
+    settings: Settings, unique: str, deploy: Callable[..., Deployment]
+) -> None:
+    """An operator deletes the dead-letter topic (to purge it, say) while the scorer runs, then a
+    bad event comes. The scorer's delivery of its letter fails (the broker no longer knows the
+    topic; topics are never created automatically): it must create the topic again and go on,
+    not retry that batch until a restart. The end state equals an undisturbed run of the same
+    messages, and the letter is in the new topic."""
+    valid = random_events(31, users=20, days=5, per_user=20)
+    half = len(valid) // 2
+    first_bad, second_bad = b'{"userId": "u1", "page": ', b'{"not": "an event"}'
+    messages = [(e.to_json(), e.user_id.encode()) for e in valid[:half]] + [(first_bad, b"bad-1")]
+    after = [(second_bad, b"bad-2")] + [(e.to_json(), e.user_id.encode()) for e in valid[half:]]
+    users = sorted({e.user_id for e in valid})
+
+    reference = deploy("dlqref", f"test-dlqref-{unique}")
+    ensure_topics(reference.settings)
+    _produce_raw(settings, reference.settings.events_topic, messages + after)
+    reference.run_uninterrupted()
+
+    deployment = deploy("dlqgone", f"test-dlqgone-{unique}")
+    scorer = deployment.start_scorer()
+    try:
+        _produce_raw(settings, deployment.settings.events_topic, messages)
+        wait_for(lambda: scorer.events("invalid") == 1 and scorer.events("ok") == half, 120, "the first half")
+        delete_topics(settings, [deployment.settings.dlq_topic])
+        deleted_at = time.monotonic()
+        _produce_raw(settings, deployment.settings.events_topic, after)
+        # The batch's states are saved before its letters go out, so its events count as
+        # applied at once; the letter (counted once delivered) and the commit wait for the topic.
+        wait_for(lambda: scorer.events("invalid") == 2, 120, "the second letter to be delivered")
+        wait_for(partial(drained, deployment.settings), 60, "the topic to be committed to its end")
+        seconds = time.monotonic() - deleted_at
+        ready = scorer.value("churn_scorer_ready")
+        counts = _finish(scorer, len(valid))
+        recreated = scorer.log_lines("was gone (deleted while this process ran?): created it again")
+    finally:
+        with contextlib.suppress(Exception):
+            scorer.stop()
+    dead = _read_dlq(settings, deployment.settings.dlq_topic, 1)
+    record_figures(
+        settings,
+        "dead_letter_topic_deleted",
+        {"seconds_to_the_letter_delivered_and_committed": round(seconds, 1), **counts},
+    )
+
+    assert recreated
+    assert ready == 1
+    assert [value for value, _ in dead] == [second_bad]  # the first went with the deleted topic
+    assert counts["invalid"] == 2
+    assert counts["ok"] + counts["duplicate"] >= len(valid)  # the failed batch was retried whole
+    assert deployment.final_state(users) == reference.final_state(users)
+
+
+def _produce_raw(settings: Settings, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> None:
+    """Publishes (value, key) pairs to `topic` in order with an idempotent producer."""
+    producer = Producer(kafka_config(settings, **{"enable.idempotence": True}))
+    for value, key in messages:
+        producer.produce(topic, value, key=key)
+    assert producer.flush(60) == 0
 
 
 # --- security ------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ class DeadLetterTopicDown:
 def _with_dlq(dlq: DeadLetterTopicDown, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(actions, "IdempotentProducer", lambda *_args, **_kw: dlq)
     monkeypatch.setattr(actions, "DLQ_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(actions, "recreate_if_deleted", lambda *_args, **_kw: False)  # no broker here
 
 
 def test_dead_letters_kafka_does_not_take_are_sent_again_before_the_commit(

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import Mock
 
 from confluent_kafka import TopicPartition
 
@@ -143,6 +144,7 @@ def start_loop(
     scorer.consumer = consumer  # type: ignore[assignment]
     if dlq is not None:
         scorer.dlq = dlq
+    scorer.recreate_dlq = Mock(return_value=False)  # nothing to ask: no broker here
     if report_lag is not None:
         scorer.report_lag = report_lag  # type: ignore[method-assign]
     loop = threading.Thread(target=scorer.run)
@@ -287,6 +289,8 @@ def test_a_batch_retried_after_a_dead_letter_outage_counts_each_message_once() -
     assert consumer.seeks == [(0, 7)]  # the fault landed: the batch was rewound and retried
     assert dlq.attempts == 2
     assert len(dlq.delivered) == 1
+    assert isinstance(scorer.recreate_dlq, Mock)
+    assert scorer.recreate_dlq.call_count == 1  # asked whether the topic was deleted, once per failure
     counted = {
         o: gauge(metrics, "churn_events_consumed_total", outcome=o) for o in ("ok", "invalid", "guest", "duplicate")
     }
