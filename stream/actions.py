@@ -246,9 +246,8 @@ def _deliver_dead_letters(
             dlq.deliver(topic, dead, 30, "dead letter(s)")
             return True
         except ServiceUnavailableError as exc:
-            log.warning("dead letters not acknowledged, sending them again in %.1f s: %s", pause, exc)
-            if not stopping.is_set():  # a stop must not wait on a broker that may be down
-                recreate_if_deleted(settings, topic, 1)
+            if not recreate_if_deleted(settings, topic, 1, stopping):  # logged there if it was
+                log.warning("dead letters not acknowledged, sending them again in %.1f s: %s", pause, exc)
         stopping.wait(pause)
         pause = min(2 * pause, DLQ_RETRY_MAX_S)
     return False

@@ -126,7 +126,7 @@ class ScoringConsumer:
         # while this ran (to purge it, say); then it is created again and the batch's retry
         # delivers them. Returns whether it created the topic.
         self.recreate_dlq: Callable[[], bool] = partial(
-            recreate_if_deleted, settings, settings.dlq_topic, settings.topic_partitions
+            recreate_if_deleted, settings, settings.dlq_topic, settings.topic_partitions, self.stopping
         )
         # Per partition (`topic:partition`), the applied offset Redis must hold at least: what
         # this process last saved, or what it found there. Less means Redis went back in time.
@@ -273,8 +273,7 @@ class ScoringConsumer:
                 try:
                     self.dlq.deliver(self.settings.dlq_topic, messages_out, 30, "dead letter(s)")
                 except ServiceUnavailableError:
-                    if not self.stopping.is_set():  # a stop must not wait on a broker that may be down
-                        self.recreate_dlq()
+                    self.recreate_dlq()
                     raise
                 self.metrics.dlq_total.inc(len(dead))
             self.processor.count_unapplied(result)

@@ -7,6 +7,7 @@ first; it is idempotent and safe to race with another process doing the same.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,23 +72,59 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     return _await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout)
 
 
-def recreate_if_deleted(settings: Settings, name: str, partitions: int, *, timeout: float = 5.0) -> bool:
+# How often a wait for the topic check looks at the stop signal.
+STOP_CHECK_S = 0.05
+
+
+def recreate_if_deleted(
+    settings: Settings, name: str, partitions: int, stopping: threading.Event, *, timeout: float = 5.0
+) -> bool:
     """Creates topic `name` again, with `partitions` partitions, if the broker no longer knows
-    it; returns whether this call created it (logged at WARNING). For a topic the process only
-    writes to (a dead-letter topic), which an operator may delete while it runs: brokers here
-    never create a topic by themselves, so every delivery to it would fail until a restart.
-    Kafka down or refusing is logged at INFO and returns False: the caller's retry goes on."""
+    it; returns whether this call created it. For a topic the process only writes to (a
+    dead-letter topic), which an operator may delete while it runs: brokers here never create a
+    topic by themselves, so every delivery to it would fail until a restart.
+
+    Kafka down, a metadata error other than "unknown topic" or a refused creation return False
+    (logged; the caller's retry goes on). The check runs on a thread of its own and is given up
+    as soon as `stopping` is set (returns False; the thread ends within its `timeout`): it runs
+    after a failed delivery, which is often Kafka being down, and a stop signal must not wait
+    on a dead broker.
+    """
+    if stopping.is_set():
+        return False
+    outcome: list[bool] = []
+    done = threading.Event()
+
+    def check() -> None:
+        try:
+            outcome.append(_create_if_unknown(settings, name, partitions, timeout))
+        finally:
+            done.set()
+
+    threading.Thread(target=check, name="topic-check", daemon=True).start()
+    while not done.wait(STOP_CHECK_S):
+        if stopping.is_set():
+            return False
+    return bool(outcome and outcome[0])
+
+
+def _create_if_unknown(settings: Settings, name: str, partitions: int, timeout: float) -> bool:
+    """`recreate_if_deleted`'s work, without the stop signal."""
     admin = _admin(settings)
     try:
         topic = admin.list_topics(topic=name, timeout=timeout).topics.get(name)
-        if topic is not None and (topic.error is None or topic.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART):
-            return False
-        futures = admin.create_topics(
-            [NewTopic(name, num_partitions=partitions)], operation_timeout=timeout, request_timeout=timeout
-        )
+    except KafkaException as exc:
+        log.info("could not check whether topic %r still exists: %s", name, exc.args[0])
+        return False
+    if topic is not None and (topic.error is None or topic.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART):
+        return False  # there, or unknown for another reason (a leader election, say): not ours to create
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions)], operation_timeout=timeout, request_timeout=timeout
+    )
+    try:
         created = bool(_await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout))
-    except (KafkaException, ServiceUnavailableError) as exc:
-        log.info("could not check whether topic %r still exists: %s", name, exc)
+    except ServiceUnavailableError as exc:
+        log.warning("topic %r is gone and could not be created again: %s", name, exc)
         return False
     if created:
         log.warning("topic %r was gone (deleted while this process ran?): created it again", name)

@@ -102,8 +102,8 @@ def choose(
     Each method is scored by its out-of-fold log loss (folds by `groups`, e.g. user ids, so
     one user's rows never sit on both sides; or, given `blocks`, one fold per distinct block,
     e.g. a backtest fold's index); a method is used only if it beats the raw probabilities'
-    log loss, else `none` (log loss, not Brier: an isotonic step of 0 on a few dozen positives
-    costs little Brier but is a certainty the model cannot have). The returned dict carries
+    log loss, else `none` (log loss, not Brier: an overconfident end step, a probability near
+    0 for rows that do churn, costs little Brier but much log loss). The returned dict carries
     `method`, its parameters and `selection` (the out-of-fold Brier and log loss of every
     candidate).
     """

@@ -1,18 +1,24 @@
-"""The keyless-events warning: accepting keyless events is safe on a topic of one partition only,
-and a scorer or archiver that is given a partition above 0 says so at each assignment."""
+"""Topic admin without a broker: the keyless-events warning (accepting keyless events is safe on
+a topic of one partition only, and a scorer or archiver given a partition above 0 says so at each
+assignment), and a deleted dead-letter topic created again (`recreate_if_deleted`)."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import NewTopic
 
 from core.settings import Settings
 from monitoring.metrics import Metrics
-from stream import archiver
+from stream import archiver, topics
 from stream.consumer import ScoringConsumer
 from stream.topics import keyless_events_warning
 
@@ -88,3 +94,86 @@ def test_the_scorer_warns_when_given_a_partition_above_0_with_keyless_events_acc
         assert "at least 6 partitions" in caplog.records[0].getMessage()
     finally:
         scorer.consumer.close()
+
+
+# --- a deleted dead-letter topic is created again ---------------------------------------------
+
+
+class FakeAdmin:
+    """An AdminClient whose metadata and creations are scripted: `known` maps a topic name to
+    its metadata error code (None: the topic is there); `create_error` fails the creation."""
+
+    def __init__(self, known: dict[str, int | None], create_error: int | None = None, slow_s: float = 0.0) -> None:
+        self.known = known
+        self.create_error = create_error
+        self.slow_s = slow_s
+        self.created: list[tuple[str, int]] = []
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        time.sleep(self.slow_s)
+        topics = {
+            name: SimpleNamespace(error=None if code is None else KafkaError(code)) for name, code in self.known.items()
+        }
+        return SimpleNamespace(topics=topics)
+
+    def create_topics(self, new: list[NewTopic], **_: Any) -> dict[str, Future[None]]:
+        futures: dict[str, Future[None]] = {}
+        for topic in new:
+            future: Future[None] = Future()
+            if self.create_error is None:
+                self.created.append((topic.topic, topic.num_partitions))
+                future.set_result(None)
+            else:
+                future.set_exception(KafkaException(KafkaError(self.create_error)))
+            futures[topic.topic] = future
+        return futures
+
+
+class KafkaDown:
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+
+@pytest.mark.parametrize(
+    ("admin", "created", "logged"),
+    [
+        (FakeAdmin({"events.dlq": None}), [], None),  # there: nothing to do
+        (FakeAdmin({}), [("events.dlq", 4)], "created it again"),  # absent from the metadata
+        (FakeAdmin({"events.dlq": KafkaError.UNKNOWN_TOPIC_OR_PART}), [("events.dlq", 4)], "created it again"),
+        (FakeAdmin({"events.dlq": KafkaError.LEADER_NOT_AVAILABLE}), [], None),  # there, electing: not ours
+        (FakeAdmin({}, create_error=KafkaError.TOPIC_ALREADY_EXISTS), [], None),  # another process did it
+        (FakeAdmin({}, create_error=KafkaError.POLICY_VIOLATION), [], "could not be created again"),
+        (KafkaDown(), [], "could not check"),
+    ],
+)
+def test_a_deleted_topic_is_created_again_and_nothing_else_is(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    admin: Any,
+    created: list[Any],
+    logged: str | None,
+) -> None:
+    monkeypatch.setattr(topics, "_admin", lambda *_args, **_kw: admin)
+    with caplog.at_level(logging.INFO, logger=topics.__name__):
+        result = topics.recreate_if_deleted(Settings(), "events.dlq", 4, threading.Event())
+    assert result == bool(created)
+    assert getattr(admin, "created", []) == created
+    if logged is None:
+        assert not caplog.records
+    else:
+        assert logged in caplog.text
+    if created or logged == "could not be created again":
+        assert {r.levelno for r in caplog.records} == {logging.WARNING}  # an operator must see these
+
+
+def test_a_stop_signal_does_not_wait_for_the_topic_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check follows a failed delivery, often a dead Kafka whose metadata request waits out
+    its whole timeout: a stop must end the wait at once (invariant 13)."""
+    admin = FakeAdmin({}, slow_s=5.0)
+    monkeypatch.setattr(topics, "_admin", lambda *_args, **_kw: admin)
+    stopping = threading.Event()
+    threading.Timer(0.2, stopping.set).start()
+    started = time.monotonic()
+    assert topics.recreate_if_deleted(Settings(), "events.dlq", 4, stopping) is False
+    assert time.monotonic() - started < 1.0
+    assert topics.recreate_if_deleted(Settings(), "events.dlq", 4, stopping) is False  # set: not even asked

@@ -92,3 +92,9 @@ def test_isotonic_never_serves_a_certainty() -> None:
     # would rank them above that block; they get half its rate.
     few = calibration.fit_isotonic(np.r_[[0, 0, 0, 1], np.zeros(99)] > 0, np.linspace(0.0, 1.0, 103))
     assert few["y"] == pytest.approx([0.005, 0.01])
+    # Mirrored at the top: one certain churner above a block of 99 churners in 100 stays above it.
+    many = calibration.fit_isotonic(np.r_[np.ones(99), [0, 1]] > 0, np.linspace(0.0, 1.0, 101))
+    assert many["y"] == pytest.approx([0.99, 0.995])
+    # One block: all non-churners, or all churners.
+    assert calibration.fit_isotonic(np.zeros(9, dtype=bool), np.linspace(0, 1, 9))["y"] == pytest.approx([0.05])
+    assert calibration.fit_isotonic(np.ones(9, dtype=bool), np.linspace(0, 1, 9))["y"] == pytest.approx([0.95])
