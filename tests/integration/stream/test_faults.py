@@ -234,6 +234,7 @@ def _messages_in(settings: Settings, topic: str) -> int:
         consumer.close()
 
 
+@pytest.mark.soak  # the broker down for tens of seconds: ~50-70 s
 @pytest.mark.slow
 def test_kafka_broker_restart_loses_and_duplicates_nothing(
     settings: Settings, topic: str, deploy: Callable[..., Deployment]
@@ -290,6 +291,7 @@ def test_kafka_broker_restart_loses_and_duplicates_nothing(
 STOP_BOUND_S = 10.0  # before the fix, a stop during a commit waited for as long as the broker was down
 
 
+@pytest.mark.soak  # the broker down for tens of seconds: ~50-70 s
 @pytest.mark.slow
 def test_a_stop_signal_while_kafka_is_down_ends_the_scorer_at_once_and_loses_nothing(
     settings: Settings, topic: str, deploy: Callable[..., Deployment]
