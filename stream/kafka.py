@@ -57,7 +57,6 @@ def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition] | No
         KafkaException: the commit failed, or the broker refused a partition's offset (e.g. a
             rebalance moved the partition, or the connection broke with the request in flight).
     """
-    done = threading.Event()
     refused: list[KafkaException] = []
 
     def commit() -> None:
@@ -72,16 +71,32 @@ def commit_unless_stopped(consumer: Consumer, offsets: list[TopicPartition] | No
                 refused.append(KafkaException(failed[0]))
         except KafkaException as exc:
             refused.append(exc)
+
+    if not run_unless_stopped(commit, stopping, "kafka-commit"):
+        return False
+    if refused:
+        raise refused[0]
+    return True
+
+
+def run_unless_stopped(work: Callable[[], None], stopping: threading.Event, name: str) -> bool:
+    """Runs `work` on a thread of its own (named `name`) and returns True once it has ended, or
+    False as soon as `stopping` is set while it runs (it is then abandoned: a daemon thread, so
+    it never holds the process's exit). For a call to a broker that may not answer and has no
+    timeout of its own, or one longer than a stop may wait; `work` hands its result back
+    through what it closes over."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
         finally:
             done.set()
 
-    # A daemon: an abandoned commit must not hold the process's exit.
-    threading.Thread(target=commit, name="kafka-commit", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     while not done.wait(ACK_WAIT_SLICE_S):
         if stopping.is_set():
             return False
-    if refused:
-        raise refused[0]
     return True
 
 

@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
+from stream.kafka import run_unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ def ensure_topics(settings: Settings, *, timeout: float = 10.0) -> list[str]:
     return _await(settings, futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, timeout)
 
 
-# How often a wait for the topic check looks at the stop signal.
-STOP_CHECK_S = 0.05
-
-
 def recreate_if_deleted(
     settings: Settings, name: str, partitions: int, stopping: threading.Event, *, timeout: float = 5.0
 ) -> bool:
@@ -93,19 +90,10 @@ def recreate_if_deleted(
     if stopping.is_set():
         return False
     outcome: list[bool] = []
-    done = threading.Event()
-
-    def check() -> None:
-        try:
-            outcome.append(_create_if_unknown(settings, name, partitions, timeout))
-        finally:
-            done.set()
-
-    threading.Thread(target=check, name="topic-check", daemon=True).start()
-    while not done.wait(STOP_CHECK_S):
-        if stopping.is_set():
-            return False
-    return bool(outcome and outcome[0])
+    finished = run_unless_stopped(
+        lambda: outcome.append(_create_if_unknown(settings, name, partitions, timeout)), stopping, "topic-check"
+    )
+    return finished and bool(outcome) and outcome[0]
 
 
 def _create_if_unknown(settings: Settings, name: str, partitions: int, timeout: float) -> bool:
