@@ -581,7 +581,7 @@ def _quix_peer(
     the project's, so it must not share the project's lock); returns its JSON figures.
 
     Raises:
-        RuntimeError: the peer failed.
+        RuntimeError: the peer failed, or stopped before its last message was checkpointed.
     """
     done = subprocess.run(
         [
@@ -600,6 +600,9 @@ def _quix_peer(
         msg = f"the Quix Streams peer failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}"
         raise RuntimeError(msg)
     figures: dict[str, Any] = orjson.loads(done.stdout.splitlines()[-1])
+    if not figures["complete"]:
+        msg = f"the Quix Streams peer stopped short (idle {idle_s:.0f} s, or no checkpoint after the last): {figures}"
+        raise RuntimeError(msg)
     return figures
 
 
@@ -866,6 +869,7 @@ def _report(**parts: Any) -> dict[str, Any]:
         },
         "ratios": ratios,
         "cpu_per_event_ratios": cpu_ratios,
+        "throughput_budgets": _throughput_budgets(one, parts["peer"], parts["bound"]),
         "goals": {
             "freshness_p99_seconds_at_50pct": GOAL_FRESHNESS_P99_SECONDS,
             "times_naive": GOAL_TIMES_NAIVE,
@@ -881,6 +885,39 @@ def _report(**parts: Any) -> dict[str, Any]:
         },
         "redis_keys_deleted": parts["deleted"],
         "scorer_logs": str(parts["logs"]),
+    }
+
+
+def _throughput_budgets(catch_up: dict[str, Any], peer: dict[str, Any], bound: dict[str, Any]) -> dict[str, Any]:
+    """Returns, for the two throughput goals, the serial µs per logged-in event one scorer
+    process may spend to meet them (1e6 / the goal's events/s), beside what the catch-up spent
+    on its serial path (loop thread + Redis, which the loop waits for): in all, in the engine
+    (the stage of pure-Python arithmetic), and a floor: the loop thread without the engine,
+    without `changes` (a catch-up announces every new user's first tier) and with Redis hidden
+    behind it. Each goal's `ratio_at_floor` is what a scorer at that floor would reach."""
+    cpu = catch_up["cpu_us_per_event"]
+    stages = cpu["loop_thread_by_stage"]
+    serial = cpu["scorer_loop_thread"] + cpu["redis_server"]
+    engine = stages.get("engine", 0.0)
+    floor = cpu["scorer_loop_thread"] - engine - stages.get("changes", 0.0)
+    floor_rate = 1e6 / floor if floor > 0 else math.inf
+    goals = {
+        "times_quix_peer": (GOAL_TIMES_PEER, peer["events_per_second"]),
+        "share_of_consume_decode_bound": (GOAL_SHARE_OF_BOUND, bound["events_per_second"]),
+    }
+    return {
+        "catch_up_serial_us_per_event": round(serial, 2),
+        "catch_up_engine_us_per_event": round(engine, 2),
+        "floor_us_per_event": round(floor, 2),
+        "floor_is": "the catch-up's loop thread without its engine and changes stages, Redis not waited for",
+        **{
+            name: {
+                "goal_events_per_second": round(goal * rate),
+                "serial_us_per_event": round(1e6 / (goal * rate), 2) if rate else None,
+                "ratio_at_floor": round(floor_rate / rate, 3) if rate and math.isfinite(floor_rate) else None,
+            }
+            for name, (goal, rate) in goals.items()
+        },
     }
 
 

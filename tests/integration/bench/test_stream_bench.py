@@ -73,7 +73,19 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
     # The other consumers ran to completion on the same topic; guests are not throughput.
     assert figures["bound_consume_decode"]["complete"]
     assert figures["bound_consume_decode"]["logged_in_events"] == TINY.events - figures["guests"]
-    assert figures["quix_streams_peer"]["complete"]
+    # The peer's clock stops once its state for the last message is committed (as the scorer's
+    # stops once its state is written): at the stop's checkpoint, after its last message.
+    peer = figures["quix_streams_peer"]
+    assert peer["complete"]
+    assert peer["checkpoints"] >= 1
+    assert peer["seconds"] >= peer["to_last_message"]["seconds"] > 0
+    # Each throughput goal's budget is the serial time per event its rate leaves one process.
+    budgets = figures["throughput_budgets"]
+    assert budgets["times_quix_peer"]["serial_us_per_event"] == pytest.approx(
+        1e6 / (3 * peer["events_per_second"]), rel=0.01
+    )
+    assert 0 < budgets["floor_us_per_event"] < budgets["catch_up_serial_us_per_event"]
+    assert budgets["times_quix_peer"]["ratio_at_floor"] > figures["ratios"]["times_quix_peer"]
     assert figures["naive"]["complete"]
     assert figures["naive"]["events"] == TINY.naive_events
 
