@@ -43,6 +43,7 @@ import numpy as np
 import orjson
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Counter
+from redis.cluster import ClusterNode, RedisCluster
 
 from bench.bound import consume_and_decode
 from bench.harness import (
@@ -155,8 +156,10 @@ def _deployment(
         "scorer_metrics_port": free_port(),
         "state_dir": scratch,
     }
-    # Everything else (ports, addresses, batch sizes) comes from the caller's settings.
-    for key in ("kafka_port", "kafka_bootstrap", "redis_port", "redis_url", "topic_partitions", "max_batch_events"):
+    # Everything else (ports, addresses, one Redis or a cluster, batch sizes) comes from the
+    # caller's settings, which may not be in this process's environment (a test's).
+    copied = ("kafka_port", "kafka_bootstrap", "redis_port", "redis_url", "redis_cluster", "topic_partitions")
+    for key in (*copied, "max_batch_events"):
         values[key] = getattr(base, key)
     settings, env = scratch_settings(base, **(values | extra))
     return Deployment(settings, env, logs)
@@ -178,7 +181,8 @@ class Reading:
     samples: list[Samples]  # one per scorer process
     process_cpu: float  # the scorers' processes, every thread
     loop_cpu: float  # the scorers' main (loop) threads
-    redis_cpu: float
+    redis_cpu: float  # Redis, or a cluster's masters
+    redis_replica_cpu: float  # a cluster's replicas
     machine_busy: float
     loop_queued: float  # seconds the scorers' loop threads waited for a CPU (shared machine)
     redis_queued: float  # the same for Redis' main thread
@@ -192,6 +196,7 @@ def _read(scorers: list[ScorerProcess], redis: RedisProbe) -> Reading:
         sum(cpu_seconds(pid) for pid in pids),
         sum(thread_cpu_seconds(pid, pid) for pid in pids),
         redis.cpu(),
+        redis.replica_cpu(),
         machine_busy_seconds(),
         sum(runqueue_wait_seconds(pid, pid) for pid in pids),
         redis.queued(),
@@ -242,21 +247,46 @@ def _flushed_reading(scorers: list[ScorerProcess], redis: RedisProbe, timeout_s:
 
 
 class RedisProbe:
-    """Redis' own CPU (`INFO cpu`) and, when it runs on this machine, its main thread's wait for
-    a CPU (/proc schedstat of the `process_id` INFO reports)."""
+    """Redis' own CPU (`INFO cpu`) and, when it runs on this machine, its main threads' wait for
+    a CPU (/proc schedstat of the `process_id` INFO reports): of the one server, or summed over
+    a Redis Cluster's masters (the scorer's loop waits for them), with its replicas' CPU apart
+    (they apply the masters' writes, beside the loop)."""
 
     def __init__(self, settings: Settings) -> None:
         self.client = redis_client(settings)
-        self.pid = int(self.client.info("server")["process_id"])
+        cluster = self.client if isinstance(self.client, RedisCluster) else None
+        # None: the one server (a plain client's INFO).
+        self.masters: list[ClusterNode | None] = list(cluster.get_primaries()) if cluster else [None]
+        self.replicas: list[ClusterNode] = list(cluster.get_replicas()) if cluster else []
+        self.pids = [int(self._info(node, "server")["process_id"]) for node in self.masters]
+
+    def _info(self, node: ClusterNode | None, section: str) -> dict[str, Any]:
+        if node is None:
+            return dict(self.client.info(section))
+        return dict(self.client.info(section, target_nodes=node))
+
+    def _cpu_of(self, nodes: list[ClusterNode | None]) -> float:
+        total = 0.0
+        for node in nodes:
+            info = self._info(node, "cpu")
+            total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        return total
 
     def cpu(self) -> float:
-        """Returns Redis' CPU seconds (user + system) since it started."""
-        info = self.client.info("cpu")
-        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        """Returns the CPU seconds (user + system) of Redis (a cluster's masters) since it started."""
+        return self._cpu_of(self.masters)
+
+    def replica_cpu(self) -> float:
+        """Returns the CPU seconds of a cluster's replicas since they started (0.0 for one server)."""
+        return self._cpu_of(list(self.replicas))
+
+    def used_memory(self) -> int:
+        """Returns the bytes Redis (a cluster's masters together) holds (`used_memory`)."""
+        return sum(int(self._info(node, "memory")["used_memory"]) for node in self.masters)
 
     def queued(self) -> float:
-        """Returns the seconds Redis' main thread waited for a CPU (0.0 if not on this machine)."""
-        return runqueue_wait_seconds(self.pid, self.pid)
+        """Returns the seconds Redis' main threads waited for a CPU (0.0 if not on this machine)."""
+        return sum(runqueue_wait_seconds(pid, pid) for pid in self.pids)
 
 
 def _between(first: Reading, last: Reading) -> dict[str, Any]:
@@ -293,6 +323,7 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
             "scorer_loop_thread": round(loop_us, 2),
             "scorer_other_threads": round(process_us - loop_us, 2),
             "redis_server": round(redis_us, 2),
+            "redis_replicas": round((last.redis_replica_cpu - first.redis_replica_cpu) * per_event, 2),
             "loop_thread_by_stage": {stage: round(us, 2) for stage, us in stages.items()},
             "stages_cover_share_of_loop_thread": round(sum(stages.values()) / loop_us, 3) if loop_us else None,
         },
@@ -506,9 +537,12 @@ def _probe_batch(deployment: Deployment, rate: float, sizes: Sizes, users: int, 
 # --- what a stored user and a Kafka event cost -----------------------------------------------
 
 
-def _memory_per_user(settings: Settings, deployment: Deployment, used_before: int, sample: int = 500) -> dict[str, Any]:
-    """Returns Redis bytes per user of one drained deployment: `INFO used_memory` growth over
-    the users it stored, and `MEMORY USAGE` of a sample of each kind of key."""
+def _memory_per_user(
+    settings: Settings, deployment: Deployment, redis: RedisProbe, used_before: int, sample: int = 500
+) -> dict[str, Any]:
+    """Returns Redis bytes per user of one drained deployment: `INFO used_memory` growth (a
+    cluster's masters together) over the users it stored, and `MEMORY USAGE` of a sample of each
+    kind of key."""
     client = redis_client(settings)
     prefix = deployment.settings.redis_prefix
     project = deployment.settings.feast_project.encode()
@@ -516,7 +550,7 @@ def _memory_per_user(settings: Settings, deployment: Deployment, used_before: in
     risks = [k for _, k in zip(range(sample), client.scan_iter(f"{prefix}risk:*", count=1000), strict=False)]
     feast = [k for _, k in zip(range(sample), client.scan_iter(b"*" + project, count=1000), strict=False)]
     users = sum(1 for _ in client.scan_iter(f"{prefix}state:*", count=5000))
-    used_after = int(client.info("memory")["used_memory"])
+    used_after = redis.used_memory()
 
     def mean_usage(keys: list[Any]) -> int | None:
         if not keys:
@@ -606,6 +640,19 @@ def _quix_peer(
     return figures
 
 
+def _services(settings: Settings, redis: RedisProbe) -> dict[str, Any]:
+    """Returns what the run ran on: Kafka brokers, and one Redis server or a cluster's masters
+    and replicas (whose CPU the figures sum: `redis_server` is the masters', `redis_replicas`
+    the replicas')."""
+    brokers = AdminClient(kafka_config(settings)).list_topics(timeout=10).brokers
+    return {
+        "kafka_brokers": len(brokers),
+        "redis": "cluster" if settings.redis_cluster else "one server",
+        "redis_masters": len(redis.masters),
+        "redis_replicas": len(redis.replicas),
+    }
+
+
 def _quix_topics(settings: Settings, group: str) -> list[str]:
     """Returns the topics Quix Streams created for `group` (its changelogs)."""
     admin = AdminClient(kafka_config(settings))
@@ -633,6 +680,7 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
     topics = [name for t in (topic, probe_topic, live_topic) for name in (t, f"{t}.dlq")]
     machine_before = machine()
     redis_cpu = RedisProbe(settings)
+    services = _services(settings, redis_cpu)
     with tempfile.TemporaryDirectory(prefix=f"bs-{run}-", dir=settings.state_dir.resolve()) as folder:
         scratch = Path(folder)
         mlflow_uri = f"sqlite:///{scratch / 'mlflow.db'}"
@@ -671,11 +719,11 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
             for n in sizes.processes:
                 say(f"catch-up: {n} scorer process(es) drain a backlog of the same events")
                 deployment = deploy(f"bench-drain{n}-{run}", f"p{n}")
-                used_before = int(redis_client(settings).info("memory")["used_memory"])
+                used_before = redis_cpu.used_memory()
                 catch_up.append(_drain(deployment, n, lines, sizes.timeout_s, redis_cpu))
                 say(orjson.dumps(catch_up[-1]).decode())
                 if n == 1:
-                    memory = _memory_per_user(settings, deployment, used_before)
+                    memory = _memory_per_user(settings, deployment, redis_cpu, used_before)
             one = catch_up[0]
 
             say("bound: consume + JSON decode only")
@@ -740,6 +788,7 @@ def bench_stream(settings: Settings, sizes: Sizes | None = None, say: Callable[[
         cost=cost,
         settings=settings,
         machine_before=machine_before,
+        services=services,
         deleted=deleted,
         logs=logs,
     )
@@ -819,6 +868,7 @@ def _report(**parts: Any) -> dict[str, Any]:
         "events": sizes.events,
         "users": sizes.users,
         "guests": parts["guests"],
+        "services": parts["services"],
         "partitions": parts["settings"].topic_partitions,
         "max_batch_events": parts["settings"].max_batch_events,
         "produced": parts["produced"],

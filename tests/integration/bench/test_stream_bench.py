@@ -9,6 +9,7 @@ import pytest
 
 from bench.stream import Sizes, bench_stream
 from core.settings import Settings
+from infra import cluster as infra_cluster
 from monitoring.metrics import SCORER_STAGES
 
 TINY = Sizes(
@@ -93,3 +94,24 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
     assert all(v and v > 0 for v in figures["redis_memory_per_user"]["memory_usage_per_key_bytes"].values())
     assert figures["instrumentation"]["share_of_loop_cpu_at_live_batch"] < 0.01
     assert set(figures["ratios"]) == set(figures["goals"]) == set(figures["meets"])
+
+
+@pytest.mark.cluster  # the local clusters (`make test-cluster`), minutes
+@pytest.mark.timeout(900)
+def test_the_stream_benchmark_runs_on_the_clusters_and_counts_every_redis_master(settings: Settings) -> None:
+    infra_cluster.up(settings)
+    on_clusters = infra_cluster.client_settings(settings)
+    figures = bench_stream(on_clusters, TINY, say=lambda _: None)
+
+    assert figures["services"] == {"kafka_brokers": 3, "redis": "cluster", "redis_masters": 3, "redis_replicas": 3}
+    # Scale-out against the clusters: every process count drained the whole backlog.
+    assert [d["processes"] for d in figures["scale_out"]] == [1, 2]
+    assert all(d["events_per_second"] > 0 and d["efficiency_per_core"] for d in figures["scale_out"])
+    # Redis CPU is every master's (the loop waits for each), the replicas' apart; memory too.
+    cpu = figures["catch_up"][0]["cpu_us_per_event"]
+    assert cpu["redis_server"] > 0
+    assert cpu["redis_replicas"] > 0
+    memory = figures["redis_memory_per_user"]
+    assert 0 < memory["users_stored"] <= TINY.users
+    # Every user's keys are on the masters together: growth per user at least its keys' sizes.
+    assert memory["used_memory_growth_per_user_bytes"] >= memory["sum_of_keys_bytes"]
