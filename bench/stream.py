@@ -919,7 +919,7 @@ def _report(**parts: Any) -> dict[str, Any]:
         },
         "ratios": ratios,
         "cpu_per_event_ratios": cpu_ratios,
-        "throughput_budgets": _throughput_budgets(one, parts["peer"], parts["bound"]),
+        "throughput_budgets": _throughput_budgets(one, serial_us, parts["peer"], parts["bound"]),
         "goals": {
             "freshness_p99_seconds_at_50pct": GOAL_FRESHNESS_P99_SECONDS,
             "times_naive": GOAL_TIMES_NAIVE,
@@ -938,16 +938,17 @@ def _report(**parts: Any) -> dict[str, Any]:
     }
 
 
-def _throughput_budgets(catch_up: dict[str, Any], peer: dict[str, Any], bound: dict[str, Any]) -> dict[str, Any]:
+def _throughput_budgets(
+    catch_up: dict[str, Any], serial_us: float, peer: dict[str, Any], bound: dict[str, Any]
+) -> dict[str, Any]:
     """Returns, for the two throughput goals, the serial µs per logged-in event one scorer
     process may spend to meet them (1e6 / the goal's events/s), beside what the catch-up spent
-    on its serial path (loop thread + Redis, which the loop waits for): in all, in the engine
+    on its serial path (`serial_us`: loop thread + Redis, which the loop waits for): in all, in the engine
     (the stage of pure-Python arithmetic), and a floor: the loop thread without the engine,
     without `changes` (a catch-up announces every new user's first tier) and with Redis hidden
     behind it. Each goal's `ratio_at_floor` is what a scorer at that floor would reach."""
     cpu = catch_up["cpu_us_per_event"]
     stages = cpu["loop_thread_by_stage"]
-    serial = cpu["scorer_loop_thread"] + cpu["redis_server"]
     engine = stages.get("engine", 0.0)
     floor = cpu["scorer_loop_thread"] - engine - stages.get("changes", 0.0)
     floor_rate = 1e6 / floor if floor > 0 else math.inf
@@ -956,7 +957,7 @@ def _throughput_budgets(catch_up: dict[str, Any], peer: dict[str, Any], bound: d
         "share_of_consume_decode_bound": (GOAL_SHARE_OF_BOUND, bound["events_per_second"]),
     }
     return {
-        "catch_up_serial_us_per_event": round(serial, 2),
+        "catch_up_serial_us_per_event": round(serial_us, 2),
         "catch_up_engine_us_per_event": round(engine, 2),
         "floor_us_per_event": round(floor, 2),
         "floor_is": "the catch-up's loop thread without its engine and changes stages, Redis not waited for",
