@@ -383,14 +383,15 @@ def measure_mode(
 
 
 def open_api_env(scratch: Settings, port: int) -> dict[str, str]:
-    """Returns the environment of a `churn serve` on `scratch`'s state, Feast repo and Redis
-    prefix, listening on 127.0.0.1:`port` without API keys (a benchmark's own server)."""
+    """Returns the environment of a `churn serve` on `scratch`'s state, Feast repo, Redis (one
+    server or a cluster) and Redis prefix, listening on 127.0.0.1:`port` without API keys (a benchmark's own server)."""
     return {
         **os.environ,
         "CHURN_STATE_DIR": str(scratch.state_dir),
         "CHURN_FEAST_PROJECT": scratch.feast_project,
         "CHURN_FEAST_REPO": str(scratch.feast_repo_dir),
         "CHURN_REDIS_URL": scratch.redis_address,
+        "CHURN_REDIS_CLUSTER": "true" if scratch.redis_cluster else "false",  # as the caller's settings say
         "CHURN_REDIS_PREFIX": scratch.redis_prefix,
         "CHURN_API_HOST": "127.0.0.1",
         "CHURN_API_PORT": str(port),

@@ -19,11 +19,13 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    MovedError,
     NoPermissionError,
     ReadOnlyError,
     RedisClusterException,
@@ -175,10 +177,20 @@ def mget(client: Client, keys: Sequence[str | bytes]) -> list[Any]:
 
 
 # Errors that pass by themselves: Redis is starting (LOADING), busy with a script (BUSY), a
-# cluster is moving slots or electing (TRYAGAIN, MASTERDOWN). Retried quietly with backoff.
-TRANSIENT: tuple[type[Exception], ...] = (*UNREACHABLE, BusyLoadingError, TryAgainError, MasterDownError)
+# cluster is moving slots or electing (TRYAGAIN, MASTERDOWN), or a slot is served elsewhere now
+# (MOVED, ASK: a write sent by the project's own per-master writer, `features.redis_store`, after
+# a failover or a resharding; it asks for the slot map again before raising). Retried quietly
+# with backoff.
+TRANSIENT: tuple[type[Exception], ...] = (
+    *UNREACHABLE,
+    BusyLoadingError,
+    TryAgainError,
+    MasterDownError,
+    MovedError,
+    AskError,
+)
 # Reply prefixes of transient refusals redis-py has no class for.
-_TRANSIENT_CODES = frozenset({"BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"})
+_TRANSIENT_CODES = frozenset({"BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "MOVED", "ASK"})
 
 
 def classify(exc: Exception) -> str | None:

@@ -2,13 +2,13 @@
 
 Writes skip push's DataFrame -> Arrow -> proto conversion. The configured online store is
 `features.redis_store.ChurnRedisOnlineStore`, Feast's Redis store with a leaner write that stores
-the same keys and bytes: on one Redis server its `HashWriter` takes the rows as plain numbers and
-sends the HSETs it builds; otherwise (a cluster, Feast's dedup turned on) the rows go to the
-provider's `online_write_batch` (the call `FeatureStore.push` ends in) with their values already
-serialized. Rows are read back as the stored bytes (`read_values`, the HMGET Feast's
-`online_read` sends), decoded here. Another configured store gets ValueProtos and is read with
-`get_online_features`, the documented API. Anything Feast reads (its feature server, `feast`
-CLI, `materialize`) sees the same rows.
+the same keys and bytes: on one Redis server or a Redis Cluster its `HashWriter` takes the rows as
+plain numbers and sends the HSETs it builds (on a cluster, to each key's master); otherwise
+(Feast's dedup turned on) the rows go to the provider's `online_write_batch` (the call
+`FeatureStore.push` ends in) with their values already serialized. Rows are read back as the
+stored bytes (`read_values`, the HMGET Feast's `online_read` sends), decoded here. Another
+configured store gets ValueProtos and is read with `get_online_features`, the documented API.
+Anything Feast reads (its feature server, `feast` CLI, `materialize`) sees the same rows.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class FeastFeatureStore:
             writer = self._online_store.hash_writer(
                 self._config, self._view, JOIN_KEY, self._int_names, self._float_names, LAST_EVENT_MS
             )
-        if writer is not None:  # our store, one Redis server: rows go as numbers, encoded once
+        if writer is not None:  # our store (one server or a cluster): rows go as numbers, encoded once
             ints, floats = self._int_getter, self._float_getter
             with translate_redis_errors(f"writing {len(latest)} feature rows", self._address):
                 writer.write((row.user_id, row.last_event_ms, ints(row.values), floats(row.values)) for row in latest)

@@ -13,7 +13,12 @@ feature named `mmh3("<view>:<feature>")` holding `ValueProto.SerializeToString()
 `_ts:<view>` holding the serialized event `Timestamp`. What it saves is the parent's per-row
 work: the field names are hashed once per view (not once per feature per row), a single-string
 entity key is serialized without the generic encoder, the timestamp is encoded without a
-`Timestamp` message, and every row goes in one HSET of one pipeline.
+`Timestamp` message, and every row goes in one HSET of one pipeline. On a Redis Cluster the rows
+are grouped by the master of their key's slot and each master gets its own pipeline, all of them
+sent before any reply is read (`core.redis_masters`; after a failure the slot map is asked
+again, as redis-py does for its own commands). Through redis-py's cluster pipeline, an object
+per command, a row cost the scorer's loop 110-151 us of CPU in `churn bench stream` on the local
+clusters; this way 23-29 us.
 
 Besides `ValueProto`s, a row's values may be the already serialized bytes of a `ValueProto`
 (from `encode_int64` / `encode_double` here, byte-identical to `SerializeToString()`), which
@@ -32,6 +37,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, Literal
 
 from feast import FeatureView, RepoConfig
@@ -45,9 +51,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hiredis import pack_command
 from redis import Redis
 from redis.cluster import RedisCluster
+from redis.connection import Connection
 from redis.exceptions import ResponseError
 
 from core.redis import fail_fast
+from core.redis_masters import execute_by_master
 
 # One row as `online_write_batch` takes it; values are ValueProtos or their serialized bytes.
 WriteRow = tuple[EntityKeyProto, Mapping[str, "ValueProto | bytes"], datetime, datetime | None]
@@ -74,8 +82,10 @@ _FRAMED_DOUBLE = struct.Struct("<4sBd2s")
 _NUMBER_KINDS = frozenset(("int64_val", "int32_val", "double_val", "float_val"))
 _LIST_CACHE_SIZE = 64
 _BYTES_ONLY = frozenset((bytes,))
-# Commands packed per socket write: Redis starts on a chunk while the next one is built.
-_CHUNK_COMMANDS = 64
+# Packed items (a command, or a row's HSET + EXPIRE) per socket write: Redis starts on a chunk
+# while the next one is built.
+_CHUNK_ITEMS = 64
+_packed_of = itemgetter(1)
 
 
 def _varint(number: int) -> bytes:
@@ -341,16 +351,16 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         event_ms_name: str,
     ) -> HashWriter | None:
         """Returns a writer of rows with these int and double features in this order, and the
-        event time in ms as the int feature `event_ms_name` (see `HashWriter`); or None where
-        `online_write_batch` must do the write: Feast's dedup is on, the store is a cluster, or
-        entity keys are not serialized with version 3.
+        event time in ms as the int feature `event_ms_name` (see `HashWriter`), on one Redis
+        server or a Redis Cluster; or None where `online_write_batch` must do the write: Feast's
+        dedup is on, entity keys are not serialized with version 3, or Feast built another client.
         """
         online_config = config.online_store
         assert isinstance(online_config, RedisOnlineStoreConfig)
         if not online_config.skip_dedup or config.entity_key_serialization_version != 3:
             return None
         client = self._get_client(online_config)
-        if not isinstance(client, Redis):
+        if not isinstance(client, Redis | RedisCluster):
             return None
         layout = self.layout(config, table)
         ttl = online_config.key_ttl_seconds
@@ -387,7 +397,9 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         client = self._get_client(online_config)
         if isinstance(client, Redis):  # one server (also Sentinel's master): stream the commands
             results = _send_and_check(client, map(pack_command, commands))
-        else:  # RedisCluster: its pipeline routes each key to its node
+        elif isinstance(client, RedisCluster):  # each command to its key's master
+            results = len(execute_by_master(client, ((command[1], pack_command(command)) for command in commands)))
+        else:  # another client Feast builds: its own pipeline
             with client.pipeline(transaction=False) as pipe:
                 for name, *args in commands:
                     pipe.execute_command(name.decode(), *args)  # redis-py routes by a str command name
@@ -437,7 +449,7 @@ class HashWriter:
         names: tuple[Sequence[str], Sequence[str], str],  # int features, double features, event ms
         ttl: int | None,
     ) -> None:
-        self.client: Redis | None = None  # set by `ChurnRedisOnlineStore.hash_writer`
+        self.client: Redis | RedisCluster | None = None  # set by `ChurnRedisOnlineStore.hash_writer`
         self._layout = layout
         self._join_key = join_key
         int_names, float_names, event_ms_name = names
@@ -452,13 +464,22 @@ class HashWriter:
 
         Raises:
             redis.exceptions.ConnectionError, TimeoutError: Redis is unreachable.
-            redis.exceptions.ResponseError: Redis refused a command (the other rows landed).
+            redis.exceptions.ResponseError: Redis refused a command (the other rows landed); on a
+                cluster also MOVED / ASK (a slot moved: the slot map is asked again, retry).
+            redis.exceptions.RedisClusterException: no node of a cluster answered.
             ValueError: an int feature does not fit an int64.
         """
-        assert self.client is not None
-        return _send_and_check(self.client, self._commands(rows))
+        client = self.client
+        assert client is not None
+        replies_each = 2 if self._expire else 1
+        if isinstance(client, RedisCluster):
+            return len(execute_by_master(client, self._commands(rows), replies_each))
+        return _send_and_check(client, map(_packed_of, self._commands(rows)), replies_each)
 
-    def _commands(self, rows: Iterable[tuple[str, int, Sequence[float], Sequence[float]]]) -> Iterator[bytes]:
+    def _commands(
+        self, rows: Iterable[tuple[str, int, Sequence[float], Sequence[float]]]
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Yields per row its Redis key and its packed HSET (+ EXPIRE)."""
         string_key, join_key, fields, head, ts_field = (
             self._layout.string_key,
             self._join_key,
@@ -468,7 +489,8 @@ class HashWriter:
         )
         framed_ints, width, expire = _framed_ints.get, 2 * len(fields), self._expire
         for value, event_ms, ints, doubles in rows:
-            key = frame(string_key(join_key, value))
+            raw_key = string_key(join_key, value)
+            key = frame(raw_key)
             values: list[bytes | None] = list(map(framed_ints, ints))
             if None in values:  # numbers not cached, or not whole
                 values = [frame(encode_int64(int(number))) for number in ints]
@@ -477,14 +499,14 @@ class HashWriter:
             parts: list[Any] = [None] * width
             parts[::2] = fields
             parts[1::2] = values
-            yield b"".join((head, key, ts_field, frame(encode_timestamp_ms(event_ms)), *parts))
-            if expire:
-                yield expire % key
+            hset = b"".join((head, key, ts_field, frame(encode_timestamp_ms(event_ms)), *parts))
+            yield raw_key, (hset + expire % key if expire else hset)
 
 
-def _send_and_check(client: Redis, commands: Iterable[bytes]) -> int:
-    """Sends the packed commands on one pooled connection, in chunks while they are built (Redis
-    works on one chunk while the next is packed), then reads every reply; returns how many.
+def _send_and_check(client: Redis, packed: Iterable[bytes], replies_each: int = 1) -> int:
+    """Sends the packed items (each `replies_each` commands) on one pooled connection, in chunks
+    while they are built (Redis works on one chunk while the next is packed), then reads every
+    reply; returns how many commands were sent.
 
     The same wire traffic as a non-transactional pipeline, without its per-command bookkeeping.
 
@@ -499,21 +521,16 @@ def _send_and_check(client: Redis, commands: Iterable[bytes]) -> int:
     try:
         sent = 0
         chunk: list[bytes] = []
-        for command in commands:
-            chunk.append(command)
-            if len(chunk) == _CHUNK_COMMANDS:
+        for item in packed:
+            chunk.append(item)
+            if len(chunk) == _CHUNK_ITEMS:
                 connection.send_packed_command([b"".join(chunk)], check_health=False)
                 sent += len(chunk)
                 chunk.clear()
         if chunk:
             connection.send_packed_command([b"".join(chunk)], check_health=False)
             sent += len(chunk)
-        first_error: ResponseError | None = None
-        for _ in range(sent):
-            try:
-                connection.read_response()
-            except ResponseError as exc:
-                first_error = first_error or exc
+        first_error = _read_replies(connection, sent * replies_each)
     except BaseException:
         connection.disconnect()  # replies may be unread: never reuse this connection
         raise
@@ -521,4 +538,19 @@ def _send_and_check(client: Redis, commands: Iterable[bytes]) -> int:
         pool.release(connection)
     if first_error is not None:
         raise first_error
-    return sent
+    return sent * replies_each
+
+
+def _read_replies(connection: Connection, count: int) -> ResponseError | None:
+    """Reads `count` replies; returns the first refusal among them (None if there is none).
+
+    Raises:
+        redis.exceptions.ConnectionError, TimeoutError: the server stopped answering.
+    """
+    first_error: ResponseError | None = None
+    for _ in range(count):
+        try:
+            connection.read_response()
+        except ResponseError as exc:
+            first_error = first_error or exc
+    return first_error

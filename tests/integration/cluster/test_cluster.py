@@ -45,13 +45,6 @@ SOCKET_TIMEOUT_S = TIMEOUTS["batch"][0]  # the scorer's Redis socket timeout
 
 
 @pytest.fixture(scope="module")
-def cluster(settings: Settings) -> Settings:
-    """The clusters' client settings; starts the clusters if they are not up (idempotent)."""
-    infra_cluster.up(settings)
-    return infra_cluster.client_settings(settings)
-
-
-@pytest.fixture(scope="module")
 def tracking_uri(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
     """An MLflow store with a champion, shared by the module's deployments."""
     return register_champion(tmp_path_factory.mktemp("champion"), settings)

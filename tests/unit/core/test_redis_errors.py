@@ -15,6 +15,10 @@ TRANSIENT = [
     rex.BusyLoadingError("Redis is loading the dataset in memory"),
     rex.ResponseError("BUSY Redis is busy running a script."),
     rex.TryAgainError("Multiple keys request during rehashing of slot"),
+    # A slot served elsewhere now (the per-master Feast writer asks for the slot map again):
+    # redis-py strips the code, so these were refusals named "ERR".
+    rex.MovedError("3999 127.0.0.1:16480"),
+    rex.AskError("3999 127.0.0.1:16480"),
     # Cluster client errors are not RedisErrors: these two escaped as unknown exceptions.
     rex.SlotNotCoveredError('Slot "42" is not covered by the cluster.'),
     rex.RedisClusterException("Redis Cluster cannot be connected. Please provide at least one reachable node: x"),
