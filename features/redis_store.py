@@ -283,7 +283,7 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         """Returns, per entity, the stored bytes of each of `features` (None where nothing is
         stored): the HMGET `online_read` sends, on the same keys and fields (less the timestamp),
         without parsing a `ValueProto` per value. One HMGET for one entity, else one pipeline
-        (Feast's own read).
+        (Feast's own read; on a cluster, one per master: `core.redis_masters`).
 
         Raises:
             redis.exceptions.RedisError: Redis is unreachable or refused the command.
@@ -296,6 +296,10 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         if len(keys) == 1 and online_config.client != RedisClient.glide:
             # A one-command pipeline costs more than the command (for Redis Cluster as well).
             return [self._get_client(online_config).hmget(keys[0], fields)]
+        client = self._get_client(online_config)
+        if isinstance(client, RedisCluster):  # each master its HMGETs; a hung one costs one timeout
+            hmgets: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in keys]
+            return execute_by_master(client, [(hmget[1], pack_command(hmget)) for hmget in hmgets])
         # Feast's own pipelined read; redis-py answers bulk strings as bytes.
         replies: list[list[Any]] = self._read_hash_fields(config, [(key, list(fields)) for key in keys])
         return replies

@@ -426,6 +426,13 @@ def _timed_get(api: TestClient, path: str) -> tuple[int, Any, float]:
     return answer.status_code, answer.json(), time.monotonic() - started
 
 
+def _timed_post(api: TestClient, path: str, body: Any) -> tuple[int, Any, float]:
+    """Returns (status, JSON body, seconds taken) of a POST."""
+    started = time.monotonic()
+    answer = api.post(path, json=body)
+    return answer.status_code, answer.json(), time.monotonic() - started
+
+
 @pytest.mark.timeout(600)
 def test_the_api_answers_a_hung_masters_users_with_a_prompt_503_until_its_replica_takes_over(
     settings: Settings, cluster: Settings, pair: tuple[Deployment, Deployment]
@@ -451,13 +458,18 @@ def test_the_api_answers_a_hung_masters_users_with_a_prompt_503_until_its_replic
     assert pid is not None
     # Admission fixed above the users asked at once, so that none is shed while others wait on
     # the hung master (what `CHURN_API_MAX_IN_FLIGHT` is for: a dependency that is slow, not the CPU).
-    admitting_all = on_cluster.settings.model_copy(update={"api_max_in_flight": len(users)})
-    with TestClient(create_app(admitting_all)) as api, ThreadPoolExecutor(len(users)) as pool:
+    # One more request: every user at once on the batch route, which reads every master.
+    admitting_all = on_cluster.settings.model_copy(update={"api_max_in_flight": len(users) + 1})
+    body = {"user_ids": users, "explain": False}
+    with TestClient(create_app(admitting_all)) as api, ThreadPoolExecutor(len(users) + 1) as pool:
         before = {u: _without_write_times(api.get(f"/users/{u}/risk").json()) for u in users}
+        batch_before = _without_write_times(api.post("/users/risk", json=body).json())
         try:
             os.kill(pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
+            batch = pool.submit(_timed_post, api, "/users/risk", body)
             during = dict(zip(users, pool.map(lambda u: _timed_get(api, f"/users/{u}/risk"), users), strict=True))
+            batch_status, batch_during, batch_took = batch.result()
             wait_for(
                 lambda: (
                     _redis_port_of(on_cluster.settings, user_key(f"{on_cluster.settings.redis_prefix}risk:", users[0]))
@@ -473,6 +485,7 @@ def test_the_api_answers_a_hung_masters_users_with_a_prompt_503_until_its_replic
             )
             after = {u: _without_write_times(api.get(f"/users/{u}/risk").json()) for u in users}
             answered_again = time.monotonic() - stopped_at
+            batch_after = _without_write_times(api.post("/users/risk", json=body).json())
         finally:
             os.kill(pid, signal.SIGCONT)
     refused = {u: took for u, (status, _, took) in during.items() if status == 503}
@@ -485,6 +498,7 @@ def test_the_api_answers_a_hung_masters_users_with_a_prompt_503_until_its_replic
         "503_details": sorted({str(during[u][1].get("detail"))[:300] for u in refused}),
         "seconds_to_replica_taking_over": round(took_over, 2),
         "seconds_to_every_user_answered": round(answered_again, 2),
+        "batch_route_during_hang": {"status": batch_status, "seconds": round(batch_took, 2)},
     }
     record_figures(settings, "cluster_api_redis_master_sigstop", figures)
 
@@ -499,3 +513,9 @@ def test_the_api_answers_a_hung_masters_users_with_a_prompt_503_until_its_replic
     # request timeout on the map of before the takeover and asked for the new one.
     assert answered_again < took_over + 2 * request_timeout + 3.0, figures
     assert after == before
+    # The batch route reads every master: a 503 within one request timeout (a cluster pipeline
+    # re-sent the hung master's commands after the first timeout and waited out more).
+    assert batch_status == 503, batch_during
+    assert "unavailable" in batch_during["detail"]
+    assert batch_took < request_timeout + 1.5, figures
+    assert batch_after == batch_before
