@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import msgspec
@@ -31,6 +32,7 @@ from core.errors import ConfigError, ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import Settings
 from stream.kafka import IdempotentProducer
+from stream.topics import recreate_if_deleted
 
 log = logging.getLogger(__name__)
 # How long one metadata or watermark request of the tail reader may wait before it is asked again
@@ -161,6 +163,13 @@ class KafkaChangeLog:
         self.timeout_s = timeout_s
         self.interrupt = interrupt or threading.Event()
         self.producer = IdempotentProducer(kafka_config(settings, **{"linger.ms": 5}), interrupt=self.interrupt)
+        # Called when changes were not delivered: the topic may have been deleted while this ran;
+        # brokers here never create one, so every publish would fail until a restart (which
+        # creates it: `ensure_changes_topic`). Created again with the events topic's configured
+        # partitions (a change goes to its event's partition), and the batch's retry publishes.
+        self.recreate_if_deleted: Callable[[], bool] = partial(
+            recreate_if_deleted, settings, topic, settings.topic_partitions, self.interrupt
+        )
         # The reader reads bounded ranges, one partition after another: a fetch the broker holds
         # for the default 500 ms (waiting for data that is not coming) delayed each next range.
         self.reader = Consumer(
@@ -177,7 +186,11 @@ class KafkaChangeLog:
         messages = (
             {"value": ENCODER.encode(c), "key": c.user_id.encode(), "partition": c.source_partition} for c in changes
         )
-        self.producer.deliver(self.topic, messages, self.timeout_s, "change(s)")
+        try:
+            self.producer.deliver(self.topic, messages, self.timeout_s, "change(s)")
+        except ServiceUnavailableError:
+            self.recreate_if_deleted()  # logs a WARNING when it created the topic
+            raise
 
     def published(self, partition: int, since_offset: int) -> list[TierChange]:
         """See `ChangeLog.published`: reads the partition backwards in growing windows until a

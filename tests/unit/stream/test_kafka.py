@@ -130,10 +130,18 @@ def test_only_a_fatal_error_replaces_it() -> None:
 def test_the_change_log_fails_the_batch_on_a_fatal_delivery_and_its_retry_publishes_on_a_new_producer() -> None:
     log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=1)
     log.producer, made = _producer()
+    checks: list[None] = []
+
+    def topic_is_there() -> bool:
+        checks.append(None)
+        return False
+
+    log.recreate_if_deleted = topic_is_there
     made[0].fail_deliveries = FATAL
     with pytest.raises(ServiceUnavailableError, match="did not acknowledge 1 change"):
         log.publish([tier_change("u1")])
     assert len(made) == 2
+    assert len(checks) == 1  # a failed publish asks whether the topic was deleted, once
     log.publish([tier_change("u1")])  # the scorer's retry of the batch
     assert [m["key"] for _, m in made[1].delivered] == [b"u1"]
     log.reader.close()
@@ -144,6 +152,7 @@ def _log_with_empty_tail(monkeypatch: pytest.MonkeyPatch) -> tuple[KafkaChangeLo
     log = KafkaChangeLog(load_settings(kafka_bootstrap="127.0.0.1:1"), "changes", timeout_s=0.1)
     log.reader.close()
     log.producer, made = _producer()
+    monkeypatch.setattr(log, "recreate_if_deleted", lambda: False)  # the topic is there
     monkeypatch.setattr(log, "_ends", lambda _tp: (0, 0))
     monkeypatch.setattr(log, "_read", lambda _partition, _start, _end: [])
     return log, made
