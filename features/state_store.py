@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from hiredis import pack_command
 from redis.cluster import RedisCluster
 
 from core.redis import Client, group_tags, mget, redis_errors, user_key, user_tag
+from core.redis_masters import execute_by_master
 from features.online import STATE_DECODER, UserState
 
 # No applied offset stored for a partition.
@@ -127,7 +129,7 @@ class RedisStateStore:
 
     On a Redis Cluster a script's keys must share a slot, so the applied offsets are kept once
     per slot group (`<prefix>applied:<layout>{<group>}`, beside that group's states), every save
-    runs one script per group (pipelined per node) writing the group's states and the same
+    runs one script per group (each master's on one connection) writing the group's states and the same
     offsets into its hash, and the offsets Redis holds are the lowest over the groups. A master
     that lost its latest writes in a failover (replication is asynchronous) holds older offsets
     in its groups: that is seen as going back in time, as on one server. A group's save is
@@ -186,16 +188,19 @@ class RedisStateStore:
 
     def _save_per_group(self, blobs: Mapping[str, bytes], head: list[Any], every_group: bool) -> list[Any]:
         """Runs the save script once per slot group (every group when offsets are saved: each
-        keeps its copy), pipelined per node; returns the replies. Raises redis errors."""
+        keeps its copy), each master's on one connection (`core.redis_masters`: a hung master
+        costs one socket timeout, not one per group); returns the replies. Raises redis errors."""
         groups: dict[str, list[str]] = {tag: [] for tag in group_tags()} if every_group else {}
         for user in blobs:
             groups.setdefault(user_tag(user), []).append(user)
-        pipe = self.client.pipeline(transaction=False)
+        assert isinstance(self.client, RedisCluster)
+        scripts = []
         for tag, users in groups.items():
             keys = [self.applied_key + tag, *map(self.key, users)]
             # EVAL, not EVALSHA: a replica promoted by a failover may not have the script cached.
-            pipe.execute_command("EVAL", _SAVE, len(keys), *keys, *head, *(blobs[u] for u in users))
-        return list(pipe.execute())
+            command: tuple[Any, ...] = ("EVAL", _SAVE, len(keys), *keys, *head, *(blobs[u] for u in users))
+            scripts.append((keys[0], pack_command(command)))
+        return execute_by_master(self.client, scripts)
 
     def applied(self, partitions: Iterable[str]) -> dict[str, int]:
         """Returns the stored applied offset of each partition (`NOTHING_APPLIED` if none);
@@ -208,10 +213,9 @@ class RedisStateStore:
             if not self.cluster:
                 replies = [self.client.hmget(self.applied_key, fields)]
             else:
-                pipe = self.client.pipeline(transaction=False)
-                for key in self.applied_keys:
-                    pipe.hmget(key, fields)
-                replies = pipe.execute()
+                assert isinstance(self.client, RedisCluster)
+                reads: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in self.applied_keys]
+                replies = execute_by_master(self.client, [(read[1], pack_command(read)) for read in reads])
         return {
             p: min(NOTHING_APPLIED if reply[i] is None else int(reply[i]) for reply in replies)
             for i, p in enumerate(fields)

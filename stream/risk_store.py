@@ -6,9 +6,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import msgspec
+from hiredis import pack_command
 from redis.cluster import RedisCluster
 
 from core.redis import Client, mget, redis_errors, user_key, user_tag
+from core.redis_masters import execute_by_master
 
 
 class RiskRow(msgspec.Struct, frozen=True):
@@ -103,7 +105,7 @@ class RedisRiskStore:
     """Risk rows as JSON values under `<prefix>risk:{<group>}<user_id>` (`core.redis.user_key`:
     in the slot of the user's state), expiring after `ttl_seconds` without a write (0: never); the
     watermark at `<prefix>watermark`. On a Redis Cluster the rows are written with one command
-    per slot group, pipelined per node."""
+    per slot group, each master's on one connection."""
 
     def __init__(self, client: Client, prefix: str = "churn:", ttl_seconds: int = 0) -> None:
         self.client = client
@@ -134,21 +136,26 @@ class RedisRiskStore:
         return user_key(self.prefix, user_id)
 
     def _write_per_group(self, rows: Sequence[RiskRow]) -> None:
-        """The write on a cluster: one MSET or TTL script per slot group, pipelined per node."""
+        """The write on a cluster: one MSET or TTL script per slot group, each master's on one
+        connection (`core.redis_masters`: a hung master costs one socket timeout, not one per
+        group)."""
         groups: dict[str, list[RiskRow]] = {}
         for row in rows:
             groups.setdefault(user_tag(row.user_id), []).append(row)
-        pipe = self.client.pipeline(transaction=False)
+        assert isinstance(self.client, RedisCluster)
+        writes = []
         for group in groups.values():
             keys = [self.key(r.user_id) for r in group]
+            command: tuple[Any, ...]
             if self.ttl_ms:
                 # EVAL, not EVALSHA: a replica promoted by a failover may not have the script cached.
-                pipe.execute_command("EVAL", _SET_WITH_TTL, len(keys), *keys, self.ttl_ms, *map(_ENCODER.encode, group))
+                command = ("EVAL", _SET_WITH_TTL, len(keys), *keys, self.ttl_ms, *map(_ENCODER.encode, group))
             else:
                 pairs: list[Any] = [None] * (2 * len(keys))
                 pairs[::2], pairs[1::2] = keys, map(_ENCODER.encode, group)
-                pipe.execute_command("MSET", *pairs)  # redis-py blocks `pipe.mset` on a cluster
-        pipe.execute()
+                command = ("MSET", *pairs)
+            writes.append((keys[0], pack_command(command)))
+        execute_by_master(self.client, writes)
 
     def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
         """Returns one row per id (None if never scored); raises ServiceUnavailableError."""

@@ -317,7 +317,7 @@ def test_a_hung_redis_master_stalls_the_scorer_only_until_its_replica_takes_over
     assert applied_at < len(events)  # the hang landed while events were being applied
     # The replica took over during the first write's socket timeout (5 s; node timeout 2 s). Each
     # of the scorer's two cluster clients (its own, Feast's) waits out one socket timeout, then
-    # asks for the slot map and re-sends to the promoted replica: ~10 s. Re-sending with the
+    # asks for the slot map; the batch's retry goes to the promoted replica: ~10 s. Re-sending with the
     # old map first waited out a second timeout per client (20.6 s measured).
     assert writing_again < took_over + 2 * SOCKET_TIMEOUT_S + 3.0, figures
     assert ready == 1

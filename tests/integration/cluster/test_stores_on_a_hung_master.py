@@ -1,0 +1,121 @@
+"""The scorer's stores on a Redis Cluster whose master hangs (SIGSTOP) with no replica allowed
+to take over (`cluster-replica-no-failover`): each write or read fails within one socket
+timeout, whatever the number of slot groups on that master. Through redis-py's cluster
+pipeline, which re-sends a timed-out node's commands one by one, an attempt waited out one
+timeout per slot group (about 21 of the 64 on each of 3 masters: minutes), and the scorer heeds
+a stop signal only between attempts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+from redis.cluster import RedisCluster
+
+from bench.harness import wait_for
+from core.errors import ServiceUnavailableError
+from core.redis import TIMEOUTS, redis_client, user_key
+from core.settings import Settings
+from features.feast_repo import apply_repo
+from features.feast_store import FeastFeatureStore
+from features.online import STATE_ENCODER, OnlineEngine
+from features.spec import INT_FEATURES, STORED_FEATURES
+from features.state_store import RedisStateStore
+from features.store import FeatureRow
+from infra import cluster as infra_cluster
+from stream.risk_store import RedisRiskStore, RiskRow
+from tests.support import record_figures
+
+pytestmark = pytest.mark.cluster
+
+SOCKET_TIMEOUT_S = TIMEOUTS["batch"][0]  # the scorer's Redis socket timeout
+T0 = 1_767_225_600_000
+USERS = [f"h{i}" for i in range(400)]  # spread over every slot group
+
+
+@pytest.fixture
+def feast(cluster: Settings, unique: str, tmp_path: Path) -> Iterator[Any]:
+    scratch = cluster.model_copy(update={"feast_project": f"test_{unique}", "feast_repo": tmp_path / "feast"})
+    store = apply_repo(scratch)
+    yield store
+    store.teardown()
+
+
+def _nodes(cluster: Settings) -> list[Redis]:
+    """Returns a plain client of every node of the Redis Cluster."""
+    return [Redis(port=port, socket_timeout=5) for port in infra_cluster.ports(cluster).redis]
+
+
+def _healthy(settings: Settings) -> bool:
+    """Whether every node of the Redis Cluster answers and sees every slot served."""
+    return all(
+        infra_cluster.redis_ready(settings, index)[0] for index in range(len(infra_cluster.ports(settings).redis))
+    )
+
+
+def _seconds_to_fail(call: Callable[[], object]) -> float:
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError):
+        call()
+    return time.monotonic() - started
+
+
+def test_each_store_fails_within_one_socket_timeout_on_a_hung_master_no_replica_replaces(
+    settings: Settings, cluster: Settings, feast: Any, unique: str
+) -> None:
+    client = redis_client(cluster)
+    assert isinstance(client, RedisCluster)
+    prefix = f"hung{unique}:"
+    engine = OnlineEngine()
+    states = RedisStateStore(client, prefix, engine.state_layout)
+    risks = RedisRiskStore(client, prefix, ttl_seconds=3600)
+    features = FeastFeatureStore(feast)
+    blobs = {user: STATE_ENCODER.encode(engine.new_state()) for user in USERS}
+    rows = [
+        FeatureRow(user, T0 + i, {name: 1 if name in INT_FEATURES else 0.5 for name in STORED_FEATURES})
+        for i, user in enumerate(USERS)
+    ]
+    risk_rows = [RiskRow(user, 0.5, "medium", "1", T0, T0, None, f"p-{user}") for user in USERS]
+    writes: dict[str, Callable[[], object]] = {
+        "state_save": lambda: states.save(blobs, {"events:0": 10}, {}),
+        "state_load": lambda: states.load(USERS),
+        "applied_offsets": lambda: states.applied(["events:0"]),
+        "risk_write": lambda: risks.write(risk_rows),
+        "risk_read": lambda: risks.read(USERS),
+        "feature_write": lambda: features.write_rows(rows),
+        "feature_read": lambda: features.read_rows(USERS),
+    }
+    for call in writes.values():  # every path works, and every client knows the slot map
+        call()
+
+    master_port = client.get_node_from_key(user_key(f"{prefix}risk:", USERS[0])).port  # type: ignore[union-attr]
+    index = infra_cluster.ports(cluster).redis.index(int(master_port))
+    pid = infra_cluster.running_pid(settings, infra_cluster.redis_name(index))
+    assert pid is not None
+    nodes = _nodes(cluster)
+    replicas = [node for node in nodes if node.info("replication")["role"] == "slave"]
+    assert len(replicas) == 3
+    seconds: dict[str, float] = {}
+    try:
+        for replica in replicas:
+            replica.config_set("cluster-replica-no-failover", "yes")
+        os.kill(pid, signal.SIGSTOP)
+        for name, call in writes.items():
+            seconds[name] = round(_seconds_to_fail(call), 2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for replica in replicas:
+            replica.config_set("cluster-replica-no-failover", "no")
+        wait_for(lambda: _healthy(settings), 120, "the cluster to be healthy again")
+        client.close()
+    record_figures(settings, "cluster_hung_master_no_failover", {"seconds_to_fail": seconds})
+
+    # One socket timeout (connecting is at once: the kernel accepts for a stopped process), plus
+    # the slot map asked again, not one timeout per slot group of the hung master.
+    assert all(took < SOCKET_TIMEOUT_S + 2.5 for took in seconds.values()), seconds
