@@ -15,7 +15,6 @@ from functools import cache
 from typing import Any, Literal
 
 import redis
-from hiredis import pack_command
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
@@ -39,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from core.errors import ConfigError, ServiceUnavailableError, StoreRefusedError
-from core.redis_masters import execute_by_master
+from core.redis_masters import execute_commands_by_master
 from core.redis_pipeline import AsyncPipelineClient
 from core.settings import Settings, mask_url
 
@@ -185,12 +184,9 @@ def mget(client: Client, keys: Sequence[str | bytes]) -> list[Any]:
 def _mget_by_slot(cluster: RedisCluster, keys: Sequence[str | bytes], slots: list[list[int]]) -> list[Any]:
     """Returns the values of `keys`, read with one MGET per slot (`slots`: the positions of each
     slot's keys), each master's on one connection (`core.redis_masters`)."""
-    mgets = []
-    for positions in slots:
-        command: tuple[Any, ...] = ("MGET", *(keys[i] for i in positions))
-        mgets.append((keys[positions[0]], pack_command(command)))
+    mgets = [("MGET", *(keys[i] for i in positions)) for positions in slots]
     values: list[Any] = [None] * len(keys)
-    for positions, found in zip(slots, execute_by_master(cluster, mgets), strict=True):
+    for positions, found in zip(slots, execute_commands_by_master(cluster, mgets), strict=True):
         for position, value in zip(positions, found, strict=True):
             values[position] = value
     return values

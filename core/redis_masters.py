@@ -14,10 +14,11 @@ pinned to the tested minor in pyproject.toml, with a contract test in the cluste
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
+from hiredis import pack_command
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import Connection, ConnectionPool
 from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, ResponseError, SlotNotCoveredError
@@ -96,6 +97,17 @@ def execute_by_master(
             _ask_for_the_slot_map(cluster)
         raise refusal
     return replies
+
+
+def execute_commands_by_master(cluster: RedisCluster, commands: Iterable[Sequence[Any]], key_at: int = 1) -> list[Any]:
+    """Returns `execute_by_master` of the commands (each its arguments, as `execute_command`
+    takes them, packed here), each routed by its argument at `key_at`: 1, the first key of most
+    commands; 3 for `EVAL script numkeys key ...`.
+
+    Raises:
+        What `execute_by_master` raises.
+    """
+    return execute_by_master(cluster, ((command[key_at], pack_command(tuple(command))) for command in commands))
 
 
 def _group_by_master(cluster: RedisCluster, keyed: Iterable[tuple[bytes | str, bytes]]) -> tuple[list[_Master], int]:

@@ -55,7 +55,7 @@ from redis.connection import Connection
 from redis.exceptions import ResponseError
 
 from core.redis import fail_fast
-from core.redis_masters import execute_by_master
+from core.redis_masters import execute_by_master, execute_commands_by_master
 
 # One row as `online_write_batch` takes it; values are ValueProtos or their serialized bytes.
 WriteRow = tuple[EntityKeyProto, Mapping[str, "ValueProto | bytes"], datetime, datetime | None]
@@ -298,8 +298,7 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
             return [self._get_client(online_config).hmget(keys[0], fields)]
         client = self._get_client(online_config)
         if isinstance(client, RedisCluster):  # each master its HMGETs; a hung one costs one timeout
-            hmgets: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in keys]
-            return execute_by_master(client, [(hmget[1], pack_command(hmget)) for hmget in hmgets])
+            return execute_commands_by_master(client, [("HMGET", key, *fields) for key in keys])
         # Feast's own pipelined read; redis-py answers bulk strings as bytes.
         replies: list[list[Any]] = self._read_hash_fields(config, [(key, list(fields)) for key in keys])
         return replies
@@ -402,7 +401,7 @@ class ChurnRedisOnlineStore(RedisOnlineStore):
         if isinstance(client, Redis):  # one server (also Sentinel's master): stream the commands
             results = _send_and_check(client, map(pack_command, commands))
         elif isinstance(client, RedisCluster):  # each command to its key's master
-            results = len(execute_by_master(client, ((command[1], pack_command(command)) for command in commands)))
+            results = len(execute_commands_by_master(client, commands))
         else:  # another client Feast builds: its own pipeline
             with client.pipeline(transaction=False) as pipe:
                 for name, *args in commands:

@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from hiredis import pack_command
 from redis.cluster import RedisCluster
 
 from core.redis import Client, group_tags, mget, redis_errors, user_key, user_tag
-from core.redis_masters import execute_by_master
+from core.redis_masters import execute_commands_by_master
 from features.online import STATE_DECODER, UserState
 
 # No applied offset stored for a partition.
@@ -198,9 +197,8 @@ class RedisStateStore:
         for tag, users in groups.items():
             keys = [self.applied_key + tag, *map(self.key, users)]
             # EVAL, not EVALSHA: a replica promoted by a failover may not have the script cached.
-            command: tuple[Any, ...] = ("EVAL", _SAVE, len(keys), *keys, *head, *(blobs[u] for u in users))
-            scripts.append((keys[0], pack_command(command)))
-        return execute_by_master(self.client, scripts)
+            scripts.append(("EVAL", _SAVE, len(keys), *keys, *head, *(blobs[u] for u in users)))
+        return execute_commands_by_master(self.client, scripts, key_at=3)
 
     def applied(self, partitions: Iterable[str]) -> dict[str, int]:
         """Returns the stored applied offset of each partition (`NOTHING_APPLIED` if none);
@@ -214,8 +212,9 @@ class RedisStateStore:
                 replies = [self.client.hmget(self.applied_key, fields)]
             else:
                 assert isinstance(self.client, RedisCluster)
-                reads: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in self.applied_keys]
-                replies = execute_by_master(self.client, [(read[1], pack_command(read)) for read in reads])
+                replies = execute_commands_by_master(
+                    self.client, [("HMGET", key, *fields) for key in self.applied_keys]
+                )
         return {
             p: min(NOTHING_APPLIED if reply[i] is None else int(reply[i]) for reply in replies)
             for i, p in enumerate(fields)

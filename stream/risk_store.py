@@ -6,11 +6,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import msgspec
-from hiredis import pack_command
 from redis.cluster import RedisCluster
 
 from core.redis import Client, mget, redis_errors, user_key, user_tag
-from core.redis_masters import execute_by_master
+from core.redis_masters import execute_commands_by_master
 
 
 class RiskRow(msgspec.Struct, frozen=True):
@@ -143,19 +142,17 @@ class RedisRiskStore:
         for row in rows:
             groups.setdefault(user_tag(row.user_id), []).append(row)
         assert isinstance(self.client, RedisCluster)
-        writes = []
+        writes: list[tuple[Any, ...]] = []
         for group in groups.values():
             keys = [self.key(r.user_id) for r in group]
-            command: tuple[Any, ...]
             if self.ttl_ms:
                 # EVAL, not EVALSHA: a replica promoted by a failover may not have the script cached.
-                command = ("EVAL", _SET_WITH_TTL, len(keys), *keys, self.ttl_ms, *map(_ENCODER.encode, group))
+                writes.append(("EVAL", _SET_WITH_TTL, len(keys), *keys, self.ttl_ms, *map(_ENCODER.encode, group)))
             else:
                 pairs: list[Any] = [None] * (2 * len(keys))
                 pairs[::2], pairs[1::2] = keys, map(_ENCODER.encode, group)
-                command = ("MSET", *pairs)
-            writes.append((keys[0], pack_command(command)))
-        execute_by_master(self.client, writes)
+                writes.append(("MSET", *pairs))
+        execute_commands_by_master(self.client, writes, key_at=3 if self.ttl_ms else 1)
 
     def read(self, user_ids: Iterable[str]) -> list[RiskRow | None]:
         """Returns one row per id (None if never scored); raises ServiceUnavailableError."""

@@ -49,6 +49,7 @@ from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import OnlineEngine, state_layout
 from features.state_store import NOTHING_APPLIED, RedisStateStore
+from features.store import FeatureRow
 from models.artifact import ChurnModel, save_artifact
 from models.registry import champion_version
 from models.runtime import feature_matrix
@@ -839,3 +840,32 @@ def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     return synced
+
+
+# --- Feast projects of their own, and feature rows to write there ------------------------------
+
+
+def feast_scratch(settings: Settings, unique: str, tmp_path: Path) -> Settings:
+    """Returns `settings` with a fresh Feast project (letters, digits, `_`: valid for Feast) and
+    its registry under `tmp_path`."""
+    return settings.model_copy(update={"feast_project": f"test_{unique}", "feast_repo": tmp_path / "feast"})
+
+
+@contextlib.contextmanager
+def applied_feast(settings: Settings) -> Iterator[Any]:
+    """Yields the applied Feast store of `settings`; its Redis keys and registry go afterwards."""
+    store = apply_repo(settings)
+    try:
+        yield store
+    finally:
+        store.teardown()
+
+
+def sample_feature_row(user_id: str, last_event_ms: int, seed: int = 0) -> FeatureRow:
+    """Returns a row of every stored feature, counts for the int ones, thirds for the others;
+    `seed` varies the values."""
+    values: dict[str, float] = {
+        name: (i * 7 + seed) % 97 if name in spec.INT_FEATURES else (i + seed) / 3
+        for i, name in enumerate(spec.STORED_FEATURES)
+    }
+    return FeatureRow(user_id, last_event_ms, values)

@@ -17,11 +17,11 @@ from redis.cluster import RedisCluster
 from core.errors import ServiceUnavailableError
 from core.redis import redis_client
 from core.settings import Settings
-from features.feast_repo import apply_repo, open_feature_store
+from features.feast_repo import open_feature_store
 from features.feast_store import FeastFeatureStore
 from features.redis_store import ChurnRedisOnlineStore, HashWriter
-from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES
-from features.store import FeatureRow
+from features.spec import LAST_EVENT_MS
+from tests.support import applied_feast, feast_scratch, sample_feature_row
 
 pytestmark = pytest.mark.cluster
 
@@ -31,15 +31,14 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 @pytest.fixture
 def scratch(cluster: Settings, unique: str, tmp_path: Path) -> Settings:
     """The clusters' settings with a fresh Feast project."""
-    return cluster.model_copy(update={"feast_project": f"test_{unique}", "feast_repo": tmp_path / "feast"})
+    return feast_scratch(cluster, unique, tmp_path)
 
 
 @pytest.fixture
 def feast(scratch: Settings) -> Iterator[Any]:
     """The applied Feast store on the Redis Cluster; its keys and registry go afterwards."""
-    store = apply_repo(scratch)
-    yield store
-    store.teardown()
+    with applied_feast(scratch) as store:
+        yield store
 
 
 @pytest.fixture
@@ -48,13 +47,6 @@ def admin(scratch: Settings) -> Iterator[RedisCluster]:
     assert isinstance(client, RedisCluster)
     yield client
     client.close()
-
-
-def _row(user_id: str, last_event_ms: int, seed: int = 0) -> FeatureRow:
-    values: dict[str, float] = {
-        name: (i * 7 + seed) % 97 if name in INT_FEATURES else (i + seed) / 3 for i, name in enumerate(STORED_FEATURES)
-    }
-    return FeatureRow(user_id, last_event_ms, values)
 
 
 def _hashes(admin: RedisCluster, project: str) -> dict[bytes, dict[bytes, bytes]]:
@@ -76,7 +68,7 @@ def test_rows_go_to_every_master_as_the_bytes_feasts_own_store_writes(
     writer = _writer(store, feast)
     assert writer is not None  # the fast writer serves the cluster (it returned None before)
     assert isinstance(writer.client, RedisCluster)
-    rows = [_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(300)]
+    rows = [sample_feature_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(300)]
     store.write_rows(rows)
     ours = _hashes(admin, scratch.feast_project)
     assert len(ours) == len(rows)
@@ -97,7 +89,7 @@ def test_rows_go_to_every_master_as_the_bytes_feasts_own_store_writes(
 def test_a_key_ttl_is_set_on_the_cluster_as_on_one_server(feast: Any, scratch: Settings, admin: RedisCluster) -> None:
     expiring = FeastFeatureStore(open_feature_store(scratch))
     expiring._config.online_store.key_ttl_seconds = 600
-    rows = [_row(f"t{i}", T0 + i) for i in range(40)]
+    rows = [sample_feature_row(f"t{i}", T0 + i) for i in range(40)]
     expiring.write_rows(rows)
     keys = list(_hashes(admin, scratch.feast_project))
     assert len(keys) == len(rows)
@@ -113,7 +105,7 @@ def test_a_stale_slot_map_fails_one_write_as_an_outage_and_the_retry_lands(
     passing outage (the scorer retries the batch with backoff, not ready meanwhile), the map is
     asked again, and the retry lands every row on the right master."""
     store = FeastFeatureStore(feast)
-    rows = [_row(f"m{i}", T0 + i, seed=i) for i in range(60)]
+    rows = [sample_feature_row(f"m{i}", T0 + i, seed=i) for i in range(60)]
     store.write_rows(rows[:1])  # the store's cluster client and its slot map exist
     writer = _writer(store, feast)
     assert writer is not None

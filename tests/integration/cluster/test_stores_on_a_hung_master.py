@@ -22,15 +22,12 @@ from bench.harness import wait_for
 from core.errors import ServiceUnavailableError
 from core.redis import TIMEOUTS, redis_client, user_key
 from core.settings import Settings
-from features.feast_repo import apply_repo
 from features.feast_store import FeastFeatureStore
 from features.online import STATE_ENCODER, OnlineEngine
-from features.spec import INT_FEATURES, STORED_FEATURES
 from features.state_store import RedisStateStore
-from features.store import FeatureRow
 from infra import cluster as infra_cluster
 from stream.risk_store import RedisRiskStore, RiskRow
-from tests.support import record_figures
+from tests.support import applied_feast, feast_scratch, record_figures, sample_feature_row
 
 pytestmark = pytest.mark.cluster
 
@@ -41,10 +38,8 @@ USERS = [f"h{i}" for i in range(400)]  # spread over every slot group
 
 @pytest.fixture
 def feast(cluster: Settings, unique: str, tmp_path: Path) -> Iterator[Any]:
-    scratch = cluster.model_copy(update={"feast_project": f"test_{unique}", "feast_repo": tmp_path / "feast"})
-    store = apply_repo(scratch)
-    yield store
-    store.teardown()
+    with applied_feast(feast_scratch(cluster, unique, tmp_path)) as store:
+        yield store
 
 
 def _nodes(cluster: Settings) -> list[Redis]:
@@ -77,10 +72,7 @@ def test_each_store_fails_within_one_socket_timeout_on_a_hung_master_no_replica_
     risks = RedisRiskStore(client, prefix, ttl_seconds=3600)
     features = FeastFeatureStore(feast)
     blobs = {user: STATE_ENCODER.encode(engine.new_state()) for user in USERS}
-    rows = [
-        FeatureRow(user, T0 + i, {name: 1 if name in INT_FEATURES else 0.5 for name in STORED_FEATURES})
-        for i, user in enumerate(USERS)
-    ]
+    rows = [sample_feature_row(user, T0 + i) for i, user in enumerate(USERS)]
     risk_rows = [RiskRow(user, 0.5, "medium", "1", T0, T0, None, f"p-{user}") for user in USERS]
     writes: dict[str, Callable[[], object]] = {
         "state_save": lambda: states.save(blobs, {"events:0": 10}, {}),

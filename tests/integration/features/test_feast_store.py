@@ -15,39 +15,32 @@ from bench.harness import free_port
 from churn.cli import app
 from core.errors import ConfigError, ServiceUnavailableError, StoreRefusedError
 from core.settings import Settings
-from features.feast_repo import FEATURE_VIEW_NAME, apply_repo, open_feature_store, repo_objects
+from features.feast_repo import FEATURE_VIEW_NAME, open_feature_store, repo_objects
 from features.feast_store import FeastFeatureStore
 from features.redis_store import ChurnRedisOnlineStore
 from features.spec import INT_FEATURES, LAST_EVENT_MS, STORED_FEATURES
 from features.store import FeatureRow
+from tests.support import applied_feast, feast_scratch, sample_feature_row
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 @pytest.fixture
 def scratch(settings: Settings, unique: str, tmp_path: Path) -> Settings:
-    """The test settings with a fresh Feast project (letters, digits, `_`: valid for Feast)."""
-    return settings.model_copy(update={"feast_project": f"test_{unique}", "feast_repo": tmp_path / "feast"})
+    """The test settings with a fresh Feast project."""
+    return feast_scratch(settings, unique, tmp_path)
 
 
 @pytest.fixture
 def feast(scratch: Settings) -> Iterator[Any]:
     """The applied Feast store; its Redis keys and registry are deleted afterwards."""
-    store = apply_repo(scratch)
-    yield store
-    store.teardown()
+    with applied_feast(scratch) as store:
+        yield store
 
 
 @pytest.fixture
 def store(feast: Any) -> FeastFeatureStore:
     return FeastFeatureStore(feast)
-
-
-def _row(user_id: str, last_event_ms: int, seed: int = 0) -> FeatureRow:
-    values: dict[str, float] = {
-        name: (i * 7 + seed) % 97 if name in INT_FEATURES else (i + seed) / 3 for i, name in enumerate(STORED_FEATURES)
-    }
-    return FeatureRow(user_id, last_event_ms, values)
 
 
 def _online(feast: Any, user_ids: list[str]) -> dict[str, list[Any]]:
@@ -56,7 +49,7 @@ def _online(feast: Any, user_ids: list[str]) -> dict[str, list[Any]]:
 
 
 def test_written_rows_read_back_identical(store: FeastFeatureStore, feast: Any) -> None:
-    rows = [_row(f"u{i}", T0 + i, seed=i) for i in range(50)]
+    rows = [sample_feature_row(f"u{i}", T0 + i, seed=i) for i in range(50)]
     store.write_rows(rows)
     assert store.read_rows([row.user_id for row in rows]) == rows
     got = store.read_rows(["u3"])[0]
@@ -70,31 +63,31 @@ def test_written_rows_read_back_identical(store: FeastFeatureStore, feast: Any) 
 
 
 def test_unknown_users_read_as_none_in_order(store: FeastFeatureStore) -> None:
-    row = _row("known", T0)
+    row = sample_feature_row("known", T0)
     store.write_rows([row])
     assert store.read_rows(["nobody", "known", "nobody", "known"]) == [None, row, None, row]
     assert store.read_rows([]) == []
 
 
 def test_a_rewrite_replaces_the_old_row(store: FeastFeatureStore) -> None:
-    store.write_rows([_row("u", T0, seed=1)])
-    newer = _row("u", T0 + 60_000, seed=2)
+    store.write_rows([sample_feature_row("u", T0, seed=1)])
+    newer = sample_feature_row("u", T0 + 60_000, seed=2)
     store.write_rows([newer])
     assert store.read_rows(["u"]) == [newer]
     # A late event changes the row but not its latest event time: the rewrite must still land.
-    late = _row("u", T0 + 60_000, seed=3)
+    late = sample_feature_row("u", T0 + 60_000, seed=3)
     store.write_rows([late])
     assert store.read_rows(["u"]) == [late]
 
 
 def test_a_batch_keeps_the_latest_row_per_user(store: FeastFeatureStore) -> None:
-    latest = _row("u", T0 + 2, seed=2)
-    store.write_rows([_row("u", T0 + 1, seed=1), latest, _row("u", T0, seed=0)])
+    latest = sample_feature_row("u", T0 + 2, seed=2)
+    store.write_rows([sample_feature_row("u", T0 + 1, seed=1), latest, sample_feature_row("u", T0, seed=0)])
     assert store.read_rows(["u"]) == [latest]
 
 
 def test_fast_path_and_push_store_the_same(store: FeastFeatureStore, feast: Any) -> None:
-    rows = [_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(20)]
+    rows = [sample_feature_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(20)]
     pushed = [replace(row, user_id=f"p{i}") for i, row in enumerate(rows)]
     store.write_rows(rows)
     store.push_rows(pushed)
@@ -109,7 +102,7 @@ def test_fast_path_and_push_store_the_same(store: FeastFeatureStore, feast: Any)
 def test_read_rows_are_what_get_online_features_answers(store: FeastFeatureStore, feast: Any) -> None:
     # `read_rows` decodes the stored bytes itself; Feast's documented read must see the same rows,
     # whichever writer stored them (ours, or Feast's push), NaN and unknown users included.
-    rows = [_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(10)]
+    rows = [sample_feature_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(10)]
     rows[3].values["days_since_registration"] = math.nan
     pushed = [replace(row, user_id=f"p{i}") for i, row in enumerate(rows)]
     store.write_rows(rows)
@@ -135,7 +128,7 @@ def test_read_rows_are_what_get_online_features_answers(store: FeastFeatureStore
 def test_a_connection_closed_by_redis_is_replaced(store: FeastFeatureStore, scratch: Settings) -> None:
     import redis
 
-    row = _row("u", T0)
+    row = sample_feature_row("u", T0)
     store.write_rows([row])
     admin = redis.Redis(port=scratch.redis_port)
     ours = [c["id"] for c in admin.client_list() if c["name"] == f"churn-{scratch.feast_project}"]
@@ -149,7 +142,7 @@ def test_a_connection_closed_by_redis_is_replaced(store: FeastFeatureStore, scra
 def test_redis_down_is_service_unavailable_quickly(feast: Any, scratch: Settings) -> None:
     closed_port = free_port()
     down = FeastFeatureStore(open_feature_store(scratch.model_copy(update={"redis_port": closed_port})))
-    for call in (lambda: down.write_rows([_row("u", T0)]), lambda: down.read_rows(["u"])):
+    for call in (lambda: down.write_rows([sample_feature_row("u", T0)]), lambda: down.read_rows(["u"])):
         began = time.perf_counter()
         with pytest.raises(ServiceUnavailableError, match=f"127.0.0.1:{closed_port}"):
             call()
@@ -189,7 +182,7 @@ def test_our_online_store_writes_the_parents_exact_bytes(
 
     assert isinstance(feast.provider.online_store, ChurnRedisOnlineStore)
     admin = redis.Redis(port=scratch.redis_port)
-    rows = [_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(30)]
+    rows = [sample_feature_row(f"u{i}", T0 + i * 1_001, seed=i) for i in range(30)]
     rows.append(FeatureRow("neg", -1_234, {name: -3 if name in INT_FEATURES else -0.0 for name in STORED_FEATURES}))
     store.write_rows(rows)
     ours = [(key, admin.hgetall(key)) for key in sorted(admin.keys(f"*{scratch.feast_project}".encode()))]
@@ -217,7 +210,7 @@ def test_dedup_and_ttl_options_keep_the_parents_behaviour(
     dedup._config.online_store.skip_dedup = False
     dedup._config.online_store.key_ttl_seconds = 600
     assert online.skip_dedup is True  # a separate config object
-    newer, older = _row("u", T0 + 10, seed=1), _row("u", T0, seed=2)
+    newer, older = sample_feature_row("u", T0 + 10, seed=1), sample_feature_row("u", T0, seed=2)
     dedup.write_rows([newer])
     dedup.write_rows([older])  # Feast's dedup drops a row older than the stored one
     assert dedup.read_rows(["u"]) == [newer]
@@ -236,7 +229,7 @@ def test_a_key_ttl_is_set_by_the_fast_write_as_by_the_parent(
 
     expiring = FeastFeatureStore(open_feature_store(scratch))
     expiring._config.online_store.key_ttl_seconds = 600
-    row = _row("u", T0)
+    row = sample_feature_row("u", T0)
     expiring.write_rows([row])
     admin = redis.Redis(port=scratch.redis_port)
     (key,) = admin.keys(f"*{scratch.feast_project}".encode())
@@ -251,7 +244,7 @@ def test_a_key_ttl_is_set_by_the_fast_write_as_by_the_parent(
 
 
 def test_int_features_given_as_floats_or_big_numbers(store: FeastFeatureStore) -> None:
-    row = _row("u", T0)
+    row = sample_feature_row("u", T0)
     ints = [name for name in STORED_FEATURES if name in INT_FEATURES]
     given = {**row.values, ints[0]: 5.0, ints[1]: 10**12, ints[2]: 7.9}
     store.write_rows([FeatureRow("u", T0, given)])
@@ -270,12 +263,12 @@ def test_a_refused_command_raises_and_the_connection_stays_usable(
     key = _redis_key(scratch.feast_project, EntityKey(join_keys=["user_id"], entity_values=[Value(string_val="bad")]))
     admin = redis.Redis(port=scratch.redis_port)
     admin.set(key, b"not a hash")
-    good = [_row("a", T0), _row("b", T0 + 1)]
+    good = [sample_feature_row("a", T0), sample_feature_row("b", T0 + 1)]
     # Classified once (core.redis): a refusal that lasts, with its code, a 503 in the API.
     with pytest.raises(StoreRefusedError, match="WRONGTYPE") as refused:
-        store.write_rows([good[0], _row("bad", T0), good[1]])
+        store.write_rows([good[0], sample_feature_row("bad", T0), good[1]])
     assert refused.value.reason == "WRONGTYPE"
     assert store.read_rows(["a", "b"]) == good  # the other rows of the batch landed
     admin.delete(key)
-    store.write_rows([_row("bad", T0)])
-    assert store.read_rows(["bad"]) == [_row("bad", T0)]
+    store.write_rows([sample_feature_row("bad", T0)])
+    assert store.read_rows(["bad"]) == [sample_feature_row("bad", T0)]
