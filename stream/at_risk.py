@@ -4,7 +4,7 @@ maintained by the scorer as it writes risk rows, read by `GET /users/at-risk`.
 Redis: per tier two sorted sets, `<prefix>atrisk:<tier>:probability` (score = churn
 probability) and `<prefix>atrisk:<tier>:newest` (score = event time of the scored event). Each
 is one key, so the structure works the same on Redis Cluster. A user is added to their tier's
-sets and removed from the others' in one pipeline per batch (ZADD and ZREM are idempotent: a
+sets and removed from the others' in one round trip per batch (ZADD and ZREM are idempotent: a
 replayed batch writes the same members). The risk rows stay the truth: a reader joins the page
 with them and drops members whose row expired or moved (`RiskRow` expiry is a key TTL, members
 of a set cannot expire), pruning them from the set it paged: a member goes only if its score is
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
-from core.redis import Client, redis_errors
+from core.redis import Client, execute_commands, redis_errors
 from stream.risk_store import RiskRow
 
 TIERS = ("high", "medium", "low")
@@ -90,7 +90,7 @@ class RedisAtRiskIndex:
         return f"{self.prefix}{tier}:{order}"
 
     def update(self, rows: Sequence[RiskRow]) -> None:
-        """See `AtRiskIndex.update` (one pipeline, no transaction: each command is idempotent)."""
+        """See `AtRiskIndex.update` (one round trip, no transaction: each command is idempotent)."""
         if not rows:
             return
         by_tier: dict[str, list[RiskRow]] = {tier: [] for tier in TIERS}
@@ -100,26 +100,27 @@ class RedisAtRiskIndex:
                 by_tier[row.risk_tier].append(row)
             else:
                 cancelled.append(row.user_id)
+        commands: list[tuple[str | float, ...]] = []
+        for tier, members in by_tier.items():
+            others = [r.user_id for t, rs in by_tier.items() if t != tier for r in rs] + cancelled
+            for order in ORDERS:
+                key = self.key(tier, order)
+                if members:
+                    commands.append(("ZADD", key, *(v for r in members for v in (_rank_score(r, order), r.user_id))))
+                if others:
+                    commands.append(("ZREM", key, *others))
         with redis_errors("updating the at-risk list"):
-            pipe = self.client.pipeline(transaction=False)
-            for tier, members in by_tier.items():
-                others = [r.user_id for t, rs in by_tier.items() if t != tier for r in rs] + cancelled
-                for order in ORDERS:
-                    if members:
-                        pipe.zadd(self.key(tier, order), {r.user_id: _rank_score(r, order) for r in members})
-                    if others:
-                        pipe.zrem(self.key(tier, order), *others)
-            pipe.execute()
+            execute_commands(self.client, commands)
 
     def page(self, tier: str, order: Order, offset: int, limit: int) -> tuple[int, list[tuple[str, float]]]:
         """See `AtRiskIndex.page` (ZCARD and ZREVRANGE WITHSCORES: O(log n + limit))."""
         key = self.key(tier, order)
         with redis_errors("reading the at-risk list"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.zcard(key)
-            pipe.zrevrange(key, offset, offset + limit - 1, withscores=True)
-            total, members = pipe.execute()
-        return int(total), [(m.decode() if isinstance(m, bytes) else m, float(score)) for m, score in members]
+            total, flat = execute_commands(
+                self.client, [("ZCARD", key), ("ZREVRANGE", key, offset, offset + limit - 1, "WITHSCORES")]
+            )
+        members = (m.decode() if isinstance(m, bytes) else m for m in flat[::2])
+        return int(total), [(m, float(score)) for m, score in zip(members, flat[1::2], strict=True)]
 
     def prune(self, tier: str, order: Order, seen: Mapping[str, float]) -> int:
         """See `AtRiskIndex.prune`: one script on the one key (so it works on Redis Cluster),

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
-from core.redis import redis_errors
+from core.redis import execute_commands, redis_errors
 from core.timeutil import DAY_MS, ms_to_iso
 from features import spec
 from features.online import OnlineEngine
@@ -177,16 +177,13 @@ class RedisActivity:
 
     def track(self, latest: dict[str, int], churned: dict[str, int]) -> None:
         """See `Activity.track` (ZADD GT: a replayed batch never lowers a time)."""
+        live = [v for u, ts in latest.items() if u not in churned for v in (ts, u)]
+        commands: list[tuple[str | int, ...]] = [("ZADD", self.active_key, "GT", *live)] if live else []
+        if churned:
+            commands.append(("ZREM", self.active_key, *churned))
+            commands.extend(("HSETNX", self.churned_key, user, ts) for user, ts in churned.items())
         with redis_errors("tracking activity"):
-            pipe = self.client.pipeline(transaction=False)
-            live = {u: ts for u, ts in latest.items() if u not in churned}
-            if live:
-                pipe.zadd(self.active_key, live, gt=True)
-            if churned:
-                pipe.zrem(self.active_key, *churned)
-                for user, ts in churned.items():
-                    pipe.hsetnx(self.churned_key, user, ts)
-            pipe.execute()
+            execute_commands(self.client, commands)
 
     def active(self, since_ms: int, until_ms: int) -> list[str]:
         """See `Activity.active`."""
@@ -204,13 +201,10 @@ class RedisActivity:
 
     def capture(self, midnight: int, rows: Sequence[FeatureRow]) -> None:
         """See `Activity.capture` (HSETNX into `<prefix>capture:<midnight>`: a replay keeps the first)."""
+        key = f"{self.prefix}capture:{midnight}"
+        commands = [("HSETNX", key, row.user_id, json.dumps([row.last_event_ms, row.values])) for row in rows]
         with redis_errors("keeping snapshot rows"):
-            pipe = self.client.pipeline(transaction=False)
-            for row in rows:
-                pipe.hsetnx(
-                    f"{self.prefix}capture:{midnight}", row.user_id, json.dumps([row.last_event_ms, row.values])
-                )
-            pipe.execute()
+            execute_commands(self.client, commands)
 
     def captured(self, midnight: int) -> dict[str, FeatureRow]:
         """See `Activity.captured`."""
@@ -236,11 +230,10 @@ class RedisActivity:
 
     def mark_passed(self, as_of_ms: int) -> None:
         """See `Activity.mark_passed`."""
+        next_due = as_of_ms + DAY_MS
+        commands = [("DEL", f"{self.prefix}capture:{as_of_ms}"), ("ZADD", self.due_key, "GT", next_due, "next")]
         with redis_errors("moving the first snapshot due"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.delete(f"{self.prefix}capture:{as_of_ms}")
-            pipe.zadd(self.due_key, {"next": as_of_ms + DAY_MS}, gt=True)
-            pipe.execute()
+            execute_commands(self.client, commands)
 
     def first_due(self) -> int | None:
         """See `Activity.first_due`."""
