@@ -186,6 +186,7 @@ class Reading:
     machine_busy: float
     loop_queued: float  # seconds the scorers' loop threads waited for a CPU (shared machine)
     redis_queued: float  # the same for Redis' main thread
+    redis_commands: dict[str, float]  # microseconds Redis spent running each command (masters)
 
 
 def _read(scorers: list[ScorerProcess], redis: RedisProbe) -> Reading:
@@ -200,6 +201,7 @@ def _read(scorers: list[ScorerProcess], redis: RedisProbe) -> Reading:
         machine_busy_seconds(),
         sum(runqueue_wait_seconds(pid, pid) for pid in pids),
         redis.queued(),
+        redis.command_usec(),
     )
 
 
@@ -284,6 +286,17 @@ class RedisProbe:
         """Returns the bytes Redis (a cluster's masters together) holds (`used_memory`)."""
         return sum(int(self._info(node, "memory")["used_memory"]) for node in self.masters)
 
+    def command_usec(self) -> dict[str, float]:
+        """Returns, per command name, the microseconds Redis (a cluster's masters together) spent
+        running it since it started (`INFO commandstats`: execution only, not reading or
+        writing the sockets; a script's commands count under their own names and in `eval`)."""
+        totals: dict[str, float] = {}
+        for node in self.masters:
+            for name, stats in self._info(node, "commandstats").items():
+                command = name.removeprefix("cmdstat_")
+                totals[command] = totals.get(command, 0.0) + float(stats["usec"])
+        return totals
+
     def queued(self) -> float:
         """Returns the seconds Redis' main threads waited for a CPU (0.0 if not on this machine)."""
         return sum(runqueue_wait_seconds(pid, pid) for pid in self.pids)
@@ -308,6 +321,10 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
     loop_us = (last.loop_cpu - first.loop_cpu) * per_event
     process_us = (last.process_cpu - first.process_cpu) * per_event
     redis_us = (last.redis_cpu - first.redis_cpu) * per_event
+    by_command = {
+        command: (usec - first.redis_commands.get(command, 0.0)) / applied if applied else math.nan
+        for command, usec in last.redis_commands.items()
+    }
     return {
         "seconds": round(seconds, 2),
         "messages": messages,
@@ -324,6 +341,12 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
             "scorer_other_threads": round(process_us - loop_us, 2),
             "redis_server": round(redis_us, 2),
             "redis_replicas": round((last.redis_replica_cpu - first.redis_replica_cpu) * per_event, 2),
+            # Where Redis' time goes (execution only: its socket work is the rest of `redis_server`).
+            "redis_commands": {
+                command: round(us, 2)
+                for command, us in sorted(by_command.items(), key=lambda item: -item[1])
+                if us >= 0.05
+            },
             "loop_thread_by_stage": {stage: round(us, 2) for stage, us in stages.items()},
             "stages_cover_share_of_loop_thread": round(sum(stages.values()) / loop_us, 3) if loop_us else None,
         },
@@ -495,6 +518,7 @@ def _loads(
                     # row, Feast write, score and state for fewer events.
                     "loop_thread_by_stage": interval["cpu_us_per_event"]["loop_thread_by_stage"],
                     "redis_server_cpu_us_per_event": interval["cpu_us_per_event"]["redis_server"],
+                    "redis_commands_us_per_event": interval["cpu_us_per_event"]["redis_commands"],
                     "stages_cover_share_of_loop_thread": interval["cpu_us_per_event"][
                         "stages_cover_share_of_loop_thread"
                     ],

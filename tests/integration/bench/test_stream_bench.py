@@ -48,6 +48,11 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
     # batch's stages but not its CPU before the reading (up to a fifth of a tiny run).
     for load in figures["loads"]:
         assert 0.98 <= load["stages_cover_share_of_loop_thread"] <= 1.02, load
+    # Redis' time by command: the Feast rows' HSETs and the scorer's scripts are charged, and
+    # running commands is a part of Redis' CPU (the rest is its sockets).
+    for commands in [cpu["redis_commands"], *(load["redis_commands_us_per_event"] for load in figures["loads"])]:
+        assert {"hset", "evalsha"} <= set(commands), commands
+    assert 0 < sum(cpu["redis_commands"].values()) < cpu["redis_server"], cpu
 
     # A batch writes at most one risk row per user, and only for users it applied events of (no
     # replays here). Under the same batch bound, the one-partition drain's batches (in time order,
@@ -111,6 +116,9 @@ def test_the_stream_benchmark_runs_on_the_clusters_and_counts_every_redis_master
     cpu = figures["catch_up"][0]["cpu_us_per_event"]
     assert cpu["redis_server"] > 0
     assert cpu["redis_replicas"] > 0
+    # Every master's commands: their running time is a part of the masters' CPU, not more.
+    assert "hset" in cpu["redis_commands"]
+    assert 0 < sum(cpu["redis_commands"].values()) < cpu["redis_server"], cpu
     memory = figures["redis_memory_per_user"]
     assert 0 < memory["users_stored"] <= TINY.users
     # Every user's keys are on the masters together: growth per user at least its keys' sizes.
