@@ -49,10 +49,13 @@ def test_every_phase_of_the_stream_benchmark_runs_and_agrees_with_itself(setting
     for load in figures["loads"]:
         assert 0.98 <= load["stages_cover_share_of_loop_thread"] <= 1.02, load
     # Redis' time by command: the Feast rows' HSETs and the scorer's scripts are charged, and
-    # running commands is a part of Redis' CPU (the rest is its sockets).
+    # the commands' running time fits in Redis' CPU plus its waits for a CPU (the time is wall
+    # time; a script's commands count twice, under their names and in `evalsha`).
     for commands in [cpu["redis_commands"], *(load["redis_commands_us_per_event"] for load in figures["loads"])]:
         assert {"hset", "evalsha"} <= set(commands), commands
-    assert 0 < sum(cpu["redis_commands"].values()) < cpu["redis_server"], cpu
+    catch_up = figures["catch_up"][0]
+    waited_us = catch_up["redis_waited_for_cpu_seconds"] * 1e6 / catch_up["logged_in_events"]
+    assert 0 < sum(cpu["redis_commands"].values()) < cpu["redis_server"] + waited_us, catch_up
 
     # A batch writes at most one risk row per user, and only for users it applied events of (no
     # replays here). Under the same batch bound, the one-partition drain's batches (in time order,
@@ -116,9 +119,11 @@ def test_the_stream_benchmark_runs_on_the_clusters_and_counts_every_redis_master
     cpu = figures["catch_up"][0]["cpu_us_per_event"]
     assert cpu["redis_server"] > 0
     assert cpu["redis_replicas"] > 0
-    # Every master's commands: their running time is a part of the masters' CPU, not more.
+    # Every master's commands, none of a replica's: within the masters' CPU plus their waits.
     assert "hset" in cpu["redis_commands"]
-    assert 0 < sum(cpu["redis_commands"].values()) < cpu["redis_server"], cpu
+    catch_up = figures["catch_up"][0]
+    waited_us = catch_up["redis_waited_for_cpu_seconds"] * 1e6 / catch_up["logged_in_events"]
+    assert 0 < sum(cpu["redis_commands"].values()) < cpu["redis_server"] + waited_us, catch_up
     memory = figures["redis_memory_per_user"]
     assert 0 < memory["users_stored"] <= TINY.users
     # Every user's keys are on the masters together: growth per user at least its keys' sizes.
