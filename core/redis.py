@@ -186,7 +186,7 @@ def execute_commands(client: Client, commands: Sequence[Sequence[Any]]) -> list[
     sent in one round trip without a transaction: one pipeline on one server; on a cluster, each
     master's commands on one connection of its own (`core.redis_masters`), so a hung master costs
     one socket timeout. redis-py's cluster pipeline re-sends, one by one, the commands of a node
-    that timed out: the at-risk update's 7 commands on a hung master waited 35 s.
+    that timed out: the at-risk update with 6 commands on a hung master waited 35 s.
 
     The replies callers may use are those both paths give alike: integers, and the flat
     member, score, ... list of `ZREVRANGE ... WITHSCORES` (redis-py's response callbacks see no
