@@ -288,8 +288,9 @@ class RedisProbe:
 
     def command_usec(self) -> dict[str, float]:
         """Returns, per command name, the microseconds Redis (a cluster's masters together) spent
-        running it since it started (`INFO commandstats`: execution only, not reading or
-        writing the sockets; a script's commands count under their own names and in `eval`)."""
+        running it since it started (`INFO commandstats`: wall time around each command, not
+        the socket work, and on a shared machine with Redis's waits for a CPU mid-command; a
+        script's commands count under their own names and again in `eval`/`evalsha`)."""
         totals: dict[str, float] = {}
         for node in self.masters:
             for name, stats in self._info(node, "commandstats").items():
@@ -341,7 +342,7 @@ def _between(first: Reading, last: Reading) -> dict[str, Any]:
             "scorer_other_threads": round(process_us - loop_us, 2),
             "redis_server": round(redis_us, 2),
             "redis_replicas": round((last.redis_replica_cpu - first.redis_replica_cpu) * per_event, 2),
-            # Where Redis' time goes (execution only: its socket work is the rest of `redis_server`).
+            # Where Redis' time goes, by command (wall time: see `RedisProbe.command_usec`).
             "redis_commands": {
                 command: round(us, 2)
                 for command, us in sorted(by_command.items(), key=lambda item: -item[1])

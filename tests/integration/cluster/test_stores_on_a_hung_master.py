@@ -64,8 +64,8 @@ def _prefix_on_master(client: RedisCluster, master: str, unique: str) -> str:
     the prefix: their slot is their group's hash tag)."""
     for n in range(10_000):
         prefix = f"hung{unique}-{n}:"
-        activity = RedisActivity(client, prefix)
-        keys = [f"{prefix}atrisk:high:probability", activity.active_key, f"{prefix}capture:{T0}"]
+        at_risk, activity = RedisAtRiskIndex(client, prefix), RedisActivity(client, prefix)
+        keys = [at_risk.key("high", "probability"), activity.active_key, f"{prefix}capture:{T0}"]
         if all(client.get_node_from_key(key).name == master for key in keys):  # type: ignore[union-attr]
             return prefix
     msg = f"no prefix puts every single key on {master}"
