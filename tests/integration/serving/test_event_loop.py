@@ -63,6 +63,7 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
+@pytest.mark.soak
 def test_a_stalled_redis_leaves_liveness_answering(
     settings: Settings, own_redis: tuple[int, subprocess.Popen[bytes]], tmp_path: Path, unique: str
 ) -> None:

@@ -10,6 +10,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import wait_for
@@ -52,6 +53,7 @@ def scrape(port: int) -> tuple[float, dict[str, float]]:
     return counted, {pid: limit for pid, limit in limits.items() if pid in loaded}
 
 
+@pytest.mark.soak
 def test_metrics_of_two_workers_add_up_across_scrapes_and_a_killed_worker(
     settings: Settings, tmp_path: Path, unique: str
 ) -> None:

@@ -123,6 +123,7 @@ def _finish(scorer: ScorerProcess, produced: int) -> dict[str, int]:
 # --- Redis outage --------------------------------------------------------------------------
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_redis_outage_stops_commits_and_ends_in_the_clean_state(
     settings: Settings, topic: str, deploy: Callable[..., Deployment]
@@ -420,6 +421,7 @@ def _note_position(where: dict[tuple[int, int], str], kind: str) -> Callable[[An
     return note
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_poison_is_dead_lettered_with_bounded_memory_and_no_crash(
     settings: Settings, unique: str, deploy: Callable[..., Deployment]
