@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 SESSION_TIMEOUT_MS = 10_000
 # How often a wait for acknowledgements looks at its `interrupt` (a stop signal).
 ACK_WAIT_SLICE_S = 0.25
+# librdkafka fails a message to a topic the broker does not know only once this long has passed
+# since the client first named the topic (`topic.metadata.propagation.max.ms`, 30 s by default,
+# the time a new topic may take to reach every broker). The scorer names its dead-letter topic at
+# its first bad event: if the topic was deleted before, the letter waited out the whole 30 s
+# acknowledgement wait before the scorer learned the topic was gone and created it again
+# (measured 31-34 s; 3.6-5.4 s with this). A topic slower than this to propagate fails the
+# message, and the caller retries its batch as after any failed delivery.
+UNKNOWN_TOPIC_AFTER_MS = 5_000
 
 
 def committing_consumer(settings: Settings, group: str, extra: dict[str, Any] | None = None) -> Consumer:
@@ -184,7 +192,8 @@ def is_fatal(error: KafkaError) -> bool:
 
 class IdempotentProducer:
     """An idempotent producer (ordered per partition, no duplicates from its own retries) that
-    replaces itself after a fatal error.
+    replaces itself after a fatal error, and learns within `UNKNOWN_TOPIC_AFTER_MS` that a topic
+    was deleted (its callers create such a topic again).
 
     librdkafka makes an idempotent producer unusable for good after some errors, e.g. a sequence
     the broker did not expect after a broker restart; from then on every `produce` raises and
@@ -203,7 +212,8 @@ class IdempotentProducer:
         factory: Callable[[dict[str, Any]], Any] = Producer,
         interrupt: threading.Event | None = None,
     ) -> None:
-        self.config = {**config, "enable.idempotence": True}
+        propagation = {"topic.metadata.propagation.max.ms": UNKNOWN_TOPIC_AFTER_MS}
+        self.config = {**propagation, **config, "enable.idempotence": True}
         self.factory = factory
         self.producer = factory(self.config)
         self.interrupt = interrupt or threading.Event()

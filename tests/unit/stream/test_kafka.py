@@ -21,7 +21,14 @@ from core.errors import ServiceUnavailableError
 from core.kafka import kafka_config
 from core.settings import load_settings
 from stream.changes import KafkaChangeLog
-from stream.kafka import DEAD_LETTER_MAX_VALUE_BYTES, IdempotentProducer, commit_unless_stopped, dead_letter, report_lag
+from stream.kafka import (
+    DEAD_LETTER_MAX_VALUE_BYTES,
+    UNKNOWN_TOPIC_AFTER_MS,
+    IdempotentProducer,
+    commit_unless_stopped,
+    dead_letter,
+    report_lag,
+)
 from tests.support import tier_change
 
 FATAL = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
@@ -108,6 +115,9 @@ def test_a_fatal_refusal_replaces_the_producer_and_the_next_attempt_goes_through
     with pytest.raises(ServiceUnavailableError, match="sequence desynchronization"):
         producer.produce("t", value=b"1")
     assert len(made) == 2
+    # The new one is made alike: idempotent, and quick to learn that a topic was deleted.
+    assert made[1].config == made[0].config
+    assert made[0].config["topic.metadata.propagation.max.ms"] == UNKNOWN_TOPIC_AFTER_MS
     assert made[0].purged
     assert made[1].config == made[0].config
     producer.produce("t", value=b"1")
