@@ -1,5 +1,5 @@
-"""`bench.stream.loop_cost_model`: the live loop's serial cost per event split into a per-event, a
-per-scored-user and a per-batch part, from the intervals of one run; `_serial_intervals`, which
+"""`bench.stream_figures.loop_cost_model`: the live loop's serial cost per event split into a per-event, a
+per-scored-user and a per-batch part, from the intervals of one run; `serial_intervals`, which
 picks those intervals from the run's figures."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.stream import _serial_intervals, loop_cost_model
+from bench.stream_figures import loop_cost_model, serial_intervals
 
 # (users scored per event, applied events per batch) of a catch-up, two drains and three loads.
 SHAPES = [(0.17, 45_000.0), (0.56, 13_000.0), (0.21, 17_800.0), (0.99, 125.0), (0.94, 975.0), (0.72, 6_500.0)]
@@ -92,8 +92,8 @@ def _load(
     }
 
 
-def test_serial_intervals_add_loop_and_redis_and_leave_out_intervals_without_figures() -> None:
-    intervals = _serial_intervals(
+def testserial_intervals_add_loop_and_redis_and_leave_out_intervals_without_figures() -> None:
+    intervals = serial_intervals(
         _drain(0.17, 90_000, 2, 24.0, 7.0),
         _drain(0.56, 26_000, 2, 48.0, 23.0),
         _drain(None, 26_000, 2, 20.0, 6.0),  # no users figure
