@@ -1,6 +1,7 @@
 """The stream benchmark's figures from its phases' readings: freshness quantiles from histogram
 buckets, the capacity model's check, the goals as ratios, each throughput goal's budget and the
-live loop's cost model. Pure functions: `bench.stream` runs the phases and calls `report`."""
+live loop's cost model. No I/O but the load average `report` reads once more: `bench.stream`
+runs the phases and calls `report`."""
 
 from __future__ import annotations
 
